@@ -1,0 +1,120 @@
+"""`make demo`: a local MLflow server, three agent services, a few requests, the traces as trees.
+
+    python -m examples.demo [--requests N] [--keep]
+
+Everything it starts runs on loopback and is stopped at the end (unless --keep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import time
+from pathlib import Path
+
+import mlflow
+import requests
+from mlflow import MlflowClient
+
+import mlflow_trace_middleware as mtm
+
+from .launch import ROOT, Process, format_trace, start_gunicorn, start_mlflow_server, start_uvicorn
+
+# Spans one /ask produces: supervisor 4, SQL agent 3, writer 2 per call (called twice).
+SPANS_PER_ASK = 11
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=3, help="number of /ask requests")
+    parser.add_argument("--keep", action="store_true", help="leave the processes running")
+    args = parser.parse_args()
+
+    workdir = ROOT / ".demo"
+    shutil.rmtree(workdir / "logs", ignore_errors=True)
+    processes: list[Process] = []
+    try:
+        print("starting mlflow server (SQLite under .demo/) ...", flush=True)
+        server = start_mlflow_server(workdir)
+        processes.append(server)
+        client = MlflowClient(server.url)
+        name = f"multi-agent-demo-{int(time.time())}"
+        experiment_id = client.create_experiment(name)
+        env = {"MLFLOW_TRACKING_URI": server.url, "MLFLOW_EXPERIMENT_ID": experiment_id}
+        logs = workdir / "logs"
+        writer = start_uvicorn("writer", "examples.writer:app", logs, env)
+        processes.append(writer)
+        env["WRITER_URL"] = writer.url
+        sql_agent = start_gunicorn("sql-agent", "examples.sql_agent:app", logs, env)
+        processes.append(sql_agent)
+        env["SQL_AGENT_URL"] = sql_agent.url
+        supervisor = start_uvicorn("supervisor", "examples.supervisor:app", logs, env)
+        processes.append(supervisor)
+        print(
+            f"services: supervisor {supervisor.url}, sql-agent {sql_agent.url} "
+            f"(gunicorn, 2 workers), writer {writer.url}",
+            flush=True,
+        )
+
+        # The demo itself is a traced client: its first request starts the trace here.
+        mtm.configure(tracking_uri=server.url, experiment_id=experiment_id, service_name="client")
+        mtm.instrument()
+        started = time.monotonic()
+        for i in range(args.requests):
+            question = {"question": f"Which region sells most? (#{i + 1})"}
+            if i == 0:
+                with mlflow.start_span("user-session"):
+                    requests.post(f"{supervisor.url}/ask", json=question, timeout=60)
+            else:  # a plain call: the supervisor's request span is the root
+                mtm.uninstrument()
+                requests.post(f"{supervisor.url}/ask", json=question, timeout=60)
+                mtm.instrument()
+        elapsed = time.monotonic() - started
+        mtm.flush()
+        print(
+            f"sent {args.requests} requests in {elapsed:.2f} s; waiting for spans ...", flush=True
+        )
+
+        expected = args.requests * SPANS_PER_ASK + 2  # + the client's root and its call
+        traces = _wait_for_traces(client, experiment_id, args.requests, expected)
+        for trace in traces[:5]:
+            print()
+            print(format_trace(trace))
+        if len(traces) > 5:
+            print(f"\n... and {len(traces) - 5} more traces")
+        print(f"\nMLflow UI: {server.url}/#/experiments/{experiment_id}")
+        if args.keep:
+            print("processes left running (--keep)")
+            processes.clear()
+    finally:
+        for process in reversed(processes[1:]):
+            process.stop()
+        posts = _count_otlp_posts(processes[:1])
+        for process in processes[:1]:
+            process.stop()
+        if posts is not None:
+            print(f"OTLP POST /v1/traces requests received by the server: {posts}")
+
+
+def _wait_for_traces(client: MlflowClient, experiment_id: str, count: int, spans: int) -> list:
+    deadline = time.monotonic() + 60
+    traces: list = []
+    while time.monotonic() < deadline:
+        traces = client.search_traces(locations=[experiment_id], max_results=500)
+        stored = sum(len(t.data.spans) for t in traces)
+        done = all(str(t.info.state) != "TraceState.IN_PROGRESS" for t in traces)
+        if len(traces) >= count and stored >= spans and done:
+            return sorted(traces, key=lambda t: t.info.request_time)
+        time.sleep(0.5)
+    raise SystemExit(f"only {len(traces)} traces / {spans} spans expected arrived in 60 s")
+
+
+def _count_otlp_posts(processes: list[Process]) -> int | None:
+    for process in processes:
+        return len(re.findall(r"POST /v1/traces", process.output()))
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""MLflow distributed tracing for HTTP services, one line per service.
+
+```python
+app.add_middleware(MlflowTracingMiddleware)                  # FastAPI / Starlette
+app.wsgi_app = MlflowTracingWSGIMiddleware(app.wsgi_app)      # Flask / any WSGI app
+instrument()                                                 # httpx and requests clients
+```
+"""
+
+from __future__ import annotations
+
+from . import _config, _runtime
+from ._instrument import instrument, instrument_httpx, instrument_requests, uninstrument
+from ._sink import Exporter, ExportResult, SinkStats
+from .asgi import MlflowTracingMiddleware
+from .wsgi import MlflowTracingWSGIMiddleware
+
+__all__ = [
+    "ExportResult",
+    "Exporter",
+    "MlflowTracingMiddleware",
+    "MlflowTracingWSGIMiddleware",
+    "SinkStats",
+    "configure",
+    "flush",
+    "instrument",
+    "instrument_httpx",
+    "instrument_requests",
+    "stats",
+    "uninstrument",
+]
+
+__version__ = "0.1.0"
+
+
+def configure(
+    tracking_uri: str | None = None,
+    experiment_id: str | None = None,
+    service_name: str | None = None,
+    *,
+    experiment_name: str | None = None,
+    exporter: Exporter | None = None,
+) -> None:
+    """Set where this process's spans go; arguments left as None keep their current value.
+
+    Defaults come from `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_ID` (or
+    `MLFLOW_EXPERIMENT_NAME`, created if missing) and `OTEL_SERVICE_NAME`; a tracking URI
+    set with `mlflow.set_tracking_uri` is used when neither names one. `exporter` replaces the
+    OTLP/HTTP delivery (for tests, see `mlflow_trace_middleware.testing`).
+    """
+    settings = _config.update_settings(
+        tracking_uri=tracking_uri,
+        experiment_id=experiment_id,
+        experiment_name=experiment_name,
+        service_name=service_name,
+    )
+    _runtime.reconfigure(settings, exporter)
+
+
+def flush(timeout: float = 5.0) -> bool:
+    """Deliver every span finished so far; True if all arrived within `timeout` seconds."""
+    return _runtime.flush(timeout)
+
+
+def stats() -> SinkStats:
+    """Counters of the process's sink: produced, exported, pending and dropped by reason."""
+    return _runtime.stats()

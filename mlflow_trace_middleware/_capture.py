@@ -1,0 +1,66 @@
+"""JSON bodies as span inputs/outputs: size-capped, truncation marked, secrets redacted."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+REDACTED = "[REDACTED]"
+# Keys whose values are credentials wherever they appear in a body.
+_SECRET_KEY = re.compile(
+    r"pass(word|wd|phrase)?|secret|token|api[-_]?key|auth|cookie|credential|private[-_]?key"
+    r"|session[-_]?id|signature",
+    re.IGNORECASE,
+)
+_MAX_DEPTH = 32
+
+
+def is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def redact(value: Any, depth: int = 0) -> Any:
+    """A copy of a decoded JSON value with secret-looking keys' values replaced."""
+    if depth > _MAX_DEPTH:
+        return "[too deep]"
+    if isinstance(value, dict):
+        return {
+            key: REDACTED if _SECRET_KEY.search(str(key)) else redact(item, depth + 1)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(item, depth + 1) for item in value]
+    return value
+
+
+class BodyCapture:
+    """Collects at most `limit` bytes of a body that arrives in chunks."""
+
+    __slots__ = ("_chunks", "limit", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self._chunks: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> None:
+        room = self.limit - self.size
+        if room > 0 and chunk:
+            self._chunks.append(chunk[:room])
+        self.size += len(chunk)
+
+    def attribute(self) -> str | None:
+        """The body as the JSON text of an MLflow `spanInputs`/`spanOutputs` attribute."""
+        if self.size == 0:
+            return None
+        if self.size > self.limit:
+            return json.dumps(f"[body truncated: {self.size} bytes, capture limit {self.limit}]")
+        try:
+            value = json.loads(b"".join(self._chunks))
+        except ValueError:
+            return json.dumps("[body is not valid JSON]")
+        return json.dumps(redact(value), ensure_ascii=False)

@@ -1,0 +1,101 @@
+"""The outgoing-call core shared by the httpx and requests integrations (sans I/O)."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from opentelemetry import trace
+from opentelemetry.semconv.attributes import (
+    error_attributes,
+    http_attributes,
+    server_attributes,
+    url_attributes,
+)
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from . import _log, _mlflow, _propagation
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# Set while a traced call runs, so a wrapped transport that is itself patched traces once.
+_in_call: contextvars.ContextVar[bool] = contextvars.ContextVar("mtm_in_call", default=False)
+
+
+class ClientCall:
+    """One outgoing request: the headers to send and, when the parent records, a client span."""
+
+    __slots__ = ("_ended", "headers", "span")
+
+    def __init__(self, span: trace.Span | None, headers: dict[str, str]) -> None:
+        self.span = span
+        self.headers = headers
+        self._ended = False
+
+    def end(self, status: int | None = None, error: BaseException | None = None) -> None:
+        if self._ended or self.span is None:
+            return
+        self._ended = True
+        span = self.span
+        try:
+            if status is not None:
+                span.set_attribute(http_attributes.HTTP_RESPONSE_STATUS_CODE, status)
+            if isinstance(error, Exception):
+                span.record_exception(error)
+                span.set_attribute(error_attributes.ERROR_TYPE, type(error).__qualname__)
+                span.set_status(Status(StatusCode.ERROR, type(error).__qualname__))
+            elif status is not None and status >= 400:
+                span.set_attribute(error_attributes.ERROR_TYPE, str(status))
+                span.set_status(Status(StatusCode.ERROR))
+            elif error is None:
+                span.set_status(Status(StatusCode.OK))
+        except Exception:
+            _log.internal_error("client span end")
+        finally:
+            span.end()
+
+
+def start(method: str, scheme: str, host: str, port: int | None, path: str) -> ClientCall | None:
+    """Start a call under the current span; None when there is no context to propagate."""
+    if _in_call.get():
+        return None
+    try:
+        parent_context = _mlflow.current_context()
+        parent = trace.get_current_span(parent_context)
+        if not parent.get_span_context().is_valid:
+            return None
+        span: trace.Span | None = None
+        context = parent_context
+        if parent.is_recording():
+            if port == _DEFAULT_PORTS.get(scheme):
+                port = None
+            authority = f"{host}:{port}" if port else host
+            attributes: dict[str, str | int] = {
+                http_attributes.HTTP_REQUEST_METHOD: method,
+                server_attributes.SERVER_ADDRESS: host,
+                server_attributes.SERVER_PORT: port or _DEFAULT_PORTS.get(scheme, 0),
+                # No query string and no user info: either may carry credentials.
+                url_attributes.URL_FULL: f"{scheme}://{authority}{path}",
+            }
+            span = _mlflow.tracer().start_span(
+                f"{method} {authority}",
+                context=parent_context,
+                kind=SpanKind.CLIENT,
+                attributes=attributes,
+            )
+            context = trace.set_span_in_context(span, parent_context)
+        headers: dict[str, str] = {}
+        _propagation.inject(headers, context)  # type: ignore[arg-type]
+        return ClientCall(span, headers)
+    except Exception:
+        _log.internal_error("client span start")
+        return None
+
+
+@contextmanager
+def in_call() -> Iterator[None]:
+    token = _in_call.set(True)
+    try:
+        yield
+    finally:
+        _in_call.reset(token)

@@ -1,0 +1,81 @@
+"""Process-wide settings: explicit `configure()` arguments first, then the standard variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+_DEFAULT_SERVICE_NAME = "unknown_service"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where spans go and how this process names itself. Immutable; replaced as a whole."""
+
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+    experiment_name: str | None = None
+    service_name: str = _DEFAULT_SERVICE_NAME
+    # Sink tuning. Times in seconds, sizes in spans.
+    max_queue_spans: int = 20_000
+    max_batch_spans: int = 512
+    schedule_delay: float = 0.5
+    export_timeout: float = 10.0
+    shutdown_timeout: float = 5.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def otlp_endpoint(self) -> str | None:
+        """`{tracking_uri}/v1/traces`, or None when the URI is not an MLflow server over HTTP."""
+        uri = self.tracking_uri
+        if not uri or not uri.startswith(("http://", "https://")):
+            return None
+        return uri.rstrip("/") + "/v1/traces"
+
+
+def from_environment() -> Settings:
+    """Settings from `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_ID`/`_NAME`, `OTEL_SERVICE_NAME`."""
+    env = os.environ
+    return Settings(
+        tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
+        experiment_id=env.get("MLFLOW_EXPERIMENT_ID") or None,
+        experiment_name=env.get("MLFLOW_EXPERIMENT_NAME") or None,
+        service_name=env.get("OTEL_SERVICE_NAME") or _DEFAULT_SERVICE_NAME,
+        headers=_auth_headers(env),
+    )
+
+
+def _auth_headers(env: os._Environ[str] | dict[str, str]) -> dict[str, str]:
+    """Credentials as MLflow's own client sends them (`mlflow/utils/rest_utils.py`)."""
+    if token := env.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {token}"}
+    user, password = env.get("MLFLOW_TRACKING_USERNAME"), env.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        import base64
+
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        return {"Authorization": f"Basic {basic}"}
+    return {}
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    global _settings
+    if _settings is None:
+        _settings = from_environment()
+    return _settings
+
+
+def update_settings(**changes: object) -> Settings:
+    """Apply the non-None `changes` on top of the current settings and return the result."""
+    global _settings
+    current = get_settings()
+    values = {key: value for key, value in changes.items() if value is not None}
+    if "experiment_id" in values:
+        values.setdefault("experiment_name", None)
+    if "experiment_name" in values and "experiment_id" not in values:
+        values["experiment_id"] = None
+    _settings = replace(current, **values)  # type: ignore[arg-type]
+    return _settings

@@ -1,0 +1,180 @@
+"""The only module that touches MLflow internals. Why each one is needed: docs/architecture.md.
+
+MLflow creates spans through its own OpenTelemetry tracer provider, and `mlflow.start_span`
+only works if a span processor has registered the span's trace in `InMemoryTraceManager`.
+MLflow offers no public hook to replace its exporter, so `install()` makes MLflow build its
+provider with `SinkSpanProcessor` instead of its own processors. That processor:
+
+- registers every trace segment this process starts, including ones whose parent is remote
+  (MLflow's own processor drops those spans), so handler spans nest under the request span;
+- hands every finished span to the process's sink, once, at `on_end`, and forgets the
+  segment when its last local root ends (no trace state outlives its spans).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from mlflow.entities.span import create_mlflow_span
+from mlflow.entities.trace_info import TraceInfo
+from mlflow.entities.trace_location import TraceLocation
+from mlflow.entities.trace_state import TraceState
+from mlflow.tracing import provider as _provider
+from mlflow.tracing.constant import SpanAttributeKey
+from mlflow.tracing.trace_manager import InMemoryTraceManager
+from mlflow.tracing.utils import generate_mlflow_trace_id_from_otel_trace_id
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace import Span as SdkSpan
+
+from . import _log
+
+if TYPE_CHECKING:
+    from ._sink import SpanSink
+
+SERVICE_NAME = "service.name"
+TRACE_NAME = SpanAttributeKey.TRACE_TAG_PREFIX + "mlflow.traceName"
+INPUTS = SpanAttributeKey.INPUTS
+OUTPUTS = SpanAttributeKey.OUTPUTS
+
+
+class SinkSpanProcessor(SpanProcessor):
+    """Registers trace segments for MLflow's fluent API and sends finished spans to the sink."""
+
+    def __init__(self, sink: Callable[[], SpanSink], service_name: Callable[[], str]) -> None:
+        self._sink = sink
+        self._service_name = service_name
+        self._lock = threading.Lock()
+        # OTel trace id -> span ids of the open local roots of that trace in this process.
+        self._roots: dict[int, set[int]] = {}
+
+    def on_start(self, span: SdkSpan, parent_context: Context | None = None) -> None:
+        try:
+            self._register(span)
+        except Exception:
+            _log.internal_error("span start")
+
+    def _register(self, span: SdkSpan) -> None:
+        manager = InMemoryTraceManager.get_instance()
+        otel_trace_id = span.context.trace_id
+        parent = span.parent
+        with self._lock:
+            trace_id = manager.get_mlflow_trace_id_from_otel_id(otel_trace_id)
+            if trace_id is None:
+                trace_id = generate_mlflow_trace_id_from_otel_trace_id(otel_trace_id)
+                info = TraceInfo(
+                    trace_id=trace_id,
+                    trace_location=TraceLocation.from_experiment_id(None),  # type: ignore[arg-type]
+                    request_time=(span.start_time or 0) // 1_000_000,
+                    state=TraceState.IN_PROGRESS,
+                )
+                manager.register_trace(otel_trace_id, info, is_remote_trace=parent is not None)
+                self._roots.setdefault(otel_trace_id, set()).add(span.context.span_id)
+            elif parent is None or parent.is_remote:
+                self._roots.setdefault(otel_trace_id, set()).add(span.context.span_id)
+        span.set_attribute(SERVICE_NAME, self._service_name())
+        if parent is None:
+            span.set_attribute(TRACE_NAME, span.name)
+        manager.register_span(create_mlflow_span(span, trace_id))
+
+    def on_end(self, span: ReadableSpan) -> None:
+        try:
+            context = span.context
+            if context is None:
+                return
+            tags = self._release(context.trace_id, context.span_id)
+            if tags:
+                _add_trace_tags(span, tags)
+            self._sink().submit(span)
+        except Exception:
+            _log.internal_error("span end")
+
+    def _release(self, otel_trace_id: int, span_id: int) -> dict[str, str] | None:
+        """Forget the segment when its last local root ends; return the trace's user tags."""
+        with self._lock:
+            roots = self._roots.get(otel_trace_id)
+            if roots is None or span_id not in roots:
+                return None
+            roots.discard(span_id)
+            if roots:
+                return None
+            del self._roots[otel_trace_id]
+            manager = InMemoryTraceManager.get_instance()
+            # Not `pop_trace`: it converts every span to an immutable copy we do not need.
+            with manager._lock:
+                trace_id = manager._otel_id_to_mlflow_trace_id.pop(otel_trace_id, None)
+                segment = manager._traces.pop(trace_id, None) if trace_id else None
+        if segment is None:
+            return None
+        return {k: v for k, v in segment.info.tags.items() if not k.startswith("mlflow.")}
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._sink().flush(timeout_millis / 1000)
+
+
+def _add_trace_tags(span: ReadableSpan, tags: dict[str, str]) -> None:
+    # `mlflow.update_current_trace(tags=...)` lives in the trace manager; the server restores
+    # `mlflow.traceTag.*` root-span attributes as trace tags, as MLflow's own OTLP processor does.
+    attributes: Any = span._attributes
+    for key, value in tags.items():
+        attributes[SpanAttributeKey.TRACE_TAG_PREFIX + key] = value
+
+
+_install_lock = threading.Lock()
+_processor: SinkSpanProcessor | None = None
+_original_get_span_processors = _provider._get_span_processors
+
+
+def install(processor: SinkSpanProcessor) -> None:
+    """Make MLflow build its tracer provider with `processor` only. Idempotent."""
+    global _processor
+    with _install_lock:
+        if _processor is processor:
+            return
+        _processor = processor
+
+        def span_processors(disabled: bool = False) -> list[SpanProcessor]:
+            return [] if disabled or _processor is None else [_processor]
+
+        _provider._get_span_processors = span_processors
+        # The next tracing call builds a fresh provider through the function above.
+        _provider.provider.reset()
+
+
+def uninstall() -> None:
+    """Give MLflow its own processors back (tests)."""
+    global _processor
+    with _install_lock:
+        _processor = None
+        _provider._get_span_processors = _original_get_span_processors
+        _provider.provider.reset()
+
+
+# -- context helpers used by the integrations ---------------------------------------------------
+
+
+def tracer() -> trace.Tracer:
+    return _provider._get_tracer("mlflow_trace_middleware")
+
+
+def current_context() -> Context | None:
+    """MLflow's current context (its own runtime context unless unified with OTel's)."""
+    return _provider.get_current_context()
+
+
+def current_span() -> trace.Span:
+    return trace.get_current_span(_provider.get_current_context())
+
+
+def attach(context: Context) -> object:
+    return _provider.get_context_api().attach(context)
+
+
+def detach(token: object) -> None:
+    _provider.get_context_api().detach(token)

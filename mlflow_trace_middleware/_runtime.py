@@ -1,0 +1,101 @@
+"""The process's one sink and span processor, created on first use and shared by everything."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+
+from . import _config, _log, _mlflow
+from ._sink import Exporter, ExportResult, SinkStats, SpanSink
+
+_lock = threading.Lock()
+_sink: SpanSink | None = None
+
+
+def ensure_started() -> SpanSink:
+    """Create the sink and route MLflow's spans into it (once per process)."""
+    global _sink
+    sink = _sink
+    if sink is not None:
+        return sink
+    with _lock:
+        if _sink is None:
+            settings = _config.get_settings()
+            _sink = SpanSink(
+                make_exporter(settings),
+                max_queue_spans=settings.max_queue_spans,
+                max_batch_spans=settings.max_batch_spans,
+                schedule_delay=settings.schedule_delay,
+            )
+            _mlflow.install(_mlflow.SinkSpanProcessor(get_sink, _service_name))
+            atexit.register(_shutdown_at_exit)
+        return _sink
+
+
+def get_sink() -> SpanSink:
+    return _sink or ensure_started()
+
+
+def _service_name() -> str:
+    return _config.get_settings().service_name
+
+
+def make_exporter(settings: _config.Settings) -> Exporter:
+    if settings.tracking_uri is None:
+        import mlflow
+
+        # Honour `mlflow.set_tracking_uri(...)` when no variable or `configure` names one.
+        settings = _config.update_settings(tracking_uri=mlflow.get_tracking_uri())
+    if settings.otlp_endpoint is None:
+        return _NoServer(settings.tracking_uri)
+    from ._otlp import OtlpHttpExporter
+
+    return OtlpHttpExporter(settings)
+
+
+class _NoServer:
+    """Counts spans as dropped when the tracking URI is not an MLflow server over HTTP."""
+
+    def __init__(self, tracking_uri: str | None) -> None:
+        self._uri_kind = (tracking_uri or "").split(":", 1)[0] or "unset"
+
+    def export(self, spans: object, experiment_id: str | None) -> ExportResult:
+        _log.warn_limited(
+            "no_tracking_server",
+            "mlflow-trace-middleware: tracking URI scheme %r is not an MLflow server over HTTP; "
+            "set MLFLOW_TRACKING_URI=http://host:port. Spans are dropped.",
+            self._uri_kind,
+        )
+        return ExportResult.dropped("no_tracking_server")
+
+    def shutdown(self) -> None:
+        pass
+
+
+def reconfigure(settings: _config.Settings, exporter: Exporter | None) -> None:
+    sink = ensure_started()
+    old, sink.exporter = sink.exporter, exporter or make_exporter(settings)
+    try:
+        old.shutdown()
+    except Exception:
+        _log.internal_error("exporter.shutdown")
+
+
+def flush(timeout: float = 5.0) -> bool:
+    return _sink.flush(timeout) if _sink is not None else True
+
+
+def flush_quietly() -> None:
+    try:
+        flush(_config.get_settings().shutdown_timeout)
+    except Exception:
+        _log.internal_error("flush")
+
+
+def stats() -> SinkStats:
+    return _sink.stats() if _sink is not None else SinkStats()
+
+
+def _shutdown_at_exit() -> None:
+    if _sink is not None:
+        _sink.shutdown(_config.get_settings().shutdown_timeout)

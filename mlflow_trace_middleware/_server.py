@@ -1,0 +1,206 @@
+"""The inbound-request core shared by the ASGI and WSGI middlewares (sans I/O)."""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+from opentelemetry import trace
+from opentelemetry.semconv.attributes import (
+    client_attributes,
+    error_attributes,
+    http_attributes,
+    server_attributes,
+    url_attributes,
+    user_agent_attributes,
+)
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from . import _log, _mlflow, _propagation
+from ._capture import BodyCapture, is_json
+
+_KNOWN_METHODS = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"}
+)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Validated middleware options, shared by every request."""
+
+    capture_bodies: bool = True
+    max_body_bytes: int = 32 * 1024
+    exclude_paths: frozenset[str] = frozenset()
+
+    @classmethod
+    def build(
+        cls, *, capture_bodies: bool, max_body_bytes: int, exclude_paths: Collection[str]
+    ) -> ServerOptions:
+        if max_body_bytes < 0:
+            raise ValueError("max_body_bytes must be >= 0")
+        return cls(capture_bodies, max_body_bytes, frozenset(exclude_paths))
+
+
+class RequestSpan:
+    """One inbound request: its span, the context it made current, and its captured bodies.
+
+    Every method swallows and counts its own failures: tracing never breaks the request.
+    """
+
+    __slots__ = (
+        "_ended",
+        "_limit",
+        "_token",
+        "context",
+        "method",
+        "request_body",
+        "response_body",
+        "route",
+        "span",
+        "status",
+    )
+
+    def __init__(
+        self,
+        options: ServerOptions,
+        method: str,
+        path: str,
+        headers: Iterable[tuple[str, str]],
+        *,
+        scheme: str,
+        server: tuple[str, int | None] | None,
+        client: str | None,
+        user_agent: str | None,
+        content_type: str | None,
+    ) -> None:
+        self.method = method if method in _KNOWN_METHODS else "_OTHER"
+        self.status: int | None = None
+        self.route: str | None = None
+        self._ended = False
+        self._token: object | None = None
+        self._limit = options.max_body_bytes if options.capture_bodies else 0
+        self.request_body = self._capture(content_type)
+        self.response_body: BodyCapture | None = None
+        context = _propagation.extract(_propagation.carrier_from(headers))
+        attributes: dict[str, str | int] = {
+            http_attributes.HTTP_REQUEST_METHOD: self.method,
+            url_attributes.URL_PATH: path,
+            url_attributes.URL_SCHEME: scheme,
+        }
+        if server is not None:
+            attributes[server_attributes.SERVER_ADDRESS] = server[0]
+            if server[1] is not None:
+                attributes[server_attributes.SERVER_PORT] = server[1]
+        if client:
+            attributes[client_attributes.CLIENT_ADDRESS] = client
+        if user_agent:
+            attributes[user_agent_attributes.USER_AGENT_ORIGINAL] = user_agent
+        self.span = _mlflow.tracer().start_span(
+            self.method, context=context, kind=SpanKind.SERVER, attributes=attributes
+        )
+        self.context = trace.set_span_in_context(self.span, context)
+        self._token = _mlflow.attach(self.context)
+
+    def _capture(self, content_type: str | None) -> BodyCapture | None:
+        return BodyCapture(self._limit) if self._limit and is_json(content_type) else None
+
+    def response_started(self, status: int, content_type: str | None) -> None:
+        self.status = status
+        self.response_body = self._capture(content_type)
+
+    def end(self, error: BaseException | None = None) -> None:
+        """End the span once: name from the route template, status from the response."""
+        if self._ended:
+            return
+        self._ended = True
+        span = self.span
+        try:
+            if span.is_recording():
+                self._finish(span, self.route, error)
+        except Exception:
+            _log.internal_error("request span end")
+        finally:
+            span.end()
+
+    def _finish(self, span: trace.Span, route: str | None, error: BaseException | None) -> None:
+        if route:
+            span.update_name(f"{self.method} {route}")
+            span.set_attribute(http_attributes.HTTP_ROUTE, route)
+            if span.parent is None:  # type: ignore[attr-defined]
+                span.set_attribute(_mlflow.TRACE_NAME, f"{self.method} {route}")
+        if self.request_body is not None and (inputs := self.request_body.attribute()):
+            span.set_attribute(_mlflow.INPUTS, inputs)
+        if self.response_body is not None and (outputs := self.response_body.attribute()):
+            span.set_attribute(_mlflow.OUTPUTS, outputs)
+        if self.status is not None:
+            span.set_attribute(http_attributes.HTTP_RESPONSE_STATUS_CODE, self.status)
+        if isinstance(error, Exception):
+            span.record_exception(error)
+            span.set_attribute(error_attributes.ERROR_TYPE, type(error).__qualname__)
+            span.set_status(Status(StatusCode.ERROR, type(error).__qualname__))
+        elif self.status is not None and self.status >= 500:
+            span.set_attribute(error_attributes.ERROR_TYPE, str(self.status))
+            span.set_status(Status(StatusCode.ERROR))
+        else:
+            span.set_status(Status(StatusCode.OK))
+
+    def attach(self) -> None:
+        """Make the request span current again (a WSGI iterable runs after the app returned)."""
+        if self._token is None:
+            self._token = _mlflow.attach(self.context)
+
+    def detach(self) -> None:
+        """Restore the context that was current before `attach` (or before the request)."""
+        token, self._token = self._token, None
+        if token is not None:
+            try:
+                _mlflow.detach(token)
+            except Exception:
+                _log.internal_error("context detach")
+
+
+def server_address(
+    host_header: str | None, fallback: tuple[str, int | None] | None
+) -> tuple[str, int | None] | None:
+    """`server.address`/`server.port` from the Host header, else the socket's own address."""
+    if host_header:
+        try:
+            url = urllib.parse.urlsplit("//" + host_header)
+            if url.hostname:
+                return url.hostname, url.port
+        except ValueError:
+            pass
+    return fallback
+
+
+def start(
+    options: ServerOptions,
+    method: str,
+    path: str,
+    headers: Iterable[tuple[str, str]],
+    *,
+    scheme: str,
+    server: tuple[str, int | None] | None,
+    client: str | None,
+    user_agent: str | None,
+    content_type: str | None,
+) -> RequestSpan | None:
+    """A `RequestSpan`, or None when the path is excluded or tracing itself failed."""
+    if path in options.exclude_paths:
+        return None
+    try:
+        return RequestSpan(
+            options,
+            method,
+            path,
+            headers,
+            scheme=scheme,
+            server=server,
+            client=client,
+            user_agent=user_agent,
+            content_type=content_type,
+        )
+    except Exception:
+        _log.internal_error("request span start")
+        return None

@@ -1,0 +1,156 @@
+"""Pure ASGI middleware: one MLflow request span per HTTP request, continuing W3C context."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Collection, MutableMapping
+from typing import Any
+
+from . import _log, _runtime, _server
+from ._instrument import instrument
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class MlflowTracingMiddleware:
+    """Trace every HTTP request of an ASGI app (FastAPI, Starlette, ...) into MLflow.
+
+    ```python
+    app = FastAPI()
+    app.add_middleware(MlflowTracingMiddleware)
+    ```
+
+    The request span continues the caller's `traceparent`, is named after the route template
+    (`POST /agents/{name}`), and ends when the last body chunk is sent or the client goes away.
+    Spans the handler creates with `@mlflow.trace` or `mlflow.start_span` nest under it.
+    Lifespan and websocket traffic pass through; spans are flushed on lifespan shutdown.
+
+    Args:
+        app: The ASGI application to wrap.
+        capture_bodies: Record JSON request/response bodies as the span's inputs/outputs.
+        max_body_bytes: Larger bodies are recorded as a truncation marker only.
+        exclude_paths: Exact paths (health checks, metrics) that get no span.
+        instrument_clients: Also call `instrument()`, so the handler's httpx and requests
+            calls carry the context on: one line per service. False leaves clients alone.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        capture_bodies: bool = True,
+        max_body_bytes: int = 32 * 1024,
+        exclude_paths: Collection[str] = (),
+        instrument_clients: bool = True,
+    ) -> None:
+        self.app = app
+        self.options = _server.ServerOptions.build(
+            capture_bodies=capture_bodies,
+            max_body_bytes=max_body_bytes,
+            exclude_paths=exclude_paths,
+        )
+        _runtime.ensure_started()
+        if instrument_clients:
+            instrument()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, _flush_on_shutdown(send))
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = _start(self.options, scope)
+        if request is None:
+            await self.app(scope, receive, send)
+            return
+        await _traced(self.app, scope, receive, send, request)
+
+
+def _start(options: _server.ServerOptions, scope: Scope) -> _server.RequestSpan | None:
+    try:
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+    except Exception:
+        _log.internal_error("asgi headers")
+        return None
+    lookup = {name.lower(): value for name, value in headers}
+    server = scope.get("server")
+    client = scope.get("client")
+    return _server.start(
+        options,
+        scope.get("method", "GET"),
+        scope.get("path", ""),
+        headers,
+        scheme=scope.get("scheme", "http"),
+        server=_server.server_address(lookup.get("host"), tuple(server) if server else None),
+        client=client[0] if client else None,
+        user_agent=lookup.get("user-agent"),
+        content_type=lookup.get("content-type"),
+    )
+
+
+async def _traced(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, request: _server.RequestSpan
+) -> None:
+    root_path = scope.get("root_path", "")
+    response_done = False
+
+    async def receive_wrapper() -> Message:
+        message = await receive()
+        body = request.request_body
+        if body is not None and message["type"] == "http.request":
+            body.feed(message.get("body", b""))
+        return message
+
+    async def send_wrapper(message: Message) -> None:
+        nonlocal response_done
+        kind = message["type"]
+        if kind == "http.response.start":
+            content_type = None
+            for key, value in message.get("headers", ()):
+                if key.lower() == b"content-type":
+                    content_type = value.decode("latin-1")
+            request.response_started(message["status"], content_type)
+        elif kind == "http.response.body" and request.response_body is not None:
+            request.response_body.feed(message.get("body", b""))
+        await send(message)
+        if kind == "http.response.body" and not message.get("more_body", False):
+            response_done = True
+            request.route = _route(scope, root_path)
+            request.end()
+
+    try:
+        await app(scope, receive_wrapper, send_wrapper)
+    except BaseException as exc:
+        request.route = _route(scope, root_path)
+        request.end(exc)
+        raise
+    finally:
+        if not response_done:  # the client went away, or no body was sent
+            request.route = _route(scope, root_path)
+            request.end()
+        request.detach()
+
+
+def _route(scope: Scope, root_path: str) -> str | None:
+    """The matched route template (Starlette/FastAPI set `scope["route"]`), mounts included."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if not isinstance(path, str):
+        return None
+    mount_prefix: str = scope.get("root_path", "")[len(root_path) :]
+    return mount_prefix + path
+
+
+def _flush_on_shutdown(send: Send) -> Send:
+    async def wrapper(message: Message) -> None:
+        if message["type"] == "lifespan.shutdown.complete":
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, _runtime.flush_quietly)
+        await send(message)
+
+    return wrapper

@@ -1,0 +1,165 @@
+"""httpx transports that propagate MLflow trace context and record a client span per call.
+
+```python
+client = httpx.Client(transport=TracingTransport())
+client = httpx.AsyncClient(transport=AsyncTracingTransport())
+```
+or `instrument_httpx()` to make every client propagate, SDK-built ones included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import httpx
+
+from . import _client, _runtime
+
+
+class TracingTransport(httpx.BaseTransport):
+    """Wraps a sync transport (default `httpx.HTTPTransport()`)."""
+
+    def __init__(self, transport: httpx.BaseTransport | None = None) -> None:
+        self._inner = transport or httpx.HTTPTransport()
+        _runtime.ensure_started()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return send(request, self._inner.handle_request)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class AsyncTracingTransport(httpx.AsyncBaseTransport):
+    """Wraps an async transport (default `httpx.AsyncHTTPTransport()`)."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._inner = transport or httpx.AsyncHTTPTransport()
+        _runtime.ensure_started()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await send_async(request, self._inner.handle_async_request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _start(request: httpx.Request) -> _client.ClientCall | None:
+    url = request.url
+    call = _client.start(request.method, url.scheme, url.host, url.port, url.path)
+    if call is not None:
+        for name, value in call.headers.items():
+            request.headers[name] = value
+    return call
+
+
+def send(
+    request: httpx.Request, inner: Callable[[httpx.Request], httpx.Response]
+) -> httpx.Response:
+    call = _start(request)
+    if call is None:
+        return inner(request)
+    try:
+        with _client.in_call():
+            response = inner(request)
+    except BaseException as exc:
+        call.end(error=exc)
+        raise
+    if isinstance(response.stream, httpx.SyncByteStream):
+        response.stream = _Stream(response.stream, call, response.status_code)
+    else:
+        call.end(response.status_code)
+    return response
+
+
+async def send_async(
+    request: httpx.Request, inner: Callable[[httpx.Request], Awaitable[httpx.Response]]
+) -> httpx.Response:
+    call = _start(request)
+    if call is None:
+        return await inner(request)
+    try:
+        with _client.in_call():
+            response = await inner(request)
+    except BaseException as exc:
+        call.end(error=exc)
+        raise
+    if isinstance(response.stream, httpx.AsyncByteStream):
+        response.stream = _AsyncStream(response.stream, call, response.status_code)
+    else:
+        call.end(response.status_code)
+    return response
+
+
+class _Stream(httpx.SyncByteStream):
+    """The response body; the client span ends when it is closed (after the last byte)."""
+
+    def __init__(self, stream: httpx.SyncByteStream, call: _client.ClientCall, status: int):
+        self._stream, self._call, self._status = stream, call, status
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._stream
+        except BaseException as exc:
+            self._call.end(self._status, exc)
+            raise
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        finally:
+            self._call.end(self._status)
+
+
+class _AsyncStream(httpx.AsyncByteStream):
+    def __init__(self, stream: httpx.AsyncByteStream, call: _client.ClientCall, status: int):
+        self._stream, self._call, self._status = stream, call, status
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except BaseException as exc:
+            self._call.end(self._status, exc)
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            self._call.end(self._status)
+
+
+# -- library-wide patching ---------------------------------------------------------------------
+
+_originals: dict[str, Any] = {}
+
+
+def instrument() -> None:
+    """Trace every `httpx.HTTPTransport`/`AsyncHTTPTransport`, i.e. every default client."""
+    if _originals:
+        return
+    _runtime.ensure_started()
+    sync_original = httpx.HTTPTransport.handle_request
+    async_original = httpx.AsyncHTTPTransport.handle_async_request
+
+    def handle_request(self: httpx.HTTPTransport, request: httpx.Request) -> httpx.Response:
+        return send(request, lambda r: sync_original(self, r))
+
+    async def handle_async_request(
+        self: httpx.AsyncHTTPTransport, request: httpx.Request
+    ) -> httpx.Response:
+        return await send_async(request, lambda r: async_original(self, r))
+
+    _originals["sync"] = sync_original
+    _originals["async"] = async_original
+    httpx.HTTPTransport.handle_request = handle_request  # type: ignore[method-assign]
+    httpx.AsyncHTTPTransport.handle_async_request = handle_async_request  # type: ignore[method-assign]
+
+
+def uninstrument() -> None:
+    if not _originals:
+        return
+    httpx.HTTPTransport.handle_request = _originals.pop("sync")  # type: ignore[method-assign]
+    httpx.AsyncHTTPTransport.handle_async_request = _originals.pop("async")  # type: ignore[method-assign]

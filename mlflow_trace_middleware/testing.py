@@ -1,0 +1,51 @@
+"""Test helpers: an exporter that keeps spans in memory instead of posting them."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from . import _runtime
+from ._sink import ExportResult
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import ReadableSpan
+
+
+class InMemoryExporter:
+    """Collects exported spans; `batches` records (experiment id, span count) per export call.
+
+    ```python
+    exporter = InMemoryExporter()
+    configure(exporter=exporter)
+    ...
+    spans = exporter.finished_spans()   # flushes the sink first
+    ```
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.spans: list[ReadableSpan] = []
+        self.batches: list[tuple[str | None, int]] = []
+
+    def export(self, spans: Sequence[ReadableSpan], experiment_id: str | None) -> ExportResult:
+        with self._lock:
+            self.spans.extend(spans)
+            self.batches.append((experiment_id, len(spans)))
+        return ExportResult.ok()
+
+    def shutdown(self) -> None:
+        pass
+
+    def finished_spans(self, timeout: float = 5.0) -> list[ReadableSpan]:
+        """Every span exported so far, after flushing the process's sink."""
+        if not _runtime.flush(timeout):
+            raise AssertionError("the sink did not flush in time")
+        with self._lock:
+            return list(self.spans)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.spans.clear()
+            self.batches.clear()

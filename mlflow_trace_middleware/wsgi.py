@@ -1,0 +1,172 @@
+"""WSGI middleware: one MLflow request span per request, ended in the iterable's `close()`."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from . import _log, _runtime, _server
+from ._capture import BodyCapture
+from ._instrument import instrument
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+
+class MlflowTracingWSGIMiddleware:
+    """Trace every request of a WSGI app (Flask, Django, ...) into MLflow.
+
+    ```python
+    app = Flask(__name__)
+    app.wsgi_app = MlflowTracingWSGIMiddleware(app.wsgi_app)
+    ```
+
+    The request span continues the caller's `traceparent`, is named after the Werkzeug/Flask
+    URL rule when there is one, and ends when the server closes the response iterable
+    (PEP 3333), so streamed responses are covered to their last chunk.
+
+    Args: as for `MlflowTracingMiddleware`.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        capture_bodies: bool = True,
+        max_body_bytes: int = 32 * 1024,
+        exclude_paths: Collection[str] = (),
+        instrument_clients: bool = True,
+    ) -> None:
+        self.app = app
+        self.options = _server.ServerOptions.build(
+            capture_bodies=capture_bodies,
+            max_body_bytes=max_body_bytes,
+            exclude_paths=exclude_paths,
+        )
+        _runtime.ensure_started()
+        if instrument_clients:
+            instrument()
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        request = _start(self.options, environ)
+        if request is None:
+            return self.app(environ, start_response)
+        if request.request_body is not None and "wsgi.input" in environ:
+            environ["wsgi.input"] = _TeeInput(environ["wsgi.input"], request.request_body)
+
+        def start_response_wrapper(status: str, headers: Any, exc_info: Any = None) -> Any:
+            try:
+                content_type = next((v for k, v in headers if k.lower() == "content-type"), None)
+                request.response_started(int(status[:3]), content_type)
+                # Flask clears `werkzeug.request` when its request context ends: read it now.
+                request.route = _route(environ)
+            except Exception:
+                _log.internal_error("wsgi start_response")
+            return start_response(status, headers, exc_info)
+
+        try:
+            iterable = self.app(environ, start_response_wrapper)
+        except BaseException as exc:
+            request.route = request.route or _route(environ)
+            request.end(exc)
+            raise
+        finally:
+            request.detach()
+        return _TracedResponse(iterable, request)
+
+
+def _start(options: _server.ServerOptions, environ: WSGIEnvironment) -> _server.RequestSpan | None:
+    try:
+        headers = [
+            (key[5:].replace("_", "-"), value)
+            for key, value in environ.items()
+            if key.startswith("HTTP_")
+        ]
+        port = environ.get("SERVER_PORT")
+        fallback = (environ.get("SERVER_NAME", ""), int(port) if port else None)
+        return _server.start(
+            options,
+            environ.get("REQUEST_METHOD", "GET"),
+            environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
+            headers,
+            scheme=environ.get("wsgi.url_scheme", "http"),
+            server=_server.server_address(environ.get("HTTP_HOST"), fallback),
+            client=environ.get("REMOTE_ADDR"),
+            user_agent=environ.get("HTTP_USER_AGENT"),
+            content_type=environ.get("CONTENT_TYPE"),
+        )
+    except Exception:
+        _log.internal_error("wsgi request start")
+        return None
+
+
+def _route(environ: WSGIEnvironment) -> str | None:
+    """The URL rule Werkzeug-based apps (Flask) matched, e.g. `/agents/<name>`."""
+    rule = getattr(getattr(environ.get("werkzeug.request"), "url_rule", None), "rule", None)
+    return environ.get("SCRIPT_NAME", "") + rule if isinstance(rule, str) else None
+
+
+class _TracedResponse:
+    """Passes the app's iterable through; the request span ends in `close()` (PEP 3333)."""
+
+    __slots__ = ("_iterable", "_request")
+
+    def __init__(self, iterable: Iterable[bytes], request: _server.RequestSpan) -> None:
+        self._iterable = iterable
+        self._request = request
+
+    def __iter__(self) -> Iterator[bytes]:
+        request = self._request
+        iterator = iter(self._iterable)
+        while True:
+            # Generators (streamed views) run their code here: make the span current for them.
+            request.attach()
+            try:
+                chunk = next(iterator)
+            except StopIteration:
+                return
+            except BaseException as exc:
+                request.end(exc)
+                raise
+            finally:
+                request.detach()
+            if request.response_body is not None:
+                request.response_body.feed(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._iterable, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._request.end()
+
+
+class _TeeInput:
+    """`wsgi.input` that copies what the app reads into the request-body capture."""
+
+    def __init__(self, stream: Any, capture: BodyCapture) -> None:
+        self._stream = stream
+        self._capture = capture
+
+    def read(self, *args: Any) -> bytes:
+        data: bytes = self._stream.read(*args)
+        self._capture.feed(data)
+        return data
+
+    def readline(self, *args: Any) -> bytes:
+        data: bytes = self._stream.readline(*args)
+        self._capture.feed(data)
+        return data
+
+    def readlines(self, *args: Any) -> list[bytes]:
+        lines: list[bytes] = self._stream.readlines(*args)
+        for line in lines:
+            self._capture.feed(line)
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        for line in self._stream:
+            self._capture.feed(line)
+            yield line
