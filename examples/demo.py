@@ -11,7 +11,6 @@ import argparse
 import re
 import shutil
 import time
-from pathlib import Path
 
 import mlflow
 import requests

@@ -1,4 +1,4 @@
-"""Supervisor agent (FastAPI): plans, asks the SQL agent (requests) and the writer (httpx stream)."""
+"""Supervisor agent (FastAPI): plans, asks the SQL agent (requests), streams from the writer."""
 
 from __future__ import annotations
 

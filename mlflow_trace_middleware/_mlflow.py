@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mlflow.entities.span import create_mlflow_span
 from mlflow.entities.trace_info import TraceInfo
@@ -88,9 +88,10 @@ class SinkSpanProcessor(SpanProcessor):
             tags = self._release(context.trace_id, context.span_id)
             if tags:
                 _add_trace_tags(span, tags)
-            self._sink().submit(span)
         except Exception:
             _log.internal_error("span end")
+        # Whatever failed above, the span itself still goes out.
+        self._sink().submit(span)
 
     def _release(self, otel_trace_id: int, span_id: int) -> dict[str, str] | None:
         """Forget the segment when its last local root ends; return the trace's user tags."""
@@ -121,9 +122,10 @@ class SinkSpanProcessor(SpanProcessor):
 def _add_trace_tags(span: ReadableSpan, tags: dict[str, str]) -> None:
     # `mlflow.update_current_trace(tags=...)` lives in the trace manager; the server restores
     # `mlflow.traceTag.*` root-span attributes as trace tags, as MLflow's own OTLP processor does.
-    attributes: Any = span._attributes
-    for key, value in tags.items():
-        attributes[SpanAttributeKey.TRACE_TAG_PREFIX + key] = value
+    # The ended span's attributes are immutable; this ReadableSpan is our own copy, so we
+    # give it a new mapping.
+    extra = {SpanAttributeKey.TRACE_TAG_PREFIX + key: value for key, value in tags.items()}
+    span._attributes = {**(span.attributes or {}), **extra}
 
 
 _install_lock = threading.Lock()

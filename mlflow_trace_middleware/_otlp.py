@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import time
 import urllib.parse
 from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
@@ -167,16 +168,15 @@ class OtlpHttpExporter:
 
 
 def _parse_retry_after(value: str | None) -> float | None:
-    """`Retry-After` as seconds or an HTTP-date (RFC 9110 section 10.2.3)."""
+    """`Retry-After` as delay-seconds (digits only) or an HTTP-date (RFC 9110 section 10.2.3)."""
     if not value:
         return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    if value.startswith("-") and value[1:].isdigit():
+        return 0.0
     try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        import time
-
         return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError):
         return None

@@ -66,7 +66,8 @@ def send(
     except BaseException as exc:
         call.end(error=exc)
         raise
-    if isinstance(response.stream, httpx.SyncByteStream):
+    # A body the transport already read (e.g. MockTransport) will never be closed again.
+    if isinstance(response.stream, httpx.SyncByteStream) and not response.is_closed:
         response.stream = _Stream(response.stream, call, response.status_code)
     else:
         call.end(response.status_code)
@@ -85,7 +86,7 @@ async def send_async(
     except BaseException as exc:
         call.end(error=exc)
         raise
-    if isinstance(response.stream, httpx.AsyncByteStream):
+    if isinstance(response.stream, httpx.AsyncByteStream) and not response.is_closed:
         response.stream = _AsyncStream(response.stream, call, response.status_code)
     else:
         call.end(response.status_code)

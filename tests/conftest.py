@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import mlflow_trace_middleware as mtm
+from mlflow_trace_middleware import _log
+from mlflow_trace_middleware.testing import InMemoryExporter
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemoryExporter]:
+    """Route this process's spans into memory for one test."""
+    memory = InMemoryExporter()
+    mtm.configure(service_name="test-svc", exporter=memory)
+    yield memory
+    mtm.flush()
+    mtm.uninstrument()
+    _log.reset()
+
+
+class _EchoHandler(BaseHTTPRequestHandler):
+    """Answers every request with the request's headers as JSON; `/redirect` redirects once."""
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        if self.path.startswith("/redirect"):
+            self.send_response(302)
+            self.send_header("Location", "/target")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
+        self.send_response(500 if self.path.startswith("/fail") else 200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def echo_url() -> Iterator[str]:
+    """A loopback HTTP server that echoes request headers."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _EchoHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

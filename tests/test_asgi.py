@@ -1,0 +1,291 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import mlflow
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind, StatusCode
+
+from mlflow_trace_middleware import MlflowTracingMiddleware
+from mlflow_trace_middleware.httpx import AsyncTracingTransport
+from mlflow_trace_middleware.testing import InMemoryExporter
+
+pytestmark = pytest.mark.anyio
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PARENT_ID = "b7ad6b7169203331"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+
+
+class Boom(Exception):
+    pass
+
+
+def make_app(**options: Any) -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(MlflowTracingMiddleware, **options)
+
+    @mlflow.trace
+    def double(x: int) -> int:
+        return x * 2
+
+    @app.post("/agents/{name}")
+    async def agent(name: str, request: Request) -> dict[str, Any]:
+        body = await request.json()
+        return {"name": name, "value": double(body["value"])}
+
+    @app.get("/sync")
+    def sync_handler() -> dict[str, bool]:
+        with mlflow.start_span("in-thread"):
+            pass
+        return {"ok": True}
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise Boom("no")
+
+    @app.get("/five-hundred")
+    async def five_hundred() -> JSONResponse:
+        return JSONResponse({"error": "x"}, status_code=503)
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(3):
+                await asyncio.sleep(0.01)
+                with mlflow.start_span(f"chunk-{i}"):
+                    pass
+                yield b"x"
+            app.state.last_chunk_ns = time.time_ns()
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    @app.get("/call")
+    async def call() -> dict[str, str]:
+        async with httpx.AsyncClient(transport=AsyncTracingTransport(app.state.downstream)) as c:
+            response = await c.get("http://downstream.test/x")
+        return response.json()  # type: ignore[no-any-return]
+
+    return app
+
+
+def client(app: Any, **kwargs: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, **kwargs)
+    return httpx.AsyncClient(transport=transport, base_url="http://svc.test")
+
+
+def by_name(spans: list[ReadableSpan]) -> dict[str, ReadableSpan]:
+    return {span.name: span for span in spans}
+
+
+def hexid(value: int, width: int = 16) -> str:
+    return format(value, f"0{width}x")
+
+
+async def test_request_span_continues_the_caller_and_nests_handler_spans(
+    exporter: InMemoryExporter,
+) -> None:
+    app = make_app()
+    async with client(app) as c:
+        response = await c.post(
+            "/agents/sql",
+            json={"value": 2, "api_key": "sk-123"},
+            headers={"traceparent": TRACEPARENT, "user-agent": "agent/1.0"},
+        )
+    assert response.json() == {"name": "sql", "value": 4}
+    spans = by_name(exporter.finished_spans())
+    assert set(spans) == {"POST /agents/{name}", "double"}
+    request, child = spans["POST /agents/{name}"], spans["double"]
+    assert hexid(request.context.trace_id, 32) == TRACE_ID
+    assert request.parent is not None
+    assert hexid(request.parent.span_id) == PARENT_ID
+    assert request.kind == SpanKind.SERVER
+    assert child.parent is not None
+    assert child.parent.span_id == request.context.span_id
+    attributes = dict(request.attributes or {})
+    assert attributes["http.request.method"] == "POST"
+    assert attributes["http.route"] == "/agents/{name}"
+    assert attributes["url.path"] == "/agents/sql"
+    assert attributes["http.response.status_code"] == 200
+    assert attributes["server.address"] == "svc.test"
+    assert attributes["user_agent.original"] == "agent/1.0"
+    assert attributes["service.name"] == "test-svc"
+    assert json.loads(attributes["mlflow.spanInputs"]) == {"value": 2, "api_key": "[REDACTED]"}
+    assert json.loads(attributes["mlflow.spanOutputs"]) == {"name": "sql", "value": 4}
+    assert request.status.status_code == StatusCode.OK
+
+
+async def test_sync_handler_in_thread_pool_nests(exporter: InMemoryExporter) -> None:
+    async with client(make_app()) as c:
+        await c.get("/sync")
+    spans = by_name(exporter.finished_spans())
+    assert spans["in-thread"].parent.span_id == spans["GET /sync"].context.span_id  # type: ignore[union-attr]
+    assert spans["GET /sync"].parent is None  # no inbound context: a new trace
+
+
+async def test_unmatched_route_is_named_by_method_only(exporter: InMemoryExporter) -> None:
+    async with client(make_app()) as c:
+        response = await c.get("/no/such/path/123")
+    assert response.status_code == 404
+    (span,) = exporter.finished_spans()
+    assert span.name == "GET"
+    assert "http.route" not in (span.attributes or {})
+
+
+async def test_exception_is_recorded_and_reraised_unchanged(exporter: InMemoryExporter) -> None:
+    async with client(make_app()) as c:
+        with pytest.raises(Boom, match="no"):
+            await c.get("/boom")
+    (span,) = exporter.finished_spans()
+    assert span.name == "GET /boom"
+    assert span.status.status_code == StatusCode.ERROR
+    assert span.attributes["error.type"] == "Boom"  # type: ignore[index]
+    assert [event.name for event in span.events] == ["exception"]
+
+
+async def test_5xx_marks_the_span_as_error(exporter: InMemoryExporter) -> None:
+    async with client(make_app()) as c:
+        assert (await c.get("/five-hundred")).status_code == 503
+    (span,) = exporter.finished_spans()
+    assert span.status.status_code == StatusCode.ERROR
+    assert span.attributes["http.response.status_code"] == 503  # type: ignore[index]
+
+
+async def test_streaming_span_ends_after_the_last_chunk(exporter: InMemoryExporter) -> None:
+    app = make_app()
+    async with client(app) as c:
+        response = await c.get("/stream")
+    assert response.text == "xxx"
+    spans = by_name(exporter.finished_spans())
+    request = spans["GET /stream"]
+    assert request.end_time is not None
+    assert request.end_time >= app.state.last_chunk_ns
+    for i in range(3):  # spans made while streaming nest under the request span
+        assert spans[f"chunk-{i}"].parent.span_id == request.context.span_id  # type: ignore[union-attr]
+    assert "mlflow.spanOutputs" not in (request.attributes or {})  # not JSON
+
+
+async def test_client_disconnect_ends_the_span(exporter: InMemoryExporter) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        assert (await receive())["type"] == "http.disconnect"
+
+    messages = iter([{"type": "http.disconnect"}])
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/sse", "headers": []}
+    await MlflowTracingMiddleware(app)(scope, receive, send)
+    (span,) = exporter.finished_spans()
+    assert span.name == "GET"
+    assert span.end_time is not None
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+
+
+async def test_outgoing_call_carries_the_context_to_the_next_service(
+    exporter: InMemoryExporter,
+) -> None:
+    seen: list[httpx.Headers] = []
+
+    def downstream(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers)
+        return httpx.Response(200, json={"ok": "yes"})
+
+    app = make_app()
+    app.state.downstream = httpx.MockTransport(downstream)
+    async with client(app) as c:
+        await c.get("/call", headers={"traceparent": TRACEPARENT, "tracestate": "vendor=abc"})
+    spans = by_name(exporter.finished_spans())
+    request, call = spans["GET /call"], spans["GET downstream.test"]
+    assert call.kind == SpanKind.CLIENT
+    assert call.parent.span_id == request.context.span_id  # type: ignore[union-attr]
+    (headers,) = seen
+    assert headers["traceparent"] == f"00-{TRACE_ID}-{hexid(call.context.span_id)}-01"
+    assert headers["tracestate"] == "vendor=abc"
+
+
+async def test_concurrent_requests_never_share_context(exporter: InMemoryExporter) -> None:
+    app = make_app()
+    ids = [f"{i + 1:032x}" for i in range(20)]
+    async with client(app) as c:
+        await asyncio.gather(
+            *(
+                c.post(
+                    "/agents/a",
+                    json={"value": i},
+                    headers={"traceparent": f"00-{t}-{PARENT_ID}-01"},
+                )
+                for i, t in enumerate(ids)
+            )
+        )
+    spans = exporter.finished_spans()
+    assert len(spans) == 40
+    requests_by_id = {s.context.span_id: s for s in spans if s.kind == SpanKind.SERVER}
+    for span in spans:
+        if span.name == "double":
+            parent = requests_by_id[span.parent.span_id]  # type: ignore[union-attr]
+            assert parent.context.trace_id == span.context.trace_id
+    assert sorted(hexid(s.context.trace_id, 32) for s in requests_by_id.values()) == ids
+    # Every context change was reset: nothing is current after the requests.
+    assert mlflow.get_current_active_span() is None
+
+
+async def test_options_switch_capture_off_cap_it_and_exclude_paths(
+    exporter: InMemoryExporter,
+) -> None:
+    async with client(make_app(capture_bodies=False)) as c:
+        await c.post("/agents/a", json={"value": 1})
+    async with client(make_app(max_body_bytes=8)) as c:
+        await c.post("/agents/a", json={"value": 1, "padding": "x" * 100})
+    async with client(make_app(exclude_paths={"/sync"})) as c:
+        await c.get("/sync")
+    requests = [s for s in exporter.finished_spans() if s.kind == SpanKind.SERVER]
+    assert len(requests) == 2
+    off, capped = (dict(s.attributes or {}) for s in requests)
+    assert "mlflow.spanInputs" not in off
+    assert "mlflow.spanOutputs" not in off
+    assert json.loads(capped["mlflow.spanInputs"]).startswith("[body truncated: ")
+
+
+async def test_lifespan_and_websocket_pass_through_and_shutdown_flushes(
+    exporter: InMemoryExporter,
+) -> None:
+    seen_scopes: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen_scopes.append(scope["type"])
+        if scope["type"] == "lifespan":
+            assert (await receive())["type"] == "lifespan.shutdown"
+            with mlflow.start_span("on-shutdown"):
+                pass
+            await send({"type": "lifespan.shutdown.complete"})
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        # The span made during shutdown is delivered before the server hears "complete".
+        sent.append((message["type"], [s.name for s in exporter.spans]))
+
+    async def receive() -> dict[str, str]:
+        return {"type": "lifespan.shutdown"}
+
+    middleware = MlflowTracingMiddleware(app)
+    await middleware({"type": "websocket", "path": "/ws", "headers": []}, receive, send)
+    await middleware({"type": "lifespan"}, receive, send)
+    assert seen_scopes == ["websocket", "lifespan"]
+    assert sent == [("lifespan.shutdown.complete", ["on-shutdown"])]

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import json
+import logging
+
+import mlflow
+import pytest
+
+import mlflow_trace_middleware as mtm
+from mlflow_trace_middleware import _config, _runtime
+from mlflow_trace_middleware._capture import BodyCapture, redact
+from mlflow_trace_middleware.testing import InMemoryExporter
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        pytest.param({}, _config.Settings(), id="nothing-set"),
+        pytest.param(
+            {
+                "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+                "MLFLOW_EXPERIMENT_ID": "7",
+                "OTEL_SERVICE_NAME": "sql-agent",
+                "MLFLOW_TRACKING_TOKEN": "t0k",
+            },
+            _config.Settings(
+                tracking_uri="http://mlflow:5000",
+                experiment_id="7",
+                service_name="sql-agent",
+                headers={"Authorization": "Bearer t0k"},
+            ),
+            id="all-set",
+        ),
+        pytest.param(
+            {"MLFLOW_TRACKING_USERNAME": "u", "MLFLOW_TRACKING_PASSWORD": "p"},
+            _config.Settings(headers={"Authorization": "Basic dTpw"}),
+            id="basic-auth",
+        ),
+    ],
+)
+def test_settings_from_environment(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: _config.Settings
+) -> None:
+    for name in (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_EXPERIMENT_ID",
+        "MLFLOW_EXPERIMENT_NAME",
+        "OTEL_SERVICE_NAME",
+        "MLFLOW_TRACKING_TOKEN",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _config.from_environment() == expected
+
+
+@pytest.mark.parametrize(
+    ("uri", "endpoint"),
+    [
+        pytest.param("http://h:5000", "http://h:5000/v1/traces", id="http"),
+        pytest.param("https://h/mlflow/", "https://h/mlflow/v1/traces", id="https-with-path"),
+        pytest.param("sqlite:///mlflow.db", None, id="sqlite"),
+        pytest.param("databricks", None, id="databricks"),
+        pytest.param(None, None, id="unset"),
+    ],
+)
+def test_otlp_endpoint(uri: str | None, endpoint: str | None) -> None:
+    assert _config.Settings(tracking_uri=uri).otlp_endpoint == endpoint
+
+
+def test_configure_an_experiment_name_clears_the_id() -> None:
+    before = _config.get_settings()
+    try:
+        _config.update_settings(experiment_id="3")
+        after = _config.update_settings(experiment_name="agents")
+        assert (after.experiment_id, after.experiment_name) == (None, "agents")
+    finally:
+        _config._settings = before
+
+
+def test_non_http_tracking_uri_drops_with_a_reason(caplog: pytest.LogCaptureFixture) -> None:
+    exporter = _runtime.make_exporter(_config.Settings(tracking_uri="sqlite:///x.db"))
+    with caplog.at_level(logging.WARNING, logger="mlflow_trace_middleware"):
+        result = exporter.export([], None)
+    assert (result.delivered, result.retry, result.reason) == (False, False, "no_tracking_server")
+    assert "MLFLOW_TRACKING_URI" in caplog.text
+
+
+def test_trace_tags_and_handler_api_survive_export(exporter: InMemoryExporter) -> None:
+    with mlflow.start_span("root"):
+        mlflow.update_current_trace(tags={"team": "agents"})
+        assert mlflow.get_current_active_span() is not None
+    (root,) = exporter.finished_spans()
+    assert root.attributes["mlflow.traceTag.team"] == "agents"
+    assert root.attributes["mlflow.traceTag.mlflow.traceName"] == "root"
+    assert mtm.stats().pending == 0
+
+
+def test_stats_account_for_every_span(exporter: InMemoryExporter) -> None:
+    before = mtm.stats()
+    for _ in range(5):
+        with mlflow.start_span("s"):
+            pass
+    assert mtm.flush()
+    after = mtm.stats()
+    assert after.produced - before.produced == 5
+    assert after.exported - before.exported == 5
+    assert after.produced == after.exported + after.pending + sum(after.dropped.values())
+
+
+@pytest.mark.parametrize(
+    ("body", "limit", "expected"),
+    [
+        pytest.param(b'{"a": 1}', 100, {"a": 1}, id="json"),
+        pytest.param(
+            b'{"token": "x", "nested": [{"Password": "y", "ok": 2}], "api-key": "z"}',
+            100,
+            {"token": "[REDACTED]", "nested": [{"Password": "[REDACTED]", "ok": 2}],
+             "api-key": "[REDACTED]"},
+            id="secrets-redacted",
+        ),
+        pytest.param(
+            b'{"a": "' + b"x" * 50 + b'"}',
+            10,
+            "[body truncated: 59 bytes, capture limit 10]",
+            id="truncated",
+        ),
+        pytest.param(b"{not json", 100, "[body is not valid JSON]", id="invalid"),
+    ],
+)  # fmt: skip
+def test_body_capture(body: bytes, limit: int, expected: object) -> None:
+    capture = BodyCapture(limit)
+    for i in range(0, len(body), 7):  # arrives in chunks
+        capture.feed(body[i : i + 7])
+    assert json.loads(capture.attribute() or "null") == expected
+
+
+def test_empty_body_is_not_recorded() -> None:
+    assert BodyCapture(10).attribute() is None
+
+
+def test_redaction_is_depth_limited() -> None:
+    deep: object = "leaf"
+    for _ in range(100):
+        deep = [deep]
+    assert "[too deep]" in json.dumps(redact(deep))

@@ -1,0 +1,272 @@
+"""SpanSink against fake in-process exporters: batching, grouping, retries, drops, fork."""
+
+from __future__ import annotations
+
+import os
+import threading
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+
+from mlflow_trace_middleware._sink import ExportResult, SinkStats, SpanSink
+
+_TRACER = TracerProvider().get_tracer("t")
+
+
+def make_spans(n: int) -> list[ReadableSpan]:
+    spans = [_TRACER.start_span(f"s{i}") for i in range(n)]
+    for span in spans:
+        span.end()
+    return spans
+
+
+def check_invariant(stats: SinkStats) -> None:
+    assert stats.produced == stats.exported + stats.pending + sum(stats.dropped.values()), stats
+
+
+class FakeExporter:
+    """Returns `results` in order, then `default`; optionally blocks inside its first export."""
+
+    def __init__(
+        self,
+        results: Sequence[ExportResult | Exception] = (),
+        default: ExportResult | Exception = ExportResult.ok(),
+        block_first: bool = False,
+    ) -> None:
+        self.lock = threading.Lock()
+        self.results = list(results)
+        self.default = default
+        self.calls: list[tuple[list[ReadableSpan], str | None]] = []
+        self.delivered: list[ReadableSpan] = []
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        if not block_first:
+            self.gate.set()
+        self.on_export: Callable[[], None] | None = None
+        self.shutdown_calls = 0
+
+    def export(self, spans: Sequence[ReadableSpan], experiment_id: str | None) -> ExportResult:
+        with self.lock:
+            self.calls.append((list(spans), experiment_id))
+            first = len(self.calls) == 1
+            result = self.results.pop(0) if self.results else self.default
+        if self.on_export is not None:
+            self.on_export()
+        if first:
+            self.entered.set()
+            self.gate.wait(10)
+        if isinstance(result, Exception):
+            raise result
+        if result.delivered:
+            with self.lock:
+                self.delivered.extend(spans)
+        return result
+
+    def shutdown(self) -> None:
+        self.shutdown_calls += 1
+
+
+@pytest.fixture
+def make_sink() -> Iterator[Callable[..., SpanSink]]:
+    """Build sinks (idle worker by default: only flush or a full batch wakes it); stop them."""
+    made: list[tuple[SpanSink, FakeExporter]] = []
+
+    def factory(exporter: FakeExporter, **kwargs: object) -> SpanSink:
+        kwargs.setdefault("schedule_delay", 60.0)
+        sink = SpanSink(exporter, **kwargs)  # type: ignore[arg-type]
+        made.append((sink, exporter))
+        return sink
+
+    yield factory
+    for sink, exporter in made:
+        exporter.gate.set()
+        sink.shutdown(1.0)
+
+
+def test_submitted_spans_are_batched_and_delivered_once(make_sink: Callable[..., SpanSink]) -> None:
+    exporter = FakeExporter(block_first=True)
+    sink = make_sink(exporter, max_batch_spans=512, schedule_delay=0.01)
+    spans = make_spans(300)
+    sink.submit(spans[0], "1")
+    assert exporter.entered.wait(5)
+    for span in spans[1:]:
+        sink.submit(span, "1")
+    blocked = sink.stats()
+    assert (blocked.produced, blocked.pending, blocked.exported) == (300, 300, 0)
+    exporter.gate.set()
+    assert sink.flush(5) is True
+    assert len(exporter.delivered) == 300
+    assert {id(s) for s in exporter.delivered} == {id(s) for s in spans}
+    assert len(exporter.calls) == 2  # the blocked single span, then one batch of 299
+    stats = sink.stats()
+    assert (stats.exported, stats.pending, stats.requests, stats.dropped) == (300, 0, 2, {})
+
+
+def test_each_export_call_gets_one_experiment(make_sink: Callable[..., SpanSink]) -> None:
+    exporter = FakeExporter(block_first=True)
+    sink = make_sink(exporter, schedule_delay=0.01)
+    spans = make_spans(41)
+    experiment_of = {id(span): ("1" if i % 2 == 0 else "2") for i, span in enumerate(spans)}
+    sink.submit(spans[0], experiment_of[id(spans[0])])
+    assert exporter.entered.wait(5)
+    for span in spans[1:]:
+        sink.submit(span, experiment_of[id(span)])
+    exporter.gate.set()
+    assert sink.flush(5) is True
+    assert len(exporter.calls) == 3
+    for call_spans, experiment_id in exporter.calls:
+        assert {experiment_of[id(s)] for s in call_spans} == {experiment_id}
+    assert sorted(e for _, e in exporter.calls) == ["1", "1", "2"]
+    assert len(exporter.delivered) == 41
+    assert {id(s) for s in exporter.delivered} == {id(s) for s in spans}
+    for experiment_id in ("1", "2"):  # per-experiment order is submission order
+        expected = [id(s) for s in spans if experiment_of[id(s)] == experiment_id]
+        got = [id(s) for s in exporter.delivered if experiment_of[id(s)] == experiment_id]
+        assert got == expected
+
+
+def test_retryable_failure_keeps_the_batch(make_sink: Callable[..., SpanSink]) -> None:
+    retry = ExportResult.retry_later("status_503", retry_after=0)
+    exporter = FakeExporter(results=[retry, retry])
+    sink = make_sink(exporter)
+    spans = make_spans(10)
+    for span in spans:
+        sink.submit(span, "1")
+    assert sink.flush(5) is True
+    assert [[id(s) for s in call] for call, _ in exporter.calls] == [[id(s) for s in spans]] * 3
+    assert [id(s) for s in exporter.delivered] == [id(s) for s in spans]
+    stats = sink.stats()
+    assert (stats.exported, stats.pending, stats.requests, stats.dropped) == (10, 0, 3, {})
+    check_invariant(stats)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "reason"),
+    [
+        pytest.param(ExportResult.dropped("rejected_400"), "rejected_400", id="dropped"),
+        pytest.param(ExportResult.dropped(""), "rejected", id="dropped-without-reason"),
+        pytest.param(RuntimeError("boom"), "exporter_error", id="exporter-raises"),
+    ],
+)
+def test_non_retryable_failure_drops_with_reason(
+    make_sink: Callable[..., SpanSink], outcome: ExportResult | Exception, reason: str
+) -> None:
+    exporter = FakeExporter(default=outcome)
+    sink = make_sink(exporter)
+    for span in make_spans(7):
+        sink.submit(span, "1")  # must not raise
+    assert sink.flush(5) is False
+    stats = sink.stats()
+    assert stats.dropped == {reason: 7}
+    assert (stats.produced, stats.exported, stats.pending, stats.requests) == (7, 0, 0, 1)
+    assert len(exporter.calls) == 1
+    check_invariant(stats)
+
+
+def test_bounded_queue_drops_overflow_and_keeps_invariant(
+    make_sink: Callable[..., SpanSink],
+) -> None:
+    exporter = FakeExporter(block_first=True)
+    sink = make_sink(exporter, max_queue_spans=10, max_batch_spans=5)
+    seen: list[SinkStats] = []
+    exporter.on_export = lambda: seen.append(sink.stats())
+    spans = make_spans(100)
+    for span in spans[:5]:  # a full batch wakes the worker, which blocks on it
+        sink.submit(span)
+    assert exporter.entered.wait(5)
+    for span in spans[5:]:
+        sink.submit(span)
+        check_invariant(sink.stats())
+    blocked = sink.stats()
+    assert (blocked.produced, blocked.exported, blocked.pending) == (100, 0, 15)
+    assert blocked.dropped == {"queue_full": 85}
+    exporter.gate.set()
+    assert sink.flush(5) is True  # nothing dropped after the flush started
+    stats = sink.stats()
+    assert stats.exported + stats.dropped["queue_full"] == 100
+    assert (stats.exported, stats.pending, stats.dropped) == (15, 0, {"queue_full": 85})
+    assert len(exporter.delivered) == 15
+    assert [id(s) for s in exporter.delivered] == [id(s) for s in spans[:15]]
+    assert len(seen) == 3
+    for snapshot in [*seen, stats]:
+        check_invariant(snapshot)
+
+
+def test_flush_and_shutdown_honour_timeout_while_retrying(
+    make_sink: Callable[..., SpanSink],
+) -> None:
+    exporter = FakeExporter(default=ExportResult.retry_later("status_503", retry_after=0.05))
+    sink = make_sink(exporter)
+    for span in make_spans(3):
+        sink.submit(span, "1")
+    assert sink.flush(0.3) is False
+    stats = sink.stats()
+    assert (stats.exported, stats.pending, stats.dropped) == (0, 3, {})
+    assert stats.requests >= 1
+    check_invariant(stats)
+    assert sink.shutdown(0.3) is False
+    stats = sink.stats()
+    assert (stats.produced, stats.exported, stats.pending) == (3, 0, 0)
+    assert stats.dropped == {"shutdown_timeout": 3}
+    assert exporter.delivered == []
+    assert exporter.shutdown_calls == 1
+    check_invariant(stats)
+
+
+def test_submit_after_shutdown_is_dropped(make_sink: Callable[..., SpanSink]) -> None:
+    exporter = FakeExporter()
+    sink = make_sink(exporter)
+    assert sink.shutdown(1) is True
+    for span in make_spans(2):
+        sink.submit(span, "1")
+    stats = sink.stats()
+    assert stats.dropped == {"shutdown": 2}
+    assert (stats.produced, stats.exported, stats.pending) == (2, 0, 0)
+    assert exporter.calls == []
+    check_invariant(stats)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_starts_empty_and_exports_its_own_spans(
+    make_sink: Callable[..., SpanSink],
+) -> None:
+    exporter = FakeExporter(block_first=True)
+    sink = make_sink(exporter, max_batch_spans=2)
+    spans = make_spans(6)
+    for span in spans[:2]:
+        sink.submit(span, "1")
+    assert exporter.entered.wait(5)
+    for span in spans[2:]:
+        sink.submit(span, "1")
+    assert sink.stats().pending == 6
+    child_span = make_spans(1)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            before = sink.stats()
+            sink.submit(child_span, "9")
+            ok = sink.flush(5)
+            after = sink.stats()
+            assert (before.produced, before.pending, before.exported) == (0, 0, 0)
+            assert ok
+            assert (after.produced, after.exported, after.pending) == (1, 1, 0)
+            assert [id(s) for s in exporter.delivered] == [id(child_span)]
+            assert exporter.calls[-1][1] == "9"
+            code = 0
+        except BaseException:
+            traceback.print_exc()  # shows up in the parent's captured stderr
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    exporter.gate.set()
+    assert sink.flush(5) is True
+    assert [id(s) for s in exporter.delivered] == [id(s) for s in spans]
+    stats = sink.stats()
+    assert (stats.produced, stats.exported, stats.pending, stats.dropped) == (6, 6, 0, {})
