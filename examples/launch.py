@@ -105,12 +105,19 @@ def start_uvicorn(name: str, app: str, logs: Path, env: Mapping[str, str]) -> Pr
 
 
 def start_gunicorn(
-    name: str, app: str, logs: Path, env: Mapping[str, str], workers: int = 2
+    name: str,
+    app: str,
+    logs: Path,
+    env: Mapping[str, str],
+    workers: int = 2,
+    preload: bool = False,
 ) -> Process:
+    """Gunicorn with worker processes; `preload` imports the app (and our sink) before forking."""
     port = free_port()
     argv = [
         sys.executable, "-m", "gunicorn", "-w", str(workers),
-        "-b", f"127.0.0.1:{port}", "--graceful-timeout", "10", app,
+        "-b", f"127.0.0.1:{port}", "--graceful-timeout", "10",
+        *(["--preload"] if preload else []), app,
     ]  # fmt: skip
     process = _spawn(
         name, argv, f"http://127.0.0.1:{port}", logs, {"OTEL_SERVICE_NAME": name, **env}

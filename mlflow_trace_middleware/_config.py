@@ -19,7 +19,7 @@ class Settings:
     # Sink tuning. Times in seconds, sizes in spans.
     max_queue_spans: int = 20_000
     max_batch_spans: int = 512
-    schedule_delay: float = 0.5
+    schedule_delay: float = 1.0
     export_timeout: float = 10.0
     shutdown_timeout: float = 5.0
     headers: dict[str, str] = field(default_factory=dict)

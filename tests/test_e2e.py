@@ -1,12 +1,16 @@
 """End to end: a real `mlflow server`, uvicorn and gunicorn services, read back with MlflowClient.
 
-client --requests--> supervisor (FastAPI, uvicorn) --requests--> sql-agent (Flask, gunicorn -w 2)
+client --requests--> supervisor (FastAPI, uvicorn) --requests--> sql-agent (Flask, gunicorn -w 2
+                                                                 --preload: forked after import)
                                                   \\--httpx stream--> writer (FastAPI, streaming)
                                 sql-agent --requests (reads the stream)--> writer
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,7 +51,9 @@ def services(
     try:
         started["writer"] = start_uvicorn("writer", "examples.writer:app", logs, env)
         env["WRITER_URL"] = started["writer"].url
-        started["sql-agent"] = start_gunicorn("sql-agent", "examples.sql_agent:app", logs, env)
+        started["sql-agent"] = start_gunicorn(
+            "sql-agent", "examples.sql_agent:app", logs, env, preload=True
+        )
         env["SQL_AGENT_URL"] = started["sql-agent"].url
         started["supervisor"] = start_uvicorn("supervisor", "examples.supervisor:app", logs, env)
         yield started
@@ -180,6 +186,22 @@ def test_plain_client_makes_the_first_service_the_root(
     assert QUESTION["question"] in (trace.info.request_preview or "")
     assert trace.info.state.value == "OK"
     assert_covers_every_span(trace)
+
+
+def test_spans_are_flushed_at_interpreter_exit(server: Process, experiment_id: str) -> None:
+    script = (
+        "import mlflow, mlflow_trace_middleware as mtm\n"
+        "mtm.configure(service_name='short-lived')\n"
+        "with mlflow.start_span('exit-test') as span:\n"
+        "    print(span.trace_id)\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "MLFLOW_EXPERIMENT_ID": experiment_id}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    trace = wait_for_trace(MlflowClient(server.url), done.stdout.strip(), spans=1, timeout=10)
+    assert trace.data.spans[0].attributes["service.name"] == "short-lived"
 
 
 def test_tracking_server_down_then_back(tmp_path: Path) -> None:
