@@ -148,7 +148,10 @@ class RequestSpan:
     def attach(self) -> None:
         """Make the request span current again (a WSGI iterable runs after the app returned)."""
         if self._token is None:
-            self._token = _mlflow.attach(self.context)
+            try:
+                self._token = _mlflow.attach(self.context)
+            except Exception:
+                _log.internal_error("context attach")
 
     def detach(self) -> None:
         """Restore the context that was current before `attach` (or before the request)."""

@@ -102,21 +102,20 @@ async def _traced(
     async def receive_wrapper() -> Message:
         message = await receive()
         body = request.request_body
-        if body is not None and message["type"] == "http.request":
+        if body is not None and message.get("type") == "http.request":
             body.feed(message.get("body", b""))
         return message
 
     async def send_wrapper(message: Message) -> None:
         nonlocal response_done
-        kind = message["type"]
-        if kind == "http.response.start":
-            content_type = None
-            for key, value in message.get("headers", ()):
-                if key.lower() == b"content-type":
-                    content_type = value.decode("latin-1")
-            request.response_started(message["status"], content_type)
-        elif kind == "http.response.body" and request.response_body is not None:
-            request.response_body.feed(message.get("body", b""))
+        kind = message.get("type")
+        try:
+            if kind == "http.response.start":
+                _response_started(request, message)
+            elif kind == "http.response.body" and request.response_body is not None:
+                request.response_body.feed(message.get("body", b""))
+        except Exception:
+            _log.internal_error("asgi send")
         await send(message)
         if kind == "http.response.body" and not message.get("more_body", False):
             response_done = True
@@ -134,6 +133,14 @@ async def _traced(
             request.route = _route(scope, root_path)
             request.end()
         request.detach()
+
+
+def _response_started(request: _server.RequestSpan, message: Message) -> None:
+    content_type = None
+    for key, value in message.get("headers", ()):
+        if key.lower() == b"content-type":
+            content_type = value.decode("latin-1")
+    request.response_started(int(message["status"]), content_type)
 
 
 def _route(scope: Scope, root_path: str) -> str | None:

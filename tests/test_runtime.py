@@ -146,3 +146,47 @@ def test_redaction_is_depth_limited() -> None:
     for _ in range(100):
         deep = [deep]
     assert "[too deep]" in json.dumps(redact(deep))
+
+
+def test_broken_tracing_never_reaches_the_application(
+    exporter: InMemoryExporter, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import httpx
+    from fastapi import FastAPI
+    from flask import Flask
+
+    from mlflow_trace_middleware import _mlflow
+    from mlflow_trace_middleware.httpx import TracingTransport
+
+    api = FastAPI()
+    api.add_middleware(mtm.MlflowTracingMiddleware)
+    api.get("/")(lambda: {"ok": True})
+    flask = Flask(__name__)
+    flask.wsgi_app = mtm.MlflowTracingWSGIMiddleware(flask.wsgi_app)  # type: ignore[method-assign]
+    flask.get("/")(lambda: {"ok": True})
+    seen: list[httpx.Request] = []
+    mock = httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(204))
+
+    def broken() -> None:
+        raise RuntimeError("tracer exploded")
+
+    with mlflow.start_span("root"):
+        monkeypatch.setattr(_mlflow, "tracer", broken)
+        with caplog.at_level(logging.WARNING, logger="mlflow_trace_middleware"):
+            wsgi = httpx.Client(transport=httpx.WSGITransport(app=flask), base_url="http://f")
+            assert wsgi.get("/").json() == {"ok": True}
+            assert (
+                httpx.Client(transport=TracingTransport(mock)).get("http://x/").status_code == 204
+            )
+
+            async def call_asgi() -> httpx.Response:
+                transport = httpx.ASGITransport(app=api)
+                async with httpx.AsyncClient(transport=transport, base_url="http://a") as c:
+                    return await c.get("/")
+
+            import asyncio
+
+            assert asyncio.run(call_asgi()).json() == {"ok": True}
+    assert "traceparent" not in seen[0].headers
+    assert "internal error" in caplog.text
+    assert "tracer exploded" in caplog.text  # our own failure, logged with its traceback
