@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint format typecheck demo bench clean
+.PHONY: venv test test-fast lint format typecheck demo clean
 
 venv: $(STAMP)
 
