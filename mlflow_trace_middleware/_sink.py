@@ -129,7 +129,12 @@ class SpanSink:
                 )
             wake = len(self._queue) >= self._max_batch
         if worker is not None:
-            worker.start()
+            try:
+                worker.start()
+            except RuntimeError:  # "can't start new thread": retry on the next submit
+                with self._lock:
+                    self._worker = None
+                _log.internal_error("sink worker start")
         if wake:
             self._wake.set()
         if full:
