@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
+from . import _log
+
 _DEFAULT_SERVICE_NAME = "unknown_service"
 
 
@@ -16,11 +18,14 @@ class Settings:
     experiment_id: str | None = None
     experiment_name: str | None = None
     service_name: str = _DEFAULT_SERVICE_NAME
-    # Sink tuning. Times in seconds, sizes in spans.
+    # Sink tuning. Times in seconds; byte sizes are of the encoded (uncompressed) spans.
     max_queue_spans: int = 20_000
+    max_queue_bytes: int = 64 * 1024 * 1024
     max_batch_spans: int = 512
+    max_batch_bytes: int = 4 * 1024 * 1024
     schedule_delay: float = 1.0
     export_timeout: float = 10.0
+    max_retry_time: float = 120.0
     shutdown_timeout: float = 5.0
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -32,17 +37,58 @@ class Settings:
             return None
         return uri.rstrip("/") + "/v1/traces"
 
+    def checked(self, *, warn: bool = False) -> Settings:
+        """Raise ValueError for inconsistent sink sizes (or, with `warn`, log and fix them)."""
+        if self.max_batch_spans <= self.max_queue_spans and self.max_batch_bytes <= (
+            self.max_queue_bytes
+        ):
+            return self
+        message = "need max_batch_spans <= max_queue_spans and max_batch_bytes <= max_queue_bytes"
+        if not warn:
+            raise ValueError(message)
+        _log.logger.warning("mlflow-trace-middleware: %s; using the queue bounds", message)
+        return replace(
+            self,
+            max_batch_spans=min(self.max_batch_spans, self.max_queue_spans),
+            max_batch_bytes=min(self.max_batch_bytes, self.max_queue_bytes),
+        )
+
+
+# The batch span processor's standard variables (OpenTelemetry SDK spec); times in milliseconds.
+_OTEL_BSP = {
+    "OTEL_BSP_MAX_QUEUE_SIZE": ("max_queue_spans", 1),
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": ("max_batch_spans", 1),
+    "OTEL_BSP_SCHEDULE_DELAY": ("schedule_delay", 1000),
+    "OTEL_BSP_EXPORT_TIMEOUT": ("export_timeout", 1000),
+}
+
 
 def from_environment() -> Settings:
-    """Settings from `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_ID`/`_NAME`, `OTEL_SERVICE_NAME`."""
+    """Settings from `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_ID`/`_NAME`, `OTEL_SERVICE_NAME`
+    and the `OTEL_BSP_*` sink variables."""
     env = os.environ
-    return Settings(
+    tuning: dict[str, float] = {}
+    for variable, (name, scale) in _OTEL_BSP.items():
+        if raw := env.get(variable):
+            try:
+                value = int(raw)
+                if value <= 0:
+                    raise ValueError
+            except ValueError:
+                _log.logger.warning(
+                    "mlflow-trace-middleware: ignoring %s: not a positive integer", variable
+                )
+                continue
+            tuning[name] = value / scale if scale != 1 else value
+    settings = Settings(
         tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
         experiment_id=env.get("MLFLOW_EXPERIMENT_ID") or None,
         experiment_name=env.get("MLFLOW_EXPERIMENT_NAME") or None,
         service_name=env.get("OTEL_SERVICE_NAME") or _DEFAULT_SERVICE_NAME,
         headers=_auth_headers(env),
+        **tuning,  # type: ignore[arg-type]
     )
+    return settings.checked(warn=True)
 
 
 def _auth_headers(env: os._Environ[str] | dict[str, str]) -> dict[str, str]:
@@ -77,5 +123,5 @@ def update_settings(**changes: object) -> Settings:
         values.setdefault("experiment_name", None)
     if "experiment_name" in values and "experiment_id" not in values:
         values["experiment_id"] = None
-    _settings = replace(current, **values)  # type: ignore[arg-type]
+    _settings = replace(current, **values).checked()  # type: ignore[arg-type]
     return _settings

@@ -12,6 +12,7 @@ _INTERVAL = 60.0
 _lock = threading.Lock()
 _last: dict[str, float] = {}
 _suppressed: dict[str, int] = {}
+_internal_errors = 0
 
 
 def warn_limited(reason: str, message: str, *args: object, exc_info: bool = False) -> None:
@@ -31,10 +32,18 @@ def warn_limited(reason: str, message: str, *args: object, exc_info: bool = Fals
 
 
 def internal_error(where: str) -> None:
-    """Record a failure inside the library; the host application must never see it."""
+    """Count and log a failure inside the library; the host application must never see it."""
+    global _internal_errors
+    with _lock:
+        _internal_errors += 1
     warn_limited(
         f"internal:{where}", "mlflow-trace-middleware: internal error in %s", where, exc_info=True
     )
+
+
+def internal_errors() -> int:
+    """How many internal errors this process has had (reported in `stats()`)."""
+    return _internal_errors
 
 
 def reset() -> None:

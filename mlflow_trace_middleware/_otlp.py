@@ -6,9 +6,12 @@ traced nor given trace headers, whatever the application instruments.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.client
 import json
+import socket
+import threading
 import time
 import urllib.parse
 from collections.abc import Sequence
@@ -16,6 +19,7 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from . import _log
@@ -26,6 +30,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
 
 _RETRYABLE = frozenset({408, 429, 502, 503, 504})
+_SPLIT = frozenset({400, 413, 422})  # MLflow rejects a whole batch for one bad span
 _DEFAULT_EXPERIMENT = "0"
 
 
@@ -41,7 +46,13 @@ def encode(spans: Sequence[ReadableSpan], service_name: str) -> bytes:
 
 
 class OtlpHttpExporter:
-    """POSTs gzip'd OTLP protobuf to `{tracking_uri}/v1/traces` with `x-mlflow-experiment-id`."""
+    """POSTs gzip'd OTLP protobuf to `{tracking_uri}/v1/traces` with `x-mlflow-experiment-id`.
+
+    Each attempt has one wall-clock deadline (`export_timeout`), however slowly the server
+    answers. Status handling follows the OTLP/HTTP spec plus MLflow's all-or-nothing batches:
+    retryable statuses keep the batch, 400/413/422 ask the sink to split it so only the bad
+    spans are dropped, and 3xx is a failure (a redirect would lose the body).
+    """
 
     def __init__(self, settings: Settings) -> None:
         endpoint = settings.otlp_endpoint
@@ -62,7 +73,9 @@ class OtlpHttpExporter:
         experiment_id = experiment_id or self._default_experiment()
         if experiment_id is None:
             return ExportResult.retry_later("experiment_unresolved")
-        body = gzip.compress(encode(spans, self._settings.service_name), compresslevel=5)
+        raw = encode(spans, self._settings.service_name)
+        if len(raw) > self._settings.max_batch_bytes:
+            return ExportResult.split_batch("too_large")
         headers = {
             **self._settings.headers,
             "Content-Type": "application/x-protobuf",
@@ -70,29 +83,88 @@ class OtlpHttpExporter:
             "x-mlflow-experiment-id": experiment_id,
         }
         try:
-            status, response_headers, _ = self._request("POST", self._path, body, headers)
+            status, response_headers, data = self._request(
+                "POST", self._path, gzip.compress(raw, compresslevel=5), headers
+            )
         except (OSError, http.client.HTTPException) as exc:
+            reason = "timeout" if isinstance(exc, TimeoutError) else "connection_error"
             _log.warn_limited(
-                "export_connection",
+                f"export_{reason}",
                 "mlflow-trace-middleware: cannot reach %s (%s); spans stay queued",
                 self._endpoint_for_logs(),
-                type(exc).__name__,
+                reason,
             )
-            return ExportResult.retry_later("connection_error")
+            return ExportResult.retry_later(reason)
         if 200 <= status < 300:
-            return ExportResult.ok()
+            rejected = _rejected_spans(response_headers.get("content-type"), data)
+            if rejected:
+                _log.warn_limited(
+                    "partial_success",
+                    "mlflow-trace-middleware: %s refused %d of %d spans",
+                    self._endpoint_for_logs(),
+                    rejected,
+                    len(spans),
+                )
+            return ExportResult.ok(rejected)
         if status in _RETRYABLE:
             return ExportResult.retry_later(
                 f"status_{status}", _parse_retry_after(response_headers.get("retry-after"))
             )
-        _log.warn_limited(
-            f"export_status_{status}",
-            "mlflow-trace-middleware: %s rejected %d spans with HTTP %d",
-            self._endpoint_for_logs(),
-            len(spans),
-            status,
-        )
+        self._warn_rejected(status)
+        if status in _SPLIT:
+            return ExportResult.split_batch(f"rejected_{status}")
+        if status == 501:
+            return ExportResult.dropped("server_cannot_store_spans")
         return ExportResult.dropped(f"rejected_{status}")
+
+    def probe(self) -> None:
+        """Say once, clearly, if this server cannot ingest spans; called in the background."""
+        headers = {
+            **self._settings.headers,
+            "Content-Type": "application/x-protobuf",
+            "x-mlflow-experiment-id": self._experiment_id or _DEFAULT_EXPERIMENT,
+        }
+        try:
+            # An empty request: a server with the endpoint answers 400 ("no spans").
+            status, _, _ = self._request("POST", self._path, b"", headers)
+            if status in (404, 405):
+                _log.logger.warning(
+                    "mlflow-trace-middleware: %s has no OTLP endpoint %s (HTTP %d); it cannot "
+                    "store spans. Upgrade the MLflow server to 3.x.",
+                    self._endpoint_for_logs(),
+                    self._path,
+                    status,
+                )
+                return
+            if status in (401, 403):
+                _log.logger.warning(
+                    "mlflow-trace-middleware: %s refused our credentials (HTTP %d); set "
+                    "MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD.",
+                    self._endpoint_for_logs(),
+                    status,
+                )
+                return
+            path = f"{self._base}/api/3.0/mlflow/server-info"
+            status, _, data = self._request("GET", path, None, dict(self._settings.headers))
+        except (OSError, http.client.HTTPException):
+            return  # down: export() reports it
+        if status == 200 and _store_type(data) == "FileStore":
+            self._warn_rejected(501)
+
+    def _warn_rejected(self, status: int) -> None:
+        if status == 501:
+            message = (
+                "mlflow-trace-middleware: %s uses a file store, which cannot store spans "
+                "(HTTP %d); run it with a database, e.g. --backend-store-uri sqlite:///mlflow.db"
+            )
+        elif 300 <= status < 400:
+            message = (
+                "mlflow-trace-middleware: %s answered with a redirect (HTTP %d); set "
+                "MLFLOW_TRACKING_URI to the final address. Spans are dropped."
+            )
+        else:
+            message = "mlflow-trace-middleware: %s rejected spans with HTTP %d"
+        _log.warn_limited(f"export_status_{status}", message, self._endpoint_for_logs(), status)
 
     def after_fork_in_child(self) -> None:
         # The parent's socket is not ours: forget it without closing it.
@@ -138,20 +210,32 @@ class OtlpHttpExporter:
     def _request(
         self, method: str, path: str, body: bytes | None, headers: dict[str, str]
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """One request within `export_timeout` of wall-clock time; TimeoutError past it."""
+        deadline = time.monotonic() + self._timeout
         for attempt in (0, 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
             conn = self._conn or self._connect()
+            watchdog = None
             try:
+                if conn.sock is None:
+                    conn.timeout = remaining  # bounds the connect
+                    conn.connect()
+                watchdog = _Watchdog(conn, deadline - time.monotonic())
                 conn.request(method, path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
             except (OSError, http.client.HTTPException):
                 conn.close()
                 self._conn = None
+                if watchdog is not None and watchdog.stop():
+                    raise TimeoutError from None
                 # A kept-alive connection the server closed: retry once on a fresh one.
                 if attempt:
                     raise
                 continue
-            if response.will_close:
+            if watchdog.stop() or response.will_close:
                 conn.close()
                 self._conn = None
             return response.status, response.headers, data
@@ -165,6 +249,55 @@ class OtlpHttpExporter:
     def _endpoint_for_logs(self) -> str:
         # Host and port only: the URI may carry credentials.
         return f"{self._host}:{self._port}" if self._port else self._host
+
+
+class _Watchdog:
+    """Shuts the socket down at the deadline: one wall-clock limit, not one per socket read."""
+
+    def __init__(self, conn: http.client.HTTPConnection, seconds: float) -> None:
+        self._sock = conn.sock
+        self._lock = threading.Lock()
+        self._fired = self._done = False
+        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._fired = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> bool:
+        """Disarm; True if the deadline had already passed (the connection is then unusable)."""
+        self._timer.cancel()
+        with self._lock:
+            self._done = True
+            return self._fired
+
+
+def _rejected_spans(content_type: str | None, data: bytes) -> int:
+    """`partial_success.rejected_spans` of an ExportTraceServiceResponse (protobuf or JSON)."""
+    if not data:
+        return 0
+    try:
+        if content_type and "json" in content_type:
+            partial = json.loads(data).get("partialSuccess") or {}
+            return max(int(partial.get("rejectedSpans") or 0), 0)
+        response = ExportTraceServiceResponse.FromString(data)
+        return max(int(response.partial_success.rejected_spans), 0)
+    except Exception:  # an answer we cannot read is not a rejection
+        return 0
+
+
+def _store_type(data: bytes) -> str | None:
+    try:
+        value = json.loads(data).get("store_type")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _parse_retry_after(value: str | None) -> float | None:

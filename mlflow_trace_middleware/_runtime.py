@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+from typing import Any
 
 from . import _config, _log, _mlflow
 from ._sink import Exporter, ExportResult, SinkStats, SpanSink
@@ -21,15 +22,21 @@ def ensure_started() -> SpanSink:
     with _lock:
         if _sink is None:
             settings = _config.get_settings()
-            _sink = SpanSink(
-                make_exporter(settings),
-                max_queue_spans=settings.max_queue_spans,
-                max_batch_spans=settings.max_batch_spans,
-                schedule_delay=settings.schedule_delay,
-            )
+            _sink = SpanSink(make_exporter(settings), **_limits(settings))
             _mlflow.install(_mlflow.SinkSpanProcessor(get_sink, _service_name))
             atexit.register(_shutdown_at_exit)
         return _sink
+
+
+def _limits(settings: _config.Settings) -> dict[str, Any]:
+    return {
+        "max_queue_spans": settings.max_queue_spans,
+        "max_queue_bytes": settings.max_queue_bytes,
+        "max_batch_spans": settings.max_batch_spans,
+        "max_batch_bytes": settings.max_batch_bytes,
+        "schedule_delay": settings.schedule_delay,
+        "max_retry_time": settings.max_retry_time,
+    }
 
 
 def get_sink() -> SpanSink:
@@ -74,6 +81,7 @@ class _NoServer:
 
 def reconfigure(settings: _config.Settings, exporter: Exporter | None) -> None:
     sink = ensure_started()
+    sink.set_limits(**_limits(settings))
     old, sink.exporter = sink.exporter, exporter or make_exporter(settings)
     try:
         old.shutdown()

@@ -1,9 +1,14 @@
 """The span sink: one bounded queue and one background worker per process.
 
-Contract (see docs/architecture.md):
-- `submit` is O(1), takes a lock only around a deque append, and never raises;
-- at every moment ``produced == exported + pending + sum(dropped.values())``;
-- the worker owns all I/O; a batch that fails with a retryable error stays queued;
+Contract (README "Delivery guarantees", docs/architecture.md):
+- `submit` is O(1) in the queue length, takes a lock only around a deque append (never held
+  across I/O) and never raises;
+- at most `max_queue_spans` spans and `max_queue_bytes` (estimated encoded) bytes are held,
+  in-flight batches included; one worker thread, started lazily;
+- at every moment ``produced == exported + pending + sum(dropped.values())``, and every drop has
+  a reason;
+- a retryable failure keeps the batch (up to `max_retry_time`); a batch the server rejects as
+  malformed or too large is split to isolate the bad spans;
 - a forked child starts with an empty queue and starts its own worker lazily.
 """
 
@@ -17,7 +22,7 @@ import weakref
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from . import _log
 
@@ -27,16 +32,19 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What became of one batch: delivered, to be retried, or dropped with a reason."""
+    """What became of one batch: delivered, to be retried, to be split, or dropped."""
 
     delivered: bool
     retry: bool = False
     retry_after: float | None = None
     reason: str = ""
+    split: bool = False
+    rejected: int = 0
 
     @classmethod
-    def ok(cls) -> ExportResult:
-        return cls(delivered=True)
+    def ok(cls, rejected: int = 0) -> ExportResult:
+        """Delivered; the server refused `rejected` of the spans (OTLP partial success)."""
+        return cls(delivered=True, rejected=rejected)
 
     @classmethod
     def retry_later(cls, reason: str, retry_after: float | None = None) -> ExportResult:
@@ -45,6 +53,11 @@ class ExportResult:
     @classmethod
     def dropped(cls, reason: str) -> ExportResult:
         return cls(delivered=False, reason=reason)
+
+    @classmethod
+    def split_batch(cls, reason: str) -> ExportResult:
+        """Send the batch again in halves; a single span that gets this is dropped as `reason`."""
+        return cls(delivered=False, split=True, reason=reason)
 
 
 class Exporter(Protocol):
@@ -62,15 +75,44 @@ class SinkStats:
     produced: int = 0
     exported: int = 0
     pending: int = 0
+    pending_bytes: int = 0
     requests: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    internal_errors: int = 0
 
 
-_Item = tuple["ReadableSpan", "str | None"]
+class _Item(NamedTuple):
+    span: ReadableSpan
+    experiment_id: str | None
+    size: int  # estimated encoded bytes
+    failing_since: float  # monotonic time of the first failed attempt, 0.0 if none
+
 
 _BACKOFF_BASE = 0.25
 _BACKOFF_CAP = 4.0
 _RETRY_AFTER_CAP = 30.0
+_MAX_SPLITS = 32  # per experiment group and attempt: isolates a few bad spans, not 512
+_SPAN_OVERHEAD = 96  # ids, times, kind, status, scope: bytes in OTLP protobuf
+
+
+def estimate_size(span: ReadableSpan) -> int:
+    """Roughly the span's encoded size, from its strings; cheap enough for the request path."""
+    size = _SPAN_OVERHEAD + len(span.name)
+    for key, value in (span.attributes or {}).items():
+        size += len(key) + _value_size(value)
+    for event in span.events:
+        size += 16 + len(event.name)
+        for key, value in (event.attributes or {}).items():
+            size += len(key) + _value_size(value)
+    return size
+
+
+def _value_size(value: object) -> int:
+    if isinstance(value, str | bytes):
+        return len(value) + 4
+    if isinstance(value, tuple | list):
+        return sum(_value_size(item) for item in value)
+    return 10
 
 
 class SpanSink:
@@ -81,15 +123,23 @@ class SpanSink:
         exporter: Exporter,
         *,
         max_queue_spans: int = 20_000,
+        max_queue_bytes: int = 64 * 1024 * 1024,
         max_batch_spans: int = 512,
-        schedule_delay: float = 0.5,
+        max_batch_bytes: int = 4 * 1024 * 1024,
+        schedule_delay: float = 1.0,
+        max_retry_time: float = 120.0,
+        summary_interval: float = 60.0,
     ) -> None:
-        if max_batch_spans < 1 or max_queue_spans < max_batch_spans:
-            raise ValueError("need 1 <= max_batch_spans <= max_queue_spans")
         self.exporter = exporter
-        self._max_queue = max_queue_spans
-        self._max_batch = max_batch_spans
-        self._delay = schedule_delay
+        self.set_limits(
+            max_queue_spans=max_queue_spans,
+            max_queue_bytes=max_queue_bytes,
+            max_batch_spans=max_batch_spans,
+            max_batch_bytes=max_batch_bytes,
+            schedule_delay=schedule_delay,
+            max_retry_time=max_retry_time,
+        )
+        self._summary_interval = summary_interval
         self._init_state()
         _sinks.add(self)
 
@@ -100,30 +150,70 @@ class SpanSink:
         self._wake = threading.Event()
         self._queue: deque[_Item] = deque()
         self._in_flight = 0
+        self._held_bytes = 0  # queued and in flight
         self._produced = 0
         self._exported = 0
         self._requests = 0
         self._dropped: Counter[str] = Counter()
+        self._reported: Counter[str] = Counter()
+        self._last_summary = time.monotonic()
         self._flush_requested = False
         self._closing = False
         self._worker: threading.Thread | None = None
+        self._probed: object = None
+
+    def set_limits(
+        self,
+        *,
+        max_queue_spans: int,
+        max_queue_bytes: int,
+        max_batch_spans: int,
+        max_batch_bytes: int,
+        schedule_delay: float,
+        max_retry_time: float,
+    ) -> None:
+        """Bounds and timing; takes effect for the next span and the next batch."""
+        spans_ok = 1 <= max_batch_spans <= max_queue_spans
+        if not (spans_ok and 1 <= max_batch_bytes <= max_queue_bytes):
+            raise ValueError(
+                "need 1 <= max_batch_spans <= max_queue_spans and "
+                "1 <= max_batch_bytes <= max_queue_bytes"
+            )
+        self._max_queue = max_queue_spans
+        self._max_queue_bytes = max_queue_bytes
+        self._max_batch = max_batch_spans
+        self._max_batch_bytes = max_batch_bytes
+        self._delay = schedule_delay
+        self._max_retry_time = max_retry_time
 
     # -- producer side (request path) -----------------------------------------------------
 
     def submit(self, span: ReadableSpan, experiment_id: str | None = None) -> None:
         """Queue one finished span. Never blocks on I/O, never raises."""
+        try:
+            size = estimate_size(span)
+        except Exception:
+            _log.internal_error("estimate_size")
+            size = _SPAN_OVERHEAD
         with self._lock:
             self._produced += 1
             if self._closing:
-                self._dropped["shutdown"] += 1
-                return
-            full = len(self._queue) >= self._max_queue
-            if full:
-                self._dropped["queue_full"] += 1
+                drop = "shutdown"
+            elif size > self._max_batch_bytes:
+                drop = "too_large"
+            elif (
+                len(self._queue) + self._in_flight >= self._max_queue
+                or self._held_bytes + size > self._max_queue_bytes
+            ):
+                drop = "queue_full"
             else:
-                self._queue.append((span, experiment_id))
+                drop = ""
+                self._queue.append(_Item(span, experiment_id, size, 0.0))
+                self._held_bytes += size
+            if drop:
+                self._dropped[drop] += 1
             worker = None
-            if self._worker is None:
+            if self._worker is None and not self._closing:
                 worker = self._worker = threading.Thread(
                     target=self._run, name="mlflow-trace-sink", daemon=True
                 )
@@ -137,8 +227,8 @@ class SpanSink:
                 _log.internal_error("sink worker start")
         if wake:
             self._wake.set()
-        if full:
-            _log.warn_limited("queue_full", "mlflow-trace-middleware: span queue full, dropping")
+        if drop:
+            _log.warn_limited(drop, "mlflow-trace-middleware: dropping spans (%s)", drop)
 
     # -- control --------------------------------------------------------------------------
 
@@ -161,20 +251,23 @@ class SpanSink:
             return sum(self._dropped.values()) == dropped_before
 
     def shutdown(self, timeout: float = 5.0) -> bool:
-        """Flush, stop the worker and count what is left as dropped ("shutdown_timeout")."""
+        """Flush for at most `timeout` s, stop the worker and count what is left as dropped."""
+        deadline = time.monotonic() + max(timeout, 0.0)
         delivered = self.flush(timeout)
         with self._lock:
             self._closing = True
             worker = self._worker
         self._wake.set()
         if worker is not None and worker is not threading.current_thread():
-            worker.join(timeout=0.5)
+            worker.join(timeout=max(min(deadline - time.monotonic(), 0.5), 0.0))
         with self._lock:
             left = len(self._queue)
+            self._held_bytes -= sum(item.size for item in self._queue)
             self._queue.clear()
             if left:
                 self._dropped["shutdown_timeout"] += left
                 self._settled.notify_all()
+        self._summarize(force=True)
         try:
             self.exporter.shutdown()
         except Exception:
@@ -187,8 +280,10 @@ class SpanSink:
                 produced=self._produced,
                 exported=self._exported,
                 pending=len(self._queue) + self._in_flight,
+                pending_bytes=self._held_bytes,
                 requests=self._requests,
                 dropped=dict(self._dropped),
+                internal_errors=_log.internal_errors(),
             )
 
     def _settled_count(self) -> int:
@@ -199,6 +294,7 @@ class SpanSink:
     def _run(self) -> None:
         attempt = 0
         while True:
+            self._probe()
             if not self._flush_requested:
                 self._wake.wait(self._delay)
             self._wake.clear()
@@ -218,55 +314,124 @@ class SpanSink:
                 if self._closing:
                     self._settled.notify_all()
                     return
+            self._summarize()
+
+    def _probe(self) -> None:
+        """Once per exporter, let it check the server can ingest spans (it logs what it finds)."""
+        exporter = self.exporter
+        if exporter is self._probed:
+            return
+        self._probed = exporter
+        probe = getattr(exporter, "probe", None)
+        if probe is not None:
+            try:
+                probe()
+            except Exception:
+                _log.internal_error("exporter.probe")
 
     def _take(self) -> list[_Item]:
         with self._lock:
-            n = min(len(self._queue), self._max_batch)
-            batch = [self._queue.popleft() for _ in range(n)]
-            self._in_flight = n
+            batch: list[_Item] = []
+            size = 0
+            while self._queue and len(batch) < self._max_batch:
+                item = self._queue[0]
+                if batch and size + item.size > self._max_batch_bytes:
+                    break
+                batch.append(self._queue.popleft())
+                size += item.size
+            self._in_flight = len(batch)
             return batch
 
     def _deliver(self, batch: list[_Item], attempt: int) -> float | None:
         """Export `batch` grouped by experiment; return a backoff delay if some must be retried."""
-        groups: dict[str | None, list[ReadableSpan]] = {}
-        for span, experiment_id in batch:
-            groups.setdefault(experiment_id, []).append(span)
+        groups: dict[str | None, list[_Item]] = {}
+        for item in batch:
+            groups.setdefault(item.experiment_id, []).append(item)
         retry: list[_Item] = []
         retry_after: float | None = None
-        for experiment_id, spans in groups.items():
-            try:
-                result = self.exporter.export(spans, experiment_id)
-            except Exception:
-                _log.internal_error("exporter.export")
-                result = ExportResult.dropped("exporter_error")
-            with self._lock:
-                self._requests += 1
-                if result.delivered:
-                    self._in_flight -= len(spans)
-                    self._exported += len(spans)
-                elif result.retry:
-                    retry.extend((span, experiment_id) for span in spans)
-                    retry_after = result.retry_after
+        for experiment_id, items in groups.items():
+            parts, splits = [items], 0
+            while parts:
+                part = parts.pop()
+                result = self._export(part, experiment_id)
+                if result.retry:
+                    retry.extend(part)
+                    if result.retry_after is not None:
+                        retry_after = result.retry_after
+                elif result.split and len(part) > 1 and splits < _MAX_SPLITS:
+                    splits += 1
+                    middle = len(part) // 2
+                    parts += [part[middle:], part[:middle]]  # first half goes first
                 else:
-                    self._in_flight -= len(spans)
-                    self._dropped[result.reason or "rejected"] += len(spans)
-                self._settled.notify_all()
+                    self._settle(part, result)
         if not retry:
             return None
-        with self._lock:
-            self._in_flight -= len(retry)
-            if self._closing:
-                self._dropped["shutdown_timeout"] += len(retry)
-                self._settled.notify_all()
-                return None
-            # Keep order: retried spans go back to the front of the queue.
-            self._queue.extendleft(reversed(retry))
-            for _ in range(max(len(self._queue) - self._max_queue, 0)):
-                self._queue.pop()
-                self._dropped["queue_full"] += 1
+        self._requeue(retry)
         if retry_after is not None:
             return min(retry_after, _RETRY_AFTER_CAP)
         return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
+
+    def _export(self, items: list[_Item], experiment_id: str | None) -> ExportResult:
+        try:
+            result = self.exporter.export([item.span for item in items], experiment_id)
+        except Exception:
+            _log.internal_error("exporter.export")
+            result = ExportResult.dropped("exporter_error")
+        with self._lock:
+            self._requests += 1
+        return result
+
+    def _settle(self, items: list[_Item], result: ExportResult) -> None:
+        with self._lock:
+            self._in_flight -= len(items)
+            self._held_bytes -= sum(item.size for item in items)
+            if result.delivered:
+                rejected = min(max(result.rejected, 0), len(items))
+                self._exported += len(items) - rejected
+                if rejected:
+                    self._dropped["partial_success"] += rejected
+            else:
+                self._dropped[result.reason or "rejected"] += len(items)
+            self._settled.notify_all()
+
+    def _requeue(self, items: list[_Item]) -> None:
+        """Put retryable spans back at the front, unless shutting down or out of retry time."""
+        now = time.monotonic()
+        keep: list[_Item] = []
+        expired: list[_Item] = []
+        for item in items:
+            since = item.failing_since or now
+            if self._closing or now - since >= self._max_retry_time:
+                expired.append(item)
+            else:
+                keep.append(item._replace(failing_since=since))
+        if expired:
+            reason = "shutdown_timeout" if self._closing else "retries_exhausted"
+            self._settle(expired, ExportResult.dropped(reason))
+        with self._lock:
+            self._in_flight -= len(keep)
+            self._queue.extendleft(reversed(keep))  # keep submission order
+
+    def _summarize(self, force: bool = False) -> None:
+        """Log drops since the last summary, at most once per `summary_interval` (or at exit)."""
+        now = time.monotonic()
+        if not force and now - self._last_summary < self._summary_interval:
+            return
+        with self._lock:
+            new = self._dropped - self._reported
+            self._reported = Counter(self._dropped)
+            self._last_summary = now
+            exported, pending = self._exported, len(self._queue) + self._in_flight
+        if new:
+            reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(new.items()))
+            _log.logger.warning(
+                "mlflow-trace-middleware: %d spans dropped since the last report (%s); "
+                "%d exported in total, %d pending",
+                sum(new.values()),
+                reasons,
+                exported,
+                pending,
+            )
 
     def _after_fork_in_child(self) -> None:
         self._init_state()
