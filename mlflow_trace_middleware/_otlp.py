@@ -149,9 +149,9 @@ class OtlpHttpExporter:
         except (OSError, http.client.HTTPException):
             return  # down: export() reports it
         if status == 200 and _store_type(data) == "FileStore":
-            self._warn_rejected(501)
+            self._warn_rejected(501, limited=False)
 
-    def _warn_rejected(self, status: int) -> None:
+    def _warn_rejected(self, status: int, *, limited: bool = True) -> None:
         if status == 501:
             message = (
                 "mlflow-trace-middleware: %s uses a file store, which cannot store spans "
@@ -164,7 +164,10 @@ class OtlpHttpExporter:
             )
         else:
             message = "mlflow-trace-middleware: %s rejected spans with HTTP %d"
-        _log.warn_limited(f"export_status_{status}", message, self._endpoint_for_logs(), status)
+        if limited:
+            _log.warn_limited(f"export_status_{status}", message, self._endpoint_for_logs(), status)
+        else:
+            _log.logger.warning(message, self._endpoint_for_logs(), status)
 
     def after_fork_in_child(self) -> None:
         # The parent's socket is not ours: forget it without closing it.
@@ -216,6 +219,7 @@ class OtlpHttpExporter:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
+            reused = self._conn is not None
             conn = self._conn or self._connect()
             watchdog = None
             try:
@@ -232,7 +236,7 @@ class OtlpHttpExporter:
                 if watchdog is not None and watchdog.stop():
                     raise TimeoutError from None
                 # A kept-alive connection the server closed: retry once on a fresh one.
-                if attempt:
+                if attempt or not reused:
                     raise
                 continue
             if watchdog.stop() or response.will_close:

@@ -147,7 +147,8 @@ class SpanSink:
         # Called again in a forked child: fresh lock, empty queue, no worker.
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # a flush, a full batch or shutdown
+        self._stop = threading.Event()  # shutdown only: ends a backoff early
         self._queue: deque[_Item] = deque()
         self._in_flight = 0
         self._held_bytes = 0  # queued and in flight
@@ -158,6 +159,7 @@ class SpanSink:
         self._reported: Counter[str] = Counter()
         self._last_summary = time.monotonic()
         self._flush_requested = False
+        self._dropped_at_flush = 0
         self._closing = False
         self._worker: threading.Thread | None = None
         self._probed: object = None
@@ -233,22 +235,22 @@ class SpanSink:
     # -- control --------------------------------------------------------------------------
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Deliver what is queued now; True if it all arrived (none dropped) within `timeout` s."""
+        """Deliver what is queued now. True if every span produced since the previous flush
+        was delivered (none dropped, none still pending) within `timeout` seconds."""
         deadline = time.monotonic() + max(timeout, 0.0)
         with self._lock:
             target = self._produced
-            dropped_before = sum(self._dropped.values())
-            if self._settled_count() >= target:
-                return True
-            self._flush_requested = True
-        self._wake.set()
-        with self._lock:
+            if self._settled_count() < target:
+                self._flush_requested = True
+                self._wake.set()
             while self._settled_count() < target:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 self._settled.wait(remaining)
-            return sum(self._dropped.values()) == dropped_before
+            dropped = sum(self._dropped.values())
+            clean, self._dropped_at_flush = dropped == self._dropped_at_flush, dropped
+            return clean
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Flush for at most `timeout` s, stop the worker and count what is left as dropped."""
@@ -257,6 +259,7 @@ class SpanSink:
         with self._lock:
             self._closing = True
             worker = self._worker
+        self._stop.set()
         self._wake.set()
         if worker is not None and worker is not threading.current_thread():
             worker.join(timeout=max(min(deadline - time.monotonic(), 0.5), 0.0))
@@ -306,9 +309,8 @@ class SpanSink:
                 attempt += 1
                 if self._closing:
                     break
-                # Interruptible backoff: shutdown wakes us early; flush waits it out.
-                self._wake.wait(delay)
-                self._wake.clear()
+                # Backoff (and Retry-After) holds even against flush; only shutdown ends it.
+                self._stop.wait(delay)
             with self._lock:
                 self._flush_requested = False
                 if self._closing:

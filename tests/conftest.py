@@ -12,6 +12,14 @@ from mlflow_trace_middleware import _log
 from mlflow_trace_middleware.testing import InMemoryExporter
 
 
+@pytest.fixture(autouse=True)
+def _fresh_log_limits() -> Iterator[None]:
+    """Each test sees its own first warnings: rate limits do not leak between tests."""
+    _log.reset()
+    yield
+    _log.reset()
+
+
 @pytest.fixture
 def exporter() -> Iterator[InMemoryExporter]:
     """Route this process's spans into memory for one test."""

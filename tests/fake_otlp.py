@@ -12,6 +12,7 @@ import gzip
 import socket
 import struct
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +52,11 @@ class Received:
     headers: dict[str, str]
     body: bytes  # decompressed
     client: tuple[str, int] | None = None  # the connection's (host, port): one per connection
+    at: float = field(default_factory=time.monotonic)
+
+    @property
+    def is_export(self) -> bool:
+        return (self.method, self.path) == ("POST", "/v1/traces") and bool(self.body)
 
     @property
     def spans(self) -> list[Any]:
@@ -73,16 +79,18 @@ Rule = Callable[[Received], Reply]
 class FakeOtlpServer:
     """Run with `with FakeOtlpServer() as server:`; `server.settings()` points an exporter at it."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.script: deque[Reply | Rule] = deque()
         self.default: Reply | Rule = Reply()
         self.routes: dict[tuple[str, str], Reply | Rule] = {}
         self.received: list[Received] = []
+        # An empty POST is the exporter's startup probe; MLflow answers it 400 ("no spans").
+        self.probe_reply = Reply(400)
         self.accepted: Counter[bytes] = Counter()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.arrived = threading.Condition(self.lock)
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
         self._httpd.daemon_threads = True
         self.port: int = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,))
@@ -115,21 +123,23 @@ class FakeOtlpServer:
         return Settings(**values)
 
     def posts(self) -> list[Received]:
+        """The export requests received (probes excluded)."""
         with self.lock:
-            return [r for r in self.received if (r.method, r.path) == ("POST", "/v1/traces")]
+            return [r for r in self.received if r.is_export]
 
     def wait_for_posts(self, count: int, timeout: float = 5.0) -> bool:
         with self.lock:
-            return self.arrived.wait_for(lambda: self._post_count() >= count, timeout)
-
-    def _post_count(self) -> int:
-        return sum(1 for r in self.received if (r.method, r.path) == ("POST", "/v1/traces"))
+            return self.arrived.wait_for(
+                lambda: sum(r.is_export for r in self.received) >= count, timeout
+            )
 
     def _reply_for(self, received: Received) -> Reply:
         path = received.path.split("?", 1)[0]
         if (received.method, path) != ("POST", "/v1/traces"):
             route = self.routes.get((received.method, path), Reply(404))
             return route if isinstance(route, Reply) else route(received)
+        if not received.is_export:
+            return self.probe_reply
         with self.lock:
             step = self.script.popleft() if self.script else self.default
         reply = step if isinstance(step, Reply) else step(received)
@@ -159,7 +169,7 @@ def _handler_for(server: FakeOtlpServer) -> type[BaseHTTPRequestHandler]:
             if headers.get("content-encoding") == "gzip":
                 body = gzip.decompress(body)
             client = (str(self.client_address[0]), int(self.client_address[1]))
-            received = Received(self.command, self.path, headers, body, client)
+            received = Received(self.command, self.path, headers, body, client=client)
             reply = server._reply_for(received)
             with server.lock:
                 server.received.append(received)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 
-from mlflow_trace_middleware._sink import ExportResult, SinkStats, SpanSink
+from mlflow_trace_middleware._sink import ExportResult, SinkStats, SpanSink, estimate_size
 
 _TRACER = TracerProvider().get_tracer("t")
 
@@ -184,7 +184,8 @@ def test_bounded_queue_drops_overflow_and_keeps_invariant(
     assert (blocked.produced, blocked.exported, blocked.pending) == (100, 0, 10)
     assert blocked.dropped == {"queue_full": 90}
     exporter.gate.set()
-    assert sink.flush(5) is True  # nothing dropped after the flush started
+    assert sink.flush(5) is False  # some of what was produced since the last flush was dropped
+    assert sink.flush(5) is True  # ... and that was reported once
     stats = sink.stats()
     assert (stats.exported, stats.pending, stats.dropped) == (10, 0, {"queue_full": 90})
     assert [id(s) for s in exporter.delivered] == [id(s) for s in spans[:10]]
@@ -268,3 +269,230 @@ def test_forked_child_starts_empty_and_exports_its_own_spans(
     assert [id(s) for s in exporter.delivered] == [id(s) for s in spans]
     stats = sink.stats()
     assert (stats.produced, stats.exported, stats.pending, stats.dropped) == (6, 6, 0, {})
+
+
+def make_big_spans(n: int, payload: int) -> list[ReadableSpan]:
+    spans = [_TRACER.start_span(f"b{i}", attributes={"blob": "x" * payload}) for i in range(n)]
+    for span in spans:
+        span.end()
+    return spans
+
+
+def test_byte_bound_drops_overflow_and_releases_bytes(make_sink: Callable[..., SpanSink]) -> None:
+    spans = make_big_spans(20, 1000)
+    size = estimate_size(spans[0])
+    exporter = FakeExporter(block_first=True)
+    sink = make_sink(
+        exporter, max_batch_spans=1, max_queue_bytes=5 * size, max_batch_bytes=5 * size
+    )
+    sink.submit(spans[0], "1")  # a full batch (one span) wakes the worker, which blocks on it
+    assert exporter.entered.wait(5)
+    for span in spans[1:]:
+        sink.submit(span, "1")
+    blocked = sink.stats()
+    assert (blocked.pending, blocked.pending_bytes) == (5, 5 * size)
+    assert blocked.dropped == {"queue_full": 15}
+    exporter.gate.set()
+    assert sink.flush(5) is False
+    stats = sink.stats()
+    assert (stats.exported, stats.pending, stats.pending_bytes) == (5, 0, 0)
+    check_invariant(stats)
+
+
+def test_span_larger_than_a_batch_is_dropped_as_too_large(
+    make_sink: Callable[..., SpanSink],
+) -> None:
+    exporter = FakeExporter()
+    sink = make_sink(exporter, max_batch_bytes=2000, max_queue_bytes=10_000)
+    big, small = make_big_spans(1, 5000)[0], make_spans(1)[0]
+    sink.submit(big, "1")
+    sink.submit(small, "1")
+    assert sink.flush(5) is False
+    assert [id(s) for s in exporter.delivered] == [id(small)]
+    assert sink.stats().dropped == {"too_large": 1}
+
+
+def test_batches_respect_the_byte_limit(make_sink: Callable[..., SpanSink]) -> None:
+    spans = make_big_spans(10, 1000)
+    size = estimate_size(spans[0])
+    exporter = FakeExporter()
+    sink = make_sink(exporter, max_batch_bytes=3 * size + 1)
+    for span in spans:
+        sink.submit(span, "1")
+    assert sink.flush(5) is True
+    assert [len(call) for call, _ in exporter.calls] == [3, 3, 3, 1]
+
+
+class PoisonExporter(FakeExporter):
+    """All-or-nothing like MLflow: a batch holding a span named in `poison` is rejected."""
+
+    def __init__(self, poison: set[str]) -> None:
+        super().__init__()
+        self.poison = poison
+
+    def export(self, spans: Sequence[ReadableSpan], experiment_id: str | None) -> ExportResult:
+        if any(span.name in self.poison for span in spans):
+            with self.lock:
+                self.calls.append((list(spans), experiment_id))
+            return ExportResult.split_batch("rejected_422")
+        return super().export(spans, experiment_id)
+
+
+def test_one_poison_span_loses_only_itself(make_sink: Callable[..., SpanSink]) -> None:
+    exporter = PoisonExporter({"s300"})
+    sink = make_sink(exporter)
+    spans = make_spans(512)
+    for span in spans:
+        sink.submit(span, "1")
+    assert sink.flush(5) is False
+    stats = sink.stats()
+    assert (stats.exported, stats.dropped) == (511, {"rejected_422": 1})
+    delivered = [id(s) for s in exporter.delivered]
+    assert sorted(delivered) == sorted(id(s) for s in spans if s.name != "s300")
+    assert len(set(delivered)) == 511
+    assert stats.requests == len(exporter.calls) <= 1 + 2 * 9  # bisection: two per level
+    check_invariant(stats)
+
+
+def test_isolation_gives_up_when_every_span_is_bad(make_sink: Callable[..., SpanSink]) -> None:
+    spans = make_spans(512)
+    exporter = PoisonExporter({span.name for span in spans})
+    sink = make_sink(exporter)
+    for span in spans:
+        sink.submit(span, "1")
+    assert sink.flush(5) is False
+    stats = sink.stats()
+    assert (stats.exported, stats.dropped) == (0, {"rejected_422": 512})
+    assert stats.requests == 1 + 2 * 32  # the split budget, not 1,023 requests
+    check_invariant(stats)
+
+
+def test_partial_success_counts_the_refused_spans(make_sink: Callable[..., SpanSink]) -> None:
+    exporter = FakeExporter(results=[ExportResult.ok(rejected=3)])
+    sink = make_sink(exporter)
+    for span in make_spans(10):
+        sink.submit(span, "1")
+    assert sink.flush(5) is False
+    stats = sink.stats()
+    assert (stats.exported, stats.pending, stats.dropped) == (7, 0, {"partial_success": 3})
+    check_invariant(stats)
+
+
+def test_retries_stop_after_the_retry_budget(make_sink: Callable[..., SpanSink]) -> None:
+    exporter = FakeExporter(default=ExportResult.retry_later("status_503", retry_after=0.05))
+    sink = make_sink(exporter, max_retry_time=0.3)
+    for span in make_spans(4):
+        sink.submit(span, "1")
+    assert sink.flush(5) is False
+    stats = sink.stats()
+    assert (stats.exported, stats.pending, stats.dropped) == (0, 0, {"retries_exhausted": 4})
+    assert stats.requests >= 2
+    check_invariant(stats)
+
+
+def test_submit_is_not_blocked_by_an_export_in_progress(
+    make_sink: Callable[..., SpanSink],
+) -> None:
+    exporter = FakeExporter(block_first=True)
+    sink = make_sink(exporter, max_batch_spans=1)
+    sink.submit(make_spans(1)[0], "1")
+    assert exporter.entered.wait(5)  # the worker is now inside export(), as if in I/O
+    producer = threading.Thread(target=lambda: [sink.submit(s, "1") for s in make_spans(1000)])
+    producer.start()
+    producer.join(10)
+    assert not producer.is_alive()
+    assert sink.stats().produced == 1001
+    exporter.gate.set()
+    assert sink.flush(5) is True
+
+
+class BrokenSpan:
+    """A span whose attributes cannot be read: estimate_size fails, submit must not."""
+
+    name = "broken"
+    events = ()
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        raise RuntimeError("boom")
+
+
+def test_internal_errors_are_counted_never_raised(make_sink: Callable[..., SpanSink]) -> None:
+    exporter = FakeExporter(results=[RuntimeError("export boom")])
+    sink = make_sink(exporter)
+    before = sink.stats().internal_errors
+    sink.submit(BrokenSpan(), "1")  # type: ignore[arg-type]
+    assert sink.flush(5) is False
+    stats = sink.stats()
+    assert stats.dropped == {"exporter_error": 1}
+    assert stats.internal_errors == before + 2  # the size estimate, then the export
+
+
+def test_summary_reports_drops_at_most_once_per_interval(
+    make_sink: Callable[..., SpanSink], caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = FakeExporter(default=ExportResult.dropped("rejected_404"))
+    sink = make_sink(exporter, summary_interval=3600)
+    for _ in range(5):
+        for span in make_spans(3):
+            sink.submit(span, "1")
+        sink.flush(5)
+    sink.shutdown(1)  # the final report covers everything not reported yet
+    summaries = [r.getMessage() for r in caplog.records if "since the last report" in r.msg]
+    assert summaries == [
+        "mlflow-trace-middleware: 15 spans dropped since the last report (rejected_404=15); "
+        "0 exported in total, 0 pending"
+    ]
+
+
+def test_summary_is_logged_when_the_interval_has_passed(
+    make_sink: Callable[..., SpanSink], caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = FakeExporter(default=ExportResult.dropped("rejected_404"))
+    sink = make_sink(exporter, summary_interval=0.0, schedule_delay=0.01)
+    for span in make_spans(2):
+        sink.submit(span, "1")
+    sink.flush(5)
+    for span in make_spans(1):
+        sink.submit(span, "1")
+    sink.flush(5)
+    sink.shutdown(1)
+    reported = [r.args[0] for r in caplog.records if "since the last report" in r.msg]
+    assert sum(reported) == 3  # type: ignore[arg-type]
+    assert len(reported) >= 2
+
+
+class ProbingExporter(FakeExporter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.probes = 0
+
+    def probe(self) -> None:
+        self.probes += 1
+
+
+def test_worker_probes_each_exporter_once(make_sink: Callable[..., SpanSink]) -> None:
+    first, second = ProbingExporter(), ProbingExporter()
+    sink = make_sink(first, schedule_delay=0.01)
+    for _ in range(3):
+        sink.submit(make_spans(1)[0], "1")
+        assert sink.flush(5)
+    sink.exporter = second
+    for _ in range(3):
+        sink.submit(make_spans(1)[0], "1")
+        assert sink.flush(5)
+    assert (first.probes, second.probes) == (1, 1)
+    assert (len(first.delivered), len(second.delivered)) == (3, 3)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_batch_spans": 0},
+        {"max_batch_spans": 11, "max_queue_spans": 10},
+        {"max_batch_bytes": 11, "max_queue_bytes": 10},
+    ],
+)
+def test_inconsistent_limits_are_a_clear_error(limits: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        SpanSink(FakeExporter(), **limits)  # type: ignore[arg-type]
