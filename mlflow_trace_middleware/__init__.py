@@ -40,21 +40,47 @@ def configure(
     *,
     experiment_name: str | None = None,
     exporter: Exporter | None = None,
+    max_queue_spans: int | None = None,
+    max_queue_bytes: int | None = None,
+    max_batch_spans: int | None = None,
+    max_batch_bytes: int | None = None,
+    schedule_delay: float | None = None,
+    export_timeout: float | None = None,
+    max_retry_time: float | None = None,
+    shutdown_timeout: float | None = None,
 ) -> None:
     """Set where this process's spans go; arguments left as None keep their current value.
 
     Defaults come from `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_ID` (or
     `MLFLOW_EXPERIMENT_NAME`, created if missing) and `OTEL_SERVICE_NAME`; a tracking URI
     set with `mlflow.set_tracking_uri` is used when neither names one. `exporter` replaces the
-    OTLP/HTTP delivery (for tests, see `mlflow_trace_middleware.testing`).
+    OTLP/HTTP delivery (for tests, see `mlflow_trace_middleware.testing`); it stays until a
+    call changes where or how spans are sent.
+
+    The sink holds at most `max_queue_spans` spans and `max_queue_bytes` bytes (both also bound
+    the batch in flight), posts batches of at most `max_batch_spans` spans and
+    `max_batch_bytes` bytes every `schedule_delay` seconds, gives each POST `export_timeout`
+    seconds of wall-clock time, retries a batch for at most `max_retry_time` seconds, and
+    waits at most `shutdown_timeout` seconds at exit. The `OTEL_BSP_*` variables set the first
+    defaults. Inconsistent sizes raise ValueError.
     """
     settings = _config.update_settings(
         tracking_uri=tracking_uri,
         experiment_id=experiment_id,
         experiment_name=experiment_name,
         service_name=service_name,
+        max_queue_spans=max_queue_spans,
+        max_queue_bytes=max_queue_bytes,
+        max_batch_spans=max_batch_spans,
+        max_batch_bytes=max_batch_bytes,
+        schedule_delay=schedule_delay,
+        export_timeout=export_timeout,
+        max_retry_time=max_retry_time,
+        shutdown_timeout=shutdown_timeout,
     )
-    _runtime.reconfigure(settings, exporter)
+    destination = (tracking_uri, experiment_id, experiment_name, service_name)
+    changed = any(value is not None for value in (*destination, export_timeout, max_batch_bytes))
+    _runtime.reconfigure(settings, exporter, destination_changed=changed)
 
 
 def flush(timeout: float = 5.0) -> bool:

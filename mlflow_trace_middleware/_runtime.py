@@ -79,9 +79,14 @@ class _NoServer:
         pass
 
 
-def reconfigure(settings: _config.Settings, exporter: Exporter | None) -> None:
+def reconfigure(
+    settings: _config.Settings, exporter: Exporter | None, *, destination_changed: bool = True
+) -> None:
+    """Apply new settings; the exporter is rebuilt only when where or how spans go changed."""
     sink = ensure_started()
     sink.set_limits(**_limits(settings))
+    if exporter is None and not destination_changed:
+        return
     old, sink.exporter = sink.exporter, exporter or make_exporter(settings)
     try:
         old.shutdown()

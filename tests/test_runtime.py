@@ -2,13 +2,17 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections.abc import Sequence
 
 import mlflow
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan
 
 import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import _config, _runtime
 from mlflow_trace_middleware._capture import BodyCapture, redact
+from mlflow_trace_middleware._sink import ExportResult
 from mlflow_trace_middleware.testing import InMemoryExporter
 
 
@@ -36,6 +40,28 @@ from mlflow_trace_middleware.testing import InMemoryExporter
             _config.Settings(headers={"Authorization": "Basic dTpw"}),
             id="basic-auth",
         ),
+        pytest.param(
+            {
+                "OTEL_BSP_MAX_QUEUE_SIZE": "4096",
+                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "256",
+                "OTEL_BSP_SCHEDULE_DELAY": "250",
+                "OTEL_BSP_EXPORT_TIMEOUT": "3000",
+            },
+            _config.Settings(
+                max_queue_spans=4096, max_batch_spans=256, schedule_delay=0.25, export_timeout=3.0
+            ),
+            id="otel-bsp-variables",
+        ),
+        pytest.param(
+            {"OTEL_BSP_MAX_QUEUE_SIZE": "lots", "OTEL_BSP_SCHEDULE_DELAY": "-5"},
+            _config.Settings(),
+            id="bad-values-ignored",
+        ),
+        pytest.param(
+            {"OTEL_BSP_MAX_QUEUE_SIZE": "100"},
+            _config.Settings(max_queue_spans=100, max_batch_spans=100),
+            id="batch-clamped-to-queue",
+        ),
     ],
 )
 def test_settings_from_environment(
@@ -49,6 +75,7 @@ def test_settings_from_environment(
         "MLFLOW_TRACKING_TOKEN",
         "MLFLOW_TRACKING_USERNAME",
         "MLFLOW_TRACKING_PASSWORD",
+        *_config._OTEL_BSP,
     ):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -68,6 +95,55 @@ def test_settings_from_environment(
 )
 def test_otlp_endpoint(uri: str | None, endpoint: str | None) -> None:
     assert _config.Settings(tracking_uri=uri).otlp_endpoint == endpoint
+
+
+def test_bad_environment_values_are_named_in_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("OTEL_BSP_EXPORT_TIMEOUT", "ten\r\nFAKE LOG LINE")
+    _config.from_environment()
+    assert caplog.messages == [
+        "mlflow-trace-middleware: ignoring OTEL_BSP_EXPORT_TIMEOUT: not a positive integer"
+    ]
+
+
+class GatedExporter(InMemoryExporter):
+    """Holds every export until `gate` is set, so a span stays in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def export(self, spans: Sequence[ReadableSpan], experiment_id: str | None) -> ExportResult:
+        self.gate.wait(10)
+        return super().export(spans, experiment_id)
+
+
+def test_configure_applies_limits_to_the_running_sink(exporter: InMemoryExporter) -> None:
+    before = _config.get_settings()
+    gated = GatedExporter()
+    dropped = mtm.stats().dropped.get("queue_full", 0)
+    try:
+        mtm.configure(max_queue_spans=2, max_batch_spans=1, exporter=gated)
+        # "c" ends first and is held in flight, "b" is queued: "a" finds the queue full.
+        with mlflow.start_span("a"), mlflow.start_span("b"), mlflow.start_span("c"):
+            pass
+        gated.gate.set()
+        assert mtm.flush() is False
+        assert mtm.stats().dropped["queue_full"] == dropped + 1
+        assert [span.name for span in gated.spans] == ["c", "b"]
+        mtm.configure(max_retry_time=60.0)  # only limits: keeps the exporter passed before
+        assert _runtime.get_sink().exporter is gated
+        with pytest.raises(ValueError, match="max_batch_spans"):
+            mtm.configure(max_batch_spans=3)
+    finally:
+        gated.gate.set()
+        mtm.configure(
+            max_queue_spans=before.max_queue_spans,
+            max_batch_spans=before.max_batch_spans,
+            max_retry_time=before.max_retry_time,
+            exporter=exporter,
+        )
 
 
 def test_configure_an_experiment_name_clears_the_id() -> None:

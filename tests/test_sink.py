@@ -496,3 +496,23 @@ def test_worker_probes_each_exporter_once(make_sink: Callable[..., SpanSink]) ->
 def test_inconsistent_limits_are_a_clear_error(limits: dict[str, int]) -> None:
     with pytest.raises(ValueError, match="max_batch"):
         SpanSink(FakeExporter(), **limits)  # type: ignore[arg-type]
+
+
+def test_backoff_is_exponential_with_full_jitter(
+    make_sink: Callable[..., SpanSink], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bounds: list[tuple[float, float]] = []
+
+    class Recorder:
+        @staticmethod
+        def uniform(low: float, high: float) -> float:
+            bounds.append((low, high))
+            return 0.0
+
+    monkeypatch.setattr("mlflow_trace_middleware._sink.random", Recorder)
+    retry = ExportResult.retry_later("status_503")
+    exporter = FakeExporter(results=[retry] * 7)
+    sink = make_sink(exporter)
+    sink.submit(make_spans(1)[0], "1")
+    assert sink.flush(5) is True
+    assert bounds == [(0, 0.25), (0, 0.5), (0, 1.0), (0, 2.0), (0, 4.0), (0, 4.0), (0, 4.0)]
