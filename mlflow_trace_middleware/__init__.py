@@ -9,15 +9,19 @@ instrument()                                                 # httpx and request
 
 from __future__ import annotations
 
-from . import _config, _runtime
+from collections.abc import Sequence
+
+from . import _config, _runtime, _targets
 from ._instrument import instrument, instrument_httpx, instrument_requests, uninstrument
 from ._sink import Exporter, ExportResult, SinkStats
+from ._trust import InboundRequest
 from .asgi import MlflowTracingMiddleware
 from .wsgi import MlflowTracingWSGIMiddleware
 
 __all__ = [
     "ExportResult",
     "Exporter",
+    "InboundRequest",
     "MlflowTracingMiddleware",
     "MlflowTracingWSGIMiddleware",
     "SinkStats",
@@ -48,6 +52,8 @@ def configure(
     export_timeout: float | None = None,
     max_retry_time: float | None = None,
     shutdown_timeout: float | None = None,
+    signing_key: str | bytes | Sequence[str | bytes] | None = None,
+    propagate_to: _targets.Patterns | None = None,
 ) -> None:
     """Set where this process's spans go; arguments left as None keep their current value.
 
@@ -63,7 +69,17 @@ def configure(
     seconds of wall-clock time, retries a batch for at most `max_retry_time` seconds, and
     waits at most `shutdown_timeout` seconds at exit. The `OTEL_BSP_*` variables set the first
     defaults. Inconsistent sizes raise ValueError.
+
+    `signing_key` (or `MLFLOW_TRACE_SIGNING_KEY`, comma-separated) turns on signed context:
+    outgoing calls carry an HMAC of the trace context and experiment, and inbound context
+    without a valid one is restarted. With several keys the first signs and all verify.
+
+    `propagate_to` (or `MLFLOW_TRACE_PROPAGATE_TO`, comma-separated) is the allowlist of hosts,
+    `*.domain` patterns and URL prefixes that outgoing calls send trace context to, checked on
+    every hop, redirects included; context goes everywhere by default and with `"*"`. Invalid
+    patterns raise ValueError.
     """
+    targets = _targets.parse(propagate_to)
     settings = _config.update_settings(
         tracking_uri=tracking_uri,
         experiment_id=experiment_id,
@@ -77,10 +93,13 @@ def configure(
         export_timeout=export_timeout,
         max_retry_time=max_retry_time,
         shutdown_timeout=shutdown_timeout,
+        signing_keys=_config.signing_keys(signing_key) if signing_key is not None else None,
     )
     destination = (tracking_uri, experiment_id, experiment_name, service_name)
     changed = any(value is not None for value in (*destination, export_timeout, max_batch_bytes))
     _runtime.reconfigure(settings, exporter, destination_changed=changed)
+    if targets is not None:
+        _targets.install(targets)
 
 
 def flush(timeout: float = 5.0) -> bool:

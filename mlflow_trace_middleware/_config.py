@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from . import _log
 
 _DEFAULT_SERVICE_NAME = "unknown_service"
+DEFAULT_EXPERIMENT = "0"  # MLflow's "Default" experiment
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,9 @@ class Settings:
     export_timeout: float = 10.0
     max_retry_time: float = 120.0
     shutdown_timeout: float = 5.0
-    headers: dict[str, str] = field(default_factory=dict)
+    # Secrets: kept out of repr(), hence out of logs and tracebacks.
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+    signing_keys: tuple[bytes, ...] = field(default=(), repr=False)
 
     @property
     def otlp_endpoint(self) -> str | None:
@@ -86,9 +90,24 @@ def from_environment() -> Settings:
         experiment_name=env.get("MLFLOW_EXPERIMENT_NAME") or None,
         service_name=env.get("OTEL_SERVICE_NAME") or _DEFAULT_SERVICE_NAME,
         headers=_auth_headers(env),
+        signing_keys=signing_keys(env.get("MLFLOW_TRACE_SIGNING_KEY") or None),
         **tuning,  # type: ignore[arg-type]
     )
     return settings.checked(warn=True)
+
+
+def signing_keys(value: str | bytes | Sequence[str | bytes] | None) -> tuple[bytes, ...]:
+    """Keys from a comma-separated string or a sequence: the first signs, all verify."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = value.split(",")
+    elif isinstance(value, bytes):
+        value = [value]
+    keys = tuple(k.strip().encode() if isinstance(k, str) else k for k in value)
+    if not all(keys):
+        raise ValueError("signing keys must not be empty")
+    return keys
 
 
 def _auth_headers(env: os._Environ[str] | dict[str, str]) -> dict[str, str]:

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 SERVICE_NAME = "service.name"
 TRACE_NAME = SpanAttributeKey.TRACE_TAG_PREFIX + "mlflow.traceName"
 INPUTS = SpanAttributeKey.INPUTS
+# On a request span whose trusted caller chose the experiment: every span of that trace segment
+# is exported there (see `_trust.py`).
+EXPERIMENT = "mlflow_trace_middleware.experiment_id"
 OUTPUTS = SpanAttributeKey.OUTPUTS
 
 
@@ -50,6 +53,8 @@ class SinkSpanProcessor(SpanProcessor):
         self._lock = threading.Lock()
         # OTel trace id -> span ids of the open local roots of that trace in this process.
         self._roots: dict[int, set[int]] = {}
+        # OTel trace id -> experiment chosen by a trusted caller, while the segment is open.
+        self._experiments: dict[int, str] = {}
 
     def on_start(self, span: SdkSpan, parent_context: Context | None = None) -> None:
         try:
@@ -75,23 +80,31 @@ class SinkSpanProcessor(SpanProcessor):
                 self._roots.setdefault(otel_trace_id, set()).add(span.context.span_id)
             elif parent is None or parent.is_remote:
                 self._roots.setdefault(otel_trace_id, set()).add(span.context.span_id)
+            experiment = (span.attributes or {}).get(EXPERIMENT)
+            if isinstance(experiment, str) and parent is not None and parent.is_remote:
+                self._experiments[otel_trace_id] = experiment
         span.set_attribute(SERVICE_NAME, self._service_name())
         if parent is None:
             span.set_attribute(TRACE_NAME, span.name)
         manager.register_span(create_mlflow_span(span, trace_id))
 
     def on_end(self, span: ReadableSpan) -> None:
+        experiment = None
         try:
             context = span.context
             if context is None:
                 return
+            experiment = self._experiments.get(context.trace_id)
             tags = self._release(context.trace_id, context.span_id)
             if tags:
                 _add_trace_tags(span, tags)
         except Exception:
             _log.internal_error("span end")
         # Whatever failed above, the span itself still goes out.
-        self._sink().submit(span)
+        self._sink().submit(span, experiment)
+
+    def experiment_of(self, otel_trace_id: int) -> str | None:
+        return self._experiments.get(otel_trace_id)
 
     def _release(self, otel_trace_id: int, span_id: int) -> dict[str, str] | None:
         """Forget the segment when its last local root ends; return the trace's user tags."""
@@ -103,6 +116,7 @@ class SinkSpanProcessor(SpanProcessor):
             if roots:
                 return None
             del self._roots[otel_trace_id]
+            self._experiments.pop(otel_trace_id, None)
             manager = InMemoryTraceManager.get_instance()
             # Not `pop_trace`: it converts every span to an immutable copy we do not need.
             with manager._lock:
@@ -168,6 +182,12 @@ def tracer() -> trace.Tracer:
 def current_context() -> Context | None:
     """MLflow's current context (its own runtime context unless unified with OTel's)."""
     return _provider.get_current_context()
+
+
+def routed_experiment(otel_trace_id: int) -> str | None:
+    """The experiment a trusted caller chose for this trace, if one did."""
+    processor = _processor
+    return processor.experiment_of(otel_trace_id) if processor is not None else None
 
 
 def current_span() -> trace.Span:

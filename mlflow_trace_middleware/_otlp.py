@@ -23,7 +23,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from . import _log
-from ._config import Settings
+from ._config import DEFAULT_EXPERIMENT, Settings
 from ._sink import ExportResult
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 _RETRYABLE = frozenset({408, 429, 502, 503, 504})
 _SPLIT = frozenset({400, 413, 422})  # MLflow rejects a whole batch for one bad span
-_DEFAULT_EXPERIMENT = "0"
 
 
 def encode(spans: Sequence[ReadableSpan], service_name: str) -> bytes:
@@ -117,12 +116,19 @@ class OtlpHttpExporter:
             return ExportResult.dropped("server_cannot_store_spans")
         return ExportResult.dropped(f"rejected_{status}")
 
+    @property
+    def experiment_id(self) -> str | None:
+        """The experiment spans go to by default, once known (a name is resolved lazily)."""
+        return self._experiment_id
+
     def probe(self) -> None:
-        """Say once, clearly, if this server cannot ingest spans; called in the background."""
+        """Say once, clearly, if this server cannot ingest spans; called in the background.
+
+        Also resolves a configured experiment name early, so callees can be told the id."""
         headers = {
             **self._settings.headers,
             "Content-Type": "application/x-protobuf",
-            "x-mlflow-experiment-id": self._experiment_id or _DEFAULT_EXPERIMENT,
+            "x-mlflow-experiment-id": self._experiment_id or DEFAULT_EXPERIMENT,
         }
         try:
             # An empty request: a server with the endpoint answers 400 ("no spans").
@@ -150,6 +156,7 @@ class OtlpHttpExporter:
             return  # down: export() reports it
         if status == 200 and _store_type(data) == "FileStore":
             self._warn_rejected(501, limited=False)
+        self._default_experiment()
 
     def _warn_rejected(self, status: int, *, limited: bool = True) -> None:
         if status == 501:
@@ -184,7 +191,7 @@ class OtlpHttpExporter:
         """The configured experiment id; a name is resolved (and created) once, lazily."""
         if self._experiment_id is None:
             name = self._settings.experiment_name
-            self._experiment_id = self._resolve_experiment(name) if name else _DEFAULT_EXPERIMENT
+            self._experiment_id = self._resolve_experiment(name) if name else DEFAULT_EXPERIMENT
         return self._experiment_id
 
     def _resolve_experiment(self, name: str) -> str | None:

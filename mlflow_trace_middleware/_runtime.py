@@ -43,6 +43,17 @@ def get_sink() -> SpanSink:
     return _sink or ensure_started()
 
 
+def own_experiment() -> str | None:
+    """The experiment this process exports to, when known without I/O (a name may be pending)."""
+    settings = _config.get_settings()
+    if settings.experiment_id:
+        return settings.experiment_id
+    resolved = getattr(_sink.exporter, "experiment_id", None) if _sink is not None else None
+    if isinstance(resolved, str):
+        return resolved
+    return None if settings.experiment_name else _config.DEFAULT_EXPERIMENT
+
+
 def _service_name() -> str:
     return _config.get_settings().service_name
 

@@ -7,6 +7,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.semconv.attributes import (
     client_attributes,
     error_attributes,
@@ -17,8 +18,11 @@ from opentelemetry.semconv.attributes import (
 )
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from . import _log, _mlflow, _propagation
+from . import _config, _log, _mlflow, _propagation, _trust
 from ._capture import BodyCapture, is_json
+
+# On a request span that restarted an untrusted inbound context: the caller's traceparent.
+RESTARTED_FROM = "mlflow_trace_middleware.untrusted_parent"
 
 _KNOWN_METHODS = frozenset(
     {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"}
@@ -32,14 +36,21 @@ class ServerOptions:
     capture_bodies: bool = True
     max_body_bytes: int = 32 * 1024
     exclude_paths: frozenset[str] = frozenset()
+    trust: _trust.Trust = "continue"
 
     @classmethod
     def build(
-        cls, *, capture_bodies: bool, max_body_bytes: int, exclude_paths: Collection[str]
+        cls,
+        *,
+        capture_bodies: bool,
+        max_body_bytes: int,
+        exclude_paths: Collection[str],
+        trust: _trust.Trust = "continue",
     ) -> ServerOptions:
         if max_body_bytes < 0:
             raise ValueError("max_body_bytes must be >= 0")
-        return cls(capture_bodies, max_body_bytes, frozenset(exclude_paths))
+        policy = _trust.check_policy(trust)
+        return cls(capture_bodies, max_body_bytes, frozenset(exclude_paths), policy)
 
 
 class RequestSpan:
@@ -82,7 +93,8 @@ class RequestSpan:
         self._limit = options.max_body_bytes if options.capture_bodies else 0
         self.request_body = self._capture(content_type)
         self.response_body: BodyCapture | None = None
-        context = _propagation.extract(_propagation.carrier_from(headers))
+        carrier = _propagation.carrier_from(headers)
+        context = _propagation.extract(carrier) if carrier else Context()
         attributes: dict[str, str | int] = {
             http_attributes.HTTP_REQUEST_METHOD: self.method,
             url_attributes.URL_PATH: path,
@@ -96,8 +108,26 @@ class RequestSpan:
             attributes[client_attributes.CLIENT_ADDRESS] = client
         if user_agent:
             attributes[user_agent_attributes.USER_AGENT_ORIGINAL] = user_agent
+        links: list[trace.Link] = []
+        remote = trace.get_current_span(context).get_span_context()
+        if remote.is_valid:
+
+            def request() -> _trust.InboundRequest:
+                return _trust.InboundRequest(client, path, _joined(headers))
+
+            trusted, experiment = False, None
+            if _trust.trusts(options.trust, request):
+                trusted, experiment = _trust.accept(remote, _config.get_settings().signing_keys)
+            if not trusted:
+                # Restart: a new trace; the caller's ids are kept as a link, nothing else of
+                # theirs (tracestate, baggage, sampling decision) is taken.
+                context = Context()
+                links.append(trace.Link(remote, {RESTARTED_FROM: _traceparent(remote)}))
+                attributes[RESTARTED_FROM] = _traceparent(remote)
+            elif experiment is not None:
+                attributes[_mlflow.EXPERIMENT] = experiment
         self.span = _mlflow.tracer().start_span(
-            self.method, context=context, kind=SpanKind.SERVER, attributes=attributes
+            self.method, context=context, kind=SpanKind.SERVER, attributes=attributes, links=links
         )
         self.context = trace.set_span_in_context(self.span, context)
         self._token = _mlflow.attach(self.context)
@@ -161,6 +191,22 @@ class RequestSpan:
                 _mlflow.detach(token)
             except Exception:
                 _log.internal_error("context detach")
+
+
+def _traceparent(span_context: trace.SpanContext) -> str:
+    # Rebuilt from the parsed ids, never the raw header: nothing but hex reaches the span.
+    return (
+        f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-"
+        f"{span_context.trace_flags:02x}"
+    )
+
+
+def _joined(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    joined: dict[str, str] = {}
+    for name, value in headers:
+        key = name.lower()
+        joined[key] = f"{joined[key]}, {value}" if key in joined else value
+    return joined
 
 
 def server_address(

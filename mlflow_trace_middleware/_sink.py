@@ -160,6 +160,7 @@ class SpanSink:
         self._last_summary = time.monotonic()
         self._flush_requested = False
         self._dropped_at_flush = 0
+        self._abandoned = False
         self._closing = False
         self._worker: threading.Thread | None = None
         self._probed: object = None
@@ -262,11 +263,17 @@ class SpanSink:
         self._stop.set()
         self._wake.set()
         if worker is not None and worker is not threading.current_thread():
-            worker.join(timeout=max(min(deadline - time.monotonic(), 0.5), 0.0))
+            worker.join(timeout=max(deadline - time.monotonic(), 0.05))
         with self._lock:
             left = len(self._queue)
             self._held_bytes -= sum(item.size for item in self._queue)
             self._queue.clear()
+            if worker is not None and worker.is_alive() and self._in_flight:
+                # Stuck in an export past the deadline: those spans count as not delivered,
+                # and whatever the worker learns later is ignored (never counted twice).
+                left += self._in_flight
+                self._in_flight = self._held_bytes = 0
+                self._abandoned = True
             if left:
                 self._dropped["shutdown_timeout"] += left
                 self._settled.notify_all()
@@ -307,10 +314,9 @@ class SpanSink:
                     attempt = 0
                     continue
                 attempt += 1
-                if self._closing:
-                    break
                 # Backoff (and Retry-After) holds even against flush; only shutdown ends it.
-                self._stop.wait(delay)
+                if self._closing or self._stop.wait(delay):
+                    break
             with self._lock:
                 self._flush_requested = False
                 if self._closing:
@@ -385,6 +391,8 @@ class SpanSink:
 
     def _settle(self, items: list[_Item], result: ExportResult) -> None:
         with self._lock:
+            if self._abandoned:
+                return
             self._in_flight -= len(items)
             self._held_bytes -= sum(item.size for item in items)
             if result.delivered:
@@ -411,6 +419,8 @@ class SpanSink:
             reason = "shutdown_timeout" if self._closing else "retries_exhausted"
             self._settle(expired, ExportResult.dropped(reason))
         with self._lock:
+            if self._abandoned:
+                return
             self._in_flight -= len(keep)
             self._queue.extendleft(reversed(keep))  # keep submission order
 

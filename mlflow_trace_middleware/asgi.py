@@ -8,6 +8,7 @@ from typing import Any
 
 from . import _log, _runtime, _server
 from ._instrument import instrument
+from ._trust import Trust
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -27,7 +28,8 @@ class MlflowTracingMiddleware:
     The request span continues the caller's `traceparent`, is named after the route template
     (`POST /agents/{name}`), and ends when the last body chunk is sent or the client goes away.
     Spans the handler creates with `@mlflow.trace` or `mlflow.start_span` nest under it.
-    Lifespan and websocket traffic pass through; spans are flushed on lifespan shutdown.
+    Lifespan and websocket traffic pass through; spans are flushed on lifespan shutdown (the
+    middleware answers lifespan itself for an app that does not support it).
 
     Args:
         app: The ASGI application to wrap.
@@ -36,6 +38,11 @@ class MlflowTracingMiddleware:
         exclude_paths: Exact paths (health checks, metrics) that get no span.
         instrument_clients: Also call `instrument()`, so the handler's httpx and requests
             calls carry the context on: one line per service. False leaves clients alone.
+        trust: Whose inbound trace context to continue. "continue" (internal services),
+            "restart" (public edges: a new trace, the caller's ids kept as a link), or a
+            callable taking an `InboundRequest` (client address, path, headers) and
+            returning True to continue. With a signing key configured, the context must
+            also carry a valid signature. A trusted caller also chooses the experiment.
     """
 
     def __init__(
@@ -46,12 +53,14 @@ class MlflowTracingMiddleware:
         max_body_bytes: int = 32 * 1024,
         exclude_paths: Collection[str] = (),
         instrument_clients: bool = True,
+        trust: Trust = "continue",
     ) -> None:
         self.app = app
         self.options = _server.ServerOptions.build(
             capture_bodies=capture_bodies,
             max_body_bytes=max_body_bytes,
             exclude_paths=exclude_paths,
+            trust=trust,
         )
         _runtime.ensure_started()
         if instrument_clients:
@@ -59,7 +68,7 @@ class MlflowTracingMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self.app(scope, receive, _flush_on_shutdown(send))
+            await _lifespan(self.app, scope, receive, send)
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -153,11 +162,46 @@ def _route(scope: Scope, root_path: str) -> str | None:
     return mount_prefix + path
 
 
-def _flush_on_shutdown(send: Send) -> Send:
-    async def wrapper(message: Message) -> None:
-        if message["type"] == "lifespan.shutdown.complete":
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, _runtime.flush_quietly)
+async def _lifespan(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Pass lifespan through, flushing before shutdown completes; answer it for an app without.
+
+    A server that sees no lifespan support never tells the app it is stopping, and uvicorn then
+    dies by the SIGTERM it re-raises, so atexit never runs: without lifespan, queued spans would
+    be lost. An app that raises or returns before it reads a lifespan message does not support
+    it (ASGI lifespan spec); we then speak the protocol for it.
+    """
+    used = False
+
+    async def receive_wrapper() -> Message:
+        nonlocal used
+        used = True
+        return await receive()
+
+    async def send_wrapper(message: Message) -> None:
+        nonlocal used
+        used = True
+        if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            await _flush()
         await send(message)
 
-    return wrapper
+    try:
+        await app(scope, receive_wrapper, send_wrapper)
+    except Exception:
+        if used:  # the app's own startup or shutdown failed: the server must see it
+            raise
+    if used:
+        return
+    _log.logger.debug("mlflow-trace-middleware: the app does not support lifespan; answering it")
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await _flush()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _flush() -> None:
+    # The flush waits on the sink's worker: keep the event loop free meanwhile.
+    await asyncio.get_running_loop().run_in_executor(None, _runtime.flush_quietly)

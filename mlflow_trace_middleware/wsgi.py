@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from . import _log, _runtime, _server
 from ._capture import BodyCapture
 from ._instrument import instrument
+from ._trust import Trust
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -36,12 +37,14 @@ class MlflowTracingWSGIMiddleware:
         max_body_bytes: int = 32 * 1024,
         exclude_paths: Collection[str] = (),
         instrument_clients: bool = True,
+        trust: Trust = "continue",
     ) -> None:
         self.app = app
         self.options = _server.ServerOptions.build(
             capture_bodies=capture_bodies,
             max_body_bytes=max_body_bytes,
             exclude_paths=exclude_paths,
+            trust=trust,
         )
         _runtime.ensure_started()
         if instrument_clients:

@@ -1,0 +1,1 @@
+"""Small applications the lifecycle tests run in real server processes (uvicorn, gunicorn)."""
