@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import Any
 
 REDACTED = "[REDACTED]"
@@ -14,6 +15,17 @@ _SECRET_KEY = re.compile(
     re.IGNORECASE,
 )
 _MAX_DEPTH = 32
+# Headers that carry credentials whatever their name says about it.
+_CREDENTIAL_HEADERS = frozenset({"cookie", "set-cookie", "proxy-authorization", "x-api-key"})
+
+
+def capturable_headers(names: Iterable[str]) -> frozenset[str]:
+    """Lower-cased header names to record; a credential header is a configuration error."""
+    chosen = frozenset(name.strip().lower() for name in names)
+    refused = sorted(n for n in chosen if n in _CREDENTIAL_HEADERS or _SECRET_KEY.search(n))
+    if refused:
+        raise ValueError(f"refusing to capture credential headers: {', '.join(refused)}")
+    return chosen
 
 
 def is_json(content_type: str | None) -> bool:

@@ -19,7 +19,7 @@ from opentelemetry.semconv.attributes import (
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import _config, _log, _mlflow, _propagation, _trust
-from ._capture import BodyCapture, is_json
+from ._capture import BodyCapture, capturable_headers, is_json
 
 # On a request span that restarted an untrusted inbound context: the caller's traceparent.
 RESTARTED_FROM = "mlflow_trace_middleware.untrusted_parent"
@@ -37,6 +37,7 @@ class ServerOptions:
     max_body_bytes: int = 32 * 1024
     exclude_paths: frozenset[str] = frozenset()
     trust: _trust.Trust = "continue"
+    capture_headers: frozenset[str] = frozenset()
 
     @classmethod
     def build(
@@ -46,11 +47,19 @@ class ServerOptions:
         max_body_bytes: int,
         exclude_paths: Collection[str],
         trust: _trust.Trust = "continue",
+        capture_headers: Collection[str] = (),
     ) -> ServerOptions:
         if max_body_bytes < 0:
             raise ValueError("max_body_bytes must be >= 0")
-        policy = _trust.check_policy(trust)
-        return cls(capture_bodies, max_body_bytes, frozenset(exclude_paths), policy)
+        if isinstance(capture_headers, str):
+            raise ValueError("capture_headers must be a collection of header names")
+        return cls(
+            capture_bodies,
+            max_body_bytes,
+            frozenset(exclude_paths),
+            _trust.check_policy(trust),
+            capturable_headers(capture_headers),
+        )
 
 
 class RequestSpan:
@@ -95,7 +104,7 @@ class RequestSpan:
         self.response_body: BodyCapture | None = None
         carrier = _propagation.carrier_from(headers)
         context = _propagation.extract(carrier) if carrier else Context()
-        attributes: dict[str, str | int] = {
+        attributes: dict[str, str | int | tuple[str, ...]] = {
             http_attributes.HTTP_REQUEST_METHOD: self.method,
             url_attributes.URL_PATH: path,
             url_attributes.URL_SCHEME: scheme,
@@ -108,6 +117,8 @@ class RequestSpan:
             attributes[client_attributes.CLIENT_ADDRESS] = client
         if user_agent:
             attributes[user_agent_attributes.USER_AGENT_ORIGINAL] = user_agent
+        if options.capture_headers:
+            attributes.update(_header_attributes(headers, options.capture_headers))
         links: list[trace.Link] = []
         remote = trace.get_current_span(context).get_span_context()
         if remote.is_valid:
@@ -199,6 +210,18 @@ def _traceparent(span_context: trace.SpanContext) -> str:
         f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-"
         f"{span_context.trace_flags:02x}"
     )
+
+
+def _header_attributes(
+    headers: Iterable[tuple[str, str]], names: frozenset[str]
+) -> dict[str, tuple[str, ...]]:
+    """`http.request.header.<name>` (OpenTelemetry semantic conventions), values in order."""
+    found: dict[str, list[str]] = {}
+    for name, value in headers:
+        key = name.lower()
+        if key in names:
+            found.setdefault(key, []).append(value)
+    return {f"http.request.header.{key}": tuple(values) for key, values in found.items()}
 
 
 def _joined(headers: Iterable[tuple[str, str]]) -> dict[str, str]:

@@ -43,6 +43,9 @@ class MlflowTracingMiddleware:
             callable taking an `InboundRequest` (client address, path, headers) and
             returning True to continue. With a signing key configured, the context must
             also carry a valid signature. A trusted caller also chooses the experiment.
+        capture_headers: Request header names to record as `http.request.header.<name>`;
+            none by default. Credential headers (`Authorization`, `Cookie`, API keys, ...)
+            are refused with ValueError.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class MlflowTracingMiddleware:
         exclude_paths: Collection[str] = (),
         instrument_clients: bool = True,
         trust: Trust = "continue",
+        capture_headers: Collection[str] = (),
     ) -> None:
         self.app = app
         self.options = _server.ServerOptions.build(
@@ -61,6 +65,7 @@ class MlflowTracingMiddleware:
             max_body_bytes=max_body_bytes,
             exclude_paths=exclude_paths,
             trust=trust,
+            capture_headers=capture_headers,
         )
         _runtime.ensure_started()
         if instrument_clients:

@@ -38,6 +38,7 @@ class MlflowTracingWSGIMiddleware:
         exclude_paths: Collection[str] = (),
         instrument_clients: bool = True,
         trust: Trust = "continue",
+        capture_headers: Collection[str] = (),
     ) -> None:
         self.app = app
         self.options = _server.ServerOptions.build(
@@ -45,6 +46,7 @@ class MlflowTracingWSGIMiddleware:
             max_body_bytes=max_body_bytes,
             exclude_paths=exclude_paths,
             trust=trust,
+            capture_headers=capture_headers,
         )
         _runtime.ensure_started()
         if instrument_clients:
