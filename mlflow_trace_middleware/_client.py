@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
+from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.semconv.attributes import (
     error_attributes,
     http_attributes,
@@ -15,9 +17,11 @@ from opentelemetry.semconv.attributes import (
 )
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from . import _log, _mlflow, _propagation
+from . import _config, _log, _mlflow, _propagation, _runtime, _trust
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# On a client span whose destination is not in the allowlist: no context was sent.
+PROPAGATION = "mlflow_trace_middleware.propagation"
 # Set while a traced call runs, so a wrapped transport that is itself patched traces once.
 _in_call: contextvars.ContextVar[bool] = contextvars.ContextVar("mtm_in_call", default=False)
 
@@ -55,10 +59,28 @@ class ClientCall:
             span.end()
 
 
-def start(method: str, scheme: str, host: str, port: int | None, path: str) -> ClientCall | None:
-    """Start a call under the current span; None when there is no context to propagate."""
+def start(
+    method: str,
+    scheme: str,
+    host: str,
+    port: int | None,
+    path: str,
+    outgoing: MutableMapping[str, Any],
+    *,
+    allowed: bool = True,
+) -> ClientCall | None:
+    """Start a call under the current span and write its context into `outgoing` (the request's
+    headers); None when there is no context to propagate or an outer layer traces this call.
+
+    When the destination is not `allowed` (`_targets.py`), nothing is injected and the propagation
+    headers already in `outgoing` are removed: on a redirect the clients copy them from the
+    previous hop. The client span is still recorded, marked `PROPAGATION: "blocked"`.
+    """
     if _in_call.get():
         return None
+    if not allowed:
+        for name in _propagation.FIELDS:
+            outgoing.pop(name, None)
     try:
         parent_context = _mlflow.current_context()
         parent = trace.get_current_span(parent_context)
@@ -77,6 +99,8 @@ def start(method: str, scheme: str, host: str, port: int | None, path: str) -> C
                 # No query string and no user info: either may carry credentials.
                 url_attributes.URL_FULL: f"{scheme}://{authority}{path}",
             }
+            if not allowed:
+                attributes[PROPAGATION] = "blocked"
             span = _mlflow.tracer().start_span(
                 f"{method} {authority}",
                 context=parent_context,
@@ -85,11 +109,20 @@ def start(method: str, scheme: str, host: str, port: int | None, path: str) -> C
             )
             context = trace.set_span_in_context(span, parent_context)
         headers: dict[str, str] = {}
-        _propagation.inject(headers, context)  # type: ignore[arg-type]
+        if allowed:
+            _propagation.inject(headers, context, _our_entry(context))  # type: ignore[arg-type]
+            outgoing.update(headers)
         return ClientCall(span, headers)
     except Exception:
         _log.internal_error("client span start")
         return None
+
+
+def _our_entry(context: Context) -> tuple[str, str] | None:
+    """Our tracestate member: the experiment of the trace's root service, signed if keyed."""
+    span_context = trace.get_current_span(context).get_span_context()
+    experiment = _mlflow.routed_experiment(span_context.trace_id) or _runtime.own_experiment()
+    return _trust.entry(span_context, experiment, _config.get_settings().signing_keys)
 
 
 @contextmanager

@@ -3,8 +3,12 @@
 ```python
 client = httpx.Client(transport=TracingTransport())
 client = httpx.AsyncClient(transport=AsyncTracingTransport())
+client = httpx.Client(transport=TracingTransport(propagate_to=["*.svc.cluster.local"]))
 ```
 or `instrument_httpx()` to make every client propagate, SDK-built ones included.
+
+`propagate_to` (patterns, see `_targets.py`) replaces the process-wide allowlist of
+`configure(propagate_to=...)` for this transport; None follows it.
 """
 
 from __future__ import annotations
@@ -14,18 +18,24 @@ from typing import Any
 
 import httpx
 
-from . import _client, _runtime
+from . import _client, _runtime, _targets
 
 
 class TracingTransport(httpx.BaseTransport):
     """Wraps a sync transport (default `httpx.HTTPTransport()`)."""
 
-    def __init__(self, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        transport: httpx.BaseTransport | None = None,
+        *,
+        propagate_to: _targets.Patterns | None = None,
+    ) -> None:
+        self._targets = _targets.parse(propagate_to)
         self._inner = transport or httpx.HTTPTransport()
         _runtime.ensure_started()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        return send(request, self._inner.handle_request)
+        return send(request, self._inner.handle_request, self._targets)
 
     def close(self) -> None:
         self._inner.close()
@@ -34,30 +44,43 @@ class TracingTransport(httpx.BaseTransport):
 class AsyncTracingTransport(httpx.AsyncBaseTransport):
     """Wraps an async transport (default `httpx.AsyncHTTPTransport()`)."""
 
-    def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        propagate_to: _targets.Patterns | None = None,
+    ) -> None:
+        self._targets = _targets.parse(propagate_to)
         self._inner = transport or httpx.AsyncHTTPTransport()
         _runtime.ensure_started()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await send_async(request, self._inner.handle_async_request)
+        return await send_async(request, self._inner.handle_async_request, self._targets)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
-def _start(request: httpx.Request) -> _client.ClientCall | None:
+def _start(request: httpx.Request, targets: _targets.Targets | None) -> _client.ClientCall | None:
     url = request.url
-    call = _client.start(request.method, url.scheme, url.host, url.port, url.path)
-    if call is not None:
-        for name, value in call.headers.items():
-            request.headers[name] = value
-    return call
+    allowed = _targets.allowed(targets, lambda: _destination(url))
+    return _client.start(
+        request.method, url.scheme, url.host, url.port, url.path, request.headers, allowed=allowed
+    )
+
+
+def _destination(url: httpx.URL) -> _targets.Destination:
+    """Where httpx connects: its own parse of the URL, IDNA-encoded; the path as sent."""
+    path = url.raw_path.partition(b"?")[0].decode("ascii")
+    return url.scheme, url.raw_host.decode("ascii"), url.port, path
 
 
 def send(
-    request: httpx.Request, inner: Callable[[httpx.Request], httpx.Response]
+    request: httpx.Request,
+    inner: Callable[[httpx.Request], httpx.Response],
+    targets: _targets.Targets | None = None,
 ) -> httpx.Response:
-    call = _start(request)
+    call = _start(request, targets)
     if call is None:
         return inner(request)
     try:
@@ -75,9 +98,11 @@ def send(
 
 
 async def send_async(
-    request: httpx.Request, inner: Callable[[httpx.Request], Awaitable[httpx.Response]]
+    request: httpx.Request,
+    inner: Callable[[httpx.Request], Awaitable[httpx.Response]],
+    targets: _targets.Targets | None = None,
 ) -> httpx.Response:
-    call = _start(request)
+    call = _start(request, targets)
     if call is None:
         return await inner(request)
     try:

@@ -4,8 +4,12 @@
 session = requests.Session()
 session.mount("http://", TracingAdapter())
 session.mount("https://", TracingAdapter())
+session.mount("https://", TracingAdapter(propagate_to=["*.svc.cluster.local"]))
 ```
 or `instrument_requests()` to trace every session.
+
+`propagate_to` (patterns, see `_targets.py`) replaces the process-wide allowlist of
+`configure(propagate_to=...)` for this adapter; None follows it.
 """
 
 from __future__ import annotations
@@ -16,33 +20,51 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.util import parse_url
 
-from . import _client, _runtime
+from . import _client, _runtime, _targets
 
 
 class TracingAdapter(HTTPAdapter):
     """`HTTPAdapter` that traces each request it sends, redirect hops included."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    __attrs__ = [*HTTPAdapter.__attrs__, "_propagate_to"]  # noqa: RUF012 (what pickle keeps)
+    _propagate_to: _targets.Targets | None = None
+
+    def __init__(
+        self, *args: Any, propagate_to: _targets.Patterns | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self._propagate_to = _targets.parse(propagate_to)
         _runtime.ensure_started()
 
     def send(
         self, request: requests.PreparedRequest, *args: Any, **kwargs: Any
     ) -> requests.Response:
-        return send(request, lambda: super(TracingAdapter, self).send(request, *args, **kwargs))
+        return send(
+            request,
+            lambda: super(TracingAdapter, self).send(request, *args, **kwargs),
+            self._propagate_to,
+        )
 
 
 def send(
-    request: requests.PreparedRequest, inner: Callable[[], requests.Response]
+    request: requests.PreparedRequest,
+    inner: Callable[[], requests.Response],
+    targets: _targets.Targets | None = None,
 ) -> requests.Response:
     url = urlsplit(request.url or "")
     call = _client.start(
-        request.method or "GET", url.scheme, url.hostname or "", url.port, url.path or "/"
+        request.method or "GET",
+        url.scheme,
+        url.hostname or "",
+        url.port,
+        url.path or "/",
+        request.headers,
+        allowed=_targets.allowed(targets, lambda: _destination(request.url or "")),
     )
     if call is None:
         return inner()
-    request.headers.update(call.headers)
     try:
         with _client.in_call():
             response = inner()
@@ -51,6 +73,20 @@ def send(
         raise
     response.raw = _Raw(response.raw, call, response.status_code)
     return response
+
+
+def _destination(url: str) -> _targets.Destination | None:
+    """Where requests connects: the host of `urlparse` (requests >= 2.32 picks the connection
+    pool with it) and of urllib3's `parse_url` (older requests); None if they disagree."""
+    split, parsed = urlsplit(url), parse_url(url)
+    host = split.hostname or ""
+    if (parsed.scheme, (parsed.host or "").strip("[]"), parsed.port) != (
+        split.scheme,
+        host,
+        split.port,
+    ):
+        return None
+    return split.scheme, host, split.port, split.path or "/"
 
 
 class _Raw:

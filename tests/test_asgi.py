@@ -216,7 +216,7 @@ async def test_outgoing_call_carries_the_context_to_the_next_service(
     assert call.parent.span_id == request.context.span_id  # type: ignore[union-attr]
     (headers,) = seen
     assert headers["traceparent"] == f"00-{TRACE_ID}-{hexid(call.context.span_id)}-01"
-    assert headers["tracestate"] == "vendor=abc"
+    assert headers["tracestate"] == "mlflow=1.MA,vendor=abc"  # ours (experiment "0") first
 
 
 async def test_concurrent_requests_never_share_context(exporter: InMemoryExporter) -> None:

@@ -10,13 +10,25 @@ import httpx
 import pytest
 from opentelemetry.trace import SpanKind
 
-from mlflow_trace_middleware import MlflowTracingMiddleware, MlflowTracingWSGIMiddleware
+from mlflow_trace_middleware import (
+    MlflowTracingMiddleware,
+    MlflowTracingWSGIMiddleware,
+    _runtime,
+    _trust,
+)
 from mlflow_trace_middleware.httpx import TracingTransport
 from mlflow_trace_middleware.testing import InMemoryExporter
 
 TID = "0af7651916cd43dd8448eb211c80319c"
 SID = "b7ad6b7169203331"
 VALID = f"00-{TID}-{SID}-01"
+
+
+def ours() -> str:
+    """Our tracestate member for this process's own experiment, unsigned."""
+    experiment = _runtime.own_experiment()
+    assert experiment is not None
+    return f"mlflow=1.{_trust._b64(experiment.encode())}"
 
 
 @dataclass
@@ -122,8 +134,9 @@ def test_invalid_or_missing_context_starts_a_new_trace(
     assert outcome.server is not None
     assert outcome.server.parent is None
     assert format(outcome.server.context.trace_id, "032x") != TID
-    # With no valid traceparent, tracestate is not parsed either (W3C section 3.3).
-    assert "tracestate" not in outcome.outgoing
+    # With no valid traceparent, tracestate is not parsed either (W3C section 3.3): only our
+    # own entry goes out.
+    assert outcome.outgoing["tracestate"] == ours()
     assert outcome.outgoing["traceparent"].split("-")[1] == format(
         outcome.server.context.trace_id, "032x"
     )
@@ -150,7 +163,8 @@ def test_tracestate_and_baggage_travel_on(run: Any, exporter: InMemoryExporter) 
         ],
         exporter,
     )
-    assert outcome.outgoing["tracestate"] == "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+    # Ours first (W3C: a member we add or modify moves to the front), theirs in order.
+    assert outcome.outgoing["tracestate"] == f"{ours()},rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
     assert sorted(outcome.outgoing["baggage"].split(",")) == ["tenant=acme", "user=42"]
 
 
