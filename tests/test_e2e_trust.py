@@ -1,0 +1,150 @@
+"""End to end, trust boundaries: a real `mlflow server` and uvicorn services (tests/apps/trust_app).
+
+- A forged `traceparent` naming a trace of another experiment must not write into it.
+- A trace stitched across services configured with different experiments lands in the
+  experiment of the service that started it, every time.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from examples.launch import Process, start_mlflow_server, start_uvicorn
+
+pytestmark = pytest.mark.e2e
+
+UNTRUSTED = "mlflow_trace_middleware.untrusted_parent"
+KEY = "e2e-shared-secret"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    process = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: Process) -> MlflowClient:
+    return MlflowClient(server.url)
+
+
+@pytest.fixture
+def start(server: Process, tmp_path: Path) -> Iterator[Callable[..., Process]]:
+    started: list[Process] = []
+
+    def factory(name: str, experiment_id: str, **env: str) -> Process:
+        variables = {
+            "MLFLOW_TRACKING_URI": server.url,
+            "MLFLOW_EXPERIMENT_ID": experiment_id,
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+            **env,
+        }
+        process = start_uvicorn(name, "tests.apps.trust_app:app", tmp_path, variables)
+        started.append(process)
+        return process
+
+    yield factory
+    for process in started:
+        process.stop()
+
+
+def post(service: Process, headers: dict[str, str] | None = None) -> None:
+    response = requests.post(f"{service.url}/work", json={}, headers=headers, timeout=30)
+    response.raise_for_status()
+
+
+def traces(client: MlflowClient, experiment_id: str) -> list[Any]:
+    return list(client.search_traces(locations=[experiment_id], max_results=100))
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout}s: {check.__doc__ or check}")
+        time.sleep(0.2)
+
+
+def complete(client: MlflowClient, experiment_id: str, count: int, spans: int) -> list[Any]:
+    """The experiment's traces once there are `count` of them, each with `spans` spans."""
+    found = traces(client, experiment_id)
+    done = [t for t in found if len(t.data.spans) == spans and t.info.state.value == "OK"]
+    return found if len(found) == count and len(done) == count else []
+
+
+@pytest.mark.parametrize(
+    ("env", "protected"),
+    [
+        pytest.param({"TRUST": "restart"}, True, id="restart-policy"),
+        pytest.param({"MLFLOW_TRACE_SIGNING_KEY": KEY}, True, id="signed-mode"),
+        # The control: an internal service that trusts everyone is open to it, which is why
+        # public edges need one of the two modes above. It proves the check below can fail.
+        pytest.param({}, False, id="continue-unprotected-control"),
+    ],
+)
+def test_forged_context_cannot_write_into_another_experiment(
+    client: MlflowClient, start: Callable[..., Process], env: dict[str, str], protected: bool
+) -> None:
+    suffix = secrets.token_hex(4)
+    victim_experiment = client.create_experiment(f"victim-{suffix}")
+    edge_experiment = client.create_experiment(f"edge-{suffix}")
+    victim = start("victim", victim_experiment)
+    post(victim)
+    (victim_trace,) = wait_for(lambda: complete(client, victim_experiment, 1, 2))
+    trace_hex = victim_trace.info.trace_id.removeprefix("tr-")
+
+    edge = start("edge", edge_experiment, **env)
+    forged = f"00-{trace_hex}-{secrets.token_hex(8)}-01"
+    post(edge, {"traceparent": forged, "tracestate": "mlflow=1.MQ"})  # and claims experiment 1
+
+    if protected:
+        (restarted,) = wait_for(lambda: complete(client, edge_experiment, 1, 2))
+        assert restarted.info.trace_id != victim_trace.info.trace_id
+        root = next(s for s in restarted.data.spans if s.parent_id is None)
+        assert root.attributes[UNTRUSTED] == forged
+        after = client.get_trace(victim_trace.info.trace_id)
+        assert len(after.data.spans) == 2  # untouched
+        assert [t.info.trace_id for t in traces(client, victim_experiment)] == [
+            victim_trace.info.trace_id
+        ]
+    else:
+        wait_for(lambda: len(client.get_trace(victim_trace.info.trace_id).data.spans) == 4)
+        assert traces(client, edge_experiment) == []
+
+
+@pytest.mark.parametrize(
+    "env",
+    [pytest.param({}, id="unsigned"), pytest.param({"MLFLOW_TRACE_SIGNING_KEY": KEY}, id="signed")],
+)
+def test_stitched_trace_lands_in_the_root_services_experiment(
+    client: MlflowClient, start: Callable[..., Process], env: dict[str, str]
+) -> None:
+    suffix = secrets.token_hex(4)
+    root_exp, middle_exp, leaf_exp = (
+        client.create_experiment(f"{role}-{suffix}") for role in ("root", "middle", "leaf")
+    )
+    leaf = start("leaf", leaf_exp, **env)
+    middle = start("middle", middle_exp, DOWNSTREAM_URL=leaf.url, **env)
+    root = start("root", root_exp, DOWNSTREAM_URL=middle.url, **env)
+    for _ in range(5):
+        post(root)
+    # Per trace: 3 request spans, 3 handler spans and 2 client spans, all in the root's experiment.
+    stitched = wait_for(lambda: complete(client, root_exp, 5, 8))
+    for trace in stitched:
+        services = {s.attributes["service.name"] for s in trace.data.spans}
+        assert services == {"root", "middle", "leaf"}
+        assert sum(1 for s in trace.data.spans if s.parent_id is None) == 1
+    assert traces(client, middle_exp) == []
+    assert traces(client, leaf_exp) == []
