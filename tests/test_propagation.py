@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry import trace
+from opentelemetry.trace import TraceState
 
-from mlflow_trace_middleware import _propagation
+from mlflow_trace_middleware import _propagation, _trust
 
 NAMES = st.sampled_from(["traceparent", "TRACEPARENT", "tracestate", "Tracestate", "baggage", "x"])
 VALUES = st.one_of(
@@ -31,3 +34,81 @@ def test_carrier_keeps_only_propagation_headers_in_order() -> None:
         [("Tracestate", "a=1"), ("Host", "x"), ("tracestate", "b=2"), ("BAGGAGE", "k=v")]
     )
     assert carrier == {"tracestate": ["a=1", "b=2"], "baggage": ["k=v"]}
+
+
+KEY = st.from_regex(r"[a-z][a-z0-9_\-*/]{0,20}", fullmatch=True)
+VALUE = st.from_regex(r"[\x21-\x2b\x2d-\x3c\x3e-\x7e]{1,200}", fullmatch=True)
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(KEY, VALUE), min_size=1, max_size=40, unique_by=lambda kv: kv[0]),
+    st.lists(st.tuples(st.from_regex(r"[a-z]{1,10}", fullmatch=True), VALUE), max_size=90),
+    st.from_regex(r"[0-9A-Za-z_-]{1,64}", fullmatch=True),
+)
+def test_what_we_send_stays_within_w3c_limits(
+    members: list[tuple[str, str]], baggage: list[tuple[str, str]], experiment: str
+) -> None:
+    headers = [
+        ("traceparent", TRACEPARENT),
+        ("tracestate", ",".join(f"{k}={v}" for k, v in members)),
+        ("baggage", ",".join(f"{k}={v}" for k, v in baggage)),
+    ]
+    context = _propagation.extract(_propagation.carrier_from(headers))
+    span_context = trace.get_current_span(context).get_span_context()
+    out: dict[str, str] = {}
+    _propagation.inject(out, context, _trust.entry(span_context, experiment, (b"k",)))
+    state = out["tracestate"].split(",")
+    assert len(state) <= 32
+    assert len(out["tracestate"]) <= 512
+    assert state[0].startswith("mlflow=")  # ours first, and never truncated away
+    # The callee verifies what we sent (the sender's span id here is the inbound one).
+    received = trace.SpanContext(
+        span_context.trace_id,
+        span_context.span_id,
+        is_remote=True,
+        trace_flags=span_context.trace_flags,
+        trace_state=TraceState.from_header([out["tracestate"]]),
+    )
+    assert _trust.accept(received, (b"k",)) == (True, experiment)
+    sent = [member for member in (out.get("baggage") or "").split(",") if member]
+    assert len(sent) <= 64
+    assert len(out.get("baggage", "").encode()) <= 8192
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=400), st.lists(st.binary(max_size=40), max_size=3))
+def test_our_entry_parser_never_raises_and_rejects_without_a_valid_signature(
+    value: str, keys: list[bytes]
+) -> None:
+    state = TraceState([("mlflow", value)]) if value else TraceState()
+    context = trace.SpanContext(1, 2, is_remote=True, trace_state=state)
+    accepted, experiment = _trust.accept(context, [k for k in keys if k])
+    if any(keys):  # a random value never carries a valid signature
+        assert (accepted, experiment) == (False, None)
+    assert experiment is None or _trust._EXPERIMENT_ID.fullmatch(experiment)
+
+
+def _cost(size: int) -> float:
+    """Best-of-5 seconds to extract and re-inject headers of about `size` characters each."""
+    headers = [
+        ("traceparent", TRACEPARENT + "-" + "a" * size),
+        ("tracestate", ",".join(["k=v"] * (size // 4))),
+        ("baggage", ",".join(["k=v"] * (size // 4))),
+    ]
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(20):
+            context = _propagation.extract(_propagation.carrier_from(headers))
+            _propagation.inject({}, context)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_parse_cost_grows_at_most_linearly_with_header_size() -> None:
+    # 10x the input must cost far less than 100x (quadratic); with headers over 8 kB ignored
+    # before parsing, it costs about the same.
+    small, large = _cost(4_000), _cost(400_000)
+    assert large < 40 * small, (small, large)

@@ -1,15 +1,28 @@
-"""W3C Trace Context / Baggage on the way in and out, on raw ASGI and WSGI requests."""
+"""W3C Trace Context (levels 1 and 2) and Baggage on the way in and out: one table, four stacks.
+
+Every case runs on raw ASGI and raw WSGI (exact header bytes), on FastAPI called through
+httpx with the handler calling on with httpx, and on Flask behind a real WSGI server with the
+handler calling on with requests, both to a real loopback echo server.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
+import requests
+from fastapi import FastAPI
+from flask import Flask
 from opentelemetry.trace import SpanKind
+from werkzeug.serving import make_server
 
+import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import (
     MlflowTracingMiddleware,
     MlflowTracingWSGIMiddleware,
@@ -34,7 +47,7 @@ def ours() -> str:
 @dataclass
 class Outcome:
     server: Any  # the request span, or None when nothing was recorded
-    outgoing: httpx.Headers  # what the handler's downstream call sent
+    outgoing: dict[str, str]  # what the handler's downstream call sent (lower-case names)
 
 
 def downstream_call() -> httpx.Headers:
@@ -83,15 +96,105 @@ def run_wsgi(headers: list[tuple[str, str]], exporter: InMemoryExporter) -> Outc
     return _outcome(exporter, outgoing[0])
 
 
-def _outcome(exporter: InMemoryExporter, outgoing: httpx.Headers) -> Outcome:
+def _outcome(exporter: InMemoryExporter, outgoing: Any) -> Outcome:
     spans = exporter.finished_spans()
     exporter.clear()
     server = [s for s in spans if s.kind == SpanKind.SERVER]
     assert len(server) <= 1
-    return Outcome(server[0] if server else None, outgoing)
+    return Outcome(server[0] if server else None, {k.lower(): v for k, v in outgoing.items()})
 
 
-RUNNERS = [pytest.param(run_asgi, id="asgi"), pytest.param(run_wsgi, id="wsgi")]
+_live: dict[str, str] = {}  # echo and Flask server URLs, set by the `live` fixture
+
+fastapi_app = FastAPI()
+fastapi_app.add_middleware(MlflowTracingMiddleware, instrument_clients=False)
+
+
+@fastapi_app.get("/")
+def fastapi_handler() -> Any:
+    return httpx.get(_live["echo"]).json()
+
+
+flask_app = Flask(__name__)
+flask_app.wsgi_app = MlflowTracingWSGIMiddleware(  # type: ignore[method-assign]
+    flask_app.wsgi_app, instrument_clients=False
+)
+
+
+@flask_app.get("/")
+def flask_handler() -> Any:
+    return requests.get(_live["echo"], timeout=10).json()
+
+
+_closed = threading.Event()  # the server closed the response: the request span has ended
+
+
+class _SignalClose:
+    """The outermost WSGI layer: tells the test when the server has closed the response."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        body = self.app(environ, start_response)
+
+        class Body:
+            def __iter__(self) -> Iterator[bytes]:
+                return iter(body)
+
+            def close(self) -> None:
+                body.close()
+                _closed.set()
+
+        return Body()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def live(echo_url: str) -> Iterator[None]:
+    server = make_server("127.0.0.1", 0, _SignalClose(flask_app), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _live.update(echo=echo_url, flask=f"127.0.0.1:{server.server_port}")
+    yield
+    server.shutdown()
+    thread.join(5)
+
+
+def run_fastapi_httpx(headers: list[tuple[str, str]], exporter: InMemoryExporter) -> Outcome:
+    mtm.instrument()
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=fastapi_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc.test") as client:
+            return await client.get("/", headers=headers)
+
+    response = asyncio.run(call())
+    assert response.status_code == 200
+    return _outcome(exporter, response.json())
+
+
+def run_flask_requests(headers: list[tuple[str, str]], exporter: InMemoryExporter) -> Outcome:
+    mtm.instrument()
+    _closed.clear()
+    connection = http.client.HTTPConnection(_live["flask"], timeout=10)
+    connection.putrequest("GET", "/")
+    for name, value in headers:  # each header on its own line, duplicates included
+        connection.putheader(name, value)
+    connection.endheaders()
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    assert response.status == 200, body
+    assert _closed.wait(10)
+    return _outcome(exporter, httpx.Response(200, content=body).json())
+
+
+RUNNERS = [
+    pytest.param(run_asgi, id="asgi"),
+    pytest.param(run_wsgi, id="wsgi"),
+    pytest.param(run_fastapi_httpx, id="fastapi-httpx"),
+    pytest.param(run_flask_requests, id="flask-requests"),
+]
 
 CONTINUE = [
     pytest.param([("traceparent", VALID)], id="valid"),
@@ -177,3 +280,75 @@ def test_tracestate_over_the_member_limit_is_not_forwarded(
     assert format(outcome.server.context.trace_id, "032x") == TID  # the trace continues
     forwarded = outcome.outgoing.get("tracestate", "")
     assert len([m for m in forwarded.split(",") if m]) <= 32
+
+
+@pytest.mark.parametrize("run", RUNNERS)
+@pytest.mark.parametrize(
+    ("inbound", "outbound"),
+    [
+        pytest.param("01", "01", id="sampled"),
+        pytest.param("03", "03", id="random-trace-id-flag-kept"),
+        pytest.param("09", "01", id="unknown-flags-zeroed"),
+        pytest.param("ff", "03", id="all-flags-set"),
+    ],
+)
+def test_trace_flags_level_2(
+    run: Any, inbound: str, outbound: str, exporter: InMemoryExporter
+) -> None:
+    outcome = run([("traceparent", f"00-{TID}-{SID}-{inbound}")], exporter)
+    assert outcome.outgoing["traceparent"].split("-")[3] == outbound
+
+
+@pytest.mark.parametrize("run", RUNNERS)
+@pytest.mark.parametrize(
+    "tracestate",
+    [
+        pytest.param("a=1,b=2,a=3", id="duplicate-keys"),
+        pytest.param("a=1,b c=2", id="invalid-member"),
+        pytest.param(",".join(f"k{i}=v" for i in range(33)), id="33-members"),
+        pytest.param("a=1\x7f", id="invalid-character"),
+    ],
+)
+def test_invalid_tracestate_is_dropped_whole(
+    run: Any, tracestate: str, exporter: InMemoryExporter
+) -> None:
+    outcome = run([("traceparent", VALID), ("tracestate", tracestate)], exporter)
+    assert format(outcome.server.context.trace_id, "032x") == TID  # the trace continues
+    assert outcome.outgoing["tracestate"] == ours()
+
+
+@pytest.mark.parametrize("run", RUNNERS)
+def test_a_full_tracestate_loses_its_rightmost_member_to_ours(
+    run: Any, exporter: InMemoryExporter
+) -> None:
+    members = [f"k{i}=v" for i in range(32)]
+    outcome = run([("traceparent", VALID), ("tracestate", ",".join(members))], exporter)
+    assert outcome.outgoing["tracestate"].split(",") == [ours(), *members[:31]]
+
+
+@pytest.mark.parametrize("run", RUNNERS)
+def test_a_long_tracestate_is_truncated_by_whole_entries_large_ones_first(
+    run: Any, exporter: InMemoryExporter
+) -> None:
+    small = [f"s{i}={'x' * 60}" for i in range(6)]  # 63 characters each
+    large = [f"l{i}={'y' * 200}" for i in range(2)]
+    inbound = [small[0], large[0], small[1], small[2], large[1], *small[3:]]
+    outcome = run([("traceparent", VALID), ("tracestate", ",".join(inbound))], exporter)
+    forwarded = outcome.outgoing["tracestate"]
+    assert len(forwarded) <= 512
+    # The large entries go first; the small ones all fit with ours, in their order.
+    assert forwarded.split(",") == [ours(), *small]
+
+
+@pytest.mark.parametrize("run", RUNNERS)
+def test_baggage_limits(run: Any, exporter: InMemoryExporter) -> None:
+    many = ",".join(f"k{i}=v{i}" for i in range(70))
+    outcome = run([("traceparent", VALID), ("baggage", many)], exporter)
+    forwarded = outcome.outgoing["baggage"].split(",")
+    assert forwarded == [f"k{i}=v{i}" for i in range(64)]  # W3C: 64 members
+    oversized = "k=" + "v" * 8200
+    outcome = run([("traceparent", VALID), ("baggage", oversized)], exporter)
+    assert "baggage" not in outcome.outgoing  # over 8,192 bytes: ignored whole
+    mixed = "good=1,bad member,also=2"
+    outcome = run([("traceparent", VALID), ("baggage", mixed)], exporter)
+    assert sorted(outcome.outgoing["baggage"].split(",")) == ["also=2", "good=1"]
