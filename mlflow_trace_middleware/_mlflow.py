@@ -41,6 +41,7 @@ INPUTS = SpanAttributeKey.INPUTS
 # On a request span whose trusted caller chose the experiment: every span of that trace segment
 # is exported there (see `_trust.py`).
 EXPERIMENT = "mlflow_trace_middleware.experiment_id"
+MAX_OPEN_TRACES = 10_000
 OUTPUTS = SpanAttributeKey.OUTPUTS
 
 
@@ -78,6 +79,12 @@ class SinkSpanProcessor(SpanProcessor):
                 )
                 manager.register_trace(otel_trace_id, info, is_remote_trace=parent is not None)
                 self._roots.setdefault(otel_trace_id, set()).add(span.context.span_id)
+                if len(self._roots) > MAX_OPEN_TRACES:
+                    # A span that never ends (a response never closed) must not pin memory:
+                    # forget the oldest segment; MLflow's own buffer expires it by TTL.
+                    oldest = next(iter(self._roots))
+                    del self._roots[oldest]
+                    self._experiments.pop(oldest, None)
             elif parent is None or parent.is_remote:
                 self._roots.setdefault(otel_trace_id, set()).add(span.context.span_id)
             experiment = (span.attributes or {}).get(EXPERIMENT)

@@ -266,3 +266,22 @@ def test_broken_tracing_never_reaches_the_application(
     assert "traceparent" not in seen[0].headers
     assert "internal error" in caplog.text
     assert "tracer exploded" in caplog.text  # our own failure, logged with its traceback
+
+
+def test_spans_that_never_end_do_not_pin_memory(
+    exporter: InMemoryExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow_trace_middleware import _mlflow
+
+    monkeypatch.setattr(_mlflow, "MAX_OPEN_TRACES", 3)
+    processor = _mlflow._processor
+    assert processor is not None
+    abandoned = [_mlflow.tracer().start_span(f"never-ends-{i}") for i in range(10)]
+    assert len(processor._roots) <= 3
+    with mlflow.start_span("normal"):
+        pass
+    assert [s.name for s in exporter.finished_spans()] == ["normal"]
+    for span in abandoned:  # ending them late is harmless
+        span.end()
+    assert len(exporter.finished_spans()) == 11
+    assert len(processor._roots) == 0
