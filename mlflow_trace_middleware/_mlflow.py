@@ -182,8 +182,19 @@ def uninstall() -> None:
 # -- context helpers used by the integrations ---------------------------------------------------
 
 
+_tracer: tuple[object, trace.Tracer] | None = None
+
+
 def tracer() -> trace.Tracer:
-    return _provider._get_tracer("mlflow_trace_middleware")
+    """MLflow's tracer; cached per provider (getting one builds a new Tracer object each time)."""
+    global _tracer
+    current = _provider.provider.get()
+    cached = _tracer
+    if cached is not None and cached[0] is current and current is not None:
+        return cached[1]
+    fresh = _provider._get_tracer("mlflow_trace_middleware")
+    _tracer = (_provider.provider.get(), fresh)
+    return fresh
 
 
 def current_context() -> Context | None:
