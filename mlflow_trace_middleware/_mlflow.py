@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace import Span as SdkSpan
 
 from . import _log
+from ._span import EncodedSpan, encode_span
 
 if TYPE_CHECKING:
     from ._sink import SpanSink
@@ -97,18 +98,22 @@ class SinkSpanProcessor(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         experiment = None
+        tags = None
         try:
             context = span.context
             if context is None:
                 return
             experiment = self._experiments.get(context.trace_id)
             tags = self._release(context.trace_id, context.span_id)
-            if tags:
-                _add_trace_tags(span, tags)
         except Exception:
             _log.internal_error("span end")
         # Whatever failed above, the span itself still goes out.
-        self._sink().submit(span, experiment)
+        finished: ReadableSpan | EncodedSpan = span
+        try:
+            finished = EncodedSpan(*encode_span(span, _tag_attributes(tags)))
+        except Exception:
+            _log.internal_error("span encode")
+        self._sink().submit(finished, experiment)
 
     def experiment_of(self, otel_trace_id: int) -> str | None:
         return self._experiments.get(otel_trace_id)
@@ -140,13 +145,12 @@ class SinkSpanProcessor(SpanProcessor):
         return self._sink().flush(timeout_millis / 1000)
 
 
-def _add_trace_tags(span: ReadableSpan, tags: dict[str, str]) -> None:
+def _tag_attributes(tags: dict[str, str] | None) -> dict[str, str] | None:
     # `mlflow.update_current_trace(tags=...)` lives in the trace manager; the server restores
     # `mlflow.traceTag.*` root-span attributes as trace tags, as MLflow's own OTLP processor does.
-    # The ended span's attributes are immutable; this ReadableSpan is our own copy, so we
-    # give it a new mapping.
-    extra = {SpanAttributeKey.TRACE_TAG_PREFIX + key: value for key, value in tags.items()}
-    span._attributes = {**(span.attributes or {}), **extra}
+    if not tags:
+        return None
+    return {SpanAttributeKey.TRACE_TAG_PREFIX + key: value for key, value in tags.items()}
 
 
 _install_lock = threading.Lock()

@@ -1,4 +1,4 @@
-"""OTLP/HTTP protobuf delivery to an MLflow tracking server: a pure `encode` plus a dumb POST.
+"""OTLP/HTTP protobuf delivery to an MLflow tracking server: `_span.encode` plus a careful POST.
 
 Uses `http.client` on purpose: it is never instrumented, so the sink's own requests are neither
 traced nor given trace headers, whatever the application instruments.
@@ -18,30 +18,18 @@ from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from . import _log
 from ._config import DEFAULT_EXPERIMENT, Settings
 from ._sink import ExportResult
+from ._span import encode
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
 
 _RETRYABLE = frozenset({408, 429, 502, 503, 504})
 _SPLIT = frozenset({400, 413, 422})  # MLflow rejects a whole batch for one bad span
-
-
-def encode(spans: Sequence[ReadableSpan], service_name: str) -> bytes:
-    """Serialize spans as one ExportTraceServiceRequest, with our service as the resource."""
-    request = encode_spans(spans)
-    for resource_spans in request.resource_spans:
-        attributes = resource_spans.resource.attributes
-        del attributes[:]
-        attributes.append(KeyValue(key="service.name", value=AnyValue(string_value=service_name)))
-    body: bytes = request.SerializeToString()
-    return body
 
 
 class OtlpHttpExporter:

@@ -22,9 +22,10 @@ import weakref
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from . import _log
+from ._span import EncodedSpan, encode_span
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
@@ -61,7 +62,11 @@ class ExportResult:
 
 
 class Exporter(Protocol):
-    """Delivers one batch of finished spans that all belong to one experiment."""
+    """Delivers one batch of finished spans that all belong to one experiment.
+
+    The spans offer what exporters read of `ReadableSpan` (`name`, `context`, `parent`, `kind`,
+    `attributes`, `events`, `links`, `status`, `start_time`, `end_time`); `_span.encode`
+    turns them into an OTLP request without decoding them."""
 
     def export(self, spans: Sequence[ReadableSpan], experiment_id: str | None) -> ExportResult: ...
 
@@ -81,38 +86,26 @@ class SinkStats:
     internal_errors: int = 0
 
 
-class _Item(NamedTuple):
-    span: ReadableSpan
-    experiment_id: str | None
-    size: int  # estimated encoded bytes
-    failing_since: float  # monotonic time of the first failed attempt, 0.0 if none
+# A queued span: (encoded bytes and scope, or an SDK span and None; experiment id; encoded size;
+# monotonic time of the first failed attempt or 0.0). A plain tuple of atoms on purpose: the
+# garbage collector untracks it at its first young collection, so a full queue costs nothing.
+_Item = tuple[Any, Any, "str | None", int, float]
+_SPAN: Final = 0
+_SCOPE: Final = 1
+_EXPERIMENT: Final = 2
+_SIZE: Final = 3
+_SINCE: Final = 4
 
 
 _BACKOFF_BASE = 0.25
 _BACKOFF_CAP = 4.0
 _RETRY_AFTER_CAP = 30.0
 _MAX_SPLITS = 32  # per experiment group and attempt: isolates a few bad spans, not 512
-_SPAN_OVERHEAD = 96  # ids, times, kind, status, scope: bytes in OTLP protobuf
 
 
-def estimate_size(span: ReadableSpan) -> int:
-    """Roughly the span's encoded size, from its strings; cheap enough for the request path."""
-    size = _SPAN_OVERHEAD + len(span.name)
-    for key, value in (span.attributes or {}).items():
-        size += len(key) + _value_size(value)
-    for event in span.events:
-        size += 16 + len(event.name)
-        for key, value in (event.attributes or {}).items():
-            size += len(key) + _value_size(value)
-    return size
-
-
-def _value_size(value: object) -> int:
-    if isinstance(value, str | bytes):
-        return len(value) + 4
-    if isinstance(value, tuple | list):
-        return sum(_value_size(item) for item in value)
-    return 10
+def encoded_size(span: Any) -> int:
+    """The span's size as OTLP protobuf (exact: encoded spans carry their bytes)."""
+    return len(span.data if isinstance(span, EncodedSpan) else encode_span(span)[0])
 
 
 class SpanSink:
@@ -191,13 +184,20 @@ class SpanSink:
 
     # -- producer side (request path) -----------------------------------------------------
 
-    def submit(self, span: ReadableSpan, experiment_id: str | None = None) -> None:
-        """Queue one finished span. Never blocks on I/O, never raises."""
+    def submit(self, span: EncodedSpan | ReadableSpan, experiment_id: str | None = None) -> None:
+        """Queue one finished span. Never blocks on I/O, never raises.
+
+        The process's spans arrive encoded (`_span.encode_span`); any other span (a test's SDK
+        span) is kept as it is and encoded by the exporter."""
+        payload: Any = span
+        scope: Any = None
         try:
-            size = estimate_size(span)
+            if isinstance(span, EncodedSpan):
+                payload, scope = span.data, span.scope
+            size = encoded_size(span)
         except Exception:
-            _log.internal_error("estimate_size")
-            size = _SPAN_OVERHEAD
+            _log.internal_error("span size")
+            size = 0
         with self._lock:
             self._produced += 1
             if self._closing:
@@ -211,7 +211,7 @@ class SpanSink:
                 drop = "queue_full"
             else:
                 drop = ""
-                self._queue.append(_Item(span, experiment_id, size, 0.0))
+                self._queue.append((payload, scope, experiment_id, size, 0.0))
                 self._held_bytes += size
             if drop:
                 self._dropped[drop] += 1
@@ -266,7 +266,7 @@ class SpanSink:
             worker.join(timeout=max(deadline - time.monotonic(), 0.05))
         with self._lock:
             left = len(self._queue)
-            self._held_bytes -= sum(item.size for item in self._queue)
+            self._held_bytes -= sum(item[_SIZE] for item in self._queue)
             self._queue.clear()
             if worker is not None and worker.is_alive() and self._in_flight:
                 # Stuck in an export past the deadline: those spans count as not delivered,
@@ -343,10 +343,10 @@ class SpanSink:
             size = 0
             while self._queue and len(batch) < self._max_batch:
                 item = self._queue[0]
-                if batch and size + item.size > self._max_batch_bytes:
+                if batch and size + item[_SIZE] > self._max_batch_bytes:
                     break
                 batch.append(self._queue.popleft())
-                size += item.size
+                size += item[_SIZE]
             self._in_flight = len(batch)
             return batch
 
@@ -354,7 +354,7 @@ class SpanSink:
         """Export `batch` grouped by experiment; return a backoff delay if some must be retried."""
         groups: dict[str | None, list[_Item]] = {}
         for item in batch:
-            groups.setdefault(item.experiment_id, []).append(item)
+            groups.setdefault(item[_EXPERIMENT], []).append(item)
         retry: list[_Item] = []
         retry_after: float | None = None
         for experiment_id, items in groups.items():
@@ -381,7 +381,12 @@ class SpanSink:
 
     def _export(self, items: list[_Item], experiment_id: str | None) -> ExportResult:
         try:
-            result = self.exporter.export([item.span for item in items], experiment_id)
+            spans = [
+                EncodedSpan(item[_SPAN], item[_SCOPE]) if item[_SCOPE] else item[_SPAN]
+                for item in items
+            ]
+            # EncodedSpan offers the parts of ReadableSpan an exporter reads.
+            result = self.exporter.export(cast("list[ReadableSpan]", spans), experiment_id)
         except Exception:
             _log.internal_error("exporter.export")
             result = ExportResult.dropped("exporter_error")
@@ -394,7 +399,7 @@ class SpanSink:
             if self._abandoned:
                 return
             self._in_flight -= len(items)
-            self._held_bytes -= sum(item.size for item in items)
+            self._held_bytes -= sum(item[_SIZE] for item in items)
             if result.delivered:
                 rejected = min(max(result.rejected, 0), len(items))
                 self._exported += len(items) - rejected
@@ -410,11 +415,11 @@ class SpanSink:
         keep: list[_Item] = []
         expired: list[_Item] = []
         for item in items:
-            since = item.failing_since or now
+            since = item[_SINCE] or now
             if self._closing or now - since >= self._max_retry_time:
                 expired.append(item)
             else:
-                keep.append(item._replace(failing_since=since))
+                keep.append((item[_SPAN], item[_SCOPE], item[_EXPERIMENT], item[_SIZE], since))
         if expired:
             reason = "shutdown_timeout" if self._closing else "retries_exhausted"
             self._settle(expired, ExportResult.dropped(reason))

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 
-from mlflow_trace_middleware._sink import ExportResult, SinkStats, SpanSink, estimate_size
+from mlflow_trace_middleware._sink import ExportResult, SinkStats, SpanSink, encoded_size
 
 _TRACER = TracerProvider().get_tracer("t")
 
@@ -280,7 +280,7 @@ def make_big_spans(n: int, payload: int) -> list[ReadableSpan]:
 
 def test_byte_bound_drops_overflow_and_releases_bytes(make_sink: Callable[..., SpanSink]) -> None:
     spans = make_big_spans(20, 1000)
-    size = estimate_size(spans[0])
+    size = encoded_size(spans[0])
     exporter = FakeExporter(block_first=True)
     sink = make_sink(
         exporter, max_batch_spans=1, max_queue_bytes=5 * size, max_batch_bytes=5 * size
@@ -314,7 +314,7 @@ def test_span_larger_than_a_batch_is_dropped_as_too_large(
 
 def test_batches_respect_the_byte_limit(make_sink: Callable[..., SpanSink]) -> None:
     spans = make_big_spans(10, 1000)
-    size = estimate_size(spans[0])
+    size = encoded_size(spans[0])
     exporter = FakeExporter()
     sink = make_sink(exporter, max_batch_bytes=3 * size + 1)
     for span in spans:
@@ -407,7 +407,7 @@ def test_submit_is_not_blocked_by_an_export_in_progress(
 
 
 class BrokenSpan:
-    """A span whose attributes cannot be read: estimate_size fails, submit must not."""
+    """A span whose attributes cannot be read: encoded_size fails, submit must not."""
 
     name = "broken"
     events = ()

@@ -1,0 +1,138 @@
+"""FinishedSpan: the flat form matches the SDK span, encodes as OpenTelemetry's encoder does,
+and leaves the garbage collector alone."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.span import TraceState
+
+from mlflow_trace_middleware._sink import SpanSink
+from mlflow_trace_middleware._span import EncodedSpan, encode, encode_span
+from mlflow_trace_middleware.testing import InMemoryExporter
+
+_TRACER = TracerProvider().get_tracer("scope-name", "1.2.3")
+REMOTE = SpanContext(
+    0x0AF7651916CD43DD8448EB211C80319C,
+    0xB7AD6B7169203331,
+    is_remote=True,
+    trace_flags=TraceFlags(3),
+    trace_state=TraceState([("vendor", "x"), ("mlflow", "1.MA")]),
+)
+
+
+def sample_spans() -> list[ReadableSpan]:
+    parent = trace.set_span_in_context(trace.NonRecordingSpan(REMOTE))
+    attributes = {
+        "s": "text",
+        "b": True,
+        "i": 42,
+        "f": 1.5,
+        "strs": ("a", "b"),
+        "ints": (1, 2),
+        "bools": (True, False),
+        "floats": (0.5,),
+        "empty": (),
+    }
+    server = _TRACER.start_span(
+        "GET /x",
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes=attributes,
+        links=[Link(REMOTE, {"why": "restart"}), Link(SpanContext(1, 2, is_remote=False))],
+    )
+    server.add_event("retry", {"attempt": 2})
+    server.add_event("bare")
+    server.set_status(Status(StatusCode.ERROR, "boom"))
+    child = _TRACER.start_span(
+        "child", context=trace.set_span_in_context(server), kind=SpanKind.CLIENT
+    )
+    child.set_status(Status(StatusCode.OK))
+    child.end()
+    root = _TRACER.start_span("root", kind=SpanKind.INTERNAL)
+    root.end()
+    for kind in (SpanKind.PRODUCER, SpanKind.CONSUMER):
+        other = _TRACER.start_span(kind.name, kind=kind)
+        other.end()
+    server.end()
+    return [child, root, server]  # type: ignore[list-item]
+
+
+def test_encoding_matches_opentelemetrys_encoder() -> None:
+    spans = sample_spans()
+    expected = encode_spans(spans)
+    for resource_spans in expected.resource_spans:
+        del resource_spans.resource.attributes[:]
+        resource_spans.resource.attributes.append(
+            KeyValue(key="service.name", value=AnyValue(string_value="svc"))
+        )
+        # The one difference: we put the W3C trace flags in bits 0-7 of `flags`, as OTLP asks.
+        for scope_spans in resource_spans.scope_spans:
+            for encoded, span in zip(scope_spans.spans, spans, strict=True):
+                encoded.flags |= int(span.context.trace_flags)
+    encoded = [EncodedSpan(*encode_span(span)) for span in spans]
+    assert ExportTraceServiceRequest.FromString(encode(encoded, "svc")) == expected
+    # SDK spans are accepted as they are, too.
+    assert ExportTraceServiceRequest.FromString(encode(spans, "svc")) == expected
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_the_flat_span_reads_like_the_sdk_span(index: int) -> None:
+    span = sample_spans()[index]
+    flat = EncodedSpan(*encode_span(span))
+    assert flat.name == span.name
+    assert flat.context == span.context
+    assert flat.get_span_context() == span.get_span_context()
+    parent = span.parent  # the view gives the parent the span's own flags, as a child inherits
+    assert flat.parent == (
+        parent
+        and SpanContext(parent.trace_id, parent.span_id, parent.is_remote, span.context.trace_flags)
+    )
+    assert flat.kind == span.kind
+    assert flat.attributes == dict(span.attributes or {})
+    assert (flat.start_time, flat.end_time) == (span.start_time, span.end_time)
+    assert (flat.status.status_code, flat.status.description) == (
+        span.status.status_code,
+        span.status.description,
+    )
+    assert [(e.name, e.timestamp, dict(e.attributes or {})) for e in flat.events] == [
+        (e.name, e.timestamp, dict(e.attributes or {})) for e in span.events
+    ]
+    assert [
+        (link.context.trace_id, link.context.span_id, link.context.is_remote, link.attributes)
+        for link in flat.links
+    ] == [
+        (link.context.trace_id, link.context.span_id, link.context.is_remote, link.attributes)
+        for link in span.links
+    ]
+    assert flat.instrumentation_scope == span.instrumentation_scope
+
+
+def test_extra_attributes_are_added() -> None:
+    flat = EncodedSpan(*encode_span(sample_spans()[1], {"mlflow.traceTag.team": "agents"}))
+    assert flat.attributes["mlflow.traceTag.team"] == "agents"
+
+
+def test_queued_spans_leave_the_garbage_collector_alone() -> None:
+    gc.collect()
+    sink = SpanSink(InMemoryExporter(), schedule_delay=3600, max_batch_spans=10_000)
+    spans = [EncodedSpan(*encode_span(span)) for span in sample_spans() * 500]
+    before = gc.get_count()[0]
+    for span in spans:
+        sink.submit(span, "7")
+    del spans
+    # What the queue holds is untracked (or freed) at the first young collection ...
+    gc.collect(0)
+    queued = list(sink._queue)
+    assert len(queued) == 1500
+    assert not any(gc.is_tracked(item) for item in queued)
+    # ... so 1,500 queued spans add nothing that a collection would have to visit.
+    assert gc.get_count()[0] <= before + 5
+    sink.shutdown(0)
