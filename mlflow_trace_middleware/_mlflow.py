@@ -24,7 +24,7 @@ from mlflow.entities.trace_state import TraceState
 from mlflow.tracing import provider as _provider
 from mlflow.tracing.constant import SpanAttributeKey
 from mlflow.tracing.trace_manager import InMemoryTraceManager
-from mlflow.tracing.utils import generate_mlflow_trace_id_from_otel_trace_id
+from mlflow.tracing.utils import encode_span_id, generate_mlflow_trace_id_from_otel_trace_id
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
@@ -123,6 +123,7 @@ class SinkSpanProcessor(SpanProcessor):
         with self._lock:
             roots = self._roots.get(otel_trace_id)
             if roots is None or span_id not in roots:
+                self._forget_span(otel_trace_id, span_id)
                 return None
             roots.discard(span_id)
             if roots:
@@ -137,6 +138,18 @@ class SinkSpanProcessor(SpanProcessor):
         if segment is None:
             return None
         return {k: v for k, v in segment.info.tags.items() if not k.startswith("mlflow.")}
+
+    @staticmethod
+    def _forget_span(otel_trace_id: int, span_id: int) -> None:
+        # An ended span is already on its way to the sink; MLflow's manager keeps it (for its
+        # own exporter, which we replaced) until the trace ends: a long agent run would pin
+        # every span it made. Only open spans need to be found there.
+        manager = InMemoryTraceManager.get_instance()
+        with manager._lock:
+            trace_id = manager._otel_id_to_mlflow_trace_id.get(otel_trace_id)
+            segment = manager._traces.get(trace_id) if trace_id else None
+            if segment is not None:
+                segment.span_dict.pop(encode_span_id(span_id), None)
 
     def shutdown(self) -> None:
         pass

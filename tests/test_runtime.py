@@ -285,3 +285,23 @@ def test_spans_that_never_end_do_not_pin_memory(
         span.end()
     assert len(exporter.finished_spans()) == 11
     assert len(processor._roots) == 0
+
+
+def test_ended_spans_are_not_kept_while_their_trace_runs(exporter: InMemoryExporter) -> None:
+    from mlflow.tracing.trace_manager import InMemoryTraceManager
+
+    # A long agent run: MLflow's own manager would hold every ended span until the root ends.
+    with mlflow.start_span("agent-run") as root:
+        for i in range(100):
+            with mlflow.start_span(f"step-{i}"):
+                pass
+        manager = InMemoryTraceManager.get_instance()
+        with manager.get_trace(root.trace_id) as segment:
+            assert segment is not None
+            assert list(segment.span_dict) == [root.span_id]  # only the open span
+        mlflow.update_current_trace(tags={"still": "works"})
+    spans = exporter.finished_spans()
+    assert len(spans) == 101
+    (agent,) = [s for s in spans if s.name == "agent-run"]
+    assert agent.attributes is not None
+    assert agent.attributes["mlflow.traceTag.still"] == "works"
