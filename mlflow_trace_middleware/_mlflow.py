@@ -29,6 +29,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace import Span as SdkSpan
+from opentelemetry.trace import SpanKind
 
 from . import _log
 from ._span import EncodedSpan, encode_span
@@ -70,7 +71,9 @@ class SinkSpanProcessor(SpanProcessor):
         parent = span.parent
         with self._lock:
             trace_id = manager.get_mlflow_trace_id_from_otel_id(otel_trace_id)
-            if trace_id is None:
+            # Not registered yet, or evicted from MLflow's buffer (MLFLOW_TRACE_BUFFER_MAX_SIZE,
+            # 1,000 open traces by default) while it still runs here: register it (again).
+            if trace_id is None or trace_id not in manager._traces:
                 trace_id = generate_mlflow_trace_id_from_otel_trace_id(otel_trace_id)
                 info = TraceInfo(
                     trace_id=trace_id,
@@ -91,9 +94,11 @@ class SinkSpanProcessor(SpanProcessor):
             experiment = (span.attributes or {}).get(EXPERIMENT)
             if isinstance(experiment, str) and parent is not None and parent.is_remote:
                 self._experiments[otel_trace_id] = experiment
-        span.set_attribute(SERVICE_NAME, self._service_name())
         if parent is None:
             span.set_attribute(TRACE_NAME, span.name)
+        if span.kind is SpanKind.CLIENT and parent is not None and not parent.is_remote:
+            # Our client spans are never current in user code: nothing looks them up.
+            return
         manager.register_span(create_mlflow_span(span, trace_id))
 
     def on_end(self, span: ReadableSpan) -> None:
@@ -110,7 +115,8 @@ class SinkSpanProcessor(SpanProcessor):
         # Whatever failed above, the span itself still goes out.
         finished: ReadableSpan | EncodedSpan = span
         try:
-            finished = EncodedSpan(*encode_span(span, _tag_attributes(tags)))
+            extra = {SERVICE_NAME: self._service_name(), **(_tag_attributes(tags) or {})}
+            finished = EncodedSpan(*encode_span(span, extra))
         except Exception:
             _log.internal_error("span encode")
         self._sink().submit(finished, experiment)

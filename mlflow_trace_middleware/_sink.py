@@ -312,13 +312,20 @@ class SpanSink:
                 delay = self._deliver(batch, attempt)
                 if delay is None:
                     attempt = 0
+                    # Few spans left: wait for a fuller batch (cheaper per span, for us and
+                    # for the server) unless someone is waiting for them.
+                    if len(self._queue) < self._max_batch and not (
+                        self._flush_requested or self._closing
+                    ):
+                        break
                     continue
                 attempt += 1
                 # Backoff (and Retry-After) holds even against flush; only shutdown ends it.
                 if self._closing or self._stop.wait(delay):
                     break
             with self._lock:
-                self._flush_requested = False
+                if not self._queue:  # a flush that came meanwhile still finds its spans
+                    self._flush_requested = False
                 if self._closing:
                     self._settled.notify_all()
                     return

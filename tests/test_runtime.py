@@ -305,3 +305,21 @@ def test_ended_spans_are_not_kept_while_their_trace_runs(exporter: InMemoryExpor
     (agent,) = [s for s in spans if s.name == "agent-run"]
     assert agent.attributes is not None
     assert agent.attributes["mlflow.traceTag.still"] == "works"
+
+
+def test_a_trace_evicted_from_mlflows_buffer_is_registered_again(
+    exporter: InMemoryExporter,
+) -> None:
+    from mlflow.tracing.trace_manager import InMemoryTraceManager
+
+    # MLflow's buffer holds 1,000 open traces by default and evicts the oldest: a busy
+    # service can have more open at once.
+    before = mtm.stats().internal_errors
+    with mlflow.start_span("outer") as outer:
+        InMemoryTraceManager.get_instance()._traces.pop(outer.trace_id)
+        with mlflow.start_span("inner"):
+            pass
+    assert mtm.stats().internal_errors == before
+    spans = {s.name: s for s in exporter.finished_spans()}
+    assert spans["inner"].parent is not None
+    assert spans["inner"].parent.span_id == spans["outer"].context.span_id  # type: ignore[union-attr]
