@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint format typecheck demo clean
+.PHONY: venv test test-fast lint format typecheck demo clean bench bench-long
 
 venv: $(STAMP)
 
@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: venv
-	$(BIN)/ruff check mlflow_trace_middleware tests examples
-	$(BIN)/ruff format --check mlflow_trace_middleware tests examples
+	$(BIN)/ruff check mlflow_trace_middleware tests examples benchmarks
+	$(BIN)/ruff format --check mlflow_trace_middleware tests examples benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
 
@@ -24,18 +24,37 @@ test-fast: venv
 	$(BIN)/pytest -m 'not e2e'
 
 lint: venv
-	$(BIN)/ruff check mlflow_trace_middleware tests examples
-	$(BIN)/ruff format --check mlflow_trace_middleware tests examples
+	$(BIN)/ruff check mlflow_trace_middleware tests examples benchmarks
+	$(BIN)/ruff format --check mlflow_trace_middleware tests examples benchmarks
 
 format: venv
-	$(BIN)/ruff check --fix mlflow_trace_middleware tests examples
-	$(BIN)/ruff format mlflow_trace_middleware tests examples
+	$(BIN)/ruff check --fix mlflow_trace_middleware tests examples benchmarks
+	$(BIN)/ruff format mlflow_trace_middleware tests examples benchmarks
 
 typecheck: venv
 	$(BIN)/mypy
 
 demo: venv
 	$(BIN)/python -m examples.demo
+
+# Benchmarks (benchmarks/README.md): the venv with the bench extra, wrk from Debian when
+# missing (as root; otherwise benchmarks/pyload.py generates the load), then RESULTS.md.
+BENCH_STAMP := $(VENV)/.installed-bench
+ENSURE_WRK := command -v wrk >/dev/null 2>&1 || { test "$$(id -u)" = 0 && apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } || \
+	echo "wrk not available: benchmarks/pyload.py generates the load"
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	@$(ENSURE_WRK)
+	$(BIN)/python -m benchmarks.run
+
+bench-long: $(BENCH_STAMP)
+	@$(ENSURE_WRK)
+	$(BIN)/python -m benchmarks.run --long
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo
