@@ -3,7 +3,7 @@
 Contract (README "Delivery guarantees", docs/architecture.md):
 - `submit` is O(1) in the queue length, takes a lock only around a deque append (never held
   across I/O) and never raises;
-- at most `max_queue_spans` spans and `max_queue_bytes` (estimated encoded) bytes are held,
+- at most `max_queue_spans` spans and `max_queue_bytes` bytes of encoded spans are held,
   in-flight batches included; one worker thread, started lazily;
 - at every moment ``produced == exported + pending + sum(dropped.values())``, and every drop has
   a reason;
