@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import inspect
 import threading
 from typing import Any
 
@@ -29,14 +30,9 @@ def ensure_started() -> SpanSink:
 
 
 def _limits(settings: _config.Settings) -> dict[str, Any]:
-    return {
-        "max_queue_spans": settings.max_queue_spans,
-        "max_queue_bytes": settings.max_queue_bytes,
-        "max_batch_spans": settings.max_batch_spans,
-        "max_batch_bytes": settings.max_batch_bytes,
-        "schedule_delay": settings.schedule_delay,
-        "max_retry_time": settings.max_retry_time,
-    }
+    """The settings `SpanSink.set_limits` takes, by the same names."""
+    names = inspect.signature(SpanSink.set_limits).parameters.keys() - {"self"}
+    return {name: getattr(settings, name) for name in names}
 
 
 def get_sink() -> SpanSink:

@@ -191,13 +191,14 @@ class SpanSink:
         span) is kept as it is and encoded by the exporter."""
         payload: Any = span
         scope: Any = None
-        try:
-            if isinstance(span, EncodedSpan):
-                payload, scope = span.data, span.scope
-            size = encoded_size(span)
-        except Exception:
-            _log.internal_error("span size")
-            size = 0
+        if isinstance(span, EncodedSpan):
+            payload, scope, size = span.data, span.scope, len(span.data)
+        else:
+            try:
+                size = encoded_size(span)
+            except Exception:
+                _log.internal_error("span size")
+                size = 0
         with self._lock:
             self._produced += 1
             if self._closing:

@@ -51,10 +51,8 @@ def check_policy(trust: object) -> Trust:
 
 def trusts(policy: Trust, request: Callable[[], InboundRequest]) -> bool:
     """Whether `policy` lets this request's context be continued; a failing policy says no."""
-    if policy == "continue":
-        return True
-    if policy == "restart" or isinstance(policy, str):
-        return False
+    if isinstance(policy, str):  # validated by `check_policy`
+        return policy == "continue"
     try:
         return bool(policy(request()))
     except Exception:

@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import mlflow_trace_middleware as mtm
+from examples.launch import Process, start_mlflow_server
 from mlflow_trace_middleware import _log
 from mlflow_trace_middleware.testing import InMemoryExporter
 
@@ -66,6 +67,14 @@ def echo_url() -> Iterator[str]:
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    """A real `mlflow server` (SQLite in a temp dir, free loopback port) for one test module."""
+    process = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    yield process
+    process.stop()
 
 
 @pytest.fixture

@@ -30,23 +30,16 @@ QUESTION = {"question": "Which region sells most?"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    process = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def experiment_id(server: Process) -> str:
-    return MlflowClient(server.url).create_experiment("e2e")
+def experiment_id(mlflow_server: Process) -> str:
+    return MlflowClient(mlflow_server.url).create_experiment("e2e")
 
 
 @pytest.fixture(scope="module")
 def services(
-    server: Process, experiment_id: str, tmp_path_factory: pytest.TempPathFactory
+    mlflow_server: Process, experiment_id: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Process]]:
     logs = tmp_path_factory.mktemp("logs")
-    env = {"MLFLOW_TRACKING_URI": server.url, "MLFLOW_EXPERIMENT_ID": experiment_id}
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.url, "MLFLOW_EXPERIMENT_ID": experiment_id}
     started: dict[str, Process] = {}
     try:
         started["writer"] = start_uvicorn("writer", "examples.writer:app", logs, env)
@@ -134,9 +127,11 @@ def assert_covers_every_span(trace: Any) -> None:
 
 
 def test_traced_client_stitches_every_service_into_one_trace(
-    server: Process, experiment_id: str, services: dict[str, Process]
+    mlflow_server: Process, experiment_id: str, services: dict[str, Process]
 ) -> None:
-    mtm.configure(tracking_uri=server.url, experiment_id=experiment_id, service_name="client")
+    mtm.configure(
+        tracking_uri=mlflow_server.url, experiment_id=experiment_id, service_name="client"
+    )
     mtm.instrument()
     try:
         with mlflow.start_span("client-root") as root:
@@ -146,7 +141,7 @@ def test_traced_client_stitches_every_service_into_one_trace(
     finally:
         mtm.uninstrument()
 
-    client = MlflowClient(server.url)
+    client = MlflowClient(mlflow_server.url)
     trace = wait_for_trace(client, root.trace_id, spans=13, timeout=15)
     supervisor_port = services["supervisor"].url.rsplit(":", 1)[1]
     call = f"client:POST 127.0.0.1:{supervisor_port}"
@@ -162,9 +157,9 @@ def test_traced_client_stitches_every_service_into_one_trace(
 
 
 def test_plain_client_makes_the_first_service_the_root(
-    server: Process, experiment_id: str, services: dict[str, Process]
+    mlflow_server: Process, experiment_id: str, services: dict[str, Process]
 ) -> None:
-    client = MlflowClient(server.url)
+    client = MlflowClient(mlflow_server.url)
     before = {t.info.trace_id for t in client.search_traces(locations=[experiment_id])}
     response = requests.post(f"{services['supervisor'].url}/ask", json=QUESTION, timeout=30)
     assert response.status_code == 200
@@ -188,19 +183,25 @@ def test_plain_client_makes_the_first_service_the_root(
     assert_covers_every_span(trace)
 
 
-def test_spans_are_flushed_at_interpreter_exit(server: Process, experiment_id: str) -> None:
+def test_spans_are_flushed_at_interpreter_exit(mlflow_server: Process, experiment_id: str) -> None:
     script = (
         "import mlflow, mlflow_trace_middleware as mtm\n"
         "mtm.configure(service_name='short-lived')\n"
         "with mlflow.start_span('exit-test') as span:\n"
         "    print(span.trace_id)\n"
     )
-    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "MLFLOW_EXPERIMENT_ID": experiment_id}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "MLFLOW_EXPERIMENT_ID": experiment_id,
+    }
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    trace = wait_for_trace(MlflowClient(server.url), done.stdout.strip(), spans=1, timeout=10)
+    trace = wait_for_trace(
+        MlflowClient(mlflow_server.url), done.stdout.strip(), spans=1, timeout=10
+    )
     assert trace.data.spans[0].attributes["service.name"] == "short-lived"
 
 

@@ -17,7 +17,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import Process, start_mlflow_server, start_uvicorn
+from examples.launch import Process, start_uvicorn
 
 pytestmark = pytest.mark.e2e
 
@@ -26,24 +26,17 @@ KEY = "e2e-shared-secret"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    process = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: Process) -> MlflowClient:
-    return MlflowClient(server.url)
+def client(mlflow_server: Process) -> MlflowClient:
+    return MlflowClient(mlflow_server.url)
 
 
 @pytest.fixture
-def start(server: Process, tmp_path: Path) -> Iterator[Callable[..., Process]]:
+def start(mlflow_server: Process, tmp_path: Path) -> Iterator[Callable[..., Process]]:
     started: list[Process] = []
 
     def factory(name: str, experiment_id: str, **env: str) -> Process:
         variables = {
-            "MLFLOW_TRACKING_URI": server.url,
+            "MLFLOW_TRACKING_URI": mlflow_server.url,
             "MLFLOW_EXPERIMENT_ID": experiment_id,
             "OTEL_BSP_SCHEDULE_DELAY": "200",
             **env,

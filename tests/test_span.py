@@ -1,5 +1,5 @@
-"""FinishedSpan: the flat form matches the SDK span, encodes as OpenTelemetry's encoder does,
-and leaves the garbage collector alone."""
+"""EncodedSpan: encoding at span end matches OpenTelemetry's encoder, the view reads like the
+SDK span, and queued spans leave the garbage collector alone."""
 
 from __future__ import annotations
 
