@@ -17,7 +17,7 @@ from opentelemetry.semconv.attributes import (
 )
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from . import _config, _log, _mlflow, _propagation, _runtime, _trust
+from . import _config, _lean, _log, _mlflow, _propagation, _runtime, _trust
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # On a client span whose destination is not in the allowlist: no context was sent.
@@ -101,12 +101,7 @@ def start(
             }
             if not allowed:
                 attributes[PROPAGATION] = "blocked"
-            span = _mlflow.tracer().start_span(
-                f"{method} {authority}",
-                context=parent_context,
-                kind=SpanKind.CLIENT,
-                attributes=attributes,
-            )
+            span = _lean.start(f"{method} {authority}", parent_context, SpanKind.CLIENT, attributes)
             context = trace.set_span_in_context(span, parent_context)
         headers: dict[str, str] = {}
         if allowed:

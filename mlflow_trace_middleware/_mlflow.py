@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mlflow.entities.span import create_mlflow_span
 from mlflow.entities.trace_info import TraceInfo
@@ -29,12 +29,15 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace import Span as SdkSpan
-from opentelemetry.trace import SpanKind
+from opentelemetry.sdk.trace import Tracer as SdkTracer
+from opentelemetry.sdk.trace import _Span as _SdkSpan
+from opentelemetry.trace import SpanContext, SpanKind, StatusCode
 
 from . import _log
 from ._span import EncodedSpan, encode_span
 
 if TYPE_CHECKING:
+    from ._lean import LeanSpan
     from ._sink import SpanSink
 
 SERVICE_NAME = "service.name"
@@ -65,6 +68,23 @@ class SinkSpanProcessor(SpanProcessor):
         except Exception:
             _log.internal_error("span start")
 
+    def open(self, span: LeanSpan, experiment: str | None) -> None:
+        """A request span opens a trace segment here; MLflow hears of it only if asked."""
+        context = span.context
+        with self._lock:
+            self._add_root(context.trace_id, context.span_id)
+            if experiment is not None:
+                self._experiments[context.trace_id] = experiment
+
+    def _add_root(self, otel_trace_id: int, span_id: int) -> None:
+        self._roots.setdefault(otel_trace_id, set()).add(span_id)
+        if len(self._roots) > MAX_OPEN_TRACES:
+            # A span that never ends (a response never closed) must not pin memory: forget
+            # the oldest segment; MLflow's own buffer expires it by TTL.
+            oldest = next(iter(self._roots))
+            del self._roots[oldest]
+            self._experiments.pop(oldest, None)
+
     def _register(self, span: SdkSpan) -> None:
         manager = InMemoryTraceManager.get_instance()
         otel_trace_id = span.context.trace_id
@@ -82,38 +102,39 @@ class SinkSpanProcessor(SpanProcessor):
                     state=TraceState.IN_PROGRESS,
                 )
                 manager.register_trace(otel_trace_id, info, is_remote_trace=parent is not None)
-                self._roots.setdefault(otel_trace_id, set()).add(span.context.span_id)
-                if len(self._roots) > MAX_OPEN_TRACES:
-                    # A span that never ends (a response never closed) must not pin memory:
-                    # forget the oldest segment; MLflow's own buffer expires it by TTL.
-                    oldest = next(iter(self._roots))
-                    del self._roots[oldest]
-                    self._experiments.pop(oldest, None)
+                if otel_trace_id not in self._roots:
+                    self._add_root(otel_trace_id, span.context.span_id)
             elif parent is None or parent.is_remote:
-                self._roots.setdefault(otel_trace_id, set()).add(span.context.span_id)
-            experiment = (span.attributes or {}).get(EXPERIMENT)
-            if isinstance(experiment, str) and parent is not None and parent.is_remote:
-                self._experiments[otel_trace_id] = experiment
+                self._add_root(otel_trace_id, span.context.span_id)
         if parent is None:
             span.set_attribute(TRACE_NAME, span.name)
         if span.kind is SpanKind.CLIENT and parent is not None and not parent.is_remote:
-            # Our client spans are never current in user code: nothing looks them up.
+            # Client spans are never current in user code: nothing looks them up.
             return
         manager.register_span(create_mlflow_span(span, trace_id))
 
     def on_end(self, span: ReadableSpan) -> None:
+        self._finish(span, span.context, registered=True)
+
+    def finish(self, span: LeanSpan) -> None:
+        """A span of ours ended; MLflow knows it only if it was materialized."""
+        self._finish(span.shadow or span, span.context, registered=span.shadow is not None)
+
+    def _finish(
+        self, span: ReadableSpan | LeanSpan, context: SpanContext | None, registered: bool
+    ) -> None:
+        if context is None:
+            return
         experiment = None
         tags = None
         try:
-            context = span.context
-            if context is None:
-                return
             experiment = self._experiments.get(context.trace_id)
-            tags = self._release(context.trace_id, context.span_id)
+            tags = self._release(context.trace_id, context.span_id, registered)
         except Exception:
             _log.internal_error("span end")
-        # Whatever failed above, the span itself still goes out.
-        finished: ReadableSpan | EncodedSpan = span
+        # Whatever failed above, the span itself still goes out; one that cannot be encoded
+        # is counted by the sink (`exporter_error`), not lost.
+        finished: Any = span
         try:
             extra = {SERVICE_NAME: self._service_name(), **(_tag_attributes(tags) or {})}
             finished = EncodedSpan(*encode_span(span, extra))
@@ -124,12 +145,13 @@ class SinkSpanProcessor(SpanProcessor):
     def experiment_of(self, otel_trace_id: int) -> str | None:
         return self._experiments.get(otel_trace_id)
 
-    def _release(self, otel_trace_id: int, span_id: int) -> dict[str, str] | None:
+    def _release(self, otel_trace_id: int, span_id: int, registered: bool) -> dict[str, str] | None:
         """Forget the segment when its last local root ends; return the trace's user tags."""
         with self._lock:
             roots = self._roots.get(otel_trace_id)
             if roots is None or span_id not in roots:
-                self._forget_span(otel_trace_id, span_id)
+                if registered:
+                    self._forget_span(otel_trace_id, span_id)
                 return None
             roots.discard(span_id)
             if roots:
@@ -205,24 +227,109 @@ def uninstall() -> None:
 # -- context helpers used by the integrations ---------------------------------------------------
 
 
-_tracer: tuple[object, trace.Tracer] | None = None
+class _Binding(NamedTuple):
+    """MLflow's tracer and context API for the provider in place when they were looked up."""
+
+    isolated_provider: object
+    global_provider: object
+    tracer: trace.Tracer
+    context_api: Any
+
+
+_binding: _Binding | None = None
+_NONE = object()
+
+
+def _bound() -> _Binding:
+    """The cached binding, looked up again when MLflow replaces or resets its provider.
+
+    MLflow reads `MLFLOW_USE_DEFAULT_TRACER_PROVIDER` from the environment on every call that
+    picks its provider or context; once per request, that was a tenth of our cost. Either
+    provider slot changing (MLflow resets them on every reconfiguration) refreshes the binding.
+    """
+    global _binding
+    wrapper = _provider.provider
+    isolated = getattr(wrapper, "_isolated_tracer_provider", _NONE)
+    global_provider = getattr(trace, "_TRACER_PROVIDER", _NONE)
+    cached = _binding
+    if (
+        cached is not None
+        and cached.isolated_provider is isolated
+        and cached.global_provider is global_provider
+        and isolated is not _NONE
+        and (isolated is not None or global_provider is not None)
+    ):
+        return cached
+    fresh = _provider._get_tracer("mlflow_trace_middleware")  # initializes the provider
+    binding = _Binding(
+        getattr(wrapper, "_isolated_tracer_provider", _NONE),
+        getattr(trace, "_TRACER_PROVIDER", _NONE),
+        fresh,
+        _provider.get_context_api(),
+    )
+    _binding = binding
+    return binding
 
 
 def tracer() -> trace.Tracer:
     """MLflow's tracer; cached per provider (getting one builds a new Tracer object each time)."""
-    global _tracer
-    current = _provider.provider.get()
-    cached = _tracer
-    if cached is not None and cached[0] is current and current is not None:
-        return cached[1]
-    fresh = _provider._get_tracer("mlflow_trace_middleware")
-    _tracer = (_provider.provider.get(), fresh)
-    return fresh
+    return _bound().tracer
+
+
+def materialize(span: LeanSpan) -> SdkSpan | None:
+    """Register one of our spans with MLflow, as an SDK span that takes over its state.
+
+    Called when MLflow looks the span up (`mlflow.get_current_active_span()` and the APIs built
+    on it); a request whose handler never asks costs MLflow nothing.
+    """
+    processor = _processor
+    sdk_tracer = tracer()
+    if processor is None or not isinstance(sdk_tracer, SdkTracer) or not span.is_recording():
+        return None
+    try:
+        attributes, events, links, status = span.recorded()
+        # `_Span` is the SDK span a Tracer makes (the public class refuses direct use); a tracer
+        # cannot be asked for a span with ids chosen already.
+        shadow = _SdkSpan(
+            span.name,
+            span.context,
+            parent=span.parent,
+            sampler=sdk_tracer.sampler,
+            resource=sdk_tracer.resource,
+            attributes=attributes,
+            events=events,
+            links=links,
+            kind=span.kind,
+            limits=sdk_tracer._span_limits,
+            instrumentation_scope=span.instrumentation_scope,
+        )
+        shadow.start(start_time=span.start_time)
+        if status.status_code is not StatusCode.UNSET:
+            shadow.set_status(status)
+        processor.on_start(shadow)
+        span.adopt(shadow)
+    except Exception:
+        _log.internal_error("span materialize")
+        return None
+    return shadow
+
+
+def open_segment(span: LeanSpan, experiment: str | None) -> None:
+    processor = _processor
+    if processor is not None:
+        processor.open(span, experiment)
+
+
+def finish(span: LeanSpan) -> None:
+    processor = _processor
+    if processor is not None:
+        processor.finish(span)
 
 
 def current_context() -> Context | None:
     """MLflow's current context (its own runtime context unless unified with OTel's)."""
-    return _provider.get_current_context()
+    api = _bound().context_api
+    return api.get_current() if api is _provider.mlflow_runtime_context else None
 
 
 def routed_experiment(otel_trace_id: int) -> str | None:
@@ -232,12 +339,12 @@ def routed_experiment(otel_trace_id: int) -> str | None:
 
 
 def current_span() -> trace.Span:
-    return trace.get_current_span(_provider.get_current_context())
+    return trace.get_current_span(current_context())
 
 
 def attach(context: Context) -> object:
-    return _provider.get_context_api().attach(context)
+    return _bound().context_api.attach(context)
 
 
 def detach(token: object) -> None:
-    _provider.get_context_api().detach(token)
+    _bound().context_api.detach(token)

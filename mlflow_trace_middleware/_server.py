@@ -18,7 +18,7 @@ from opentelemetry.semconv.attributes import (
 )
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from . import _config, _log, _mlflow, _propagation, _trust
+from . import _config, _lean, _log, _mlflow, _propagation, _trust
 from ._capture import BodyCapture, capturable_headers, is_json
 
 # On a request span that restarted an untrusted inbound context: the caller's traceparent.
@@ -120,6 +120,7 @@ class RequestSpan:
         if options.capture_headers:
             attributes.update(_header_attributes(headers, options.capture_headers))
         links: list[trace.Link] = []
+        experiment = None
         remote = trace.get_current_span(context).get_span_context()
         if remote.is_valid:
 
@@ -137,10 +138,13 @@ class RequestSpan:
                 attributes[RESTARTED_FROM] = _traceparent(remote)
             elif experiment is not None:
                 attributes[_mlflow.EXPERIMENT] = experiment
-        self.span = _mlflow.tracer().start_span(
-            self.method, context=context, kind=SpanKind.SERVER, attributes=attributes, links=links
-        )
-        self.context = trace.set_span_in_context(self.span, context)
+        if links or not remote.is_valid:  # no parent (or a restart): the root of a trace
+            attributes[_mlflow.TRACE_NAME] = self.method
+        span = _lean.start(self.method, context, SpanKind.SERVER, attributes, links)
+        if isinstance(span, _lean.LeanSpan):
+            _mlflow.open_segment(span, experiment)
+        self.span = span
+        self.context = trace.set_span_in_context(span, context)
         self._token = _mlflow.attach(self.context)
 
     def _capture(self, content_type: str | None) -> BodyCapture | None:

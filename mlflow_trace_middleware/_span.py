@@ -23,7 +23,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationSc
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags
-from opentelemetry.sdk.trace import Event
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope as SdkScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from opentelemetry.proto.common.v1.common_pb2 import ArrayValue
-    from opentelemetry.sdk.trace import ReadableSpan
+
+    from ._lean import LeanSpan
 
 Scope = tuple[str, str]  # instrumentation scope (name, version)
 
@@ -41,9 +42,15 @@ _IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 _scopes: dict[Scope, Scope] = {}  # one tuple per scope, shared by every queued span
 
 
-def encode_span(span: ReadableSpan, extra: Mapping[str, Any] | None = None) -> tuple[bytes, Scope]:
-    """A finished SDK span as OTLP `Span` bytes and its scope; `extra` attributes are added
-    (the trace tags of a root)."""
+def encode_span(
+    span: ReadableSpan | LeanSpan, extra: Mapping[str, Any] | None = None
+) -> tuple[bytes, Scope]:
+    """A finished span (SDK or ours) as OTLP `Span` bytes and its scope; `extra` attributes are
+    added (the service name, the trace tags of a root)."""
+    if isinstance(span, ReadableSpan):
+        attributes, events, links, status = span.attributes, span.events, span.links, span.status
+    else:  # ours: its `attributes` property would hand it to MLflow
+        attributes, events, links, status = span.recorded()
     context = span.context
     encoded = PbSpan(
         name=span.name,
@@ -65,26 +72,59 @@ def encode_span(span: ReadableSpan, extra: Mapping[str, Any] | None = None) -> t
     # OTLP: bits 0-7 carry the W3C trace flags (OpenTelemetry Python leaves them out).
     flags = int(context.trace_flags) & 0xFF if context is not None else 0
     encoded.flags = flags | _HAS_IS_REMOTE | (_IS_REMOTE if parent and parent.is_remote else 0)
-    _put(encoded.attributes, span.attributes)
-    if extra:
-        _put(encoded.attributes, extra)
-    for event in span.events:
+    for event in events:
         pb_event = encoded.events.add(name=event.name, time_unix_nano=event.timestamp)
         _put(pb_event.attributes, event.attributes)
-    for link in span.links:
+    for link in links:
         pb_link = encoded.links.add(
             trace_id=link.context.trace_id.to_bytes(16, "big"),
             span_id=link.context.span_id.to_bytes(8, "big"),
             flags=_HAS_IS_REMOTE | (_IS_REMOTE if link.context.is_remote else 0),
         )
         _put(pb_link.attributes, link.attributes)
-    status = span.status
     encoded.status.code = status.status_code.value  # type: ignore[assignment]
     if status.description:
         encoded.status.message = status.description
     scope = span.instrumentation_scope
     key = (scope.name, scope.version or "") if scope else ("", "")
-    return encoded.SerializeToString(), _scopes.setdefault(key, key)
+    data = encoded.SerializeToString() + _attribute_fields(attributes)
+    if extra:
+        data += _attribute_fields(extra)
+    return data, _scopes.setdefault(key, key)
+
+
+_SPAN_ATTRIBUTES = 9  # the field number of `Span.attributes`
+_MAX_FRAGMENTS = 4096
+_MAX_CACHED_VALUE = 256
+# (key, type, value) -> the encoded `Span.attributes` field. Most attributes repeat from span
+# to span (method, route, status, host, service name): the proto library encodes each once.
+_fragments: dict[tuple[str, type, Any], bytes] = {}
+_SCALARS = frozenset({bool, int, float})
+_TEXT = frozenset({str, bytes})
+
+
+def _attribute_fields(attributes: Mapping[str, Any] | None) -> bytes:
+    """Attributes as repeated `Span.attributes` fields (protobuf appends repeated fields)."""
+    if not attributes:
+        return b""
+    fields = []
+    # BoundedAttributes keeps a plain dict inside; iterating that skips the ABC machinery.
+    for key, value in getattr(attributes, "_dict", attributes).items():
+        kind = value.__class__
+        # Scalars only: (1, True) == (1, 1), so sequences would share a cache entry.
+        cacheable = kind in _SCALARS or (kind in _TEXT and len(value) <= _MAX_CACHED_VALUE)
+        cache_key = (key, kind, value) if cacheable else None
+        fragment = _fragments.get(cache_key) if cache_key else None
+        if fragment is None:
+            pair = KeyValue(key=key)
+            _set_value(pair.value, value)
+            fragment = _field(_SPAN_ATTRIBUTES, pair.SerializeToString())
+            if cache_key is not None:
+                if len(_fragments) >= _MAX_FRAGMENTS:
+                    _fragments.clear()
+                _fragments[cache_key] = fragment
+        fields.append(fragment)
+    return b"".join(fields)
 
 
 def _put(target: Any, attributes: Mapping[str, Any] | None) -> None:

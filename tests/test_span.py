@@ -136,3 +136,15 @@ def test_queued_spans_leave_the_garbage_collector_alone() -> None:
     # ... so 1,500 queued spans add nothing that a collection would have to visit.
     assert gc.get_count()[0] <= before + 5
     sink.shutdown(0)
+
+
+def test_values_that_compare_equal_keep_their_own_types() -> None:
+    # True == 1 and (1, True) == (1, 1): encoded attribute pieces are reused across spans,
+    # which must never give one span another's value type.
+    values = [True, 1, 1.0, (1, True), (1, 1), "s", b"s", "x" * 1000, "x" * 1000 + "y"]
+    for _ in range(2):  # the second round is served from the cache
+        for value in values:
+            span = _TRACER.start_span("s", attributes={"k": value})
+            span.end()
+            # repr tells True from 1 and 1.0, inside tuples too.
+            assert repr(EncodedSpan(*encode_span(span)).attributes["k"]) == repr(value)

@@ -1,0 +1,282 @@
+"""Our own spans (one per request, one per outgoing call): plain fields, told to MLflow on demand.
+
+Why not the SDK span MLflow's tracer makes: an SDK span, its bounded attributes and MLflow's
+registration of it (a `LiveSpan`, a trace entry in `InMemoryTraceManager`) cost about 60 µs, as
+much again as a whole hello-world request; these spans are a dozen fields each.
+
+What user code can do with them is unchanged:
+- children (`@mlflow.trace`, `mlflow.start_span`, autolog, client calls) need only the parent's
+  `SpanContext`, which this span has;
+- `trace.get_current_span().set_attribute(...)` and friends are implemented here;
+- MLflow's own lookups (`mlflow.get_current_active_span()`, behind `update_current_trace` and
+  `get_active_trace_id`) read `span.attributes`: that first read registers a shadow SDK span with
+  MLflow (`_mlflow.materialize`), and every later write goes to it.
+
+The sampling decision, ids and trace flags come from MLflow's tracer, exactly as its
+`Tracer.start_span` makes them, so `MLFLOW_TRACE_SAMPLING_RATIO` and MLflow's id generator apply.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import trace
+from opentelemetry.attributes import _clean_attribute_value
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import Event, sampling
+from opentelemetry.sdk.trace import Tracer as SdkTracer
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope as SdkScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.span import TraceState
+
+from . import _mlflow
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import Span as SdkSpan
+    from opentelemetry.util import types
+
+MAX_ATTRIBUTES = 128  # OpenTelemetry's default span attribute count limit
+_UNSET = Status(StatusCode.UNSET)
+SCOPE = SdkScope("mlflow_trace_middleware")
+
+
+class LeanSpan(trace.Span):
+    """A recording span of ours; ended once, then encoded and handed to the sink."""
+
+    # The `ReadableSpan` fields the encoder reads that never vary here.
+    dropped_events = 0
+    dropped_links = 0
+    instrumentation_scope = SCOPE
+
+    __slots__ = (
+        "_attributes",
+        "_events",
+        "_links",
+        "_name",
+        "_shadow",
+        "_status",
+        "context",
+        "dropped_attributes",
+        "end_time",
+        "kind",
+        "parent",
+        "start_time",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        links: Sequence[Link],
+    ) -> None:
+        self._name = name
+        self.context = context
+        self.parent = parent
+        self.kind = kind
+        self._attributes = attributes
+        self._links = tuple(links)
+        self._events: list[Event] = []
+        self._status = _UNSET
+        self._shadow: SdkSpan | None = None
+        self.dropped_attributes = 0
+        self.start_time = time.time_ns()
+        self.end_time: int | None = None
+
+    # -- what MLflow reads ----------------------------------------------------------------
+
+    @property
+    def attributes(self) -> Mapping[str, Any]:
+        """The attributes; reading them through this property hands the span to MLflow."""
+        shadow = self._shadow or _mlflow.materialize(self)
+        return (shadow.attributes or {}) if shadow is not None else dict(self._attributes)
+
+    def adopt(self, shadow: SdkSpan) -> None:
+        """From now on `shadow` (registered with MLflow) holds this span's state."""
+        self._shadow = shadow
+
+    def recorded(self) -> tuple[dict[str, Any], list[Event], tuple[Link, ...], Status]:
+        """The span's own state, without handing it to MLflow (for encoding and tests)."""
+        return self._attributes, self._events, self._links, self._status
+
+    @property
+    def shadow(self) -> SdkSpan | None:
+        return self._shadow
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    # -- opentelemetry.trace.Span --------------------------------------------------------
+
+    def get_span_context(self) -> SpanContext:
+        return self.context
+
+    def is_recording(self) -> bool:
+        return self.end_time is None
+
+    def set_attribute(self, key: str, value: types.AnyValue) -> None:
+        if self._shadow is not None:
+            self._shadow.set_attribute(key, value)
+            return
+        if self.end_time is not None or not key or not isinstance(key, str):
+            return
+        cleaned = _clean_attribute_value(value, None)
+        if cleaned is None:
+            return
+        if key not in self._attributes and len(self._attributes) >= MAX_ATTRIBUTES:
+            self.dropped_attributes += 1
+            return
+        self._attributes[key] = cleaned
+
+    def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
+
+    def add_event(
+        self,
+        name: str,
+        attributes: types.Attributes = None,
+        timestamp: int | None = None,
+    ) -> None:
+        if self._shadow is not None:
+            self._shadow.add_event(name, attributes, timestamp)
+        elif self.end_time is None:
+            self._events.append(Event(name, attributes, timestamp or time.time_ns()))
+
+    def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
+        if self._shadow is not None:
+            self._shadow.add_link(context, attributes)
+        elif self.end_time is None and context.is_valid:
+            self._links = (*self._links, Link(context, attributes))
+
+    def update_name(self, name: str) -> None:
+        if self._shadow is not None:
+            self._shadow.update_name(name)
+        elif self.end_time is None:
+            self._name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self._shadow is not None:
+            self._shadow.set_status(status, description)
+            return
+        # As the SDK: OK is final, UNSET is never set.
+        if self.end_time is not None or self._status.status_code is StatusCode.OK:
+            return
+        if isinstance(status, StatusCode):
+            status = Status(status, description)
+        if status.status_code is not StatusCode.UNSET:
+            self._status = status
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: types.Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        if self._shadow is not None:
+            self._shadow.record_exception(exception, attributes, timestamp, escaped)
+            return
+        module = type(exception).__module__
+        qualname = type(exception).__qualname__
+        recorded: dict[str, Any] = {
+            "exception.type": f"{module}.{qualname}" if module != "builtins" else qualname,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+        }
+        if attributes:
+            recorded.update(attributes)
+        self.add_event("exception", recorded, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self.end_time is not None:
+            return
+        self.end_time = end_time or time.time_ns()
+        if self._shadow is not None:
+            self._shadow.end(self.end_time)
+        _mlflow.finish(self)
+
+    def __repr__(self) -> str:
+        return f"LeanSpan({self._name!r}, trace_id={self.context.trace_id:032x})"
+
+
+def start(
+    name: str,
+    context: Context | None,
+    kind: SpanKind,
+    attributes: dict[str, Any],
+    links: Sequence[Link] = (),
+) -> trace.Span:
+    """A span under `context`, sampled, identified and flagged as MLflow's tracer would do it.
+
+    Returns a `LeanSpan` when sampled, otherwise a non-recording span that carries the decision
+    on (or, with MLflow tracing disabled, whatever MLflow's tracer returns).
+    """
+    tracer = _mlflow.tracer()
+    if not isinstance(tracer, SdkTracer) or not tracer._is_enabled():
+        return tracer.start_span(name, context, kind, attributes, links)
+    parent: SpanContext | None = trace.get_current_span(context).get_span_context()
+    if parent is not None and parent.is_valid:
+        trace_id = parent.trace_id
+        random_trace_id = parent.trace_flags.random_trace_id
+    else:
+        parent = None
+        trace_id = tracer.id_generator.generate_trace_id()
+        random_trace_id = tracer.id_generator.is_trace_id_random()
+    if parent is not None and _follows_parent(tracer.sampler):
+        # What the sampler decides for a child, without its result objects: as the parent.
+        sampled = parent.trace_flags.sampled
+        trace_state: TraceState | None = parent.trace_state
+    else:
+        result = tracer.sampler.should_sample(context, trace_id, name, kind, attributes, links)
+        # RECORD_ONLY records for in-process processors; there are none for our spans.
+        sampled = result.decision is sampling.Decision.RECORD_AND_SAMPLE
+        trace_state = result.trace_state
+        if sampled and result.attributes:
+            attributes.update(result.attributes)
+    flags = TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT
+    if random_trace_id:
+        flags |= TraceFlags.RANDOM_TRACE_ID
+    span_context = SpanContext(
+        trace_id,
+        tracer.id_generator.generate_span_id(),
+        is_remote=False,
+        trace_flags=TraceFlags(flags),
+        trace_state=trace_state,
+    )
+    if not sampled:
+        return trace.NonRecordingSpan(span_context)
+    return LeanSpan(name, span_context, parent, kind, attributes, links)
+
+
+def _follows_parent(sampler: sampling.Sampler) -> bool:
+    """Whether `sampler` samples every child as its parent was (MLflow's and OTel's default)."""
+    global _checked
+    if _checked[0] is sampler:
+        return _checked[1]
+    delegates = tuple(getattr(sampler, name, None) for name in _PARENT_DELEGATES)
+    follows = isinstance(sampler, sampling.ParentBased) and delegates == _PARENT_DEFAULTS
+    _checked = (sampler, follows)
+    return follows
+
+
+_PARENT_DELEGATES = (
+    "_remote_parent_sampled",
+    "_remote_parent_not_sampled",
+    "_local_parent_sampled",
+    "_local_parent_not_sampled",
+)
+_PARENT_DEFAULTS = (
+    sampling.ALWAYS_ON,
+    sampling.ALWAYS_OFF,
+    sampling.ALWAYS_ON,
+    sampling.ALWAYS_OFF,
+)
+_checked: tuple[object, bool] = (None, False)

@@ -1,0 +1,272 @@
+"""Our own request and client spans (`_lean.py`): what user code and MLflow can do with them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import mlflow
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+from hypothesis import given
+from hypothesis import strategies as st
+from mlflow.entities import SpanEvent
+from mlflow.tracing import provider as mlflow_provider
+from mlflow.tracing.trace_manager import InMemoryTraceManager
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
+from opentelemetry.trace.span import TraceState
+
+from mlflow_trace_middleware import MlflowTracingMiddleware, _lean, _mlflow
+from mlflow_trace_middleware.testing import InMemoryExporter
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PARENT_ID = "b7ad6b7169203331"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+
+
+def make_app() -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(MlflowTracingMiddleware)
+
+    @mlflow.trace
+    def step() -> int:
+        return 1
+
+    @app.get("/plain")
+    def plain() -> dict[str, int]:
+        return {"ok": 1}
+
+    @app.get("/child")
+    def child() -> dict[str, int]:
+        return {"value": step()}
+
+    @app.get("/tagged")
+    def tagged() -> dict[str, Any]:
+        mlflow.update_current_trace(tags={"user": "u-42"})
+        active = mlflow.get_current_active_span()
+        assert active is not None
+        active.set_attribute("via.mlflow", "yes")
+        active.add_event(SpanEvent("checkpoint"))
+        return {"trace_id": mlflow.get_active_trace_id(), "span_id": active.span_id}
+
+    @app.get("/generator")
+    def generator() -> StreamingResponse:
+        @mlflow.trace
+        def tokens() -> Iterator[str]:
+            yield "a"
+            yield "b"
+
+        return StreamingResponse(tokens(), media_type="text/plain")
+
+    return app
+
+
+class Client:
+    """Requests into an ASGI app, one event loop per request (handlers here are sync)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        async def send() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://svc.test") as c:
+                return await c.get(path, headers=headers)
+
+        return asyncio.run(send())
+
+
+@pytest.fixture
+def app(exporter: InMemoryExporter) -> Client:
+    return Client(make_app())
+
+
+def _by_name(exporter: InMemoryExporter) -> dict[str, Any]:
+    return {span.name: span for span in exporter.finished_spans()}
+
+
+def _nothing_left_in_mlflow() -> None:
+    manager = InMemoryTraceManager.get_instance()
+    assert not manager._traces
+    assert _mlflow._processor is not None
+    assert not _mlflow._processor._roots
+
+
+def test_a_plain_request_never_reaches_mlflows_trace_manager(
+    app: Client, exporter: InMemoryExporter
+) -> None:
+    registered: list[Any] = []
+    manager = InMemoryTraceManager.get_instance()
+    original = manager.register_trace
+    manager.register_trace = lambda *a, **k: registered.append(a) or original(*a, **k)  # type: ignore[method-assign]
+    try:
+        assert app.get("/plain", headers={"traceparent": TRACEPARENT}).status_code == 200
+    finally:
+        del manager.register_trace
+    (server,) = exporter.finished_spans()
+    assert server.name == "GET /plain"
+    assert format(server.parent.span_id, "016x") == PARENT_ID
+    assert registered == []
+    _nothing_left_in_mlflow()
+
+
+def test_handler_spans_nest_under_the_request_span(app: Client, exporter: InMemoryExporter) -> None:
+    app.get("/child", headers={"traceparent": TRACEPARENT})
+    spans = _by_name(exporter)
+    server, step = spans["GET /child"], spans["step"]
+    assert step.parent.span_id == server.context.span_id
+    assert step.context.trace_id == server.context.trace_id == int(TRACE_ID, 16)
+    assert not step.parent.is_remote
+    _nothing_left_in_mlflow()
+
+
+def test_mlflows_trace_api_works_in_a_handler_without_spans_of_its_own(
+    app: Client, exporter: InMemoryExporter
+) -> None:
+    body = app.get("/tagged").json()
+    (server,) = exporter.finished_spans()
+    assert body["span_id"] == format(server.context.span_id, "016x")
+    assert body["trace_id"] == f"tr-{server.context.trace_id:032x}"
+    attributes = server.attributes
+    # The root's trace tags, the user's writes through both APIs, and ours after them.
+    assert attributes["mlflow.traceTag.user"] == "u-42"
+    assert json.loads(attributes["via.mlflow"]) == "yes"  # MLflow stores values as JSON
+    assert [event.name for event in server.events] == ["checkpoint"]
+    assert attributes["http.route"] == "/tagged"
+    assert attributes["http.response.status_code"] == 200
+    assert attributes["mlflow.traceTag.mlflow.traceName"] == "GET /tagged"
+    assert server.status.status_code is StatusCode.OK
+    _nothing_left_in_mlflow()
+
+
+def test_the_opentelemetry_span_api_writes_into_the_span(exporter: InMemoryExporter) -> None:
+    # What `trace.get_current_span()` gives user code when MLflow shares OpenTelemetry's context.
+    span = _lean.LeanSpan("x", SpanContext(7, 8, False), None, SpanKind.SERVER, {}, ())
+    span.set_attributes({"tenant": "acme", "n": 3})
+    span.add_event("cache-miss", {"key": "k"})
+    span.add_link(SpanContext(9, 10, True), {"why": "batch"})
+    span.update_name("renamed")
+    span.set_status(StatusCode.ERROR, "degraded")
+    span.set_status(StatusCode.UNSET)  # never set, as the SDK
+    span.end()
+    (exported,) = exporter.finished_spans()
+    assert exported.name == "renamed"
+    assert {"tenant": "acme", "n": 3}.items() <= exported.attributes.items()
+    assert [(e.name, dict(e.attributes)) for e in exported.events] == [("cache-miss", {"key": "k"})]
+    assert [(link.context.span_id, dict(link.attributes)) for link in exported.links] == [
+        (10, {"why": "batch"})
+    ]
+    assert (exported.status.status_code, exported.status.description) == (
+        StatusCode.ERROR,
+        "degraded",
+    )
+
+
+def test_a_traced_generator_nests_under_the_request_span(
+    app: Client, exporter: InMemoryExporter
+) -> None:
+    assert app.get("/generator").text == "ab"
+    spans = _by_name(exporter)
+    assert spans["tokens"].parent.span_id == spans["GET /generator"].context.span_id
+    _nothing_left_in_mlflow()
+
+
+@pytest.fixture
+def sampling_ratio(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("MLFLOW_TRACE_SAMPLING_RATIO", "0")
+    mlflow_provider.provider.reset()
+    yield
+    monkeypatch.delenv("MLFLOW_TRACE_SAMPLING_RATIO")
+    mlflow_provider.provider.reset()
+
+
+def test_mlflows_sampling_ratio_decides_for_new_traces(
+    sampling_ratio: None, exporter: InMemoryExporter, echo_url: str
+) -> None:
+    app = FastAPI()
+    app.add_middleware(MlflowTracingMiddleware)
+
+    @app.get("/")
+    def call() -> dict[str, str]:
+        return httpx.get(echo_url).json()  # type: ignore[no-any-return]
+
+    client = Client(app)
+    unsampled = client.get("/").json()["traceparent"]
+    continued = client.get("/", headers={"traceparent": TRACEPARENT}).json()["traceparent"]
+    # Ratio 0: the new trace is not recorded, and the decision travels on.
+    assert int(unsampled.split("-")[3], 16) & 1 == 0
+    # A sampled caller's decision is followed (MLflow's sampler is parent-based).
+    assert continued.split("-")[1] == TRACE_ID
+    assert continued.endswith("-01")
+    spans = exporter.finished_spans()
+    assert [span.name for span in spans if span.kind is SpanKind.SERVER] == ["GET /"]
+    assert all(span.context.trace_id == int(TRACE_ID, 16) for span in spans)
+
+
+_flags = st.sampled_from([0x00, 0x01, 0x02, 0x03])
+_states = st.sampled_from([TraceState(), TraceState([("vendor", "x"), ("other", "y")])])
+
+
+@given(flags=_flags, state=_states, remote=st.booleans(), kind=st.sampled_from(list(SpanKind)))
+def test_ids_flags_and_state_are_those_the_sdk_tracer_would_give(
+    flags: int, state: TraceState, remote: bool, kind: SpanKind
+) -> None:
+    parent = SpanContext(int(TRACE_ID, 16), int(PARENT_ID, 16), remote, TraceFlags(flags), state)
+    context = trace.set_span_in_context(NonRecordingSpan(parent))
+    sdk = TracerProvider(sampler=ParentBased(ALWAYS_ON)).get_tracer("t")
+    expected = sdk.start_span("x", context, kind)
+    ours = _lean.start("x", context, kind, {})
+    assert type(ours) is (_lean.LeanSpan if expected.is_recording() else NonRecordingSpan)
+    got, want = ours.get_span_context(), expected.get_span_context()
+    assert (got.trace_id, got.trace_flags, got.trace_state, got.is_remote) == (
+        want.trace_id,
+        want.trace_flags,
+        want.trace_state,
+        want.is_remote,
+    )
+    assert got.span_id != parent.span_id
+
+
+def test_exceptions_are_recorded_as_the_sdk_records_them() -> None:
+    span = _lean.LeanSpan("x", SpanContext(1, 2, False), None, SpanKind.SERVER, {}, ())
+    sdk_span = TracerProvider().get_tracer("t").start_span("x")
+    for target in (span, sdk_span):
+        try:
+            raise ValueError("bad input")  # on one line: the same stack trace for both
+        except ValueError as exc:
+            target.record_exception(exc, {"extra": 1}, escaped=True)
+    (ours,) = span.recorded()[1]
+    (theirs,) = sdk_span.events  # type: ignore[attr-defined]
+    assert ours.name == theirs.name == "exception"
+    assert dict(ours.attributes) == dict(theirs.attributes)
+
+
+def test_attributes_past_the_limit_are_counted_not_kept() -> None:
+    span = _lean.LeanSpan("x", SpanContext(1, 2, False), None, SpanKind.SERVER, {}, ())
+    for i in range(_lean.MAX_ATTRIBUTES + 10):
+        span.set_attribute(f"k{i}", i)
+    span.set_attribute("k0", "replaced")  # an existing key is not a new attribute
+    span.set_attribute("bad", object())  # not an attribute value: ignored
+    attributes = span.recorded()[0]
+    assert len(attributes) == _lean.MAX_ATTRIBUTES
+    assert attributes["k0"] == "replaced"
+    assert span.dropped_attributes == 10
+
+
+def test_an_ended_span_ignores_writes_and_is_never_registered(exporter: InMemoryExporter) -> None:
+    span = _lean.LeanSpan("x", SpanContext(7, 8, False), None, SpanKind.SERVER, {"a": 1}, ())
+    span.end()
+    span.set_attribute("late", True)
+    span.update_name("renamed")
+    span.end()  # twice: still one span
+    assert dict(span.attributes) == {"a": 1}
+    assert span.shadow is None
+    (exported,) = exporter.finished_spans()
+    assert (exported.name, exported.attributes.get("late")) == ("x", None)
