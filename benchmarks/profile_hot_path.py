@@ -246,7 +246,6 @@ def profile_inprocess(requests: int, batches: int) -> dict[str, Any]:
             return app
 
         apps = {"bare": build(False), "ours": build(True)}
-        apps["ours, gc.freeze()"] = apps["ours"]
         loop = asyncio.new_event_loop()
         gc_log = _GcLog()
 
@@ -267,16 +266,9 @@ def profile_inprocess(requests: int, batches: int) -> dict[str, Any]:
         samples: dict[str, list[tuple[float, dict[str, float]]]] = {name: [] for name in apps}
         gc.callbacks.append(gc_log.callback)
         try:
-            # Bare and ours alternate; the frozen runs come after them, since freezing
-            # starts with a full collection that would reset the collector's counters.
-            for _ in range(batches):
+            for _ in range(batches):  # bare and ours alternate
                 for name in ("bare", "ours"):
                     samples[name].append(batch(apps[name]))
-            gc.collect()
-            gc.freeze()
-            for _ in range(batches):
-                samples["ours, gc.freeze()"].append(batch(apps["ours"]))
-            gc.unfreeze()
         finally:
             gc.callbacks.remove(gc_log.callback)
         # CPU time of this thread: wall time would bill GIL waits to whatever runs here.
@@ -310,6 +302,7 @@ def profile_inprocess(requests: int, batches: int) -> dict[str, Any]:
         "extra_cpu_us": ours - bare,
         "variants": variants,
         "gc_objects": len(gc.get_objects()),
+        "gc_frozen": gc.get_freeze_count(),
         "cprofile": text.getvalue(),
     }
 

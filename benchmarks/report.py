@@ -17,7 +17,7 @@ LABELS = {
     "passthrough": "do-nothing middleware",
     "ours-mlflow": "ours → mlflow server",
     "ours-null": "ours → null OTLP",
-    "ours-null-gcfreeze": "ours → null OTLP, gc.freeze() at startup",
+    "ours-null-nofreeze": "ours → null OTLP, startup heap not frozen",
     "otel": "OTel contrib + batch → null OTLP",
     "mlflow-manual": "MLflow manual API → mlflow server",
 }
@@ -445,11 +445,11 @@ def _profile(profile: dict[str, Any]) -> list[str]:
             "In-process, the ASGI app called directly (no sockets; the sink exports to a null "
             "OTLP server and each batch ends with a flush): CPU per request, the part spent on "
             "the request path (calling thread), and garbage collection "
-            f"({inprocess['gc_objects']:,} objects tracked in the process, most of them "
-            "MLflow's and its dependencies' import-time objects). Requests run one at a time "
-            "here, so few objects are alive at each young collection; under concurrent load "
-            "the in-flight requests' objects are promoted and full collections follow (the GC "
-            "columns of the request-overhead tables):",
+            f"({inprocess.get('gc_frozen', 0):,} startup objects frozen when the middleware "
+            f"started, {inprocess['gc_objects']:,} objects still tracked). Requests run one at "
+            "a time here, so few objects are alive at each young collection; under concurrent "
+            "load the in-flight requests' objects are promoted and full collections follow (the "
+            "GC columns of the request-overhead tables):",
             "",
             *gc_table(inprocess["variants"]),
             "",

@@ -9,8 +9,8 @@
 | `ours-mlflow`   | `MlflowTracingMiddleware` / `MlflowTracingWSGIMiddleware`, sink to a real     |
 |                 | `mlflow server` (`MLFLOW_TRACKING_URI`)                                       |
 | `ours-null`     | the same, sink to a null OTLP endpoint (`MLFLOW_TRACKING_URI` = null server)  |
-| `ours-null-gcfreeze` | `ours-null`, and `gc.freeze()` once the app is built (an experiment: full |
-|                 | collections then skip the ~150k objects of the imports, see RESULTS.md)      |
+| `ours-null-nofreeze` | `ours-null` with `MLFLOW_TRACE_FREEZE_GC=0`: the startup heap is left to |
+|                 | the collector (what the freeze saves, see RESULTS.md)                         |
 | `otel`          | OpenTelemetry contrib (FastAPI instrumentation; for Flask the WSGI middleware  |
 |                 | the Flask instrumentation builds on), `BatchSpanProcessor` + OTLP/HTTP        |
 |                 | exporter to the null endpoint (`BENCH_OTLP_URL`); one span per request        |
@@ -39,7 +39,7 @@ VARIANTS = (
     "passthrough",
     "ours-mlflow",
     "ours-null",
-    "ours-null-gcfreeze",
+    "ours-null-nofreeze",
     "otel",
     "mlflow-manual",
 )
@@ -146,8 +146,8 @@ def apply_asgi(app: FastAPI, name: str) -> None:
     elif name.startswith("ours"):
         from mlflow_trace_middleware import MlflowTracingMiddleware
 
-        app.add_middleware(MlflowTracingMiddleware, exclude_paths=SKIP_PATHS)
         _maybe_freeze(name)
+        app.add_middleware(MlflowTracingMiddleware, exclude_paths=SKIP_PATHS)
     elif name == "otel":
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
@@ -205,8 +205,8 @@ def apply_wsgi(app: Flask, name: str) -> None:
     elif name.startswith("ours"):
         from mlflow_trace_middleware import MlflowTracingWSGIMiddleware
 
-        wsgi = MlflowTracingWSGIMiddleware(wsgi, exclude_paths=SKIP_PATHS)
         _maybe_freeze(name)
+        wsgi = MlflowTracingWSGIMiddleware(wsgi, exclude_paths=SKIP_PATHS)
     elif name == "otel":
         from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
 
@@ -217,11 +217,8 @@ def apply_wsgi(app: Flask, name: str) -> None:
 
 
 def _maybe_freeze(name: str) -> None:
-    if name.endswith("gcfreeze"):
-        import gc
-
-        gc.collect()
-        gc.freeze()
+    if name.endswith("nofreeze"):
+        os.environ["MLFLOW_TRACE_FREEZE_GC"] = "0"  # read when the middleware starts the sink
 
 
 def _otel_provider() -> Any:

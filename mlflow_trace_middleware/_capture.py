@@ -71,8 +71,15 @@ class BodyCapture:
             return None
         if self.size > self.limit:
             return json.dumps(f"[body truncated: {self.size} bytes, capture limit {self.limit}]")
+        raw = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         try:
-            value = json.loads(b"".join(self._chunks))
+            try:
+                text = raw.decode()
+            except UnicodeDecodeError:  # JSON may also come as UTF-16 or UTF-32
+                text = ""
+            value = json.loads(text or raw)
         except ValueError:
             return json.dumps("[body is not valid JSON]")
+        if text and not _SECRET_KEY.search(text):
+            return text  # valid JSON, and nothing anywhere in it looks like a secret's key
         return json.dumps(redact(value), ensure_ascii=False)

@@ -159,6 +159,8 @@ class SinkSpanProcessor(SpanProcessor):
             del self._roots[otel_trace_id]
             self._experiments.pop(otel_trace_id, None)
             manager = InMemoryTraceManager.get_instance()
+            if otel_trace_id not in manager._otel_id_to_mlflow_trace_id:
+                return None  # MLflow never heard of this trace (a request with no MLflow spans)
             # Not `pop_trace`: it converts every span to an immutable copy we do not need.
             with manager._lock:
                 trace_id = manager._otel_id_to_mlflow_trace_id.pop(otel_trace_id, None)

@@ -24,6 +24,7 @@ from ._capture import BodyCapture, capturable_headers, is_json
 # On a request span that restarted an untrusted inbound context: the caller's traceparent.
 RESTARTED_FROM = "mlflow_trace_middleware.untrusted_parent"
 
+_URL_DELIMITERS = frozenset("[]:@/?#\\")
 _KNOWN_METHODS = frozenset(
     {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"}
 )
@@ -241,6 +242,16 @@ def server_address(
 ) -> tuple[str, int | None] | None:
     """`server.address`/`server.port` from the Host header, else the socket's own address."""
     if host_header:
+        host, colon, port = host_header.rpartition(":")
+        if (
+            colon
+            and port.isascii()
+            and port.isdigit()
+            and int(port) <= 65535
+            and host
+            and not _URL_DELIMITERS.intersection(host)
+        ):
+            return host.lower(), int(port)  # the common `name:port`, without a URL parser
         try:
             url = urllib.parse.urlsplit("//" + host_header)
             if url.hostname:

@@ -221,7 +221,8 @@ class SpanSink:
                 worker = self._worker = threading.Thread(
                     target=self._run, name="mlflow-trace-sink", daemon=True
                 )
-            wake = len(self._queue) >= self._max_batch
+            # Once per full batch: setting an Event takes its lock and wakes a thread.
+            wake = len(self._queue) >= self._max_batch and not self._wake.is_set()
         if worker is not None:
             try:
                 worker.start()

@@ -52,26 +52,29 @@ def encode_span(
     else:  # ours: its `attributes` property would hand it to MLflow
         attributes, events, links, status = span.recorded()
     context = span.context
+    parent = span.parent
     encoded = PbSpan(
         name=span.name,
-        kind=span.kind.value + 1,  # type: ignore[arg-type]  # INTERNAL (0) is SPAN_KIND_INTERNAL (1)
+        kind=_KINDS[span.kind],  # type: ignore[arg-type]
         start_time_unix_nano=span.start_time or 0,
         end_time_unix_nano=span.end_time or 0,
-        dropped_attributes_count=span.dropped_attributes,
-        dropped_events_count=span.dropped_events,
-        dropped_links_count=span.dropped_links,
     )
+    if span.dropped_attributes or span.dropped_events or span.dropped_links:
+        encoded.dropped_attributes_count = span.dropped_attributes
+        encoded.dropped_events_count = span.dropped_events
+        encoded.dropped_links_count = span.dropped_links
+    # OTLP: bits 0-7 carry the W3C trace flags (OpenTelemetry Python leaves them out).
+    flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
     if context is not None:
         encoded.trace_id = context.trace_id.to_bytes(16, "big")
         encoded.span_id = context.span_id.to_bytes(8, "big")
-        if context.trace_state:
-            encoded.trace_state = context.trace_state.to_header()
-    parent = span.parent
+        trace_state = context.trace_state
+        if trace_state:
+            encoded.trace_state = trace_state.to_header()
+        flags |= context.trace_flags & 0xFF
     if parent is not None:
         encoded.parent_span_id = parent.span_id.to_bytes(8, "big")
-    # OTLP: bits 0-7 carry the W3C trace flags (OpenTelemetry Python leaves them out).
-    flags = int(context.trace_flags) & 0xFF if context is not None else 0
-    encoded.flags = flags | _HAS_IS_REMOTE | (_IS_REMOTE if parent and parent.is_remote else 0)
+    encoded.flags = flags
     for event in events:
         pb_event = encoded.events.add(name=event.name, time_unix_nano=event.timestamp)
         _put(pb_event.attributes, event.attributes)
@@ -82,15 +85,33 @@ def encode_span(
             flags=_HAS_IS_REMOTE | (_IS_REMOTE if link.context.is_remote else 0),
         )
         _put(pb_link.attributes, link.attributes)
-    encoded.status.code = status.status_code.value  # type: ignore[assignment]
+    encoded.status.code = _CODES[status.status_code]  # type: ignore[assignment]
     if status.description:
         encoded.status.message = status.description
-    scope = span.instrumentation_scope
-    key = (scope.name, scope.version or "") if scope else ("", "")
     data = encoded.SerializeToString() + _attribute_fields(attributes)
     if extra:
         data += _attribute_fields(extra)
-    return data, _scopes.setdefault(key, key)
+    return data, _scope_of(span.instrumentation_scope)
+
+
+def _scope_of(scope: SdkScope | None) -> Scope:
+    """One shared (name, version) tuple per scope, for every queued span of it."""
+    # By identity: hashing a scope builds a tuple of its fields every time.
+    cached = _scope_keys.get(id(scope))
+    if cached is not None and cached[0] is scope:
+        return cached[1]
+    key = (scope.name, scope.version or "") if scope else ("", "")
+    key = _scopes.setdefault(key, key)
+    if len(_scope_keys) >= 64:  # scopes are few and long-lived; a churn of them is not
+        _scope_keys.clear()
+    _scope_keys[id(scope)] = (scope, key)
+    return key
+
+
+# Enum `.value` is a property; a dict lookup is cheaper on every span.
+_KINDS = {kind: kind.value + 1 for kind in SpanKind}  # INTERNAL (0) is SPAN_KIND_INTERNAL (1)
+_CODES = {code: code.value for code in StatusCode}
+_scope_keys: dict[int, tuple[SdkScope | None, Scope]] = {}
 
 
 _SPAN_ATTRIBUTES = 9  # the field number of `Span.attributes`
@@ -100,6 +121,7 @@ _MAX_CACHED_VALUE = 256
 # to span (method, route, status, host, service name): the proto library encodes each once.
 _fragments: dict[tuple[str, type, Any], bytes] = {}
 _SCALARS = frozenset({bool, int, float})
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
 _TEXT = frozenset({str, bytes})
 
 
@@ -173,11 +195,12 @@ def encode(spans: Iterable[Any], service_name: str) -> bytes:
     resource = Resource(
         attributes=[KeyValue(key="service.name", value=AnyValue(string_value=service_name))]
     )
-    scope_spans = [
-        _field(1, InstrumentationScope(name=name, version=version).SerializeToString())
-        + b"".join(_field(2, data) for data in datas)
-        for (name, version), datas in by_scope.items()
-    ]
+    scope_spans = []
+    for (name, version), datas in by_scope.items():
+        parts = [_field(1, InstrumentationScope(name=name, version=version).SerializeToString())]
+        for data in datas:  # ScopeSpans.spans = 2
+            parts += (b"\x12", _varint(len(data)), data)
+        scope_spans.append(b"".join(parts))
     # ResourceSpans: resource = 1, scope_spans = 2; ExportTraceServiceRequest: resource_spans = 1.
     resource_spans = _field(1, resource.SerializeToString()) + b"".join(
         _field(2, part) for part in scope_spans
@@ -191,6 +214,10 @@ def _field(number: int, payload: bytes) -> bytes:
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE[value]
+    if value < 0x4000:  # most spans
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)

@@ -2,15 +2,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
+import urllib.parse
 from collections.abc import Sequence
 
 import mlflow
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import ReadableSpan
 
 import mlflow_trace_middleware as mtm
-from mlflow_trace_middleware import _config, _runtime
+from mlflow_trace_middleware import _config, _runtime, _server
 from mlflow_trace_middleware._capture import BodyCapture, redact
 from mlflow_trace_middleware._sink import ExportResult
 from mlflow_trace_middleware.testing import InMemoryExporter
@@ -204,6 +210,14 @@ def test_stats_account_for_every_span(exporter: InMemoryExporter) -> None:
             id="truncated",
         ),
         pytest.param(b"{not json", 100, "[body is not valid JSON]", id="invalid"),
+        pytest.param(
+            b'{"note": "my token expired", "auth": {"scheme": "x"}}', 100,
+            {"note": "my token expired", "auth": "[REDACTED]"}, id="secret-word-in-a-value",
+        ),
+        pytest.param(
+            '{"secret": "s", "a": "\u00e9"}'.encode("utf-16"), 100,
+            {"secret": "[REDACTED]", "a": "\u00e9"}, id="utf-16",
+        ),
     ],
 )  # fmt: skip
 def test_body_capture(body: bytes, limit: int, expected: object) -> None:
@@ -323,3 +337,47 @@ def test_a_trace_evicted_from_mlflows_buffer_is_registered_again(
     spans = {s.name: s for s in exporter.finished_spans()}
     assert spans["inner"].parent is not None
     assert spans["inner"].parent.span_id == spans["outer"].context.span_id  # type: ignore[union-attr]
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet="aZ9.-_:[]@/?#\\%é ", max_size=24))
+def test_host_header_fast_path_agrees_with_the_url_parser(host: str) -> None:
+    fallback = ("10.0.0.1", 80)
+
+    def parsed() -> tuple[str, int | None]:
+        try:
+            url = urllib.parse.urlsplit("//" + host)
+            if url.hostname:
+                return url.hostname, url.port
+        except ValueError:
+            pass
+        return fallback
+
+    assert _server.server_address(host, fallback) == parsed()
+
+
+@pytest.mark.parametrize(("env", "frozen"), [({}, True), ({"MLFLOW_TRACE_FREEZE_GC": "0"}, False)])
+def test_starting_freezes_the_startup_heap_unless_told_not_to(
+    env: dict[str, str], frozen: bool
+) -> None:
+    # A fresh interpreter: the test process's own heap is frozen already.
+    code = (
+        "import gc, mlflow_trace_middleware as m\n"
+        "from mlflow_trace_middleware import _runtime\n"
+        "assert gc.get_freeze_count() == 0\n"
+        "_runtime.ensure_started()\n"
+        "print(gc.get_freeze_count())\n"
+    )
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    environment.pop("MLFLOW_TRACE_FREEZE_GC", None)
+    environment.update(env)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    count = int(done.stdout)
+    # MLflow's import alone is about 100,000 objects.
+    if frozen:
+        assert count > 50_000
+    else:
+        assert count == 0

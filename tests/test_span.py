@@ -6,6 +6,9 @@ from __future__ import annotations
 import gc
 
 import pytest
+from google.protobuf.internal.encoder import _VarintBytes
+from hypothesis import given
+from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -15,7 +18,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.trace.span import TraceState
 
 from mlflow_trace_middleware._sink import SpanSink
-from mlflow_trace_middleware._span import EncodedSpan, encode, encode_span
+from mlflow_trace_middleware._span import EncodedSpan, _varint, encode, encode_span
 from mlflow_trace_middleware.testing import InMemoryExporter
 
 _TRACER = TracerProvider().get_tracer("scope-name", "1.2.3")
@@ -148,3 +151,8 @@ def test_values_that_compare_equal_keep_their_own_types() -> None:
             span.end()
             # repr tells True from 1 and 1.0, inside tuples too.
             assert repr(EncodedSpan(*encode_span(span)).attributes["k"]) == repr(value)
+
+
+@given(st.integers(min_value=0, max_value=2**40))
+def test_lengths_are_framed_as_protobuf_frames_them(value: int) -> None:
+    assert _varint(value) == _VarintBytes(value)
