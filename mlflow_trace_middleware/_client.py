@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator, MutableMapping
-from contextlib import contextmanager
+from collections.abc import MutableMapping
 from typing import Any
 
 from opentelemetry import trace
@@ -50,9 +49,9 @@ class ClientCall:
                 span.set_status(Status(StatusCode.ERROR, type(error).__qualname__))
             elif status is not None and status >= 400:
                 span.set_attribute(error_attributes.ERROR_TYPE, str(status))
-                span.set_status(Status(StatusCode.ERROR))
+                span.set_status(_lean.ERROR)
             elif error is None:
-                span.set_status(Status(StatusCode.OK))
+                span.set_status(_lean.OK)
         except Exception:
             _log.internal_error("client span end")
         finally:
@@ -106,7 +105,8 @@ def start(
         headers: dict[str, str] = {}
         if allowed:
             _propagation.inject(headers, context, _our_entry(context))  # type: ignore[arg-type]
-            outgoing.update(headers)
+            for name, value in headers.items():  # cheaper than update() for httpx.Headers
+                outgoing[name] = value
         return ClientCall(span, headers)
     except Exception:
         _log.internal_error("client span start")
@@ -115,15 +115,25 @@ def start(
 
 def _our_entry(context: Context) -> tuple[str, str] | None:
     """Our tracestate member: the experiment of the trace's root service, signed if keyed."""
+    global _unsigned
     span_context = trace.get_current_span(context).get_span_context()
     experiment = _mlflow.routed_experiment(span_context.trace_id) or _runtime.own_experiment()
-    return _trust.entry(span_context, experiment, _config.get_settings().signing_keys)
+    keys = _config.get_settings().signing_keys
+    if keys:  # signed: the signature covers this span's ids
+        return _trust.entry(span_context, experiment, keys)
+    if _unsigned[0] != experiment:
+        _unsigned = (experiment, _trust.entry(span_context, experiment, keys))
+    return _unsigned[1]
 
 
-@contextmanager
-def in_call() -> Iterator[None]:
-    token = _in_call.set(True)
-    try:
-        yield
-    finally:
-        _in_call.reset(token)
+_unsigned: tuple[str | None, tuple[str, str] | None] = ("", None)  # the last unsigned entry
+
+
+def enter_call() -> contextvars.Token[bool]:
+    """Mark a traced call as running (reset with `exit_call`): an inner patched transport
+    then leaves it alone. A pair of calls, not a context manager: this is on every call."""
+    return _in_call.set(True)
+
+
+def exit_call(token: contextvars.Token[bool]) -> None:
+    _in_call.reset(token)

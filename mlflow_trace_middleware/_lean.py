@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 MAX_ATTRIBUTES = 128  # OpenTelemetry's default span attribute count limit
 _UNSET = Status(StatusCode.UNSET)
+# Statuses are immutable: one of each, not a new object (and its checks) per span.
+OK = Status(StatusCode.OK)
+ERROR = Status(StatusCode.ERROR)
 SCOPE = SdkScope("mlflow_trace_middleware")
 
 

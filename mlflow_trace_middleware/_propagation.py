@@ -148,10 +148,14 @@ def inject(
     headers.pop(TRACESTATE, None)
     span_context = trace.get_current_span(context).get_span_context()
     if span_context.is_valid:
+        trace_state = span_context.trace_state
+        if not trace_state:  # the common case: ours is the only member (always short)
+            if entry is not None:
+                headers[TRACESTATE] = f"{entry[0]}={entry[1]}"
+            _baggage.inject(headers, context)
+            return
         members = [
-            (key, value)
-            for key, value in span_context.trace_state.items()
-            if entry is None or key != entry[0]
+            (key, value) for key, value in trace_state.items() if entry is None or key != entry[0]
         ]
         if entry is not None:
             members.insert(0, entry)

@@ -187,9 +187,9 @@ class RequestSpan:
             span.set_status(Status(StatusCode.ERROR, type(error).__qualname__))
         elif self.status is not None and self.status >= 500:
             span.set_attribute(error_attributes.ERROR_TYPE, str(self.status))
-            span.set_status(Status(StatusCode.ERROR))
+            span.set_status(_lean.ERROR)
         else:
-            span.set_status(Status(StatusCode.OK))
+            span.set_status(_lean.OK)
 
     def attach(self) -> None:
         """Make the request span current again (a WSGI iterable runs after the app returned)."""

@@ -83,12 +83,14 @@ def send(
     call = _start(request, targets)
     if call is None:
         return inner(request)
+    token = _client.enter_call()
     try:
-        with _client.in_call():
-            response = inner(request)
+        response = inner(request)
     except BaseException as exc:
         call.end(error=exc)
         raise
+    finally:
+        _client.exit_call(token)
     # A body the transport already read (e.g. MockTransport) will never be closed again.
     if isinstance(response.stream, httpx.SyncByteStream) and not response.is_closed:
         response.stream = _Stream(response.stream, call, response.status_code)
@@ -105,12 +107,14 @@ async def send_async(
     call = _start(request, targets)
     if call is None:
         return await inner(request)
+    token = _client.enter_call()
     try:
-        with _client.in_call():
-            response = await inner(request)
+        response = await inner(request)
     except BaseException as exc:
         call.end(error=exc)
         raise
+    finally:
+        _client.exit_call(token)
     if isinstance(response.stream, httpx.AsyncByteStream) and not response.is_closed:
         response.stream = _AsyncStream(response.stream, call, response.status_code)
     else:

@@ -65,12 +65,14 @@ def send(
     )
     if call is None:
         return inner()
+    token = _client.enter_call()
     try:
-        with _client.in_call():
-            response = inner()
+        response = inner()
     except BaseException as exc:
         call.end(error=exc)
         raise
+    finally:
+        _client.exit_call(token)
     response.raw = _Raw(response.raw, call, response.status_code)
     return response
 
