@@ -286,8 +286,20 @@ def materialize(span: LeanSpan) -> SdkSpan | None:
     """
     processor = _processor
     sdk_tracer = tracer()
-    if processor is None or not isinstance(sdk_tracer, SdkTracer) or not span.is_recording():
+    if processor is None or not isinstance(sdk_tracer, SdkTracer):
         return None
+    with _materialize_lock:  # two handler threads asking at once must get one shadow
+        if span.shadow is not None or not span.is_recording():
+            return span.shadow
+        return _materialize(span, processor, sdk_tracer)
+
+
+_materialize_lock = threading.Lock()
+
+
+def _materialize(
+    span: LeanSpan, processor: SinkSpanProcessor, sdk_tracer: SdkTracer
+) -> SdkSpan | None:
     try:
         attributes, events, links, status = span.recorded()
         # `_Span` is the SDK span a Tracer makes (the public class refuses direct use); a tracer

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -270,3 +273,42 @@ def test_an_ended_span_ignores_writes_and_is_never_registered(exporter: InMemory
     assert span.shadow is None
     (exported,) = exporter.finished_spans()
     assert (exported.name, exported.attributes.get("late")) == ("x", None)
+
+
+def test_threads_asking_mlflow_at_once_share_one_registration(
+    exporter: InMemoryExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registering = _mlflow._materialize
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.02)  # widen the window in which other threads could register too
+        return registering(*args)
+
+    monkeypatch.setattr(_mlflow, "_materialize", slow)
+    span = _lean.LeanSpan("x", SpanContext(11, 12, False), None, SpanKind.SERVER, {}, ())
+    token = _mlflow.attach(trace.set_span_in_context(span))
+    barrier = threading.Barrier(8)
+    found: list[Any] = []
+
+    def ask(i: int) -> None:
+        barrier.wait()
+        active = mlflow.get_current_active_span()
+        assert active is not None
+        active.set_attribute(f"thread.{i}", i)
+        found.append(active)
+
+    try:
+        threads = [
+            threading.Thread(target=contextvars.copy_context().run, args=(ask, i)) for i in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        _mlflow.detach(token)
+    span.end()
+    assert len({id(active._span) for active in found}) == 1
+    (exported,) = exporter.finished_spans()
+    assert {f"thread.{i}" for i in range(8)} <= exported.attributes.keys()
+    _nothing_left_in_mlflow()
