@@ -61,6 +61,7 @@ class SinkSpanProcessor(SpanProcessor):
         self._roots: dict[int, set[int]] = {}
         # OTel trace id -> experiment chosen by a trusted caller, while the segment is open.
         self._experiments: dict[int, str] = {}
+        self._service: dict[str, str] = {}  # the extra attributes of a span without tags
 
     def on_start(self, span: SdkSpan, parent_context: Context | None = None) -> None:
         try:
@@ -136,11 +137,21 @@ class SinkSpanProcessor(SpanProcessor):
         # is counted by the sink (`exporter_error`), not lost.
         finished: Any = span
         try:
-            extra = {SERVICE_NAME: self._service_name(), **(_tag_attributes(tags) or {})}
+            extra = self._extra(tags)
             finished = EncodedSpan(*encode_span(span, extra))
         except Exception:
             _log.internal_error("span encode")
         self._sink().submit(finished, experiment)
+
+    def _extra(self, tags: dict[str, str] | None) -> dict[str, str]:
+        """Attributes every span gets: the service name and, on a segment's root, trace tags."""
+        name = self._service_name()
+        if tags:
+            return {SERVICE_NAME: name, **(_tag_attributes(tags) or {})}
+        cached = self._service
+        if cached.get(SERVICE_NAME) != name:
+            cached = self._service = {SERVICE_NAME: name}
+        return cached
 
     def experiment_of(self, otel_trace_id: int) -> str | None:
         return self._experiments.get(otel_trace_id)

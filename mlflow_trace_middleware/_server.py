@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from opentelemetry import trace
@@ -24,7 +24,7 @@ from ._capture import BodyCapture, capturable_headers, is_json
 # On a request span that restarted an untrusted inbound context: the caller's traceparent.
 RESTARTED_FROM = "mlflow_trace_middleware.untrusted_parent"
 
-_URL_DELIMITERS = frozenset("[]:@/?#\\")
+_URL_DELIMITERS = frozenset("[]:@/?#%\\")  # and "%": an IPv6 zone keeps its case
 _KNOWN_METHODS = frozenset(
     {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"}
 )
@@ -87,8 +87,9 @@ class RequestSpan:
         options: ServerOptions,
         method: str,
         path: str,
-        headers: Iterable[tuple[str, str]],
+        headers: Callable[[], list[tuple[str, str]]],
         *,
+        carrier: _propagation.Carrier,
         scheme: str,
         server: tuple[str, int | None] | None,
         client: str | None,
@@ -103,7 +104,6 @@ class RequestSpan:
         self._limit = options.max_body_bytes if options.capture_bodies else 0
         self.request_body = self._capture(content_type)
         self.response_body: BodyCapture | None = None
-        carrier = _propagation.carrier_from(headers)
         context = _propagation.extract(carrier) if carrier else Context()
         attributes: dict[str, str | int | tuple[str, ...]] = {
             http_attributes.HTTP_REQUEST_METHOD: self.method,
@@ -119,14 +119,14 @@ class RequestSpan:
         if user_agent:
             attributes[user_agent_attributes.USER_AGENT_ORIGINAL] = user_agent
         if options.capture_headers:
-            attributes.update(_header_attributes(headers, options.capture_headers))
+            attributes.update(_header_attributes(headers(), options.capture_headers))
         links: list[trace.Link] = []
         experiment = None
         remote = trace.get_current_span(context).get_span_context()
         if remote.is_valid:
 
             def request() -> _trust.InboundRequest:
-                return _trust.InboundRequest(client, path, _joined(headers))
+                return _trust.InboundRequest(client, path, _joined(headers()))
 
             trusted, experiment = False, None
             if _trust.trusts(options.trust, request):
@@ -265,8 +265,9 @@ def start(
     options: ServerOptions,
     method: str,
     path: str,
-    headers: Iterable[tuple[str, str]],
+    headers: Callable[[], list[tuple[str, str]]],
     *,
+    carrier: _propagation.Carrier,
     scheme: str,
     server: tuple[str, int | None] | None,
     client: str | None,
@@ -282,6 +283,7 @@ def start(
             method,
             path,
             headers,
+            carrier=carrier,
             scheme=scheme,
             server=server,
             client=client,

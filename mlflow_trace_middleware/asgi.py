@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any
 
-from . import _log, _runtime, _server
+from . import _log, _propagation, _runtime, _server
 from ._instrument import instrument
 from ._trust import Trust
 
@@ -86,12 +86,29 @@ class MlflowTracingMiddleware:
 
 
 def _start(options: _server.ServerOptions, scope: Scope) -> _server.RequestSpan | None:
+    # One pass over the raw headers for what every request needs; all of them are decoded
+    # only if a trust policy or header capture asks.
+    raw = scope["headers"]
+    carrier: _propagation.Carrier = {}
+    host = user_agent = content_type = None
     try:
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        for key, value in raw:
+            key = key.lower()
+            if key in _PROPAGATION:
+                carrier.setdefault(key.decode("latin-1"), []).append(value.decode("latin-1"))
+            elif key == b"host":
+                host = value.decode("latin-1")
+            elif key == b"user-agent":
+                user_agent = value.decode("latin-1")
+            elif key == b"content-type":
+                content_type = value.decode("latin-1")
     except Exception:
         _log.internal_error("asgi headers")
         return None
-    lookup = {name.lower(): value for name, value in headers}
+
+    def headers() -> list[tuple[str, str]]:
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
+
     server = scope.get("server")
     client = scope.get("client")
     return _server.start(
@@ -99,12 +116,16 @@ def _start(options: _server.ServerOptions, scope: Scope) -> _server.RequestSpan 
         scope.get("method", "GET"),
         scope.get("path", ""),
         headers,
+        carrier=carrier,
         scheme=scope.get("scheme", "http"),
-        server=_server.server_address(lookup.get("host"), tuple(server) if server else None),
+        server=_server.server_address(host, tuple(server) if server else None),
         client=client[0] if client else None,
-        user_agent=lookup.get("user-agent"),
-        content_type=lookup.get("content-type"),
+        user_agent=user_agent,
+        content_type=content_type,
     )
+
+
+_PROPAGATION = frozenset(name.encode() for name in _propagation.FIELDS)
 
 
 async def _traced(

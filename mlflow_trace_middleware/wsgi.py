@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import _log, _runtime, _server
+from . import _log, _propagation, _runtime, _server
 from ._capture import BodyCapture
 from ._instrument import instrument
 from ._trust import Trust
@@ -82,11 +82,17 @@ class MlflowTracingWSGIMiddleware:
 
 def _start(options: _server.ServerOptions, environ: WSGIEnvironment) -> _server.RequestSpan | None:
     try:
-        headers = [
-            (key[5:].replace("_", "-"), value)
-            for key, value in environ.items()
-            if key.startswith("HTTP_")
-        ]
+        carrier = {
+            name: [value] for name, key in _PROPAGATION if (value := environ.get(key)) is not None
+        }
+
+        def headers() -> list[tuple[str, str]]:  # all of them, only if a policy or capture asks
+            return [
+                (key[5:].replace("_", "-"), value)
+                for key, value in environ.items()
+                if key.startswith("HTTP_")
+            ]
+
         port = environ.get("SERVER_PORT")
         fallback = (environ.get("SERVER_NAME", ""), int(port) if port else None)
         return _server.start(
@@ -94,6 +100,7 @@ def _start(options: _server.ServerOptions, environ: WSGIEnvironment) -> _server.
             environ.get("REQUEST_METHOD", "GET"),
             environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
             headers,
+            carrier=carrier,
             scheme=environ.get("wsgi.url_scheme", "http"),
             server=_server.server_address(environ.get("HTTP_HOST"), fallback),
             client=environ.get("REMOTE_ADDR"),
@@ -103,6 +110,9 @@ def _start(options: _server.ServerOptions, environ: WSGIEnvironment) -> _server.
     except Exception:
         _log.internal_error("wsgi request start")
         return None
+
+
+_PROPAGATION = tuple((name, "HTTP_" + name.upper()) for name in _propagation.FIELDS)
 
 
 def _route(environ: WSGIEnvironment) -> str | None:

@@ -95,11 +95,25 @@ def _by_name(exporter: InMemoryExporter) -> dict[str, Any]:
     return {span.name: span for span in exporter.finished_spans()}
 
 
-def _nothing_left_in_mlflow() -> None:
-    manager = InMemoryTraceManager.get_instance()
-    assert not manager._traces
+def _open_state() -> tuple[set[Any], set[Any]]:
     assert _mlflow._processor is not None
-    assert not _mlflow._processor._roots
+    return set(InMemoryTraceManager.get_instance()._traces), set(_mlflow._processor._roots)
+
+
+@pytest.fixture(autouse=True)
+def _state_before(exporter: InMemoryExporter) -> None:
+    global _before
+    _before = _open_state()
+
+
+_before: tuple[set[Any], set[Any]] = (set(), set())
+
+
+def _nothing_left_in_mlflow() -> None:
+    """No trace this test made is still held by MLflow's manager or by our processor."""
+    traces, roots = _open_state()
+    assert traces <= _before[0]
+    assert roots <= _before[1]
 
 
 def test_a_plain_request_never_reaches_mlflows_trace_manager(
