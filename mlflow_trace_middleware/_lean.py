@@ -18,6 +18,7 @@ The sampling decision, ids and trace flags come from MLflow's tracer, exactly as
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -97,7 +98,12 @@ class LeanSpan(trace.Span):
     def attributes(self) -> Mapping[str, Any]:
         """The attributes; reading them through this property hands the span to MLflow."""
         shadow = self._shadow or _mlflow.materialize(self)
-        return (shadow.attributes or {}) if shadow is not None else dict(self._attributes)
+        if shadow is not None:
+            return shadow.attributes or {}
+        # Not registered (ended, or registration failed): an id MLflow finds nothing under, so
+        # `get_current_active_span()` returns None instead of raising on a span it cannot wrap.
+        unregistered = json.dumps(f"tr-{self.context.trace_id:032x}")
+        return {**self._attributes, _mlflow.REQUEST_ID: unregistered}
 
     def adopt(self, shadow: SdkSpan) -> None:
         """From now on `shadow` (registered with MLflow) holds this span's state."""

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 SERVICE_NAME = "service.name"
 TRACE_NAME = SpanAttributeKey.TRACE_TAG_PREFIX + "mlflow.traceName"
 INPUTS = SpanAttributeKey.INPUTS
+REQUEST_ID = SpanAttributeKey.REQUEST_ID
 # On a request span whose trusted caller chose the experiment: every span of that trace segment
 # is exported there (see `_trust.py`).
 EXPERIMENT = "mlflow_trace_middleware.experiment_id"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Iterable, MutableMapping
+from collections.abc import MutableMapping
 
 from opentelemetry import trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -89,16 +89,6 @@ for _name in (
     "opentelemetry.trace.span",
 ):
     logging.getLogger(_name).addFilter(_quiet)
-
-
-def carrier_from(headers: Iterable[tuple[str, str]]) -> Carrier:
-    """Keep only the propagation headers, names lower-cased, repeated values in order."""
-    carrier: Carrier = {}
-    for name, value in headers:
-        key = name.lower()
-        if key in FIELDS:
-            carrier.setdefault(key, []).append(value)
-    return carrier
 
 
 def extract(carrier: Carrier) -> Context:

@@ -11,6 +11,16 @@ from opentelemetry.trace import TraceState
 
 from mlflow_trace_middleware import _propagation, _trust
 
+
+def carrier_from(headers: list[tuple[str, str]]) -> _propagation.Carrier:
+    """What the middlewares hand `extract`: propagation headers only, lower-cased, in order."""
+    carrier: _propagation.Carrier = {}
+    for name, value in headers:
+        if name.lower() in _propagation.FIELDS:
+            carrier.setdefault(name.lower(), []).append(value)
+    return carrier
+
+
 NAMES = st.sampled_from(["traceparent", "TRACEPARENT", "tracestate", "Tracestate", "baggage", "x"])
 VALUES = st.one_of(
     st.text(max_size=300),
@@ -21,19 +31,12 @@ VALUES = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(NAMES, VALUES), max_size=6))
 def test_extract_then_inject_never_raises_nor_emits_cr_lf(headers: list[tuple[str, str]]) -> None:
-    context = _propagation.extract(_propagation.carrier_from(headers))
+    context = _propagation.extract(carrier_from(headers))
     span = trace.NonRecordingSpan(trace.get_current_span(context).get_span_context())
     out: dict[str, str] = {}
     _propagation.inject(out, trace.set_span_in_context(span, context))
     assert set(out) <= set(_propagation.FIELDS)
     assert not any("\r" in value or "\n" in value for value in out.values())
-
-
-def test_carrier_keeps_only_propagation_headers_in_order() -> None:
-    carrier = _propagation.carrier_from(
-        [("Tracestate", "a=1"), ("Host", "x"), ("tracestate", "b=2"), ("BAGGAGE", "k=v")]
-    )
-    assert carrier == {"tracestate": ["a=1", "b=2"], "baggage": ["k=v"]}
 
 
 KEY = st.from_regex(r"[a-z][a-z0-9_\-*/]{0,20}", fullmatch=True)
@@ -55,7 +58,7 @@ def test_what_we_send_stays_within_w3c_limits(
         ("tracestate", ",".join(f"{k}={v}" for k, v in members)),
         ("baggage", ",".join(f"{k}={v}" for k, v in baggage)),
     ]
-    context = _propagation.extract(_propagation.carrier_from(headers))
+    context = _propagation.extract(carrier_from(headers))
     span_context = trace.get_current_span(context).get_span_context()
     out: dict[str, str] = {}
     _propagation.inject(out, context, _trust.entry(span_context, experiment, (b"k",)))
@@ -101,7 +104,7 @@ def _cost(size: int) -> float:
     for _ in range(5):
         start = time.perf_counter()
         for _ in range(20):
-            context = _propagation.extract(_propagation.carrier_from(headers))
+            context = _propagation.extract(carrier_from(headers))
             _propagation.inject({}, context)
         best = min(best, time.perf_counter() - start)
     return best
