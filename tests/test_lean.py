@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -333,3 +337,24 @@ def test_threads_asking_mlflow_at_once_share_one_registration(
     (exported,) = exporter.finished_spans()
     assert {f"thread.{i}" for i in range(8)} <= exported.attributes.keys()
     _nothing_left_in_mlflow()
+
+
+def test_unified_mode_gives_the_same_tree_and_the_global_context_sees_our_span() -> None:
+    # MLFLOW_USE_DEFAULT_TRACER_PROVIDER=false: MLflow uses OpenTelemetry's global provider and
+    # context, so plain OpenTelemetry code in the handler finds the request span too. A fresh
+    # process: the mode is process-wide. FastAPI's own telemetry must not add a second span.
+    environment = {**os.environ, "MLFLOW_USE_DEFAULT_TRACER_PROVIDER": "false"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.apps.unified_mode"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    spans = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert sorted(spans, key=lambda s: s["name"]) == [
+        {"name": "GET /x", "kind": "SERVER", "parent": "remote", "otel_attribute": "yes"},
+        {"name": "inner", "kind": "INTERNAL", "parent": "GET /x", "otel_attribute": None},
+    ]
