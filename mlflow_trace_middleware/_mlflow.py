@@ -13,11 +13,12 @@ provider with `SinkSpanProcessor` instead of its own processors. That processor:
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from mlflow.entities.span import create_mlflow_span
+from mlflow.entities.span import SpanType, create_mlflow_span
 from mlflow.entities.trace_info import TraceInfo
 from mlflow.entities.trace_location import TraceLocation
 from mlflow.entities.trace_state import TraceState
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
 SERVICE_NAME = "service.name"
 TRACE_NAME = SpanAttributeKey.TRACE_TAG_PREFIX + "mlflow.traceName"
 INPUTS = SpanAttributeKey.INPUTS
+# A request span's MLflow span type, as MLflow's `LiveSpan` would record it (JSON-encoded).
+SPAN_TYPE = SpanAttributeKey.SPAN_TYPE
+UNKNOWN_SPAN_TYPE = json.dumps(SpanType.UNKNOWN)
 REQUEST_ID = SpanAttributeKey.REQUEST_ID
 # On a request span whose trusted caller chose the experiment: every span of that trace segment
 # is exported there (see `_trust.py`).

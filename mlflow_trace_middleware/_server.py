@@ -106,6 +106,7 @@ class RequestSpan:
         self.response_body: BodyCapture | None = None
         context = _propagation.extract(carrier) if carrier else Context()
         attributes: dict[str, str | int | tuple[str, ...]] = {
+            _mlflow.SPAN_TYPE: _mlflow.UNKNOWN_SPAN_TYPE,
             http_attributes.HTTP_REQUEST_METHOD: self.method,
             url_attributes.URL_PATH: path,
             url_attributes.URL_SCHEME: scheme,

@@ -180,6 +180,8 @@ def test_plain_client_makes_the_first_service_the_root(
     assert {name: p for name, (p, _) in tree(trace).items()} == expected_tree(services, None)
     assert QUESTION["question"] in (trace.info.request_preview or "")
     assert trace.info.state.value == "OK"
+    (root,) = [span for span in trace.data.spans if span.parent_id is None]
+    assert root.span_type == "UNKNOWN"  # as MLflow's own spans record it
     assert_covers_every_span(trace)
 
 
