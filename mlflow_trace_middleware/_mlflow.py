@@ -32,7 +32,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import _Span as _SdkSpan
-from opentelemetry.trace import SpanContext, SpanKind, StatusCode
+from opentelemetry.trace import SpanContext, StatusCode
 
 from . import _log
 from ._span import EncodedSpan, encode_span
@@ -114,9 +114,6 @@ class SinkSpanProcessor(SpanProcessor):
                 self._add_root(otel_trace_id, span.context.span_id)
         if parent is None:
             span.set_attribute(TRACE_NAME, span.name)
-        if span.kind is SpanKind.CLIENT and parent is not None and not parent.is_remote:
-            # Client spans are never current in user code: nothing looks them up.
-            return
         manager.register_span(create_mlflow_span(span, trace_id))
 
     def on_end(self, span: ReadableSpan) -> None:
