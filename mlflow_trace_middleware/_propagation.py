@@ -139,14 +139,11 @@ def inject(
     span_context = trace.get_current_span(context).get_span_context()
     if span_context.is_valid:
         trace_state = span_context.trace_state
-        if not trace_state:  # the common case: ours is the only member (always short)
-            if entry is not None:
-                headers[TRACESTATE] = f"{entry[0]}={entry[1]}"
-            _baggage.inject(headers, context)
-            return
-        members = [
-            (key, value) for key, value in trace_state.items() if entry is None or key != entry[0]
-        ]
+        members = (
+            [(key, value) for key, value in trace_state.items() if entry is None or key != entry[0]]
+            if trace_state
+            else []
+        )
         if entry is not None:
             members.insert(0, entry)
         if tracestate := _tracestate_header(members):

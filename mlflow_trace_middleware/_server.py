@@ -253,12 +253,20 @@ def server_address(
             and not _URL_DELIMITERS.intersection(host)
         ):
             return host.lower(), int(port)  # the common `name:port`, without a URL parser
-        try:
-            url = urllib.parse.urlsplit("//" + host_header)
-            if url.hostname:
-                return url.hostname, url.port
-        except ValueError:
-            pass
+        return parsed_host(host_header, fallback)
+    return fallback
+
+
+def parsed_host(
+    host_header: str, fallback: tuple[str, int | None] | None
+) -> tuple[str, int | None] | None:
+    """What the URL parser makes of a Host header (the fast path above must agree with it)."""
+    try:
+        url = urllib.parse.urlsplit("//" + host_header)
+        if url.hostname:
+            return url.hostname, url.port
+    except ValueError:
+        pass
     return fallback
 
 
