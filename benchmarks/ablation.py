@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import common
-from .profile_hot_path import _asgi_request
+from .profile_hot_path import _asgi_request, hello_app
 
 VARIANTS = {
     "bare": "no middleware",
@@ -55,24 +55,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(otlp_url: str, rounds: int, requests: int) -> dict[str, float]:
     os.environ["MLFLOW_TRACKING_URI"] = otlp_url
-    from fastapi import FastAPI
-
     import mlflow_trace_middleware as mtm
     from mlflow_trace_middleware import _mlflow, _runtime
     from mlflow_trace_middleware._sink import ExportResult
 
-    def build(traced: bool) -> Any:
-        app = FastAPI()
-
-        @app.get("/hello")
-        async def hello() -> dict[str, str]:
-            return {"message": "hello"}
-
-        if traced:
-            app.add_middleware(mtm.MlflowTracingMiddleware)
-        return app
-
-    bare, traced = build(False), build(True)
+    bare, traced = hello_app(False), hello_app(True)
     loop = asyncio.new_event_loop()
 
     def batch(app: Any, count: int) -> float:

@@ -224,28 +224,32 @@ def _asgi_request(app: Any, path: str, traceparent: str) -> Any:
     return app(scope, receive, send)
 
 
+def hello_app(traced: bool) -> Any:
+    """The FastAPI hello world, with our middleware or bare, for in-process runs."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/hello")
+    async def hello() -> dict[str, str]:
+        return {"message": "hello"}
+
+    if traced:
+        from mlflow_trace_middleware import MlflowTracingMiddleware
+
+        app.add_middleware(MlflowTracingMiddleware)
+    return app
+
+
 def profile_inprocess(requests: int, batches: int) -> dict[str, Any]:
     """Bare and traced FastAPI apps driven directly; sink to a null OTLP server process."""
     null = common.start_null_server()
     try:
         os.environ["MLFLOW_TRACKING_URI"] = null.url
         os.environ["OTEL_SERVICE_NAME"] = "bench-inprocess"
-        from fastapi import FastAPI
-
         import mlflow_trace_middleware as mtm
 
-        def build(traced: bool) -> Any:
-            app = FastAPI()
-
-            @app.get("/hello")
-            async def hello() -> dict[str, str]:
-                return {"message": "hello"}
-
-            if traced:
-                app.add_middleware(mtm.MlflowTracingMiddleware)
-            return app
-
-        apps = {"bare": build(False), "ours": build(True)}
+        apps = {"bare": hello_app(False), "ours": hello_app(True)}
         loop = asyncio.new_event_loop()
         gc_log = _GcLog()
 
