@@ -39,7 +39,6 @@ Scope = tuple[str, str]  # instrumentation scope (name, version)
 
 _HAS_IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
 _IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
-_scopes: dict[Scope, Scope] = {}  # one tuple per scope, shared by every queued span
 
 
 def encode_span(
@@ -101,7 +100,6 @@ def _scope_of(scope: SdkScope | None) -> Scope:
     if cached is not None and cached[0] is scope:
         return cached[1]
     key = (scope.name, scope.version or "") if scope else ("", "")
-    key = _scopes.setdefault(key, key)
     if len(_scope_keys) >= 64:  # scopes are few and long-lived; a churn of them is not
         _scope_keys.clear()
     _scope_keys[id(scope)] = (scope, key)
