@@ -18,6 +18,7 @@ test: venv
 	$(BIN)/ruff check mlflow_trace_middleware tests examples benchmarks
 	$(BIN)/ruff format --check mlflow_trace_middleware tests examples benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
 
 test-fast: venv

@@ -3,16 +3,19 @@
 ```python
 app.add_middleware(MlflowTracingMiddleware)                  # FastAPI / Starlette
 app.wsgi_app = MlflowTracingWSGIMiddleware(app.wsgi_app)      # Flask / any WSGI app
-instrument()                                                 # httpx and requests clients
+instrument()                                                 # every HTTP client library
 ```
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 
 from . import _config, _runtime, _targets
-from ._instrument import instrument, instrument_httpx, instrument_requests, uninstrument
+from ._instrument import instrument, uninstrument
+from ._instrument import instrument_httpx as instrument_httpx  # kept importable, not in __all__
+from ._instrument import instrument_requests as instrument_requests
 from ._sink import Exporter, ExportResult, SinkStats
 from ._trust import InboundRequest
 from .asgi import MlflowTracingMiddleware
@@ -28,13 +31,14 @@ __all__ = [
     "configure",
     "flush",
     "instrument",
-    "instrument_httpx",
-    "instrument_requests",
     "stats",
     "uninstrument",
 ]
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("mlflow-trace-middleware")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0.0.0"
 
 
 def configure(

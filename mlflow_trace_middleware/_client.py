@@ -1,39 +1,59 @@
-"""The outgoing-call core shared by the httpx and requests integrations (sans I/O)."""
+"""The outgoing-call core shared by the client adapters (httpx, requests, ...), sans I/O.
+
+The adapter contract: an adapter hands `start()` the method, the URL as the client will connect
+(`Destination`: scheme, host, port, path), the request's headers (a mutable mapping the context
+is written into) and its own allowlist override; it runs the call inside `with call:` and ends
+the span with `call.end(status)` when the response's last byte is read or the body is closed.
+"""
 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
+from types import TracebackType
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.semconv.attributes import (
-    error_attributes,
-    http_attributes,
-    server_attributes,
-    url_attributes,
-)
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.semconv.attributes import http_attributes, server_attributes, url_attributes
+from opentelemetry.trace import SpanKind
 
-from . import _config, _lean, _log, _mlflow, _propagation, _runtime, _trust
+from . import _config, _keys, _lean, _log, _mlflow, _propagation, _runtime, _targets, _trust
+from ._targets import DEFAULT_PORTS, Destination
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-# On a client span whose destination is not in the allowlist: no context was sent.
-PROPAGATION = "mlflow_trace_middleware.propagation"
 # Set while a traced call runs, so a wrapped transport that is itself patched traces once.
 _in_call: contextvars.ContextVar[bool] = contextvars.ContextVar("mtm_in_call", default=False)
 
 
 class ClientCall:
-    """One outgoing request: the headers to send and, when the parent records, a client span."""
+    """One outgoing request: the headers sent and, when the parent records, a client span.
 
-    __slots__ = ("_ended", "headers", "span")
+    `with call:` marks the call as running (an inner patched transport then stays out) and
+    ends the span if the call raises; `end()` ends it otherwise, once.
+    """
+
+    __slots__ = ("_ended", "_token", "headers", "span")
 
     def __init__(self, span: trace.Span | None, headers: dict[str, str]) -> None:
         self.span = span
         self.headers = headers
         self._ended = False
+        self._token: contextvars.Token[bool] | None = None
+
+    def __enter__(self) -> ClientCall:
+        self._token = _in_call.set(True)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._token is not None:
+            _in_call.reset(self._token)
+        if error is not None:
+            self.end(error=error)
 
     def end(self, status: int | None = None, error: BaseException | None = None) -> None:
         if self._ended or self.span is None:
@@ -41,17 +61,7 @@ class ClientCall:
         self._ended = True
         span = self.span
         try:
-            if status is not None:
-                span.set_attribute(http_attributes.HTTP_RESPONSE_STATUS_CODE, status)
-            if isinstance(error, Exception):
-                span.record_exception(error)
-                span.set_attribute(error_attributes.ERROR_TYPE, type(error).__qualname__)
-                span.set_status(Status(StatusCode.ERROR, type(error).__qualname__))
-            elif status is not None and status >= 400:
-                span.set_attribute(error_attributes.ERROR_TYPE, str(status))
-                span.set_status(_lean.ERROR)
-            elif error is None:
-                span.set_status(_lean.OK)
+            _lean.set_outcome(span, status, error, failed_from=400)
         except Exception:
             _log.internal_error("client span end")
         finally:
@@ -60,57 +70,63 @@ class ClientCall:
 
 def start(
     method: str,
-    scheme: str,
-    host: str,
-    port: int | None,
-    path: str,
-    outgoing: MutableMapping[str, Any],
+    url: Destination,
+    headers: MutableMapping[str, Any],
+    targets: _targets.Targets | None = None,
     *,
-    allowed: bool = True,
+    destination: Callable[[], Destination | None] | None = None,
 ) -> ClientCall | None:
-    """Start a call under the current span and write its context into `outgoing` (the request's
-    headers); None when there is no context to propagate or an outer layer traces this call.
+    """Start a call under the current span and write its context into `headers`; None when
+    there is no context to propagate or an outer layer traces this call.
 
-    When the destination is not `allowed` (`_targets.py`), nothing is injected and the propagation
-    headers already in `outgoing` are removed: on a redirect the clients copy them from the
-    previous hop. The client span is still recorded, marked `PROPAGATION: "blocked"`.
+    The allowlist (`targets`, else the process's) is checked against `destination()` (default:
+    `url`; None means the client's own parsers disagree, so no). On a hop that is not allowed,
+    nothing is injected and propagation headers already in `headers` are removed (the clients
+    copy them from the previous hop on a redirect); the span is marked `PROPAGATION: "blocked"`.
     """
     if _in_call.get():
         return None
+    allowed = _targets.allowed(targets, destination or (lambda: url))
     if not allowed:
         for name in _propagation.FIELDS:
-            outgoing.pop(name, None)
+            headers.pop(name, None)
     try:
         parent_context = _mlflow.current_context()
         parent = trace.get_current_span(parent_context)
         if not parent.get_span_context().is_valid:
             return None
+        _runtime.activate()
         span: trace.Span | None = None
         context = parent_context
         if parent.is_recording():
-            if port == _DEFAULT_PORTS.get(scheme):
-                port = None
-            authority = f"{host}:{port}" if port else host
-            attributes: dict[str, str | int] = {
-                http_attributes.HTTP_REQUEST_METHOD: method,
-                server_attributes.SERVER_ADDRESS: host,
-                server_attributes.SERVER_PORT: port or _DEFAULT_PORTS.get(scheme, 0),
-                # No query string and no user info: either may carry credentials.
-                url_attributes.URL_FULL: f"{scheme}://{authority}{path}",
-            }
-            if not allowed:
-                attributes[PROPAGATION] = "blocked"
-            span = _lean.start(f"{method} {authority}", parent_context, SpanKind.CLIENT, attributes)
+            name, attributes = _span_fields(method, url, allowed)
+            span = _mlflow.start_span(name, parent_context, SpanKind.CLIENT, attributes)
             context = trace.set_span_in_context(span, parent_context)
-        headers: dict[str, str] = {}
+        sent: dict[str, str] = {}
         if allowed:
-            _propagation.inject(headers, context, _our_entry(context))  # type: ignore[arg-type]
-            for name, value in headers.items():  # cheaper than update() for httpx.Headers
-                outgoing[name] = value
-        return ClientCall(span, headers)
+            _propagation.inject(sent, context, _our_entry(context))  # type: ignore[arg-type]
+            for name, value in sent.items():  # cheaper than update() for httpx.Headers
+                headers[name] = value
+        return ClientCall(span, sent)
     except Exception:
         _log.internal_error("client span start")
         return None
+
+
+def _span_fields(method: str, url: Destination, allowed: bool) -> tuple[str, dict[str, Any]]:
+    scheme, host, port, path = url
+    default = DEFAULT_PORTS.get(scheme)
+    authority = f"{host}:{port}" if port and port != default else host
+    attributes: dict[str, Any] = {
+        http_attributes.HTTP_REQUEST_METHOD: method,
+        server_attributes.SERVER_ADDRESS: host,
+        server_attributes.SERVER_PORT: port or default or 0,
+        # No query string and no user info: either may carry credentials.
+        url_attributes.URL_FULL: f"{scheme}://{authority}{path}",
+    }
+    if not allowed:
+        attributes[_keys.PROPAGATION] = "blocked"
+    return f"{method} {authority}", attributes
 
 
 def _our_entry(context: Context) -> tuple[str, str] | None:
@@ -127,13 +143,3 @@ def _our_entry(context: Context) -> tuple[str, str] | None:
 
 
 _unsigned: tuple[str | None, tuple[str, str] | None] = ("", None)  # the last unsigned entry
-
-
-def enter_call() -> contextvars.Token[bool]:
-    """Mark a traced call as running (reset with `exit_call`): an inner patched transport
-    then leaves it alone. A pair of calls, not a context manager: this is on every call."""
-    return _in_call.set(True)
-
-
-def exit_call(token: contextvars.Token[bool]) -> None:
-    _in_call.reset(token)

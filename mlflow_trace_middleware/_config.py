@@ -10,6 +10,37 @@ from . import _log
 
 _DEFAULT_SERVICE_NAME = "unknown_service"
 DEFAULT_EXPERIMENT = "0"  # MLflow's "Default" experiment
+FREEZE_ENV = "MLFLOW_TRACE_FREEZE_GC"
+
+
+@dataclass(frozen=True)
+class SinkLimits:
+    """The sink's bounds and timing, validated here and nowhere else.
+
+    Times in seconds; byte sizes are of the encoded (uncompressed) spans. The queue bounds
+    also count the batch in flight.
+    """
+
+    max_queue_spans: int = 20_000
+    max_queue_bytes: int = 64 * 1024 * 1024
+    max_batch_spans: int = 512
+    max_batch_bytes: int = 4 * 1024 * 1024
+    schedule_delay: float = 1.0
+    max_retry_time: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not (
+            1 <= self.max_batch_spans <= self.max_queue_spans
+            and 1 <= self.max_batch_bytes <= self.max_queue_bytes
+        ):
+            raise ValueError(_LIMITS_RULE)
+        if self.schedule_delay < 0 or self.max_retry_time < 0:
+            raise ValueError("schedule_delay and max_retry_time must be >= 0")
+
+
+_LIMITS_RULE = (
+    "need 1 <= max_batch_spans <= max_queue_spans and 1 <= max_batch_bytes <= max_queue_bytes"
+)
 
 
 @dataclass(frozen=True)
@@ -32,6 +63,8 @@ class Settings:
     # Secrets: kept out of repr(), hence out of logs and tracebacks.
     headers: dict[str, str] = field(default_factory=dict, repr=False)
     signing_keys: tuple[bytes, ...] = field(default=(), repr=False)
+    # `gc.freeze()` when the runtime starts (MLFLOW_TRACE_FREEZE_GC=1); see docs/architecture.md.
+    freeze_gc: bool = False
 
     @property
     def otlp_endpoint(self) -> str | None:
@@ -41,20 +74,18 @@ class Settings:
             return None
         return uri.rstrip("/") + "/v1/traces"
 
-    def checked(self, *, warn: bool = False) -> Settings:
-        """Raise ValueError for inconsistent sink sizes (or, with `warn`, log and fix them)."""
-        if self.max_batch_spans <= self.max_queue_spans and self.max_batch_bytes <= (
-            self.max_queue_bytes
-        ):
-            return self
-        message = "need max_batch_spans <= max_queue_spans and max_batch_bytes <= max_queue_bytes"
-        if not warn:
-            raise ValueError(message)
-        _log.logger.warning("mlflow-trace-middleware: %s; using the queue bounds", message)
-        return replace(
-            self,
-            max_batch_spans=min(self.max_batch_spans, self.max_queue_spans),
-            max_batch_bytes=min(self.max_batch_bytes, self.max_queue_bytes),
+    def __post_init__(self) -> None:
+        self.limits  # noqa: B018 (validates)
+
+    @property
+    def limits(self) -> SinkLimits:
+        return SinkLimits(
+            self.max_queue_spans,
+            self.max_queue_bytes,
+            self.max_batch_spans,
+            self.max_batch_bytes,
+            self.schedule_delay,
+            self.max_retry_time,
         )
 
 
@@ -84,16 +115,23 @@ def from_environment() -> Settings:
                 )
                 continue
             tuning[name] = value / scale if scale != 1 else value
-    settings = Settings(
+    queue = tuning.get("max_queue_spans", Settings.max_queue_spans)
+    if tuning.get("max_batch_spans", Settings.max_batch_spans) > queue:
+        _log.logger.warning(
+            "mlflow-trace-middleware: the export batch (OTEL_BSP_MAX_EXPORT_BATCH_SIZE or its "
+            "default) is larger than the queue (OTEL_BSP_MAX_QUEUE_SIZE); using the queue size"
+        )
+        tuning["max_batch_spans"] = queue
+    return Settings(
         tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
         experiment_id=env.get("MLFLOW_EXPERIMENT_ID") or None,
         experiment_name=env.get("MLFLOW_EXPERIMENT_NAME") or None,
         service_name=env.get("OTEL_SERVICE_NAME") or _DEFAULT_SERVICE_NAME,
         headers=_auth_headers(env),
         signing_keys=signing_keys(env.get("MLFLOW_TRACE_SIGNING_KEY") or None),
+        freeze_gc=env.get(FREEZE_ENV, "").strip().lower() in ("1", "true", "yes", "on"),
         **tuning,  # type: ignore[arg-type]
     )
-    return settings.checked(warn=True)
 
 
 def signing_keys(value: str | bytes | Sequence[str | bytes] | None) -> tuple[bytes, ...]:
@@ -142,5 +180,5 @@ def update_settings(**changes: object) -> Settings:
         values.setdefault("experiment_name", None)
     if "experiment_name" in values and "experiment_id" not in values:
         values["experiment_id"] = None
-    _settings = replace(current, **values).checked()  # type: ignore[arg-type]
+    _settings = replace(current, **values)  # type: ignore[arg-type]
     return _settings

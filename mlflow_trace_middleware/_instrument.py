@@ -1,37 +1,44 @@
-"""One call to make every httpx and requests client propagate (those that are installed)."""
+"""Client patching, process-wide: every installed HTTP client library propagates context."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import sys
 
+from . import _runtime
 
-def instrument_httpx() -> None:
-    """Trace and propagate through every httpx client, SDK-built ones (OpenAI...) included."""
-    from . import httpx
-
-    httpx.instrument()
-
-
-def instrument_requests() -> None:
-    """Trace and propagate through every `requests` session."""
-    from . import requests
-
-    requests.instrument()
+# (the library, our adapter module for it); each adapter has `instrument()`/`uninstrument()`.
+_ADAPTERS = (
+    ("httpx", "mlflow_trace_middleware.httpx"),
+    ("requests", "mlflow_trace_middleware.requests"),
+)
 
 
 def instrument() -> None:
-    """`instrument_httpx()` and `instrument_requests()` for whichever is installed. Idempotent."""
-    if importlib.util.find_spec("httpx") is not None:
-        instrument_httpx()
-    if importlib.util.find_spec("requests") is not None:
-        instrument_requests()
+    """Trace and propagate through every client of each installed library (httpx, requests),
+    SDK-built ones (OpenAI, Anthropic, ...) included. Starts the process runtime. Idempotent."""
+    _runtime.activate()
+    for library, adapter in _ADAPTERS:
+        if importlib.util.find_spec(library) is not None:
+            importlib.import_module(adapter).instrument()
 
 
 def uninstrument() -> None:
-    """Undo `instrument*()`; explicit transports and adapters keep working."""
-    import sys
-
-    for name in ("mlflow_trace_middleware.httpx", "mlflow_trace_middleware.requests"):
-        module = sys.modules.get(name)
+    """Undo `instrument()`; explicit transports and adapters keep working."""
+    for _, adapter in _ADAPTERS:
+        module = sys.modules.get(adapter)
         if module is not None:
             module.uninstrument()
+
+
+def instrument_httpx() -> None:
+    """`instrument()` for httpx alone (kept for code written against 0.1)."""
+    _runtime.activate()
+    importlib.import_module("mlflow_trace_middleware.httpx").instrument()
+
+
+def instrument_requests() -> None:
+    """`instrument()` for requests alone (kept for code written against 0.1)."""
+    _runtime.activate()
+    importlib.import_module("mlflow_trace_middleware.requests").instrument()

@@ -9,8 +9,9 @@ What user code can do with them is unchanged:
   `SpanContext`, which this span has;
 - `trace.get_current_span().set_attribute(...)` and friends are implemented here;
 - MLflow's own lookups (`mlflow.get_current_active_span()`, behind `update_current_trace` and
-  `get_active_trace_id`) read `span.attributes`: that first read registers a shadow SDK span with
-  MLflow (`_mlflow.materialize`), and every later write goes to it.
+  `get_active_trace_id`) read `span.attributes`: that first read asks the span's `Owner` (the
+  MLflow bridge, passed in as the SDK passes its span processor) to register a shadow SDK span
+  with MLflow, and every later write goes to it.
 
 The sampling decision, ids and trace flags come from MLflow's tracer, exactly as its
 `Tracer.start_span` makes them, so `MLFLOW_TRACE_SAMPLING_RATIO` and MLflow's id generator apply.
@@ -22,7 +23,7 @@ import json
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import trace
 from opentelemetry.attributes import _clean_attribute_value
@@ -30,10 +31,12 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Event, sampling
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope as SdkScope
+from opentelemetry.semconv.attributes import error_attributes, http_attributes
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from . import _mlflow
+from . import _keys
+from ._span import Recorded
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import Span as SdkSpan
@@ -45,6 +48,15 @@ _UNSET = Status(StatusCode.UNSET)
 OK = Status(StatusCode.OK)
 ERROR = Status(StatusCode.ERROR)
 SCOPE = SdkScope("mlflow_trace_middleware")
+
+
+class Owner(Protocol):
+    """Who a span reports to (the MLflow bridge): asked to register it with MLflow when MLflow
+    looks it up, told when it ends."""
+
+    def materialize(self, span: LeanSpan) -> SdkSpan | None: ...
+
+    def finish(self, span: LeanSpan) -> None: ...
 
 
 class LeanSpan(trace.Span):
@@ -60,6 +72,7 @@ class LeanSpan(trace.Span):
         "_events",
         "_links",
         "_name",
+        "_owner",
         "_shadow",
         "_status",
         "context",
@@ -78,7 +91,9 @@ class LeanSpan(trace.Span):
         kind: SpanKind,
         attributes: dict[str, Any],
         links: Sequence[Link],
+        owner: Owner,
     ) -> None:
+        self._owner = owner
         self._name = name
         self.context = context
         self.parent = parent
@@ -97,19 +112,19 @@ class LeanSpan(trace.Span):
     @property
     def attributes(self) -> Mapping[str, Any]:
         """The attributes; reading them through this property hands the span to MLflow."""
-        shadow = self._shadow or _mlflow.materialize(self)
+        shadow = self._shadow or self._owner.materialize(self)
         if shadow is not None:
             return shadow.attributes or {}
         # Not registered (ended, or registration failed): an id MLflow finds nothing under, so
         # `get_current_active_span()` returns None instead of raising on a span it cannot wrap.
         unregistered = json.dumps(f"tr-{self.context.trace_id:032x}")
-        return {**self._attributes, _mlflow.REQUEST_ID: unregistered}
+        return {**self._attributes, _keys.REQUEST_ID: unregistered}
 
     def adopt(self, shadow: SdkSpan) -> None:
         """From now on `shadow` (registered with MLflow) holds this span's state."""
         self._shadow = shadow
 
-    def recorded(self) -> tuple[dict[str, Any], list[Event], tuple[Link, ...], Status]:
+    def recorded(self) -> Recorded:
         """The span's own state, without handing it to MLflow (for encoding and tests)."""
         return self._attributes, self._events, self._links, self._status
 
@@ -210,25 +225,26 @@ class LeanSpan(trace.Span):
         self.end_time = end_time or time.time_ns()
         if self._shadow is not None:
             self._shadow.end(self.end_time)
-        _mlflow.finish(self)
+        self._owner.finish(self)
 
     def __repr__(self) -> str:
         return f"LeanSpan({self._name!r}, trace_id={self.context.trace_id:032x})"
 
 
 def start(
+    tracer: trace.Tracer,
+    owner: Owner,
     name: str,
     context: Context | None,
     kind: SpanKind,
     attributes: dict[str, Any],
     links: Sequence[Link] = (),
 ) -> trace.Span:
-    """A span under `context`, sampled, identified and flagged as MLflow's tracer would do it.
+    """A span under `context`, sampled, identified and flagged as `tracer` (MLflow's) would.
 
     Returns a `LeanSpan` when sampled, otherwise a non-recording span that carries the decision
     on (or, with MLflow tracing disabled, whatever MLflow's tracer returns).
     """
-    tracer = _mlflow.tracer()
     if not isinstance(tracer, SdkTracer) or not tracer._is_enabled():
         return tracer.start_span(name, context, kind, attributes, links)
     parent: SpanContext | None = trace.get_current_span(context).get_span_context()
@@ -262,7 +278,27 @@ def start(
     )
     if not sampled:
         return trace.NonRecordingSpan(span_context)
-    return LeanSpan(name, span_context, parent, kind, attributes, links)
+    return LeanSpan(name, span_context, parent, kind, attributes, links, owner)
+
+
+def set_outcome(
+    span: trace.Span, status: int | None, error: BaseException | None, failed_from: int
+) -> None:
+    """Record how an HTTP exchange ended: the status code, then the error (an exception, or a
+    status of `failed_from` or more: 500 for a server, 400 for a client) or OK. A cancellation
+    (a BaseException that is not an Exception) leaves the status unset."""
+    if status is not None:
+        span.set_attribute(http_attributes.HTTP_RESPONSE_STATUS_CODE, status)
+    if isinstance(error, Exception):
+        name = type(error).__qualname__
+        span.record_exception(error)
+        span.set_attribute(error_attributes.ERROR_TYPE, name)
+        span.set_status(Status(StatusCode.ERROR, name))
+    elif status is not None and status >= failed_from:
+        span.set_attribute(error_attributes.ERROR_TYPE, str(status))
+        span.set_status(ERROR)
+    elif error is None:
+        span.set_status(OK)
 
 
 def _follows_parent(sampler: sampling.Sampler) -> bool:

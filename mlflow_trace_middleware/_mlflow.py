@@ -13,17 +13,15 @@ provider with `SinkSpanProcessor` instead of its own processors. That processor:
 
 from __future__ import annotations
 
-import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from mlflow.entities.span import SpanType, create_mlflow_span
+from mlflow.entities.span import create_mlflow_span
 from mlflow.entities.trace_info import TraceInfo
 from mlflow.entities.trace_location import TraceLocation
 from mlflow.entities.trace_state import TraceState
 from mlflow.tracing import provider as _provider
-from mlflow.tracing.constant import SpanAttributeKey
 from mlflow.tracing.trace_manager import InMemoryTraceManager
 from mlflow.tracing.utils import encode_span_id, generate_mlflow_trace_id_from_otel_trace_id
 from opentelemetry import trace
@@ -32,33 +30,27 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import _Span as _SdkSpan
-from opentelemetry.trace import SpanContext, StatusCode
+from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode
 
-from . import _log
-from ._span import EncodedSpan, encode_span
+from . import _lean, _log
+from ._keys import SERVICE_NAME, TRACE_NAME, TRACE_TAG_PREFIX
+from ._lean import LeanSpan
+from ._span import encode_span, recorded
 
 if TYPE_CHECKING:
-    from ._lean import LeanSpan
     from ._sink import SpanSink
 
-SERVICE_NAME = "service.name"
-TRACE_NAME = SpanAttributeKey.TRACE_TAG_PREFIX + "mlflow.traceName"
-INPUTS = SpanAttributeKey.INPUTS
-# A request span's MLflow span type, as MLflow's `LiveSpan` would record it (JSON-encoded).
-SPAN_TYPE = SpanAttributeKey.SPAN_TYPE
-UNKNOWN_SPAN_TYPE = json.dumps(SpanType.UNKNOWN)
-REQUEST_ID = SpanAttributeKey.REQUEST_ID
-# On a request span whose trusted caller chose the experiment: every span of that trace segment
-# is exported there (see `_trust.py`).
-EXPERIMENT = "mlflow_trace_middleware.experiment_id"
 MAX_OPEN_TRACES = 10_000
-OUTPUTS = SpanAttributeKey.OUTPUTS
 
 
 class SinkSpanProcessor(SpanProcessor):
-    """Registers trace segments for MLflow's fluent API and sends finished spans to the sink."""
+    """Registers trace segments for MLflow's fluent API and sends finished spans to the sink.
 
-    def __init__(self, sink: Callable[[], SpanSink], service_name: Callable[[], str]) -> None:
+    Also the `_lean.Owner` of our own spans: it registers one with MLflow when MLflow asks for
+    it (`materialize`) and encodes and submits it when it ends (`finish`).
+    """
+
+    def __init__(self, sink: SpanSink, service_name: Callable[[], str]) -> None:
         self._sink = sink
         self._service_name = service_name
         self._lock = threading.Lock()
@@ -67,6 +59,7 @@ class SinkSpanProcessor(SpanProcessor):
         # OTel trace id -> experiment chosen by a trusted caller, while the segment is open.
         self._experiments: dict[int, str] = {}
         self._service: dict[str, str] = {}  # the extra attributes of a span without tags
+        self._materialize_lock = threading.Lock()
 
     def on_start(self, span: SdkSpan, parent_context: Context | None = None) -> None:
         try:
@@ -135,15 +128,15 @@ class SinkSpanProcessor(SpanProcessor):
             tags = self._release(context.trace_id, context.span_id, registered)
         except Exception:
             _log.internal_error("span end")
-        # Whatever failed above, the span itself still goes out; one that cannot be encoded
-        # is counted by the sink (`exporter_error`), not lost.
-        finished: Any = span
+        # Whatever failed above, the span itself still goes out.
         try:
-            extra = self._extra(tags)
-            finished = EncodedSpan(*encode_span(span, extra))
+            state = recorded(span) if isinstance(span, ReadableSpan) else span.recorded()
+            encoded = encode_span(span, state, self._extra(tags))
         except Exception:
             _log.internal_error("span encode")
-        self._sink().submit(finished, experiment)
+            self._sink.count_dropped("encoding_error")
+            return
+        self._sink.submit(encoded, experiment)
 
     def _extra(self, tags: dict[str, str] | None) -> dict[str, str]:
         """Attributes every span gets: the service name and, on a segment's root, trace tags."""
@@ -198,7 +191,49 @@ class SinkSpanProcessor(SpanProcessor):
         pass
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._sink().flush(timeout_millis / 1000)
+        return self._sink.flush(timeout_millis / 1000)
+
+    def materialize(self, span: LeanSpan) -> SdkSpan | None:
+        """Register one of our spans with MLflow, as an SDK span that takes over its state.
+
+        Called when MLflow looks the span up (`mlflow.get_current_active_span()` and the APIs
+        built on it); a request whose handler never asks costs MLflow nothing.
+        """
+        sdk_tracer = tracer()
+        if _processor is not self or not isinstance(sdk_tracer, SdkTracer):
+            return None
+        with self._materialize_lock:  # two handler threads asking at once must get one shadow
+            if span.shadow is not None or not span.is_recording():
+                return span.shadow
+            try:
+                return self._materialize(span, sdk_tracer)
+            except Exception:
+                _log.internal_error("span materialize")
+                return None
+
+    def _materialize(self, span: LeanSpan, sdk_tracer: SdkTracer) -> SdkSpan:
+        attributes, events, links, status = span.recorded()
+        # `_Span` is the SDK span a Tracer makes (the public class refuses direct use); a tracer
+        # cannot be asked for a span with ids chosen already.
+        shadow = _SdkSpan(
+            span.name,
+            span.context,
+            parent=span.parent,
+            sampler=sdk_tracer.sampler,
+            resource=sdk_tracer.resource,
+            attributes=attributes,
+            events=events,
+            links=links,
+            kind=span.kind,
+            limits=sdk_tracer._span_limits,
+            instrumentation_scope=span.instrumentation_scope,
+        )
+        shadow.start(start_time=span.start_time)
+        if status.status_code is not StatusCode.UNSET:
+            shadow.set_status(status)
+        self.on_start(shadow)
+        span.adopt(shadow)
+        return shadow
 
 
 def _tag_attributes(tags: dict[str, str] | None) -> dict[str, str] | None:
@@ -206,7 +241,7 @@ def _tag_attributes(tags: dict[str, str] | None) -> dict[str, str] | None:
     # `mlflow.traceTag.*` root-span attributes as trace tags, as MLflow's own OTLP processor does.
     if not tags:
         return None
-    return {SpanAttributeKey.TRACE_TAG_PREFIX + key: value for key, value in tags.items()}
+    return {TRACE_TAG_PREFIX + key: value for key, value in tags.items()}
 
 
 _install_lock = threading.Lock()
@@ -291,66 +326,24 @@ def tracer() -> trace.Tracer:
     return _bound().tracer
 
 
-def materialize(span: LeanSpan) -> SdkSpan | None:
-    """Register one of our spans with MLflow, as an SDK span that takes over its state.
-
-    Called when MLflow looks the span up (`mlflow.get_current_active_span()` and the APIs built
-    on it); a request whose handler never asks costs MLflow nothing.
-    """
+def start_span(
+    name: str,
+    context: Context | None,
+    kind: SpanKind,
+    attributes: dict[str, Any],
+    links: Sequence[Link] = (),
+    *,
+    experiment: str | None = None,
+) -> trace.Span:
+    """One of our spans, from MLflow's tracer, reporting to the installed processor; a span
+    with no parent in this process opens a trace segment (routed to `experiment` if given)."""
     processor = _processor
-    sdk_tracer = tracer()
-    if processor is None or not isinstance(sdk_tracer, SdkTracer):
-        return None
-    with _materialize_lock:  # two handler threads asking at once must get one shadow
-        if span.shadow is not None or not span.is_recording():
-            return span.shadow
-        return _materialize(span, processor, sdk_tracer)
-
-
-_materialize_lock = threading.Lock()
-
-
-def _materialize(
-    span: LeanSpan, processor: SinkSpanProcessor, sdk_tracer: SdkTracer
-) -> SdkSpan | None:
-    try:
-        attributes, events, links, status = span.recorded()
-        # `_Span` is the SDK span a Tracer makes (the public class refuses direct use); a tracer
-        # cannot be asked for a span with ids chosen already.
-        shadow = _SdkSpan(
-            span.name,
-            span.context,
-            parent=span.parent,
-            sampler=sdk_tracer.sampler,
-            resource=sdk_tracer.resource,
-            attributes=attributes,
-            events=events,
-            links=links,
-            kind=span.kind,
-            limits=sdk_tracer._span_limits,
-            instrumentation_scope=span.instrumentation_scope,
-        )
-        shadow.start(start_time=span.start_time)
-        if status.status_code is not StatusCode.UNSET:
-            shadow.set_status(status)
-        processor.on_start(shadow)
-        span.adopt(shadow)
-    except Exception:
-        _log.internal_error("span materialize")
-        return None
-    return shadow
-
-
-def open_segment(span: LeanSpan, experiment: str | None) -> None:
-    processor = _processor
-    if processor is not None:
+    if processor is None:  # not installed (tests): MLflow's own machinery
+        return tracer().start_span(name, context, kind, attributes, links)
+    span = _lean.start(tracer(), processor, name, context, kind, attributes, links)
+    if kind is SpanKind.SERVER and isinstance(span, LeanSpan):
         processor.open(span, experiment)
-
-
-def finish(span: LeanSpan) -> None:
-    processor = _processor
-    if processor is not None:
-        processor.finish(span)
+    return span
 
 
 def current_context() -> Context | None:

@@ -10,23 +10,21 @@ import contextlib
 import gzip
 import http.client
 import json
+import os
 import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from . import _log
-from ._config import DEFAULT_EXPERIMENT, Settings
+from ._config import Settings
 from ._sink import ExportResult
-from ._span import encode
-
-if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import ReadableSpan
+from ._span import EncodedSpan, encode
 
 _RETRYABLE = frozenset({408, 429, 502, 503, 504})
 _SPLIT = frozenset({400, 413, 422})  # MLflow rejects a whole batch for one bad span
@@ -46,7 +44,9 @@ class OtlpHttpExporter:
     spans are dropped, and 3xx is a failure (a redirect would lose the body).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, experiment: Callable[[], str | None]) -> None:
+        """`experiment` names the process's own experiment, or None while it is unknown (a
+        name still being resolved): the batch then waits."""
         endpoint = settings.otlp_endpoint
         if endpoint is None:
             raise ValueError(f"not an HTTP tracking URI: {settings.tracking_uri!r}")
@@ -54,15 +54,15 @@ class OtlpHttpExporter:
         self._https = url.scheme == "https"
         self._host = url.hostname or "localhost"
         self._port = url.port
-        self._base = url.path.removesuffix("/v1/traces")
         self._path = url.path
         self._settings = settings
         self._timeout = settings.export_timeout
         self._conn: http.client.HTTPConnection | None = None
-        self._experiment_id = settings.experiment_id
+        self._experiment = experiment
+        _exporters.add(self)
 
-    def export(self, spans: Sequence[ReadableSpan], experiment_id: str | None) -> ExportResult:
-        experiment_id = experiment_id or self._default_experiment()
+    def export(self, spans: Sequence[EncodedSpan], experiment_id: str | None) -> ExportResult:
+        experiment_id = experiment_id or self._experiment()
         if experiment_id is None:
             return ExportResult.retry_later("experiment_unresolved")
         raw = encode(spans, self._settings.service_name)
@@ -109,50 +109,18 @@ class OtlpHttpExporter:
             return ExportResult.dropped("server_cannot_store_spans")
         return ExportResult.dropped(f"rejected_{status}")
 
-    @property
-    def experiment_id(self) -> str | None:
-        """The experiment spans go to by default, once known (a name is resolved lazily)."""
-        return self._experiment_id
-
-    def probe(self) -> None:
-        """Say once, clearly, if this server cannot ingest spans; called in the background.
-
-        Also resolves a configured experiment name early, so callees can be told the id."""
-        headers = {
-            **self._settings.headers,
-            "Content-Type": "application/x-protobuf",
-            "x-mlflow-experiment-id": self._experiment_id or DEFAULT_EXPERIMENT,
-        }
-        try:
-            # An empty request: a server with the endpoint answers 400 ("no spans").
-            status, _, _ = self._request("POST", self._path, b"", headers)
-            if status in (404, 405):
-                _log.logger.warning(
-                    "mlflow-trace-middleware: %s has no OTLP endpoint %s (HTTP %d); it cannot "
-                    "store spans. Upgrade the MLflow server to 3.x.",
-                    self._endpoint_for_logs(),
-                    self._path,
-                    status,
-                )
-                return
-            if status in (401, 403):
-                _log.logger.warning(
-                    "mlflow-trace-middleware: %s refused our credentials (HTTP %d); set "
-                    "MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD.",
-                    self._endpoint_for_logs(),
-                    status,
-                )
-                return
-            path = f"{self._base}/api/3.0/mlflow/server-info"
-            status, _, data = self._request("GET", path, None, dict(self._settings.headers))
-        except (OSError, http.client.HTTPException):
-            return  # down: export() reports it
-        if status == 200 and _store_type(data) == "FileStore":
-            self._warn_rejected(501, limited=False)
-        self._default_experiment()
-
-    def _warn_rejected(self, status: int, *, limited: bool = True) -> None:
-        if status == 501:
+    def _warn_rejected(self, status: int) -> None:
+        if status in (404, 405):
+            message = (
+                "mlflow-trace-middleware: %s has no OTLP endpoint /v1/traces (HTTP %d); it "
+                "cannot store spans. Upgrade the MLflow server to 3.x."
+            )
+        elif status in (401, 403):
+            message = (
+                "mlflow-trace-middleware: %s refused our credentials (HTTP %d); set "
+                "MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD."
+            )
+        elif status == 501:
             message = (
                 "mlflow-trace-middleware: %s uses a file store, which cannot store spans "
                 "(HTTP %d); run it with a database, e.g. --backend-store-uri sqlite:///mlflow.db"
@@ -164,14 +132,7 @@ class OtlpHttpExporter:
             )
         else:
             message = "mlflow-trace-middleware: %s rejected spans with HTTP %d"
-        if limited:
-            _log.warn_limited(f"export_status_{status}", message, self._endpoint_for_logs(), status)
-        else:
-            _log.logger.warning(message, self._endpoint_for_logs(), status)
-
-    def after_fork_in_child(self) -> None:
-        # The parent's socket is not ours: forget it without closing it.
-        self._conn = None
+        _log.warn_limited(f"export_status_{status}", message, self._endpoint_for_logs(), status)
 
     def shutdown(self) -> None:
         if self._conn is not None:
@@ -179,36 +140,6 @@ class OtlpHttpExporter:
             self._conn = None
 
     # -- helpers ------------------------------------------------------------------------------
-
-    def _default_experiment(self) -> str | None:
-        """The configured experiment id; a name is resolved (and created) once, lazily."""
-        if self._experiment_id is None:
-            name = self._settings.experiment_name
-            self._experiment_id = self._resolve_experiment(name) if name else DEFAULT_EXPERIMENT
-        return self._experiment_id
-
-    def _resolve_experiment(self, name: str) -> str | None:
-        headers = {**self._settings.headers, "Content-Type": "application/json"}
-        query = urllib.parse.urlencode({"experiment_name": name})
-        path = f"{self._base}/api/2.0/mlflow/experiments/get-by-name?{query}"
-        try:
-            status, _, body = self._request("GET", path, None, headers)
-            if status == 404:
-                payload = json.dumps({"name": name}).encode()
-                path = f"{self._base}/api/2.0/mlflow/experiments/create"
-                status, _, body = self._request("POST", path, payload, headers)
-                if status == 200:
-                    return str(json.loads(body)["experiment_id"])
-            elif status == 200:
-                return str(json.loads(body)["experiment"]["experiment_id"])
-        except (OSError, http.client.HTTPException, ValueError, KeyError):
-            pass
-        _log.warn_limited(
-            "experiment_unresolved",
-            "mlflow-trace-middleware: cannot resolve experiment %r yet; spans stay queued",
-            name,
-        )
-        return None
 
     def _request(
         self, method: str, path: str, body: bytes | None, headers: dict[str, str]
@@ -255,6 +186,19 @@ class OtlpHttpExporter:
         return f"{self._host}:{self._port}" if self._port else self._host
 
 
+_exporters: weakref.WeakSet[OtlpHttpExporter] = weakref.WeakSet()
+
+
+def _forget_connections_after_fork() -> None:
+    # The parent's sockets are not the child's: forget them without closing them.
+    for exporter in list(_exporters):
+        exporter._conn = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_connections_after_fork)
+
+
 class _Watchdog:
     """Shuts the socket down at the deadline: one wall-clock limit, not one per socket read."""
 
@@ -294,14 +238,6 @@ def _rejected_spans(content_type: str | None, data: bytes) -> int:
         return max(int(response.partial_success.rejected_spans), 0)
     except Exception:  # an answer we cannot read is not a rejection
         return 0
-
-
-def _store_type(data: bytes) -> str | None:
-    try:
-        value = json.loads(data).get("store_type")
-    except (ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
 
 
 def _parse_retry_after(value: str | None) -> float | None:

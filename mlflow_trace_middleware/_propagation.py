@@ -83,12 +83,17 @@ class _QuietWhileParsing(logging.Filter):
 
 
 _quiet = _QuietWhileParsing()
-for _name in (
-    "opentelemetry.baggage.propagation",
-    "opentelemetry.trace.propagation.tracecontext",
-    "opentelemetry.trace.span",
-):
-    logging.getLogger(_name).addFilter(_quiet)
+
+
+def quiet_propagator_logs() -> None:
+    """Install the filter on the propagators' loggers (once, when the runtime starts;
+    `addFilter` ignores a filter already there)."""
+    for name in (
+        "opentelemetry.baggage.propagation",
+        "opentelemetry.trace.propagation.tracecontext",
+        "opentelemetry.trace.span",
+    ):
+        logging.getLogger(name).addFilter(_quiet)
 
 
 def extract(carrier: Carrier) -> Context:

@@ -1,80 +1,74 @@
-"""The process's one sink and span processor, created on first use and shared by everything."""
+"""The process runtime: its one sink and MLflow bridge, started once by `activate()`.
+
+`activate()` is the one place where process-wide effects happen: the sink is created (its
+worker thread starts with the first span), MLflow is made to build its tracer provider with our
+processor, an `atexit` hook is registered, the propagators' log filter is installed, and (opt-in)
+the startup heap is frozen. It runs on the first request through a middleware (or ASGI lifespan
+startup), the first traced outgoing call, `instrument()` or `configure()`; never at import or
+construction.
+"""
 
 from __future__ import annotations
 
 import atexit
 import gc
-import inspect
-import os
 import threading
-from typing import Any
 
-from . import _config, _log, _mlflow
+from . import _config, _log, _mlflow, _propagation
+from ._experiments import Experiment
 from ._sink import Exporter, ExportResult, SinkStats, SpanSink
 
 _lock = threading.Lock()
 _sink: SpanSink | None = None
+_experiment: Experiment | None = None
 
 
-def ensure_started() -> SpanSink:
-    """Create the sink and route MLflow's spans into it (once per process)."""
-    global _sink
+def activate() -> SpanSink:
+    """Start the runtime (once per process) and return its sink; cheap when already started."""
     sink = _sink
     if sink is not None:
         return sink
+    return _start()
+
+
+def _start() -> SpanSink:
+    global _sink
     with _lock:
-        if _sink is None:
-            settings = _config.get_settings()
-            _sink = SpanSink(make_exporter(settings), **_limits(settings))
-            _mlflow.install(_mlflow.SinkSpanProcessor(get_sink, _service_name))
-            atexit.register(_shutdown_at_exit)
+        if _sink is not None:
+            return _sink
+        settings = _config.get_settings()
+        sink = SpanSink(make_exporter(settings), settings.limits)
+        _mlflow.install(_mlflow.SinkSpanProcessor(sink, _service_name))
+        _propagation.quiet_propagator_logs()
+        atexit.register(_shutdown_at_exit)
+        if settings.freeze_gc:
             _freeze_startup_heap()
-        return _sink
+        _sink = sink
+        return sink
 
 
-FREEZE_ENV = "MLFLOW_TRACE_FREEZE_GC"
+def active() -> bool:
+    return _sink is not None
 
 
 def _freeze_startup_heap() -> None:
     """Move every object alive now (imports, the app as built) out of the cyclic collector's way.
 
-    Importing MLflow adds about 110,000 long-lived objects; every full collection walks them
-    all (about 100 ms on a 2-core machine), and a busy async service triggers one every few
-    thousand requests: the whole tail latency. `gc.freeze()` is what the Python docs advise
-    for long-lived startup objects; it costs nothing (no collection, no copy). What it gives
-    up: frozen objects that later become cyclic garbage are not reclaimed. Opt out with
-    `MLFLOW_TRACE_FREEZE_GC=0`.
+    Opt-in (`MLFLOW_TRACE_FREEZE_GC=1`): a library should not change how the host's garbage is
+    collected, and measured both ways the gain is not consistent (docs/architecture.md). What it
+    gives up: frozen objects that later become cyclic garbage are never reclaimed.
     """
-    if os.environ.get(FREEZE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return
     before = gc.get_freeze_count()
     gc.freeze()
     _log.logger.debug(
-        "mlflow-trace-middleware: froze %d startup objects (%s=0 to opt out)",
-        gc.get_freeze_count() - before,
-        FREEZE_ENV,
+        "mlflow-trace-middleware: froze %d startup objects", gc.get_freeze_count() - before
     )
-
-
-def _limits(settings: _config.Settings) -> dict[str, Any]:
-    """The settings `SpanSink.set_limits` takes, by the same names."""
-    names = inspect.signature(SpanSink.set_limits).parameters.keys() - {"self"}
-    return {name: getattr(settings, name) for name in names}
-
-
-def get_sink() -> SpanSink:
-    return _sink or ensure_started()
 
 
 def own_experiment() -> str | None:
     """The experiment this process exports to, when known without I/O (a name may be pending)."""
-    settings = _config.get_settings()
-    if settings.experiment_id:
-        return settings.experiment_id
-    resolved = getattr(_sink.exporter, "experiment_id", None) if _sink is not None else None
-    if isinstance(resolved, str):
-        return resolved
-    return None if settings.experiment_name else _config.DEFAULT_EXPERIMENT
+    experiment = _experiment
+    return experiment.id() if experiment is not None else None
 
 
 def _service_name() -> str:
@@ -82,16 +76,18 @@ def _service_name() -> str:
 
 
 def make_exporter(settings: _config.Settings) -> Exporter:
+    global _experiment
     if settings.tracking_uri is None:
         import mlflow
 
         # Honour `mlflow.set_tracking_uri(...)` when no variable or `configure` names one.
         settings = _config.update_settings(tracking_uri=mlflow.get_tracking_uri())
+    experiment = _experiment = Experiment(settings)
     if settings.otlp_endpoint is None:
         return _NoServer(settings.tracking_uri)
     from ._otlp import OtlpHttpExporter
 
-    return OtlpHttpExporter(settings)
+    return OtlpHttpExporter(settings, experiment.id)
 
 
 class _NoServer:
@@ -117,10 +113,13 @@ def reconfigure(
     settings: _config.Settings, exporter: Exporter | None, *, destination_changed: bool = True
 ) -> None:
     """Apply new settings; the exporter is rebuilt only when where or how spans go changed."""
-    sink = ensure_started()
-    sink.set_limits(**_limits(settings))
+    sink = activate()
+    sink.set_limits(settings.limits)
     if exporter is None and not destination_changed:
         return
+    if exporter is not None:
+        global _experiment
+        _experiment = Experiment(settings)
     old, sink.exporter = sink.exporter, exporter or make_exporter(settings)
     try:
         old.shutdown()

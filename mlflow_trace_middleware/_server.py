@@ -5,24 +5,21 @@ from __future__ import annotations
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.semconv.attributes import (
     client_attributes,
-    error_attributes,
     http_attributes,
     server_attributes,
     url_attributes,
     user_agent_attributes,
 )
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 
-from . import _config, _lean, _log, _mlflow, _propagation, _trust
+from . import _config, _keys, _lean, _log, _mlflow, _propagation, _runtime, _trust
 from ._capture import BodyCapture, capturable_headers, is_json
-
-# On a request span that restarted an untrusted inbound context: the caller's traceparent.
-RESTARTED_FROM = "mlflow_trace_middleware.untrusted_parent"
 
 _URL_DELIMITERS = frozenset("[]:@/?#%\\")  # and "%": an IPv6 zone keeps its case
 _KNOWN_METHODS = frozenset(
@@ -63,6 +60,38 @@ class ServerOptions:
         )
 
 
+class Inbound(NamedTuple):
+    """What a server adapter hands the inbound core about one request (the adapter contract).
+
+    `carrier` holds the propagation headers (`_propagation.FIELDS`, lower-case names, values in
+    arrival order); `headers` decodes all of them, called only if a trust policy or header
+    capture asks. `server` is (host, port) from the Host header or the socket, `client` the
+    peer address. The route template is handed over when it is known, at `RequestSpan.end`.
+    """
+
+    method: str
+    path: str
+    scheme: str
+    carrier: _propagation.Carrier
+    headers: Callable[[], list[tuple[str, str]]]
+    server: tuple[str, int | None] | None
+    client: str | None
+    user_agent: str | None
+    content_type: str | None
+
+
+def start(options: ServerOptions, request: Inbound) -> RequestSpan | None:
+    """A `RequestSpan`, or None when the path is excluded or tracing itself failed."""
+    if request.path in options.exclude_paths:
+        return None
+    try:
+        _runtime.activate()
+        return RequestSpan(options, request)
+    except Exception:
+        _log.internal_error("request span start")
+        return None
+
+
 class RequestSpan:
     """One inbound request: its span, the context it made current, and its captured bodies.
 
@@ -82,71 +111,21 @@ class RequestSpan:
         "status",
     )
 
-    def __init__(
-        self,
-        options: ServerOptions,
-        method: str,
-        path: str,
-        headers: Callable[[], list[tuple[str, str]]],
-        *,
-        carrier: _propagation.Carrier,
-        scheme: str,
-        server: tuple[str, int | None] | None,
-        client: str | None,
-        user_agent: str | None,
-        content_type: str | None,
-    ) -> None:
-        self.method = method if method in _KNOWN_METHODS else "_OTHER"
+    def __init__(self, options: ServerOptions, request: Inbound) -> None:
+        self.method = request.method if request.method in _KNOWN_METHODS else "_OTHER"
         self.status: int | None = None
         self.route: str | None = None
         self._ended = False
         self._token: object | None = None
         self._limit = options.max_body_bytes if options.capture_bodies else 0
-        self.request_body = self._capture(content_type)
+        self.request_body = self._capture(request.content_type)
         self.response_body: BodyCapture | None = None
-        context = _propagation.extract(carrier) if carrier else Context()
-        attributes: dict[str, str | int | tuple[str, ...]] = {
-            _mlflow.SPAN_TYPE: _mlflow.UNKNOWN_SPAN_TYPE,
-            http_attributes.HTTP_REQUEST_METHOD: self.method,
-            url_attributes.URL_PATH: path,
-            url_attributes.URL_SCHEME: scheme,
-        }
-        if server is not None:
-            attributes[server_attributes.SERVER_ADDRESS] = server[0]
-            if server[1] is not None:
-                attributes[server_attributes.SERVER_PORT] = server[1]
-        if client:
-            attributes[client_attributes.CLIENT_ADDRESS] = client
-        if user_agent:
-            attributes[user_agent_attributes.USER_AGENT_ORIGINAL] = user_agent
-        if options.capture_headers:
-            attributes.update(_header_attributes(headers(), options.capture_headers))
-        links: list[trace.Link] = []
-        experiment = None
-        remote = trace.get_current_span(context).get_span_context()
-        if remote.is_valid:
-
-            def request() -> _trust.InboundRequest:
-                return _trust.InboundRequest(client, path, _joined(headers()))
-
-            trusted, experiment = False, None
-            if _trust.trusts(options.trust, request):
-                trusted, experiment = _trust.accept(remote, _config.get_settings().signing_keys)
-            if not trusted:
-                # Restart: a new trace; the caller's ids are kept as a link, nothing else of
-                # theirs (tracestate, baggage, sampling decision) is taken.
-                context = Context()
-                links.append(trace.Link(remote, {RESTARTED_FROM: _traceparent(remote)}))
-                attributes[RESTARTED_FROM] = _traceparent(remote)
-            elif experiment is not None:
-                attributes[_mlflow.EXPERIMENT] = experiment
-        if links or not remote.is_valid:  # no parent (or a restart): the root of a trace
-            attributes[_mlflow.TRACE_NAME] = self.method
-        span = _lean.start(self.method, context, SpanKind.SERVER, attributes, links)
-        if isinstance(span, _lean.LeanSpan):
-            _mlflow.open_segment(span, experiment)
-        self.span = span
-        self.context = trace.set_span_in_context(span, context)
+        attributes = _attributes(self.method, request, options)
+        context, links, experiment = _parent(options, request, attributes)
+        self.span = _mlflow.start_span(
+            self.method, context, SpanKind.SERVER, attributes, links, experiment=experiment
+        )
+        self.context = trace.set_span_in_context(self.span, context)
         self._token = _mlflow.attach(self.context)
 
     def _capture(self, content_type: str | None) -> BodyCapture | None:
@@ -156,11 +135,13 @@ class RequestSpan:
         self.status = status
         self.response_body = self._capture(content_type)
 
-    def end(self, error: BaseException | None = None) -> None:
+    def end(self, error: BaseException | None = None, *, route: str | None = None) -> None:
         """End the span once: name from the route template, status from the response."""
         if self._ended:
             return
         self._ended = True
+        if route is not None:
+            self.route = route
         span = self.span
         try:
             if span.is_recording():
@@ -175,22 +156,12 @@ class RequestSpan:
             span.update_name(f"{self.method} {route}")
             span.set_attribute(http_attributes.HTTP_ROUTE, route)
             if span.parent is None:  # type: ignore[attr-defined]
-                span.set_attribute(_mlflow.TRACE_NAME, f"{self.method} {route}")
+                span.set_attribute(_keys.TRACE_NAME, f"{self.method} {route}")
         if self.request_body is not None and (inputs := self.request_body.attribute()):
-            span.set_attribute(_mlflow.INPUTS, inputs)
+            span.set_attribute(_keys.INPUTS, inputs)
         if self.response_body is not None and (outputs := self.response_body.attribute()):
-            span.set_attribute(_mlflow.OUTPUTS, outputs)
-        if self.status is not None:
-            span.set_attribute(http_attributes.HTTP_RESPONSE_STATUS_CODE, self.status)
-        if isinstance(error, Exception):
-            span.record_exception(error)
-            span.set_attribute(error_attributes.ERROR_TYPE, type(error).__qualname__)
-            span.set_status(Status(StatusCode.ERROR, type(error).__qualname__))
-        elif self.status is not None and self.status >= 500:
-            span.set_attribute(error_attributes.ERROR_TYPE, str(self.status))
-            span.set_status(_lean.ERROR)
-        else:
-            span.set_status(_lean.OK)
+            span.set_attribute(_keys.OUTPUTS, outputs)
+        _lean.set_outcome(span, self.status, error, failed_from=500)
 
     def attach(self) -> None:
         """Make the request span current again (a WSGI iterable runs after the app returned)."""
@@ -208,6 +179,54 @@ class RequestSpan:
                 _mlflow.detach(token)
             except Exception:
                 _log.internal_error("context detach")
+
+
+def _attributes(method: str, request: Inbound, options: ServerOptions) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        _keys.SPAN_TYPE: _keys.UNKNOWN_SPAN_TYPE,
+        http_attributes.HTTP_REQUEST_METHOD: method,
+        url_attributes.URL_PATH: request.path,
+        url_attributes.URL_SCHEME: request.scheme,
+    }
+    if request.server is not None:
+        attributes[server_attributes.SERVER_ADDRESS] = request.server[0]
+        if request.server[1] is not None:
+            attributes[server_attributes.SERVER_PORT] = request.server[1]
+    if request.client:
+        attributes[client_attributes.CLIENT_ADDRESS] = request.client
+    if request.user_agent:
+        attributes[user_agent_attributes.USER_AGENT_ORIGINAL] = request.user_agent
+    if options.capture_headers:
+        attributes.update(_header_attributes(request.headers(), options.capture_headers))
+    return attributes
+
+
+def _parent(
+    options: ServerOptions, request: Inbound, attributes: dict[str, Any]
+) -> tuple[Context, list[trace.Link], str | None]:
+    """The context to continue (or a fresh one), links, and the experiment a trusted caller
+    chose; marks the span as a trace's root (`TRACE_NAME`) when it has no parent."""
+    context = _propagation.extract(request.carrier) if request.carrier else Context()
+    remote = trace.get_current_span(context).get_span_context()
+    if not remote.is_valid:
+        attributes[_keys.TRACE_NAME] = attributes[http_attributes.HTTP_REQUEST_METHOD]
+        return context, [], None
+
+    def inbound() -> _trust.InboundRequest:
+        return _trust.InboundRequest(request.client, request.path, _joined(request.headers()))
+
+    if _trust.trusts(options.trust, inbound):
+        trusted, experiment = _trust.accept(remote, _config.get_settings().signing_keys)
+        if trusted:
+            if experiment is not None:
+                attributes[_keys.EXPERIMENT] = experiment
+            return context, [], experiment
+    # Restart: a new trace; the caller's ids are kept as a link, nothing else of theirs
+    # (tracestate, baggage, sampling decision) is taken.
+    caller = _traceparent(remote)
+    attributes[_keys.RESTARTED_FROM] = caller
+    attributes[_keys.TRACE_NAME] = attributes[http_attributes.HTTP_REQUEST_METHOD]
+    return Context(), [trace.Link(remote, {_keys.RESTARTED_FROM: caller})], None
 
 
 def _traceparent(span_context: trace.SpanContext) -> str:
@@ -268,37 +287,3 @@ def parsed_host(
     except ValueError:
         pass
     return fallback
-
-
-def start(
-    options: ServerOptions,
-    method: str,
-    path: str,
-    headers: Callable[[], list[tuple[str, str]]],
-    *,
-    carrier: _propagation.Carrier,
-    scheme: str,
-    server: tuple[str, int | None] | None,
-    client: str | None,
-    user_agent: str | None,
-    content_type: str | None,
-) -> RequestSpan | None:
-    """A `RequestSpan`, or None when the path is excluded or tracing itself failed."""
-    if path in options.exclude_paths:
-        return None
-    try:
-        return RequestSpan(
-            options,
-            method,
-            path,
-            headers,
-            carrier=carrier,
-            scheme=scheme,
-            server=server,
-            client=client,
-            user_agent=user_agent,
-            content_type=content_type,
-        )
-    except Exception:
-        _log.internal_error("request span start")
-        return None

@@ -22,13 +22,11 @@ import weakref
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import Final, Protocol
 
 from . import _log
-from ._span import EncodedSpan, encode_span
-
-if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import ReadableSpan
+from ._config import SinkLimits
+from ._span import EncodedSpan, Scope
 
 
 @dataclass(frozen=True)
@@ -62,13 +60,15 @@ class ExportResult:
 
 
 class Exporter(Protocol):
-    """Delivers one batch of finished spans that all belong to one experiment.
+    """Delivers one batch of finished spans that all belong to one experiment; called from the
+    sink's worker thread only.
 
-    The spans offer what exporters read of `ReadableSpan` (`name`, `context`, `parent`, `kind`,
-    `attributes`, `events`, `links`, `status`, `start_time`, `end_time`); `_span.encode`
-    turns them into an OTLP request without decoding them."""
+    The spans are encoded (`_span.EncodedSpan`): `_span.encode` frames them into an OTLP request
+    without decoding them, and they offer what exporters read of an SDK `ReadableSpan` (`name`,
+    `context`, `parent`, `kind`, `attributes`, `events`, `links`, `status`, times), decoded on
+    access. `experiment_id` None means the process's own experiment."""
 
-    def export(self, spans: Sequence[ReadableSpan], experiment_id: str | None) -> ExportResult: ...
+    def export(self, spans: Sequence[EncodedSpan], experiment_id: str | None) -> ExportResult: ...
 
     def shutdown(self) -> None: ...
 
@@ -86,10 +86,10 @@ class SinkStats:
     internal_errors: int = 0
 
 
-# A queued span: (encoded bytes and scope, or an SDK span and None; experiment id; encoded size;
-# monotonic time of the first failed attempt or 0.0). A plain tuple of atoms on purpose: the
-# garbage collector untracks it at its first young collection, so a full queue costs nothing.
-_Item = tuple[Any, Any, "str | None", int, float]
+# A queued span: (encoded bytes, scope, experiment id, size, monotonic time of the first failed
+# attempt or 0.0). A plain tuple of atoms on purpose: the garbage collector untracks it at its
+# first young collection, so a full queue costs nothing.
+_Item = tuple[bytes, Scope, "str | None", int, float]
 _SPAN: Final = 0
 _SCOPE: Final = 1
 _EXPERIMENT: Final = 2
@@ -103,35 +103,18 @@ _RETRY_AFTER_CAP = 30.0
 _MAX_SPLITS = 32  # per experiment group and attempt: isolates a few bad spans, not 512
 
 
-def encoded_size(span: Any) -> int:
-    """The span's size as OTLP protobuf (exact: encoded spans carry their bytes)."""
-    return len(span.data if isinstance(span, EncodedSpan) else encode_span(span)[0])
-
-
 class SpanSink:
     """Batches finished spans and hands them to an `Exporter` from a daemon thread."""
 
     def __init__(
         self,
         exporter: Exporter,
+        limits: SinkLimits | None = None,
         *,
-        max_queue_spans: int = 20_000,
-        max_queue_bytes: int = 64 * 1024 * 1024,
-        max_batch_spans: int = 512,
-        max_batch_bytes: int = 4 * 1024 * 1024,
-        schedule_delay: float = 1.0,
-        max_retry_time: float = 120.0,
         summary_interval: float = 60.0,
     ) -> None:
         self.exporter = exporter
-        self.set_limits(
-            max_queue_spans=max_queue_spans,
-            max_queue_bytes=max_queue_bytes,
-            max_batch_spans=max_batch_spans,
-            max_batch_bytes=max_batch_bytes,
-            schedule_delay=schedule_delay,
-            max_retry_time=max_retry_time,
-        )
+        self.set_limits(limits or SinkLimits())
         self._summary_interval = summary_interval
         self._init_state()
         _sinks.add(self)
@@ -156,49 +139,22 @@ class SpanSink:
         self._abandoned = False
         self._closing = False
         self._worker: threading.Thread | None = None
-        self._probed: object = None
 
-    def set_limits(
-        self,
-        *,
-        max_queue_spans: int,
-        max_queue_bytes: int,
-        max_batch_spans: int,
-        max_batch_bytes: int,
-        schedule_delay: float,
-        max_retry_time: float,
-    ) -> None:
-        """Bounds and timing; takes effect for the next span and the next batch."""
-        spans_ok = 1 <= max_batch_spans <= max_queue_spans
-        if not (spans_ok and 1 <= max_batch_bytes <= max_queue_bytes):
-            raise ValueError(
-                "need 1 <= max_batch_spans <= max_queue_spans and "
-                "1 <= max_batch_bytes <= max_queue_bytes"
-            )
-        self._max_queue = max_queue_spans
-        self._max_queue_bytes = max_queue_bytes
-        self._max_batch = max_batch_spans
-        self._max_batch_bytes = max_batch_bytes
-        self._delay = schedule_delay
-        self._max_retry_time = max_retry_time
+    def set_limits(self, limits: SinkLimits) -> None:
+        """Bounds and timing (validated by `SinkLimits`); for the next span and batch."""
+        self._max_queue = limits.max_queue_spans
+        self._max_queue_bytes = limits.max_queue_bytes
+        self._max_batch = limits.max_batch_spans
+        self._max_batch_bytes = limits.max_batch_bytes
+        self._delay = limits.schedule_delay
+        self._max_retry_time = limits.max_retry_time
 
     # -- producer side (request path) -----------------------------------------------------
 
-    def submit(self, span: EncodedSpan | ReadableSpan, experiment_id: str | None = None) -> None:
-        """Queue one finished span. Never blocks on I/O, never raises.
-
-        The process's spans arrive encoded (`_span.encode_span`); any other span (a test's SDK
-        span) is kept as it is and encoded by the exporter."""
-        payload: Any = span
-        scope: Any = None
-        if isinstance(span, EncodedSpan):
-            payload, scope, size = span.data, span.scope, len(span.data)
-        else:
-            try:
-                size = encoded_size(span)
-            except Exception:
-                _log.internal_error("span size")
-                size = 0
+    def submit(self, span: EncodedSpan, experiment_id: str | None = None) -> None:
+        """Queue one finished span. Never blocks on I/O, never raises."""
+        data = span.data
+        size = len(data)
         with self._lock:
             self._produced += 1
             if self._closing:
@@ -212,7 +168,7 @@ class SpanSink:
                 drop = "queue_full"
             else:
                 drop = ""
-                self._queue.append((payload, scope, experiment_id, size, 0.0))
+                self._queue.append((data, span.scope, experiment_id, size, 0.0))
                 self._held_bytes += size
             if drop:
                 self._dropped[drop] += 1
@@ -234,6 +190,13 @@ class SpanSink:
             self._wake.set()
         if drop:
             _log.warn_limited(drop, "mlflow-trace-middleware: dropping spans (%s)", drop)
+
+    def count_dropped(self, reason: str) -> None:
+        """A span that could not even be queued (it failed to encode): produced and dropped."""
+        with self._lock:
+            self._produced += 1
+            self._dropped[reason] += 1
+        _log.warn_limited(reason, "mlflow-trace-middleware: dropping spans (%s)", reason)
 
     # -- control --------------------------------------------------------------------------
 
@@ -306,7 +269,6 @@ class SpanSink:
     def _run(self) -> None:
         attempt = 0
         while True:
-            self._probe()
             if not self._flush_requested:
                 self._wake.wait(self._delay)
             self._wake.clear()
@@ -332,19 +294,6 @@ class SpanSink:
                     self._settled.notify_all()
                     return
             self._summarize()
-
-    def _probe(self) -> None:
-        """Once per exporter, let it check the server can ingest spans (it logs what it finds)."""
-        exporter = self.exporter
-        if exporter is self._probed:
-            return
-        self._probed = exporter
-        probe = getattr(exporter, "probe", None)
-        if probe is not None:
-            try:
-                probe()
-            except Exception:
-                _log.internal_error("exporter.probe")
 
     def _take(self) -> list[_Item]:
         with self._lock:
@@ -390,12 +339,8 @@ class SpanSink:
 
     def _export(self, items: list[_Item], experiment_id: str | None) -> ExportResult:
         try:
-            spans = [
-                EncodedSpan(item[_SPAN], item[_SCOPE]) if item[_SCOPE] else item[_SPAN]
-                for item in items
-            ]
-            # EncodedSpan offers the parts of ReadableSpan an exporter reads.
-            result = self.exporter.export(cast("list[ReadableSpan]", spans), experiment_id)
+            spans = [EncodedSpan(item[_SPAN], item[_SCOPE]) for item in items]
+            result = self.exporter.export(spans, experiment_id)
         except Exception:
             _log.internal_error("exporter.export")
             result = ExportResult.dropped("exporter_error")
@@ -461,9 +406,6 @@ class SpanSink:
 
     def _after_fork_in_child(self) -> None:
         self._init_state()
-        reset = getattr(self.exporter, "after_fork_in_child", None)
-        if reset is not None:
-            reset()
 
 
 _sinks: weakref.WeakSet[SpanSink] = weakref.WeakSet()

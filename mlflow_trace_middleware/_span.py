@@ -17,7 +17,7 @@ of the SDK `ReadableSpan` interface they read (`name`, `context`, `parent`, `kin
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -33,23 +33,53 @@ if TYPE_CHECKING:
 
     from opentelemetry.proto.common.v1.common_pb2 import ArrayValue
 
-    from ._lean import LeanSpan
-
 Scope = tuple[str, str]  # instrumentation scope (name, version)
 
 _HAS_IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
 _IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 
 
+class Finished(Protocol):
+    """What the encoder reads of a finished span besides its recorded state: an SDK
+    `ReadableSpan` or one of ours (`_lean.LeanSpan`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def context(self) -> SpanContext | None: ...
+    @property
+    def parent(self) -> SpanContext | None: ...
+    @property
+    def kind(self) -> SpanKind: ...
+    @property
+    def start_time(self) -> int | None: ...
+    @property
+    def end_time(self) -> int | None: ...
+    @property
+    def dropped_attributes(self) -> int: ...
+    @property
+    def dropped_events(self) -> int: ...
+    @property
+    def dropped_links(self) -> int: ...
+    @property
+    def instrumentation_scope(self) -> SdkScope | None: ...
+
+
+Recorded = tuple[Mapping[str, Any], Sequence[Event], Sequence[Link], Status]
+
+
+def recorded(span: ReadableSpan) -> Recorded:
+    """An SDK span's attributes, events, links and status, as `encode_span` takes them."""
+    return span.attributes or {}, span.events, span.links, span.status
+
+
 def encode_span(
-    span: ReadableSpan | LeanSpan, extra: Mapping[str, Any] | None = None
-) -> tuple[bytes, Scope]:
-    """A finished span (SDK or ours) as OTLP `Span` bytes and its scope; `extra` attributes are
-    added (the service name, the trace tags of a root)."""
-    if isinstance(span, ReadableSpan):
-        attributes, events, links, status = span.attributes, span.events, span.links, span.status
-    else:  # ours: its `attributes` property would hand it to MLflow
-        attributes, events, links, status = span.recorded()
+    span: Finished, state: Recorded, extra: Mapping[str, Any] | None = None
+) -> EncodedSpan:
+    """A finished span as OTLP `Span` bytes. `state` is passed apart from the span because one
+    of ours must not be read through its `attributes` (that would hand it to MLflow); `extra`
+    attributes are added (the service name, the trace tags of a root)."""
+    attributes, events, links, status = state
     context = span.context
     parent = span.parent
     encoded = PbSpan(
@@ -90,7 +120,7 @@ def encode_span(
     data = encoded.SerializeToString() + _attribute_fields(attributes)
     if extra:
         data += _attribute_fields(extra)
-    return data, _scope_of(span.instrumentation_scope)
+    return EncodedSpan(data, _scope_of(span.instrumentation_scope))
 
 
 def _scope_of(scope: SdkScope | None) -> Scope:
@@ -179,17 +209,12 @@ def _set_value(target: AnyValue, value: Any) -> None:
 # -- batches ----------------------------------------------------------------------------------
 
 
-def encode(spans: Iterable[Any], service_name: str) -> bytes:
-    """One ExportTraceServiceRequest: our service as the resource, spans grouped by scope.
-
-    Spans are `EncodedSpan`s (their bytes are framed as they are) or SDK spans.
-    """
+def encode(spans: Iterable[EncodedSpan], service_name: str) -> bytes:
+    """One ExportTraceServiceRequest: our service as the resource, spans grouped by scope; each
+    span's bytes are framed as they are."""
     by_scope: dict[Scope, list[bytes]] = {}
     for span in spans:
-        data, scope = (
-            (span.data, span.scope) if isinstance(span, EncodedSpan) else encode_span(span)
-        )
-        by_scope.setdefault(scope, []).append(data)
+        by_scope.setdefault(span.scope, []).append(span.data)
     resource = Resource(
         attributes=[KeyValue(key="service.name", value=AnyValue(string_value=service_name))]
     )

@@ -40,7 +40,7 @@ Patterns = str | Iterable[str]
 # (scheme, host, port, path) as the client will connect and send; host without IPv6 brackets.
 Destination = tuple[str, str, int | None, str]
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOSTNAME = re.compile(r"[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*")
 _MAX_HOSTNAME = 253
 # Segments a server may resolve or decode onto another path (RFC 3986 section 5.2.4).
@@ -102,7 +102,7 @@ class Targets:
         if name is None:
             return False
         if port is None:
-            port = _DEFAULT_PORTS.get(scheme)
+            port = DEFAULT_PORTS.get(scheme)
         if name in self._hosts or (name, port) in self._host_ports:
             return True
         if ":" not in name and (self._domains or self._domain_ports):
@@ -202,7 +202,7 @@ def _is_ip(host: str) -> bool:
 def _url_prefix(pattern: str) -> tuple[tuple[str, str, int], str]:
     scheme, _, rest = pattern.partition("://")
     scheme = scheme.lower()
-    if scheme not in _DEFAULT_PORTS:
+    if scheme not in DEFAULT_PORTS:
         raise ValueError("a URL prefix starts with http:// or https://")
     if any(c in rest for c in "?#"):
         raise ValueError("a URL prefix has no query or fragment")
@@ -215,7 +215,7 @@ def _url_prefix(pattern: str) -> tuple[tuple[str, str, int], str]:
     host, port = _host_and_port(authority)
     if not path.isascii() or _UNSAFE_PATH.search(path):
         raise ValueError("the path must be ASCII (percent-encoded) without dot segments")
-    return (scheme, host, port or _DEFAULT_PORTS[scheme]), path.rstrip("/")
+    return (scheme, host, port or DEFAULT_PORTS[scheme]), path.rstrip("/")
 
 
 def _connect_host(host: str) -> str | None:

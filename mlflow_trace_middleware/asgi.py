@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from . import _log, _propagation, _runtime, _server
-from ._instrument import instrument
-from ._trust import Trust
+from ._middleware import Middleware
+
+__all__ = ["MlflowTracingMiddleware"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -17,7 +18,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class MlflowTracingMiddleware:
+class MlflowTracingMiddleware(Middleware[ASGIApp]):
     """Trace every HTTP request of an ASGI app (FastAPI, Starlette, ...) into MLflow.
 
     ```python
@@ -48,30 +49,9 @@ class MlflowTracingMiddleware:
             are refused with ValueError.
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        capture_bodies: bool = True,
-        max_body_bytes: int = 32 * 1024,
-        exclude_paths: Collection[str] = (),
-        instrument_clients: bool = True,
-        trust: Trust = "continue",
-        capture_headers: Collection[str] = (),
-    ) -> None:
-        self.app = app
-        self.options = _server.ServerOptions.build(
-            capture_bodies=capture_bodies,
-            max_body_bytes=max_body_bytes,
-            exclude_paths=exclude_paths,
-            trust=trust,
-            capture_headers=capture_headers,
-        )
-        _runtime.ensure_started()
-        if instrument_clients:
-            instrument()
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.used:
+            self.first_use()
         if scope["type"] == "lifespan":
             await _lifespan(self.app, scope, receive, send)
             return
@@ -113,15 +93,17 @@ def _start(options: _server.ServerOptions, scope: Scope) -> _server.RequestSpan 
     client = scope.get("client")
     return _server.start(
         options,
-        scope.get("method", "GET"),
-        scope.get("path", ""),
-        headers,
-        carrier=carrier,
-        scheme=scope.get("scheme", "http"),
-        server=_server.server_address(host, tuple(server) if server else None),
-        client=client[0] if client else None,
-        user_agent=user_agent,
-        content_type=content_type,
+        _server.Inbound(
+            scope.get("method", "GET"),
+            scope.get("path", ""),
+            scope.get("scheme", "http"),
+            carrier,
+            headers,
+            _server.server_address(host, tuple(server) if server else None),
+            client[0] if client else None,
+            user_agent,
+            content_type,
+        ),
     )
 
 
@@ -154,19 +136,16 @@ async def _traced(
         await send(message)
         if kind == "http.response.body" and not message.get("more_body", False):
             response_done = True
-            request.route = _route(scope, root_path)
-            request.end()
+            request.end(route=_route(scope, root_path))
 
     try:
         await app(scope, receive_wrapper, send_wrapper)
     except BaseException as exc:
-        request.route = _route(scope, root_path)
-        request.end(exc)
+        request.end(exc, route=_route(scope, root_path))
         raise
     finally:
         if not response_done:  # the client went away, or no body was sent
-            request.route = _route(scope, root_path)
-            request.end()
+            request.end(route=_route(scope, root_path))
         request.detach()
 
 

@@ -5,7 +5,7 @@ client = httpx.Client(transport=TracingTransport())
 client = httpx.AsyncClient(transport=AsyncTracingTransport())
 client = httpx.Client(transport=TracingTransport(propagate_to=["*.svc.cluster.local"]))
 ```
-or `instrument_httpx()` to make every client propagate, SDK-built ones included.
+or `instrument()` to make every client propagate, SDK-built ones included.
 
 `propagate_to` (patterns, see `_targets.py`) replaces the process-wide allowlist of
 `configure(propagate_to=...)` for this transport; None follows it.
@@ -18,7 +18,9 @@ from typing import Any
 
 import httpx
 
-from . import _client, _runtime, _targets
+from . import _client, _targets
+
+__all__ = ["AsyncTracingTransport", "TracingTransport", "instrument", "uninstrument"]
 
 
 class TracingTransport(httpx.BaseTransport):
@@ -32,10 +34,9 @@ class TracingTransport(httpx.BaseTransport):
     ) -> None:
         self._targets = _targets.parse(propagate_to)
         self._inner = transport or httpx.HTTPTransport()
-        _runtime.ensure_started()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        return send(request, self._inner.handle_request, self._targets)
+        return _send(request, self._inner.handle_request, self._targets)
 
     def close(self) -> None:
         self._inner.close()
@@ -52,21 +53,16 @@ class AsyncTracingTransport(httpx.AsyncBaseTransport):
     ) -> None:
         self._targets = _targets.parse(propagate_to)
         self._inner = transport or httpx.AsyncHTTPTransport()
-        _runtime.ensure_started()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await send_async(request, self._inner.handle_async_request, self._targets)
+        return await _send_async(request, self._inner.handle_async_request, self._targets)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
 def _start(request: httpx.Request, targets: _targets.Targets | None) -> _client.ClientCall | None:
-    url = request.url
-    allowed = _targets.allowed(targets, lambda: _destination(url))
-    return _client.start(
-        request.method, url.scheme, url.host, url.port, url.path, request.headers, allowed=allowed
-    )
+    return _client.start(request.method, _destination(request.url), request.headers, targets)
 
 
 def _destination(url: httpx.URL) -> _targets.Destination:
@@ -75,7 +71,7 @@ def _destination(url: httpx.URL) -> _targets.Destination:
     return url.scheme, url.raw_host.decode("ascii"), url.port, path
 
 
-def send(
+def _send(
     request: httpx.Request,
     inner: Callable[[httpx.Request], httpx.Response],
     targets: _targets.Targets | None = None,
@@ -83,14 +79,8 @@ def send(
     call = _start(request, targets)
     if call is None:
         return inner(request)
-    token = _client.enter_call()
-    try:
+    with call:
         response = inner(request)
-    except BaseException as exc:
-        call.end(error=exc)
-        raise
-    finally:
-        _client.exit_call(token)
     # A body the transport already read (e.g. MockTransport) will never be closed again.
     if isinstance(response.stream, httpx.SyncByteStream) and not response.is_closed:
         response.stream = _Stream(response.stream, call, response.status_code)
@@ -99,7 +89,7 @@ def send(
     return response
 
 
-async def send_async(
+async def _send_async(
     request: httpx.Request,
     inner: Callable[[httpx.Request], Awaitable[httpx.Response]],
     targets: _targets.Targets | None = None,
@@ -107,14 +97,8 @@ async def send_async(
     call = _start(request, targets)
     if call is None:
         return await inner(request)
-    token = _client.enter_call()
-    try:
+    with call:
         response = await inner(request)
-    except BaseException as exc:
-        call.end(error=exc)
-        raise
-    finally:
-        _client.exit_call(token)
     if isinstance(response.stream, httpx.AsyncByteStream) and not response.is_closed:
         response.stream = _AsyncStream(response.stream, call, response.status_code)
     else:
@@ -170,17 +154,16 @@ def instrument() -> None:
     """Trace every `httpx.HTTPTransport`/`AsyncHTTPTransport`, i.e. every default client."""
     if _originals:
         return
-    _runtime.ensure_started()
     sync_original = httpx.HTTPTransport.handle_request
     async_original = httpx.AsyncHTTPTransport.handle_async_request
 
     def handle_request(self: httpx.HTTPTransport, request: httpx.Request) -> httpx.Response:
-        return send(request, lambda r: sync_original(self, r))
+        return _send(request, lambda r: sync_original(self, r))
 
     async def handle_async_request(
         self: httpx.AsyncHTTPTransport, request: httpx.Request
     ) -> httpx.Response:
-        return await send_async(request, lambda r: async_original(self, r))
+        return await _send_async(request, lambda r: async_original(self, r))
 
     _originals["sync"] = sync_original
     _originals["async"] = async_original

@@ -22,7 +22,9 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util import parse_url
 
-from . import _client, _runtime, _targets
+from . import _client, _targets
+
+__all__ = ["TracingAdapter", "instrument", "uninstrument"]
 
 
 class TracingAdapter(HTTPAdapter):
@@ -36,43 +38,35 @@ class TracingAdapter(HTTPAdapter):
     ) -> None:
         super().__init__(*args, **kwargs)
         self._propagate_to = _targets.parse(propagate_to)
-        _runtime.ensure_started()
 
     def send(
         self, request: requests.PreparedRequest, *args: Any, **kwargs: Any
     ) -> requests.Response:
-        return send(
+        return _send(
             request,
             lambda: super(TracingAdapter, self).send(request, *args, **kwargs),
             self._propagate_to,
         )
 
 
-def send(
+def _send(
     request: requests.PreparedRequest,
     inner: Callable[[], requests.Response],
     targets: _targets.Targets | None = None,
 ) -> requests.Response:
-    url = urlsplit(request.url or "")
+    raw_url = request.url or ""
+    url = urlsplit(raw_url)
     call = _client.start(
         request.method or "GET",
-        url.scheme,
-        url.hostname or "",
-        url.port,
-        url.path or "/",
+        (url.scheme, url.hostname or "", url.port, url.path or "/"),
         request.headers,
-        allowed=_targets.allowed(targets, lambda: _destination(request.url or "")),
+        targets,
+        destination=lambda: _destination(raw_url),
     )
     if call is None:
         return inner()
-    token = _client.enter_call()
-    try:
+    with call:
         response = inner()
-    except BaseException as exc:
-        call.end(error=exc)
-        raise
-    finally:
-        _client.exit_call(token)
     response.raw = _Raw(response.raw, call, response.status_code)
     return response
 
@@ -134,13 +128,12 @@ def instrument() -> None:
     """Trace every `requests` call made through an `HTTPAdapter` (every default session)."""
     if _original:
         return
-    _runtime.ensure_started()
     original = HTTPAdapter.send
 
     def patched(
         self: HTTPAdapter, request: requests.PreparedRequest, *args: Any, **kwargs: Any
     ) -> requests.Response:
-        return send(request, lambda: original(self, request, *args, **kwargs))
+        return _send(request, lambda: original(self, request, *args, **kwargs))
 
     _original.append(original)
     HTTPAdapter.send = patched  # type: ignore[method-assign]

@@ -10,7 +10,9 @@ from . import _runtime
 from ._sink import ExportResult
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import ReadableSpan
+    from ._span import EncodedSpan
+
+__all__ = ["InMemoryExporter"]
 
 
 class InMemoryExporter:
@@ -26,10 +28,10 @@ class InMemoryExporter:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.spans: list[ReadableSpan] = []
+        self.spans: list[EncodedSpan] = []
         self.batches: list[tuple[str | None, int]] = []
 
-    def export(self, spans: Sequence[ReadableSpan], experiment_id: str | None) -> ExportResult:
+    def export(self, spans: Sequence[EncodedSpan], experiment_id: str | None) -> ExportResult:
         with self._lock:
             self.spans.extend(spans)
             self.batches.append((experiment_id, len(spans)))
@@ -38,7 +40,7 @@ class InMemoryExporter:
     def shutdown(self) -> None:
         pass
 
-    def finished_spans(self, timeout: float = 5.0) -> list[ReadableSpan]:
+    def finished_spans(self, timeout: float = 5.0) -> list[EncodedSpan]:
         """Every span exported so far, after flushing the process's sink."""
         if not _runtime.flush(timeout):
             raise AssertionError("the sink did not flush in time")

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import _log, _propagation, _runtime, _server
+from . import _log, _propagation, _server
 from ._capture import BodyCapture
-from ._instrument import instrument
-from ._trust import Trust
+from ._middleware import Middleware
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
+__all__ = ["MlflowTracingWSGIMiddleware"]
 
-class MlflowTracingWSGIMiddleware:
+
+class MlflowTracingWSGIMiddleware(Middleware[Any]):
     """Trace every request of a WSGI app (Flask, Django, ...) into MLflow.
 
     ```python
@@ -29,30 +30,11 @@ class MlflowTracingWSGIMiddleware:
     Args: as for `MlflowTracingMiddleware`.
     """
 
-    def __init__(
-        self,
-        app: WSGIApplication,
-        *,
-        capture_bodies: bool = True,
-        max_body_bytes: int = 32 * 1024,
-        exclude_paths: Collection[str] = (),
-        instrument_clients: bool = True,
-        trust: Trust = "continue",
-        capture_headers: Collection[str] = (),
-    ) -> None:
-        self.app = app
-        self.options = _server.ServerOptions.build(
-            capture_bodies=capture_bodies,
-            max_body_bytes=max_body_bytes,
-            exclude_paths=exclude_paths,
-            trust=trust,
-            capture_headers=capture_headers,
-        )
-        _runtime.ensure_started()
-        if instrument_clients:
-            instrument()
+    app: WSGIApplication
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if not self.used:
+            self.first_use()
         request = _start(self.options, environ)
         if request is None:
             return self.app(environ, start_response)
@@ -72,8 +54,7 @@ class MlflowTracingWSGIMiddleware:
         try:
             iterable = self.app(environ, start_response_wrapper)
         except BaseException as exc:
-            request.route = request.route or _route(environ)
-            request.end(exc)
+            request.end(exc, route=request.route or _route(environ))
             raise
         finally:
             request.detach()
@@ -97,15 +78,17 @@ def _start(options: _server.ServerOptions, environ: WSGIEnvironment) -> _server.
         fallback = (environ.get("SERVER_NAME", ""), int(port) if port else None)
         return _server.start(
             options,
-            environ.get("REQUEST_METHOD", "GET"),
-            environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
-            headers,
-            carrier=carrier,
-            scheme=environ.get("wsgi.url_scheme", "http"),
-            server=_server.server_address(environ.get("HTTP_HOST"), fallback),
-            client=environ.get("REMOTE_ADDR"),
-            user_agent=environ.get("HTTP_USER_AGENT"),
-            content_type=environ.get("CONTENT_TYPE"),
+            _server.Inbound(
+                environ.get("REQUEST_METHOD", "GET"),
+                environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
+                environ.get("wsgi.url_scheme", "http"),
+                carrier,
+                headers,
+                _server.server_address(environ.get("HTTP_HOST"), fallback),
+                environ.get("REMOTE_ADDR"),
+                environ.get("HTTP_USER_AGENT"),
+                environ.get("CONTENT_TYPE"),
+            ),
         )
     except Exception:
         _log.internal_error("wsgi request start")

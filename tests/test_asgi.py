@@ -11,10 +11,12 @@ import mlflow
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
-from mlflow_trace_middleware import MlflowTracingMiddleware
+from mlflow_trace_middleware import MlflowTracingMiddleware, _server
 from mlflow_trace_middleware.httpx import AsyncTracingTransport
 from mlflow_trace_middleware.testing import InMemoryExporter
 
@@ -289,3 +291,15 @@ async def test_lifespan_and_websocket_pass_through_and_shutdown_flushes(
     await middleware({"type": "lifespan"}, receive, send)
     assert seen_scopes == ["websocket", "lifespan"]
     assert sent == [("lifespan.shutdown.complete", ["on-shutdown"])]
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet="aZ9.-_:[]@/?#\\%é ", max_size=24))
+@example("%Z:9")  # an IPv6 zone keeps its case: the URL parser's business
+@example("[::1]:8000")
+@example("Example.COM:8080")
+@example("host:99999")
+def test_host_header_fast_path_agrees_with_the_url_parser(host: str) -> None:
+    fallback = ("10.0.0.1", 80)
+    expected = _server.parsed_host(host, fallback) if host else fallback
+    assert _server.server_address(host, fallback) == expected

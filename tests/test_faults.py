@@ -14,13 +14,15 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
+from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 
-from mlflow_trace_middleware._config import Settings
+from mlflow_trace_middleware._config import Settings, SinkLimits
 from mlflow_trace_middleware._otlp import OtlpHttpExporter
 from mlflow_trace_middleware._sink import SinkStats, SpanSink
+from mlflow_trace_middleware._span import EncodedSpan, encode_span, recorded
 
 from .fake_otlp import FakeOtlpServer, Received, Reply, free_port, partial_success, poison
 
@@ -29,16 +31,16 @@ _TRACER = TracerProvider().get_tracer("t")
 MakeSink = Callable[..., SpanSink]
 
 
-def make_spans(n: int, payload: int = 0) -> list[ReadableSpan]:
+def make_spans(n: int, payload: int = 0) -> list[EncodedSpan]:
     attributes = {"blob": "x" * payload} if payload else {}
     spans = [_TRACER.start_span(f"s{i}", attributes=attributes) for i in range(n)]
     for span in spans:
         span.end()
-    return spans
+    return [encode_span(span, recorded(span)) for span in spans]
 
 
-def ids(spans: list[ReadableSpan]) -> Counter[bytes]:
-    return Counter(span.context.span_id.to_bytes(8, "big") for span in spans)  # type: ignore[union-attr]
+def ids(spans: list[EncodedSpan]) -> Counter[bytes]:
+    return Counter(span.context.span_id.to_bytes(8, "big") for span in spans)
 
 
 def check_invariant(stats: SinkStats) -> None:
@@ -56,9 +58,11 @@ def make_sink() -> Iterator[MakeSink]:
     """A sink with the real exporter; its worker is idle until a flush or a full batch."""
     made: list[SpanSink] = []
 
-    def factory(settings: Settings, **kwargs: object) -> SpanSink:
-        kwargs.setdefault("schedule_delay", 60.0)
-        sink = SpanSink(OtlpHttpExporter(settings), **kwargs)  # type: ignore[arg-type]
+    def factory(settings: Settings, summary_interval: float = 60.0, **limits: Any) -> SpanSink:
+        limits.setdefault("schedule_delay", 60.0)
+        experiment = settings.experiment_id or "0"
+        exporter = OtlpHttpExporter(settings, lambda: experiment)
+        sink = SpanSink(exporter, SinkLimits(**limits), summary_interval=summary_interval)
         made.append(sink)
         return sink
 
@@ -67,7 +71,7 @@ def make_sink() -> Iterator[MakeSink]:
         sink.shutdown(0.5)
 
 
-def submit_all(sink: SpanSink, spans: list[ReadableSpan]) -> None:
+def submit_all(sink: SpanSink, spans: list[EncodedSpan]) -> None:
     for span in spans:
         sink.submit(span)
 
@@ -91,9 +95,8 @@ def test_server_down_then_up_delivers_everything_once(make_sink: MakeSink) -> No
     [
         pytest.param([Reply(hang=True)], 2, id="hanging"),
         pytest.param([Reply(drip=0.2)], 2, id="dripping-one-byte-per-200ms"),
-        # The first reset hits the kept-alive connection (retried at once on a new one), the
-        # second a fresh connection: the sink backs off and retries.
-        pytest.param([Reply(reset=True), Reply(reset=True)], 3, id="connection-reset"),
+        # A reset on a fresh connection: the sink backs off and retries.
+        pytest.param([Reply(reset=True)], 2, id="connection-reset"),
         pytest.param([Reply(503)], 2, id="503"),
         pytest.param([Reply(502)], 2, id="502"),
         pytest.param([Reply(504)], 2, id="504"),
@@ -237,10 +240,10 @@ def test_credentials_and_span_content_never_reach_the_logs(
     assert "Bearer" not in text
 
 
-def _secret_span() -> ReadableSpan:
+def _secret_span() -> EncodedSpan:
     span = _TRACER.start_span("private-span", attributes={"k": "private-attr"})
     span.end()
-    return span
+    return encode_span(span, recorded(span))
 
 
 def test_burst_far_above_the_bound_is_delivered_or_counted_exactly(
@@ -292,44 +295,44 @@ def test_memory_stays_flat_during_an_outage(make_sink: MakeSink) -> None:
 
 
 @pytest.mark.parametrize(
-    ("post_reply", "server_info", "expected"),
+    ("status", "expected"),
     [
-        pytest.param(Reply(404), None, "has no OTLP endpoint", id="no-endpoint"),
-        pytest.param(Reply(405), None, "has no OTLP endpoint", id="method-not-allowed"),
-        pytest.param(Reply(401), None, "refused our credentials", id="unauthorized"),
-        pytest.param(Reply(400), b'{"store_type": "FileStore"}', "file store", id="file-store"),
-        pytest.param(Reply(400), b'{"store_type": "SqlStore"}', None, id="healthy"),
-        pytest.param(Reply(400), None, None, id="old-server-without-server-info"),
+        pytest.param(404, "has no OTLP endpoint", id="no-endpoint"),
+        pytest.param(405, "has no OTLP endpoint", id="method-not-allowed"),
+        pytest.param(401, "refused our credentials", id="unauthorized"),
+        pytest.param(403, "refused our credentials", id="forbidden"),
+        pytest.param(501, "file store", id="file-store"),
     ],
 )
-def test_probe_reports_a_server_that_cannot_ingest_spans(
+def test_a_server_that_cannot_ingest_spans_is_named_with_the_fix(
     server: FakeOtlpServer,
+    make_sink: MakeSink,
     caplog: pytest.LogCaptureFixture,
-    post_reply: Reply,
-    server_info: bytes | None,
-    expected: str | None,
+    status: int,
+    expected: str,
 ) -> None:
-    server.probe_reply = post_reply
-    if server_info is not None:
-        server.routes[("GET", "/api/3.0/mlflow/server-info")] = Reply(200, body=server_info)
-    exporter = OtlpHttpExporter(server.settings())
-    try:
-        exporter.probe()
-    finally:
-        exporter.shutdown()
-    messages = [r.getMessage() for r in caplog.records if r.name == "mlflow_trace_middleware"]
-    if expected is None:
-        assert messages == []
-    else:
-        assert len(messages) == 1
-        assert expected in messages[0]
-    assert server.accepted == Counter()  # the probe carries no spans
+    server.default = Reply(status)
+    sink = make_sink(server.settings())
+    submit_all(sink, make_spans(3))
+    assert sink.flush(5) is False
+    messages = [r.getMessage() for r in caplog.records if expected in r.getMessage()]
+    assert len(messages) == 1
+    drops = sink.stats().dropped
+    assert drops == {"server_cannot_store_spans" if status == 501 else f"rejected_{status}": 3}
 
 
-def test_probe_of_a_server_that_is_down_is_silent(caplog: pytest.LogCaptureFixture) -> None:
-    exporter = OtlpHttpExporter(Settings(tracking_uri=f"http://127.0.0.1:{free_port()}"))
-    exporter.probe()
-    assert caplog.records == []
+def test_a_reset_kept_alive_connection_is_retried_at_once_on_a_new_one(
+    server: FakeOtlpServer, make_sink: MakeSink
+) -> None:
+    sink = make_sink(server.settings())
+    submit_all(sink, make_spans(1))
+    assert sink.flush(5) is True  # the connection is now kept alive
+    server.script.append(Reply(reset=True))
+    spans = make_spans(5)
+    submit_all(sink, spans)
+    assert sink.flush(5) is True
+    assert len(server.posts()) == 3  # the reset one and its immediate retry
+    assert sink.stats().requests == 2  # one attempt each, as the sink sees it
 
 
 def test_flush_and_shutdown_honour_their_timeout_against_a_hanging_server(

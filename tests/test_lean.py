@@ -99,6 +99,12 @@ def _by_name(exporter: InMemoryExporter) -> dict[str, Any]:
     return {span.name: span for span in exporter.finished_spans()}
 
 
+def owner() -> _mlflow.SinkSpanProcessor:
+    """The installed bridge, which our spans report to."""
+    assert _mlflow._processor is not None
+    return _mlflow._processor
+
+
 def _open_state() -> tuple[set[Any], set[Any]]:
     assert _mlflow._processor is not None
     return set(InMemoryTraceManager.get_instance()._traces), set(_mlflow._processor._roots)
@@ -169,7 +175,7 @@ def test_mlflows_trace_api_works_in_a_handler_without_spans_of_its_own(
 
 def test_the_opentelemetry_span_api_writes_into_the_span(exporter: InMemoryExporter) -> None:
     # What `trace.get_current_span()` gives user code when MLflow shares OpenTelemetry's context.
-    span = _lean.LeanSpan("x", SpanContext(7, 8, False), None, SpanKind.SERVER, {}, ())
+    span = _lean.LeanSpan("x", SpanContext(7, 8, False), None, SpanKind.SERVER, {}, (), owner())
     span.set_attributes({"tenant": "acme", "n": 3})
     span.add_event("cache-miss", {"key": "k"})
     span.add_link(SpanContext(9, 10, True), {"why": "batch"})
@@ -243,7 +249,7 @@ def test_ids_flags_and_state_are_those_the_sdk_tracer_would_give(
     context = trace.set_span_in_context(NonRecordingSpan(parent))
     sdk = TracerProvider(sampler=ParentBased(ALWAYS_ON)).get_tracer("t")
     expected = sdk.start_span("x", context, kind)
-    ours = _lean.start("x", context, kind, {})
+    ours = _lean.start(_mlflow.tracer(), owner(), "x", context, kind, {})
     assert type(ours) is (_lean.LeanSpan if expected.is_recording() else NonRecordingSpan)
     got, want = ours.get_span_context(), expected.get_span_context()
     assert (got.trace_id, got.trace_flags, got.trace_state, got.is_remote) == (
@@ -256,7 +262,7 @@ def test_ids_flags_and_state_are_those_the_sdk_tracer_would_give(
 
 
 def test_exceptions_are_recorded_as_the_sdk_records_them() -> None:
-    span = _lean.LeanSpan("x", SpanContext(1, 2, False), None, SpanKind.SERVER, {}, ())
+    span = _lean.LeanSpan("x", SpanContext(1, 2, False), None, SpanKind.SERVER, {}, (), owner())
     sdk_span = TracerProvider().get_tracer("t").start_span("x")
     for target in (span, sdk_span):
         try:
@@ -270,7 +276,7 @@ def test_exceptions_are_recorded_as_the_sdk_records_them() -> None:
 
 
 def test_attributes_past_the_limit_are_counted_not_kept() -> None:
-    span = _lean.LeanSpan("x", SpanContext(1, 2, False), None, SpanKind.SERVER, {}, ())
+    span = _lean.LeanSpan("x", SpanContext(1, 2, False), None, SpanKind.SERVER, {}, (), owner())
     for i in range(_lean.MAX_ATTRIBUTES + 10):
         span.set_attribute(f"k{i}", i)
     span.set_attribute("k0", "replaced")  # an existing key is not a new attribute
@@ -282,7 +288,9 @@ def test_attributes_past_the_limit_are_counted_not_kept() -> None:
 
 
 def test_an_ended_span_ignores_writes_and_is_never_registered(exporter: InMemoryExporter) -> None:
-    span = _lean.LeanSpan("x", SpanContext(7, 8, False), None, SpanKind.SERVER, {"a": 1}, ())
+    span = _lean.LeanSpan(
+        "x", SpanContext(7, 8, False), None, SpanKind.SERVER, {"a": 1}, (), owner()
+    )
     span.end()
     span.set_attribute("late", True)
     span.update_name("renamed")
@@ -303,14 +311,15 @@ def test_an_ended_span_ignores_writes_and_is_never_registered(exporter: InMemory
 def test_threads_asking_mlflow_at_once_share_one_registration(
     exporter: InMemoryExporter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    registering = _mlflow._materialize
+    processor = owner()
+    registering = processor._materialize
 
     def slow(*args: Any) -> Any:
         time.sleep(0.02)  # widen the window in which other threads could register too
         return registering(*args)
 
-    monkeypatch.setattr(_mlflow, "_materialize", slow)
-    span = _lean.LeanSpan("x", SpanContext(11, 12, False), None, SpanKind.SERVER, {}, ())
+    monkeypatch.setattr(processor, "_materialize", slow)
+    span = _lean.LeanSpan("x", SpanContext(11, 12, False), None, SpanKind.SERVER, {}, (), owner())
     token = _mlflow.attach(trace.set_span_in_context(span))
     barrier = threading.Barrier(8)
     found: list[Any] = []

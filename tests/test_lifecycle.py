@@ -32,8 +32,10 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 
 from examples.launch import ROOT, Process, start_gunicorn, start_mlflow_server, start_uvicorn
 from mlflow_trace_middleware import MlflowTracingMiddleware, _runtime
+from mlflow_trace_middleware._config import SinkLimits
 from mlflow_trace_middleware._otlp import OtlpHttpExporter
 from mlflow_trace_middleware._sink import SpanSink
+from mlflow_trace_middleware._span import EncodedSpan, encode_span, recorded
 from tests.fake_otlp import FakeOtlpServer, Received, Reply, free_port
 
 REQUESTS = 5
@@ -170,17 +172,17 @@ def test_sigterm_under_gunicorn_preload_delivers_every_span_once(tmp_path: Path)
 _TRACER = TracerProvider().get_tracer("lifecycle")
 
 
-def make_spans(n: int) -> list[ReadableSpan]:
-    spans: list[ReadableSpan] = []
+def make_spans(n: int) -> list[EncodedSpan]:
+    spans: list[EncodedSpan] = []
     for i in range(n):
         span = _TRACER.start_span(f"s{i}")
         span.end()
         assert isinstance(span, ReadableSpan)
-        spans.append(span)
+        spans.append(encode_span(span, recorded(span)))
     return spans
 
 
-def span_id(span: ReadableSpan) -> bytes:
+def span_id(span: EncodedSpan) -> bytes:
     """As OTLP carries it (and `FakeOtlpServer.accepted` counts it)."""
     assert span.context is not None
     return int(span.context.span_id).to_bytes(8, "big")
@@ -214,9 +216,8 @@ def test_forked_child_delivers_its_own_spans_over_its_own_connection(
 
     server.default = block_first_export
     sink = SpanSink(
-        OtlpHttpExporter(server.settings(export_timeout=10.0)),
-        max_batch_spans=4,
-        schedule_delay=60.0,
+        OtlpHttpExporter(server.settings(export_timeout=10.0), lambda: "7"),
+        SinkLimits(max_batch_spans=4, schedule_delay=60.0),
     )
     spans, child_span = make_spans(7), make_spans(1)[0]
     try:
@@ -251,7 +252,7 @@ def test_forked_child_delivers_its_own_spans_over_its_own_connection(
     assert child_post.client not in {p.client for p in posts if p is not child_post}
 
 
-def _in_child(sink: SpanSink, span: ReadableSpan) -> None:
+def _in_child(sink: SpanSink, span: EncodedSpan) -> None:
     code = 1
     try:
         before = sink.stats()
@@ -308,8 +309,7 @@ def test_interpreter_exit_is_bounded_by_the_shutdown_timeout(
 ) -> None:
     server = fake_server
     fault = Reply(hang=True) if state == "hanging" else Reply(503, {"Retry-After": "30"})
-    # Only batches of spans meet the fault; an empty request (the exporter's probe) gets 400.
-    server.default = lambda received: fault if received.spans else Reply(400)
+    server.default = fault
     url = f"http://127.0.0.1:{free_port()}" if state == "down" else server.url
     env = {**service_env(url), "OTEL_BSP_EXPORT_TIMEOUT": "30000", "SHUTDOWN_TIMEOUT": "1"}
     started = time.monotonic()

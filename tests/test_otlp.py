@@ -7,24 +7,30 @@ from collections.abc import Iterator
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 
 from mlflow_trace_middleware._config import Settings
+from mlflow_trace_middleware._experiments import Experiment
 from mlflow_trace_middleware._otlp import OtlpHttpExporter, _parse_retry_after
 from mlflow_trace_middleware._sink import ExportResult
+from mlflow_trace_middleware._span import EncodedSpan, encode_span, recorded
 
 from .fake_otlp import FakeOtlpServer, Reply, free_port
 
 _TRACER = TracerProvider().get_tracer("t")
 
 
-def make_spans(*names: str) -> list[ReadableSpan]:
+def make_spans(*names: str) -> list[EncodedSpan]:
     spans = []
     for name in names:
         span = _TRACER.start_span(name)
         span.end()
-        spans.append(span)
+        spans.append(encode_span(span, recorded(span)))
     return spans
+
+
+def exporter_for(settings: Settings) -> OtlpHttpExporter:
+    return OtlpHttpExporter(settings, lambda: settings.experiment_id)
 
 
 @pytest.fixture
@@ -45,7 +51,7 @@ def exporters() -> Iterator[list[OtlpHttpExporter]]:
 def test_success_posts_gzipped_otlp_protobuf(
     server: FakeOtlpServer, exporters: list[OtlpHttpExporter]
 ) -> None:
-    exporter = OtlpHttpExporter(server.settings())
+    exporter = exporter_for(server.settings())
     exporters.append(exporter)
     result = exporter.export(make_spans("alpha", "beta"), None)
     assert (result.delivered, result.retry, result.reason) == (True, False, "")
@@ -73,7 +79,7 @@ def test_success_posts_gzipped_otlp_protobuf(
 def test_explicit_experiment_id_overrides_settings(
     server: FakeOtlpServer, exporters: list[OtlpHttpExporter]
 ) -> None:
-    exporter = OtlpHttpExporter(server.settings())
+    exporter = exporter_for(server.settings())
     exporters.append(exporter)
     assert exporter.export(make_spans("x"), "12").delivered
     assert [r.headers["x-mlflow-experiment-id"] for r in server.posts()] == ["12"]
@@ -109,7 +115,7 @@ def test_status_maps_to_result(
     expected: ExportResult,
 ) -> None:
     server.default = Reply(status, headers)
-    exporter = OtlpHttpExporter(server.settings())
+    exporter = exporter_for(server.settings())
     exporters.append(exporter)
     assert exporter.export(make_spans("x"), None) == expected
     assert len(server.posts()) == 1
@@ -120,42 +126,50 @@ def test_partial_success_in_json_is_read(
 ) -> None:
     body = json.dumps({"partialSuccess": {"rejectedSpans": "2"}}).encode()
     server.default = Reply(200, {"Content-Type": "application/json"}, body)
-    exporter = OtlpHttpExporter(server.settings())
+    exporter = exporter_for(server.settings())
     exporters.append(exporter)
     assert exporter.export(make_spans("a", "b", "c"), None) == ExportResult.ok(rejected=2)
 
 
 def test_server_down_is_retryable_connection_error(exporters: list[OtlpHttpExporter]) -> None:
     settings = Settings(tracking_uri=f"http://127.0.0.1:{free_port()}", experiment_id="7")
-    exporter = OtlpHttpExporter(settings)
+    exporter = exporter_for(settings)
     exporters.append(exporter)
     assert exporter.export(make_spans("x"), None) == ExportResult.retry_later("connection_error")
 
 
-def test_experiment_name_is_resolved_once(
-    server: FakeOtlpServer, exporters: list[OtlpHttpExporter]
+def test_experiment_name_is_resolved_once_and_created_if_missing(
+    server: FakeOtlpServer,
 ) -> None:
-    server.routes[("GET", "/api/2.0/mlflow/experiments/get-by-name")] = Reply(404, body=b"{}")
+    missing = {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such experiment"}
+    server.routes[("GET", "/api/2.0/mlflow/experiments/get-by-name")] = Reply(
+        404, body=json.dumps(missing).encode()
+    )
     created = json.dumps({"experiment_id": "42"}).encode()
     server.routes[("POST", "/api/2.0/mlflow/experiments/create")] = Reply(200, body=created)
-    exporter = OtlpHttpExporter(server.settings(experiment_id=None, experiment_name="demo"))
-    exporters.append(exporter)
-    assert exporter.export(make_spans("a"), None).delivered
-    assert exporter.export(make_spans("b"), None).delivered
+    experiment = Experiment(server.settings(experiment_id=None, experiment_name="demo"))
+    experiment.resolve()
+    assert experiment.id() == "42"
+    assert experiment.id() == "42"
     paths = [(r.method, r.path.split("?", 1)[0]) for r in server.received]
     assert paths == [
         ("GET", "/api/2.0/mlflow/experiments/get-by-name"),
         ("POST", "/api/2.0/mlflow/experiments/create"),
-        ("POST", "/v1/traces"),
-        ("POST", "/v1/traces"),
     ]
     assert server.received[0].path.endswith("?experiment_name=demo")
-    assert json.loads(server.received[1].body) == {"name": "demo"}
-    assert [r.headers["x-mlflow-experiment-id"] for r in server.posts()] == ["42", "42"]
+    assert json.loads(server.received[1].body)["name"] == "demo"
+
+
+def test_an_unresolved_experiment_keeps_the_batch() -> None:
+    settings = Settings(tracking_uri=f"http://127.0.0.1:{free_port()}")
+    exporter = OtlpHttpExporter(settings, lambda: None)
+    assert exporter.export(make_spans("x"), None) == ExportResult.retry_later(
+        "experiment_unresolved"
+    )
 
 
 def test_auth_headers_are_sent(server: FakeOtlpServer, exporters: list[OtlpHttpExporter]) -> None:
-    exporter = OtlpHttpExporter(server.settings(headers={"Authorization": "Bearer t0k"}))
+    exporter = exporter_for(server.settings(headers={"Authorization": "Bearer t0k"}))
     exporters.append(exporter)
     assert exporter.export(make_spans("x"), None).delivered
     (request,) = server.posts()

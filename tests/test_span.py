@@ -17,8 +17,9 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
+from mlflow_trace_middleware._config import SinkLimits
 from mlflow_trace_middleware._sink import SpanSink
-from mlflow_trace_middleware._span import EncodedSpan, _varint, encode, encode_span
+from mlflow_trace_middleware._span import EncodedSpan, _varint, encode, encode_span, recorded
 from mlflow_trace_middleware.testing import InMemoryExporter
 
 _TRACER = TracerProvider().get_tracer("scope-name", "1.2.3")
@@ -68,6 +69,10 @@ def sample_spans() -> list[ReadableSpan]:
     return [child, root, server]  # type: ignore[list-item]
 
 
+def encoded(span: ReadableSpan, extra: dict[str, str] | None = None) -> EncodedSpan:
+    return encode_span(span, recorded(span), extra)
+
+
 def test_encoding_matches_opentelemetrys_encoder() -> None:
     spans = sample_spans()
     expected = encode_spans(spans)
@@ -78,18 +83,16 @@ def test_encoding_matches_opentelemetrys_encoder() -> None:
         )
         # The one difference: we put the W3C trace flags in bits 0-7 of `flags`, as OTLP asks.
         for scope_spans in resource_spans.scope_spans:
-            for encoded, span in zip(scope_spans.spans, spans, strict=True):
-                encoded.flags |= int(span.context.trace_flags)
-    encoded = [EncodedSpan(*encode_span(span)) for span in spans]
-    assert ExportTraceServiceRequest.FromString(encode(encoded, "svc")) == expected
-    # SDK spans are accepted as they are, too.
-    assert ExportTraceServiceRequest.FromString(encode(spans, "svc")) == expected
+            for pb_span, span in zip(scope_spans.spans, spans, strict=True):
+                pb_span.flags |= int(span.context.trace_flags)
+    ours = [encoded(span) for span in spans]
+    assert ExportTraceServiceRequest.FromString(encode(ours, "svc")) == expected
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
 def test_the_flat_span_reads_like_the_sdk_span(index: int) -> None:
     span = sample_spans()[index]
-    flat = EncodedSpan(*encode_span(span))
+    flat = encoded(span)
     assert flat.name == span.name
     assert flat.context == span.context
     assert flat.get_span_context() == span.get_span_context()
@@ -119,14 +122,14 @@ def test_the_flat_span_reads_like_the_sdk_span(index: int) -> None:
 
 
 def test_extra_attributes_are_added() -> None:
-    flat = EncodedSpan(*encode_span(sample_spans()[1], {"mlflow.traceTag.team": "agents"}))
+    flat = encoded(sample_spans()[1], {"mlflow.traceTag.team": "agents"})
     assert flat.attributes["mlflow.traceTag.team"] == "agents"
 
 
 def test_queued_spans_leave_the_garbage_collector_alone() -> None:
     gc.collect()
-    sink = SpanSink(InMemoryExporter(), schedule_delay=3600, max_batch_spans=10_000)
-    spans = [EncodedSpan(*encode_span(span)) for span in sample_spans() * 500]
+    sink = SpanSink(InMemoryExporter(), SinkLimits(schedule_delay=3600, max_batch_spans=10_000))
+    spans = [encoded(span) for span in sample_spans() * 500]
     before = gc.get_count()[0]
     for span in spans:
         sink.submit(span, "7")
@@ -150,7 +153,7 @@ def test_values_that_compare_equal_keep_their_own_types() -> None:
             span = _TRACER.start_span("s", attributes={"k": value})
             span.end()
             # repr tells True from 1 and 1.0, inside tuples too.
-            assert repr(EncodedSpan(*encode_span(span)).attributes["k"]) == repr(value)
+            assert repr(encoded(span).attributes["k"]) == repr(value)
 
 
 @given(st.integers(min_value=0, max_value=2**40))

@@ -23,7 +23,7 @@ import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import _targets
 from mlflow_trace_middleware import httpx as mtm_httpx
 from mlflow_trace_middleware import requests as mtm_requests
-from mlflow_trace_middleware._client import PROPAGATION
+from mlflow_trace_middleware._keys import PROPAGATION
 from mlflow_trace_middleware.httpx import AsyncTracingTransport, TracingTransport
 from mlflow_trace_middleware.requests import TracingAdapter
 from mlflow_trace_middleware.testing import InMemoryExporter

@@ -14,11 +14,14 @@ import urllib.request
 import mlflow
 from flask import Flask, request
 
-from mlflow_trace_middleware import MlflowTracingWSGIMiddleware
+from mlflow_trace_middleware import MlflowTracingWSGIMiddleware, configure
 
 app = Flask(__name__)
 app.wsgi_app = MlflowTracingWSGIMiddleware(app.wsgi_app, exclude_paths={"/health"})  # type: ignore[method-assign]
 
+# Spans made before the first request reach our sink only once the runtime has started
+# (the middleware starts it on first use): `configure()` starts it now.
+configure()
 with mlflow.start_span("preload") as _span:
     _span.set_attribute("process.pid", os.getpid())
 

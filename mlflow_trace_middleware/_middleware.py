@@ -1,0 +1,52 @@
+"""What every server adapter shares: validated options and what happens on first use."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Generic, TypeVar
+
+from . import _log
+from ._instrument import instrument
+from ._server import ServerOptions
+from ._trust import Trust
+
+App = TypeVar("App")
+
+
+class Middleware(Generic[App]):
+    """Validates and precomputes in `__init__`; nothing process-wide happens until first use.
+
+    Subclasses call `self.first_use()` on their first request (or ASGI lifespan startup): that
+    installs the client hooks when `instrument_clients` is set (`instrument()`, which also starts
+    the process runtime); the inbound core starts the runtime in any case.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        capture_bodies: bool = True,
+        max_body_bytes: int = 32 * 1024,
+        exclude_paths: Collection[str] = (),
+        instrument_clients: bool = True,
+        trust: Trust = "continue",
+        capture_headers: Collection[str] = (),
+    ) -> None:
+        self.app = app
+        self.options = ServerOptions.build(
+            capture_bodies=capture_bodies,
+            max_body_bytes=max_body_bytes,
+            exclude_paths=exclude_paths,
+            trust=trust,
+            capture_headers=capture_headers,
+        )
+        self.instrument_clients = instrument_clients
+        self.used = False
+
+    def first_use(self) -> None:
+        self.used = True
+        if self.instrument_clients:
+            try:
+                instrument()
+            except Exception:
+                _log.internal_error("instrument")

@@ -1,0 +1,88 @@
+"""The MLflow bridge: MLflow's own spans and API, registration, memory, accounting."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+import mlflow_trace_middleware as mtm
+from mlflow_trace_middleware.testing import InMemoryExporter
+
+
+def test_trace_tags_and_handler_api_survive_export(exporter: InMemoryExporter) -> None:
+    with mlflow.start_span("root"):
+        mlflow.update_current_trace(tags={"team": "agents"})
+        assert mlflow.get_current_active_span() is not None
+    (root,) = exporter.finished_spans()
+    assert root.attributes["mlflow.traceTag.team"] == "agents"
+    assert root.attributes["mlflow.traceTag.mlflow.traceName"] == "root"
+    assert mtm.stats().pending == 0
+
+
+def test_stats_account_for_every_span(exporter: InMemoryExporter) -> None:
+    before = mtm.stats()
+    for _ in range(5):
+        with mlflow.start_span("s"):
+            pass
+    assert mtm.flush()
+    after = mtm.stats()
+    assert after.produced - before.produced == 5
+    assert after.exported - before.exported == 5
+    assert after.produced == after.exported + after.pending + sum(after.dropped.values())
+
+
+def test_spans_that_never_end_do_not_pin_memory(
+    exporter: InMemoryExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow_trace_middleware import _mlflow
+
+    monkeypatch.setattr(_mlflow, "MAX_OPEN_TRACES", 3)
+    processor = _mlflow._processor
+    assert processor is not None
+    abandoned = [_mlflow.tracer().start_span(f"never-ends-{i}") for i in range(10)]
+    assert len(processor._roots) <= 3
+    with mlflow.start_span("normal"):
+        pass
+    assert [s.name for s in exporter.finished_spans()] == ["normal"]
+    for span in abandoned:  # ending them late is harmless
+        span.end()
+    assert len(exporter.finished_spans()) == 11
+    assert len(processor._roots) == 0
+
+
+def test_ended_spans_are_not_kept_while_their_trace_runs(exporter: InMemoryExporter) -> None:
+    from mlflow.tracing.trace_manager import InMemoryTraceManager
+
+    # A long agent run: MLflow's own manager would hold every ended span until the root ends.
+    with mlflow.start_span("agent-run") as root:
+        for i in range(100):
+            with mlflow.start_span(f"step-{i}"):
+                pass
+        manager = InMemoryTraceManager.get_instance()
+        with manager.get_trace(root.trace_id) as segment:
+            assert segment is not None
+            assert list(segment.span_dict) == [root.span_id]  # only the open span
+        mlflow.update_current_trace(tags={"still": "works"})
+    spans = exporter.finished_spans()
+    assert len(spans) == 101
+    (agent,) = [s for s in spans if s.name == "agent-run"]
+    assert agent.attributes is not None
+    assert agent.attributes["mlflow.traceTag.still"] == "works"
+
+
+def test_a_trace_evicted_from_mlflows_buffer_is_registered_again(
+    exporter: InMemoryExporter,
+) -> None:
+    from mlflow.tracing.trace_manager import InMemoryTraceManager
+
+    # MLflow's buffer holds 1,000 open traces by default and evicts the oldest: a busy
+    # service can have more open at once.
+    before = mtm.stats().internal_errors
+    with mlflow.start_span("outer") as outer:
+        InMemoryTraceManager.get_instance()._traces.pop(outer.trace_id)
+        with mlflow.start_span("inner"):
+            pass
+    assert mtm.stats().internal_errors == before
+    spans = {s.name: s for s in exporter.finished_spans()}
+    assert spans["inner"].parent is not None
+    assert spans["inner"].parent.span_id == spans["outer"].context.span_id  # type: ignore[union-attr]

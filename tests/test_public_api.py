@@ -1,0 +1,57 @@
+"""The public surface, pinned: a change here is a change users see."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+
+import pytest
+
+import mlflow_trace_middleware as mtm
+
+PUBLIC = {
+    "mlflow_trace_middleware": [
+        "ExportResult",
+        "Exporter",
+        "InboundRequest",
+        "MlflowTracingMiddleware",
+        "MlflowTracingWSGIMiddleware",
+        "SinkStats",
+        "configure",
+        "flush",
+        "instrument",
+        "stats",
+        "uninstrument",
+    ],
+    "mlflow_trace_middleware.asgi": ["MlflowTracingMiddleware"],
+    "mlflow_trace_middleware.wsgi": ["MlflowTracingWSGIMiddleware"],
+    "mlflow_trace_middleware.httpx": [
+        "AsyncTracingTransport",
+        "TracingTransport",
+        "instrument",
+        "uninstrument",
+    ],
+    "mlflow_trace_middleware.requests": ["TracingAdapter", "instrument", "uninstrument"],
+    "mlflow_trace_middleware.testing": ["InMemoryExporter"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(PUBLIC))
+def test_every_public_module_declares_exactly_its_names(module: str) -> None:
+    imported = importlib.import_module(module)
+    assert sorted(imported.__all__) == PUBLIC[module]
+    for name in imported.__all__:
+        assert getattr(imported, name) is not None
+
+
+def test_the_root_api_stays_small() -> None:
+    assert len(mtm.__all__) <= 12
+
+
+@pytest.mark.parametrize("name", ["instrument_httpx", "instrument_requests"])
+def test_names_released_before_stay_importable(name: str) -> None:
+    assert callable(getattr(mtm, name))
+
+
+def test_the_version_is_the_installed_distributions() -> None:
+    assert mtm.__version__ == importlib.metadata.version("mlflow-trace-middleware")
