@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Generic, TypeVar
 
-from . import _log
+from . import _log, _runtime
 from ._instrument import instrument
 from ._server import ServerOptions
 from ._trust import Trust
@@ -17,8 +17,8 @@ class Middleware(Generic[App]):
     """Validates and precomputes in `__init__`; nothing process-wide happens until first use.
 
     Subclasses call `self.first_use()` on their first request (or ASGI lifespan startup): that
-    installs the client hooks when `instrument_clients` is set (`instrument()`, which also starts
-    the process runtime); the inbound core starts the runtime in any case.
+    starts the process runtime (`_runtime.activate()`) and installs the client hooks when
+    `instrument_clients` is set (`instrument()`).
     """
 
     def __init__(
@@ -45,8 +45,9 @@ class Middleware(Generic[App]):
 
     def first_use(self) -> None:
         self.used = True
-        if self.instrument_clients:
-            try:
+        try:
+            _runtime.activate()
+            if self.instrument_clients:
                 instrument()
-            except Exception:
-                _log.internal_error("instrument")
+        except Exception:
+            _log.internal_error("first use")

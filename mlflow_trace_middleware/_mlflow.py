@@ -265,15 +265,6 @@ def install(processor: SinkSpanProcessor) -> None:
         _provider.provider.reset()
 
 
-def uninstall() -> None:
-    """Give MLflow its own processors back (tests)."""
-    global _processor
-    with _install_lock:
-        _processor = None
-        _provider._get_span_processors = _original_get_span_processors
-        _provider.provider.reset()
-
-
 # -- context helpers used by the integrations ---------------------------------------------------
 
 
@@ -356,10 +347,6 @@ def routed_experiment(otel_trace_id: int) -> str | None:
     """The experiment a trusted caller chose for this trace, if one did."""
     processor = _processor
     return processor.experiment_of(otel_trace_id) if processor is not None else None
-
-
-def current_span() -> trace.Span:
-    return trace.get_current_span(current_context())
 
 
 def attach(context: Context) -> object:
