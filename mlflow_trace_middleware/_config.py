@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from . import _log
 
@@ -51,14 +52,8 @@ class Settings:
     experiment_id: str | None = None
     experiment_name: str | None = None
     service_name: str = _DEFAULT_SERVICE_NAME
-    # Sink tuning. Times in seconds; byte sizes are of the encoded (uncompressed) spans.
-    max_queue_spans: int = 20_000
-    max_queue_bytes: int = 64 * 1024 * 1024
-    max_batch_spans: int = 512
-    max_batch_bytes: int = 4 * 1024 * 1024
-    schedule_delay: float = 1.0
-    export_timeout: float = 10.0
-    max_retry_time: float = 120.0
+    limits: SinkLimits = field(default_factory=SinkLimits)
+    export_timeout: float = 10.0  # seconds of wall-clock time per POST
     shutdown_timeout: float = 5.0
     # Secrets: kept out of repr(), hence out of logs and tracebacks.
     headers: dict[str, str] = field(default_factory=dict, repr=False)
@@ -74,19 +69,8 @@ class Settings:
             return None
         return uri.rstrip("/") + "/v1/traces"
 
-    def __post_init__(self) -> None:
-        self.limits  # noqa: B018 (validates)
 
-    @property
-    def limits(self) -> SinkLimits:
-        return SinkLimits(
-            self.max_queue_spans,
-            self.max_queue_bytes,
-            self.max_batch_spans,
-            self.max_batch_bytes,
-            self.schedule_delay,
-            self.max_retry_time,
-        )
+_LIMITS = frozenset(SinkLimits.__dataclass_fields__)
 
 
 # The batch span processor's standard variables (OpenTelemetry SDK spec); times in milliseconds.
@@ -102,7 +86,7 @@ def from_environment() -> Settings:
     """Settings from `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_ID`/`_NAME`, `OTEL_SERVICE_NAME`
     and the `OTEL_BSP_*` sink variables."""
     env = os.environ
-    tuning: dict[str, float] = {}
+    tuning: dict[str, Any] = {}
     for variable, (name, scale) in _OTEL_BSP.items():
         if raw := env.get(variable):
             try:
@@ -115,8 +99,8 @@ def from_environment() -> Settings:
                 )
                 continue
             tuning[name] = value / scale if scale != 1 else value
-    queue = tuning.get("max_queue_spans", Settings.max_queue_spans)
-    if tuning.get("max_batch_spans", Settings.max_batch_spans) > queue:
+    queue = tuning.get("max_queue_spans", SinkLimits.max_queue_spans)
+    if tuning.get("max_batch_spans", SinkLimits.max_batch_spans) > queue:
         _log.logger.warning(
             "mlflow-trace-middleware: the export batch (OTEL_BSP_MAX_EXPORT_BATCH_SIZE or its "
             "default) is larger than the queue (OTEL_BSP_MAX_QUEUE_SIZE); using the queue size"
@@ -130,7 +114,7 @@ def from_environment() -> Settings:
         headers=_auth_headers(env),
         signing_keys=signing_keys(env.get("MLFLOW_TRACE_SIGNING_KEY") or None),
         freeze_gc=env.get(FREEZE_ENV, "").strip().lower() in ("1", "true", "yes", "on"),
-        **tuning,  # type: ignore[arg-type]
+        **_split(tuning),
     )
 
 
@@ -171,8 +155,9 @@ def get_settings() -> Settings:
     return _settings
 
 
-def update_settings(**changes: object) -> Settings:
-    """Apply the non-None `changes` on top of the current settings and return the result."""
+def update_settings(**changes: Any) -> Settings:
+    """Apply the non-None `changes` (settings or sink limits, by name) on top of the current
+    settings and return the result; inconsistent limits raise ValueError."""
     global _settings
     current = get_settings()
     values = {key: value for key, value in changes.items() if value is not None}
@@ -180,5 +165,14 @@ def update_settings(**changes: object) -> Settings:
         values.setdefault("experiment_name", None)
     if "experiment_name" in values and "experiment_id" not in values:
         values["experiment_id"] = None
-    _settings = replace(current, **values)  # type: ignore[arg-type]
+    _settings = replace(current, **_split(values, current.limits))
     return _settings
+
+
+def _split(values: dict[str, Any], limits: SinkLimits | None = None) -> dict[str, Any]:
+    """`values` with the sink limits among them gathered into one (validated) `SinkLimits`."""
+    settings = {key: value for key, value in values.items() if key not in _LIMITS}
+    changed = {key: value for key, value in values.items() if key in _LIMITS}
+    if changed:
+        settings["limits"] = replace(limits or SinkLimits(), **changed)
+    return settings

@@ -66,7 +66,7 @@ class OtlpHttpExporter:
         if experiment_id is None:
             return ExportResult.retry_later("experiment_unresolved")
         raw = encode(spans, self._settings.service_name)
-        if len(raw) > self._settings.max_batch_bytes:
+        if len(raw) > self._settings.limits.max_batch_bytes:
             return ExportResult.split_batch("too_large")
         headers = {
             **self._settings.headers,

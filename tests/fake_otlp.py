@@ -24,7 +24,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from mlflow_trace_middleware._config import Settings
+from mlflow_trace_middleware._config import Settings, SinkLimits
+
+_LIMIT_FIELDS = frozenset(SinkLimits.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,8 @@ class FakeOtlpServer:
             "export_timeout": 5.0,
         }
         values.update(overrides)
-        return Settings(**values)
+        limits = {key: values.pop(key) for key in list(values) if key in _LIMIT_FIELDS}
+        return Settings(**values, limits=SinkLimits(**limits))
 
     def posts(self) -> list[Received]:
         """The export requests received (probes excluded)."""

@@ -48,7 +48,10 @@ from mlflow_trace_middleware.testing import InMemoryExporter
                 "OTEL_BSP_EXPORT_TIMEOUT": "3000",
             },
             _config.Settings(
-                max_queue_spans=4096, max_batch_spans=256, schedule_delay=0.25, export_timeout=3.0
+                limits=_config.SinkLimits(
+                    max_queue_spans=4096, max_batch_spans=256, schedule_delay=0.25
+                ),
+                export_timeout=3.0,
             ),
             id="otel-bsp-variables",
         ),
@@ -59,7 +62,7 @@ from mlflow_trace_middleware.testing import InMemoryExporter
         ),
         pytest.param(
             {"OTEL_BSP_MAX_QUEUE_SIZE": "100"},
-            _config.Settings(max_queue_spans=100, max_batch_spans=100),
+            _config.Settings(limits=_config.SinkLimits(max_queue_spans=100, max_batch_spans=100)),
             id="batch-clamped-to-queue",
         ),
     ],
@@ -138,10 +141,11 @@ def test_configure_applies_limits_to_the_running_sink(exporter: InMemoryExporter
             mtm.configure(max_batch_spans=3)
     finally:
         gated.gate.set()
+        limits = before.limits
         mtm.configure(
-            max_queue_spans=before.max_queue_spans,
-            max_batch_spans=before.max_batch_spans,
-            max_retry_time=before.max_retry_time,
+            max_queue_spans=limits.max_queue_spans,
+            max_batch_spans=limits.max_batch_spans,
+            max_retry_time=limits.max_retry_time,
             exporter=exporter,
         )
 
