@@ -14,8 +14,9 @@ import atexit
 import gc
 import threading
 
-from . import _config, _log, _mlflow, _propagation
+from . import _config, _log, _mlflow, _propagation, _store
 from ._experiments import Experiment
+from ._otlp import OtlpHttpExporter
 from ._sink import Exporter, ExportResult, SinkStats, SpanSink
 
 _lock = threading.Lock()
@@ -83,27 +84,38 @@ def make_exporter(settings: _config.Settings) -> Exporter:
         # Honour `mlflow.set_tracking_uri(...)` when no variable or `configure` names one.
         settings = _config.update_settings(tracking_uri=mlflow.get_tracking_uri())
     experiment = _experiment = Experiment(settings)
-    if settings.otlp_endpoint is None:
-        return _NoServer(settings.tracking_uri)
-    from ._otlp import OtlpHttpExporter
+    uri = settings.tracking_uri
+    if settings.otlp_endpoint is not None:
+        return OtlpHttpExporter(settings, experiment.id)
+    if _store.is_database_uri(uri) and uri is not None:
+        if _store.store_available():
+            return _store.StoreExporter(uri, settings.service_name, experiment.id)
+        return _NoServer(uri, "no_tracking_store", _NO_STORE)
+    return _NoServer(uri, "no_tracking_server", _NO_SERVER)
 
-    return OtlpHttpExporter(settings, experiment.id)
+
+_NO_SERVER = (
+    "mlflow-trace-middleware: a tracking URI of scheme %r cannot store spans; set "
+    "MLFLOW_TRACKING_URI to an MLflow server (http://host:port) or a database "
+    "(sqlite:///mlflow.db, postgresql://...). Spans are dropped."
+)
+_NO_STORE = (
+    "mlflow-trace-middleware: writing spans to a %r database needs the full MLflow package "
+    "(pip install mlflow; mlflow-tracing has no tracking store). Spans are dropped."
+)
 
 
 class _NoServer:
-    """Counts spans as dropped when the tracking URI is not an MLflow server over HTTP."""
+    """Counts spans as dropped, with one clear message, when they cannot be stored."""
 
-    def __init__(self, tracking_uri: str | None) -> None:
+    def __init__(self, tracking_uri: str | None, reason: str, message: str) -> None:
         self._uri_kind = (tracking_uri or "").split(":", 1)[0] or "unset"
+        self._reason = reason
+        self._message = message
 
     def export(self, spans: object, experiment_id: str | None) -> ExportResult:
-        _log.warn_limited(
-            "no_tracking_server",
-            "mlflow-trace-middleware: tracking URI scheme %r is not an MLflow server over HTTP; "
-            "set MLFLOW_TRACKING_URI=http://host:port. Spans are dropped.",
-            self._uri_kind,
-        )
-        return ExportResult.dropped("no_tracking_server")
+        _log.warn_limited(self._reason, self._message, self._uri_kind)
+        return ExportResult.dropped(self._reason)
 
     def shutdown(self) -> None:
         pass

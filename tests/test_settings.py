@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Sequence
 
@@ -158,11 +157,3 @@ def test_configure_an_experiment_name_clears_the_id() -> None:
         assert (after.experiment_id, after.experiment_name) == (None, "agents")
     finally:
         _config._settings = before
-
-
-def test_non_http_tracking_uri_drops_with_a_reason(caplog: pytest.LogCaptureFixture) -> None:
-    exporter = _runtime.make_exporter(_config.Settings(tracking_uri="sqlite:///x.db"))
-    with caplog.at_level(logging.WARNING, logger="mlflow_trace_middleware"):
-        result = exporter.export([], None)
-    assert (result.delivered, result.retry, result.reason) == (False, False, "no_tracking_server")
-    assert "MLFLOW_TRACKING_URI" in caplog.text

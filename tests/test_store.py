@@ -1,0 +1,156 @@
+"""Delivery into MLflow's tracking store (a database URI, no server), and URIs that cannot
+store spans."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+import mlflow_trace_middleware as mtm
+from mlflow_trace_middleware import _config, _runtime, _store
+from mlflow_trace_middleware._sink import ExportResult
+from mlflow_trace_middleware._span import EncodedSpan, encode_span, recorded
+
+_TRACER = TracerProvider().get_tracer("t")
+
+
+def make_spans(*names: str) -> list[EncodedSpan]:
+    root = _TRACER.start_span(names[0])
+    context = trace.set_span_in_context(root)
+    spans = [root] + [_TRACER.start_span(name, context=context) for name in names[1:]]
+    for span in reversed(spans):
+        span.end()
+    return [encode_span(span, recorded(span), {"service.name": "svc"}) for span in spans]
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> tuple[str, str]:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return uri, MlflowClient(uri).create_experiment("store")
+
+
+@pytest.mark.parametrize(
+    ("uri", "database"),
+    [
+        pytest.param("sqlite:///mlflow.db", True, id="sqlite"),
+        pytest.param("postgresql://u@db/mlflow", True, id="postgresql"),
+        pytest.param("postgresql+psycopg://u@db/mlflow", True, id="postgresql-driver"),
+        pytest.param("mysql://u@db/mlflow", True, id="mysql"),
+        pytest.param("mssql://u@db/mlflow", True, id="mssql"),
+        pytest.param("file:///tmp/mlruns", False, id="file"),
+        pytest.param("databricks", False, id="databricks"),
+        pytest.param("http://mlflow:5000", False, id="http"),
+    ],
+)
+def test_database_uris_are_recognised(uri: str, database: bool) -> None:
+    assert _store.is_database_uri(uri) is database
+
+
+def test_spans_written_to_the_store_read_back_as_one_trace(database: tuple[str, str]) -> None:
+    uri, experiment_id = database
+    exporter = _store.StoreExporter(uri, "svc", lambda: experiment_id)
+    spans = make_spans("root", "child")
+    assert exporter.export(spans, None) == ExportResult.ok()
+    trace_id = f"tr-{spans[0].context.trace_id:032x}"
+    trace = MlflowClient(uri).get_trace(trace_id)
+    assert trace.info.experiment_id == experiment_id
+    assert sorted(span.name for span in trace.data.spans) == ["child", "root"]
+    assert trace.info.tags.get("service.name") == "svc"
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        pytest.param(
+            MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE),
+            ExportResult.retry_later("database_unavailable"),
+            id="locked",
+        ),
+        pytest.param(
+            OSError("connection refused"),
+            ExportResult.retry_later("database_unavailable"),
+            id="unreachable",
+        ),
+        pytest.param(
+            MlflowException("bad span", error_code=INVALID_PARAMETER_VALUE),
+            ExportResult.split_batch("rejected_invalid_parameter_value"),
+            id="rejected",
+        ),
+    ],
+)
+def test_store_failures_map_to_the_sink_contract(
+    database: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+    expected: ExportResult,
+) -> None:
+    uri, experiment_id = database
+    exporter = _store.StoreExporter(uri, "svc", lambda: experiment_id)
+    store = exporter._open()
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(store, "log_spans", fail)
+    assert exporter.export(make_spans("root"), None) == expected
+
+
+def test_a_span_mlflow_cannot_convert_is_isolated(
+    database: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri, experiment_id = database
+    exporter = _store.StoreExporter(uri, "svc", lambda: experiment_id)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ValueError("cannot convert")
+
+    monkeypatch.setattr(mlflow.entities.span.Span, "from_otel_proto", refuse)
+    assert exporter.export(make_spans("root"), None) == ExportResult.split_batch("invalid_span")
+
+
+def test_a_database_uri_selects_the_store(database: tuple[str, str]) -> None:
+    uri, _ = database
+    exporter = _runtime.make_exporter(_config.Settings(tracking_uri=uri, experiment_id="1"))
+    assert isinstance(exporter, _store.StoreExporter)
+
+
+def test_without_the_full_mlflow_package_one_error_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_store, "store_available", lambda: False)
+    exporter = _runtime.make_exporter(_config.Settings(tracking_uri="sqlite:///x.db"))
+    with caplog.at_level(logging.WARNING, logger="mlflow_trace_middleware"):
+        for _ in range(3):
+            assert exporter.export([], None) == ExportResult.dropped("no_tracking_store")
+    (record,) = caplog.records
+    assert "pip install mlflow" in record.getMessage()
+
+
+def test_a_file_store_names_the_alternatives(caplog: pytest.LogCaptureFixture) -> None:
+    exporter = _runtime.make_exporter(_config.Settings(tracking_uri="file:///tmp/mlruns"))
+    with caplog.at_level(logging.WARNING, logger="mlflow_trace_middleware"):
+        assert exporter.export([], None) == ExportResult.dropped("no_tracking_server")
+    message = caplog.records[0].getMessage()
+    assert "http://host:port" in message
+    assert "sqlite:///mlflow.db" in message
+
+
+def test_flush_is_false_when_a_span_since_the_last_flush_was_dropped() -> None:
+    before = _config.get_settings()
+    try:
+        mtm.configure(tracking_uri="file:///tmp/mlruns-never-written")
+        mtm.flush()
+        with mlflow.start_span("dropped"):
+            pass
+        assert mtm.flush() is False
+        assert mtm.flush() is True  # nothing new since
+    finally:
+        mtm.configure(tracking_uri=before.tracking_uri or "http://127.0.0.1:9")
