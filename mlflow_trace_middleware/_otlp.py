@@ -23,7 +23,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from . import _log
 from ._config import Settings
-from ._sink import ExportResult
+from ._sink import ExportResult, refused_traces
 from ._span import EncodedSpan, encode
 
 _RETRYABLE = frozenset({408, 429, 502, 503, 504})
@@ -102,6 +102,8 @@ class OtlpHttpExporter:
             return ExportResult.retry_later(
                 f"status_{status}", _parse_retry_after(response_headers.get("retry-after"))
             )
+        if status == 400 and (refused := refused_traces(data.decode("utf-8", "replace"))):
+            return refused
         self._warn_rejected(status)
         if status in _SPLIT:
             return ExportResult.split_batch(f"rejected_{status}")

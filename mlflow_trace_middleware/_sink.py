@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import threading
 import time
 import weakref
@@ -39,6 +40,7 @@ class ExportResult:
     reason: str = ""
     split: bool = False
     rejected: int = 0
+    traces: frozenset[int] = frozenset()  # OpenTelemetry trace ids refused whole
 
     @classmethod
     def ok(cls, rejected: int = 0) -> ExportResult:
@@ -52,6 +54,12 @@ class ExportResult:
     @classmethod
     def dropped(cls, reason: str) -> ExportResult:
         return cls(delivered=False, reason=reason)
+
+    @classmethod
+    def drop_traces(cls, reason: str, trace_ids: frozenset[int]) -> ExportResult:
+        """The server refused these traces (and so the batch): their spans are dropped as
+        `reason`, never retried; the rest of the batch is sent again at once."""
+        return cls(delivered=False, reason=reason, split=True, traces=trace_ids)
 
     @classmethod
     def split_batch(cls, reason: str) -> ExportResult:
@@ -87,14 +95,36 @@ class SinkStats:
 
 
 # A queued span: (encoded bytes, scope, experiment id, size, monotonic time of the first failed
-# attempt or 0.0). A plain tuple of atoms on purpose: the garbage collector untracks it at its
-# first young collection, so a full queue costs nothing.
-_Item = tuple[bytes, Scope, "str | None", int, float]
+# attempt or 0.0, whether it is its trace's root). A plain tuple of atoms on purpose: the
+# garbage collector untracks it at its first young collection, so a full queue costs nothing.
+_Item = tuple[bytes, Scope, "str | None", int, float, bool]
 _SPAN: Final = 0
 _SCOPE: Final = 1
 _EXPERIMENT: Final = 2
 _SIZE: Final = 3
 _SINCE: Final = 4
+_ROOT: Final = 5
+
+
+# MLflow 3.18 refuses a whole batch when one of its traces lives in another experiment
+# (`SqlAlchemyStore._log_spans_once`, answered as 400 INVALID_PARAMETER_VALUE), naming one trace.
+_FOREIGN_TRACE = re.compile(r"Trace with ID '(?:tr-)?([0-9a-f]{32})' already exists in another")
+IN_OTHER_EXPERIMENT = "trace_in_other_experiment"
+
+
+def refused_traces(message: str) -> ExportResult | None:
+    """`drop_traces` for MLflow's "Trace with ID ... already exists in another experiment"."""
+    found = _FOREIGN_TRACE.search(message)
+    if found is None:
+        return None
+    _log.warn_limited(
+        IN_OTHER_EXPERIMENT,
+        "mlflow-trace-middleware: MLflow refused spans of a trace that it stores in another "
+        "experiment (their spans are dropped, the rest delivered). Every service of a trace "
+        "should export to the root service's experiment: check that callers run this package "
+        "(our tracestate entry carries the experiment) and that MLFLOW_EXPERIMENT_ID agrees.",
+    )
+    return ExportResult.drop_traces(IN_OTHER_EXPERIMENT, frozenset({int(found.group(1), 16)}))
 
 
 _BACKOFF_BASE = 0.25
@@ -168,7 +198,7 @@ class SpanSink:
                 drop = "queue_full"
             else:
                 drop = ""
-                self._queue.append((data, span.scope, experiment_id, size, 0.0))
+                self._queue.append((data, span.scope, experiment_id, size, 0.0, span.root))
                 self._held_bytes += size
             if drop:
                 self._dropped[drop] += 1
@@ -324,6 +354,12 @@ class SpanSink:
                     retry.extend(part)
                     if result.retry_after is not None:
                         retry_after = result.retry_after
+                elif result.traces and (
+                    refused := [i for i in part if _trace_id(i) in result.traces]
+                ):
+                    self._settle(refused, result)
+                    if rest := [i for i in part if _trace_id(i) not in result.traces]:
+                        parts.append(rest)  # each round names one more trace: it ends
                 elif result.split and len(part) > 1 and splits < _MAX_SPLITS:
                     splits += 1
                     middle = len(part) // 2
@@ -339,7 +375,7 @@ class SpanSink:
 
     def _export(self, items: list[_Item], experiment_id: str | None) -> ExportResult:
         try:
-            spans = [EncodedSpan(item[_SPAN], item[_SCOPE]) for item in items]
+            spans = [EncodedSpan(item[_SPAN], item[_SCOPE], item[_ROOT]) for item in items]
             result = self.exporter.export(spans, experiment_id)
         except Exception:
             _log.internal_error("exporter.export")
@@ -373,7 +409,7 @@ class SpanSink:
             if self._closing or now - since >= self._max_retry_time:
                 expired.append(item)
             else:
-                keep.append((item[_SPAN], item[_SCOPE], item[_EXPERIMENT], item[_SIZE], since))
+                keep.append((*item[:_SINCE], since, item[_ROOT]))
         if expired:
             reason = "shutdown_timeout" if self._closing else "retries_exhausted"
             self._settle(expired, ExportResult.dropped(reason))
@@ -406,6 +442,11 @@ class SpanSink:
 
     def _after_fork_in_child(self) -> None:
         self._init_state()
+
+
+def _trace_id(item: _Item) -> int:
+    context = EncodedSpan(item[_SPAN], item[_SCOPE]).context
+    return context.trace_id
 
 
 _sinks: weakref.WeakSet[SpanSink] = weakref.WeakSet()

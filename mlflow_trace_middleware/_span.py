@@ -120,7 +120,7 @@ def encode_span(
     data = encoded.SerializeToString() + _attribute_fields(attributes)
     if extra:
         data += _attribute_fields(extra)
-    return EncodedSpan(data, _scope_of(span.instrumentation_scope))
+    return EncodedSpan(data, _scope_of(span.instrumentation_scope), parent is None)
 
 
 def _scope_of(scope: SdkScope | None) -> Scope:
@@ -210,21 +210,34 @@ def _set_value(target: AnyValue, value: Any) -> None:
 
 
 def encode(spans: Iterable[EncodedSpan], service_name: str) -> bytes:
-    """One ExportTraceServiceRequest: our service as the resource, spans grouped by scope; each
-    span's bytes are framed as they are."""
-    by_scope: dict[Scope, list[bytes]] = {}
+    """One ExportTraceServiceRequest, each span's bytes framed as they are, grouped by scope.
+
+    Only trace roots are sent under a resource naming our service. MLflow stores a batch's
+    resource attributes as trace tags, merged on every batch, so whichever process posted last
+    would name the trace; this way the service that started the trace names it (its spans also
+    carry `service.name` as a span attribute).
+    """
+    roots: dict[Scope, list[bytes]] = {}
+    others: dict[Scope, list[bytes]] = {}
     for span in spans:
-        by_scope.setdefault(span.scope, []).append(span.data)
+        (roots if span.root else others).setdefault(span.scope, []).append(span.data)
     resource = Resource(
         attributes=[KeyValue(key="service.name", value=AnyValue(string_value=service_name))]
     )
+    # ExportTraceServiceRequest: resource_spans = 1.
+    return _resource_spans(resource, roots) + _resource_spans(Resource(), others)
+
+
+def _resource_spans(resource: Resource, by_scope: dict[Scope, list[bytes]]) -> bytes:
+    if not by_scope:
+        return b""
     scope_spans = []
     for (name, version), datas in by_scope.items():
         parts = [_field(1, InstrumentationScope(name=name, version=version).SerializeToString())]
         for data in datas:  # ScopeSpans.spans = 2
             parts += (b"\x12", _varint(len(data)), data)
         scope_spans.append(b"".join(parts))
-    # ResourceSpans: resource = 1, scope_spans = 2; ExportTraceServiceRequest: resource_spans = 1.
+    # ResourceSpans: resource = 1, scope_spans = 2.
     resource_spans = _field(1, resource.SerializeToString()) + b"".join(
         _field(2, part) for part in scope_spans
     )
@@ -253,13 +266,16 @@ def _varint(value: int) -> bytes:
 
 
 class EncodedSpan:
-    """An encoded span with the ReadableSpan attributes exporters read, decoded on access."""
+    """An encoded span with the ReadableSpan attributes exporters read, decoded on access.
 
-    __slots__ = ("_decoded", "data", "scope")
+    `root`: the span has no parent at all (it starts its trace)."""
 
-    def __init__(self, data: bytes, scope: Scope) -> None:
+    __slots__ = ("_decoded", "data", "root", "scope")
+
+    def __init__(self, data: bytes, scope: Scope, root: bool = False) -> None:
         self.data = data
         self.scope = scope
+        self.root = root
         self._decoded: PbSpan | None = None
 
     @property

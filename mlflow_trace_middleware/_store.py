@@ -17,7 +17,7 @@ from typing import Any
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from . import _log
-from ._sink import ExportResult
+from ._sink import ExportResult, refused_traces
 from ._span import EncodedSpan, encode
 
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
@@ -71,6 +71,8 @@ class StoreExporter:
         except MlflowException as exc:
             if exc.error_code == "TEMPORARILY_UNAVAILABLE":  # locked, or the database is down
                 return self._unavailable()
+            if refused := refused_traces(exc.message):
+                return refused
             _log.warn_limited(
                 "store_rejected",
                 "mlflow-trace-middleware: the tracking store refused spans (%s)",

@@ -9,6 +9,7 @@ Every request is recorded with the client's address, and the span ids of every r
 from __future__ import annotations
 
 import gzip
+import json
 import socket
 import struct
 import threading
@@ -157,6 +158,21 @@ def poison(name: str, status: int = 422) -> Rule:
 
     def rule(received: Received) -> Reply:
         return Reply(status) if name in received.span_names else Reply(200)
+
+    return rule
+
+
+def traces_in_other_experiments(foreign: set[bytes]) -> Rule:
+    """MLflow 3.18: a batch holding a span of a trace stored in another experiment is refused
+    whole with 400, naming the first such trace (`SqlAlchemyStore._log_spans_once`)."""
+
+    def rule(received: Received) -> Reply:
+        found = sorted(span.trace_id.hex() for span in received.spans if span.trace_id in foreign)
+        if not found:
+            return Reply(200)
+        message = f"Trace with ID 'tr-{found[0]}' already exists in another experiment."
+        body = json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": message})
+        return Reply(400, {"Content-Type": "application/json"}, body.encode())
 
     return rule
 

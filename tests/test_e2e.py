@@ -20,9 +20,14 @@ import mlflow
 import pytest
 import requests
 from mlflow import MlflowClient
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 
 import mlflow_trace_middleware as mtm
 from examples.launch import Process, start_gunicorn, start_mlflow_server, start_uvicorn
+from mlflow_trace_middleware._config import Settings
+from mlflow_trace_middleware._otlp import OtlpHttpExporter
+from mlflow_trace_middleware._span import encode_span, recorded
 
 pytestmark = pytest.mark.e2e
 
@@ -151,6 +156,7 @@ def test_traced_client_stitches_every_service_into_one_trace(
     assert {name: parent for name, (parent, _) in tree(trace).items()} == expected
     assert trace.info.experiment_id == experiment_id
     assert trace.info.state.value == "OK"
+    assert trace.info.tags["service.name"] == "client"  # the root's, whoever posted last
     assert_covers_every_span(trace)
     traces = client.search_traces(locations=[experiment_id], filter_string=None, max_results=100)
     assert [t.info.trace_id for t in traces].count(root.trace_id) == 1
@@ -180,9 +186,33 @@ def test_plain_client_makes_the_first_service_the_root(
     assert {name: p for name, (p, _) in tree(trace).items()} == expected_tree(services, None)
     assert QUESTION["question"] in (trace.info.request_preview or "")
     assert trace.info.state.value == "OK"
+    assert trace.info.tags["service.name"] == "supervisor"
     (root,) = [span for span in trace.data.spans if span.parent_id is None]
     assert root.span_type == "UNKNOWN"  # as MLflow's own spans record it
     assert_covers_every_span(trace)
+
+
+@pytest.mark.parametrize("root_first", [True, False], ids=["root-posts-first", "root-posts-last"])
+def test_the_trace_is_named_after_its_root_service_whatever_the_posting_order(
+    mlflow_server: Process, experiment_id: str, root_first: bool
+) -> None:
+    tracer = TracerProvider().get_tracer("order")
+    root = tracer.start_span("root")
+    child = tracer.start_span("child", trace.set_span_in_context(root))
+    child.end()
+    root.end()
+    posts = [
+        ("root-svc", encode_span(root, recorded(root))),
+        ("callee-svc", encode_span(child, recorded(child))),
+    ]
+    for service, span in posts if root_first else reversed(posts):
+        settings = Settings(tracking_uri=mlflow_server.url, service_name=service)
+        exporter = OtlpHttpExporter(settings, lambda: experiment_id)
+        assert exporter.export([span], None).delivered
+        exporter.shutdown()
+    assert root.context is not None
+    found = MlflowClient(mlflow_server.url).get_trace(f"tr-{root.context.trace_id:032x}")
+    assert found.info.tags["service.name"] == "root-svc"
 
 
 def test_spans_are_flushed_at_interpreter_exit(mlflow_server: Process, experiment_id: str) -> None:

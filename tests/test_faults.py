@@ -17,6 +17,7 @@ from email.utils import format_datetime
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from mlflow_trace_middleware._config import Settings, SinkLimits
@@ -24,7 +25,15 @@ from mlflow_trace_middleware._otlp import OtlpHttpExporter
 from mlflow_trace_middleware._sink import SinkStats, SpanSink
 from mlflow_trace_middleware._span import EncodedSpan, encode_span, recorded
 
-from .fake_otlp import FakeOtlpServer, Received, Reply, free_port, partial_success, poison
+from .fake_otlp import (
+    FakeOtlpServer,
+    Received,
+    Reply,
+    free_port,
+    partial_success,
+    poison,
+    traces_in_other_experiments,
+)
 
 _TRACER = TracerProvider().get_tracer("t")
 
@@ -204,6 +213,37 @@ def test_one_poison_span_loses_only_itself(
     assert (stats.exported, stats.pending, stats.dropped) == (511, 0, {f"rejected_{status}": 1})
     assert server.accepted == ids([span for span in spans if span.name != "s300"])
     assert len(server.posts()) <= 1 + 2 * 9
+
+
+def test_traces_mlflow_stores_in_another_experiment_lose_only_their_spans(
+    server: FakeOtlpServer, make_sink: MakeSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    traces = []
+    for t in range(30):  # 30 traces of 10 spans, interleaved in the queue as requests are
+        root = _TRACER.start_span(f"t{t}")
+        traces.append(
+            [root]
+            + [_TRACER.start_span(f"t{t}.{i}", trace.set_span_in_context(root)) for i in range(9)]
+        )
+    spans = []
+    for i in range(10):
+        for members in traces:
+            members[i].end()
+            spans.append(encode_span(members[i], recorded(members[i])))
+    foreign = {members[0].context.trace_id.to_bytes(16, "big") for members in traces[5:8]}
+    server.default = traces_in_other_experiments(foreign)
+    sink = make_sink(server.settings())
+    submit_all(sink, spans)
+    assert sink.flush(10) is False
+    stats = sink.stats()
+    assert (stats.exported, stats.pending) == (270, 0)
+    assert stats.dropped == {"trace_in_other_experiment": 30}
+    assert server.accepted == ids(
+        [s for s in spans if s.context.trace_id.to_bytes(16, "big") not in foreign]
+    )
+    assert len(server.posts()) == 4  # one refusal per foreign trace, then the rest: no retries
+    hints = [r for r in caplog.records if "another experiment" in r.getMessage()]
+    assert len(hints) == 1
 
 
 def test_batches_are_split_to_the_byte_limit(server: FakeOtlpServer, make_sink: MakeSink) -> None:

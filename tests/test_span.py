@@ -73,20 +73,48 @@ def encoded(span: ReadableSpan, extra: dict[str, str] | None = None) -> EncodedS
     return encode_span(span, recorded(span), extra)
 
 
+def _scoped(request: ExportTraceServiceRequest) -> list[tuple[str, str, bytes]]:
+    """Every span of a request with its scope, in order, whatever resource it sits under."""
+    return [
+        (scope_spans.scope.name, scope_spans.scope.version, span.SerializeToString())
+        for resource_spans in request.resource_spans
+        for scope_spans in resource_spans.scope_spans
+        for span in scope_spans.spans
+    ]
+
+
 def test_encoding_matches_opentelemetrys_encoder() -> None:
     spans = sample_spans()
     expected = encode_spans(spans)
     for resource_spans in expected.resource_spans:
-        del resource_spans.resource.attributes[:]
-        resource_spans.resource.attributes.append(
-            KeyValue(key="service.name", value=AnyValue(string_value="svc"))
-        )
         # The one difference: we put the W3C trace flags in bits 0-7 of `flags`, as OTLP asks.
         for scope_spans in resource_spans.scope_spans:
             for pb_span, span in zip(scope_spans.spans, spans, strict=True):
                 pb_span.flags |= int(span.context.trace_flags)
-    ours = [encoded(span) for span in spans]
-    assert ExportTraceServiceRequest.FromString(encode(ours, "svc")) == expected
+    ours = ExportTraceServiceRequest.FromString(encode([encoded(s) for s in spans], "svc"))
+    # The root spans first (under our resource), then the rest.
+    roots = [i for i, span in enumerate(spans) if span.parent is None]
+    order = roots + [i for i in range(len(spans)) if i not in roots]
+    want = _scoped(expected)
+    assert _scoped(ours) == [want[i] for i in order]
+
+
+def test_only_trace_roots_name_the_service_in_their_resource() -> None:
+    # MLflow turns a batch's resource attributes into trace tags, on every batch: a callee
+    # posting after the root's process would otherwise name the trace.
+    spans = sample_spans()
+    request = ExportTraceServiceRequest.FromString(encode([encoded(s) for s in spans], "svc"))
+    named = KeyValue(key="service.name", value=AnyValue(string_value="svc"))
+    by_resource = {
+        tuple(resource_spans.resource.attributes) == (named,): [
+            span.name for scope in resource_spans.scope_spans for span in scope.spans
+        ]
+        for resource_spans in request.resource_spans
+    }
+    assert by_resource == {
+        True: [s.name for s in spans if s.parent is None],
+        False: [s.name for s in spans if s.parent is not None],
+    }
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])

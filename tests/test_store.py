@@ -80,6 +80,14 @@ def test_spans_written_to_the_store_read_back_as_one_trace(database: tuple[str, 
             id="unreachable",
         ),
         pytest.param(
+            MlflowException(
+                f"Trace with ID 'tr-{0xAB:032x}' already exists in another experiment.",
+                error_code=INVALID_PARAMETER_VALUE,
+            ),
+            ExportResult.drop_traces("trace_in_other_experiment", frozenset({0xAB})),
+            id="mlflow-3.18-trace-in-another-experiment",
+        ),
+        pytest.param(
             MlflowException("bad span", error_code=INVALID_PARAMETER_VALUE),
             ExportResult.split_batch("rejected_invalid_parameter_value"),
             id="rejected",
