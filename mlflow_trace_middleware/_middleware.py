@@ -31,6 +31,8 @@ class Middleware(Generic[App]):
         instrument_clients: bool = True,
         trust: Trust = "continue",
         capture_headers: Collection[str] = (),
+        redact_keys: Collection[str] = (),
+        keep_keys: Collection[str] = (),
     ) -> None:
         self.app = app
         self.options = ServerOptions.build(
@@ -39,6 +41,8 @@ class Middleware(Generic[App]):
             exclude_paths=exclude_paths,
             trust=trust,
             capture_headers=capture_headers,
+            redact_keys=redact_keys,
+            keep_keys=keep_keys,
         )
         self.instrument_clients = instrument_clients
         self.used = False

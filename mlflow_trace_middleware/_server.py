@@ -19,7 +19,7 @@ from opentelemetry.semconv.attributes import (
 from opentelemetry.trace import SpanKind
 
 from . import _config, _keys, _lean, _log, _mlflow, _propagation, _runtime, _trust
-from ._capture import BodyCapture, capturable_headers, is_json
+from ._capture import DEFAULT_REDACTION, BodyCapture, Redaction, capturable_headers, is_json
 
 _URL_DELIMITERS = frozenset("[]:@/?#%\\")  # and "%": an IPv6 zone keeps its case
 _KNOWN_METHODS = frozenset(
@@ -36,6 +36,7 @@ class ServerOptions:
     exclude_paths: frozenset[str] = frozenset()
     trust: _trust.Trust = "continue"
     capture_headers: frozenset[str] = frozenset()
+    redaction: Redaction = DEFAULT_REDACTION
 
     @classmethod
     def build(
@@ -46,17 +47,23 @@ class ServerOptions:
         exclude_paths: Collection[str],
         trust: _trust.Trust = "continue",
         capture_headers: Collection[str] = (),
+        redact_keys: Collection[str] = (),
+        keep_keys: Collection[str] = (),
     ) -> ServerOptions:
+        """Validated options; the body redaction policy is compiled here, once (it reads
+        `MLFLOW_TRACE_REDACT_KEYS`/`MLFLOW_TRACE_KEEP_KEYS`, the arguments on top)."""
         if max_body_bytes < 0:
             raise ValueError("max_body_bytes must be >= 0")
         if isinstance(capture_headers, str):
             raise ValueError("capture_headers must be a collection of header names")
+        redaction = Redaction.build(redact_keys, keep_keys)
         return cls(
             capture_bodies,
             max_body_bytes,
             frozenset(exclude_paths),
             _trust.check_policy(trust),
-            capturable_headers(capture_headers),
+            capturable_headers(capture_headers, redaction),
+            redaction,
         )
 
 
@@ -101,6 +108,7 @@ class RequestSpan:
     __slots__ = (
         "_ended",
         "_limit",
+        "_redaction",
         "_token",
         "context",
         "method",
@@ -118,6 +126,7 @@ class RequestSpan:
         self._ended = False
         self._token: object | None = None
         self._limit = options.max_body_bytes if options.capture_bodies else 0
+        self._redaction = options.redaction
         self.request_body = self._capture(request.content_type)
         self.response_body: BodyCapture | None = None
         attributes = _attributes(self.method, request, options)
@@ -129,7 +138,9 @@ class RequestSpan:
         self._token = _mlflow.attach(self.context)
 
     def _capture(self, content_type: str | None) -> BodyCapture | None:
-        return BodyCapture(self._limit) if self._limit and is_json(content_type) else None
+        if self._limit and is_json(content_type):
+            return BodyCapture(self._limit, self._redaction)
+        return None
 
     def response_started(self, status: int, content_type: str | None) -> None:
         self.status = status

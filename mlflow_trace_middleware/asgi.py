@@ -47,6 +47,12 @@ class MlflowTracingMiddleware(Middleware[ASGIApp]):
         capture_headers: Request header names to record as `http.request.header.<name>`;
             none by default. Credential headers (`Authorization`, `Cookie`, API keys, ...)
             are refused with ValueError.
+        redact_keys: More JSON body keys whose values are recorded as "[REDACTED]", added to
+            the built-in credential names and to `MLFLOW_TRACE_REDACT_KEYS`. Names are
+            matched by their words (`user_email` also hides `userEmail`, `billing-user-email`).
+        keep_keys: Keys to record although a built-in name hides them (`csrf_token`), on top
+            of `MLFLOW_TRACE_KEEP_KEYS`. A name given here wins over the variables; a name in
+            both arguments is a ValueError. Never makes a header capturable.
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
