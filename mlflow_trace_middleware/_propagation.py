@@ -1,8 +1,10 @@
 """W3C Trace Context and Baggage on the wire, through OpenTelemetry's own propagators.
 
-We add what they leave out (https://www.w3.org/TR/trace-context/):
+We add what they leave out (https://www.w3.org/TR/trace-context-2/):
 - header names are case-insensitive, a duplicated `traceparent` is invalid (the propagator would
   take the first), and repeated `tracestate`/`baggage` headers are combined as one list;
+- `tracestate` is parsed here, with the level-2 grammar: OpenTelemetry's `TraceState` knows only
+  level 1's keys and drops the whole header for one key level 2 allows (`foo@bar@baz`, `1a`);
 - W3C limits on what we send: `tracestate` of at most 32 members and 512 characters, truncated
   by whole entries (entries over 128 characters first, then from the right); `baggage` of at most
   64 members and 8,192 bytes;
@@ -15,13 +17,15 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import MutableMapping
+import re
+from collections.abc import MutableMapping, Sequence
 
 from opentelemetry import trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import TraceState
 
 from . import _log
 
@@ -34,6 +38,13 @@ _MAX_TRACESTATE_MEMBERS = 32
 _MAX_TRACESTATE_CHARS = 512
 _LARGE_TRACESTATE_ENTRY = 128
 _MAX_HEADER_CHARS = 8192  # anything longer is ignored before parsing: bounded cost
+# A `tracestate` list-member, `key "=" value` (W3C Trace Context level 2, section 3.3.1.3):
+#   key      = ( lcalpha / DIGIT ) 0*255( lcalpha / DIGIT / "_" / "-" / "*" / "/" / "@" )
+#   value    = 0*255( %x20 / nblk-chr ) nblk-chr
+#   nblk-chr = %x21-2B / %x2D-3C / %x3E-7E
+_KEY = r"[a-z0-9][a-z0-9_\-*/@]{0,255}"
+_VALUE = r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+_TRACESTATE_MEMBER = re.compile(f"({_KEY})=({_VALUE})")
 
 
 class _Baggage(W3CBaggagePropagator):
@@ -61,6 +72,87 @@ class _Getter(Getter[Carrier]):
 
 
 _getter = _Getter()
+
+
+class W3CTraceState(TraceState):
+    """OpenTelemetry's `TraceState` with the level-2 key grammar.
+
+    The base class checks keys against level 1's grammar in its constructor (and in `add`,
+    `update` and `delete`, which build a new one) and drops the keys it rejects, logging them
+    verbatim. This one keeps the same semantics (at most 32 members, first of a repeated key
+    kept, an invalid pair skipped) with level 2's grammar, and logs nothing. It stores its
+    members where the base class reads them (`_dict`), so every read method is the base's.
+    """
+
+    def __init__(self, entries: Sequence[tuple[str, str]] | None = None) -> None:
+        super().__init__()
+        members: dict[str, str] = {}
+        if entries is not None and len(entries) <= _MAX_TRACESTATE_MEMBERS:
+            for key, value in entries:
+                if _valid_member(key, value):
+                    members.setdefault(key, value)
+        self._dict = members
+
+    @classmethod
+    def _of(cls, members: dict[str, str]) -> W3CTraceState:
+        """From members already validated (`parse_tracestate`)."""
+        state = cls()
+        state._dict = members
+        return state
+
+    def add(self, key: str, value: str) -> TraceState:
+        if key in self or len(self) >= _MAX_TRACESTATE_MEMBERS or not _valid_member(key, value):
+            return self
+        return W3CTraceState._of({key: value, **self._dict})
+
+    def update(self, key: str, value: str) -> TraceState:
+        if not _valid_member(key, value) or (
+            key not in self and len(self) >= _MAX_TRACESTATE_MEMBERS
+        ):
+            return self
+        return W3CTraceState._of({key: value, **{k: v for k, v in self.items() if k != key}})
+
+    def delete(self, key: str) -> TraceState:
+        if key not in self:
+            return self
+        return W3CTraceState._of({k: v for k, v in self.items() if k != key})
+
+
+def _valid_member(key: object, value: object) -> bool:
+    return (
+        isinstance(key, str)
+        and isinstance(value, str)
+        and _TRACESTATE_MEMBER.fullmatch(f"{key}={value}") is not None
+    )
+
+
+def parse_tracestate(values: list[str]) -> W3CTraceState | None:
+    """The list-members of the `tracestate` header fields `values`, or None if it is invalid.
+
+    Invalid, and then ignored whole: a member that is not `key=value` in the level-2 grammar,
+    or more than 32 members. Empty members and the spaces and tabs around a member are allowed
+    and dropped. A repeated key is not an error: its first (leftmost) value is kept, as W3C
+    allows "only one entry per key" and the leftmost is the latest position in the trace.
+    """
+    members: dict[str, str] = {}
+    count = 0
+    for value in values:
+        for member in value.split(","):
+            member = member.strip(" \t")
+            if not member:
+                continue
+            count += 1
+            match = _TRACESTATE_MEMBER.fullmatch(member)
+            if match is None or count > _MAX_TRACESTATE_MEMBERS:
+                _log.warn_limited(
+                    f"invalid_{TRACESTATE}",
+                    "mlflow-trace-middleware: ignored an invalid or oversized %s header",
+                    TRACESTATE,
+                )
+                return None
+            members.setdefault(match[1], match[2])
+    return W3CTraceState._of(members)
+
 
 # -- keeping header text out of the logs ------------------------------------------------------
 
@@ -100,19 +192,21 @@ def extract(carrier: Carrier) -> Context:
     """The remote span context and baggage in `carrier`; an empty context when absent or invalid.
 
     A missing, malformed or duplicated `traceparent` yields no parent, and then `tracestate`
-    is ignored too (W3C Trace Context, section 3.3). Baggage stands on its own. Oversized
-    headers are ignored whole, before any parsing.
+    is ignored too (W3C Trace Context, section 3.3). An invalid `tracestate` is ignored whole
+    and the trace still continues. Baggage stands on its own. Oversized headers are ignored
+    whole, before any parsing.
     """
     context = Context()
     traceparent = carrier.get(TRACEPARENT)
     if traceparent is not None and len(traceparent) == 1:
-        if _too_long(carrier, TRACESTATE):
-            carrier = {TRACEPARENT: traceparent}
-        token = _parsing.set(TRACESTATE)
-        try:
-            context = _trace_context.extract(carrier, context, getter=_getter)
+        token = _parsing.set(TRACEPARENT)
+        try:  # `traceparent` only: OpenTelemetry's `tracestate` parser knows level 1 only
+            context = _trace_context.extract({TRACEPARENT: traceparent}, context, getter=_getter)
         finally:
             _parsing.reset(token)
+        tracestate = carrier.get(TRACESTATE)
+        if tracestate and not _too_long(carrier, TRACESTATE):
+            context = _with_tracestate(context, tracestate)
     if BAGGAGE in carrier and not _too_long(carrier, BAGGAGE):
         token = _parsing.set(BAGGAGE)
         try:
@@ -120,6 +214,24 @@ def extract(carrier: Carrier) -> Context:
         finally:
             _parsing.reset(token)
     return context
+
+
+def _with_tracestate(context: Context, values: list[str]) -> Context:
+    """`context`'s remote span context, now with the `tracestate` in `values` (if valid)."""
+    remote = trace.get_current_span(context).get_span_context()
+    if not remote.is_valid:
+        return context
+    trace_state = parse_tracestate(values)
+    if not trace_state:
+        return context
+    remote = trace.SpanContext(
+        remote.trace_id,
+        remote.span_id,
+        is_remote=True,
+        trace_flags=remote.trace_flags,
+        trace_state=trace_state,
+    )
+    return trace.set_span_in_context(trace.NonRecordingSpan(remote), Context())
 
 
 def _too_long(carrier: Carrier, key: str) -> bool:

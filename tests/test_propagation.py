@@ -39,7 +39,8 @@ def test_extract_then_inject_never_raises_nor_emits_cr_lf(headers: list[tuple[st
     assert not any("\r" in value or "\n" in value for value in out.values())
 
 
-KEY = st.from_regex(r"[a-z][a-z0-9_\-*/]{0,20}", fullmatch=True)
+# W3C Trace Context level 2 keys (section 3.3.1.3): may start with a digit, "@" anywhere after.
+KEY = st.from_regex(r"[a-z0-9][a-z0-9_\-*/@]{0,20}", fullmatch=True)
 VALUE = st.from_regex(r"[\x21-\x2b\x2d-\x3c\x3e-\x7e]{1,200}", fullmatch=True)
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -66,18 +67,86 @@ def test_what_we_send_stays_within_w3c_limits(
     assert len(state) <= 32
     assert len(out["tracestate"]) <= 512
     assert state[0].startswith("mlflow=")  # ours first, and never truncated away
-    # The callee verifies what we sent (the sender's span id here is the inbound one).
-    received = trace.SpanContext(
-        span_context.trace_id,
-        span_context.span_id,
-        is_remote=True,
-        trace_flags=span_context.trace_flags,
-        trace_state=TraceState.from_header([out["tracestate"]]),
-    )
+    # The callee parses and verifies what we sent (the sender's span id here is the inbound one).
+    received = trace.get_current_span(
+        _propagation.extract(carrier_from([(k, out[k]) for k in ("traceparent", "tracestate")]))
+    ).get_span_context()
+    assert received.span_id == span_context.span_id
     assert _trust.accept(received, (b"k",)) == (True, experiment)
+    # Theirs follow ours, in their order, each one unchanged.
+    assert state[1:] == [f"{k}={v}" for k, v in members if k != "mlflow" and f"{k}={v}" in state]
     sent = [member for member in (out.get("baggage") or "").split(",") if member]
     assert len(sent) <= 64
     assert len(out.get("baggage", "").encode()) <= 8192
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(KEY, VALUE), max_size=32, unique_by=lambda kv: kv[0]))
+def test_a_valid_tracestate_is_forwarded_unchanged(members: list[tuple[str, str]]) -> None:
+    header = ",".join(f"{k}={v}" for k, v in members)
+    context = _propagation.extract(
+        carrier_from([("traceparent", TRACEPARENT), ("tracestate", header)])
+    )
+    assert list(trace.get_current_span(context).get_span_context().trace_state.items()) == members
+    out: dict[str, str] = {}
+    _propagation.inject(out, context)
+    if len(header) <= 512:
+        assert out.get("tracestate", "") == header
+
+
+MEMBER_TEXT = st.one_of(
+    st.tuples(
+        st.sampled_from(["", " ", "\t", " \t"]),
+        st.one_of(
+            st.from_regex(r"[a-z][a-z0-9_\-*/]{0,8}", fullmatch=True),  # level 1 simple key
+            st.from_regex(r"[a-z0-9][a-z0-9_\-*/]{0,5}@[a-z][a-z0-9]{0,4}", fullmatch=True),
+            st.from_regex(r"[a-z0-9@_A. ][a-z0-9_\-*/@A. ]{0,8}", fullmatch=True),  # anything
+        ),
+        st.one_of(
+            st.from_regex(
+                r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,6}[\x21-\x2b\x2d-\x3c\x3e-\x7e]", fullmatch=True
+            ),
+            st.from_regex(r"[\x20-\x7e\t]{0,6}", fullmatch=True),  # anything
+        ),
+        st.sampled_from(["", " ", "\t"]),
+    ).map(lambda parts: f"{parts[0]}{parts[1]}={parts[2]}{parts[3]}"),
+    st.sampled_from(["", " ", "=", "k"]),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.lists(MEMBER_TEXT, max_size=5).map(",".join), min_size=1, max_size=3))
+def test_level_2_parsing_accepts_whatever_opentelemetrys_level_1_parser_accepts(
+    fields: list[str],
+) -> None:
+    # Level 2's grammar only widens level 1's keys, so wherever OpenTelemetry's parser keeps
+    # a tracestate (it drops one with a repeated key), ours keeps the same members.
+    level_1 = TraceState.from_header(fields)
+    level_2 = _propagation.parse_tracestate(fields)
+    if level_1:
+        assert level_2 is not None
+        assert list(level_2.items()) == list(level_1.items())
+
+
+def test_the_trace_state_keeps_level_2_keys_when_changed() -> None:
+    state = _propagation.W3CTraceState([("foo@bar@baz", "1"), ("1a", "2"), ("bad key", "3")])
+    assert list(state.items()) == [("foo@bar@baz", "1"), ("1a", "2")]  # invalid pair skipped
+    assert list(state.add("t@v@w", "3").items()) == [("t@v@w", "3"), *state.items()]
+    assert state.add("1a", "9") is state  # existing key: unchanged, as OpenTelemetry's
+    assert state.add("Bad", "9") is state
+    assert list(state.update("1a", "9").items()) == [("1a", "9"), ("foo@bar@baz", "1")]
+    assert state.update("1a", "bad=value") is state
+    assert list(state.delete("foo@bar@baz").items()) == [("1a", "2")]
+    assert state.delete("absent") is state
+    full = _propagation.W3CTraceState([(f"k{i}@x", "v") for i in range(32)])
+    assert len(full) == 32
+    assert full.add("one@more", "v") is full
+    assert full.update("one@more", "v") is full
+    updated = full.update("k5@x", "w")
+    assert len(updated) == 32
+    assert list(updated.items())[:2] == [("k5@x", "w"), ("k0@x", "v")]
+    assert len(_propagation.W3CTraceState([(f"k{i}", "v") for i in range(33)])) == 0
+    assert state.to_header() == "foo@bar@baz=1,1a=2"
 
 
 @settings(max_examples=300, deadline=None)

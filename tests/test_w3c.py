@@ -299,20 +299,107 @@ def test_trace_flags_level_2(
     assert outcome.outgoing["traceparent"].split("-")[3] == outbound
 
 
+# Inbound `tracestate` against the level-2 grammar (W3C Trace Context level 2, section 3.3.1.3):
+# every tracestate case of the W3C test harness (test.py, STRICT_LEVEL=2), and the edges of the
+# key and value grammar. Each case: the `tracestate` header fields sent, and the members we must
+# forward after ours, in order.
+LEVEL_2_KEY = "abcdefghijklmnopqrstuvwxyz0123456789_-*/"
+ALL_VALUE_CHARS = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in ",=")
+KEPT = [
+    pytest.param(["foo=1,bar=2"], "foo=1,bar=2", id="two-members"),
+    pytest.param(
+        ["foo=1,bar=2", "rojo=1,congo=2", "baz=3"],
+        "foo=1,bar=2,rojo=1,congo=2,baz=3",
+        id="multiple-fields-in-order",
+    ),
+    pytest.param([""], "", id="empty-field"),
+    pytest.param(["foo=1", ""], "foo=1", id="empty-field-after"),
+    pytest.param(["", "foo=1"], "foo=1", id="empty-field-before"),
+    pytest.param([",, foo=1 ,,"], "foo=1", id="empty-members"),
+    pytest.param(["foo=1 \t , \t bar=2, \t baz=3"], "foo=1,bar=2,baz=3", id="ows-around-members"),
+    pytest.param(
+        ["foo=1\t \t,\t \tbar=2,\t \tbaz=3"], "foo=1,bar=2,baz=3", id="tabs-around-members"
+    ),
+    pytest.param(["\tfoo=1"], "foo=1", id="leading-tab"),
+    pytest.param(["foo=1\t"], "foo=1", id="trailing-tab"),
+    pytest.param(["foo=  1"], "foo=  1", id="value-leading-spaces-kept"),
+    pytest.param(["foo=a b"], "foo=a b", id="value-inner-space"),
+    pytest.param(
+        [f"{LEVEL_2_KEY}={ALL_VALUE_CHARS}"],
+        f"{LEVEL_2_KEY}={ALL_VALUE_CHARS}",
+        id="all-allowed-characters",
+    ),
+    pytest.param(
+        [f"{LEVEL_2_KEY}@a-z0-9_-*/={ALL_VALUE_CHARS}"],
+        f"{LEVEL_2_KEY}@a-z0-9_-*/={ALL_VALUE_CHARS}",
+        id="all-allowed-characters-at",
+    ),
+    pytest.param(["foo@=1,bar=2"], "foo@=1,bar=2", id="key-ending-with-at"),
+    pytest.param(["foo@@bar=1,bar=2"], "foo@@bar=1,bar=2", id="key-with-two-ats"),
+    pytest.param(["foo@bar@baz=1,bar=2"], "foo@bar@baz=1,bar=2", id="key-with-two-at-parts"),
+    pytest.param(["1a=1,0=2"], "1a=1,0=2", id="key-starting-with-a-digit"),
+    pytest.param(["foo=1", f"{'z' * 256}=1"], f"foo=1,{'z' * 256}=1", id="key-of-256"),
+    pytest.param(
+        ["foo=1", f"{'t' * 241}@{'v' * 14}=1"],
+        f"foo=1,{'t' * 241}@{'v' * 14}=1",
+        id="tenant-key-of-256",
+    ),
+    pytest.param(["foo=1", f"{'t' * 242}@v=1"], f"foo=1,{'t' * 242}@v=1", id="long-tenant"),
+    pytest.param(["foo=1", f"t@{'v' * 15}=1"], f"foo=1,t@{'v' * 15}=1", id="long-system"),
+    pytest.param([f"k={'v' * 256}"], f"k={'v' * 256}", id="value-of-256"),
+    # W3C allows one entry per key; the first (leftmost, the latest position) is kept.
+    pytest.param(["foo=1,foo=1"], "foo=1", id="duplicate-member"),
+    pytest.param(["foo=1,foo=2"], "foo=1", id="duplicate-key"),
+    pytest.param(["foo=1", "foo=2"], "foo=1", id="duplicate-key-across-fields"),
+    pytest.param(["a=1,b=2,a=3"], "a=1,b=2", id="duplicate-key-not-adjacent"),
+    pytest.param(
+        [",".join(f"bar{i:02}={i:02}" for i in range(j, j + 10)) for j in (1, 11, 21)]
+        + ["bar31=31,bar32=32"],
+        ",".join(f"bar{i:02}={i:02}" for i in range(1, 32)),  # 32 in; ours replaces the last
+        id="32-members-over-4-fields",
+    ),
+]
+DROPPED = [
+    pytest.param(["@foo=1,bar=2"], id="key-starting-with-at"),
+    pytest.param(["foo=1", f"{'z' * 257}=1"], id="key-of-257"),
+    pytest.param(["foo=1", f"{'t' * 242}@{'v' * 14}=1"], id="tenant-key-of-257"),
+    pytest.param(["foo =1"], id="space-before-equals"),
+    pytest.param(["FOO=1"], id="upper-case-key"),
+    pytest.param(["foo.bar=1"], id="dot-in-key"),
+    pytest.param(["_foo=1"], id="key-starting-with-underscore"),
+    pytest.param(["a=1,b c=2"], id="space-in-key"),
+    pytest.param(["foo=bar=baz"], id="equals-in-value"),
+    pytest.param(["foo=,bar=3"], id="empty-value"),
+    pytest.param(["foo"], id="no-equals"),
+    pytest.param(["a=1\x7f"], id="del-in-value"),
+    pytest.param(["a=1\t2"], id="tab-in-value"),
+    pytest.param([f"k={'v' * 257}"], id="value-of-257"),
+    pytest.param([",".join(f"k{i}=v" for i in range(33))], id="33-members"),
+    pytest.param(
+        [",".join(f"bar{i:02}={i:02}" for i in range(j, j + 10)) for j in (1, 11, 21)]
+        + ["bar31=31,bar32=32,bar33=33"],
+        id="33-members-over-4-fields",
+    ),
+    pytest.param([",".join(["a=1"] * 33)], id="33-members-with-duplicates"),
+]
+
+
 @pytest.mark.parametrize("run", RUNNERS)
-@pytest.mark.parametrize(
-    "tracestate",
-    [
-        pytest.param("a=1,b=2,a=3", id="duplicate-keys"),
-        pytest.param("a=1,b c=2", id="invalid-member"),
-        pytest.param(",".join(f"k{i}=v" for i in range(33)), id="33-members"),
-        pytest.param("a=1\x7f", id="invalid-character"),
-    ],
-)
-def test_invalid_tracestate_is_dropped_whole(
-    run: Any, tracestate: str, exporter: InMemoryExporter
+@pytest.mark.parametrize(("fields", "forwarded"), KEPT)
+def test_valid_tracestate_travels_on(
+    run: Any, fields: list[str], forwarded: str, exporter: InMemoryExporter
 ) -> None:
-    outcome = run([("traceparent", VALID), ("tracestate", tracestate)], exporter)
+    outcome = run([("traceparent", VALID), *(("tracestate", f) for f in fields)], exporter)
+    assert format(outcome.server.context.trace_id, "032x") == TID
+    assert outcome.outgoing["tracestate"] == ",".join(filter(None, [ours(), forwarded]))
+
+
+@pytest.mark.parametrize("run", RUNNERS)
+@pytest.mark.parametrize("fields", DROPPED)
+def test_invalid_tracestate_is_dropped_whole(
+    run: Any, fields: list[str], exporter: InMemoryExporter
+) -> None:
+    outcome = run([("traceparent", VALID), *(("tracestate", f) for f in fields)], exporter)
     assert format(outcome.server.context.trace_id, "032x") == TID  # the trace continues
     assert outcome.outgoing["tracestate"] == ours()
 
