@@ -239,11 +239,13 @@ def start(
     kind: SpanKind,
     attributes: dict[str, Any],
     links: Sequence[Link] = (),
+    trace_id: int | None = None,
 ) -> trace.Span:
     """A span under `context`, sampled, identified and flagged as `tracer` (MLflow's) would.
 
     Returns a `LeanSpan` when sampled, otherwise a non-recording span that carries the decision
-    on (or, with MLflow tracing disabled, whatever MLflow's tracer returns).
+    on (or, with MLflow tracing disabled, whatever MLflow's tracer returns). `trace_id` gives a
+    span without a parent the trace id of a caller it adopts (`trust="adopt"`).
     """
     if not isinstance(tracer, SdkTracer) or not tracer._is_enabled():
         return tracer.start_span(name, context, kind, attributes, links)
@@ -251,6 +253,9 @@ def start(
     if parent is not None and parent.is_valid:
         trace_id = parent.trace_id
         random_trace_id = parent.trace_flags.random_trace_id
+    elif trace_id is not None:
+        parent = None
+        random_trace_id = False  # the caller's id: nothing says how it was made
     else:
         parent = None
         trace_id = tracer.id_generator.generate_trace_id()

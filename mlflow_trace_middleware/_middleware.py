@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Generic, TypeVar
 
 from . import _log, _runtime
@@ -33,6 +33,7 @@ class Middleware(Generic[App]):
         capture_headers: Collection[str] = (),
         redact_keys: Collection[str] = (),
         keep_keys: Collection[str] = (),
+        identity_headers: Mapping[str, str] | None = None,
     ) -> None:
         self.app = app
         self.options = ServerOptions.build(
@@ -43,6 +44,7 @@ class Middleware(Generic[App]):
             capture_headers=capture_headers,
             redact_keys=redact_keys,
             keep_keys=keep_keys,
+            identity_headers=identity_headers,
         )
         self.instrument_clients = instrument_clients
         self.used = False

@@ -325,13 +325,15 @@ def start_span(
     links: Sequence[Link] = (),
     *,
     experiment: str | None = None,
+    trace_id: int | None = None,
 ) -> trace.Span:
     """One of our spans, from MLflow's tracer, reporting to the installed processor; a span
-    with no parent in this process opens a trace segment (routed to `experiment` if given)."""
+    with no parent in this process opens a trace segment (routed to `experiment` if given).
+    `trace_id`: see `_lean.start`."""
     processor = _processor
     if processor is None:  # not installed (tests): MLflow's own machinery
         return tracer().start_span(name, context, kind, attributes, links)
-    span = _lean.start(tracer(), processor, name, context, kind, attributes, links)
+    span = _lean.start(tracer(), processor, name, context, kind, attributes, links, trace_id)
     if kind is SpanKind.SERVER and isinstance(span, LeanSpan):
         processor.open(span, experiment)
     return span

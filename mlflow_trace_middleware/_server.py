@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import urllib.parse
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from opentelemetry import trace
+from opentelemetry import baggage, trace
 from opentelemetry.context import Context
 from opentelemetry.semconv.attributes import (
     client_attributes,
@@ -37,6 +38,8 @@ class ServerOptions:
     trust: _trust.Trust = "continue"
     capture_headers: frozenset[str] = frozenset()
     redaction: Redaction = DEFAULT_REDACTION
+    # lower-case request header -> identity attribute (`_keys.IDENTITY`)
+    identity_headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def build(
@@ -49,6 +52,7 @@ class ServerOptions:
         capture_headers: Collection[str] = (),
         redact_keys: Collection[str] = (),
         keep_keys: Collection[str] = (),
+        identity_headers: Mapping[str, str] | None = None,
     ) -> ServerOptions:
         """Validated options; the body redaction policy is compiled here, once (it reads
         `MLFLOW_TRACE_REDACT_KEYS`/`MLFLOW_TRACE_KEEP_KEYS`, the arguments on top)."""
@@ -64,7 +68,32 @@ class ServerOptions:
             _trust.check_policy(trust),
             capturable_headers(capture_headers, redaction),
             redaction,
+            _identity_headers(identity_headers),
         )
+
+
+IDENTITY_HEADERS_ENV = "MLFLOW_TRACE_IDENTITY_HEADERS"
+
+
+def _identity_headers(mapping: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    """`{"X-Session-Id": "session.id"}` (or `MLFLOW_TRACE_IDENTITY_HEADERS`, comma-separated
+    `header=attribute` pairs, when None) as checked (header, attribute) pairs."""
+    if mapping is None:
+        raw = os.environ.get(IDENTITY_HEADERS_ENV, "")
+        try:
+            pairs = [item.split("=") for item in raw.split(",") if item.strip()]
+            mapping = {name.strip(): attribute.strip() for name, attribute in pairs}
+        except ValueError:
+            raise ValueError(
+                f"{IDENTITY_HEADERS_ENV} must be comma-separated header=attribute pairs"
+            ) from None
+    for name, attribute in mapping.items():
+        if attribute not in _keys.IDENTITY or not name:
+            raise ValueError(
+                f"identity header {name!r} must map to one of {', '.join(_keys.IDENTITY)}, "
+                f"not {attribute!r}"
+            )
+    return tuple((name.lower(), attribute) for name, attribute in mapping.items())
 
 
 class Inbound(NamedTuple):
@@ -130,9 +159,18 @@ class RequestSpan:
         self.request_body = self._capture(request.content_type)
         self.response_body: BodyCapture | None = None
         attributes = _attributes(self.method, request, options)
-        context, links, experiment = _parent(options, request, attributes)
+        parent = _parent(options, request, attributes)
+        context = parent.context
+        if options.identity_headers or (parent.trusted and _propagation.BAGGAGE in request.carrier):
+            context = _identity(options, request, parent, attributes)
         self.span = _mlflow.start_span(
-            self.method, context, SpanKind.SERVER, attributes, links, experiment=experiment
+            self.method,
+            context,
+            SpanKind.SERVER,
+            attributes,
+            parent.links,
+            experiment=parent.experiment,
+            trace_id=parent.trace_id,
         )
         self.context = trace.set_span_in_context(self.span, context)
         self._token = _mlflow.attach(self.context)
@@ -212,16 +250,32 @@ def _attributes(method: str, request: Inbound, options: ServerOptions) -> dict[s
     return attributes
 
 
-def _parent(
-    options: ServerOptions, request: Inbound, attributes: dict[str, Any]
-) -> tuple[Context, list[trace.Link], str | None]:
-    """The context to continue (or a fresh one), links, and the experiment a trusted caller
-    chose; marks the span as a trace's root (`TRACE_NAME`) when it has no parent."""
+class _Parent(NamedTuple):
+    context: Context  # to continue, or a fresh one
+    links: list[trace.Link]
+    experiment: str | None  # chosen by a trusted caller
+    trusted: bool  # the caller's context (and baggage) is taken
+    trace_id: int | None = None  # adopted from the caller, for a root span
+
+
+def _parent(options: ServerOptions, request: Inbound, attributes: dict[str, Any]) -> _Parent:
+    """What the request span continues; marks it as a trace's root (`TRACE_NAME`) when it has
+    no parent."""
     context = _propagation.extract(request.carrier) if request.carrier else Context()
     remote = trace.get_current_span(context).get_span_context()
     if not remote.is_valid:
         attributes[_keys.TRACE_NAME] = attributes[http_attributes.HTTP_REQUEST_METHOD]
-        return context, [], None
+        return _Parent(context, [], None, trusted=True)
+    caller = _traceparent(remote)
+    if options.trust == "adopt":
+        # The caller (a mesh, a gateway) never reports to MLflow: keep its trace id, so its own
+        # logs and traces correlate, but start the trace in MLflow here, as its root; its
+        # baggage is kept, its sampling decision is not (MLflow's sampler decides).
+        attributes[_keys.ADOPTED_FROM] = caller
+        attributes[_keys.TRACE_NAME] = attributes[http_attributes.HTTP_REQUEST_METHOD]
+        adopted = baggage_only(context)
+        link = trace.Link(remote, {_keys.ADOPTED_FROM: caller})
+        return _Parent(adopted, [link], None, trusted=True, trace_id=remote.trace_id)
 
     def inbound() -> _trust.InboundRequest:
         return _trust.InboundRequest(request.client, request.path, _joined(request.headers()))
@@ -231,13 +285,43 @@ def _parent(
         if trusted:
             if experiment is not None:
                 attributes[_keys.EXPERIMENT] = experiment
-            return context, [], experiment
+            return _Parent(context, [], experiment, trusted=True)
     # Restart: a new trace; the caller's ids are kept as a link, nothing else of theirs
     # (tracestate, baggage, sampling decision) is taken.
-    caller = _traceparent(remote)
     attributes[_keys.RESTARTED_FROM] = caller
     attributes[_keys.TRACE_NAME] = attributes[http_attributes.HTTP_REQUEST_METHOD]
-    return Context(), [trace.Link(remote, {_keys.RESTARTED_FROM: caller})], None
+    return _Parent(Context(), [trace.Link(remote, {_keys.RESTARTED_FROM: caller})], None, False)
+
+
+def baggage_only(context: Context) -> Context:
+    """`context` without its span: the baggage alone."""
+    kept = Context()
+    for key, value in baggage.get_all(context).items():
+        kept = baggage.set_baggage(key, value, kept)
+    return kept
+
+
+def _identity(
+    options: ServerOptions, request: Inbound, parent: _Parent, attributes: dict[str, Any]
+) -> Context:
+    """Session, user and conversation ids as request span attributes, so MLflow files the trace
+    under them: from trusted baggage, then from the mapped request headers (which win); those
+    from headers join the baggage, so the services called next see them too."""
+    context = parent.context
+    if parent.trusted:
+        found = baggage.get_all(context)
+        for key in _keys.IDENTITY:
+            value = found.get(key)
+            if isinstance(value, str) and value:
+                attributes[key] = value
+    if options.identity_headers:
+        headers = {name.lower(): value for name, value in request.headers()}
+        for name, key in options.identity_headers:
+            value = headers.get(name, "").strip()
+            if value:
+                attributes[key] = value
+                context = baggage.set_baggage(key, value, context)
+    return context
 
 
 def _traceparent(span_context: trace.SpanContext) -> str:

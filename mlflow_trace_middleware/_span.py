@@ -26,7 +26,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope as SdkScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.trace.span import TraceState
+
+from ._propagation import parse_tracestate
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -296,7 +297,8 @@ class EncodedSpan:
             int.from_bytes(pb.span_id, "big"),
             is_remote=False,
             trace_flags=TraceFlags(pb.flags & 0xFF),
-            trace_state=TraceState.from_header([pb.trace_state]) if pb.trace_state else None,
+            # Level-2 keys included (OpenTelemetry's parser knows level 1's only).
+            trace_state=parse_tracestate([pb.trace_state]) if pb.trace_state else None,
         )
 
     def get_span_context(self) -> SpanContext:

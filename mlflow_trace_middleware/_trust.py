@@ -38,19 +38,22 @@ class InboundRequest:
     headers: Mapping[str, str]
 
 
-Trust = Literal["continue", "restart"] | Callable[[InboundRequest], bool]
+Trust = Literal["continue", "restart", "adopt"] | Callable[[InboundRequest], bool]
+_POLICIES = ("continue", "restart", "adopt")
 
 
 def check_policy(trust: object) -> Trust:
-    if trust in ("continue", "restart") or callable(trust):
-        return trust
+    if trust in _POLICIES or callable(trust):
+        return trust  # type: ignore[return-value]
     raise ValueError(
-        f"trust must be 'continue', 'restart' or a callable(InboundRequest) -> bool, not {trust!r}"
+        "trust must be 'continue', 'restart', 'adopt' or a callable(InboundRequest) -> bool, "
+        f"not {trust!r}"
     )
 
 
 def trusts(policy: Trust, request: Callable[[], InboundRequest]) -> bool:
-    """Whether `policy` lets this request's context be continued; a failing policy says no."""
+    """Whether `policy` lets this request's context be continued; a failing policy says no.
+    ("adopt" is decided by the caller of this function: it never continues a parent.)"""
     if isinstance(policy, str):  # validated by `check_policy`
         return policy == "continue"
     try:

@@ -40,10 +40,13 @@ class MlflowTracingMiddleware(Middleware[ASGIApp]):
         instrument_clients: Also call `instrument()`, so the handler's httpx and requests
             calls carry the context on: one line per service. False leaves clients alone.
         trust: Whose inbound trace context to continue. "continue" (internal services),
-            "restart" (public edges: a new trace, the caller's ids kept as a link), or a
-            callable taking an `InboundRequest` (client address, path, headers) and
-            returning True to continue. With a signing key configured, the context must
-            also carry a valid signature. A trusted caller also chooses the experiment.
+            "restart" (public edges: a new trace, the caller's ids kept as a link),
+            "adopt" (behind a service mesh or an OpenTelemetry gateway that never reports to
+            MLflow: the caller's trace id is kept, the request span is the trace's root in
+            MLflow, the caller's span id kept as a link), or a callable taking an
+            `InboundRequest` (client address, path, headers) and returning True to continue.
+            With a signing key configured, continued context must also carry a valid
+            signature. A trusted caller also chooses the experiment.
         capture_headers: Request header names to record as `http.request.header.<name>`;
             none by default. Credential headers (`Authorization`, `Cookie`, API keys, ...)
             are refused with ValueError.
@@ -53,6 +56,12 @@ class MlflowTracingMiddleware(Middleware[ASGIApp]):
         keep_keys: Keys to record although a built-in name hides them (`csrf_token`), on top
             of `MLFLOW_TRACE_KEEP_KEYS`. A name given here wins over the variables; a name in
             both arguments is a ValueError. Never makes a header capturable.
+        identity_headers: Request headers that name the session, user or conversation, as
+            `{"X-Session-Id": "session.id", "X-User-Id": "user.id"}` (attributes:
+            `session.id`, `user.id`, `gen_ai.conversation.id`); default from
+            `MLFLOW_TRACE_IDENTITY_HEADERS` (`x-session-id=session.id,...`). They are recorded
+            on the request span, so MLflow files the trace under that session and user, and
+            passed on in `baggage`. The same keys in trusted inbound `baggage` are recorded too.
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

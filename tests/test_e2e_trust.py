@@ -141,3 +141,69 @@ def test_stitched_trace_lands_in_the_root_services_experiment(
         assert sum(1 for s in trace.data.spans if s.parent_id is None) == 1
     assert traces(client, middle_exp) == []
     assert traces(client, leaf_exp) == []
+
+
+@pytest.mark.parametrize("flags", ["01", "00"], ids=["mesh-sampled", "mesh-sampled-out"])
+def test_behind_a_mesh_that_never_reports_adopt_gives_a_complete_trace(
+    client: MlflowClient, start: Callable[..., Process], flags: str
+) -> None:
+    experiment_id = client.create_experiment(f"adopt-{flags}-{secrets.token_hex(4)}")
+    service = start("edge", experiment_id, TRUST="adopt")
+    foreign = secrets.token_hex(16)  # a trace id of its own: MLflow files traces by id
+    post(service, {"traceparent": f"00-{foreign}-00f067aa0ba902b7-{flags}"})
+
+    def stitched() -> list[Any]:
+        """the adopted trace, complete"""
+        return complete(client, experiment_id, count=1, spans=2)
+
+    (trace,) = wait_for(stitched)
+    assert trace.info.trace_id == f"tr-{foreign}"  # the mesh's id: its logs correlate
+    assert trace.info.state.value == "OK"  # not IN_PROGRESS: its root arrived
+    (root,) = [span for span in trace.data.spans if span.parent_id is None]
+    assert root.name == "POST /work"
+    assert root.attributes["mlflow_trace_middleware.adopted_parent"].endswith(f"-{flags}")
+    assert trace.info.response_preview  # previews come from the root
+    assert trace.info.tags["service.name"] == "edge"
+
+
+@pytest.mark.parametrize(
+    ("trust", "headers", "expected"),
+    [
+        pytest.param(
+            "continue",
+            {"baggage": "session.id=chat-1,user.id=ana"},
+            ("chat-1", "ana"),
+            id="trusted-baggage",
+        ),
+        pytest.param(
+            "restart",
+            {
+                "traceparent": f"00-{secrets.token_hex(16)}-00f067aa0ba902b7-01",
+                "baggage": "user.id=eve",
+            },
+            (None, None),
+            id="untrusted-baggage",
+        ),
+        pytest.param("continue", {"X-Session-Id": "chat-2"}, ("chat-2", None), id="mapped-header"),
+    ],
+)
+def test_sessions_and_users_reach_mlflows_trace_metadata(
+    client: MlflowClient,
+    start: Callable[..., Process],
+    trust: str,
+    headers: dict[str, str],
+    expected: tuple[str | None, str | None],
+) -> None:
+    experiment_id = client.create_experiment(f"identity-{trust}-{secrets.token_hex(4)}")
+    service = start(
+        "chat", experiment_id, TRUST=trust, MLFLOW_TRACE_IDENTITY_HEADERS="x-session-id=session.id"
+    )
+    post(service, headers)
+
+    def one() -> list[Any]:
+        """one complete trace"""
+        return complete(client, experiment_id, count=1, spans=2)
+
+    (trace,) = wait_for(one)
+    metadata = trace.info.trace_metadata
+    assert (metadata.get("mlflow.trace.session"), metadata.get("mlflow.trace.user")) == expected

@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 
 import mlflow_trace_middleware as mtm
+import mlflow_trace_middleware.httpx
 from mlflow_trace_middleware import InboundRequest, MlflowTracingMiddleware, _config, _trust
 from mlflow_trace_middleware.testing import InMemoryExporter
 
@@ -242,3 +243,59 @@ def test_trace_state_entry_is_valid_w3c() -> None:
     member = _trust.entry(SpanContext(TRACE_ID, PARENT_ID, is_remote=False), "123", (b"k",))
     assert member is not None
     assert TraceState([member]).to_header() == f"{member[0]}={member[1]}"
+
+
+ADOPTED = "mlflow_trace_middleware.adopted_parent"
+
+
+@pytest.mark.parametrize("flags", ["01", "00"], ids=["caller-sampled", "caller-not-sampled"])
+async def test_adopt_keeps_the_callers_trace_id_and_roots_the_trace_here(
+    exporter: InMemoryExporter, flags: str
+) -> None:
+    caller = f"00-{TRACE_ID:032x}-{PARENT_ID:016x}-{flags}"
+    headers = {"traceparent": caller, "tracestate": entry_for("99"), "baggage": "user.id=u7"}
+    response = await get(make_app(trust="adopt"), headers)
+    spans = spans_by_name(exporter)
+    server, child = spans["GET /work"], spans["child"]
+    # The mesh's trace id, so its logs and traces correlate; recorded whatever its flags say.
+    assert server.context.trace_id == TRACE_ID  # type: ignore[union-attr]
+    assert server.parent is None  # the root in MLflow: complete, with previews and a state
+    assert child.parent is not None
+    assert child.parent.span_id == server.context.span_id  # type: ignore[union-attr]
+    assert server.attributes is not None
+    assert server.attributes[ADOPTED] == caller
+    assert server.attributes["mlflow.traceTag.mlflow.traceName"] == "GET /work"
+    assert "mlflow_trace_middleware.experiment_id" not in server.attributes  # ours, not theirs
+    (link,) = server.links
+    assert (link.context.trace_id, link.context.span_id) == (TRACE_ID, PARENT_ID)
+    assert response.json() == {"baggage": {"user.id": "u7"}}
+    assert server.attributes["user.id"] == "u7"
+
+
+async def test_adopt_sends_the_adopted_trace_on(exporter: InMemoryExporter) -> None:
+    app = FastAPI()
+    app.add_middleware(MlflowTracingMiddleware, trust="adopt")
+    sent: list[httpx.Request] = []
+    downstream = httpx.AsyncClient(
+        transport=mtm.httpx.AsyncTracingTransport(
+            httpx.MockTransport(lambda r: sent.append(r) or httpx.Response(204))
+        )
+    )
+
+    @app.get("/work")
+    async def work() -> dict[str, str]:
+        await downstream.get("http://next.test/")
+        return {}
+
+    await get(app, {"traceparent": f"00-{TRACE_ID:032x}-{PARENT_ID:016x}-00"})
+    (request,) = sent
+    _, trace_id, parent_id, flags = request.headers["traceparent"].split("-")
+    assert (trace_id, flags) == (f"{TRACE_ID:032x}", "01")  # same trace, now recorded
+    client_span = spans_by_name(exporter)["GET next.test"]
+    assert int(parent_id, 16) == client_span.context.span_id  # type: ignore[union-attr]
+
+
+def test_adopt_is_a_policy_and_anything_else_is_refused() -> None:
+    assert _trust.check_policy("adopt") == "adopt"
+    with pytest.raises(ValueError, match="'adopt'"):
+        _trust.check_policy("adopted")
