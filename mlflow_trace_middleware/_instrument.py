@@ -11,13 +11,15 @@ from . import _runtime
 # (the library, our adapter module for it); each adapter has `instrument()`/`uninstrument()`.
 _ADAPTERS = (
     ("httpx", "mlflow_trace_middleware.httpx"),
+    ("httpx2", "mlflow_trace_middleware.httpx2"),
     ("requests", "mlflow_trace_middleware.requests"),
 )
 
 
 def instrument() -> None:
-    """Trace and propagate through every client of each installed library (httpx, requests),
-    SDK-built ones (OpenAI, Anthropic, ...) included. Starts the process runtime. Idempotent."""
+    """Trace and propagate through every client of each installed library (httpx, httpx2,
+    requests), SDK-built ones (OpenAI, Anthropic, MCP, ...) included. Starts the process
+    runtime. Idempotent."""
     _runtime.activate()
     for library, adapter in _ADAPTERS:
         if importlib.util.find_spec(library) is not None:

@@ -1,17 +1,39 @@
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import time
+from typing import Any, NamedTuple
 
 import httpx
+import httpx2
 import mlflow
 import pytest
 import requests
 from opentelemetry.trace import SpanKind, StatusCode
 
 import mlflow_trace_middleware as mtm
-from mlflow_trace_middleware.httpx import AsyncTracingTransport, TracingTransport
+import mlflow_trace_middleware.httpx
+import mlflow_trace_middleware.httpx2
 from mlflow_trace_middleware.requests import TracingAdapter
 from mlflow_trace_middleware.testing import InMemoryExporter
+
+
+class Family(NamedTuple):
+    """An httpx-like library (httpx, httpx2: one API) and our adapter for it."""
+
+    lib: Any
+    adapter: Any
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(Family(httpx, mlflow_trace_middleware.httpx), id="httpx"),
+        pytest.param(Family(httpx2, mlflow_trace_middleware.httpx2), id="httpx2"),
+    ]
+)
+def family(request: pytest.FixtureRequest) -> Family:
+    family: Family = request.param
+    return family
 
 
 def traceparent_for(span: Any) -> str:
@@ -19,17 +41,20 @@ def traceparent_for(span: Any) -> str:
     return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
 
-def echo_transport(seen: list[httpx.Request], status: int = 200) -> httpx.MockTransport:
-    def handler(request: httpx.Request) -> httpx.Response:
+def echo_transport(seen: list[Any], status: int = 200, lib: Any = httpx) -> Any:
+    def handler(request: Any) -> Any:
         seen.append(request)
-        return httpx.Response(status, json={"ok": True})
+        return lib.Response(status, json={"ok": True})
 
-    return httpx.MockTransport(handler)
+    return lib.MockTransport(handler)
 
 
-def test_httpx_transport_records_a_client_span_and_injects_it(exporter: InMemoryExporter) -> None:
-    seen: list[httpx.Request] = []
-    with httpx.Client(transport=TracingTransport(echo_transport(seen))) as c:
+def test_transport_records_a_client_span_and_injects_it(
+    exporter: InMemoryExporter, family: Family
+) -> None:
+    lib, adapter = family
+    seen: list[Any] = []
+    with lib.Client(transport=adapter.TracingTransport(echo_transport(seen, lib=lib))) as c:
         with mlflow.start_span("root"):
             c.get("https://api.example.test/v1/items?token=secret")
     root, call = sorted(exporter.finished_spans(), key=lambda s: s.name != "root")
@@ -42,9 +67,12 @@ def test_httpx_transport_records_a_client_span_and_injects_it(exporter: InMemory
     assert call.status.status_code == StatusCode.OK
 
 
-def test_no_active_span_sends_and_records_nothing(exporter: InMemoryExporter) -> None:
-    seen: list[httpx.Request] = []
-    with httpx.Client(transport=TracingTransport(echo_transport(seen))) as c:
+def test_no_active_span_sends_and_records_nothing(
+    exporter: InMemoryExporter, family: Family
+) -> None:
+    lib, adapter = family
+    seen: list[Any] = []
+    with lib.Client(transport=adapter.TracingTransport(echo_transport(seen, lib=lib))) as c:
         c.get("http://api.example.test/")
     assert "traceparent" not in seen[0].headers
     assert exporter.finished_spans() == []
@@ -55,9 +83,10 @@ def test_no_active_span_sends_and_records_nothing(exporter: InMemoryExporter) ->
     [pytest.param(404, "404", id="4xx"), pytest.param(503, "503", id="5xx")],
 )
 def test_error_status_marks_the_client_span(
-    exporter: InMemoryExporter, status: int, error: str
+    exporter: InMemoryExporter, family: Family, status: int, error: str
 ) -> None:
-    with httpx.Client(transport=TracingTransport(echo_transport([], status))) as c:
+    lib, adapter = family
+    with lib.Client(transport=adapter.TracingTransport(echo_transport([], status, lib))) as c:
         with mlflow.start_span("root"):
             assert c.get("http://api.example.test/").status_code == status
     call = next(s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT)
@@ -65,12 +94,16 @@ def test_error_status_marks_the_client_span(
     assert call.attributes["error.type"] == error
 
 
-def test_connection_error_is_recorded_and_reraised(exporter: InMemoryExporter) -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
+def test_connection_error_is_recorded_and_reraised(
+    exporter: InMemoryExporter, family: Family
+) -> None:
+    lib, adapter = family
 
-    with httpx.Client(transport=TracingTransport(httpx.MockTransport(refuse))) as c:
-        with mlflow.start_span("root"), pytest.raises(httpx.ConnectError):
+    def refuse(request: Any) -> Any:
+        raise lib.ConnectError("refused", request=request)
+
+    with lib.Client(transport=adapter.TracingTransport(lib.MockTransport(refuse))) as c:
+        with mlflow.start_span("root"), pytest.raises(lib.ConnectError):
             c.get("http://down.test/")
     call = next(s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT)
     assert call.status.status_code == StatusCode.ERROR
@@ -78,9 +111,11 @@ def test_connection_error_is_recorded_and_reraised(exporter: InMemoryExporter) -
 
 
 @pytest.mark.anyio
-async def test_async_transport(exporter: InMemoryExporter) -> None:
-    seen: list[httpx.Request] = []
-    async with httpx.AsyncClient(transport=AsyncTracingTransport(echo_transport(seen))) as c:
+async def test_async_transport(exporter: InMemoryExporter, family: Family) -> None:
+    lib, adapter = family
+    seen: list[Any] = []
+    transport = adapter.AsyncTracingTransport(echo_transport(seen, lib=lib))
+    async with lib.AsyncClient(transport=transport) as c:
         with mlflow.start_span("root"):
             await c.post("http://agent.test:8080/run", json={})
     call = next(s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT)
@@ -88,39 +123,58 @@ async def test_async_transport(exporter: InMemoryExporter) -> None:
     assert seen[0].headers["traceparent"] == traceparent_for(call)
 
 
-def test_instrument_patches_every_httpx_client_once(
-    exporter: InMemoryExporter, echo_url: str
+def test_instrument_patches_every_client_once(
+    exporter: InMemoryExporter, echo_url: str, family: Family
 ) -> None:
+    lib = family.lib
+    client = lib.Client()  # built before instrument(), as an SDK builds its own at import
     mtm.instrument()
     mtm.instrument()  # idempotent
     with mlflow.start_span("root"):
-        # A client built the way an SDK (OpenAI, Anthropic) builds its own.
-        echoed = httpx.Client().get(f"{echo_url}/x").json()
+        echoed = client.get(f"{echo_url}/x").json()
     calls = [s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT]
     assert len(calls) == 1
     assert echoed["traceparent"] == traceparent_for(calls[0])
     mtm.uninstrument()
     with mlflow.start_span("root"):
-        assert "traceparent" not in httpx.Client().get(f"{echo_url}/x").json()
+        assert "traceparent" not in lib.Client().get(f"{echo_url}/x").json()
 
 
 @pytest.mark.anyio
-async def test_instrument_patches_async_httpx_clients(
-    exporter: InMemoryExporter, echo_url: str
+async def test_instrument_patches_async_clients(
+    exporter: InMemoryExporter, echo_url: str, family: Family
 ) -> None:
-    mtm.instrument_httpx()
+    mtm.instrument()
     with mlflow.start_span("root"):
-        async with httpx.AsyncClient() as c:
-            echoed = (await c.get(f"{echo_url}/x")).json()
+        async with family.lib.AsyncClient() as c:
+            response = await c.get(f"{echo_url}/x")
+            echoed = response.json()
     (call,) = [s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT]
     assert echoed["traceparent"] == traceparent_for(call)
 
 
-def test_transport_over_an_instrumented_transport_traces_once(
-    exporter: InMemoryExporter, echo_url: str
+@pytest.mark.anyio
+async def test_a_streamed_response_ends_the_span_at_the_last_chunk(
+    exporter: InMemoryExporter, echo_url: str, family: Family
 ) -> None:
-    mtm.instrument_httpx()
-    with httpx.Client(transport=TracingTransport()) as c, mlflow.start_span("root"):
+    mtm.instrument()
+    with mlflow.start_span("root"):
+        async with family.lib.AsyncClient() as c, c.stream("GET", f"{echo_url}/x") as response:
+            headers_at = time.time_ns()
+            await asyncio.sleep(0.05)  # the caller takes its time before reading the body
+            async for _ in response.aiter_bytes():
+                pass
+    (call,) = [s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT]
+    # Not when the headers arrived: when the body was read to its end.
+    assert call.end_time >= headers_at + 50_000_000
+
+
+def test_transport_over_an_instrumented_transport_traces_once(
+    exporter: InMemoryExporter, echo_url: str, family: Family
+) -> None:
+    mtm.instrument()
+    transport = family.adapter.TracingTransport()
+    with family.lib.Client(transport=transport) as c, mlflow.start_span("root"):
         c.get(f"{echo_url}/x")
     assert len([s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT]) == 1
 
@@ -142,7 +196,7 @@ def test_requests_adapter_traces_each_hop(exporter: InMemoryExporter, echo_url: 
 def test_instrument_requests_patches_default_sessions(
     exporter: InMemoryExporter, echo_url: str
 ) -> None:
-    mtm.instrument_requests()
+    mtm.instrument()
     with mlflow.start_span("root"):
         echoed = requests.post(f"{echo_url}/x", json={}, timeout=5).json()
         failed = requests.get(f"{echo_url}/fail", timeout=5)

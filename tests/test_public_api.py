@@ -31,6 +31,12 @@ PUBLIC = {
         "instrument",
         "uninstrument",
     ],
+    "mlflow_trace_middleware.httpx2": [
+        "AsyncTracingTransport",
+        "TracingTransport",
+        "instrument",
+        "uninstrument",
+    ],
     "mlflow_trace_middleware.requests": ["TracingAdapter", "instrument", "uninstrument"],
     "mlflow_trace_middleware.testing": ["InMemoryExporter"],
 }

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import httpx2
 import mlflow
 import pytest
 import requests
@@ -22,6 +23,7 @@ from opentelemetry.trace import SpanKind
 import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import _targets
 from mlflow_trace_middleware import httpx as mtm_httpx
+from mlflow_trace_middleware import httpx2 as mtm_httpx2
 from mlflow_trace_middleware import requests as mtm_requests
 from mlflow_trace_middleware._keys import PROPAGATION
 from mlflow_trace_middleware.httpx import AsyncTracingTransport, TracingTransport
@@ -369,15 +371,17 @@ def get(kind: str, url: str, headers: dict[str, str] | None = None, **transport:
     With `transport` (`propagate_to=`), through an explicit TracingTransport/TracingAdapter;
     without, through a plain client (for `instrument()`).
     """
-    if kind == "httpx":
-        sync = TracingTransport(**transport) if transport else None
-        with httpx.Client(transport=sync, follow_redirects=True) as client:
-            client.get(url, headers=headers).raise_for_status()
-    elif kind == "httpx-async":
+    if kind.startswith("httpx"):
+        lib, adapter = (httpx2, mtm_httpx2) if kind.startswith("httpx2") else (httpx, mtm_httpx)
+        if not kind.endswith("-async"):
+            sync = adapter.TracingTransport(**transport) if transport else None
+            with lib.Client(transport=sync, follow_redirects=True) as client:
+                client.get(url, headers=headers).raise_for_status()
+            return
 
         async def run() -> None:
-            wrapped = AsyncTracingTransport(**transport) if transport else None
-            async with httpx.AsyncClient(transport=wrapped, follow_redirects=True) as client:
+            wrapped = adapter.AsyncTracingTransport(**transport) if transport else None
+            async with lib.AsyncClient(transport=wrapped, follow_redirects=True) as client:
                 (await client.get(url, headers=headers)).raise_for_status()
 
         asyncio.run(run())  # the task runs in a copy of this context: the active span included
@@ -388,7 +392,9 @@ def get(kind: str, url: str, headers: dict[str, str] | None = None, **transport:
             session.get(url, headers=headers, timeout=5).raise_for_status()
 
 
-CLIENTS = pytest.mark.parametrize("kind", ["httpx", "httpx-async", "requests"])
+CLIENTS = pytest.mark.parametrize(
+    "kind", ["httpx", "httpx-async", "httpx2", "httpx2-async", "requests"]
+)
 
 
 def client_spans(exporter: InMemoryExporter) -> list[Any]:

@@ -1,0 +1,130 @@
+"""What the httpx integrations share: `httpx` and `httpx2` (where OpenAI 3.x, Anthropic 2.x and
+mcp 2.x moved) have one API under two import names, so one core serves both adapters.
+
+Per call: the client adapter contract (`_client.start`, `with call:`, `call.end` at the last
+byte); the response stream is wrapped so the client span ends when the body is closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from types import ModuleType
+from typing import Any
+
+from . import _client, _targets
+
+
+class HttpxFamily:
+    """Tracing for one httpx-like library: its transports' send path and class patching."""
+
+    def __init__(self, lib: ModuleType) -> None:
+        self.lib = lib
+        self._originals: dict[str, Any] = {}
+        call_end = _client.ClientCall.end
+
+        class Stream(lib.SyncByteStream):  # type: ignore[name-defined,misc]
+            """The response body; the client span ends when it is closed (after the last byte)."""
+
+            def __init__(self, stream: Any, call: _client.ClientCall, status: int) -> None:
+                self._stream, self._call, self._status = stream, call, status
+
+            def __iter__(self) -> Iterator[bytes]:
+                try:
+                    yield from self._stream
+                except BaseException as exc:
+                    call_end(self._call, self._status, exc)
+                    raise
+
+            def close(self) -> None:
+                try:
+                    self._stream.close()
+                finally:
+                    call_end(self._call, self._status)
+
+        class AsyncStream(lib.AsyncByteStream):  # type: ignore[name-defined,misc]
+            def __init__(self, stream: Any, call: _client.ClientCall, status: int) -> None:
+                self._stream, self._call, self._status = stream, call, status
+
+            async def __aiter__(self) -> AsyncIterator[bytes]:
+                try:
+                    async for chunk in self._stream:
+                        yield chunk
+                except BaseException as exc:
+                    call_end(self._call, self._status, exc)
+                    raise
+
+            async def aclose(self) -> None:
+                try:
+                    await self._stream.aclose()
+                finally:
+                    call_end(self._call, self._status)
+
+        self._stream, self._async_stream = Stream, AsyncStream
+
+    @staticmethod
+    def destination(url: Any) -> _targets.Destination:
+        """Where the client connects: its own parse of the URL, IDNA-encoded; the path as sent."""
+        path = url.raw_path.partition(b"?")[0].decode("ascii")
+        return url.scheme, url.raw_host.decode("ascii"), url.port, path
+
+    def _start(self, request: Any, targets: _targets.Targets | None) -> _client.ClientCall | None:
+        url = self.destination(request.url)
+        return _client.start(request.method, url, request.headers, targets)
+
+    def send(
+        self, request: Any, inner: Callable[[Any], Any], targets: _targets.Targets | None = None
+    ) -> Any:
+        call = self._start(request, targets)
+        if call is None:
+            return inner(request)
+        with call:
+            response = inner(request)
+        # A body the transport already read (e.g. MockTransport) will never be closed again.
+        if isinstance(response.stream, self.lib.SyncByteStream) and not response.is_closed:
+            response.stream = self._stream(response.stream, call, response.status_code)
+        else:
+            call.end(response.status_code)
+        return response
+
+    async def send_async(
+        self,
+        request: Any,
+        inner: Callable[[Any], Awaitable[Any]],
+        targets: _targets.Targets | None = None,
+    ) -> Any:
+        call = self._start(request, targets)
+        if call is None:
+            return await inner(request)
+        with call:
+            response = await inner(request)
+        if isinstance(response.stream, self.lib.AsyncByteStream) and not response.is_closed:
+            response.stream = self._async_stream(response.stream, call, response.status_code)
+        else:
+            call.end(response.status_code)
+        return response
+
+    def instrument(self) -> None:
+        """Trace every `HTTPTransport`/`AsyncHTTPTransport` of the library (every default
+        client, SDK-built ones included, whenever they were created)."""
+        if self._originals:
+            return
+        sync_type, async_type = self.lib.HTTPTransport, self.lib.AsyncHTTPTransport
+        sync_original = sync_type.handle_request
+        async_original = async_type.handle_async_request
+        send, send_async = self.send, self.send_async
+
+        def handle_request(transport: Any, request: Any) -> Any:
+            return send(request, lambda r: sync_original(transport, r))
+
+        async def handle_async_request(transport: Any, request: Any) -> Any:
+            return await send_async(request, lambda r: async_original(transport, r))
+
+        self._originals = {"sync": sync_original, "async": async_original}
+        sync_type.handle_request = handle_request
+        async_type.handle_async_request = handle_async_request
+
+    def uninstrument(self) -> None:
+        if not self._originals:
+            return
+        self.lib.HTTPTransport.handle_request = self._originals.pop("sync")
+        self.lib.AsyncHTTPTransport.handle_async_request = self._originals.pop("async")
