@@ -96,6 +96,8 @@ def start(
         if not parent.get_span_context().is_valid:
             return None
         _runtime.activate()
+        if allowed and (theirs := _instrumented_by_caller(headers, parent_context)) is not None:
+            return _complete(theirs, headers)
         span: trace.Span | None = None
         context = parent_context
         if parent.is_recording():
@@ -111,6 +113,37 @@ def start(
     except Exception:
         _log.internal_error("client span start")
         return None
+
+
+def _instrumented_by_caller(
+    headers: MutableMapping[str, Any], parent_context: Context | None
+) -> Context | None:
+    """The context of a `traceparent` the caller put on this request itself, pointing at one
+    of its open spans in the current trace: MLflow's autologs (openai, anthropic, ...) do that
+    for their LLM-call span, which is never made current, and so does
+    `get_tracing_context_headers_for_http_request()` inside a span. That span is the call's
+    span; ours would sit beside it. (A redirect hop carries our previous hop's header, whose
+    span has ended: not the caller's.)"""
+    value = headers.get(_propagation.TRACEPARENT)
+    if not value:
+        return None
+    context = _propagation.extract({_propagation.TRACEPARENT: [value]})
+    theirs = trace.get_current_span(context).get_span_context()
+    current = trace.get_current_span(parent_context).get_span_context()
+    if theirs.trace_id != current.trace_id or not _mlflow.is_open(theirs):
+        return None
+    return trace.set_span_in_context(trace.NonRecordingSpan(theirs), parent_context)
+
+
+def _complete(context: Context, headers: MutableMapping[str, Any]) -> ClientCall:
+    """Leave the caller's `traceparent` (exactly one per call); add our `tracestate` entry and
+    the baggage, so the callee still learns the root's experiment and the identity."""
+    sent: dict[str, str] = {}
+    _propagation.inject(sent, context, _our_entry(context))
+    for name, value in sent.items():
+        if name != _propagation.TRACEPARENT:
+            headers[name] = value
+    return ClientCall(None, sent)
 
 
 def _span_fields(method: str, url: Destination, allowed: bool) -> tuple[str, dict[str, Any]]:

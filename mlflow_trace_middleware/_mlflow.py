@@ -339,6 +339,16 @@ def start_span(
     return span
 
 
+def is_open(span_context: SpanContext) -> bool:
+    """Whether an MLflow span (an SDK span registered in MLflow's trace manager) with these ids
+    is open in this process. Ended spans are dropped from the manager (`_forget_span`)."""
+    manager = InMemoryTraceManager.get_instance()
+    with manager._lock:
+        trace_id = manager._otel_id_to_mlflow_trace_id.get(span_context.trace_id)
+        segment = manager._traces.get(trace_id) if trace_id else None
+        return segment is not None and encode_span_id(span_context.span_id) in segment.span_dict
+
+
 def current_context() -> Context | None:
     """MLflow's current context (its own runtime context unless unified with OTel's)."""
     api = _bound().context_api

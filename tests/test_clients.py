@@ -208,3 +208,22 @@ def test_instrument_requests_patches_default_sessions(
     mtm.uninstrument()
     with mlflow.start_span("root"):
         assert "traceparent" not in requests.get(f"{echo_url}/x", timeout=5).json()
+
+
+def test_a_call_the_caller_instrumented_itself_keeps_its_span_and_header(
+    exporter: InMemoryExporter, echo_url: str, family: Family
+) -> None:
+    # What MLflow's autologs do for an LLM call: their span is never made current, and they
+    # put its traceparent on the request (`extra_headers`).
+    from mlflow.tracing import get_tracing_context_headers_for_http_request
+
+    mtm.instrument()
+    with mlflow.start_span("handler"), mlflow.start_span("llm-call") as llm:
+        headers = get_tracing_context_headers_for_http_request()
+        echoed = family.lib.Client().get(f"{echo_url}/x", headers=headers).json()
+    spans = exporter.finished_spans()
+    assert [s.kind for s in spans].count(SpanKind.CLIENT) == 0  # theirs is the call's span
+    (call,) = [s for s in spans if s.name == "llm-call"]
+    assert echoed["traceparent"] == traceparent_for(call)  # exactly theirs, once
+    assert echoed["tracestate"].startswith("mlflow=1.")  # our entry: the root's experiment
+    assert llm.span_id == f"{call.context.span_id:016x}"
