@@ -25,6 +25,12 @@ from ._targets import DEFAULT_PORTS, Destination
 _in_call: contextvars.ContextVar[bool] = contextvars.ContextVar("mtm_in_call", default=False)
 
 
+def outer_call_running() -> bool:
+    """Whether a traced call is running in this context (a library under another one, as
+    urllib3 under requests, then stays out)."""
+    return _in_call.get()
+
+
 class ClientCall:
     """One outgoing request: the headers sent and, when the parent records, a client span.
 

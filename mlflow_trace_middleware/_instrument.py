@@ -13,13 +13,15 @@ _ADAPTERS = (
     ("httpx", "mlflow_trace_middleware.httpx"),
     ("httpx2", "mlflow_trace_middleware.httpx2"),
     ("requests", "mlflow_trace_middleware.requests"),
+    ("urllib3", "mlflow_trace_middleware.urllib3"),
+    ("aiohttp", "mlflow_trace_middleware.aiohttp"),
 )
 
 
 def instrument() -> None:
     """Trace and propagate through every client of each installed library (httpx, httpx2,
-    requests), SDK-built ones (OpenAI, Anthropic, MCP, ...) included. Starts the process
-    runtime. Idempotent."""
+    requests, urllib3, aiohttp), SDK-built ones (OpenAI, Anthropic, MCP, botocore, ...)
+    included. Starts the process runtime. Idempotent."""
     _runtime.activate()
     for library, adapter in _ADAPTERS:
         if importlib.util.find_spec(library) is not None:

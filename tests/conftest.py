@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -33,7 +34,8 @@ def exporter() -> Iterator[InMemoryExporter]:
 
 
 class _EchoHandler(BaseHTTPRequestHandler):
-    """Answers every request with the request's headers as JSON; `/redirect` redirects once."""
+    """Answers every request with the request's headers as JSON; `/redirect` redirects once,
+    `/fail` answers 500, `/slow` sends the end of its body 50 ms after the start."""
 
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -50,6 +52,11 @@ class _EchoHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if self.path.startswith("/slow"):  # the body's second half 50 ms after the first
+            self.wfile.write(body[:10])
+            self.wfile.flush()
+            time.sleep(0.05)
+            body = body[10:]
         self.wfile.write(body)
 
     do_GET = do_POST = _answer

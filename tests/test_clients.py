@@ -227,3 +227,126 @@ def test_a_call_the_caller_instrumented_itself_keeps_its_span_and_header(
     assert echoed["traceparent"] == traceparent_for(call)  # exactly theirs, once
     assert echoed["tracestate"].startswith("mlflow=1.")  # our entry: the root's experiment
     assert llm.span_id == f"{call.context.span_id:016x}"
+
+
+# -- urllib3 (under requests, botocore and many SDKs) ------------------------------------------
+
+
+def test_urllib3_requests_are_traced_and_carry_the_context(
+    exporter: InMemoryExporter, echo_url: str
+) -> None:
+    import urllib3
+
+    pool = urllib3.PoolManager()  # built before instrument(), as an SDK builds its own
+    mtm.instrument()
+    with mlflow.start_span("root"):
+        echoed = pool.request("POST", f"{echo_url}/x?q=1", json={}).json()
+    (call,) = [s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT]
+    assert echoed["traceparent"] == traceparent_for(call)
+    assert call.name.startswith("POST 127.0.0.1:")
+    assert call.attributes["url.full"].endswith("/x")  # no query string
+    assert call.attributes["http.response.status_code"] == 200
+    mtm.uninstrument()
+    with mlflow.start_span("root"):
+        assert "traceparent" not in pool.request("GET", f"{echo_url}/x").json()
+
+
+def test_a_requests_call_on_urllib3_is_traced_once(
+    exporter: InMemoryExporter, echo_url: str
+) -> None:
+    mtm.instrument()
+    with mlflow.start_span("root"):
+        echoed = requests.get(f"{echo_url}/x", timeout=5).json()
+    calls = [s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT]
+    assert len(calls) == 1  # the requests span; urllib3's stays out
+    assert echoed["traceparent"] == traceparent_for(calls[0])
+
+
+def test_a_streamed_urllib3_response_ends_the_span_when_released(
+    exporter: InMemoryExporter, echo_url: str
+) -> None:
+    import urllib3
+
+    mtm.instrument()
+    with mlflow.start_span("root"):
+        response = urllib3.PoolManager().request("GET", f"{echo_url}/x", preload_content=False)
+        headers_at = time.time_ns()
+        time.sleep(0.05)  # the caller takes its time before reading the body
+        response.read()
+        response.release_conn()
+    (call,) = [s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT]
+    assert call.end_time >= headers_at + 50_000_000
+
+
+def test_urllib3_error_status_marks_the_span(exporter: InMemoryExporter, echo_url: str) -> None:
+    import urllib3
+
+    mtm.instrument()
+    with mlflow.start_span("root"):
+        assert urllib3.PoolManager().request("GET", f"{echo_url}/fail").status == 500
+    (call,) = [s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT]
+    assert (call.status.status_code, call.attributes["error.type"]) == (StatusCode.ERROR, "500")
+
+
+# -- aiohttp ----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_aiohttp_sessions_are_traced_and_carry_the_context(
+    exporter: InMemoryExporter, echo_url: str
+) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:  # created before instrument()
+        mtm.instrument()
+        with mlflow.start_span("root"):
+            async with session.post(f"{echo_url}/slow?q=1", json={}) as response:
+                headers_at = time.time_ns()
+                echoed = await response.json()
+            async with session.get(f"{echo_url}/fail") as failed:
+                assert failed.status == 500
+    ok, bad = sorted(
+        (s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT),
+        key=lambda s: s.start_time,
+    )
+    assert echoed["traceparent"] == traceparent_for(ok)
+    assert ok.attributes["url.full"].endswith("/slow")
+    assert ok.end_time >= headers_at + 40_000_000  # at the body's end, not at the headers
+    assert (bad.status.status_code, bad.attributes["error.type"]) == (StatusCode.ERROR, "500")
+
+
+@pytest.mark.anyio
+async def test_aiohttp_connection_errors_are_recorded_and_reraised(
+    exporter: InMemoryExporter,
+) -> None:
+    import aiohttp
+
+    mtm.instrument()
+    async with aiohttp.ClientSession() as session:
+        with mlflow.start_span("root"), pytest.raises(aiohttp.ClientConnectionError):
+            await session.get("http://127.0.0.1:9/")
+    (call,) = [s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT]
+    assert call.status.status_code == StatusCode.ERROR
+
+
+@pytest.mark.anyio
+async def test_an_aiohttp_redirect_to_a_host_not_allowed_carries_no_context(
+    exporter: InMemoryExporter, echo_url: str
+) -> None:
+    import aiohttp
+
+    from mlflow_trace_middleware.aiohttp import tracing_config
+
+    config = tracing_config(propagate_to=["127.0.0.1"])
+    async with aiohttp.ClientSession(trace_configs=[config]) as session:
+        with mlflow.start_span("root"):
+            # The echo server's /redirect goes to /target on the same host: allowed.
+            async with session.get(f"{echo_url}/redirect") as response:
+                allowed = await response.json()
+    assert "traceparent" in allowed
+    host = echo_url.replace("127.0.0.1", "localhost")
+    async with aiohttp.ClientSession(trace_configs=[config]) as session:
+        with mlflow.start_span("root"):
+            async with session.get(f"{host}/redirect") as response:
+                refused = await response.json()
+    assert not {"traceparent", "tracestate", "baggage"} & set(refused)

@@ -1,0 +1,136 @@
+"""aiohttp client sessions that propagate MLflow trace context and record a client span per call.
+
+```python
+session = aiohttp.ClientSession(trace_configs=[tracing_config()])
+```
+or `instrument()` to make every session propagate, sessions created before it included.
+
+Built on aiohttp's own extension point, `TraceConfig`: the context is written into the request
+headers when aiohttp starts the request, checked again against the allowlist on each redirect
+(and removed from a hop that is not allowed), and the span ends when the response body reaches
+its end, is released or closed. One span covers a call and its redirects.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from . import _client, _propagation, _targets
+
+__all__ = ["instrument", "tracing_config", "uninstrument"]
+
+
+def _destination(url: URL) -> _targets.Destination:
+    """Where aiohttp connects: yarl's parse of the URL, IDNA host; the path as sent."""
+    return url.scheme, url.raw_host or "", url.port, url.raw_path
+
+
+async def _on_start(session: aiohttp.ClientSession, context: SimpleNamespace, params: Any) -> None:
+    targets = getattr(context, "trace_request_ctx", None)
+    targets = targets if isinstance(targets, _targets.Targets) else _own_targets(session)
+    context.mtm_targets = targets
+    context.mtm_call = _client.start(
+        params.method, _destination(params.url), params.headers, targets
+    )
+
+
+async def _on_redirect(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: Any
+) -> None:
+    call = getattr(context, "mtm_call", None)
+    location = params.response.headers.get("Location")
+    if call is None or not location:
+        return
+    target = params.url.join(URL(location))
+    if not _targets.allowed(context.mtm_targets, lambda: _destination(target)):
+        # aiohttp carries the headers on to the next hop: not there.
+        for name in _propagation.FIELDS:
+            params.headers.popall(name, None)
+
+
+async def _on_end(session: aiohttp.ClientSession, context: SimpleNamespace, params: Any) -> None:
+    call = getattr(context, "mtm_call", None)
+    if call is None:
+        return
+    response = params.response
+    status = response.status
+
+    def end() -> None:
+        call.end(status)
+
+    # At the body's last byte, or when the caller releases or closes the response first.
+    response.content.on_eof(end)
+    for name in ("release", "close"):
+        _end_before(response, name, end)
+
+
+def _end_before(response: Any, name: str, end: Any) -> None:
+    method = getattr(response, name)
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        finally:
+            end()
+
+    setattr(response, name, wrapped)
+
+
+async def _on_exception(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: Any
+) -> None:
+    call = getattr(context, "mtm_call", None)
+    if call is not None:
+        call.end(error=params.exception)
+
+
+def tracing_config(*, propagate_to: _targets.Patterns | None = None) -> aiohttp.TraceConfig:
+    """A `TraceConfig` for one session (`trace_configs=[...]`); `propagate_to` replaces the
+    process-wide allowlist for it."""
+    config = aiohttp.TraceConfig()
+    config.on_request_start.append(_on_start)
+    config.on_request_redirect.append(_on_redirect)
+    config.on_request_end.append(_on_end)
+    config.on_request_exception.append(_on_exception)
+    config._mtm_targets = _targets.parse(propagate_to)  # type: ignore[attr-defined]
+    config.freeze()
+    return config
+
+
+def _own_targets(session: aiohttp.ClientSession) -> _targets.Targets | None:
+    for config in session.trace_configs:
+        if hasattr(config, "_mtm_targets"):
+            return config._mtm_targets  # type: ignore[no-any-return]
+    return None
+
+
+# -- library-wide patching ---------------------------------------------------------------------
+
+_shared = tracing_config()
+_original: list[Any] = []
+
+
+def instrument() -> None:
+    """Trace every `aiohttp.ClientSession`, whenever it was created (our `TraceConfig` joins a
+    session's list on its first request)."""
+    if _original:
+        return
+    original = aiohttp.ClientSession._request
+
+    async def _request(session: aiohttp.ClientSession, *args: Any, **kwargs: Any) -> Any:
+        configs = session._trace_configs
+        if not any(hasattr(config, "_mtm_targets") for config in configs):
+            configs.append(_shared)
+        return await original(session, *args, **kwargs)
+
+    _original.append(original)
+    aiohttp.ClientSession._request = _request  # type: ignore[method-assign,assignment]
+
+
+def uninstrument() -> None:
+    if _original:
+        aiohttp.ClientSession._request = _original.pop()  # type: ignore[method-assign]

@@ -1,0 +1,100 @@
+"""urllib3 (under botocore and many SDKs) propagating MLflow trace context, a client span per
+request.
+
+```python
+mlflow_trace_middleware.urllib3.instrument()   # or instrument() for every installed library
+```
+
+Patches `HTTPConnectionPool.urlopen`, where every urllib3 request goes (`PoolManager`,
+`ProxyManager`, connection pools). A call made through `requests` is traced once, by the
+requests integration: this one stays out while an outer traced call runs. Cross-host redirects
+(handled by `PoolManager`) are new hops, checked against the allowlist; the span ends when the
+response is read (`preload_content=True`, the default) or released or closed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from urllib3 import HTTPConnectionPool, HTTPHeaderDict
+from urllib3.util import parse_url
+
+from . import _client, _targets
+
+__all__ = ["instrument", "uninstrument"]
+
+
+def _destination(pool: HTTPConnectionPool, url: str) -> _targets.Destination:
+    """Where the pool connects; `url` is a path, or an absolute URL through a proxy."""
+    if url.startswith("/"):
+        return pool.scheme, pool.host, pool.port, url.partition("?")[0]
+    parsed = parse_url(url)
+    return parsed.scheme or pool.scheme, parsed.host or "", parsed.port, parsed.path or "/"
+
+
+def _urlopen(
+    original: Any,
+    pool: HTTPConnectionPool,
+    method: str,
+    url: str,
+    body: Any,
+    headers: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    if _client.outer_call_running():
+        return original(pool, method, url, body, headers, *args, **kwargs)
+    # A copy: never write into the caller's mapping or the pool's default headers.
+    sent = HTTPHeaderDict(headers if headers is not None else pool.headers)
+    call = _client.start(method, _destination(pool, url), sent, None)
+    if call is None:
+        return original(pool, method, url, body, headers, *args, **kwargs)
+    with call:
+        response = original(pool, method, url, body, sent, *args, **kwargs)
+    if kwargs.get("preload_content", True):
+        call.end(response.status)
+        return response
+    for name in ("release_conn", "close", "drain_conn"):
+        _end_after(response, name, call, response.status)
+    return response
+
+
+def _end_after(response: Any, name: str, call: _client.ClientCall, status: int) -> None:
+    method = getattr(response, name)
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        finally:
+            call.end(status)
+
+    setattr(response, name, wrapped)
+
+
+_original: list[Any] = []
+
+
+def instrument() -> None:
+    """Trace every urllib3 request (every pool, whenever it was created)."""
+    if _original:
+        return
+    original = HTTPConnectionPool.urlopen
+
+    def urlopen(
+        pool: HTTPConnectionPool,
+        method: str,
+        url: str,
+        body: Any = None,
+        headers: Any = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        return _urlopen(original, pool, method, url, body, headers, args, kwargs)
+
+    _original.append(original)
+    HTTPConnectionPool.urlopen = urlopen  # type: ignore[method-assign,assignment]
+
+
+def uninstrument() -> None:
+    if _original:
+        HTTPConnectionPool.urlopen = _original.pop()  # type: ignore[method-assign]
