@@ -16,41 +16,34 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from . import common
 from .bench_http import start
 
 OURS = "mlflow_trace_middleware/"
 APP = ("starlette/", "fastapi/", "uvicorn/", "h11/", "benchmarks/", "anyio/", "pydantic")
-# Leaf frames of threads that are blocked, not running.
-WAITS = ("wait", "select", "acquire", "get", "join", "readinto", "poll")
-FRAME = re.compile(r"^(.*) \((.*?)(?::\d+)?\)$")
+WAITS = ("wait", "select", "acquire", "get", "join", "readinto", "poll")  # blocked, not running
 
 
-def analyse(collapsed: Path) -> dict[str, object]:
+def analyse(collapsed: Path) -> dict[str, Any]:
     where: Counter[str] = Counter()
     ours: Counter[str] = Counter()
     for line in collapsed.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        frames = [m.groups() if (m := FRAME.match(f)) else (f, "") for f in stack.split(";")]
-        frames = [f for f in frames if not f[0].startswith(("thread", "process"))]
-        if not frames or frames[-1][0].rsplit(".", 1)[-1] in WAITS:
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")[1:]]  # [0]: the thread
+        if not frames or frames[-1].split(" (")[0].rsplit(".", 1)[-1] in WAITS:
             continue
-        files = [file for _, file in frames]
-        main_thread = any("uvicorn/" in f for f in files)
-        deepest = max((i for i, f in enumerate(files) if OURS in f), default=None)
-        if deepest is None:
-            where["application, server, event loop" if main_thread else "other threads"] += int(
-                count
-            )
-        elif not main_thread:
-            where["sink worker thread"] += int(count)
-        elif any(a in f for f in files[deepest + 1 :] for a in APP):
-            where["application, server, event loop"] += int(count)
+        main = any("uvicorn/" in f for f in frames)  # the event loop's thread
+        deepest = max((i for i, f in enumerate(frames) if OURS in f), default=-1)
+        if deepest < 0 or (main and any(a in f for f in frames[deepest + 1 :] for a in APP)):
+            kind = "application, server, event loop" if main else "other threads"
+        elif not main:
+            kind = "sink worker thread"
         else:
-            where["request path in mlflow_trace_middleware"] += int(count)
-            for func, file in {f for f in frames if OURS in f[1]}:
-                ours[f"{func} ({file})"] += int(count)
+            kind = "request path in mlflow_trace_middleware"
+            ours.update({f: int(count) for f in set(frames) if OURS in f})
+        where[kind] += int(count)
     total = sum(where.values())
     return {
         "samples": total,
