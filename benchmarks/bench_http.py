@@ -58,29 +58,38 @@ def start(framework: str, variant: str, env: dict[str, str], mlflow_url: str) ->
     return Process(f"{framework}-{variant}", argv, port, "/health", **env)
 
 
+def drain(svc: Process) -> tuple[dict[str, Any], float]:
+    """Wait until the service's sink has nothing pending; its `/__stats` then, the wait."""
+    started, stats = time.monotonic(), get_json(svc.url + "/__stats")
+    while stats.get("sink", {}).get("pending") and time.monotonic() - started < 180:
+        time.sleep(0.2)
+        stats = get_json(svc.url + "/__stats")
+    return stats, time.monotonic() - started
+
+
 def window(svc: Process, others: list[int], scenario: str, conns: int, warm: bool) -> Any:
     """One load window; `others` are the suite's other processes."""
     url, seconds = svc.url + SCENARIOS[scenario][0], SCENARIOS[scenario][2]
-    waited = common.quiesce([svc.pid, *others])  # the MLflow server done ingesting, ...
     if warm:  # a process's first window follows a warm-up
         common.wrk(url, 1, conns)
-    s0, c0, o0 = get_json(svc.url + "/__stats"), cpu([svc.pid]), cpu(others)
-    busy0, own0, t0 = common.machine_busy(), common.own_cpu(), time.monotonic()
+    s0, _ = drain(svc)
+    waited = common.quiesce([svc.pid, *others])  # the MLflow server done ingesting, ...
+    c0, o0, busy0, own0 = cpu([svc.pid]), cpu(others), common.machine_busy(), common.own_cpu()
+    t0 = time.monotonic()
     load = common.wrk(url, seconds, conns)
     elapsed, service_cpu, others_cpu = time.monotonic() - t0, cpu([svc.pid]) - c0, cpu(others) - o0
     own = common.own_cpu() - own0 + load["wrk_cpu"]
     foreign = common.machine_busy() - busy0 - service_cpu - others_cpu - own
-    s1, drain0 = get_json(svc.url + "/__stats"), time.monotonic()
-    s2 = s1  # after the window: wait until the sink has nothing pending
-    while s2.get("sink", {}).get("pending") and time.monotonic() - drain0 < 180:
-        time.sleep(0.2)
-        s2 = get_json(svc.url + "/__stats")
-    n = load["requests"]
+    s1 = get_json(svc.url + "/__stats")
+    s2, drain_s = drain(svc)  # spans still pending after the window
     out = {k: load[k] for k in ("rps", "p50_us", "p99_us", "requests", "errors")}
-    out |= {"cpu_us": service_cpu / n * 1e6, "foreign_cores": max(foreign, 0) / elapsed}
-    out |= {"quiesce_s": waited, "drain_s": time.monotonic() - drain0}
-    out["gen2_per_1k"] = (s1["gc"]["collections"][2] - s0["gc"]["collections"][2]) * 1000 / n
-    out["max_gc_pause_ms"] = s1["gc"]["max_pause_s"] * 1e3
+    out |= {"cpu_us": service_cpu / load["requests"] * 1e6, "drain_s": drain_s}
+    out |= {"foreign_cores": max(foreign, 0) / elapsed, "quiesce_s": waited}
+    gen2 = s1["gc"]["collections"][2] - s0["gc"]["collections"][2]
+    out |= {
+        "gen2_per_1k": gen2 * 1000 / load["requests"],
+        "max_gc_pause_ms": s1["gc"]["max_pause_s"] * 1e3,
+    }
     if "sink" in s1:
         a, b, c = s0["sink"], s1["sink"], s2["sink"]
         out["sink"] = {

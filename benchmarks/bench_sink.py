@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import gzip
 import http.client
+import statistics
 import threading
 import time
 from http.server import ThreadingHTTPServer
@@ -71,6 +72,7 @@ def captured(spans: int) -> list[tuple[bytes, int]]:
     produce(spans // SPANS_PER_TRACE)
     mtm.flush(60)
     server.shutdown()
+    server.server_close()
     return bodies
 
 
@@ -135,9 +137,7 @@ def memory(step: dict[str, Any]) -> dict[str, Any]:
     """RSS from 2 s after the queue first filled: growth, least-squares slope, flat or not."""
     pts = list(zip(step["t"], step["rss_mb"], strict=True))
     pts = [p for p in pts if p[0] >= (step["full_at_s"] or 0) + 2] or pts[-3:]
-    mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
-    var = sum((x - mx) ** 2 for x, _ in pts)
-    slope = 60 * sum((x - mx) * (y - my) for x, y in pts) / var if var else 0.0
+    slope = 60 * statistics.linear_regression(*zip(*pts, strict=True)).slope
     growth, minutes = pts[-1][1] - pts[0][1], (pts[-1][0] - pts[0][0]) / 60
     flat = abs(growth) < max(8.0, 0.05 * pts[0][1]) and (minutes < 2 or slope < 0.5)
     return {"rss_then_mb": pts[0][1], "rss_end_mb": pts[-1][1], "growth_mb": growth,
