@@ -37,7 +37,7 @@ Package measured: commit {commit}{changes}.
 
 **Shared machine.** Other processes (not started by the suite) used {foreign_before:.2f} cores
 before the suite, {foreign_after:.2f} after it, and a median of {windows} during the HTTP load
-windows, out of {cores}.
+windows, out of {cores}.{quiet}
 
 ## Targets (issue 5)
 
@@ -50,6 +50,7 @@ HTTP = """\
 
 Medians of {rounds} rounds, ratios to `bare` of the same round; CPU of the server process per
 request. Realistic handler: 2 ms awaited I/O + 0.5 ms CPU ({cpu_loops:,} loop iterations).
+
 """
 MICRO = """\
 ## Outgoing calls
@@ -182,7 +183,7 @@ def http_md(http: Any) -> str:
     notes = ""
     for i, fw in enumerate(FRAMEWORKS):
         for scenario, (path, conns, seconds, _) in SCENARIOS.items():
-            md += f"\n### {SERVERS[fw]}: {scenario} (`GET {path}`, {conns[i]} connections, "
+            md += f"### {SERVERS[fw]}: {scenario} (`GET {path}`, {conns[i]} connections, "
             md += f"{seconds} s windows)\n\n"
             rows = []
             for v, r in http[fw]["summary"][scenario].items():
@@ -255,6 +256,8 @@ def write() -> None:
         packages=", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         changes=", with uncommitted changes to the package" if run["package_changes"] else "",
         windows=f"{median(fc):.2f} cores (max {max(fc):.2f})" if fc else "-", **m, **run,
+        quiet=" The machine was otherwise quiet." if fc and median(fc) < 0.2 else
+        " Absolute figures are disturbed accordingly; ratios less so (measured side by side).",
     )  # fmt: skip
     md += table(TARGETS, targets(http, calls, sink)) + (http_md(http) if http else "") + micro_text
     md += sink_md(sink) if sink else ""

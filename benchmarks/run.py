@@ -29,12 +29,7 @@ httpx requests protobuf psutil py-spy pytest-benchmark"""
 def machine() -> dict[str, Any]:
     cpu = re.search(r"model name\s*: (.*)", Path("/proc/cpuinfo").read_text())
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout
-    versions = {}
-    for name in PACKAGES.split():
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "-"
+    installed = {d.name.lower().replace("_", "-"): d.version for d in metadata.distributions()}
     return {
         "cpu": cpu[1] if cpu else platform.processor(),
         "cores": psutil.cpu_count(),
@@ -42,7 +37,7 @@ def machine() -> dict[str, Any]:
         "os": f"{platform.freedesktop_os_release()['PRETTY_NAME']}, Linux {platform.release()}",
         "python": platform.python_version(),
         "wrk": wrk.split("Copyright")[0].strip(),
-        "versions": versions,
+        "versions": {name: installed.get(name, "-") for name in PACKAGES.split()},
     }
 
 
