@@ -39,11 +39,11 @@ demo: venv
 	$(BIN)/python -m examples.demo
 
 # Benchmarks (benchmarks/README.md): the venv with the bench extra, wrk from Debian when
-# missing (as root; otherwise benchmarks/pyload.py generates the load), then RESULTS.md.
+# missing (as root), then the suite and RESULTS.md.
 BENCH_STAMP := $(VENV)/.installed-bench
 ENSURE_WRK := command -v wrk >/dev/null 2>&1 || { test "$$(id -u)" = 0 && apt-get update -qq && \
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } || \
-	echo "wrk not available: benchmarks/pyload.py generates the load"
+	{ echo "wrk is needed: apt-get install wrk (as root)"; exit 1; }
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,bench]'

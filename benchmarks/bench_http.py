@@ -1,343 +1,169 @@
-"""Request overhead: FastAPI (uvicorn, one worker) and Flask (gunicorn, one sync worker), every
-tracing variant of `benchmarks/variants.py`, side by side in the same run.
+"""Request overhead of every variant, FastAPI and Flask, side by side (method: README.md).
 
-    python -m benchmarks.bench_http [--rounds 3] [--frameworks fastapi,flask] [--scenarios hello]
-
-Every (framework, variant) runs as its own server process. Load comes from wrk (or
-`benchmarks.pyload`) in a separate process, closed loop, a fresh `traceparent` per request.
-Windows alternate variants (A B C ... then C B A ... so drift cancels); before each window the
-suite's other processes must be idle (the MLflow server done ingesting); a process's first
-window, after it started, follows a warm-up. Service CPU per request is the server process's
-CPU time over the window divided by the requests wrk completed. Variants whose export backlog
-outlives a window (our sink with spans still pending for the real server, MLflow's exporter)
-are restarted after the window, with SIGKILL so nothing they queued is sent later.
-
-Ratios are to `bare` of the same framework, scenario and round; the table shows medians over
-rounds of the values and of the per-round ratios. Writes `benchmarks/results/http.json`.
+python -m benchmarks.bench_http [--rounds 3]    # writes results/http.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import time
-import urllib.request
-from dataclasses import asdict, dataclass
+from statistics import median
 from typing import Any
 
-from examples.launch import Process, free_port, start_mlflow_server, wait_ready
+from . import apps, common
+from .common import Process, cpu, get_json
 
-from . import common, workload
-from .variants import DIRTY, VARIANTS
-
+# name: path, connections (FastAPI, Flask), seconds, variants.
+SCENARIOS = {
+    "hello": ("/hello", (8, 2), 3, apps.VARIANTS),
+    "realistic": ("/work", (2, 1), 4, ("bare", "ours-mlflow", "ours-null", "otel")),
+    "stream": ("/stream", (8, 2), 3, ("bare", "ours-null", "otel")),
+}
 FRAMEWORKS = ("fastapi", "flask")
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    path: str
-    connections: dict[str, int]  # per framework
-    seconds: int
-    variants: tuple[str, ...]
-
-
-REALISTIC = ("bare", "ours-mlflow", "ours-null", "otel")
-# hello: saturating load, the worst case for relative overhead. realistic: moderate load (the
-# service has headroom), where p99 is what users feel. stream: 16 chunks of 1 KiB.
-SCENARIOS = (
-    Scenario("hello", "/hello", {"fastapi": 8, "flask": 2}, 3, VARIANTS),
-    Scenario("realistic", "/work", {"fastapi": 2, "flask": 1}, 4, REALISTIC),
-    Scenario("stream", "/stream", {"fastapi": 8, "flask": 2}, 3, ("bare", "ours-null", "otel")),
-)
+METRICS = ("rps", "p50_us", "p99_us", "cpu_us")
 
 
 def server_argv(framework: str, port: int) -> list[str]:
     if framework == "fastapi":
-        return [
-            sys.executable, "-m", "uvicorn", "benchmarks.app_fastapi:app",
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--no-access-log", "--log-level", "warning",
-        ]  # fmt: skip
-    return [
-        sys.executable, "-m", "gunicorn", "-w", "1", "-k", "sync", "--backlog", "1024",
-        "-b", f"127.0.0.1:{port}", "--log-level", "warning", "benchmarks.app_flask:app",
-    ]  # fmt: skip
+        return ["uvicorn", "--factory", "benchmarks.apps:make_fastapi", "--host", "127.0.0.1",
+                "--port", str(port), "--workers", "1", "--no-access-log",
+                "--log-level", "warning"]  # fmt: skip
+    return ["gunicorn", "-w", "1", "-k", "sync", "--backlog", "1024", "-b", f"127.0.0.1:{port}",
+            "--log-level", "warning", "benchmarks.apps:make_flask()"]  # fmt: skip
 
 
-@dataclass
-class Context:
-    mlflow: Process
-    null: Process
-    experiment_id: str
-    cpu_loops: int
+def calibrate(target: float = 0.0005) -> int:
+    """The loop count of `apps.burn` whose median thread CPU time is `target` seconds."""
+    loops = 10_000
+    for _ in range(3):
+        samples = []
+        for _ in range(41):
+            t0 = time.thread_time()
+            apps.burn(loops)
+            samples.append(time.thread_time() - t0)
+        loops = max(1, round(loops * target / median(samples)))
+    return loops
 
 
-def start_service(framework: str, variant: str, ctx: Context) -> Process:
-    port = free_port()
-    env = {
-        "BENCH_VARIANT": variant,
-        "BENCH_CPU_LOOPS": str(ctx.cpu_loops),
-        "BENCH_OTLP_URL": ctx.null.url,
-        "OTEL_SERVICE_NAME": f"bench-{framework}-{variant}",
-        "MLFLOW_EXPERIMENT_ID": ctx.experiment_id,
-        "MLFLOW_TRACKING_URI": "",
-    }
-    if variant.startswith("ours-null"):
-        env["MLFLOW_TRACKING_URI"] = ctx.null.url
-    elif variant in ("ours-mlflow", "mlflow-manual"):
-        env["MLFLOW_TRACKING_URI"] = ctx.mlflow.url
-    if variant == "mlflow-manual":
-        # "Delivery on": with MLflow's default batch processor the callee's spans are never
-        # delivered (../shared/FINDINGS.md #1); without it, one POST per span.
+def start(framework: str, variant: str, env: dict[str, str], mlflow_url: str) -> Process:
+    env = {**env, "BENCH_VARIANT": variant, "OTEL_SERVICE_NAME": f"bench-{framework}-{variant}"}
+    env["MLFLOW_TRACE_FREEZE_GC"] = "0" if variant.endswith("nofreeze") else "1"  # explicit
+    if variant in ("ours-mlflow", "mlflow-manual"):
+        env["MLFLOW_TRACKING_URI"] = mlflow_url
+    if variant == "mlflow-manual":  # with MLflow's batch processor callee spans are never sent
         env["MLFLOW_USE_BATCH_SPAN_PROCESSOR"] = "false"
-    name = f"{framework}-{variant}"
-    process = common.spawn(name, server_argv(framework, port), f"http://127.0.0.1:{port}", env)
-    wait_ready(process, "/health")
-    return process
+    port = common.free_port()
+    argv = [sys.executable, "-m", *server_argv(framework, port)]
+    return Process(f"{framework}-{variant}", argv, port, "/health", **env)
 
 
-def service_stats(process: Process) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(process.url + "/__stats", timeout=5) as response:
-            data: dict[str, Any] = json.loads(response.read())
-            return data
-    except OSError:
-        return {}
+def drain(svc: Process) -> tuple[dict[str, Any], float]:
+    """Wait until the service's sink has nothing pending; its `/__stats` then, the wait."""
+    started, stats = time.monotonic(), get_json(svc.url + "/__stats")
+    while stats.get("sink", {}).get("pending") and time.monotonic() - started < 180:
+        time.sleep(0.2)
+        stats = get_json(svc.url + "/__stats")
+    return stats, time.monotonic() - started
 
 
-def _window_stats(after: dict[str, Any], before: dict[str, Any], requests: int) -> dict[str, Any]:
-    """The window's sink counters and garbage collections, from two `/__stats` answers."""
-    out: dict[str, Any] = {"sink": _delta(after.get("sink", {}), before.get("sink", {}))}
-    gc_after, gc_before = after.get("gc"), before.get("gc")
-    if gc_after and gc_before and requests:
-        per_1k = 1000 / requests
-        counts = _minus(gc_after["collections"], gc_before["collections"])
-        pauses = _minus(gc_after["pause_s"], gc_before["pause_s"])
-        out["gc"] = {
-            "gen2_per_1k": counts[2] * per_1k,
-            "gc_ms_per_1k": sum(pauses) * 1e3 * per_1k,
-            "gen2_ms": pauses[2] * 1e3,
-            "max_pause_ms": gc_after["max_pause_s"] * 1e3,
+def window(svc: Process, others: list[int], scenario: str, conns: int, warm: bool) -> Any:
+    """One load window; `others` are the suite's other processes."""
+    url, seconds = svc.url + SCENARIOS[scenario][0], SCENARIOS[scenario][2]
+    if warm:  # a process's first window follows a warm-up
+        common.wrk(url, 1, conns)
+    s0, _ = drain(svc)
+    waited = common.quiesce([svc.pid, *others])  # the MLflow server done ingesting, ...
+    c0, o0, busy0, own0 = cpu([svc.pid]), cpu(others), common.machine_busy(), common.own_cpu()
+    t0 = time.monotonic()
+    load = common.wrk(url, seconds, conns)
+    elapsed, service_cpu, others_cpu = time.monotonic() - t0, cpu([svc.pid]) - c0, cpu(others) - o0
+    own = common.own_cpu() - own0 + load["wrk_cpu"]
+    foreign = common.machine_busy() - busy0 - service_cpu - others_cpu - own
+    s1 = get_json(svc.url + "/__stats")
+    s2, drain_s = drain(svc)  # spans still pending after the window
+    out = {k: load[k] for k in ("rps", "p50_us", "p99_us", "requests", "errors")}
+    out |= {"cpu_us": service_cpu / load["requests"] * 1e6, "drain_s": drain_s}
+    out |= {"foreign_cores": max(foreign, 0) / elapsed, "quiesce_s": waited}
+    gen2 = s1["gc"]["collections"][2] - s0["gc"]["collections"][2]
+    out |= {
+        "gen2_per_1k": gen2 * 1000 / load["requests"],
+        "max_gc_pause_ms": s1["gc"]["max_pause_s"] * 1e3,
+    }
+    if "sink" in s1:
+        a, b, c = s0["sink"], s1["sink"], s2["sink"]
+        out["sink"] = {
+            "produced": b["produced"] - a["produced"],
+            "exported_in_window": b["exported"] - a["exported"],
+            "exported_after": c["exported"] - b["exported"],
+            "posts": c["requests"] - a["requests"],
+            "dropped": sum(c["dropped"].values()) - sum(a["dropped"].values()),
         }
     return out
 
 
-def _minus(after: list[float], before: list[float]) -> list[float]:
-    return [a - b for a, b in zip(after, before, strict=True)]
-
-
-def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
-    if not after:
-        return {}
-    dropped_after = after.get("dropped", {})
-    dropped_before = before.get("dropped", {})
-    return {
-        "pending": after["pending"],
-        "produced": after["produced"] - before.get("produced", 0),
-        "exported": after["exported"] - before.get("exported", 0),
-        "requests": after["requests"] - before.get("requests", 0),
-        "dropped": {
-            k: v - dropped_before.get(k, 0)
-            for k, v in dropped_after.items()
-            if v - dropped_before.get(k, 0)
-        },
-    }
-
-
-def window(
-    service: Process, scenario: Scenario, framework: str, warmup: int, others: list[int]
-) -> dict[str, Any]:
-    """One measured load window on one service; `others` are every other process of ours."""
-    pid = service.popen.pid
-    waited = common.quiesce([pid, *others])
-    connections = scenario.connections[framework]
-    url = service.url + scenario.path
-    if warmup:
-        common.run_load(url, warmup, connections)
-    stats_before = service_stats(service)
-    cpu0, others0 = common.tree_cpu(pid), sum(common.tree_cpu(p) for p in others)
-    busy0, own0, t0 = common.system_busy(), common.own_cpu(), time.monotonic()
-    load = common.run_load(url, scenario.seconds, connections)
-    elapsed = time.monotonic() - t0
-    cpu = common.tree_cpu(pid) - cpu0
-    others_cpu = sum(common.tree_cpu(p) for p in others) - others0
-    busy = common.system_busy() - busy0
-    own = common.own_cpu() - own0
-    foreign = busy - cpu - others_cpu - load.client_cpu - own
-    return {
-        **asdict(load),
-        "cpu_us": cpu / load.requests * 1e6 if load.requests else None,
-        "service_cores": cpu / elapsed,
-        "background_cores": others_cpu / elapsed,
-        "foreign_cores": max(foreign, 0.0) / elapsed,
-        "quiesce_s": waited,
-        "rss_mb": common.tree_rss(pid) / 2**20,
-        **_window_stats(service_stats(service), stats_before, load.requests),
-    }
-
-
-METRICS = ("rps", "p50_us", "p99_us", "cpu_us")
-
-
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Medians over rounds, and medians of the per-round ratios to `bare`."""
-    bare = runs["bare"]
-    out: dict[str, dict[str, Any]] = {}
-    for variant, windows in runs.items():
-        row: dict[str, Any] = {"rounds": len(windows)}
-        for metric in METRICS:
-            row[metric] = common.median(w[metric] for w in windows)
-            row[metric + "_ratio"] = common.median(
-                common.ratio(w[metric], b[metric]) for w, b in zip(windows, bare, strict=False)
-            )
-        row["errors"] = sum(w["errors"] + w["non2xx"] for w in windows)
-        row["foreign_cores"] = common.median(w["foreign_cores"] for w in windows)
-        row["rss_mb"] = common.median(w["rss_mb"] for w in windows)
-        gcs = [w["gc"] for w in windows if w.get("gc")]
-        if gcs:
-            row["gc"] = {
-                "gen2_per_1k": common.median(g["gen2_per_1k"] for g in gcs),
-                "gc_ms_per_1k": common.median(g["gc_ms_per_1k"] for g in gcs),
-                "max_pause_ms": max(g["max_pause_ms"] for g in gcs),
-            }
-        sinks = [w["sink"] for w in windows if w["sink"]]
-        if sinks:
-            produced = sum(s["produced"] for s in sinks)
-            dropped: dict[str, int] = {}
-            for s in sinks:
-                for reason, n in s["dropped"].items():
-                    dropped[reason] = dropped.get(reason, 0) + n
-            row["sink"] = {
-                "produced": produced,
-                "exported": sum(s["exported"] for s in sinks),
-                "posts": sum(s["requests"] for s in sinks),
-                "dropped": dropped,
-            }
+    """Medians over rounds, and of the per-round ratios to `bare`."""
+    out = {}
+    for variant, ws in runs.items():
+        row: dict[str, Any] = {m: median(w[m] for w in ws) for m in METRICS}
+        for m in METRICS:
+            row[m + "_ratio"] = median(w[m] / b[m] for w, b in zip(ws, runs["bare"]))  # noqa: B905
+        row |= {"errors": sum(w["errors"] for w in ws), "drain_s": max(w["drain_s"] for w in ws)}
+        row["gen2_per_1k"] = median(w["gen2_per_1k"] for w in ws)
+        row["max_gc_pause_ms"] = max(w["max_gc_pause_ms"] for w in ws)
+        if "sink" in ws[0]:
+            row["sink"] = {k: sum(w["sink"][k] for w in ws) for k in ws[0]["sink"]}
         out[variant] = row
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    frameworks = [f for f in args.frameworks.split(",") if f]
-    scenarios = [s for s in SCENARIOS if s.name in args.scenarios.split(",")]
-    workdir = common.WORK_DIR / "mlflow-http"
-    shutil.rmtree(workdir, ignore_errors=True)
-    common.log("calibrating the realistic handler's CPU loop")
-    loops = workload.calibrate()
-    common.log(f"{loops} loops = {workload.CPU_SECONDS * 1e3:.1f} ms CPU; starting mlflow server")
-    mlflow = start_mlflow_server(workdir)
-    null = common.start_null_server()
-    experiment_id = _create_experiment(mlflow.url, "bench-http")
-    ctx = Context(mlflow, null, experiment_id, loops)
-    results: dict[str, Any] = {
-        "config": {
-            "rounds": args.rounds,
-            "warmup_s": args.warmup,
-            "cpu_loops": loops,
-            "scenarios": [asdict(s) for s in scenarios],
-            "commands": {
-                "fastapi": " ".join(server_argv("fastapi", 0)).replace(sys.executable, "python"),
-                "flask": " ".join(server_argv("flask", 0)).replace(sys.executable, "python"),
-                "load": " ".join(common.load_command("URL", 0, 0))
-                .replace(sys.executable, "python")
-                .replace("-c0", "-c<connections>")
-                .replace("-d0s", "-d<seconds>s"),
-                "mlflow": "python -m mlflow server --backend-store-uri sqlite:///... "
-                "--workers 1 (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false)",
-            },
-        },
-        "frameworks": {},
-    }
-    try:
-        for framework in frameworks:
-            results["frameworks"][framework] = _run_framework(framework, scenarios, ctx, args)
-    finally:
-        null.stop()
-        mlflow.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-    return results
-
-
-def _run_framework(
-    framework: str, scenarios: list[Scenario], ctx: Context, args: argparse.Namespace
-) -> dict[str, Any]:
-    needed = [v for v in VARIANTS if any(v in s.variants for s in scenarios)]
+def run_framework(framework: str, rounds: int, env: dict[str, str], servers: list[Process]) -> Any:
+    needed = [v for v in apps.VARIANTS if any(v in s[3] for s in SCENARIOS.values())]
     common.log(f"{framework}: starting {len(needed)} services")
-    services = {variant: start_service(framework, variant, ctx) for variant in needed}
-    fresh = set(needed)  # processes that have not served load yet get a warm-up
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {s.name: {} for s in scenarios}
+    services = {v: start(framework, v, env, servers[0].url) for v in needed}
+    fresh, runs = set(needed), {s: {} for s in SCENARIOS}  # type: ignore[var-annotated]
     try:
-        for round_ in range(args.rounds):
-            for scenario in scenarios:
-                order = list(scenario.variants)
-                if round_ % 2:
-                    order.reverse()
-                for variant in order:
-                    service = services[variant]
-                    others = [ctx.mlflow.popen.pid, ctx.null.popen.pid] + [
-                        s.popen.pid for v, s in services.items() if v != variant
-                    ]
-                    warmup = args.warmup if variant in fresh else 0
+        for round_ in range(rounds):
+            for scenario, (_, conns, _, variants) in SCENARIOS.items():
+                for variant in variants[:: -1 if round_ % 2 else 1]:  # A B C ..., ... C B A
+                    others = [p.pid for p in [*servers, *services.values()]]
+                    others.remove(services[variant].pid)
+                    w = window(services[variant], others, scenario,
+                               conns[FRAMEWORKS.index(framework)], variant in fresh)  # fmt: skip
                     fresh.discard(variant)
-                    result = window(service, scenario, framework, warmup, others)
-                    runs[scenario.name].setdefault(variant, []).append(result)
+                    runs[scenario].setdefault(variant, []).append(w)
                     common.log(
-                        f"{framework} {scenario.name:<9} round {round_ + 1} {variant:<13} "
-                        f"{result['rps']:7.0f} req/s  p50 {result['p50_us'] / 1e3:6.2f} ms  "
-                        f"p99 {result['p99_us'] / 1e3:6.2f} ms  "
-                        f"cpu {result['cpu_us'] or 0:6.0f} us/req  "
-                        f"foreign {result['foreign_cores']:.2f} cores"
+                        f"{framework} {scenario:<9} {round_ + 1} {variant:<18} {w['rps']:6.0f} "
+                        f"req/s p99 {w['p99_us'] / 1e3:6.2f} ms cpu {w['cpu_us']:5.0f} us "
+                        f"drain {w['drain_s']:4.1f} s foreign {w['foreign_cores']:.2f} cores"
                     )
-                    if variant in DIRTY and _backlog(variant, result):
-                        common.kill(service)
-                        services[variant] = start_service(framework, variant, ctx)
-                        fresh.add(variant)
     finally:
         for service in services.values():
-            common.kill(service)
-    return {
-        "runs": runs,
-        "summary": {name: summarize(by_variant) for name, by_variant in runs.items()},
-    }
+            service.kill()
+    return {"runs": runs, "summary": {s: summarize(r) for s, r in runs.items()}}
 
 
-def _backlog(variant: str, result: dict[str, Any]) -> bool:
-    """Whether the service still has spans to send to the real server after the window."""
-    if variant == "mlflow-manual":  # MLflow's exporter queue: not observable, assume so
-        return True
-    sink = result["sink"]
-    return not sink or sink.get("pending", 0) > 100
-
-
-def _create_experiment(tracking_uri: str, name: str) -> str:
-    body = json.dumps({"name": f"{name}-{int(time.time())}"}).encode()
-    request = urllib.request.Request(
-        tracking_uri + "/api/2.0/mlflow/experiments/create",
-        data=body,
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return str(json.loads(response.read())["experiment_id"])
-
-
-def main(argv: list[str] | None = None) -> None:
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--warmup", type=int, default=1, help="seconds of load before a new process's first window"
-    )
     parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
-    parser.add_argument("--scenarios", default=",".join(s.name for s in SCENARIOS))
-    parser.add_argument("--output", default="http.json")
-    args = parser.parse_args(argv)
-    started = time.monotonic()
-    results = run(args)
-    results["elapsed_s"] = time.monotonic() - started
-    path = common.write_json(args.output, results)
-    common.log(f"wrote {path.relative_to(common.ROOT)} in {results['elapsed_s']:.0f} s")
+    args = parser.parse_args()
+    loops = calibrate()
+    common.log(f"realistic handler: {loops} loops = 0.5 ms CPU; starting mlflow server")
+    servers = [common.mlflow_server("mlflow-http"), common.null_server()]
+    env = {"BENCH_CPU_LOOPS": str(loops), "BENCH_OTLP_URL": servers[1].url,
+           "MLFLOW_TRACKING_URI": servers[1].url,
+           "MLFLOW_EXPERIMENT_ID": common.create_experiment(servers[0], "http")}  # fmt: skip
+    out: dict[str, Any] = {"rounds": args.rounds, "cpu_loops": loops, "scenarios": SCENARIOS}
+    out["commands"] = {f: " ".join(server_argv(f, 0)) for f in FRAMEWORKS}
+    try:
+        for framework in args.frameworks.split(","):
+            out[framework] = run_framework(framework, args.rounds, env, servers)
+    finally:
+        for server in servers:
+            server.kill()
+    common.write_json("http.json", out)
 
 
 if __name__ == "__main__":

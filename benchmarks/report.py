@@ -1,18 +1,14 @@
-"""Turn `benchmarks/results/*.json` into `benchmarks/RESULTS.md`.
-
-python -m benchmarks.report
-"""
+"""`benchmarks/RESULTS.md` from `benchmarks/results/*.json`: `python -m benchmarks.report`."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from statistics import median
 from typing import Any
 
 from . import common
+from .bench_http import FRAMEWORKS, SCENARIOS
 
-OUT = common.BENCH_DIR / "RESULTS.md"
-
-LABELS = {
+NAMES = {
     "bare": "bare",
     "passthrough": "do-nothing middleware",
     "ours-mlflow": "ours → mlflow server",
@@ -21,489 +17,261 @@ LABELS = {
     "otel": "OTel contrib + batch → null OTLP",
     "mlflow-manual": "MLflow manual API → mlflow server",
 }
+SERVERS = {"fastapi": "FastAPI (uvicorn, 1 worker)", "flask": "Flask (gunicorn, 1 sync worker)"}
+HEADER = """\
+# Benchmark results
+
+`make bench`, started {started}, took {minutes:.1f} min (venv and wrk installation not
+included); method and commands: [`README.md`](README.md), raw data: `benchmarks/results/`.
+
+Package measured: commit {commit}{changes}.
+
+## Machine and versions
+
+| | |
+|---|---|
+| CPU | {cpu}, {cores} logical cores, {memory_gib} GiB |
+| OS | {os}, Python {python} |
+| load generator | {wrk} |
+| packages | {packages} |
+
+**Shared machine.** Other processes (not started by the suite) used {foreign_before:.2f} cores
+before the suite, {foreign_after:.2f} after it, and a median of {windows} during the HTTP load
+windows, out of {cores}.{quiet}
+
+## Targets (issue 5)
+
+Request targets are judged on `ours → null OTLP` (every request span is exported); the same
+figures with the sink pointed at the real `mlflow server` follow in brackets.
+
+"""
+HTTP = """\
+## Request overhead
+
+Medians of {rounds} rounds, ratios to `bare` of the same round; CPU of the server process per
+request. Realistic handler: 2 ms awaited I/O + 0.5 ms CPU ({cpu_loops:,} loop iterations).
+
+"""
+MICRO = """\
+## Outgoing calls
+
+pytest-benchmark, process CPU time per call (sink included), {rounds} rounds of 200 calls in
+{passes} passes; extras: medians of the per-pass differences to plain.
+
+"""
+SINK = """\
+## Span sink against a real `mlflow server`
+
+Traces of {spans_per_trace} spans. Ingest ceiling: {ceiling_list} spans/s (mean
+**{ceiling_mean:,.0f}**); a step past it is compared with the ceilings either side of it.
+
+"""
+MEMORY = "### Memory (from 2 s after the queue filled)\n\n"
+PROFILE = """\
+## Profile of the FastAPI hello world with our middleware (`ours → null OTLP`)
+
+py-spy at {rps:,.0f} req/s for {seconds} s, shares of the samples of running threads.
+
+"""
+# Tables: "header=cell format|..."; a header starting with "<" is left-aligned.
+TARGETS = "<target={0}|<measured={1}|<={2}"
+SUMMARY = "<variant={name}|" + "|".join(
+    f"{fw} {what}={{{fw}_{key}_ratio:.2f}}x"
+    for fw in ("FastAPI", "Flask")
+    for what, key in (("req/s", "rps"), ("p99", "p99_us"), ("CPU/req", "cpu_us"))
+)
+REQUESTS = (
+    "<variant={name}|req/s={rps:,.0f}|p50 ms={p50:.2f}|p99 ms={p99:.2f}|CPU µs/req={cpu_us:,.0f}|"
+    "req/s ÷ bare={rps_ratio:.2f}x|p50 ÷ bare={p50_us_ratio:.2f}x|p99 ÷ bare={p99_us_ratio:.2f}x|"
+    "CPU ÷ bare={cpu_us_ratio:.2f}x|full GCs / 1k req={gen2_per_1k:.2f}|"
+    "longest GC pause={max_gc_pause_ms:.1f} ms"
+)
+SINK_NOTE = (
+    "- {framework} {scenario}, {name}: {produced:,} spans, exported {exported_in_window:,} "
+    "within the windows and {exported_after:,} after them (drained within {drain_s:.1f} s, "
+    "before the next window), {per_post:,.0f} per POST; dropped: {dropped:,}; failed "
+    "requests: {errors}\n"
+)
+CALLS = (
+    "<library={0}|plain, µs/call={1[plain]:.0f}|traced: extra µs={1[+traced]:+.1f}|"
+    "traced, no active span: extra µs={1[+no span]:+.1f}"
+)
+STEPS = (
+    "offered spans/s={offered_spans_per_s:,.0f}|x first ceiling={fraction:g}|"
+    "delivered spans/s={delivered_spans_per_s:,.0f}|÷ ceiling={of}|"
+    "spans/POST={spans_per_post:.0f}|<dropped={drops}|<all delivered={all}"
+)
+SOAKS = (
+    "<run={name}, {fraction}x ceiling, {soak:.0f} s|offered spans/s={offered_spans_per_s:,.0f}|"
+    "delivered spans/s={delivered_spans_per_s:,.0f}|<dropped={drops}|queue full at={full}|"
+    "RSS then={rss_then_mb:.0f} MB|RSS end={rss_end_mb:.0f} MB|growth={growth_mb:+.1f} MB|"
+    "slope={slope_mb_per_min:+.1f} MB/min|<flat={flat}"
+)
 
 
-def _f(value: float | None, digits: int = 0, suffix: str = "") -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.{digits}f}{suffix}"
+def table(spec: str, rows: list[Any]) -> str:
+    """Rows are dicts (named fields) or lists (positional ones)."""
+    cols = [col.split("=", 1) for col in spec.split("|")]
+    md = "| " + " | ".join(head.lstrip("<") for head, _ in cols) + " |\n|"
+    md += "|".join("---" if head.startswith("<") else "---:" for head, _ in cols) + "|\n"
+    for row in rows:
+        cells = (
+            cell.format(*row) if isinstance(row, list) else cell.format(**row) for _, cell in cols
+        )
+        md += "| " + " | ".join(cells) + " |\n"
+    return md + "\n"
 
 
-def _x(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+def pct(runs: list[float]) -> str:
+    return f"{median(runs):.0%} (" + ", ".join(f"{r:.0%}" for r in runs) + ")"
 
 
-def _ok(passed: bool | None) -> str:
-    return {True: "**met**", False: "**missed**", None: "-"}[passed]
+def targets(http: Any, calls: dict[str, Any], sink: Any) -> list[list[str]]:
+    out = []
 
+    def target(what: str, measured: str, ok: bool) -> None:
+        out.append([what, measured, "**met**" if ok else "**missed**"])
 
-def write() -> Path:
-    run = common.read_json("run.json") or {}
-    http = common.read_json("http.json")
-    clients = common.read_json("clients.json")
-    sink = common.read_json("sink.json")
-    profile = common.read_json("profile-ours-null.json")
-    lines = ["# Benchmark results", ""]
-    lines += _header(run, http)
-    lines += _targets(http, clients, sink)
+    def request(what: str, scenario: str, key: str, ok: Any) -> None:
+        summary = http["fastapi"]["summary"][scenario]
+        ours, mlflow = (summary[v][key + "_ratio"] for v in ("ours-null", "ours-mlflow"))
+        target(f"FastAPI {what}", f"{ours:.2f}x (→ mlflow server: {mlflow:.2f}x)", ok(ours))
+
     if http:
-        lines += _summary(http)
-    if http:
-        lines += _http(http)
-    if clients:
-        lines += _clients(clients)
+        request("hello world, requests/s ≥ 0.75x bare", "hello", "rps", lambda v: v >= 0.75)
+        request("hello world, CPU per request ≤ 1.3x bare", "hello", "cpu_us", lambda v: v <= 1.3)
+        request("hello world, p99 ≤ 1.5x bare", "hello", "p99_us", lambda v: v <= 1.5)
+        request(
+            "realistic handler, p99 within 5% of bare", "realistic", "p99_us", lambda v: v < 1.05
+        )
+    if calls:
+        measured = ", ".join(f"{lib} {c['+traced']:+.0f} µs" for lib, c in calls.items())
+        ok = max(c["+traced"] for c in calls.values()) <= 30
+        target("Outgoing call, ≤ 30 µs extra CPU per call", measured, ok)
     if sink:
-        lines += _sink(sink)
-    if profile:
-        lines += _profile(profile)
-    lines += _method(run, http)
-    OUT.write_text("\n".join(lines).rstrip() + "\n")
-    return OUT
-
-
-# -- sections -----------------------------------------------------------------------------------
-
-
-def _header(run: dict[str, Any], http: dict[str, Any] | None) -> list[str]:
-    m = run.get("machine") or common.machine()
-    elapsed = run.get("elapsed_s")
-    lines = [
-        f"Generated by `make bench{' bench-long' if run.get('long') else ''}` "
-        f"(`python -m benchmarks.run`), started {run.get('started', '?')}; "
-        f"the suite took {_f(elapsed and elapsed / 60, 1)} min "
-        "(venv and wrk installation not included). Raw data: `benchmarks/results/*.json`.",
-        "",
-        _git_line(run.get("git")),
-        "",
-        "## Machine and versions",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| CPU | {m['cpu']}, {m['cores']} logical cores, {m['memory_gib']} GiB |",
-        f"| OS | {m['os']}, Linux {m['kernel']}, Python {m['python']} |",
-        f"| load generator | {m['load_generator']} |",
-    ]
-    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    lines += [f"| packages | {versions} |", ""]
-    foreign = _foreign(http)
-    before, after = run.get("idle_load_cores_before"), run.get("idle_load_cores_after")
-    note = (
-        f"**Shared machine.** Other processes (not started by the suite) used "
-        f"{_f(before, 2)} cores before the suite, {_f(after, 2)} after it, and a median of "
-        f"{_f(foreign[0], 2)} cores (max {_f(foreign[1], 2)}) during the HTTP load windows, "
-        "out of 2. "
-    )
-    if (foreign[0] or 0) > 0.2:
-        note += (
-            "Absolute numbers are therefore low and noisy; the ratios, measured side by side "
-            "with alternating variants, are the figures to read."
+        over = {f: [r["of_ceiling"] for r in runs] for f, runs in sink["over"].items()}
+        measured = ", ".join(f"{float(f):g}x offered: {pct(v)}" for f, v in over.items())
+        ok = all(median(v) >= 0.9 for v in over.values())
+        target("Sink offered more than the ceiling delivers ≥ 90% of it", measured, ok)
+        per_post = median(r["spans_per_post"] for runs in sink["over"].values() for r in runs)
+        target(
+            "Sink under load, ≥ 100 spans per POST", f"{per_post:.0f} spans/POST", per_post >= 100
         )
-    elif (foreign[1] or 0) > 0.3 or (before or 0) > 0.3:
-        note += (
-            "The machine was mostly quiet, but some windows shared it: expect noise in single "
-            "figures; the ratios, measured side by side, are the figures to read."
-        )
-    else:
-        note += "The machine was otherwise quiet."
-    return [*lines, note, ""]
+        delivered = [f"{r['fraction']}x: {'all' if r['all_delivered'] else 'NOT all'} of "
+                     f"{r['produced']:,}" for r in sink["under"]]  # fmt: skip
+        ok = all(r["all_delivered"] for r in sink["under"])
+        target("Sink offered less delivers 100% of spans", ", ".join(delivered), ok)
+        for name, s in sink["soaks"].items():
+            m, what = s["memory"], f"{s['fraction']}x ceiling ({sink['soak_s']:.0f} s)"
+            measured = f"{m['growth_mb']:+.1f} MB after the queue filled "
+            measured += f"({m['slope_mb_per_min']:+.1f} MB/min)"
+            target(f"Memory flat, {name}, {what}", measured, m["flat"])
+    return out
 
 
-def _git_line(git: dict[str, Any] | None) -> str:
-    if not git:
-        return "Package version: unknown."
-    line = f"Package measured: commit `{git['commit']}` ({git['subject']})"
-    changes = git.get("package_changes")
-    if changes:
-        line += f", with uncommitted changes in {', '.join(f'`{c}`' for c in changes)}"
-    return line + "."
-
-
-def _foreign(http: dict[str, Any] | None) -> tuple[float | None, float | None]:
-    if not http:
-        return None, None
-    values = [
-        w["foreign_cores"]
-        for fw in http["frameworks"].values()
-        for by_variant in fw["runs"].values()
-        for windows in by_variant.values()
-        for w in windows
-    ]
-    return common.median(values), max(values) if values else None
-
-
-def _row(http: dict[str, Any] | None, fw: str, scenario: str, variant: str) -> dict[str, Any]:
-    if not http:
-        return {}
-    row: dict[str, Any] = (
-        http["frameworks"].get(fw, {}).get("summary", {}).get(scenario, {}).get(variant, {})
-    )
-    return row
-
-
-def _le(value: float | None, limit: float) -> bool | None:
-    return None if value is None else value <= limit
-
-
-def _ge(value: float | None, limit: float) -> bool | None:
-    return None if value is None else value >= limit
-
-
-def _targets(
-    http: dict[str, Any] | None, clients: dict[str, Any] | None, sink: dict[str, Any] | None
-) -> list[str]:
-    hello = _row(http, "fastapi", "hello", "ours-null")
-    hello_real = _row(http, "fastapi", "hello", "ours-mlflow")
-    work = _row(http, "fastapi", "realistic", "ours-null")
-    work_real = _row(http, "fastapi", "realistic", "ours-mlflow")
-    rows: list[tuple[str, str, bool | None]] = []
-
-    def also(row: dict[str, Any], key: str) -> str:
-        return f" (→ mlflow server: {_x(row.get(key))})" if row else ""
-
-    rows.append(
-        (
-            "FastAPI hello world, requests/s ≥ 0.75x bare",
-            _x(hello.get("rps_ratio")) + also(hello_real, "rps_ratio"),
-            _ge(hello.get("rps_ratio"), 0.75),
-        )
-    )
-    rows.append(
-        (
-            "FastAPI hello world, CPU per request ≤ 1.3x bare",
-            _x(hello.get("cpu_us_ratio")) + also(hello_real, "cpu_us_ratio"),
-            _le(hello.get("cpu_us_ratio"), 1.3),
-        )
-    )
-    rows.append(
-        (
-            "FastAPI hello world, p99 ≤ 1.5x bare",
-            _x(hello.get("p99_us_ratio")) + also(hello_real, "p99_us_ratio"),
-            _le(hello.get("p99_us_ratio"), 1.5),
-        )
-    )
-    rows.append(
-        (
-            "FastAPI realistic handler, p99 within 5% of bare",
-            _x(work.get("p99_us_ratio")) + also(work_real, "p99_us_ratio"),
-            _le(work.get("p99_us_ratio"), 1.05),
-        )
-    )
-    if clients:
-        extras = {
-            lib: row["traced"]["extra_process_us"] for lib, row in clients["libraries"].items()
-        }
-        worst = max(extras.values())
-        text = ", ".join(f"{lib} +{v:.0f} µs" for lib, v in extras.items())
-        rows.append(("Outgoing call, ≤ 30 µs extra CPU per call", text, worst <= 30))
-    if sink:
-        over = [s for s in sink["steps"] if s["fraction"] > 1 and s["producer"] == "submit"]
-        path = [s for s in sink["steps"] if s["fraction"] > 1 and s["producer"] != "submit"]
-        under = [s for s in sink["steps"] if s["fraction"] < 1]
-        if over:
-            worst_share = min(s["delivered_of_ceiling"] for s in over)
-            text = ", ".join(f"{s['fraction']:g}x offered: {_share(s)}" for s in over)
-            text += "".join(
-                f"; through the whole span path, {s['fraction']:g}x: {_share(s)}" for s in path
-            )
-            target = "Sink offered more than the ceiling delivers ≥ 90% of it"
-            rows.append((target, text, worst_share >= 0.9))
-            posts = min(s["spans_per_post"] or 0 for s in over)
-            rows.append(
-                ("Sink under load, ≥ 100 spans per POST", f"{posts:.0f} spans/POST", posts >= 100)
-            )
-        if under:
-            ok = all(s.get("all_delivered") for s in under)
-            text = ", ".join(
-                f"{s['fraction']:g}x: {'all' if s.get('all_delivered') else 'NOT all'} "
-                f"of {s['produced']:,}"
-                for s in under
-            )
-            rows.append(("Sink offered less delivers 100% of spans", text, ok))
-        for name, soak in sink["soaks"].items():
-            mem = soak["memory"]
-            rows.append(
-                (
-                    f"Memory flat, {name} ({sink['soak_seconds']:g} s)",
-                    f"{mem['growth_mb']:+.1f} MB after the queue filled "
-                    f"({mem['slope_mb_per_min']:+.1f} MB/min)",
-                    mem["flat"],
+def http_md(http: Any) -> str:
+    hello = {fw: http[fw]["summary"]["hello"] for fw in FRAMEWORKS}
+    rows = []
+    for v in list(NAMES)[1:]:
+        rows.append({"name": NAMES[v]})
+        for label, fw in (("FastAPI", "fastapi"), ("Flask", "flask")):
+            rows[-1] |= {f"{label}_{k}": value for k, value in hello[fw][v].items()}
+    fb, lb = hello["fastapi"]["bare"], hello["flask"]["bare"]
+    md = "## Summary: hello world, ratio to bare (same run)\n\n" + table(SUMMARY, rows)
+    md += f"Bare: FastAPI {fb['rps']:,.0f} req/s, {fb['cpu_us']:,.0f} µs CPU per request; "
+    md += f"Flask {lb['rps']:,.0f} req/s, {lb['cpu_us']:,.0f} µs.\n\n" + HTTP.format(**http)
+    notes = ""
+    for i, fw in enumerate(FRAMEWORKS):
+        for scenario, (path, conns, seconds, _) in SCENARIOS.items():
+            md += f"### {SERVERS[fw]}: {scenario} (`GET {path}`, {conns[i]} connections, "
+            md += f"{seconds} s windows)\n\n"
+            rows = []
+            for v, r in http[fw]["summary"][scenario].items():
+                rows.append(
+                    {**r, "name": NAMES[v], "p50": r["p50_us"] / 1e3, "p99": r["p99_us"] / 1e3}
                 )
-            )
-    lines = [
-        "## Targets (issue 5)",
-        "",
-        "Request targets are judged on `ours → null OTLP` (every request span is exported); the",
-        "same figures with the sink pointed at the real `mlflow server` follow in brackets.",
-        "",
-        "| target | measured | |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {name} | {value} | {_ok(ok)} |" for name, value, ok in rows]
-    return [*lines, ""]
+                if s := r.get("sink"):
+                    per_post = s["produced"] / max(s["posts"], 1)
+                    where = {"framework": fw, "scenario": scenario, "name": NAMES[v]}
+                    notes += SINK_NOTE.format(**r, **s, **where, per_post=per_post)
+            md += table(REQUESTS, rows)
+    return md + "Our sink in those windows:\n\n" + notes + "\n"
 
 
-def _summary(http: dict[str, Any]) -> list[str]:
-    """The hello-world ratios in one table (the README's Performance section)."""
-    lines = [
-        "## Summary: hello world, ratio to bare (same run)",
-        "",
-        "| variant | FastAPI req/s | FastAPI p99 | FastAPI CPU/req | Flask req/s | Flask p99 "
-        "| Flask CPU/req |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for variant, label in LABELS.items():
-        if variant == "bare":
-            continue
-        cells = []
-        for fw in ("fastapi", "flask"):
-            row = _row(http, fw, "hello", variant)
-            cells += [_x(row.get("rps_ratio")), _x(row.get("p99_us_ratio"))]
-            cells.append(_x(row.get("cpu_us_ratio")))
-        if any(c != "-" for c in cells):
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    bare = [_row(http, fw, "hello", "bare") for fw in ("fastapi", "flask")]
-    lines += [
-        "",
-        f"Bare: FastAPI {_f(bare[0].get('rps'))} req/s, {_f(bare[0].get('cpu_us'))} µs CPU per "
-        f"request; Flask {_f(bare[1].get('rps'))} req/s, {_f(bare[1].get('cpu_us'))} µs.",
-        "",
-    ]
-    return lines
-
-
-def _http(http: dict[str, Any]) -> list[str]:
-    cfg = http["config"]
-    lines = [
-        "## Request overhead",
-        "",
-        f"Medians of {cfg['rounds']} rounds; ratios are to `bare` of the same round (median of the",
-        "per-round ratios). CPU is the server process's CPU time per request (user + system,",
-        "including its sink or exporter threads). Realistic handler: "
-        f"2 ms awaited I/O + 0.5 ms CPU ({cfg['cpu_loops']:,} loop iterations); stream: 16 chunks",
-        "of 1 KiB. Load: closed loop, a fresh sampled `traceparent` on every request.",
-        "The service's own garbage collections are logged (`gc.callbacks`): full (generation 2)",
-        "collections per 1,000 requests (median) and the longest pause in any window.",
-        "",
-    ]
-    scenarios = {s["name"]: s for s in cfg["scenarios"]}
-    for fw, data in http["frameworks"].items():
-        server = "uvicorn, 1 worker" if fw == "fastapi" else "gunicorn, 1 sync worker"
-        for scenario, by_variant in data["summary"].items():
-            sc = scenarios[scenario]
-            title = "FastAPI" if fw == "fastapi" else "Flask"
-            lines += [
-                f"### {title} ({server}): {scenario} (`GET {sc['path']}`, "
-                f"{sc['connections'][fw]} connections, {sc['seconds']} s windows)",
-                "",
-                "| variant | req/s | p50 ms | p99 ms | CPU µs/req "
-                "| req/s ÷ bare | p50 ÷ bare | p99 ÷ bare | CPU ÷ bare "
-                "| full GCs / 1k req | longest GC pause |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-            ]
-            for variant, row in by_variant.items():
-                gc = row.get("gc") or {}
-                lines.append(
-                    f"| {LABELS.get(variant, variant)} | {_f(row['rps'])} "
-                    f"| {_f(row['p50_us'] / 1e3, 2)} | {_f(row['p99_us'] / 1e3, 2)} "
-                    f"| {_f(row['cpu_us'])} | {_x(row['rps_ratio'])} | {_x(row['p50_us_ratio'])} "
-                    f"| {_x(row['p99_us_ratio'])} | {_x(row['cpu_us_ratio'])} "
-                    f"| {_f(gc.get('gen2_per_1k'), 2)} | {_f(gc.get('max_pause_ms'), 1, ' ms')} |"
-                )
-            notes = []
-            for variant, row in by_variant.items():
-                if row.get("errors"):
-                    notes.append(f"{LABELS.get(variant, variant)}: {row['errors']} failed requests")
-                s = row.get("sink")
-                if s and s["produced"]:
-                    dropped = ", ".join(f"{k} {v:,}" for k, v in s["dropped"].items()) or "none"
-                    per_post = s["exported"] / s["posts"] if s["posts"] else 0
-                    notes.append(
-                        f"{LABELS.get(variant, variant)}: sink exported {s['exported']:,} of "
-                        f"{s['produced']:,} spans in the windows, {per_post:.0f} per POST; "
-                        f"dropped: {dropped}"
-                    )
-            if notes:
-                lines += ["", *[f"- {n}" for n in notes]]
-            lines.append("")
-    return lines
-
-
-def _clients(clients: dict[str, Any]) -> list[str]:
-    lines = [
-        "## Outgoing calls",
-        "",
-        f"{clients['calls_per_batch']} GETs per batch to a local keep-alive server, "
-        f"{clients['rounds']} rounds alternating plain / traced / traced without an active",
-        "span; CPU time per call, medians. *Process* includes the sink encoding and posting",
-        "the client spans (a flush ends each batch); *calling thread* is the request path only.",
-        "",
-        "| library | plain, µs/call | traced: extra (process) | traced: extra (calling thread) "
-        "| traced, no active span: extra |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for lib, row in clients["libraries"].items():
-        lines.append(
-            f"| {lib} | {_f(row['plain']['process_us'])} "
-            f"| +{_f(row['traced']['extra_process_us'], 1)} "
-            f"| +{_f(row['traced']['extra_thread_us'], 1)} "
-            f"| {row['no span']['extra_process_us']:+.1f} |"
-        )
-    return [*lines, ""]
-
-
-def _share(step: dict[str, Any]) -> str:
-    """Delivered / ceiling; for a step run several times, the median and each run's."""
-    text = f"{step['delivered_of_ceiling']:.0%}"
-    runs = step.get("delivered_of_ceiling_runs")
-    if runs and len(runs) > 1:
-        text += " (" + ", ".join(f"{r:.0%}" for r in runs) + ")"
-    return text
-
-
-def _sink(sink: dict[str, Any]) -> list[str]:
+def sink_md(sink: Any) -> str:
     ceilings = ", ".join(f"{c['spans_per_s']:,.0f}" for c in sink["ceilings"])
-    lines = [
-        "## Span sink against a real `mlflow server`",
-        "",
-        f"Traces of {sink['spans_per_trace']} spans. The server's ingest ceiling (pre-encoded "
-        f"batches of {sink['batch_for_ceiling']} posted back to back on one connection) was "
-        f"measured {len(sink['ceilings'])} times in the run, before the sweep and between the "
-        f"steps past the ceiling: {ceilings} spans/s (mean "
-        f"**{sink['ceiling_spans_per_s']:,.0f}**). A step past the ceiling is compared with "
-        "the mean of the ceiling windows just before and after it (median over its runs, each "
-        "run's ratio in brackets); all steps are paced from the first ceiling.",
-        "",
-        "| offered spans/s | x first ceiling | producer | delivered spans/s | ÷ ceiling "
-        "| spans/POST "
-        "| dropped | all delivered |",
-        "|---:|---:|---|---:|---:|---:|---|---|",
-    ]
-    for s in sink["steps"]:
-        dropped = ", ".join(f"{k} {v:,}" for k, v in s["dropped"].items()) or "none"
-        every = s.get("all_delivered")
-        lines.append(
-            f"| {_f(s['offered_spans_per_s'])} | {s['fraction']:g} | {s['producer']} "
-            f"| {_f(s['delivered_spans_per_s'])} "
-            f"| {_share(s)} of {_f(s['ceiling_spans_per_s'])} "
-            f"| {_f(s['spans_per_post'])} | {dropped} "
-            f"| {'yes' if every else ('no' if every is False else '-')} |"
+    md = SINK.format(ceiling_list=ceilings, count=len(sink["ceilings"]), **sink)
+    first, rows = sink["first_ceiling"], []
+    for r in sink["under"]:
+        of = f"{r['delivered_spans_per_s'] / first:.0%} of {first:,.0f}"
+        drops = ", ".join(r["dropped"]) or "none"
+        rows.append(
+            {**r, "of": of, "drops": drops, "all": "yes" if r["all_delivered"] else "**no**"}
         )
-    lines += [
-        "",
-        "*submit*: fresh copies of finished spans handed to the sink, as our span processor does "
-        "(a few µs per span, so the sink and the server are what is measured); *span path*: "
-        "spans made through MLflow's tracer and our processor in the same process (a busy "
-        "service: the producer competes with the sink's worker for the GIL and the cores).",
-        "",
-        "### Memory",
-        "",
-        "| run | offered spans/s | delivered spans/s | dropped | queue full at | RSS then "
-        "| RSS end | growth | slope | flat |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
-    ]
+    for fraction, runs in sink["over"].items():
+        med = {k: median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], float)}
+        of = f"{pct([r['of_ceiling'] for r in runs])} of {med['ceiling_spans_per_s']:,.0f}"
+        drops = ", ".join({k for r in runs for k in r["dropped"]}) or "none"
+        rows.append({**med, "fraction": float(fraction), "of": of, "drops": drops, "all": "-"})
+    md += table(STEPS, rows) + MEMORY
+    rows = []
     for name, s in sink["soaks"].items():
-        mem = s["memory"]
-        dropped = ", ".join(f"{k} {v:,}" for k, v in s["dropped"].items()) or "none"
-        lines.append(
-            f"| {name}, {sink['soak_seconds']:g} s | {_f(s['offered_spans_per_s'])} "
-            f"| {_f(s['delivered_spans_per_s'])} | {dropped} | {_f(s['full_at_s'], 0, ' s')} "
-            f"| {mem['rss_after_warmup_mb']:.0f} MB | {mem['rss_end_mb']:.0f} MB "
-            f"| {mem['growth_mb']:+.1f} MB | {mem['slope_mb_per_min']:+.1f} MB/min "
-            f"| {'yes' if mem['flat'] else 'no'} |"
-        )
-    lines += [
-        "",
-        "RSS of the producing process, sampled every second; growth and slope are taken from "
-        "2 s after the queue first filled (the first drop). Flat: growth under "
-        "max(8 MB, 5%) and, over two minutes or more, a slope under 0.5 MB/min.",
-        "",
-    ]
-    return lines
+        drops = ", ".join(f"{k} {v:,}" for k, v in s["dropped"].items()) or "none"
+        full = f"{s['full_at_s']:.0f} s" if s["full_at_s"] else "-"
+        flat = "yes" if s["memory"]["flat"] else "**no**"
+        extra = {"name": name, "soak": sink["soak_s"], "drops": drops, "full": full, "flat": flat}
+        rows.append({**s, **s["memory"], **extra})
+    return md + table(SOAKS, rows)
 
 
-def _profile(profile: dict[str, Any]) -> list[str]:
-    from .profile_hot_path import components_table, gc_table
-
-    lines = ["## Profile of the FastAPI hello world with our middleware (`ours → null OTLP`)", ""]
-    server = profile.get("server")
-    if server:
-        lines += [
-            f"py-spy at {server['rps']:,.0f} req/s, shares of the samples of running threads "
-            "(details and cProfile: `benchmarks/results/profile-ours-null.md`, collapsed "
-            "stacks for a flame graph: `profile-ours-null.txt`).",
-            "",
-            "| where | share |",
-            "|---|---:|",
-        ]
-        lines += [f"| {name} | {share:.0%} |" for name, share in server["classes"]]
-        lines += ["", "Heaviest frames inside our request path (inclusive):", ""]
-        lines += [f"- {share:.1%} `{name}`" for name, share in server["ours_inclusive"][:12]]
-        lines.append("")
-    inprocess = profile.get("inprocess")
-    if inprocess:
-        lines += [
-            "In-process, the ASGI app called directly (no sockets; the sink exports to a null "
-            "OTLP server and each batch ends with a flush): CPU per request, the part spent on "
-            "the request path (calling thread), and garbage collection "
-            f"({inprocess.get('gc_frozen', 0):,} startup objects frozen when the middleware "
-            f"started, {inprocess['gc_objects']:,} objects still tracked). Requests run one at "
-            "a time here, so few objects are alive at each young collection; under concurrent "
-            "load the in-flight requests' objects are promoted and full collections follow (the "
-            "GC columns of the request-overhead tables):",
-            "",
-            *gc_table(inprocess["variants"]),
-            "",
-        ]
-    parts = profile.get("components")
-    if parts:
-        lines += [
-            "The request path's pieces, each timed alone (CPU µs per span or per request):",
-            "",
-            *components_table(parts),
-            "",
-        ]
-    return lines
+def micro_md(micro: Any) -> tuple[dict[str, Any], str]:
+    """Median CPU µs per call of each (library, mode), and each mode's extra over the baseline:
+    the median over passes of the difference within a pass (a few seconds: the same load)."""
+    passes: dict[str, dict[str, dict[int, float]]] = {}  # library: mode: pass: µs per call
+    for b in micro["benchmarks"]:
+        p, per_call = b["params"], median(b["stats"]["data"]) / b["extra_info"]["calls"] * 1e6
+        by_mode = passes.setdefault(p.get("library", "asgi"), {})
+        by_mode.setdefault(p.get("mode") or p["variant"], {})[p["pass_"]] = per_call
+    calls = {lib: {m: median(by.values()) for m, by in d.items()} for lib, d in passes.items()}
+    for lib, d in passes.items():
+        base = d["plain" if lib != "asgi" else "bare"]
+        calls[lib] |= {f"+{m}": median(v - base[i] for i, v in by.items()) for m, by in d.items()}
+    n, asgi = len(passes["requests"]["plain"]), calls.pop("asgi")
+    md = MICRO.format(rounds=n * micro["benchmarks"][0]["stats"]["rounds"], passes=n)
+    md += table(CALLS, [[lib, c] for lib, c in calls.items()])
+    md += "In-process, the FastAPI hello world called through ASGI (no sockets; the same rounds): "
+    md += f"bare {asgi['bare']:.0f} µs CPU per request, ours {asgi['ours']:.0f} µs "
+    return calls, md + f"({asgi['+ours']:+.0f} µs).\n\n"
 
 
-def _method(run: dict[str, Any], http: dict[str, Any] | None) -> list[str]:
-    lines = ["## Commands and method", ""]
-    for part, info in (run.get("parts") or {}).items():
-        status = "" if info["returncode"] == 0 else f" — **failed ({info['returncode']})**"
-        lines.append(f"- {part}: `{info['command']}`, {info['seconds'] / 60:.1f} min{status}")
-    if http:
-        cmds = http["config"]["commands"]
-        lines += [
-            f"- FastAPI server: `{cmds['fastapi']}`",
-            f"- Flask server: `{cmds['flask']}`",
-            f"- load: `{cmds['load']}` ({http['config']['warmup_s']} s warm-up before a new "
-            "process's first window)",
-            f"- MLflow server: `{cmds['mlflow']}`",
-        ]
-    lines += [
-        "",
-        "Every (framework, variant) is its own server process, all up at once; load windows",
-        "alternate between them (A B C …, then … C B A). Before each window the suite waits until",
-        "its other processes are idle (the MLflow server done ingesting). A service whose export",
-        "backlog outlives its window (ours → mlflow server with spans still pending, MLflow's",
-        "manual API) is killed (SIGKILL, nothing more is sent) and restarted. The MLflow server,",
-        "the null OTLP endpoint, wrk and the service share the machine's two cores.",
-        "",
-        "Variants: *do-nothing middleware* is a pure ASGI/WSGI pass-through (the floor); *OTel",
-        "contrib* is `FastAPIInstrumentor.instrument_app(exclude_spans=['receive', 'send'])` (one",
-        "span per request) or, for Flask, `opentelemetry-instrumentation-wsgi`'s",
-        "`OpenTelemetryMiddleware` (the Flask instrumentation's releases stop at 0.66b1, which",
-        "does not resolve with opentelemetry-sdk 1.45.2), with the SDK's `BatchSpanProcessor` and",
-        "OTLP/HTTP protobuf exporter at their defaults; *MLflow manual API* wraps every request in",
-        "`set_tracing_context_from_http_request_headers` + `mlflow.start_span`, with",
-        "`MLFLOW_USE_BATCH_SPAN_PROCESSOR=false` (with MLflow's default batch processor the",
-        "callee's spans are never delivered, `../shared/FINDINGS.md`). uvicorn runs with h11 and",
-        "the asyncio loop (no httptools/uvloop installed) and without access log. MLflow usage",
-        "telemetry is off in every process (`MLFLOW_DISABLE_TELEMETRY`).",
-        "",
-    ]
-    return lines
+def write() -> None:
+    names = ("run", "http", "micro", "sink", "profile")
+    run, http, micro, sink, prof = (common.read_json(f"{p}.json") for p in names)
+    calls, micro_text = micro_md(micro) if micro else ({}, "")
+    m = run["machine"]
+    fc = [w["foreign_cores"] for fw in FRAMEWORKS if http for s in http[fw]["runs"].values()
+          for ws in s.values() for w in ws]  # fmt: skip
+    md = HEADER.format(
+        minutes=run["elapsed_s"] / 60,
+        packages=", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        changes=", with uncommitted changes to the package" if run["package_changes"] else "",
+        windows=f"{median(fc):.2f} cores (max {max(fc):.2f})" if fc else "-", **m, **run,
+        quiet=" The machine was otherwise quiet." if fc and median(fc) < 0.2 else
+        " Absolute figures are disturbed accordingly; ratios less so (measured side by side).",
+    )  # fmt: skip
+    md += table(TARGETS, targets(http, calls, sink)) + (http_md(http) if http else "") + micro_text
+    md += sink_md(sink) if sink else ""
+    if prof:
+        where = [[k, f"{v:.0%}"] for k, v in prof["where"].items()]
+        md += PROFILE.format(**prof) + table("<where={0}|share={1}", where)
+        md += "Heaviest frames inside our request path (inclusive):\n\n"
+        md += "".join(f"- {v:.1%} `{k}`\n" for k, v in prof["top_ours"].items())
+    md += "\n## Commands\n\n" + "".join(
+        f"- {part}: `python -m {v['command']}`, {v['seconds'] / 60:.1f} min\n"
+        for part, v in run["parts"].items()
+    )
+    (common.ROOT / "benchmarks" / "RESULTS.md").write_text(md)
 
 
 if __name__ == "__main__":
-    path = write()
-    print(f"wrote {path.relative_to(common.ROOT)}")
+    write()

@@ -1,0 +1,109 @@
+"""Micro-benchmarks, pytest-benchmark with `--benchmark-timer=time.process_time` (method:
+README.md): outgoing calls plain / traced / traced with no active span, and the FastAPI hello
+world called in-process through ASGI, bare and under `MlflowTracingMiddleware`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import mlflow
+import pytest
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+
+import mlflow_trace_middleware as mtm
+from mlflow_trace_middleware import MlflowTracingMiddleware
+from mlflow_trace_middleware.httpx import AsyncTracingTransport, TracingTransport
+from mlflow_trace_middleware.requests import TracingAdapter
+
+from . import apps, common
+
+# The rounds are spread over PASSES passes through every benchmark, so that a change in the
+# machine's load hits every variant alike (pytest runs the slowest-varying parameter last).
+CALLS, PASSES, URL = 200, 10, "http://agent.local/items/1"
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "20")) // PASSES
+LOOP = asyncio.new_event_loop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _sink() -> Iterator[None]:
+    null = common.null_server()  # the sink posts there
+    mtm.configure(tracking_uri=null.url, experiment_id="0", service_name="bench-micro")
+    mtm.uninstrument()
+    yield
+    null.kill()
+
+
+class CannedAdapter(HTTPAdapter):
+    def send(self, request: Any, *args: Any, **kwargs: Any) -> requests.Response:
+        raw = urllib3.HTTPResponse(io.BytesIO(b"ok"), {"Content-Length": "2"}, 200)
+        return self.build_response(request, raw)
+
+
+class TracedCannedAdapter(TracingAdapter, CannedAdapter):
+    """`TracingAdapter` around the canned adapter (its `send` calls the next class's)."""
+
+
+def caller(library: str, traced: bool) -> Callable[[], None]:
+    mock = httpx.MockTransport(lambda request: httpx.Response(200, content=b"ok"))
+    if library == "httpx (async)":
+        client = httpx.AsyncClient(transport=AsyncTracingTransport(mock) if traced else mock)
+
+        async def many() -> None:
+            for _ in range(CALLS):
+                (await client.get(URL)).raise_for_status()
+
+        return lambda: LOOP.run_until_complete(many())
+    session: Any = httpx.Client(transport=TracingTransport(mock) if traced else mock)
+    if library == "requests":
+        session = requests.Session()
+        session.mount("http://", TracedCannedAdapter() if traced else CannedAdapter())
+
+    def many_sync() -> None:
+        for _ in range(CALLS):
+            session.get(URL).raise_for_status()
+
+    return many_sync
+
+
+@pytest.mark.parametrize("mode", ["plain", "traced", "no span"])
+@pytest.mark.parametrize("library", ["httpx (sync)", "httpx (async)", "requests"])
+@pytest.mark.parametrize("pass_", range(PASSES))
+def test_call(benchmark: Any, library: str, mode: str, pass_: int) -> None:
+    calls = caller(library, traced=mode != "plain")
+
+    def round_() -> None:  # under a parent span, as in a handler
+        with mlflow.start_span("parent") if mode != "no span" else contextlib.nullcontext():
+            calls()
+        mtm.flush(10)  # the client spans' encoding and POST belong to the round
+
+    benchmark.extra_info["calls"] = CALLS
+    benchmark.pedantic(round_, rounds=ROUNDS, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("variant", ["bare", "ours"])
+@pytest.mark.parametrize("pass_", range(PASSES))
+def test_asgi(benchmark: Any, variant: str, pass_: int) -> None:
+    app = apps.make_fastapi("bare")
+    if variant == "ours":
+        app = MlflowTracingMiddleware(app, instrument_clients=False)
+
+    async def many() -> None:
+        for _ in range(CALLS):
+            await common.asgi_request(app)
+
+    def round_() -> None:
+        LOOP.run_until_complete(many())
+        mtm.flush(10)
+
+    before = mtm.stats().exported
+    benchmark.pedantic(round_, rounds=ROUNDS, warmup_rounds=1)
+    benchmark.extra_info |= {"calls": CALLS, "exported": mtm.stats().exported - before}
+    assert benchmark.extra_info["exported"] == (ROUNDS + 1) * CALLS * (variant == "ours")
