@@ -57,5 +57,21 @@ bench-long: $(BENCH_STAMP)
 	@$(ENSURE_WRK)
 	$(BIN)/python -m benchmarks.run --long
 
+# Pictures of the demo's trace in the MLflow UI (docs/img/): the venv with the screenshot
+# extra (Playwright), Debian's Chromium when missing (as root), then examples/screenshot.py.
+.PHONY: screenshot
+SCREENSHOT_STAMP := $(VENV)/.installed-screenshot
+ENSURE_CHROMIUM := command -v chromium >/dev/null 2>&1 || { test "$$(id -u)" = 0 && apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	{ echo "chromium not available: install Debian's chromium (or set CHROMIUM=/path)"; test -n "$$CHROMIUM"; }
+
+$(SCREENSHOT_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[dev,screenshot]'
+	touch $(SCREENSHOT_STAMP)
+
+screenshot: $(SCREENSHOT_STAMP)
+	@$(ENSURE_CHROMIUM)
+	$(BIN)/python -m examples.screenshot
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo

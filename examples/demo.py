@@ -11,6 +11,7 @@ import argparse
 import re
 import shutil
 import time
+from pathlib import Path
 
 import mlflow
 import requests
@@ -34,49 +35,7 @@ def main() -> None:
     shutil.rmtree(workdir / "logs", ignore_errors=True)
     processes: list[Process] = []
     try:
-        print("starting mlflow server (SQLite under .demo/) ...", flush=True)
-        server = start_mlflow_server(workdir)
-        processes.append(server)
-        client = MlflowClient(server.url)
-        name = f"multi-agent-demo-{int(time.time())}"
-        experiment_id = client.create_experiment(name)
-        env = {"MLFLOW_TRACKING_URI": server.url, "MLFLOW_EXPERIMENT_ID": experiment_id}
-        logs = workdir / "logs"
-        writer = start_uvicorn("writer", "examples.writer:app", logs, env)
-        processes.append(writer)
-        env["WRITER_URL"] = writer.url
-        sql_agent = start_gunicorn("sql-agent", "examples.sql_agent:app", logs, env)
-        processes.append(sql_agent)
-        env["SQL_AGENT_URL"] = sql_agent.url
-        supervisor = start_uvicorn("supervisor", "examples.supervisor:app", logs, env)
-        processes.append(supervisor)
-        print(
-            f"services: supervisor {supervisor.url}, sql-agent {sql_agent.url} "
-            f"(gunicorn, 2 workers), writer {writer.url}",
-            flush=True,
-        )
-
-        # The demo itself is a traced client: its first request starts the trace here.
-        mtm.configure(tracking_uri=server.url, experiment_id=experiment_id, service_name="client")
-        mtm.instrument()
-        started = time.monotonic()
-        for i in range(args.requests):
-            question = {"question": f"Which region sells most? (#{i + 1})"}
-            if i == 0:
-                with mlflow.start_span("user-session"):
-                    requests.post(f"{supervisor.url}/ask", json=question, timeout=60)
-            else:  # a plain call: the supervisor's request span is the root
-                mtm.uninstrument()
-                requests.post(f"{supervisor.url}/ask", json=question, timeout=60)
-                mtm.instrument()
-        elapsed = time.monotonic() - started
-        mtm.flush()
-        print(
-            f"sent {args.requests} requests in {elapsed:.2f} s; waiting for spans ...", flush=True
-        )
-
-        expected = args.requests * SPANS_PER_ASK + 2  # + the client's root and its call
-        traces = _wait_for_traces(client, experiment_id, args.requests, expected)
+        server, experiment_id, traces = run(workdir, args.requests, processes)
         for trace in traces[:5]:
             print()
             print(format_trace(trace))
@@ -94,6 +53,54 @@ def main() -> None:
             process.stop()
         if posts is not None:
             print(f"OTLP POST /v1/traces requests received by the server: {posts}")
+
+
+def run(workdir: Path, count: int, processes: list[Process]) -> tuple[Process, str, list]:
+    """Start the server and the services (appended to `processes`), send `count` /ask requests.
+
+    Returns the server, the new experiment's id and its traces once all their spans arrived.
+    """
+    print(f"starting mlflow server (SQLite under {workdir.name}/) ...", flush=True)
+    server = start_mlflow_server(workdir)
+    processes.append(server)
+    client = MlflowClient(server.url)
+    name = f"multi-agent-demo-{int(time.time())}"
+    experiment_id = client.create_experiment(name)
+    env = {"MLFLOW_TRACKING_URI": server.url, "MLFLOW_EXPERIMENT_ID": experiment_id}
+    logs = workdir / "logs"
+    writer = start_uvicorn("writer", "examples.writer:app", logs, env)
+    processes.append(writer)
+    env["WRITER_URL"] = writer.url
+    sql_agent = start_gunicorn("sql-agent", "examples.sql_agent:app", logs, env)
+    processes.append(sql_agent)
+    env["SQL_AGENT_URL"] = sql_agent.url
+    supervisor = start_uvicorn("supervisor", "examples.supervisor:app", logs, env)
+    processes.append(supervisor)
+    print(
+        f"services: supervisor {supervisor.url}, sql-agent {sql_agent.url} "
+        f"(gunicorn, 2 workers), writer {writer.url}",
+        flush=True,
+    )
+
+    # The demo itself is a traced client: its first request starts the trace here.
+    mtm.configure(tracking_uri=server.url, experiment_id=experiment_id, service_name="client")
+    mtm.instrument()
+    started = time.monotonic()
+    for i in range(count):
+        question = {"question": f"Which region sells most? (#{i + 1})"}
+        if i == 0:
+            with mlflow.start_span("user-session"):
+                requests.post(f"{supervisor.url}/ask", json=question, timeout=60)
+        else:  # a plain call: the supervisor's request span is the root
+            mtm.uninstrument()
+            requests.post(f"{supervisor.url}/ask", json=question, timeout=60)
+            mtm.instrument()
+    elapsed = time.monotonic() - started
+    mtm.flush()
+    print(f"sent {count} requests in {elapsed:.2f} s; waiting for spans ...", flush=True)
+
+    expected = count * SPANS_PER_ASK + 2  # + the client's root and its call
+    return server, experiment_id, _wait_for_traces(client, experiment_id, count, expected)
 
 
 def _wait_for_traces(client: MlflowClient, experiment_id: str, count: int, spans: int) -> list:
