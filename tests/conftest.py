@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +14,14 @@ import mlflow_trace_middleware as mtm
 from examples.launch import Process, start_mlflow_server
 from mlflow_trace_middleware import _log
 from mlflow_trace_middleware.testing import InMemoryExporter
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # With no tracking URI, MLflow (and so this package) writes into ./mlflow.db: tests that
+    # reconfigure the destination must not write into the checkout.
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        scratch = tempfile.mkdtemp(prefix="mtm-tests-")
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch}/mlflow.db"
 
 
 @pytest.fixture(autouse=True)
