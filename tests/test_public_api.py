@@ -25,6 +25,7 @@ PUBLIC = {
     ],
     "mlflow_trace_middleware.asgi": ["MlflowTracingMiddleware"],
     "mlflow_trace_middleware.wsgi": ["MlflowTracingWSGIMiddleware"],
+    "mlflow_trace_middleware.django": ["MlflowTracingDjangoMiddleware"],
     "mlflow_trace_middleware.httpx": [
         "AsyncTracingTransport",
         "TracingTransport",
