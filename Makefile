@@ -4,7 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint format typecheck demo clean bench bench-long
+# The oldest MLflow we support (pyproject's mlflow-tracing>=3.9): `make test` runs the suite
+# against it too, client and server (the end-to-end tests start `mlflow server` from this venv).
+MLFLOW_OLDEST ?= 3.9.0
+OLDEST        ?= .venv-oldest
+OLDEST_STAMP  := $(OLDEST)/.installed
+
+.PHONY: venv test test-oldest test-fast lint format typecheck demo clean bench bench-long
 
 venv: $(STAMP)
 
@@ -20,6 +26,16 @@ test: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
+	$(MAKE) test-oldest
+
+$(OLDEST_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install -q --upgrade pip
+	$(OLDEST)/bin/pip install -q 'mlflow==$(MLFLOW_OLDEST)' -e '.[test]'
+	touch $(OLDEST_STAMP)
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST)/bin/pytest
 
 test-fast: venv
 	$(BIN)/pytest -m 'not e2e'
@@ -74,4 +90,4 @@ screenshot: $(SCREENSHOT_STAMP)
 	$(BIN)/python -m examples.screenshot
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo
+	rm -rf $(VENV) $(OLDEST) .pytest_cache .mypy_cache .ruff_cache .demo

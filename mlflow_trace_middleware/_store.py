@@ -3,9 +3,10 @@
 
 The same path MLflow's `/v1/traces` endpoint takes (`mlflow/server/otel_api.py`): the batch is
 framed as one OTLP request, each span converted with `Span.from_otel_proto` (the resource gives
-the trace its `service.name` tag) and written with the store's `log_spans`. It runs on the sink's
-worker, like the OTLP exporter, under the same contract: one attempt, an `ExportResult` back.
-Several processes can share one SQLite file: a locked or unreachable database is retried.
+the trace its `service.name` tag, from MLflow 3.14) and written with the store's `log_spans`
+(one call per trace before MLflow 3.12, whose store takes one trace at a time). It runs on the
+sink's worker, like the OTLP exporter, under the same contract: one attempt, an `ExportResult`
+back. Several processes can share one SQLite file: a locked or unreachable database is retried.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from . import _log
+from . import _compat, _log
 from ._sink import ExportResult, refused_traces
 from ._span import EncodedSpan, encode
 
@@ -57,7 +58,7 @@ class StoreExporter:
         try:
             request = ExportTraceServiceRequest.FromString(encode(spans, self._service_name))
             converted = [
-                Span.from_otel_proto(span, resource=resource_spans.resource)
+                Span.from_otel_proto(span, **_resource(resource_spans))
                 for resource_spans in request.resource_spans
                 for scope_spans in resource_spans.scope_spans
                 for span in scope_spans.spans
@@ -67,7 +68,8 @@ class StoreExporter:
             return ExportResult.split_batch("invalid_span")
         try:
             store = self._open()
-            store.log_spans(experiment_id, converted)
+            for spans_of_traces in _calls(converted):
+                store.log_spans(experiment_id, spans_of_traces)
         except MlflowException as exc:
             if exc.error_code == "TEMPORARILY_UNAVAILABLE":  # locked, or the database is down
                 return self._unavailable()
@@ -100,3 +102,19 @@ class StoreExporter:
 
     def shutdown(self) -> None:
         pass
+
+
+def _resource(resource_spans: Any) -> dict[str, Any]:
+    """`from_otel_proto`'s resource argument, where MLflow takes one (3.14 on)."""
+    return {"resource": resource_spans.resource} if _compat.SPAN_TAKES_RESOURCE else {}
+
+
+def _calls(spans: list[Any]) -> list[list[Any]]:
+    """The spans as `log_spans` takes them: all at once, or before MLflow 3.12 one trace at a
+    time (the spans of a trace stay together, in their order)."""
+    if _compat.STORE_LOGS_SEVERAL_TRACES:
+        return [spans]
+    by_trace: dict[str, list[Any]] = {}
+    for span in spans:
+        by_trace.setdefault(span.trace_id, []).append(span)
+    return list(by_trace.values())

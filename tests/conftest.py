@@ -12,7 +12,7 @@ import pytest
 
 import mlflow_trace_middleware as mtm
 from examples.launch import Process, start_mlflow_server
-from mlflow_trace_middleware import _log
+from mlflow_trace_middleware import _compat, _log
 from mlflow_trace_middleware.testing import InMemoryExporter
 
 
@@ -22,6 +22,14 @@ def pytest_configure(config: pytest.Config) -> None:
     if "MLFLOW_TRACKING_URI" not in os.environ:
         scratch = tempfile.mkdtemp(prefix="mtm-tests-")
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch}/mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def sampler_follows_caller() -> bool:
+    """Whether MLflow's sampler follows a caller's sampled flag: it is parent-based from MLflow
+    3.11; 3.9 and 3.10 apply MLFLOW_TRACE_SAMPLING_RATIO (default 1.0) to every span, whatever
+    the caller decided. Our spans are sampled by MLflow's sampler, so they do the same."""
+    return _compat.MLFLOW >= (3, 11)
 
 
 @pytest.fixture(autouse=True)

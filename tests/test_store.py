@@ -15,7 +15,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 import mlflow_trace_middleware as mtm
-from mlflow_trace_middleware import _config, _runtime, _store
+from mlflow_trace_middleware import _compat, _config, _runtime, _store
 from mlflow_trace_middleware._sink import ExportResult
 from mlflow_trace_middleware._span import EncodedSpan, encode_span, recorded
 
@@ -63,7 +63,27 @@ def test_spans_written_to_the_store_read_back_as_one_trace(database: tuple[str, 
     trace = MlflowClient(uri).get_trace(trace_id)
     assert trace.info.experiment_id == experiment_id
     assert sorted(span.name for span in trace.data.spans) == ["child", "root"]
-    assert trace.info.tags.get("service.name") == "svc"
+    # The resource names the trace where MLflow's store takes a resource (3.14 on).
+    assert trace.info.tags.get("service.name") == ("svc" if _compat.SPAN_TAKES_RESOURCE else None)
+    assert all(span.attributes["service.name"] == "svc" for span in trace.data.spans)
+
+
+def test_one_batch_of_several_traces_is_written_as_those_traces(
+    database: tuple[str, str],
+) -> None:
+    uri, experiment_id = database
+    exporter = _store.StoreExporter(uri, "svc", lambda: experiment_id)
+    first, second = make_spans("a", "a-child"), make_spans("b", "b-child", "b-other")
+    # Interleaved, as the sink's queue holds them (MLflow before 3.12 takes one trace per call).
+    batch = [first[1], second[2], first[0], second[1], second[0]]
+    assert exporter.export(batch, None) == ExportResult.ok()
+    client = MlflowClient(uri)
+    for spans in (first, second):
+        trace = client.get_trace(f"tr-{spans[0].context.trace_id:032x}")
+        assert sorted(span.name for span in trace.data.spans) == sorted(s.name for s in spans)
+        assert trace.info.state.value == "OK"
+    found = client.search_traces(locations=[experiment_id])
+    assert len(found) == 2
 
 
 @pytest.mark.parametrize(
