@@ -33,9 +33,9 @@ from opentelemetry.sdk.trace import _Span as _SdkSpan
 from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode
 
 from . import _lean, _log
-from ._keys import SERVICE_NAME, TRACE_NAME, TRACE_TAG_PREFIX
+from ._keys import REQUEST_ID, SERVICE_NAME, TRACE_NAME, TRACE_TAG_PREFIX
 from ._lean import LeanSpan
-from ._span import encode_span, recorded
+from ._span import Recorded, encode_span, recorded
 
 if TYPE_CHECKING:
     from ._sink import SpanSink
@@ -130,7 +130,10 @@ class SinkSpanProcessor(SpanProcessor):
             _log.internal_error("span end")
         # Whatever failed above, the span itself still goes out.
         try:
-            state = recorded(span) if isinstance(span, ReadableSpan) else span.recorded()
+            if isinstance(span, ReadableSpan):
+                state = _without_request_id(recorded(span))
+            else:
+                state = span.recorded()
             encoded = encode_span(span, state, self._extra(tags))
         except Exception:
             _log.internal_error("span encode")
@@ -234,6 +237,20 @@ class SinkSpanProcessor(SpanProcessor):
         self.on_start(shadow)
         span.adopt(shadow)
         return shadow
+
+
+def _without_request_id(state: Recorded) -> Recorded:
+    """An SDK span's state without MLflow's `mlflow.traceRequestId`, which is not sent.
+
+    The server derives the trace id from the OTLP trace id. MLflow 3.9 to 3.12 took the
+    attribute instead when a span had one, and MLflow's SDK spans hold it JSON-encoded
+    (`"tr-..."`, quotes included): those spans were filed under a second trace.
+    """
+    attributes, events, links, status = state
+    if REQUEST_ID not in attributes:
+        return state
+    kept = {key: value for key, value in attributes.items() if key != REQUEST_ID}
+    return kept, events, links, status
 
 
 def _tag_attributes(tags: dict[str, str] | None) -> dict[str, str] | None:

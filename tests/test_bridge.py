@@ -19,6 +19,20 @@ def test_trace_tags_and_handler_api_survive_export(exporter: InMemoryExporter) -
     assert mtm.stats().pending == 0
 
 
+def test_mlflows_request_id_attribute_is_not_sent(exporter: InMemoryExporter) -> None:
+    # The server derives the trace id from the OTLP trace id. MLflow 3.9 to 3.12 took the
+    # attribute instead, JSON-encoded as MLflow's SDK spans hold it: a second trace, "tr-...".
+    with mlflow.start_span("root") as root:
+        with mlflow.start_span("child") as child:
+            assert child.trace_id == root.trace_id
+    spans = exporter.finished_spans()
+    assert sorted(span.name for span in spans) == ["child", "root"]
+    for span in spans:
+        assert span.attributes is not None
+        assert "mlflow.traceRequestId" not in span.attributes
+        assert span.attributes["mlflow.spanType"] == '"UNKNOWN"'  # the rest as MLflow holds it
+
+
 def test_stats_account_for_every_span(exporter: InMemoryExporter) -> None:
     before = mtm.stats()
     for _ in range(5):
