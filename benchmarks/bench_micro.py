@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import httpx2
 import mlflow
 import pytest
 import requests
@@ -20,6 +21,7 @@ from requests.adapters import HTTPAdapter
 
 import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import MlflowTracingMiddleware
+from mlflow_trace_middleware import httpx2 as traced_httpx2
 from mlflow_trace_middleware.httpx import AsyncTracingTransport, TracingTransport
 from mlflow_trace_middleware.requests import TracingAdapter
 
@@ -52,16 +54,21 @@ class TracedCannedAdapter(TracingAdapter, CannedAdapter):
 
 
 def caller(library: str, traced: bool) -> Callable[[], None]:
-    mock = httpx.MockTransport(lambda request: httpx.Response(200, content=b"ok"))
-    if library == "httpx (async)":
-        client = httpx.AsyncClient(transport=AsyncTracingTransport(mock) if traced else mock)
+    lib: Any = httpx2 if library.startswith("httpx2") else httpx
+    sync_transport: Any = traced_httpx2.TracingTransport if lib is httpx2 else TracingTransport
+    async_transport: Any = (
+        traced_httpx2.AsyncTracingTransport if lib is httpx2 else AsyncTracingTransport
+    )
+    mock = lib.MockTransport(lambda request: lib.Response(200, content=b"ok"))
+    if library.endswith("(async)"):
+        client = lib.AsyncClient(transport=async_transport(mock) if traced else mock)
 
         async def many() -> None:
             for _ in range(CALLS):
                 (await client.get(URL)).raise_for_status()
 
         return lambda: LOOP.run_until_complete(many())
-    session: Any = httpx.Client(transport=TracingTransport(mock) if traced else mock)
+    session: Any = lib.Client(transport=sync_transport(mock) if traced else mock)
     if library == "requests":
         session = requests.Session()
         session.mount("http://", TracedCannedAdapter() if traced else CannedAdapter())
@@ -74,7 +81,9 @@ def caller(library: str, traced: bool) -> Callable[[], None]:
 
 
 @pytest.mark.parametrize("mode", ["plain", "traced", "no span"])
-@pytest.mark.parametrize("library", ["httpx (sync)", "httpx (async)", "requests"])
+@pytest.mark.parametrize(
+    "library", ["httpx (sync)", "httpx (async)", "httpx2 (sync)", "httpx2 (async)", "requests"]
+)
 @pytest.mark.parametrize("pass_", range(PASSES))
 def test_call(benchmark: Any, library: str, mode: str, pass_: int) -> None:
     calls = caller(library, traced=mode != "plain")
