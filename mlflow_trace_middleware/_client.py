@@ -61,6 +61,20 @@ class ClientCall:
         if error is not None:
             self.end(error=error)
 
+    def end_after(self, response: Any, names: tuple[str, ...], status: int) -> None:
+        """End the span once any of `response`'s methods `names` (`close`, `release`...) has
+        run: for clients whose response object is the only sign the body is done with."""
+        for name in names:
+            method = getattr(response, name)
+
+            def wrapped(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    self.end(status)
+
+            setattr(response, name, wrapped)
+
     def end(self, status: int | None = None, error: BaseException | None = None) -> None:
         if self._ended or self.span is None:
             return

@@ -58,26 +58,9 @@ async def _on_end(session: aiohttp.ClientSession, context: SimpleNamespace, para
         return
     response = params.response
     status = response.status
-
-    def end() -> None:
-        call.end(status)
-
     # At the body's last byte, or when the caller releases or closes the response first.
-    response.content.on_eof(end)
-    for name in ("release", "close"):
-        _end_before(response, name, end)
-
-
-def _end_before(response: Any, name: str, end: Any) -> None:
-    method = getattr(response, name)
-
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(*args, **kwargs)
-        finally:
-            end()
-
-    setattr(response, name, wrapped)
+    response.content.on_eof(lambda: call.end(status))
+    call.end_after(response, ("release", "close"), status)
 
 
 async def _on_exception(

@@ -54,21 +54,8 @@ def _urlopen(
     if kwargs.get("preload_content", True):
         call.end(response.status)
         return response
-    for name in ("release_conn", "close", "drain_conn"):
-        _end_after(response, name, call, response.status)
+    call.end_after(response, ("release_conn", "close", "drain_conn"), response.status)
     return response
-
-
-def _end_after(response: Any, name: str, call: _client.ClientCall, status: int) -> None:
-    method = getattr(response, name)
-
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(*args, **kwargs)
-        finally:
-            call.end(status)
-
-    setattr(response, name, wrapped)
 
 
 _original: list[Any] = []
