@@ -310,18 +310,28 @@ class SpanSink:
 
     def _run(self) -> None:
         attempt = 0
+        due = time.monotonic() + self._delay  # when a partial batch of spans goes out
         while True:
             if not self._flush_requested:
-                self._wake.wait(self._delay)
+                self._wake.wait(max(due - time.monotonic(), 0.0))
             self._wake.clear()
-            while batch := self._take():
+            # Woken before time by a claim: post the claims, keep the spans' schedule (a
+            # stream of claims must not hold partial batches back until a batch fills up).
+            early = time.monotonic() < due and not (
+                self._flush_requested or self._closing or len(self._queue) >= self._max_batch
+            )
+            if not early:
+                due = time.monotonic() + self._delay
+            while batch := self._take(claims_only=early):
                 delay = self._deliver(batch, attempt)
                 if delay is None:
                     attempt = 0
                     # Few spans left: wait for a fuller batch (cheaper per span, for us and
                     # for the server) unless someone is waiting for them.
-                    if len(self._queue) < self._max_batch and not (
-                        self._flush_requested or self._closing
+                    if (
+                        not batch[0][_CLAIM]
+                        and len(self._queue) < self._max_batch
+                        and not (self._flush_requested or self._closing)
                     ):
                         break
                     continue
@@ -337,10 +347,13 @@ class SpanSink:
                     return
             self._summarize()
 
-    def _take(self) -> list[_Item]:
+    def _take(self, claims_only: bool = False) -> list[_Item]:
         with self._lock:
             batch: list[_Item] = []
             size = 0
+            if claims_only and not (self._queue and self._queue[0][_CLAIM]):
+                self._in_flight = 0
+                return batch
             while self._queue and len(batch) < self._max_batch:
                 item = self._queue[0]
                 if batch and (
