@@ -5,6 +5,7 @@ Everything runs on loopback with free ports, from the current interpreter's envi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -82,7 +83,11 @@ def wait_ready(process: Process, path: str, timeout: float = 60.0) -> None:
 
 
 def start_mlflow_server(
-    workdir: Path, port: int | None = None, *, backend_store_uri: str | None = None, workers: int = 1
+    workdir: Path,
+    port: int | None = None,
+    *,
+    backend_store_uri: str | None = None,
+    workers: int = 1,
 ) -> Process:
     """`mlflow server` on SQLite under `workdir` (or on `backend_store_uri`), no job runner."""
     port = port or free_port()
@@ -158,11 +163,11 @@ def postgres_bindir() -> Path:
     """The newest PostgreSQL server binaries from Debian's packages (`PG_BINDIR` overrides)."""
     if bindir := os.environ.get("PG_BINDIR"):
         return Path(bindir)
-    found = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3])
-    )
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
     if not found:
-        raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql (make test does)")
+        raise RuntimeError(
+            "PostgreSQL is not installed: apt-get install postgresql (make test does)"
+        )
     return found[-1].parent
 
 
@@ -212,10 +217,8 @@ class Postgres:
         self.start()
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
             self.stop("immediate")
-        except subprocess.CalledProcessError:
-            pass  # already stopped
         shutil.rmtree(self.datadir, ignore_errors=True)
 
 

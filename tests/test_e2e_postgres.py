@@ -160,7 +160,7 @@ def test_fan_out_through_eight_processes_survives_a_killed_worker_and_a_database
         assert one["produced"] == one["exported"] + sum(one["dropped"].values())
         dropped.update(one["dropped"])
     working = Counter(path.name.split("-")[0] for path in stats_dir.glob("*.json"))
-    assert working["front"] == 2 and working["mid"] == 2 and working["leaf"] >= 4, working
+    assert working == {"front": 2, "mid": 2, "leaf": 5}  # gunicorn's master (--preload) too
     assert sum(one["produced"] for one in stats) == REQUESTS * SPANS_PER_TRACE
 
     traces = read_traces(MlflowClient(mlflow_on_postgres.url), experiment_id)
@@ -212,10 +212,7 @@ def wait_until_stored(postgres: Postgres, experiment_id: str, spans: int, timeou
     """Poll the database until it holds `spans` spans of the experiment (or time runs out: the
     assertions after it then say what is missing and whether it was counted)."""
     deadline = time.monotonic() + timeout
-    query = (
-        "SELECT count(*) FROM spans JOIN trace_info USING (request_id) "
-        "WHERE trace_info.experiment_id = %s"
-    )
+    query = "SELECT count(*) FROM spans WHERE experiment_id = %s"
     dsn = postgres.uri("mlflow").replace("postgresql+psycopg", "postgresql")
     while time.monotonic() < deadline:
         try:

@@ -6,17 +6,22 @@ mid (FastAPI, `uvicorn mid_app --workers 2`): POST /plan, a plain `def` handler 
 thread pool), calls leaf (requests).
 leaf (Flask, `gunicorn leaf_app -w 4`): POST /lookup, one `mlflow.start_span("lookup")`.
 
-Every process writes its sink's `stats()` to `$FANOUT_STATS_DIR/<service>-<pid>.json` when it
-exits, after the sink's own exit-time delivery (an `atexit` hook registered at import runs after
-the one tracing registers when it starts), so the test sees every worker's counters.
+Every worker writes its sink's `stats()` to `$FANOUT_STATS_DIR/<service>-<pid>.json` when it
+stops, after delivering what it holds, so the test sees every worker's counters: a uvicorn
+worker at lifespan shutdown (uvicorn re-raises SIGTERM once it has shut down, so no `atexit`
+hook runs), a gunicorn worker at exit (an `atexit` hook registered at import runs after the one
+tracing registers when it starts).
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import dataclasses
 import json
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +41,16 @@ def _write_stats() -> None:
         Path(folder, name).write_text(json.dumps(dataclasses.asdict(mtm.stats())))
 
 
-atexit.register(_write_stats)
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    await asyncio.to_thread(mtm.flush, 30)
+    _write_stats()
 
-front_app = FastAPI()
+
+front_app = FastAPI(lifespan=_lifespan)
 front_app.add_middleware(MlflowTracingMiddleware, exclude_paths={"/health"})
-mid_app = FastAPI()
+mid_app = FastAPI(lifespan=_lifespan)
 mid_app.add_middleware(MlflowTracingMiddleware, exclude_paths={"/health"})
 _client: httpx.AsyncClient | None = None
 
@@ -50,7 +60,9 @@ async def ask(body: dict[str, Any]) -> dict[str, Any]:
     global _client
     _client = _client or httpx.AsyncClient(timeout=30)
     for part in ("a", "b"):
-        (await _client.post(f"{os.environ['MID_URL']}/plan", json={"part": part})).raise_for_status()
+        (
+            await _client.post(f"{os.environ['MID_URL']}/plan", json={"part": part})
+        ).raise_for_status()
     (await _client.post(f"{os.environ['LEAF_URL']}/lookup", json=body)).raise_for_status()
     return {"trace_id": mlflow.get_active_trace_id()}
 
@@ -68,6 +80,7 @@ async def health() -> dict[str, bool]:
     return {"ok": True}
 
 
+atexit.register(_write_stats)
 leaf_app = Flask(__name__)
 leaf_app.wsgi_app = MlflowTracingWSGIMiddleware(  # type: ignore[method-assign]
     leaf_app.wsgi_app, exclude_paths={"/health"}
