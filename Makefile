@@ -79,10 +79,12 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 
 bench: $(BENCH_STAMP)
 	@$(ENSURE_WRK)
+	@$(ENSURE_POSTGRES)
 	$(BIN)/python -m benchmarks.run
 
 bench-long: $(BENCH_STAMP)
 	@$(ENSURE_WRK)
+	@$(ENSURE_POSTGRES)
 	$(BIN)/python -m benchmarks.run --long
 
 # Pictures of the demo's trace in the MLflow UI (docs/img/): the venv with the screenshot

@@ -179,6 +179,7 @@ class Postgres:
     datadir: Path
     port: int
     user: str | None  # run as this user (root may not run PostgreSQL), None: as ourselves
+    durable: bool = False  # fsync and synchronous commits as in production (slower)
 
     def _run(self, tool: str, *args: str) -> None:
         argv = [str(self.bindir / tool), *args]
@@ -201,10 +202,9 @@ class Postgres:
         return self.uri(name)
 
     def start(self) -> None:
-        options = (
-            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.datadir} "
-            "-c max_connections=300 -c fsync=off -c synchronous_commit=off"
-        )
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.datadir} "
+        options += "-c max_connections=300"
+        options += "" if self.durable else " -c fsync=off -c synchronous_commit=off"
         self._run("pg_ctl", "start", "-w", "-D", str(self.datadir / "data"),
                   "-l", str(self.datadir / "postgres.log"), "-o", options)  # fmt: skip
 
@@ -222,16 +222,16 @@ class Postgres:
         shutil.rmtree(self.datadir, ignore_errors=True)
 
 
-def start_postgres() -> Postgres:
+def start_postgres(durable: bool = False) -> Postgres:
     """Initialise and start a private cluster (trust authentication on loopback, user
-    `postgres`, durability off: a test database) in a new temporary directory. As root, it runs
+    `postgres`, durability off unless `durable`) in a new temporary directory. As root, it runs
     as `nobody`, which owns that directory."""
     user = "nobody" if os.geteuid() == 0 else None
     datadir = Path(tempfile.mkdtemp(prefix="mtm-postgres-"))
     if user:
         record = pwd.getpwnam(user)
         os.chown(datadir, record.pw_uid, record.pw_gid)
-    cluster = Postgres(postgres_bindir(), datadir, free_port(), user)
+    cluster = Postgres(postgres_bindir(), datadir, free_port(), user, durable)
     cluster._run("initdb", "-D", str(datadir / "data"), "-U", "postgres", "--auth=trust",
                  "--no-sync", "--no-locale", "-E", "UTF8")  # fmt: skip
     cluster.start()

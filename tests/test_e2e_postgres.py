@@ -121,6 +121,7 @@ def port(process: Process) -> str:
     return process.url.rsplit(":", 1)[1]
 
 
+@pytest.mark.timeout(900)  # MLflow 3.9 on a busy machine: minutes to ingest (see below)
 def test_fan_out_through_eight_processes_survives_a_killed_worker_and_a_database_restart(
     postgres: Postgres, mlflow_on_postgres: Process, tmp_path: Path
 ) -> None:
@@ -131,6 +132,10 @@ def test_fan_out_through_eight_processes_survives_a_killed_worker_and_a_database
         "MLFLOW_TRACKING_URI": mlflow_on_postgres.url,
         "MLFLOW_EXPERIMENT_ID": experiment_id,
         "FANOUT_STATS_DIR": str(stats_dir),
+        # Servers before MLflow 3.12 write a batch one trace per transaction: a batch of 512
+        # spans can take them longer than the default 10 s on a busy machine, and a POST cut
+        # short is sent again whole, so the server does the same work twice.
+        "OTEL_BSP_EXPORT_TIMEOUT": "60000",
     }
     logs = tmp_path / "logs"
     services: dict[str, Process] = {}
@@ -148,10 +153,10 @@ def test_fan_out_through_eight_processes_survives_a_killed_worker_and_a_database
 
         trace_ids = run_with_faults(services["front"].url, postgres, mlflow_on_postgres)
         assert len(set(trace_ids)) == REQUESTS
-        wait_until_stored(postgres, experiment_id, REQUESTS * SPANS_PER_TRACE, timeout=180)
+        wait_until_stored(postgres, experiment_id, REQUESTS * SPANS_PER_TRACE, timeout=420)
     finally:
         for process in services.values():  # SIGTERM: each worker delivers, then writes stats
-            process.stop(timeout=30)
+            process.stop(timeout=60)
 
     stats = [json.loads(path.read_text()) for path in sorted(stats_dir.glob("*.json"))]
     dropped: Counter[str] = Counter()
@@ -177,7 +182,9 @@ def test_fan_out_through_eight_processes_survives_a_killed_worker_and_a_database
         assert trace.info.experiment_id == experiment_id
         assert trace.info.state.value == "OK"
     assert set(traces) == set(trace_ids)  # nothing else, nothing twice
-    assert missing == sum(dropped.values()), f"{missing} spans missing, dropped: {dropped}"
+    # Every span that is missing was counted as dropped (a span counted as dropped may still
+    # have arrived: a POST the sink gave up on can complete on the server).
+    assert missing <= sum(dropped.values()), f"{missing} spans missing, dropped: {dropped}"
     print(f"\n{REQUESTS} traces, {missing} spans missing, dropped by reason: {dict(dropped)}")
 
 
