@@ -14,6 +14,7 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -111,9 +112,14 @@ def run_config(
         experiment = common.create_experiment(proc, f"{backend}-{workers}")
         mtm.configure(experiment_id=experiment, service_name="bench-postgres")
         ceiling(proc.url, experiment, args.connections, 2.0)  # warm-up
-        common.quiesce([proc.pid])
-        top = ceiling(proc.url, experiment, args.connections, args.ceiling_seconds)
-        common.log(f"{backend}, {workers} worker(s): ceiling {top['spans_per_s']:.0f} spans/s")
+        ceilings = []
+        for _ in range(3):
+            common.quiesce([proc.pid])
+            ceilings.append(ceiling(proc.url, experiment, args.connections, args.ceiling_seconds))
+        top = sorted(ceilings, key=lambda c: c["spans_per_s"])[1]  # the median
+        top["all"] = [round(c["spans_per_s"]) for c in ceilings]
+        common.log(f"{backend}, {workers} worker(s): ceiling {top['spans_per_s']:.0f} spans/s "
+                   f"(median of {top['all']})")  # fmt: skip
         steps = []
         for fraction in FRACTIONS:
             common.quiesce([proc.pid])
@@ -142,7 +148,9 @@ def run_config(
 
 
 def produce(url: str, experiment: str, rate: float, seconds: float, queue: int) -> None:
-    """One service process: offer `rate` spans/s for `seconds`, print the summary as JSON."""
+    """One service process: offer `rate` spans/s for `seconds`, print the summary as JSON.
+    Delivered spans/s are counted from 2 s in to the end (steady state; whole POSTs of up to
+    512 spans make shorter spans of time unreliable)."""
     mtm.configure(
         tracking_uri=url,
         experiment_id=experiment,
@@ -151,6 +159,8 @@ def produce(url: str, experiment: str, rate: float, seconds: float, queue: int) 
     )
     samples = bench_sink.offer(rate, seconds, 0.25)
     result = bench_sink.summarize(samples, 0.0)
+    (t0, _, s0), (t1, _, s1) = next(s for s in samples if s[0] >= 2.0), samples[-1]
+    result["delivered_spans_per_s"] = (s1["exported"] - s0["exported"]) / (t1 - t0)
     if not result["dropped"]:
         result["all_delivered"] = mtm.flush(60) and not mtm.stats().dropped
     print(json.dumps(result), flush=True)
@@ -159,15 +169,16 @@ def produce(url: str, experiment: str, rate: float, seconds: float, queue: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--produce", nargs=5, metavar=("URL", "EXP", "RATE", "SECONDS", "QUEUE"))
-    parser.add_argument("--step", type=float, default=8.0, help="seconds per offered load")
+    parser.add_argument("--step", type=float, default=12.0, help="seconds per offered load")
     parser.add_argument("--producers", type=int, default=4, help="service processes")
     parser.add_argument("--connections", type=int, default=4, help="for the ceiling")
-    parser.add_argument("--ceiling-seconds", type=float, default=5.0)
+    parser.add_argument("--ceiling-seconds", type=float, default=4.0)
     args = parser.parse_args()
     if args.produce:
         url, experiment, rate, seconds, queue = args.produce
         produce(url, experiment, float(rate), float(seconds), int(queue))
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on the way out
     started, foreign_before = time.strftime("%Y-%m-%d %H:%M:%S %Z"), common.foreign_cores(3.0)
     postgres = start_postgres(durable=True)
     try:

@@ -111,7 +111,7 @@ SOAKS = (
 POSTGRES = """\
 ## MLflow server on PostgreSQL: delivered spans/s against offered load
 
-`python -m {command}`, started {started}. {postgres}, a private cluster with fsync and
+`{command}`, started {started}. {postgres}, a private cluster with fsync and
 synchronous commit on; `mlflow server --workers N` on it (SQLite with one worker for
 comparison). {producers} service processes (the `sink` part's traced ASGI app, traces of
 {spans_per_trace} spans, each process with its own sink) offer spans together for {step_s:g} s per
@@ -147,7 +147,15 @@ def postgres_md(pg: Any) -> str:
                 "all": "yes" if step["all_delivered"] else "no",
                 "load": " → ".join(f"{x:.1f}" for x in step["load_1min"]),
             })  # fmt: skip
-    md = POSTGRES.format(**pg) + table(PG_STEPS, rows)
+    md = POSTGRES.format(**pg) + table(PG_STEPS, rows) + "Ceilings (the median of three runs): "
+    md += (
+        "; ".join(
+            f"{c['backend']}, {c['workers']} worker(s): "
+            + ", ".join(f"{x:,}" for x in c["ceiling"]["all"])
+            for c in pg["configs"]
+        )
+        + ".\n\n"
+    )
     for config in pg["configs"]:
         if over := config["overload"]:
             memory, top = over["memory"], config["ceiling"]["spans_per_s"]

@@ -57,7 +57,7 @@ def main() -> None:
                   "--benchmark-json=benchmarks/results/micro.json"],
         "sink": ["benchmarks.bench_sink", "--soak", "600" if long else "30"],
         "profile": ["benchmarks.bench_profile", "--seconds", "10"],
-        "postgres": ["benchmarks.bench_postgres", "--step", "12" if long else "8"],
+        "postgres": ["benchmarks.bench_postgres", "--step", "20" if long else "12"],
     }  # fmt: skip
     started = time.monotonic()
     common.log("measuring the machine's load before starting (3 s)")
