@@ -23,7 +23,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# tests/test_e2e_postgres.py runs its own PostgreSQL cluster from Debian's server binaries:
+# installed here when missing (as root), without the package's own cluster (never created,
+# never started: create_main_cluster = off, before postgresql-common is installed).
+ENSURE_POSTGRES := ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { test "$$(id -u)" = 0 && \
+	mkdir -p /etc/postgresql-common && { test -e /etc/postgresql-common/createcluster.conf || \
+	echo 'create_main_cluster = off' > /etc/postgresql-common/createcluster.conf; } && \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	-o Dpkg::Options::=--force-confold postgresql >/dev/null; } || \
+	{ echo "PostgreSQL is needed: apt-get install postgresql (as root)"; exit 1; }
+
 test: venv
+	@$(ENSURE_POSTGRES)
 	$(BIN)/ruff check mlflow_trace_middleware tests examples benchmarks
 	$(BIN)/ruff format --check mlflow_trace_middleware tests examples benchmarks
 	$(BIN)/mypy
@@ -38,6 +49,7 @@ $(OLDEST_STAMP): pyproject.toml
 	touch $(OLDEST_STAMP)
 
 test-oldest: $(OLDEST_STAMP)
+	@$(ENSURE_POSTGRES)
 	$(OLDEST)/bin/pytest
 
 test-fast: venv
@@ -70,10 +82,12 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 
 bench: $(BENCH_STAMP)
 	@$(ENSURE_WRK)
+	@$(ENSURE_POSTGRES)
 	$(BIN)/python -m benchmarks.run
 
 bench-long: $(BENCH_STAMP)
 	@$(ENSURE_WRK)
+	@$(ENSURE_POSTGRES)
 	$(BIN)/python -m benchmarks.run --long
 
 # Pictures of the demo's trace in the MLflow UI (docs/img/): the venv with the screenshot

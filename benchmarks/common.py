@@ -75,15 +75,16 @@ def null_server() -> Process:
     return Process("null-otlp", argv, port, "/ready")
 
 
-def mlflow_server(name: str) -> Process:
-    """`mlflow server` on a fresh SQLite file, one worker, no job runner."""
+def mlflow_server(name: str, backend_store_uri: str | None = None, workers: int = 1) -> Process:
+    """`mlflow server` on a fresh SQLite file (or `backend_store_uri`), no job runner."""
     port, work = free_port(), ROOT / "benchmarks" / ".work" / name
     subprocess.run(["rm", "-rf", str(work)], check=True)
     work.mkdir(parents=True)
     argv = [
         sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-        f"sqlite:///{work}/mlflow.db", "--default-artifact-root", str(work / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        backend_store_uri or f"sqlite:///{work}/mlflow.db",
+        "--default-artifact-root", str(work / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
     return Process(name, argv, port, "/version", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
 

@@ -108,6 +108,66 @@ SOAKS = (
     "slope={slope_mb_per_min:+.1f} MB/min|<flat={flat}"
 )
 
+POSTGRES = """\
+## MLflow server on PostgreSQL: delivered spans/s against offered load
+
+`{command}`, started {started}. {postgres}, a private cluster with fsync and
+synchronous commit on; `mlflow server --workers N` on it (SQLite with one worker for
+comparison). {producers} service processes (the `sink` part's traced ASGI app, traces of
+{spans_per_trace} spans, each process with its own sink) offer spans together for {step_s:g} s per
+step, at fractions of the ceiling: our sink's requests replayed back to back on {connections}
+connections. Every process, the server's workers and PostgreSQL share the machine's {cores}
+cores; other processes used {foreign_before:.2f} cores before this part and {foreign_after:.2f}
+after it. The last column is the 1-minute load average before and after each step.
+
+"""
+PG_STEPS = (
+    "<store={backend}|workers={workers}|ceiling spans/s={ceiling:,.0f}|"
+    "offered spans/s={offered_spans_per_s:,.0f}|delivered spans/s={delivered_spans_per_s:,.0f}|"
+    "÷ offered={ratio:.0%}|spans/POST={spans_per_post:.0f}|<dropped={drops}|"
+    "<all delivered={all}|load={load}"
+)
+PG_OVERLOAD = """\
+Past the ceiling, {workers} workers on PostgreSQL, {fraction:g}x its ceiling offered with each
+service's queue at {queue:,} spans (`OTEL_BSP_MAX_QUEUE_SIZE`) so that it fills within the step:
+offered {offered_spans_per_s:,.0f} spans/s, delivered {delivered_spans_per_s:,.0f}, dropped
+{drops}; each service's RSS from 2 s after its queue filled: {rss} (flat: {flat}).
+
+"""
+
+
+def postgres_md(pg: Any) -> str:
+    rows = []
+    for config in pg["configs"]:
+        for step in config["steps"]:
+            drops = ", ".join(f"{k} {v:,}" for k, v in step["dropped"].items()) or "none"
+            rows.append({
+                **config, **step, "ceiling": config["ceiling"]["spans_per_s"], "drops": drops,
+                "ratio": step["delivered_spans_per_s"] / step["offered_spans_per_s"],
+                "all": "yes" if step["all_delivered"] else "no",
+                "load": " → ".join(f"{x:.1f}" for x in step["load_1min"]),
+            })  # fmt: skip
+    md = POSTGRES.format(**pg) + table(PG_STEPS, rows) + "Ceilings (the median of three runs): "
+    md += (
+        "; ".join(
+            f"{c['backend']}, {c['workers']} worker(s): "
+            + ", ".join(f"{x:,}" for x in c["ceiling"]["all"])
+            for c in pg["configs"]
+        )
+        + ".\n\n"
+    )
+    for config in pg["configs"]:
+        if over := config["overload"]:
+            memory, top = over["memory"], config["ceiling"]["spans_per_s"]
+            md += PG_OVERLOAD.format(
+                **config, **over, fraction=over["target_spans_per_s"] / top,
+                queue=pg["overload_queue"],
+                drops=", ".join(f"{k} {v:,}" for k, v in over["dropped"].items()) or "none",
+                rss=", ".join(f"{m['rss_then_mb']:.0f} → {m['rss_end_mb']:.0f} MB" for m in memory),
+                flat="yes" if all(m["flat"] for m in memory) else "**no**",
+            )  # fmt: skip
+    return md
+
 
 def table(spec: str, rows: list[Any]) -> str:
     """Rows are dicts (named fields) or lists (positional ones)."""
@@ -245,8 +305,8 @@ def micro_md(micro: Any) -> tuple[dict[str, Any], str]:
 
 
 def write() -> None:
-    names = ("run", "http", "micro", "sink", "profile")
-    run, http, micro, sink, prof = (common.read_json(f"{p}.json") for p in names)
+    names = ("run", "http", "micro", "sink", "profile", "postgres")
+    run, http, micro, sink, prof, pg = (common.read_json(f"{p}.json") for p in names)
     calls, micro_text = micro_md(micro) if micro else ({}, "")
     m = run["machine"]
     fc = [w["foreign_cores"] for fw in FRAMEWORKS if http for s in http[fw]["runs"].values()
@@ -266,6 +326,7 @@ def write() -> None:
         md += PROFILE.format(**prof) + table("<where={0}|share={1}", where)
         md += "Heaviest frames inside our request path (inclusive):\n\n"
         md += "".join(f"- {v:.1%} `{k}`\n" for k, v in prof["top_ours"].items())
+    md += postgres_md(pg) if pg else ""
     md += "\n## Commands\n\n" + "".join(
         f"- {part}: `python -m {v['command']}`, {v['seconds'] / 60:.1f} min\n"
         for part, v in run["parts"].items()

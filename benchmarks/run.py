@@ -1,6 +1,6 @@
 """`make bench`: every part in its own process, then `benchmarks/RESULTS.md`.
 
-python -m benchmarks.run [--long] [--only http,micro,sink,profile]
+python -m benchmarks.run [--long] [--only http,micro,sink,profile,postgres]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def git(*args: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--long", action="store_true", help="5 HTTP rounds, 10-minute soaks")
-    parser.add_argument("--only", default="http,micro,sink,profile")
+    parser.add_argument("--only", default="http,micro,sink,profile,postgres")
     long = (args := parser.parse_args()).long
     parts = {
         "http": ["benchmarks.bench_http", "--rounds", "5" if long else "3"],
@@ -57,6 +57,7 @@ def main() -> None:
                   "--benchmark-json=benchmarks/results/micro.json"],
         "sink": ["benchmarks.bench_sink", "--soak", "600" if long else "30"],
         "profile": ["benchmarks.bench_profile", "--seconds", "10"],
+        "postgres": ["benchmarks.bench_postgres", "--step", "20" if long else "12"],
     }  # fmt: skip
     started = time.monotonic()
     common.RESULTS.mkdir(parents=True, exist_ok=True)  # pytest-benchmark writes micro.json there
@@ -74,6 +75,9 @@ def main() -> None:
         meta["parts"][part] = {"command": " ".join(parts[part]), "seconds": time.monotonic() - t0}
     meta["foreign_after"] = common.foreign_cores(3.0)
     meta["elapsed_s"] = time.monotonic() - started
+    previous = common.read_json("run.json")
+    if previous and "http" not in args.only.split(","):  # the header stays the full run's
+        meta = {**previous, "parts": {**previous["parts"], **meta["parts"]}}
     common.write_json("run.json", meta)
     report.write()
     common.log(f"wrote benchmarks/RESULTS.md; the suite took {meta['elapsed_s'] / 60:.1f} min")

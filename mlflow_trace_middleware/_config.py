@@ -111,7 +111,7 @@ def from_environment() -> Settings:
         experiment_id=env.get("MLFLOW_EXPERIMENT_ID") or None,
         experiment_name=env.get("MLFLOW_EXPERIMENT_NAME") or None,
         service_name=env.get("OTEL_SERVICE_NAME") or _DEFAULT_SERVICE_NAME,
-        headers=_auth_headers(env),
+        headers={**_otlp_headers(env), **_auth_headers(env)},
         signing_keys=signing_keys(env.get("MLFLOW_TRACE_SIGNING_KEY") or None),
         freeze_gc=env.get(FREEZE_ENV, "").strip().lower() in ("1", "true", "yes", "on"),
         **_split(tuning),
@@ -130,6 +130,27 @@ def signing_keys(value: str | bytes | Sequence[str | bytes] | None) -> tuple[byt
     if not all(keys):
         raise ValueError("signing keys must not be empty")
     return keys
+
+
+# Extra headers on every POST (a Collector's API key or tenant), OpenTelemetry's variables: the
+# traces-only one wins per key. `key=value` pairs, comma-separated, values percent-decoded.
+_OTLP_HEADERS = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+
+
+def _otlp_headers(env: os._Environ[str] | dict[str, str]) -> dict[str, str]:
+    import urllib.parse
+
+    headers = {}
+    for variable in _OTLP_HEADERS:
+        for pair in filter(str.strip, env.get(variable, "").split(",")):
+            key, equals, value = pair.partition("=")
+            if not (equals and key.strip()):
+                _log.logger.warning(
+                    "mlflow-trace-middleware: ignoring a malformed header in %s", variable
+                )
+                continue
+            headers[key.strip()] = urllib.parse.unquote(value.strip())
+    return headers
 
 
 def _auth_headers(env: os._Environ[str] | dict[str, str]) -> dict[str, str]:

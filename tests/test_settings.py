@@ -41,6 +41,17 @@ from mlflow_trace_middleware.testing import InMemoryExporter
         ),
         pytest.param(
             {
+                "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=k%201, x-tenant=a,broken",
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x-tenant=b",
+                "MLFLOW_TRACKING_TOKEN": "t0k",
+            },
+            _config.Settings(
+                headers={"x-api-key": "k 1", "x-tenant": "b", "Authorization": "Bearer t0k"}
+            ),
+            id="otlp-headers",
+        ),
+        pytest.param(
+            {
                 "OTEL_BSP_MAX_QUEUE_SIZE": "4096",
                 "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "256",
                 "OTEL_BSP_SCHEDULE_DELAY": "250",
@@ -78,6 +89,7 @@ def test_settings_from_environment(
         "MLFLOW_TRACKING_USERNAME",
         "MLFLOW_TRACKING_PASSWORD",
         *_config._OTEL_BSP,
+        *_config._OTLP_HEADERS,
     ):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
