@@ -19,42 +19,43 @@ from ._config import SettingError
 
 @dataclass(frozen=True)
 class Variable:
-    """One documented variable: its default as shown, and what it sets."""
+    """One documented variable: its default as shown, and the option it sets (the argument of
+    `configure()` or of the middlewares; None for credentials and the heap freeze)."""
 
     name: str
     default: str
-    meaning: str
+    option: str | None
     secret: bool = False
 
 
 VARIABLES = (
-    Variable("MLFLOW_TRACKING_URI", "MLflow's default", "the MLflow server, or its database"),
-    Variable("MLFLOW_EXPERIMENT_ID", "0", "experiment the spans go to"),
-    Variable("MLFLOW_EXPERIMENT_NAME", "", "experiment by name, created if missing"),
-    Variable("OTEL_SERVICE_NAME", "unknown_service", "service.name of this process's spans"),
-    Variable("MLFLOW_TRACKING_TOKEN", "", "bearer token for the server", secret=True),
-    Variable("MLFLOW_TRACKING_USERNAME", "", "basic auth user (with the password)"),
-    Variable("MLFLOW_TRACKING_PASSWORD", "", "basic auth password", secret=True),
-    Variable("MLFLOW_TRACE_CAPTURE_BODIES", "true", "record JSON bodies as inputs/outputs"),
-    Variable("MLFLOW_TRACE_MAX_BODY_BYTES", "32768", "larger bodies are not recorded"),
-    Variable("MLFLOW_TRACE_EXCLUDE_PATHS", "", "paths that get no span, comma-separated"),
-    Variable("MLFLOW_TRACE_TRUST", "continue", "inbound context: continue, restart or adopt"),
-    Variable("MLFLOW_TRACE_CAPTURE_HEADERS", "", "request headers to record, comma-separated"),
-    Variable("MLFLOW_TRACE_REDACT_KEYS", "", "more JSON keys to hide, comma-separated"),
-    Variable("MLFLOW_TRACE_KEEP_KEYS", "", "JSON keys to show, comma-separated"),
-    Variable("MLFLOW_TRACE_IDENTITY_HEADERS", "", "header=attribute pairs (session, user)"),
-    Variable("MLFLOW_TRACE_INSTRUMENT_CLIENTS", "true", "patch the HTTP client libraries"),
-    Variable("MLFLOW_TRACE_PROPAGATE_TO", "*", "where outgoing calls send context"),
-    Variable("MLFLOW_TRACE_SIGNING_KEY", "", "signed context keys", secret=True),
-    Variable("OTEL_BSP_MAX_QUEUE_SIZE", "20000", "spans held at most"),
-    Variable("MLFLOW_TRACE_MAX_QUEUE_BYTES", "67108864", "bytes of spans held at most"),
-    Variable("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512", "spans per POST at most"),
-    Variable("MLFLOW_TRACE_MAX_BATCH_BYTES", "4194304", "bytes per POST at most"),
-    Variable("OTEL_BSP_SCHEDULE_DELAY", "1000", "ms before a partial batch is sent"),
-    Variable("OTEL_BSP_EXPORT_TIMEOUT", "10000", "ms of wall-clock time per POST"),
-    Variable("MLFLOW_TRACE_MAX_RETRY_TIME", "120", "seconds a batch is retried"),
-    Variable("MLFLOW_TRACE_SHUTDOWN_TIMEOUT", "5", "seconds of delivery at exit"),
-    Variable("MLFLOW_TRACE_FREEZE_GC", "false", "gc.freeze() the startup heap"),
+    Variable("MLFLOW_TRACKING_URI", "MLflow's default", "tracking_uri"),
+    Variable("MLFLOW_EXPERIMENT_ID", "0", "experiment_id"),
+    Variable("MLFLOW_EXPERIMENT_NAME", "", "experiment_name"),
+    Variable("OTEL_SERVICE_NAME", "unknown_service", "service_name"),
+    Variable("MLFLOW_TRACKING_TOKEN", "", None, secret=True),
+    Variable("MLFLOW_TRACKING_USERNAME", "", None),
+    Variable("MLFLOW_TRACKING_PASSWORD", "", None, secret=True),
+    Variable("MLFLOW_TRACE_CAPTURE_BODIES", "true", "capture_bodies"),
+    Variable("MLFLOW_TRACE_MAX_BODY_BYTES", "32768", "max_body_bytes"),
+    Variable("MLFLOW_TRACE_EXCLUDE_PATHS", "", "exclude_paths"),
+    Variable("MLFLOW_TRACE_TRUST", "continue", "trust"),
+    Variable("MLFLOW_TRACE_CAPTURE_HEADERS", "", "capture_headers"),
+    Variable("MLFLOW_TRACE_REDACT_KEYS", "", "redact_keys"),
+    Variable("MLFLOW_TRACE_KEEP_KEYS", "", "keep_keys"),
+    Variable("MLFLOW_TRACE_IDENTITY_HEADERS", "", "identity_headers"),
+    Variable("MLFLOW_TRACE_INSTRUMENT_CLIENTS", "true", "instrument_clients"),
+    Variable("MLFLOW_TRACE_PROPAGATE_TO", "*", "propagate_to"),
+    Variable("MLFLOW_TRACE_SIGNING_KEY", "", "signing_key", secret=True),
+    Variable("OTEL_BSP_MAX_QUEUE_SIZE", "20000", "max_queue_spans"),
+    Variable("MLFLOW_TRACE_MAX_QUEUE_BYTES", "67108864", "max_queue_bytes"),
+    Variable("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512", "max_batch_spans"),
+    Variable("MLFLOW_TRACE_MAX_BATCH_BYTES", "4194304", "max_batch_bytes"),
+    Variable("OTEL_BSP_SCHEDULE_DELAY", "1000", "schedule_delay"),
+    Variable("OTEL_BSP_EXPORT_TIMEOUT", "10000", "export_timeout"),
+    Variable("MLFLOW_TRACE_MAX_RETRY_TIME", "120", "max_retry_time"),
+    Variable("MLFLOW_TRACE_SHUTDOWN_TIMEOUT", "5", "shutdown_timeout"),
+    Variable("MLFLOW_TRACE_FREEZE_GC", "false", None),
 )
 
 
@@ -141,4 +142,6 @@ def _refused(variable: str, check: Callable[[], Any], expected: str | None = Non
     try:
         return check()
     except ValueError as exc:
-        raise SettingError(variable, os.environ.get(variable, ""), expected or f"a valid value ({exc})") from None
+        raise SettingError(
+            variable, os.environ.get(variable, ""), expected or f"a valid value ({exc})"
+        ) from None

@@ -253,3 +253,37 @@ def test_a_bad_variable_stops_the_launch_naming_it(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "MLFLOW_TRACE_MAX_BODY_BYTES='lots'" in result.stderr
     assert not marker.exists()
+
+
+def test_check_a_running_server_sends_a_test_trace(
+    mlflow_server: Process, client: MlflowClient
+) -> None:
+    import subprocess
+
+    variables = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OTEL_"))}
+    result = subprocess.run(
+        [RUN, "--check"],
+        env={
+            **variables,
+            "MLFLOW_TRACKING_URI": mlflow_server.url,
+            "MLFLOW_EXPERIMENT_NAME": "checked",
+            "OTEL_SERVICE_NAME": "checker",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout
+    assert "OTEL_SERVICE_NAME               checker                  environment" in output
+    assert "ok    reachable (MLflow " in output
+    experiment = client.get_experiment_by_name("checked")
+    assert experiment is not None
+    assert f"experiment {experiment.experiment_id} created" in output
+    prefix = f"ok    test trace stored: {mlflow_server.url}/#/experiments/"
+    address = next(line for line in output.splitlines() if line.startswith(prefix))
+    trace_id = address.rsplit("traceId=", 1)[1]
+    trace = client.get_trace(trace_id)
+    assert trace.info.experiment_id == experiment.experiment_id
+    assert [span.name for span in trace.data.spans] == ["mlflow-trace-run --check"]
+    print("\n" + output)
