@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -140,10 +141,20 @@ def test_three_unmodified_apps_give_one_stitched_trace_per_request(
         )
     )  # fmt: skip
 
-    requests_sent = 6
-    for item in range(requests_sent):
+    # Six at a time until both Flask workers have answered (each must deliver its own spans).
+    pids: set[int] = set()
+    requests_sent = 0
+
+    def call(item: int) -> int:
         answer = requests.get(f"{running[-1].url}/chain/{item}", timeout=30).json()
         assert answer["flask"]["django"] == {"django": item}
+        return int(answer["flask"]["pid"])
+
+    with ThreadPoolExecutor(6) as pool:
+        while len(pids) < 2 and requests_sent < 60:
+            pids.update(pool.map(call, range(requests_sent, requests_sent + 6)))
+            requests_sent += 6
+    assert len(pids) == 2
 
     def chains(found: list[Any]) -> list[Any]:
         return [t for t in found if len(t.data.spans) > 1]
