@@ -183,6 +183,22 @@ def test_three_unmodified_apps_give_one_stitched_trace_per_request(
             id="python-app.py",
         ),
         pytest.param(
+            "hypercorn",
+            [str(BIN / "hypercorn"), "tests.apps.launch_script:app", "--bind", "127.0.0.1:{port}"],
+            {},
+            "/hello/world",
+            "GET /hello/{name}",
+            id="hypercorn",
+        ),
+        pytest.param(
+            "fastapi-run",
+            [str(BIN / "fastapi"), "run", "tests/apps/launch_fastapi.py", "--port", "{port}"],
+            {},
+            "/health",
+            "GET /health",
+            id="fastapi-run",
+        ),
+        pytest.param(
             "flask-run",
             [str(BIN / "flask"), "--app", "tests.apps.launch_flask:app", "run", "--port", "{port}"],
             {},
