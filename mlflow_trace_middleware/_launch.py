@@ -322,7 +322,7 @@ def _check_destination(settings: _config.Settings, say: Callable[[str, str], Non
     credentials = "sent" if settings.headers else "none sent"
     say("ok", f"credentials accepted ({credentials}); experiment {experiment_id} {found}")
     _config.install(replace(settings, experiment_id=experiment_id, experiment_name=None))
-    _runtime.reconfigure(_config.get_settings(), None)
+    _runtime.activate()
     with mlflow.start_span("mlflow-trace-run --check") as span:
         span.set_inputs({"check": "a test trace from mlflow-trace-run --check"})
         trace_id = span.trace_id

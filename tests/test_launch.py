@@ -157,7 +157,7 @@ def test_a_missing_command_is_named() -> None:
 
 def check(env: dict[str, str]) -> tuple[int, str]:
     result = run("--check", env=env)
-    return result.returncode, result.stdout + result.stderr
+    return result.returncode, result.stdout
 
 
 def test_check_a_stopped_server() -> None:
@@ -221,6 +221,15 @@ def test_check_a_database_writes_a_test_trace_into_it(tmp_path: Path) -> None:
     trace = MlflowClient(uri).get_trace(trace_id)
     assert [span.name for span in trace.data.spans] == ["mlflow-trace-run --check"]
     assert f"mlflow ui --backend-store-uri {uri}" in output
+
+
+def test_check_a_missing_experiment(tmp_path: Path) -> None:
+    code, output = check(
+        {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "MLFLOW_EXPERIMENT_ID": "42"}
+    )
+    assert code == 1
+    assert "FAIL  experiment: " in output
+    assert output.rstrip().splitlines()[-1].startswith("fix: set MLFLOW_EXPERIMENT_ID to an")
 
 
 def test_check_stops_at_a_bad_variable() -> None:

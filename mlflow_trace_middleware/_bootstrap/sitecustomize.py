@@ -15,7 +15,10 @@ def _install() -> None:
     except Exception as exc:  # another interpreter, without the package: run untraced, say so
         sys.stderr.write(f"mlflow-trace-run: no tracing in {sys.executable}: {exc!r}\n")
         return
-    bootstrap()
+    try:
+        bootstrap()
+    except Exception as exc:  # never keep the command from running
+        sys.stderr.write(f"mlflow-trace-run: no tracing: {exc!r}\n")
 
 
 def _chain() -> None:
