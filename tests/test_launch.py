@@ -11,13 +11,18 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 
 import mlflow_trace_middleware as mtm
 from examples.launch import ROOT, free_port
-from mlflow_trace_middleware import _env
+from mlflow_trace_middleware import (
+    MlflowTracingMiddleware,
+    MlflowTracingWSGIMiddleware,
+    _env,
+    _launch,
+)
 from mlflow_trace_middleware._config import SettingError
 from mlflow_trace_middleware._middleware import Middleware
 
@@ -237,3 +242,81 @@ def test_check_stops_at_a_bad_variable() -> None:
     assert code == 2
     assert "FAIL  MLFLOW_TRACE_TRUST='maybe'" in output
     assert "fix: give MLFLOW_TRACE_TRUST a valid value, or unset it" in output
+
+
+# -- in process: the launch step and the patches, on classes of the test's own ----------------
+
+
+def test_main_checks_then_execs_with_the_bootstrap_first(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[tuple[str, list[str]]] = []
+    clean_env.setattr(os, "execvp", lambda file, args: calls.append((file, args)))
+    bootstrap = str(_launch.BOOTSTRAP_DIR)
+    clean_env.setenv("PYTHONPATH", os.pathsep.join(["/mine", bootstrap, ""]))
+    clean_env.setenv("MLFLOW_TRACE_TRUST", "maybe")
+    assert _launch.main(["uvicorn", "app:app"]) == 2
+    assert "MLFLOW_TRACE_TRUST='maybe'" in capsys.readouterr().err
+    assert calls == []
+
+    clean_env.setenv("MLFLOW_TRACE_TRUST", "restart")
+    _launch.main(["uvicorn", "app:app"])
+    assert calls == [("uvicorn", ["uvicorn", "app:app"])]
+    assert os.environ["PYTHONPATH"] == os.pathsep.join([bootstrap, "/mine"])
+
+
+def test_usage() -> None:
+    assert _launch.main(["--help"]) == 0
+    assert _launch.main([]) == 2
+    assert _launch.main(["--check", "extra"]) == 2
+
+
+def test_a_starlette_app_is_wrapped_once() -> None:
+    from starlette.applications import Starlette
+
+    class App(Starlette):
+        def build_middleware_stack(self) -> Any:
+            return super().build_middleware_stack()
+
+    _launch._patch_starlette(App, {"exclude_paths": ["/health"]})
+    plain, added = App(), App()
+    added.add_middleware(MlflowTracingMiddleware)
+    stack = plain.build_middleware_stack()
+    assert isinstance(stack, MlflowTracingMiddleware)
+    assert stack.options.exclude_paths == {"/health"}
+    assert not isinstance(added.build_middleware_stack(), MlflowTracingMiddleware)
+    assert not isinstance(Starlette().build_middleware_stack(), MlflowTracingMiddleware)
+
+
+def test_a_flask_app_is_wrapped_once() -> None:
+    from flask import Flask
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    class App(Flask):
+        pass
+
+    _launch._patch_flask(App, {"capture_bodies": False})
+    plain, wrapped = App(__name__), App(__name__)
+    wrapped.wsgi_app = ProxyFix(MlflowTracingWSGIMiddleware(wrapped.wsgi_app))
+    for app in (plain, wrapped):
+        app.get("/")(lambda: "ok")
+        assert app.test_client().get("/").data == b"ok"
+    assert isinstance(plain.__dict__["_mlflow_trace_app"], MlflowTracingWSGIMiddleware)
+    assert not isinstance(wrapped.__dict__["_mlflow_trace_app"], MlflowTracingWSGIMiddleware)
+
+
+def test_a_module_is_patched_right_after_its_first_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "launch_probe.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    seen: list[int] = []
+    _launch._when_imported("launch_probe", lambda module: seen.append(module.VALUE))
+    assert seen == []
+    import launch_probe  # noqa: F401
+
+    assert seen == [1]
+    _launch._when_imported("launch_probe", lambda module: seen.append(2))  # already imported
+    assert seen == [1, 2]
+    del sys.modules["launch_probe"]
