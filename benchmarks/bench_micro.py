@@ -1,6 +1,11 @@
 """Micro-benchmarks, pytest-benchmark with `--benchmark-timer=time.process_time` (method:
 README.md): outgoing calls plain / traced / traced with no active span, and the FastAPI hello
-world called in-process through ASGI, bare and under `MlflowTracingMiddleware`."""
+world called in-process through ASGI, bare and under `MlflowTracingMiddleware`.
+
+httpx, httpx2 and requests call in-process transports (no sockets). urllib3 and aiohttp have
+no such seam (the span ends at the body's end, which only a real response gives), so they call
+the null server on loopback, a process of its own: its CPU is not counted, the client's socket
+work is, alike in every mode."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import aiohttp
 import httpx
 import httpx2
 import mlflow
@@ -21,7 +27,9 @@ from requests.adapters import HTTPAdapter
 
 import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import MlflowTracingMiddleware
+from mlflow_trace_middleware import aiohttp as traced_aiohttp
 from mlflow_trace_middleware import httpx2 as traced_httpx2
+from mlflow_trace_middleware import urllib3 as traced_urllib3
 from mlflow_trace_middleware.httpx import AsyncTracingTransport, TracingTransport
 from mlflow_trace_middleware.requests import TracingAdapter
 
@@ -32,15 +40,56 @@ from . import apps, common
 CALLS, PASSES, URL = 200, 10, "http://agent.local/items/1"
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "20")) // PASSES
 LOOP = asyncio.new_event_loop()
+NULL: list[str] = []  # the null server's URL: the sink posts there, urllib3 and aiohttp call it
+CLOSE: list[Callable[[], Any]] = []  # the clients a benchmark opened
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _sink() -> Iterator[None]:
-    null = common.null_server()  # the sink posts there
+    null = common.null_server()
+    NULL.append(null.url)
     mtm.configure(tracking_uri=null.url, experiment_id="0", service_name="bench-micro")
     mtm.uninstrument()
     yield
     null.kill()
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    traced_urllib3.uninstrument()
+    while CLOSE:
+        CLOSE.pop()()
+
+
+def socket_caller(library: str, traced: bool) -> Callable[[], None]:
+    """urllib3 (patched by `instrument()`) or aiohttp (a session with our `TraceConfig`),
+    keep-alive to the null server."""
+    url = f"{NULL[0]}/items/1"
+    if library == "aiohttp":
+        configs = [traced_aiohttp.tracing_config()] if traced else []
+
+        async def session() -> aiohttp.ClientSession:
+            return aiohttp.ClientSession(trace_configs=configs)
+
+        client = LOOP.run_until_complete(session())
+        CLOSE.append(lambda: LOOP.run_until_complete(client.close()))
+
+        async def many() -> None:
+            for _ in range(CALLS):
+                async with client.get(url) as response:
+                    await response.read()
+
+        return lambda: LOOP.run_until_complete(many())
+    pool = urllib3.PoolManager()
+    CLOSE.append(pool.clear)
+    (traced_urllib3.instrument if traced else traced_urllib3.uninstrument)()
+
+    def many_sync() -> None:
+        for _ in range(CALLS):
+            assert pool.request("GET", url).status == 200
+
+    return many_sync
 
 
 class CannedAdapter(HTTPAdapter):
@@ -54,6 +103,8 @@ class TracedCannedAdapter(TracingAdapter, CannedAdapter):
 
 
 def caller(library: str, traced: bool) -> Callable[[], None]:
+    if library in ("urllib3", "aiohttp"):
+        return socket_caller(library, traced)
     lib: Any = httpx2 if library.startswith("httpx2") else httpx
     sync_transport: Any = traced_httpx2.TracingTransport if lib is httpx2 else TracingTransport
     async_transport: Any = (
@@ -82,7 +133,16 @@ def caller(library: str, traced: bool) -> Callable[[], None]:
 
 @pytest.mark.parametrize("mode", ["plain", "traced", "no span"])
 @pytest.mark.parametrize(
-    "library", ["httpx (sync)", "httpx (async)", "httpx2 (sync)", "httpx2 (async)", "requests"]
+    "library",
+    [
+        "httpx (sync)",
+        "httpx (async)",
+        "httpx2 (sync)",
+        "httpx2 (async)",
+        "requests",
+        "urllib3",
+        "aiohttp",
+    ],
 )
 @pytest.mark.parametrize("pass_", range(PASSES))
 def test_call(benchmark: Any, library: str, mode: str, pass_: int) -> None:

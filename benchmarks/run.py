@@ -59,6 +59,7 @@ def main() -> None:
         "profile": ["benchmarks.bench_profile", "--seconds", "10"],
     }  # fmt: skip
     started = time.monotonic()
+    common.RESULTS.mkdir(parents=True, exist_ok=True)  # pytest-benchmark writes micro.json there
     common.log("measuring the machine's load before starting (3 s)")
     meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "parts": {}, "machine": machine(),
             "commit": git("log", "-1", "--format=`%h` (%s)"),

@@ -78,8 +78,11 @@ def wait_ready(process: Process, path: str, timeout: float = 60.0) -> None:
     raise RuntimeError(f"{process.name} not ready after {timeout}s:\n{process.output()[-3000:]}")
 
 
-def start_mlflow_server(workdir: Path, port: int | None = None) -> Process:
-    """`mlflow server` on SQLite under `workdir`, one worker, no job runner."""
+def start_mlflow_server(
+    workdir: Path, port: int | None = None, env: Mapping[str, str] | None = None
+) -> Process:
+    """`mlflow server` on SQLite under `workdir`, one worker, no job runner; `env` adds to
+    its environment."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -88,7 +91,7 @@ def start_mlflow_server(workdir: Path, port: int | None = None) -> Process:
         "--default-artifact-root", str(workdir / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     process = _spawn("mlflow-server", argv, f"http://127.0.0.1:{port}", workdir / "logs", env)
     wait_ready(process, "/version", timeout=120)
     return process

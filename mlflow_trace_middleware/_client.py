@@ -117,6 +117,7 @@ def start(
             return None
         _runtime.activate()
         if allowed and (theirs := _instrumented_by_caller(headers, parent_context)) is not None:
+            _mlflow.claim(trace.get_current_span(theirs).get_span_context())
             return _complete(theirs, headers)
         span: trace.Span | None = None
         context = parent_context
@@ -124,6 +125,8 @@ def start(
             name, attributes = _span_fields(method, url, allowed)
             span = _mlflow.start_span(name, parent_context, SpanKind.CLIENT, attributes)
             context = trace.set_span_in_context(span, parent_context)
+            if allowed and isinstance(span, _lean.LeanSpan):
+                _mlflow.claim(span.context, span)
         sent: dict[str, str] = {}
         if allowed:
             _propagation.inject(sent, context, _our_entry(context))  # type: ignore[arg-type]

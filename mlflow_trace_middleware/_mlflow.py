@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import _Span as _SdkSpan
-from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 from . import _lean, _log
 from ._keys import REQUEST_ID, SERVICE_NAME, TRACE_NAME, TRACE_TAG_PREFIX
@@ -59,6 +59,8 @@ class SinkSpanProcessor(SpanProcessor):
         # OTel trace id -> experiment chosen by a trusted caller, while the segment is open.
         self._experiments: dict[int, str] = {}
         self._service: dict[str, str] = {}  # the extra attributes of a span without tags
+        # OTel trace ids rooted here (no parent anywhere) whose first call has not left yet.
+        self._unclaimed: set[int] = set()
         self._materialize_lock = threading.Lock()
 
     def on_start(self, span: SdkSpan, parent_context: Context | None = None) -> None:
@@ -74,6 +76,8 @@ class SinkSpanProcessor(SpanProcessor):
             self._add_root(context.trace_id, context.span_id)
             if experiment is not None:
                 self._experiments[context.trace_id] = experiment
+            if span.parent is None:
+                self._unclaimed.add(context.trace_id)
 
     def _add_root(self, otel_trace_id: int, span_id: int) -> None:
         self._roots.setdefault(otel_trace_id, set()).add(span_id)
@@ -83,6 +87,7 @@ class SinkSpanProcessor(SpanProcessor):
             oldest = next(iter(self._roots))
             del self._roots[oldest]
             self._experiments.pop(oldest, None)
+            self._unclaimed.discard(oldest)
 
     def _register(self, span: SdkSpan) -> None:
         manager = InMemoryTraceManager.get_instance()
@@ -103,6 +108,8 @@ class SinkSpanProcessor(SpanProcessor):
                 manager.register_trace(otel_trace_id, info, is_remote_trace=parent is not None)
                 if otel_trace_id not in self._roots:
                     self._add_root(otel_trace_id, span.context.span_id)
+                    if parent is None:
+                        self._unclaimed.add(otel_trace_id)
             elif parent is None or parent.is_remote:
                 self._add_root(otel_trace_id, span.context.span_id)
         if parent is None:
@@ -151,6 +158,35 @@ class SinkSpanProcessor(SpanProcessor):
             cached = self._service = {SERVICE_NAME: name}
         return cached
 
+    def claim(self, call: SpanContext, span: LeanSpan | None) -> None:
+        """The first call of a trace rooted here is leaving: post a placeholder of its span now.
+
+        Whoever writes a trace first fixes its experiment on the MLflow server, and a callee
+        that reports to MLflow itself (the AI Gateway writes its `gateway/<endpoint>` span
+        into the caller's trace while the call runs) would otherwise be first. The placeholder
+        (`EncodedSpan.claim`) goes to the front of the sink's queue and the worker posts it
+        at once; the span replaces it when it ends. `span` is ours, or None for a caller's
+        own MLflow span (an autolog's), looked up open in MLflow's trace manager.
+        """
+        trace_id = call.trace_id
+        if trace_id not in self._unclaimed:  # most calls: one set look-up, no lock
+            return
+        with self._lock:
+            if trace_id not in self._unclaimed:
+                return
+            self._unclaimed.discard(trace_id)
+            experiment = self._experiments.get(trace_id)
+        try:
+            placeholder = span if span is not None else _open_span(call)
+            if placeholder is None:
+                return
+            encoded = encode_span(placeholder, _NOTHING, self._extra(None))
+        except Exception:
+            _log.internal_error("trace claim")
+            return
+        encoded.claim = True
+        self._sink.submit(encoded, experiment)
+
     def experiment_of(self, otel_trace_id: int) -> str | None:
         return self._experiments.get(otel_trace_id)
 
@@ -167,6 +203,7 @@ class SinkSpanProcessor(SpanProcessor):
                 return None
             del self._roots[otel_trace_id]
             self._experiments.pop(otel_trace_id, None)
+            self._unclaimed.discard(otel_trace_id)
             manager = InMemoryTraceManager.get_instance()
             if otel_trace_id not in manager._otel_id_to_mlflow_trace_id:
                 return None  # MLflow never heard of this trace (a request with no MLflow spans)
@@ -237,6 +274,9 @@ class SinkSpanProcessor(SpanProcessor):
         self.on_start(shadow)
         span.adopt(shadow)
         return shadow
+
+
+_NOTHING: Recorded = ({}, (), (), Status(StatusCode.UNSET))  # a placeholder's state
 
 
 def _without_request_id(state: Recorded) -> Recorded:
@@ -359,11 +399,23 @@ def start_span(
 def is_open(span_context: SpanContext) -> bool:
     """Whether an MLflow span (an SDK span registered in MLflow's trace manager) with these ids
     is open in this process. Ended spans are dropped from the manager (`_forget_span`)."""
+    return _open_span(span_context) is not None
+
+
+def _open_span(span_context: SpanContext) -> SdkSpan | None:
     manager = InMemoryTraceManager.get_instance()
     with manager._lock:
         trace_id = manager._otel_id_to_mlflow_trace_id.get(span_context.trace_id)
         segment = manager._traces.get(trace_id) if trace_id else None
-        return segment is not None and encode_span_id(span_context.span_id) in segment.span_dict
+        live = segment.span_dict.get(encode_span_id(span_context.span_id)) if segment else None
+    return live._span if live is not None else None
+
+
+def claim(call: SpanContext, span: LeanSpan | None = None) -> None:
+    """`SinkSpanProcessor.claim` on the installed processor."""
+    processor = _processor
+    if processor is not None:
+        processor.claim(call, span)
 
 
 def current_context() -> Context | None:

@@ -13,6 +13,7 @@ from opentelemetry.context import Context
 from opentelemetry.semconv.attributes import (
     client_attributes,
     http_attributes,
+    network_attributes,
     server_attributes,
     url_attributes,
     user_agent_attributes,
@@ -103,6 +104,8 @@ class Inbound(NamedTuple):
     arrival order); `headers` decodes all of them, called only if a trust policy or header
     capture asks. `server` is (host, port) from the Host header or the socket, `client` the
     peer address. The route template is handed over when it is known, at `RequestSpan.end`.
+    A websocket connection (`websocket=True`, method "GET": its handshake) gets one span for
+    its whole life, named `WEBSOCKET <route>`.
     """
 
     method: str
@@ -114,6 +117,7 @@ class Inbound(NamedTuple):
     client: str | None
     user_agent: str | None
     content_type: str | None
+    websocket: bool = False
 
 
 def start(options: ServerOptions, request: Inbound) -> RequestSpan | None:
@@ -141,6 +145,7 @@ class RequestSpan:
         "_token",
         "context",
         "method",
+        "name",
         "request_body",
         "response_body",
         "route",
@@ -150,6 +155,7 @@ class RequestSpan:
 
     def __init__(self, options: ServerOptions, request: Inbound) -> None:
         self.method = request.method if request.method in _KNOWN_METHODS else "_OTHER"
+        self.name = "WEBSOCKET" if request.websocket else self.method
         self.status: int | None = None
         self.route: str | None = None
         self._ended = False
@@ -159,12 +165,12 @@ class RequestSpan:
         self.request_body = self._capture(request.content_type)
         self.response_body: BodyCapture | None = None
         attributes = _attributes(self.method, request, options)
-        parent = _parent(options, request, attributes)
+        parent = _parent(options, request, attributes, self.name)
         context = parent.context
         if options.identity_headers or (parent.trusted and _propagation.BAGGAGE in request.carrier):
             context = _identity(options, request, parent, attributes)
         self.span = _mlflow.start_span(
-            self.method,
+            self.name,
             context,
             SpanKind.SERVER,
             attributes,
@@ -184,8 +190,15 @@ class RequestSpan:
         self.status = status
         self.response_body = self._capture(content_type)
 
-    def end(self, error: BaseException | None = None, *, route: str | None = None) -> None:
-        """End the span once: name from the route template, status from the response."""
+    def end(
+        self,
+        error: BaseException | None = None,
+        *,
+        route: str | None = None,
+        attributes: Mapping[str, int | str] | None = None,
+    ) -> None:
+        """End the span once: name from the route template, status from the response;
+        `attributes` are what only the adapter knows (a websocket's message counts)."""
         if self._ended:
             return
         self._ended = True
@@ -194,6 +207,8 @@ class RequestSpan:
         span = self.span
         try:
             if span.is_recording():
+                if attributes:
+                    span.set_attributes(attributes)
                 self._finish(span, self.route, error)
         except Exception:
             _log.internal_error("request span end")
@@ -202,10 +217,10 @@ class RequestSpan:
 
     def _finish(self, span: trace.Span, route: str | None, error: BaseException | None) -> None:
         if route:
-            span.update_name(f"{self.method} {route}")
+            span.update_name(f"{self.name} {route}")
             span.set_attribute(http_attributes.HTTP_ROUTE, route)
             if span.parent is None:  # type: ignore[attr-defined]
-                span.set_attribute(_keys.TRACE_NAME, f"{self.method} {route}")
+                span.set_attribute(_keys.TRACE_NAME, f"{self.name} {route}")
         if self.request_body is not None and (inputs := self.request_body.attribute()):
             span.set_attribute(_keys.INPUTS, inputs)
         if self.response_body is not None and (outputs := self.response_body.attribute()):
@@ -237,6 +252,8 @@ def _attributes(method: str, request: Inbound, options: ServerOptions) -> dict[s
         url_attributes.URL_PATH: request.path,
         url_attributes.URL_SCHEME: request.scheme,
     }
+    if request.websocket:
+        attributes[network_attributes.NETWORK_PROTOCOL_NAME] = "websocket"
     if request.server is not None:
         attributes[server_attributes.SERVER_ADDRESS] = request.server[0]
         if request.server[1] is not None:
@@ -258,13 +275,15 @@ class _Parent(NamedTuple):
     trace_id: int | None = None  # adopted from the caller, for a root span
 
 
-def _parent(options: ServerOptions, request: Inbound, attributes: dict[str, Any]) -> _Parent:
+def _parent(
+    options: ServerOptions, request: Inbound, attributes: dict[str, Any], name: str
+) -> _Parent:
     """What the request span continues; marks it as a trace's root (`TRACE_NAME`) when it has
     no parent."""
     context = _propagation.extract(request.carrier) if request.carrier else Context()
     remote = trace.get_current_span(context).get_span_context()
     if not remote.is_valid:
-        attributes[_keys.TRACE_NAME] = attributes[http_attributes.HTTP_REQUEST_METHOD]
+        attributes[_keys.TRACE_NAME] = name
         return _Parent(context, [], None, trusted=True)
     caller = _traceparent(remote)
     if options.trust == "adopt":
@@ -272,7 +291,7 @@ def _parent(options: ServerOptions, request: Inbound, attributes: dict[str, Any]
         # logs and traces correlate, but start the trace in MLflow here, as its root; its
         # baggage is kept, its sampling decision is not (MLflow's sampler decides).
         attributes[_keys.ADOPTED_FROM] = caller
-        attributes[_keys.TRACE_NAME] = attributes[http_attributes.HTTP_REQUEST_METHOD]
+        attributes[_keys.TRACE_NAME] = name
         adopted = baggage_only(context)
         link = trace.Link(remote, {_keys.ADOPTED_FROM: caller})
         return _Parent(adopted, [link], None, trusted=True, trace_id=remote.trace_id)
@@ -289,7 +308,7 @@ def _parent(options: ServerOptions, request: Inbound, attributes: dict[str, Any]
     # Restart: a new trace; the caller's ids are kept as a link, nothing else of theirs
     # (tracestate, baggage, sampling decision) is taken.
     attributes[_keys.RESTARTED_FROM] = caller
-    attributes[_keys.TRACE_NAME] = attributes[http_attributes.HTTP_REQUEST_METHOD]
+    attributes[_keys.TRACE_NAME] = name
     return _Parent(Context(), [trace.Link(remote, {_keys.RESTARTED_FROM: caller})], None, False)
 
 

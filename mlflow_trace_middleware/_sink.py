@@ -95,15 +95,17 @@ class SinkStats:
 
 
 # A queued span: (encoded bytes, scope, experiment id, size, monotonic time of the first failed
-# attempt or 0.0, whether it is its trace's root). A plain tuple of atoms on purpose: the
-# garbage collector untracks it at its first young collection, so a full queue costs nothing.
-_Item = tuple[bytes, Scope, "str | None", int, float, bool]
+# attempt or 0.0, whether it is its trace's root, whether it is a claim). A plain tuple of atoms
+# on purpose: the garbage collector untracks it at its first young collection, so a full queue
+# costs nothing.
+_Item = tuple[bytes, Scope, "str | None", int, float, bool, bool]
 _SPAN: Final = 0
 _SCOPE: Final = 1
 _EXPERIMENT: Final = 2
 _SIZE: Final = 3
 _SINCE: Final = 4
 _ROOT: Final = 5
+_CLAIM: Final = 6
 
 
 # MLflow 3.18 refuses a whole batch when one of its traces lives in another experiment
@@ -182,8 +184,14 @@ class SpanSink:
     # -- producer side (request path) -----------------------------------------------------
 
     def submit(self, span: EncodedSpan, experiment_id: str | None = None) -> None:
-        """Queue one finished span. Never blocks on I/O, never raises."""
+        """Queue one finished span. Never blocks on I/O, never raises.
+
+        A claim (`EncodedSpan.claim`: the placeholder that makes the server file its trace
+        under `experiment_id` before anyone else writes to it) goes to the front of the queue,
+        wakes the worker, and is posted without finished spans: one POST must not hold both a
+        placeholder and the span it stands for."""
         data = span.data
+        claim = span.claim
         size = len(data)
         with self._lock:
             self._produced += 1
@@ -198,7 +206,11 @@ class SpanSink:
                 drop = "queue_full"
             else:
                 drop = ""
-                self._queue.append((data, span.scope, experiment_id, size, 0.0, span.root))
+                item = (data, span.scope, experiment_id, size, 0.0, span.root, claim)
+                if claim:
+                    self._queue.appendleft(item)
+                else:
+                    self._queue.append(item)
                 self._held_bytes += size
             if drop:
                 self._dropped[drop] += 1
@@ -207,8 +219,8 @@ class SpanSink:
                 worker = self._worker = threading.Thread(
                     target=self._run, name="mlflow-trace-sink", daemon=True
                 )
-            # Once per full batch: setting an Event takes its lock and wakes a thread.
-            wake = len(self._queue) >= self._max_batch and not self._wake.is_set()
+            # Once per full batch (or claim): setting an Event takes its lock and wakes a thread.
+            wake = (claim or len(self._queue) >= self._max_batch) and not self._wake.is_set()
         if worker is not None:
             try:
                 worker.start()
@@ -298,18 +310,28 @@ class SpanSink:
 
     def _run(self) -> None:
         attempt = 0
+        due = time.monotonic() + self._delay  # when a partial batch of spans goes out
         while True:
             if not self._flush_requested:
-                self._wake.wait(self._delay)
+                self._wake.wait(max(due - time.monotonic(), 0.0))
             self._wake.clear()
-            while batch := self._take():
+            # Woken before time by a claim: post the claims, keep the spans' schedule (a
+            # stream of claims must not hold partial batches back until a batch fills up).
+            early = time.monotonic() < due and not (
+                self._flush_requested or self._closing or len(self._queue) >= self._max_batch
+            )
+            if not early:
+                due = time.monotonic() + self._delay
+            while batch := self._take(claims_only=early):
                 delay = self._deliver(batch, attempt)
                 if delay is None:
                     attempt = 0
                     # Few spans left: wait for a fuller batch (cheaper per span, for us and
                     # for the server) unless someone is waiting for them.
-                    if len(self._queue) < self._max_batch and not (
-                        self._flush_requested or self._closing
+                    if (
+                        not batch[0][_CLAIM]
+                        and len(self._queue) < self._max_batch
+                        and not (self._flush_requested or self._closing)
                     ):
                         break
                     continue
@@ -325,13 +347,18 @@ class SpanSink:
                     return
             self._summarize()
 
-    def _take(self) -> list[_Item]:
+    def _take(self, claims_only: bool = False) -> list[_Item]:
         with self._lock:
             batch: list[_Item] = []
             size = 0
+            if claims_only and not (self._queue and self._queue[0][_CLAIM]):
+                self._in_flight = 0
+                return batch
             while self._queue and len(batch) < self._max_batch:
                 item = self._queue[0]
-                if batch and size + item[_SIZE] > self._max_batch_bytes:
+                if batch and (
+                    size + item[_SIZE] > self._max_batch_bytes or item[_CLAIM] != batch[0][_CLAIM]
+                ):
                     break
                 batch.append(self._queue.popleft())
                 size += item[_SIZE]
@@ -375,7 +402,9 @@ class SpanSink:
 
     def _export(self, items: list[_Item], experiment_id: str | None) -> ExportResult:
         try:
-            spans = [EncodedSpan(item[_SPAN], item[_SCOPE], item[_ROOT]) for item in items]
+            spans = [
+                EncodedSpan(item[_SPAN], item[_SCOPE], item[_ROOT], item[_CLAIM]) for item in items
+            ]
             result = self.exporter.export(spans, experiment_id)
         except Exception:
             _log.internal_error("exporter.export")
@@ -409,7 +438,7 @@ class SpanSink:
             if self._closing or now - since >= self._max_retry_time:
                 expired.append(item)
             else:
-                keep.append((*item[:_SINCE], since, item[_ROOT]))
+                keep.append((*item[:_SINCE], since, *item[_ROOT:]))
         if expired:
             reason = "shutdown_timeout" if self._closing else "retries_exhausted"
             self._settle(expired, ExportResult.dropped(reason))

@@ -87,7 +87,8 @@ def encode_span(
         name=span.name,
         kind=_KINDS[span.kind],  # type: ignore[arg-type]
         start_time_unix_nano=span.start_time or 0,
-        end_time_unix_nano=span.end_time or 0,
+        # An open span (a claim's placeholder) is encoded as a zero-length one.
+        end_time_unix_nano=span.end_time or span.start_time or 0,
     )
     if span.dropped_attributes or span.dropped_events or span.dropped_links:
         encoded.dropped_attributes_count = span.dropped_attributes
@@ -269,14 +270,18 @@ def _varint(value: int) -> bytes:
 class EncodedSpan:
     """An encoded span with the ReadableSpan attributes exporters read, decoded on access.
 
-    `root`: the span has no parent at all (it starts its trace)."""
+    `root`: the span has no parent at all (it starts its trace). `claim`: a placeholder of a
+    span still open (zero length, no attributes but the service), sent when the trace's first
+    call leaves the process so the server files the trace under its root's experiment; the
+    span itself follows when it ends and replaces it (docs/architecture.md, "Claims")."""
 
-    __slots__ = ("_decoded", "data", "root", "scope")
+    __slots__ = ("_decoded", "claim", "data", "root", "scope")
 
-    def __init__(self, data: bytes, scope: Scope, root: bool = False) -> None:
+    def __init__(self, data: bytes, scope: Scope, root: bool = False, claim: bool = False) -> None:
         self.data = data
         self.scope = scope
         self.root = root
+        self.claim = claim
         self._decoded: PbSpan | None = None
 
     @property

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from . import _log, _propagation, _runtime, _server
+from . import _log, _propagation, _routes, _runtime, _server
 from ._middleware import Middleware
 
 __all__ = ["MlflowTracingMiddleware"]
@@ -27,10 +27,11 @@ class MlflowTracingMiddleware(Middleware[ASGIApp]):
     ```
 
     The request span continues the caller's `traceparent`, is named after the route template
-    (`POST /agents/{name}`), and ends when the last body chunk is sent or the client goes away.
-    Spans the handler creates with `@mlflow.trace` or `mlflow.start_span` nest under it.
-    Lifespan and websocket traffic pass through; spans are flushed on lifespan shutdown (the
-    middleware answers lifespan itself for an app that does not support it).
+    (`POST /agents/{name}`: Starlette, FastAPI, Litestar and Quart routes), and ends when the
+    last body chunk is sent or the client goes away. Spans the handler creates with
+    `@mlflow.trace` or `mlflow.start_span` nest under it. A websocket connection gets one span
+    from handshake to close (`WEBSOCKET /ws/{room}`). Spans are flushed on lifespan shutdown
+    (the middleware answers lifespan itself for an app that does not support it).
 
     Args:
         app: The ASGI application to wrap.
@@ -67,20 +68,29 @@ class MlflowTracingMiddleware(Middleware[ASGIApp]):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.used:
             self.first_use()
-        if scope["type"] == "lifespan":
+        kind = scope["type"]
+        if kind == "lifespan":
             await _lifespan(self.app, scope, receive, send)
             return
-        if scope["type"] != "http":
+        if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
-        request = _start(self.options, scope)
+        request = _start(self.options, scope, websocket=kind == "websocket")
         if request is None:
             await self.app(scope, receive, send)
-            return
-        await _traced(self.app, scope, receive, send, request)
+        elif kind == "http":
+            await _traced(self.app, scope, receive, send, request)
+        else:
+            await _websocket(self.app, scope, receive, send, request)
+
+    def first_use(self) -> None:
+        super().first_use()
+        _routes.watch_quart()
 
 
-def _start(options: _server.ServerOptions, scope: Scope) -> _server.RequestSpan | None:
+def _start(
+    options: _server.ServerOptions, scope: Scope, *, websocket: bool = False
+) -> _server.RequestSpan | None:
     # One pass over the raw headers for what every request needs; all of them are decoded
     # only if a trust policy or header capture asks.
     raw = scope["headers"]
@@ -118,6 +128,7 @@ def _start(options: _server.ServerOptions, scope: Scope) -> _server.RequestSpan 
             client[0] if client else None,
             user_agent,
             content_type,
+            websocket,
         ),
     )
 
@@ -151,17 +162,68 @@ async def _traced(
         await send(message)
         if kind == "http.response.body" and not message.get("more_body", False):
             response_done = True
-            request.end(route=_route(scope, root_path))
+            request.end(route=_routes.template(scope, root_path))
 
     try:
         await app(scope, receive_wrapper, send_wrapper)
     except BaseException as exc:
-        request.end(exc, route=_route(scope, root_path))
+        request.end(exc, route=_routes.template(scope, root_path))
         raise
     finally:
         if not response_done:  # the client went away, or no body was sent
-            request.end(route=_route(scope, root_path))
+            request.end(route=_routes.template(scope, root_path))
         request.detach()
+
+
+async def _websocket(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, request: _server.RequestSpan
+) -> None:
+    """One span per connection: the handshake's outcome as its status (101 accepted; 403, or
+    the app's denial response, refused), the close code and the message counts."""
+    root_path = scope.get("root_path", "")
+    counts = {_RECEIVED: 0, _SENT: 0}
+    closed: dict[str, int] = {}
+
+    async def receive_wrapper() -> Message:
+        message = await receive()
+        kind = message.get("type")
+        if kind == "websocket.receive":
+            counts[_RECEIVED] += 1
+        elif kind == "websocket.disconnect":
+            closed.setdefault(_CLOSE_CODE, message.get("code", 1005))
+        return message
+
+    async def send_wrapper(message: Message) -> None:
+        kind = message.get("type")
+        try:
+            if kind == "websocket.send":
+                counts[_SENT] += 1
+            elif kind == "websocket.accept":
+                request.response_started(101, None)
+            elif kind == "websocket.http.response.start":  # the denial response extension
+                _response_started(request, message)
+            elif kind == "websocket.close":
+                closed.setdefault(_CLOSE_CODE, message.get("code", 1000))
+                if request.status is None:  # closed before accepting: the server answers 403
+                    request.response_started(403, None)
+        except Exception:
+            _log.internal_error("asgi websocket send")
+        await send(message)
+
+    error: BaseException | None = None
+    try:
+        await app(scope, receive_wrapper, send_wrapper)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        request.end(error, route=_routes.template(scope, root_path), attributes=counts | closed)
+        request.detach()
+
+
+_RECEIVED = "websocket.messages.received"
+_SENT = "websocket.messages.sent"
+_CLOSE_CODE = "websocket.close.code"
 
 
 def _response_started(request: _server.RequestSpan, message: Message) -> None:
@@ -170,16 +232,6 @@ def _response_started(request: _server.RequestSpan, message: Message) -> None:
         if key.lower() == b"content-type":
             content_type = value.decode("latin-1")
     request.response_started(int(message["status"]), content_type)
-
-
-def _route(scope: Scope, root_path: str) -> str | None:
-    """The matched route template (Starlette/FastAPI set `scope["route"]`), mounts included."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if not isinstance(path, str):
-        return None
-    mount_prefix: str = scope.get("root_path", "")[len(root_path) :]
-    return mount_prefix + path
 
 
 async def _lifespan(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:

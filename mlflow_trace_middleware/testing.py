@@ -17,6 +17,8 @@ __all__ = ["InMemoryExporter"]
 
 class InMemoryExporter:
     """Collects exported spans; `batches` records (experiment id, span count) per export call.
+    Claims (the placeholder a trace's first outgoing call posts, `EncodedSpan.claim`) are kept
+    apart, in `claims`, as (experiment id, span).
 
     ```python
     exporter = InMemoryExporter()
@@ -30,11 +32,15 @@ class InMemoryExporter:
         self._lock = threading.Lock()
         self.spans: list[EncodedSpan] = []
         self.batches: list[tuple[str | None, int]] = []
+        self.claims: list[tuple[str | None, EncodedSpan]] = []
 
     def export(self, spans: Sequence[EncodedSpan], experiment_id: str | None) -> ExportResult:
         with self._lock:
-            self.spans.extend(spans)
-            self.batches.append((experiment_id, len(spans)))
+            if spans and spans[0].claim:  # the sink never mixes claims and spans in one call
+                self.claims += [(experiment_id, span) for span in spans]
+            else:
+                self.spans.extend(spans)
+                self.batches.append((experiment_id, len(spans)))
         return ExportResult.ok()
 
     def shutdown(self) -> None:
@@ -51,3 +57,4 @@ class InMemoryExporter:
         with self._lock:
             self.spans.clear()
             self.batches.clear()
+            self.claims.clear()

@@ -264,7 +264,7 @@ async def test_options_switch_capture_off_cap_it_and_exclude_paths(
     assert json.loads(capped["mlflow.spanInputs"]).startswith("[body truncated: ")
 
 
-async def test_lifespan_and_websocket_pass_through_and_shutdown_flushes(
+async def test_lifespan_and_other_scopes_pass_through_and_shutdown_flushes(
     exporter: InMemoryExporter,
 ) -> None:
     seen_scopes: list[str] = []
@@ -287,9 +287,9 @@ async def test_lifespan_and_websocket_pass_through_and_shutdown_flushes(
         return {"type": "lifespan.shutdown"}
 
     middleware = MlflowTracingMiddleware(app)
-    await middleware({"type": "websocket", "path": "/ws", "headers": []}, receive, send)
+    await middleware({"type": "webtransport", "path": "/wt", "headers": []}, receive, send)
     await middleware({"type": "lifespan"}, receive, send)
-    assert seen_scopes == ["websocket", "lifespan"]
+    assert seen_scopes == ["webtransport", "lifespan"]
     assert sent == [("lifespan.shutdown.complete", ["on-shutdown"])]
 
 

@@ -1,0 +1,195 @@
+"""Claims: the first outgoing call of a trace rooted in this process posts a placeholder of its
+span at once, so the MLflow server files the trace under the root's experiment before a callee
+that reports to MLflow itself (the AI Gateway) writes into it. In-process: the real clients,
+the processor and the sink, an in-memory exporter (the end-to-end case: test_e2e_gateway.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import mlflow
+from mlflow.tracing import get_tracing_context_headers_for_http_request
+from opentelemetry.trace import SpanKind
+
+import mlflow_trace_middleware as mtm
+from mlflow_trace_middleware import MlflowTracingMiddleware
+from mlflow_trace_middleware._config import SinkLimits
+from mlflow_trace_middleware._sink import ExportResult, SpanSink
+from mlflow_trace_middleware._span import EncodedSpan
+from mlflow_trace_middleware.httpx import AsyncTracingTransport, TracingTransport
+from mlflow_trace_middleware.testing import InMemoryExporter
+
+
+def ok_transport(lib: Any = httpx) -> Any:
+    return lib.MockTransport(lambda request: lib.Response(200, json={"ok": True}))
+
+
+def test_the_first_call_of_a_trace_rooted_here_claims_it_once(
+    exporter: InMemoryExporter,
+) -> None:
+    with httpx.Client(transport=TracingTransport(ok_transport())) as client:
+        with mlflow.start_span("root"):
+            client.get("http://llm.test/a")
+            client.get("http://llm.test/b")
+    spans = exporter.finished_spans()
+    first = min((s for s in spans if s.kind == SpanKind.CLIENT), key=lambda s: s.start_time)
+    ((experiment, claim),) = exporter.claims
+    # The placeholder is the first call's span as it started: same ids and parent, zero length,
+    # no attributes but the service, posted to the experiment its spans go to.
+    assert (claim.context.trace_id, claim.context.span_id) == (
+        first.context.trace_id,
+        first.context.span_id,
+    )
+    assert claim.parent.span_id == first.parent.span_id
+    assert (claim.name, claim.kind) == (first.name, SpanKind.CLIENT)
+    assert claim.start_time == claim.end_time == first.start_time
+    assert claim.attributes == {"service.name": "test-svc"}
+    assert not claim.root
+    assert experiment == exporter.batches[0][0]
+
+
+def test_a_trace_continued_from_a_caller_is_not_claimed(exporter: InMemoryExporter) -> None:
+    # Its root is the caller's, which claimed it (its first call is this request).
+    import fastapi
+
+    app = fastapi.FastAPI()
+    app.add_middleware(MlflowTracingMiddleware, instrument_clients=False)
+
+    @app.get("/ask")
+    async def ask() -> dict[str, bool]:
+        async with httpx.AsyncClient(transport=AsyncTracingTransport(ok_transport())) as c:
+            await c.get("http://llm.test/")
+        return {"ok": True}
+
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    async def run() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as c:
+            assert (await c.get("/ask", headers={"traceparent": caller})).status_code == 200
+            assert (await c.get("/ask")).status_code == 200  # a new trace: claimed
+
+    import asyncio
+
+    asyncio.run(run())
+    spans = exporter.finished_spans()
+    assert len([s for s in spans if s.kind == SpanKind.CLIENT]) == 2
+    ((_, claim),) = exporter.claims
+    assert f"{claim.context.trace_id:032x}" != caller.split("-")[1]
+
+
+def test_a_call_the_caller_instrumented_itself_claims_with_its_span(
+    exporter: InMemoryExporter, echo_url: str
+) -> None:
+    # What MLflow's autologs do: their LLM-call span is the call's span, never made current.
+    mtm.instrument()
+    with mlflow.start_span("handler"), mlflow.start_span("llm-call") as llm:
+        headers = get_tracing_context_headers_for_http_request()
+        httpx.Client().get(f"{echo_url}/x", headers=headers)
+    ((_, claim),) = exporter.claims
+    assert f"{claim.context.span_id:016x}" == llm.span_id
+    assert claim.name == "llm-call"
+    assert claim.start_time == claim.end_time
+
+
+class Recorder:
+    """An exporter that records each call's spans (by name) and whether they were claims."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[bool, list[str]]] = []
+        self.gate = threading.Event()
+        self.first = threading.Event()
+
+    def export(self, spans: Sequence[EncodedSpan], experiment_id: str | None) -> ExportResult:
+        self.first.set()
+        self.gate.wait(10)  # the first export blocks until the test has queued the rest
+        self.calls.append(({s.claim for s in spans} == {True}, [s.name for s in spans]))
+        return ExportResult.ok()
+
+    def shutdown(self) -> None:
+        pass
+
+
+def span(name: str, claim: bool = False) -> EncodedSpan:
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
+
+    data = PbSpan(name=name, trace_id=b"\x01" * 16, span_id=b"\x02" * 8).SerializeToString()
+    return EncodedSpan(data, ("test", ""), claim=claim)
+
+
+def test_a_claim_jumps_the_queue_and_is_posted_alone() -> None:
+    recorder = Recorder()
+    sink = SpanSink(recorder, SinkLimits(schedule_delay=30.0, max_batch_spans=2))
+    try:
+        sink.submit(span("a"))
+        sink.submit(span("b"))  # a full batch: the worker takes it and blocks in export
+        assert recorder.first.wait(10)
+        for name in ("c", "d", "e"):
+            sink.submit(span(name))
+        sink.submit(span("claim-1", claim=True))
+        sink.submit(span("claim-2", claim=True))
+        recorder.gate.set()
+        assert sink.flush(10)
+    finally:
+        sink.shutdown(1)
+    # Claims before the spans queued ahead of them, in a POST of their own.
+    assert recorder.calls == [
+        (False, ["a", "b"]),
+        (True, ["claim-2", "claim-1"]),
+        (False, ["c", "d"]),
+        (False, ["e"]),
+    ]
+    stats = sink.stats()
+    assert (stats.produced, stats.exported, stats.pending) == (7, 7, 0)
+
+
+def test_a_claim_wakes_the_worker_without_waiting_for_the_schedule() -> None:
+    done = threading.Event()
+
+    class Signal:
+        def export(self, spans: Sequence[EncodedSpan], experiment_id: str | None) -> ExportResult:
+            done.set()
+            return ExportResult.ok()
+
+        def shutdown(self) -> None:
+            pass
+
+    sink = SpanSink(Signal(), SinkLimits(schedule_delay=3600.0))
+    try:
+        sink.submit(span("queued"))
+        sink.submit(span("claim", claim=True))
+        # Waiting on the event, not a clock: with an hour's schedule delay only the claim's
+        # wake-up gets anything exported before the test's timeout.
+        assert done.wait(30)
+    finally:
+        sink.shutdown(1)
+
+
+def test_a_stream_of_claims_does_not_hold_spans_back() -> None:
+    exported = threading.Event()
+
+    class Spans:
+        def export(self, spans: Sequence[EncodedSpan], experiment_id: str | None) -> ExportResult:
+            if not spans[0].claim:
+                exported.set()
+            return ExportResult.ok()
+
+        def shutdown(self) -> None:
+            pass
+
+    sink = SpanSink(Spans(), SinkLimits(schedule_delay=0.2))
+    try:
+        sink.submit(span("waiting"))  # a partial batch: due after the schedule delay
+        # Claims keep waking the worker sooner than that; the span must still go out on time,
+        # not once a whole batch has filled up (never, here).
+        for _ in range(200):
+            sink.submit(span("claim", claim=True))
+            if exported.wait(0.05):
+                break
+        assert exported.is_set()
+    finally:
+        sink.shutdown(1)
