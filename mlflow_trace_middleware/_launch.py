@@ -87,6 +87,8 @@ def bootstrap() -> None:
             ("fastapi.applications", lambda m: _patch_starlette(m.FastAPI, options)),
             ("flask.app", lambda m: _patch_flask(m.Flask, options)),
             ("django.core.handlers.base", lambda m: _patch_django(m.BaseHandler, options)),
+            ("litestar.app", lambda m: _patch_asgi_call(m.Litestar, options, _litestar_has)),
+            ("quart.app", lambda m: _patch_asgi_call(m.Quart, options, _quart_has)),
         ):
             _when_imported(module, patch)
     except Exception:
@@ -144,6 +146,37 @@ def _wraps(app: object, cls: type) -> bool:
         if app is None:
             return False
     return False
+
+
+def _patch_asgi_call(cls: Any, options: dict[str, Any], has: Callable[[Any], bool]) -> None:
+    """Wrap each app's `__call__` (Litestar, Quart: lifespan included, so the middleware
+    flushes at shutdown) unless `has(app)` finds the middleware added already. Keyed by the
+    app's id: Litestar's slots leave no room on the instance."""
+    original = cls.__call__
+    traced: dict[int, Any] = {}
+
+    async def __call__(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        app = traced.get(id(self))
+        if app is None:
+
+            async def call(scope: Any, receive: Any, send: Any) -> None:
+                await original(self, scope, receive, send)
+
+            app = traced[id(self)] = call if has(self) else MlflowTracingMiddleware(call, **options)
+        await app(scope, receive, send)
+
+    cls.__call__ = __call__
+
+
+def _litestar_has(app: Any) -> bool:
+    """`Litestar(middleware=[MlflowTracingMiddleware])`, or a `DefineMiddleware` of it."""
+    added = (getattr(m, "middleware", m) for m in getattr(app, "middleware", ()))
+    return any(map(_is_asgi_middleware, added))
+
+
+def _quart_has(app: Any) -> bool:
+    """`app.asgi_app = MlflowTracingMiddleware(app.asgi_app)`, possibly under other wrappers."""
+    return _wraps(app.asgi_app, MlflowTracingMiddleware)
 
 
 def _patch_django(cls: Any, options: dict[str, Any]) -> None:

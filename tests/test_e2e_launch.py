@@ -191,6 +191,27 @@ def test_three_unmodified_apps_give_one_stitched_trace_per_request(
             id="hypercorn",
         ),
         pytest.param(
+            "litestar",
+            [
+                str(BIN / "uvicorn"),
+                "tests.apps.launch_asgi_frameworks:litestar",
+                "--port",
+                "{port}",
+            ],
+            {},
+            "/hello/world",
+            "GET /hello/{name}",
+            id="litestar-uvicorn",
+        ),
+        pytest.param(
+            "quart",
+            [str(BIN / "uvicorn"), "tests.apps.launch_asgi_frameworks:quart", "--port", "{port}"],
+            {},
+            "/hello/world",
+            "GET /hello/<name>",
+            id="quart-uvicorn",
+        ),
+        pytest.param(
             "fastapi-run",
             [str(BIN / "fastapi"), "run", "tests/apps/launch_fastapi.py", "--port", "{port}"],
             {},

@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from litestar import Litestar, get
+from litestar.params import FromPath
+from quart import Quart
+from starlette.testclient import TestClient
 
 import mlflow_trace_middleware as mtm
 from examples.launch import ROOT, free_port
@@ -320,3 +324,34 @@ def test_a_module_is_patched_right_after_its_first_import(
     _launch._when_imported("launch_probe", lambda module: seen.append(2))  # already imported
     assert seen == [1, 2]
     del sys.modules["launch_probe"]
+
+
+@pytest.mark.parametrize("added", [False, True], ids=["unmodified", "middleware-added"])
+def test_litestar_and_quart_apps_get_one_request_span(exporter: Any, added: bool) -> None:
+    class LitestarApp(Litestar):
+        pass
+
+    class QuartApp(Quart):
+        pass
+
+    _launch._patch_asgi_call(LitestarApp, {}, _launch._litestar_has)
+    _launch._patch_asgi_call(QuartApp, {}, _launch._quart_has)
+
+    @get("/x/{n:int}", sync_to_thread=False)
+    def handler(n: FromPath[int]) -> str:
+        return "ok"
+
+    litestar = LitestarApp([handler], middleware=[MlflowTracingMiddleware] if added else [])
+    quart = QuartApp(__name__)
+
+    @quart.get("/x/<int:n>")
+    async def view(n: int) -> str:
+        return "ok"
+
+    if added:
+        quart.asgi_app = MlflowTracingMiddleware(quart.asgi_app)  # type: ignore[method-assign]
+    for app in (litestar, quart):
+        with TestClient(app) as client:
+            assert client.get("/x/1").text.strip('"') == "ok"
+    names = sorted(span.name for span in exporter.finished_spans())
+    assert names == ["GET /x/<int:n>", "GET /x/{n}"]
