@@ -183,6 +183,21 @@ def test_three_unmodified_apps_give_one_stitched_trace_per_request(
             id="python-app.py",
         ),
         pytest.param(
+            "uvicorn-workers",
+            [
+                str(BIN / "uvicorn"),
+                "tests.apps.launch_script:app",
+                "--workers",
+                "2",
+                "--port",
+                "{port}",
+            ],
+            {},
+            "/hello/world",
+            "GET /hello/{name}",
+            id="uvicorn-spawned-workers",
+        ),
+        pytest.param(
             "hypercorn",
             [str(BIN / "hypercorn"), "tests.apps.launch_script:app", "--bind", "127.0.0.1:{port}"],
             {},
