@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -73,47 +73,136 @@ class Settings:
 _LIMITS = frozenset(SinkLimits.__dataclass_fields__)
 
 
-# The batch span processor's standard variables (OpenTelemetry SDK spec); times in milliseconds.
-_OTEL_BSP = {
-    "OTEL_BSP_MAX_QUEUE_SIZE": ("max_queue_spans", 1),
-    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": ("max_batch_spans", 1),
-    "OTEL_BSP_SCHEDULE_DELAY": ("schedule_delay", 1000),
-    "OTEL_BSP_EXPORT_TIMEOUT": ("export_timeout", 1000),
+class SettingError(ValueError):
+    """An environment variable whose value cannot be used: names it, the value and what is
+    expected (secrets are not echoed)."""
+
+    def __init__(self, variable: str, value: str, expected: str, *, secret: bool = False) -> None:
+        shown = "(hidden)" if secret else repr(value)
+        super().__init__(f"{variable}={shown}: expected {expected}")
+        self.variable = variable
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError(raw)
+    return value
+
+
+def _milliseconds(raw: str) -> float:
+    return _positive_int(raw) / 1000
+
+
+def _seconds(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value < float("inf"):
+        raise ValueError(raw)
+    return value
+
+
+_POSITIVE = "a positive integer"
+# variable -> (setting, parser, what is expected). The batch span processor's standard
+# variables (OpenTelemetry SDK spec, times in milliseconds), then ours for the other limits.
+_OTEL_BSP: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "OTEL_BSP_MAX_QUEUE_SIZE": ("max_queue_spans", _positive_int, _POSITIVE),
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": ("max_batch_spans", _positive_int, _POSITIVE),
+    "OTEL_BSP_SCHEDULE_DELAY": ("schedule_delay", _milliseconds, _POSITIVE),
+    "OTEL_BSP_EXPORT_TIMEOUT": ("export_timeout", _milliseconds, _POSITIVE),
+    "MLFLOW_TRACE_MAX_QUEUE_BYTES": ("max_queue_bytes", _positive_int, _POSITIVE),
+    "MLFLOW_TRACE_MAX_BATCH_BYTES": ("max_batch_bytes", _positive_int, _POSITIVE),
+    "MLFLOW_TRACE_MAX_RETRY_TIME": ("max_retry_time", _seconds, "a number of seconds >= 0"),
+    "MLFLOW_TRACE_SHUTDOWN_TIMEOUT": ("shutdown_timeout", _seconds, "a number of seconds >= 0"),
 }
+# A batch larger than its queue: (batch variable, queue variable, batch setting, queue setting).
+_BATCH_IN_QUEUE = (
+    (
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+        "OTEL_BSP_MAX_QUEUE_SIZE",
+        "max_batch_spans",
+        "max_queue_spans",
+    ),
+    (
+        "MLFLOW_TRACE_MAX_BATCH_BYTES",
+        "MLFLOW_TRACE_MAX_QUEUE_BYTES",
+        "max_batch_bytes",
+        "max_queue_bytes",
+    ),
+)
+_FLAGS = {"1": True, "true": True, "yes": True, "on": True}
+_FLAGS.update(dict.fromkeys(("0", "false", "no", "off"), False))
 
 
-def from_environment() -> Settings:
-    """Settings from `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_ID`/`_NAME`, `OTEL_SERVICE_NAME`
-    and the `OTEL_BSP_*` sink variables."""
+def flag(variable: str, raw: str | None, default: bool) -> bool:
+    """A boolean variable (`1/0`, `true/false`, `yes/no`, `on/off`); SettingError otherwise."""
+    if raw is None or not raw.strip():
+        return default
+    try:
+        return _FLAGS[raw.strip().lower()]
+    except KeyError:
+        raise SettingError(variable, raw, "1, true, yes, on, 0, false, no or off") from None
+
+
+def from_environment(*, strict: bool = False) -> Settings:
+    """Settings from `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_ID`/`_NAME`, `OTEL_SERVICE_NAME`,
+    the credentials and the sink variables.
+
+    An invalid value is ignored with a warning naming the variable, or, `strict` (the
+    launcher), raises SettingError: a service must start even if a variable is wrong, a
+    launch can stop and say so.
+    """
     env = os.environ
     tuning: dict[str, Any] = {}
-    for variable, (name, scale) in _OTEL_BSP.items():
+    defaults = {**SinkLimits.__dataclass_fields__, **Settings.__dataclass_fields__}
+    for variable, (name, parse, expected) in _OTEL_BSP.items():
         if raw := env.get(variable):
             try:
-                value = int(raw)
-                if value <= 0:
-                    raise ValueError
+                tuning[name] = parse(raw)
             except ValueError:
+                if strict:
+                    raise SettingError(variable, raw, expected) from None
                 _log.logger.warning(
-                    "mlflow-trace-middleware: ignoring %s: not a positive integer", variable
+                    "mlflow-trace-middleware: ignoring %s: not %s", variable, expected
                 )
-                continue
-            tuning[name] = value / scale if scale != 1 else value
-    queue = tuning.get("max_queue_spans", SinkLimits.max_queue_spans)
-    if tuning.get("max_batch_spans", SinkLimits.max_batch_spans) > queue:
-        _log.logger.warning(
-            "mlflow-trace-middleware: the export batch (OTEL_BSP_MAX_EXPORT_BATCH_SIZE or its "
-            "default) is larger than the queue (OTEL_BSP_MAX_QUEUE_SIZE); using the queue size"
-        )
-        tuning["max_batch_spans"] = queue
+    for batch_var, queue_var, batch, queue in _BATCH_IN_QUEUE:
+        queue_size = tuning.get(queue, defaults[queue].default)
+        if tuning.get(batch, defaults[batch].default) > queue_size:
+            if strict:
+                raise SettingError(
+                    batch_var,
+                    env.get(batch_var, "(default)"),
+                    f"at most {queue_var} ({queue_size})",
+                )
+            _log.logger.warning(
+                "mlflow-trace-middleware: %s (or its default) is larger than %s; using the latter",
+                batch_var,
+                queue_var,
+            )
+            tuning[batch] = queue_size
+    keys = env.get("MLFLOW_TRACE_SIGNING_KEY") or None
+    checked: tuple[tuple[Callable[[], Any], Any], ...] = (
+        (lambda: flag(FREEZE_ENV, env.get(FREEZE_ENV), False), False),
+        (lambda: _signing_keys_variable(keys), ()),
+        (lambda: {**_otlp_headers(env, strict=strict), **_auth_headers(env, strict=True)}, {}),
+    )
+    values: list[Any] = []
+    for read, fallback in checked:
+        try:
+            values.append(read())
+        except SettingError as exc:
+            if strict:
+                raise
+            _log.logger.warning("mlflow-trace-middleware: ignoring %s: invalid", exc.variable)
+            values.append(fallback)
+    freeze_gc, signing, headers = values
     return Settings(
         tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
         experiment_id=env.get("MLFLOW_EXPERIMENT_ID") or None,
         experiment_name=env.get("MLFLOW_EXPERIMENT_NAME") or None,
         service_name=env.get("OTEL_SERVICE_NAME") or _DEFAULT_SERVICE_NAME,
-        headers={**_otlp_headers(env), **_auth_headers(env)},
-        signing_keys=signing_keys(env.get("MLFLOW_TRACE_SIGNING_KEY") or None),
-        freeze_gc=env.get(FREEZE_ENV, "").strip().lower() in ("1", "true", "yes", "on"),
+        headers=headers,
+        signing_keys=signing,
+        freeze_gc=freeze_gc,
         **_split(tuning),
     )
 
@@ -137,7 +226,7 @@ def signing_keys(value: str | bytes | Sequence[str | bytes] | None) -> tuple[byt
 _OTLP_HEADERS = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")
 
 
-def _otlp_headers(env: os._Environ[str] | dict[str, str]) -> dict[str, str]:
+def _otlp_headers(env: Mapping[str, str], *, strict: bool = False) -> dict[str, str]:
     import urllib.parse
 
     headers = {}
@@ -145,6 +234,10 @@ def _otlp_headers(env: os._Environ[str] | dict[str, str]) -> dict[str, str]:
         for pair in filter(str.strip, env.get(variable, "").split(",")):
             key, equals, value = pair.partition("=")
             if not (equals and key.strip()):
+                if strict:
+                    raise SettingError(
+                        variable, pair, "comma-separated key=value pairs", secret=True
+                    )
                 _log.logger.warning(
                     "mlflow-trace-middleware: ignoring a malformed header in %s", variable
                 )
@@ -153,11 +246,27 @@ def _otlp_headers(env: os._Environ[str] | dict[str, str]) -> dict[str, str]:
     return headers
 
 
-def _auth_headers(env: os._Environ[str] | dict[str, str]) -> dict[str, str]:
+def _signing_keys_variable(raw: str | None) -> tuple[bytes, ...]:
+    try:
+        return signing_keys(raw)
+    except ValueError:
+        raise SettingError(
+            "MLFLOW_TRACE_SIGNING_KEY", raw or "", "comma-separated non-empty keys", secret=True
+        ) from None
+
+
+def _auth_headers(env: Mapping[str, str], *, strict: bool = False) -> dict[str, str]:
     """Credentials as MLflow's own client sends them (`mlflow/utils/rest_utils.py`)."""
     if token := env.get("MLFLOW_TRACKING_TOKEN"):
         return {"Authorization": f"Bearer {token}"}
     user, password = env.get("MLFLOW_TRACKING_USERNAME"), env.get("MLFLOW_TRACKING_PASSWORD")
+    if strict and bool(user) != bool(password):
+        given, missing = (
+            ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+            if user
+            else ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME")
+        )
+        raise SettingError(missing, "", f"to be set with {given}")
     if user and password:
         import base64
 
@@ -174,6 +283,12 @@ def get_settings() -> Settings:
     if _settings is None:
         _settings = from_environment()
     return _settings
+
+
+def install(settings: Settings) -> None:
+    """Use `settings` as read once by the launcher (`_env.load`)."""
+    global _settings
+    _settings = settings
 
 
 def update_settings(**changes: Any) -> Settings:

@@ -69,14 +69,14 @@ class ServerOptions:
             _trust.check_policy(trust),
             capturable_headers(capture_headers, redaction),
             redaction,
-            _identity_headers(identity_headers),
+            parse_identity_headers(identity_headers),
         )
 
 
 IDENTITY_HEADERS_ENV = "MLFLOW_TRACE_IDENTITY_HEADERS"
 
 
-def _identity_headers(mapping: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+def parse_identity_headers(mapping: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
     """`{"X-Session-Id": "session.id"}` (or `MLFLOW_TRACE_IDENTITY_HEADERS`, comma-separated
     `header=attribute` pairs, when None) as checked (header, attribute) pairs."""
     if mapping is None:

@@ -9,11 +9,17 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from hypothesis import settings
 
 import mlflow_trace_middleware as mtm
 from examples.launch import Process, start_mlflow_server
 from mlflow_trace_middleware import _compat, _log
 from mlflow_trace_middleware.testing import InMemoryExporter
+
+# Speed is measured by benchmarks, never asserted: Hypothesis's per-example deadline (200 ms)
+# failed examples on a loaded machine.
+settings.register_profile("no-deadline", deadline=None)
+settings.load_profile("no-deadline")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -64,3 +64,10 @@ def test_names_released_before_stay_importable(name: str) -> None:
 
 def test_the_version_is_the_installed_distributions() -> None:
     assert mtm.__version__ == importlib.metadata.version("mlflow-trace-middleware")
+
+
+def test_the_console_scripts_are_pinned() -> None:
+    scripts = importlib.metadata.distribution("mlflow-trace-middleware").entry_points
+    assert {(s.name, s.value) for s in scripts if s.group == "console_scripts"} == {
+        ("mlflow-trace-run", "mlflow_trace_middleware._launch:main")
+    }

@@ -1,0 +1,357 @@
+"""mlflow-trace-run without a tracking server: the variables (every option has one, each refused
+value names its variable), the launch itself, and --check where no server is running."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from litestar import Litestar, get
+from litestar.params import FromPath
+from quart import Quart
+from starlette.testclient import TestClient
+
+import mlflow_trace_middleware as mtm
+from examples.launch import ROOT, free_port
+from mlflow_trace_middleware import (
+    MlflowTracingMiddleware,
+    MlflowTracingWSGIMiddleware,
+    _env,
+    _launch,
+)
+from mlflow_trace_middleware._config import SettingError
+from mlflow_trace_middleware._middleware import Middleware
+
+RUN = str(Path(sys.executable).parent / "mlflow-trace-run")
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for variable in _env.VARIABLES:
+        monkeypatch.delenv(variable.name, raising=False)
+    return monkeypatch
+
+
+def test_every_option_has_a_documented_variable() -> None:
+    options = {v.option for v in _env.VARIABLES}
+    configure = set(inspect.signature(mtm.configure).parameters) - {"exporter"}
+    middleware = set(inspect.signature(Middleware.__init__).parameters) - {"self", "app"}
+    assert configure | middleware <= options
+    readme = (ROOT / "README.md").read_text()
+    assert [v.name for v in _env.VARIABLES if f"`{v.name}`" not in readme] == []
+
+
+def test_the_variables_are_read_into_one_settings_object(clean_env: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "MLFLOW_TRACE_CAPTURE_BODIES": "off",
+        "MLFLOW_TRACE_MAX_BODY_BYTES": "0",
+        "MLFLOW_TRACE_EXCLUDE_PATHS": "/health, /metrics",
+        "MLFLOW_TRACE_TRUST": "adopt",
+        "MLFLOW_TRACE_CAPTURE_HEADERS": "x-request-id",
+        "MLFLOW_TRACE_INSTRUMENT_CLIENTS": "false",
+        "MLFLOW_TRACE_PROPAGATE_TO": "*.internal",
+        "MLFLOW_TRACE_MAX_QUEUE_BYTES": "1000000",
+        "MLFLOW_TRACE_MAX_BATCH_BYTES": "1000",
+        "MLFLOW_TRACE_MAX_RETRY_TIME": "2.5",
+        "MLFLOW_TRACE_SHUTDOWN_TIMEOUT": "0",
+    }.items():
+        clean_env.setenv(name, value)
+    env = _env.load()
+    assert env.middleware == {
+        "capture_bodies": False,
+        "max_body_bytes": 0,
+        "exclude_paths": ["/health", "/metrics"],
+        "trust": "adopt",
+        "capture_headers": ["x-request-id"],
+    }
+    assert env.instrument_clients is False
+    assert env.targets is not None
+    assert env.targets.allows("http", "a.internal", 80, "/")
+    assert not env.targets.allows("http", "elsewhere", 80, "/")
+    limits = env.settings.limits
+    assert (limits.max_queue_bytes, limits.max_batch_bytes, limits.max_retry_time) == (
+        1_000_000,
+        1000,
+        2.5,
+    )
+    assert env.settings.shutdown_timeout == 0
+    Middleware(None, **env.middleware)  # the options the middlewares are built with
+
+
+@pytest.mark.parametrize(
+    ("variables", "refused", "shown"),
+    [
+        pytest.param({"MLFLOW_TRACE_TRUST": "maybe"}, "MLFLOW_TRACE_TRUST", "'maybe'", id="trust"),
+        pytest.param({"MLFLOW_TRACE_CAPTURE_BODIES": "sure"}, "MLFLOW_TRACE_CAPTURE_BODIES",
+                     "'sure'", id="flag"),
+        pytest.param({"MLFLOW_TRACE_MAX_BODY_BYTES": "-1"}, "MLFLOW_TRACE_MAX_BODY_BYTES", "'-1'",
+                     id="body-bytes"),
+        pytest.param({"MLFLOW_TRACE_CAPTURE_HEADERS": "x-id,Authorization"},
+                     "MLFLOW_TRACE_CAPTURE_HEADERS", "authorization", id="credential-header"),
+        pytest.param({"MLFLOW_TRACE_IDENTITY_HEADERS": "x-user=user.name"},
+                     "MLFLOW_TRACE_IDENTITY_HEADERS", "'x-user=user.name'", id="identity"),
+        pytest.param({"MLFLOW_TRACE_PROPAGATE_TO": "a.internal,http://"},
+                     "MLFLOW_TRACE_PROPAGATE_TO", "'a.internal,http://'", id="propagate-to"),
+        pytest.param({"OTEL_BSP_SCHEDULE_DELAY": "soon"}, "OTEL_BSP_SCHEDULE_DELAY", "'soon'",
+                     id="milliseconds"),
+        pytest.param({"MLFLOW_TRACE_MAX_RETRY_TIME": "inf"}, "MLFLOW_TRACE_MAX_RETRY_TIME",
+                     "'inf'", id="seconds"),
+        pytest.param({"OTEL_BSP_MAX_QUEUE_SIZE": "10"}, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+                     "OTEL_BSP_MAX_QUEUE_SIZE (10)", id="batch-over-queue"),
+        pytest.param({"MLFLOW_TRACE_MAX_BATCH_BYTES": "99999999999"},
+                     "MLFLOW_TRACE_MAX_BATCH_BYTES", "MLFLOW_TRACE_MAX_QUEUE_BYTES", id="bytes"),
+        pytest.param({"MLFLOW_TRACE_FREEZE_GC": "2"}, "MLFLOW_TRACE_FREEZE_GC", "'2'", id="freeze"),
+        pytest.param({"MLFLOW_TRACE_SIGNING_KEY": "k1,,k2"}, "MLFLOW_TRACE_SIGNING_KEY",
+                     "(hidden)", id="signing-key-not-shown"),
+        pytest.param({"MLFLOW_TRACKING_USERNAME": "me"}, "MLFLOW_TRACKING_PASSWORD",
+                     "MLFLOW_TRACKING_USERNAME", id="user-without-password"),
+    ],
+)  # fmt: skip
+def test_a_refused_value_names_its_variable(
+    clean_env: pytest.MonkeyPatch, variables: dict[str, str], refused: str, shown: str
+) -> None:
+    for name, value in variables.items():
+        clean_env.setenv(name, value)
+    with pytest.raises(SettingError) as error:
+        _env.load()
+    assert error.value.variable == refused
+    assert str(error.value).startswith(f"{refused}=")
+    assert shown in str(error.value)
+    assert "k1" not in str(error.value)
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    variables = {k: v for k, v in os.environ.items() if k not in {v.name for v in _env.VARIABLES}}
+    return subprocess.run(
+        [RUN, *args],
+        env={**variables, **(env or {})},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_command_runs_with_tracing_installed_and_a_shadowed_sitecustomize_still_runs(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "sitecustomize.py").write_text("import os\nos.environ['USER_SITE_RAN'] = '1'\n")
+    result = run(
+        sys.executable,
+        "-c",
+        "import os, sys; print(os.environ.get('USER_SITE_RAN'), "
+        "'mlflow_trace_middleware._launch' in sys.modules, sys.argv[1:])",
+        "--an",
+        "argument",
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1 True ['--an', 'argument']"
+
+
+def test_a_missing_command_is_named() -> None:
+    result = run("no-such-command-here")
+    assert result.returncode == 127
+    assert "'no-such-command-here'" in result.stderr
+
+
+def check(env: dict[str, str]) -> tuple[int, str]:
+    result = run("--check", env=env)
+    return result.returncode, result.stdout
+
+
+def test_check_a_stopped_server() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    code, output = check({"MLFLOW_TRACKING_URI": url})
+    assert code == 1
+    assert f"FAIL  cannot reach {url}" in output
+    assert output.rstrip().splitlines()[-1].startswith("fix: start the MLflow server")
+
+
+class _Refusing(BaseHTTPRequestHandler):
+    seen: ClassVar[list[str | None]] = []
+
+    def do_GET(self) -> None:
+        self.seen.append(self.headers.get("Authorization"))
+        self.send_response(401)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def refusing_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_check_a_server_that_refuses_the_credentials(refusing_server: str) -> None:
+    code, output = check({"MLFLOW_TRACKING_URI": refusing_server, "MLFLOW_TRACKING_TOKEN": "t0k"})
+    assert code == 1
+    assert "FAIL  the server refused the credentials (401)" in output
+    assert output.rstrip().splitlines()[-1].startswith("fix: set MLFLOW_TRACKING_TOKEN")
+    assert _Refusing.seen == ["Bearer t0k"]  # sent as MLflow's client sends it
+    assert "t0k" not in output
+    assert "MLFLOW_TRACKING_TOKEN           (set, hidden)            environment" in output
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "/tmp/mlruns"])
+def test_check_a_file_store(uri: str) -> None:
+    code, output = check({"MLFLOW_TRACKING_URI": uri})
+    assert code == 1
+    assert "URI cannot hold the spans" in output
+    assert "fix: set MLFLOW_TRACKING_URI to an MLflow server" in output
+
+
+def test_check_a_database_writes_a_test_trace_into_it(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code, output = check({"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "checked"})
+    assert code == 0, output
+    assert "ok    a database: spans are written straight into it" in output
+    assert "experiment 1 created" in output
+    trace_id = output.split("test trace ", 1)[1].split()[0]
+    trace = MlflowClient(uri).get_trace(trace_id)
+    assert [span.name for span in trace.data.spans] == ["mlflow-trace-run --check"]
+    assert f"mlflow ui --backend-store-uri {uri}" in output
+
+
+def test_check_a_missing_experiment(tmp_path: Path) -> None:
+    code, output = check(
+        {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "MLFLOW_EXPERIMENT_ID": "42"}
+    )
+    assert code == 1
+    assert "FAIL  experiment: " in output
+    assert output.rstrip().splitlines()[-1].startswith("fix: set MLFLOW_EXPERIMENT_ID to an")
+
+
+def test_check_stops_at_a_bad_variable() -> None:
+    code, output = check({"MLFLOW_TRACE_TRUST": "maybe"})
+    assert code == 2
+    assert "FAIL  MLFLOW_TRACE_TRUST='maybe'" in output
+    assert "fix: give MLFLOW_TRACE_TRUST a valid value, or unset it" in output
+
+
+# -- in process: the launch step and the patches, on classes of the test's own ----------------
+
+
+def test_main_checks_then_execs_with_the_bootstrap_first(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[tuple[str, list[str]]] = []
+    clean_env.setattr(os, "execvp", lambda file, args: calls.append((file, args)))
+    bootstrap = str(_launch.BOOTSTRAP_DIR)
+    clean_env.setenv("PYTHONPATH", os.pathsep.join(["/mine", bootstrap, ""]))
+    clean_env.setenv("MLFLOW_TRACE_TRUST", "maybe")
+    assert _launch.main(["uvicorn", "app:app"]) == 2
+    assert "MLFLOW_TRACE_TRUST='maybe'" in capsys.readouterr().err
+    assert calls == []
+
+    clean_env.setenv("MLFLOW_TRACE_TRUST", "restart")
+    _launch.main(["uvicorn", "app:app"])
+    assert calls == [("uvicorn", ["uvicorn", "app:app"])]
+    assert os.environ["PYTHONPATH"] == os.pathsep.join([bootstrap, "/mine"])
+
+
+def test_usage() -> None:
+    assert _launch.main(["--help"]) == 0
+    assert _launch.main([]) == 2
+    assert _launch.main(["--check", "extra"]) == 2
+
+
+def test_a_starlette_app_is_wrapped_once() -> None:
+    from starlette.applications import Starlette
+
+    class App(Starlette):
+        def build_middleware_stack(self) -> Any:
+            return super().build_middleware_stack()
+
+    _launch._patch_starlette(App, {"exclude_paths": ["/health"]})
+    plain, added = App(), App()
+    added.add_middleware(MlflowTracingMiddleware)
+    stack = plain.build_middleware_stack()
+    assert isinstance(stack, MlflowTracingMiddleware)
+    assert stack.options.exclude_paths == {"/health"}
+    assert not isinstance(added.build_middleware_stack(), MlflowTracingMiddleware)
+    assert not isinstance(Starlette().build_middleware_stack(), MlflowTracingMiddleware)
+
+
+def test_a_flask_app_is_wrapped_once() -> None:
+    from flask import Flask
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    class App(Flask):
+        pass
+
+    _launch._patch_flask(App, {"capture_bodies": False})
+    plain, wrapped = App(__name__), App(__name__)
+    wrapped.wsgi_app = ProxyFix(MlflowTracingWSGIMiddleware(wrapped.wsgi_app))
+    for app in (plain, wrapped):
+        app.get("/")(lambda: "ok")
+        assert app.test_client().get("/").data == b"ok"
+    assert isinstance(plain.__dict__["_mlflow_trace_app"], MlflowTracingWSGIMiddleware)
+    assert not isinstance(wrapped.__dict__["_mlflow_trace_app"], MlflowTracingWSGIMiddleware)
+
+
+def test_a_module_is_patched_right_after_its_first_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "launch_probe.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    seen: list[int] = []
+    _launch._when_imported("launch_probe", lambda module: seen.append(module.VALUE))
+    assert seen == []
+    import launch_probe  # noqa: F401
+
+    assert seen == [1]
+    _launch._when_imported("launch_probe", lambda module: seen.append(2))  # already imported
+    assert seen == [1, 2]
+    del sys.modules["launch_probe"]
+
+
+@pytest.mark.parametrize("added", [False, True], ids=["unmodified", "middleware-added"])
+def test_litestar_and_quart_apps_get_one_request_span(exporter: Any, added: bool) -> None:
+    class LitestarApp(Litestar):
+        pass
+
+    class QuartApp(Quart):
+        pass
+
+    _launch._patch_asgi_call(LitestarApp, {}, _launch._litestar_has)
+    _launch._patch_asgi_call(QuartApp, {}, _launch._quart_has)
+
+    @get("/x/{n:int}", sync_to_thread=False)
+    def handler(n: FromPath[int]) -> str:
+        return "ok"
+
+    litestar = LitestarApp([handler], middleware=[MlflowTracingMiddleware] if added else [])
+    quart = QuartApp(__name__)
+
+    @quart.get("/x/<int:n>")
+    async def view(n: int) -> str:
+        return "ok"
+
+    if added:
+        quart.asgi_app = MlflowTracingMiddleware(quart.asgi_app)  # type: ignore[method-assign]
+    for app in (litestar, quart):
+        with TestClient(app) as client:
+            assert client.get("/x/1").text.strip('"') == "ok"
+    names = sorted(span.name for span in exporter.finished_spans())
+    assert names == ["GET /x/<int:n>", "GET /x/{n}"]
