@@ -83,7 +83,12 @@ class Exporter(Protocol):
 
 @dataclass
 class SinkStats:
-    """Counters of a sink; ``produced == exported + pending + sum(dropped.values())``."""
+    """Counters of a sink; ``produced == exported + pending + sum(dropped.values())``.
+
+    `claims`: placeholders posted so the server files a trace under its root's experiment before
+    a callee writes to it (docs/architecture.md, "Claims"). They are not spans: none of the
+    other counters hold them, and a claim that fails loses nothing (its span follows).
+    """
 
     produced: int = 0
     exported: int = 0
@@ -92,6 +97,7 @@ class SinkStats:
     requests: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     internal_errors: int = 0
+    claims: int = 0
 
 
 # A queued span: (encoded bytes, scope, experiment id, size, monotonic time of the first failed
@@ -162,6 +168,8 @@ class SpanSink:
         self._held_bytes = 0  # queued and in flight
         self._produced = 0
         self._exported = 0
+        self._claims = 0  # posted
+        self._claims_held = 0  # queued or in flight
         self._requests = 0
         self._dropped: Counter[str] = Counter()
         self._reported: Counter[str] = Counter()
@@ -194,7 +202,8 @@ class SpanSink:
         claim = span.claim
         size = len(data)
         with self._lock:
-            self._produced += 1
+            if not claim:
+                self._produced += 1
             if self._closing:
                 drop = "shutdown"
             elif size > self._max_batch_bytes:
@@ -209,10 +218,13 @@ class SpanSink:
                 item = (data, span.scope, experiment_id, size, 0.0, span.root, claim)
                 if claim:
                     self._queue.appendleft(item)
+                    self._claims_held += 1
                 else:
                     self._queue.append(item)
                 self._held_bytes += size
-            if drop:
+            if drop and claim:  # nothing is lost: the span follows (and is counted) when it ends
+                drop = ""
+            elif drop:
                 self._dropped[drop] += 1
             worker = None
             if self._worker is None and not self._closing:
@@ -272,14 +284,16 @@ class SpanSink:
         if worker is not None and worker is not threading.current_thread():
             worker.join(timeout=max(deadline - time.monotonic(), 0.05))
         with self._lock:
-            left = len(self._queue)
+            queued_claims = sum(1 for item in self._queue if item[_CLAIM])
+            left = len(self._queue) - queued_claims
+            self._claims_held -= queued_claims
             self._held_bytes -= sum(item[_SIZE] for item in self._queue)
             self._queue.clear()
             if worker is not None and worker.is_alive() and self._in_flight:
                 # Stuck in an export past the deadline: those spans count as not delivered,
                 # and whatever the worker learns later is ignored (never counted twice).
-                left += self._in_flight
-                self._in_flight = self._held_bytes = 0
+                left += self._in_flight - self._claims_held
+                self._in_flight = self._held_bytes = self._claims_held = 0
                 self._abandoned = True
             if left:
                 self._dropped["shutdown_timeout"] += left
@@ -296,11 +310,12 @@ class SpanSink:
             return SinkStats(
                 produced=self._produced,
                 exported=self._exported,
-                pending=len(self._queue) + self._in_flight,
+                pending=len(self._queue) + self._in_flight - self._claims_held,
                 pending_bytes=self._held_bytes,
                 requests=self._requests,
                 dropped=dict(self._dropped),
                 internal_errors=_log.internal_errors(),
+                claims=self._claims,
             )
 
     def _settled_count(self) -> int:
@@ -419,7 +434,18 @@ class SpanSink:
                 return
             self._in_flight -= len(items)
             self._held_bytes -= sum(item[_SIZE] for item in items)
-            if result.delivered:
+            if items[0][_CLAIM]:  # a batch is all claims or all spans (`_take`)
+                self._claims_held -= len(items)
+                if result.delivered:
+                    self._claims += len(items)
+                else:
+                    _log.warn_limited(
+                        "claim_failed",
+                        "mlflow-trace-middleware: a trace could not be claimed (%s); its spans "
+                        "follow, but a callee that writes to MLflow itself may file it first",
+                        result.reason,
+                    )
+            elif result.delivered:
                 rejected = min(max(result.rejected, 0), len(items))
                 self._exported += len(items) - rejected
                 if rejected:
@@ -457,7 +483,8 @@ class SpanSink:
             new = self._dropped - self._reported
             self._reported = Counter(self._dropped)
             self._last_summary = now
-            exported, pending = self._exported, len(self._queue) + self._in_flight
+            exported = self._exported
+            pending = len(self._queue) + self._in_flight - self._claims_held
         if new:
             reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(new.items()))
             _log.logger.warning(

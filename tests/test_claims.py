@@ -99,16 +99,17 @@ def test_a_call_the_caller_instrumented_itself_claims_with_its_span(
 class Recorder:
     """An exporter that records each call's spans (by name) and whether they were claims."""
 
-    def __init__(self) -> None:
+    def __init__(self, result: ExportResult | None = None) -> None:
         self.calls: list[tuple[bool, list[str]]] = []
         self.gate = threading.Event()
         self.first = threading.Event()
+        self.result = result or ExportResult.ok()
 
     def export(self, spans: Sequence[EncodedSpan], experiment_id: str | None) -> ExportResult:
         self.first.set()
         self.gate.wait(10)  # the first export blocks until the test has queued the rest
         self.calls.append(({s.claim for s in spans} == {True}, [s.name for s in spans]))
-        return ExportResult.ok()
+        return self.result
 
     def shutdown(self) -> None:
         pass
@@ -143,8 +144,42 @@ def test_a_claim_jumps_the_queue_and_is_posted_alone() -> None:
         (False, ["c", "d"]),
         (False, ["e"]),
     ]
+    # Claims are not spans: counted apart, never in produced, exported, pending or dropped.
     stats = sink.stats()
-    assert (stats.produced, stats.exported, stats.pending) == (7, 7, 0)
+    assert (stats.produced, stats.exported, stats.pending, stats.claims) == (5, 5, 0, 2)
+    assert stats.dropped == {}
+
+
+def test_a_failed_claim_loses_nothing_and_is_not_a_span() -> None:
+    recorder = Recorder(ExportResult.dropped("rejected_400"))
+    recorder.gate.set()
+    sink = SpanSink(recorder, SinkLimits(schedule_delay=30.0))
+    try:
+        sink.submit(span("claim-1", claim=True))
+        assert recorder.first.wait(10)
+    finally:
+        sink.shutdown(5)
+    assert recorder.calls == [(True, ["claim-1"])]
+    stats = sink.stats()
+    assert (stats.produced, stats.exported, stats.pending, stats.claims) == (0, 0, 0, 0)
+    assert stats.dropped == {}
+
+
+def test_a_claim_without_room_in_the_queue_is_skipped_not_counted() -> None:
+    recorder = Recorder()
+    sink = SpanSink(recorder, SinkLimits(schedule_delay=30.0, max_queue_spans=1, max_batch_spans=1))
+    try:
+        sink.submit(span("a"))
+        assert recorder.first.wait(10)  # "a" is in flight: the queue is full
+        sink.submit(span("claim-1", claim=True))
+        recorder.gate.set()
+        assert sink.flush(10)
+    finally:
+        sink.shutdown(5)
+    assert recorder.calls == [(False, ["a"])]
+    stats = sink.stats()
+    assert (stats.produced, stats.exported, stats.pending, stats.claims) == (1, 1, 0, 0)
+    assert stats.dropped == {}
 
 
 def test_a_claim_wakes_the_worker_without_waiting_for_the_schedule() -> None:
