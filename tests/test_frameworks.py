@@ -143,18 +143,20 @@ def test_starlette_without_scope_route_matches_the_router_again(
 # --- websockets ------------------------------------------------------------------------------
 
 
-def starlette_ws() -> Any:
-    async def chat(ws: WebSocket) -> None:
-        await ws.accept()
-        try:
-            while True:
-                text = await ws.receive_text()
-                with mlflow.start_span("answer"):
-                    await ws.send_text(text.upper())
-        except WebSocketDisconnect:
-            pass
+async def shout(ws: WebSocket) -> None:
+    """Starlette's and FastAPI's handler: each text back in capitals, inside an MLflow span."""
+    await ws.accept()
+    try:
+        while True:
+            text = await ws.receive_text()
+            with mlflow.start_span("answer"):
+                await ws.send_text(text.upper())
+    except WebSocketDisconnect:
+        pass
 
-    return MlflowTracingMiddleware(Starlette(routes=[WebSocketRoute("/ws/{room}", chat)]))
+
+def starlette_ws() -> Any:
+    return MlflowTracingMiddleware(Starlette(routes=[WebSocketRoute("/ws/{room}", shout)]))
 
 
 def fastapi_ws() -> Any:
@@ -163,14 +165,7 @@ def fastapi_ws() -> Any:
 
     @app.websocket("/ws/{room}")
     async def chat(ws: FastAPIWebSocket, room: str) -> None:
-        await ws.accept()
-        try:
-            while True:
-                text = await ws.receive_text()
-                with mlflow.start_span("answer"):
-                    await ws.send_text(text.upper())
-        except WebSocketDisconnect:
-            pass
+        await shout(ws)
 
     return app
 
