@@ -8,6 +8,9 @@ STAMP  := $(VENV)/.installed
 # against it too, client and server (the end-to-end tests start `mlflow server` from this venv).
 MLFLOW_OLDEST ?= 3.9.0
 OLDEST        ?= .venv-oldest
+# ... and the previous major of each SDK the suite calls (the dev extra has the newest): they
+# send through httpx where the newest send through httpx2.
+OLDEST_SDKS   ?= 'openai<2' 'anthropic<1' 'mcp<2'
 OLDEST_STAMP  := $(OLDEST)/.installed
 # What MLflow 3.9-3.12 users run beside it: Starlette before 1.0 (3.12 requires it), which
 # leaves no route in the scope (the ASGI adapter asks its router again).
@@ -45,7 +48,7 @@ test: venv
 $(OLDEST_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/pip install -q --upgrade pip
-	$(OLDEST)/bin/pip install -q 'mlflow==$(MLFLOW_OLDEST)' $(OLDEST_PINS) -e '.[test]'
+	$(OLDEST)/bin/pip install -q 'mlflow==$(MLFLOW_OLDEST)' $(OLDEST_PINS) $(OLDEST_SDKS) -e '.[test]'
 	touch $(OLDEST_STAMP)
 
 test-oldest: $(OLDEST_STAMP)

@@ -138,6 +138,34 @@ def start(
         return None
 
 
+def start_message(name: str, attributes: dict[str, Any]) -> tuple[ClientCall, Context] | None:
+    """A CLIENT span for one message of a protocol that carries its own context (MCP's
+    `params._meta`), under the current span: the call (its fields to send in `headers`) and
+    the context that makes its span current. None when there is no context to propagate.
+    Whether the destination may receive them is the transport's decision (`allowed`)."""
+    try:
+        parent_context = _mlflow.current_context()
+        parent = trace.get_current_span(parent_context)
+        if not parent.get_span_context().is_valid:
+            return None
+        _runtime.activate()
+        span: trace.Span | None = None
+        if parent.is_recording():
+            span = _mlflow.start_span(name, parent_context, SpanKind.CLIENT, attributes)
+        context = trace.set_span_in_context(span or parent, parent_context)
+        sent: dict[str, str] = {}
+        _propagation.inject(sent, context, _our_entry(context))
+        return ClientCall(span, sent), context
+    except Exception:
+        _log.internal_error("client span start")
+        return None
+
+
+def allowed(url: Destination, targets: _targets.Targets | None = None) -> bool:
+    """Whether context may be sent to `url` (the allowlist, as for every HTTP hop)."""
+    return _targets.allowed(targets, lambda: url)
+
+
 def _instrumented_by_caller(
     headers: MutableMapping[str, Any], parent_context: Context | None
 ) -> Context | None:

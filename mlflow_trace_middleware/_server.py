@@ -144,8 +144,11 @@ class RequestSpan:
         "_redaction",
         "_token",
         "context",
+        "inbound",
         "method",
         "name",
+        "options",
+        "remote",
         "request_body",
         "response_body",
         "route",
@@ -162,10 +165,13 @@ class RequestSpan:
         self._token: object | None = None
         self._limit = options.max_body_bytes if options.capture_bodies else 0
         self._redaction = options.redaction
+        self.options, self.inbound = options, request
         self.request_body = self._capture(request.content_type)
         self.response_body: BodyCapture | None = None
         attributes = _attributes(self.method, request, options)
         parent = _parent(options, request, attributes, self.name)
+        # Whether the request brought a caller's context (a message it carries then has no say).
+        self.remote = parent.remote
         context = parent.context
         if options.identity_headers or (parent.trusted and _propagation.BAGGAGE in request.carrier):
             context = _identity(options, request, parent, attributes)
@@ -245,6 +251,41 @@ class RequestSpan:
                 _log.internal_error("context detach")
 
 
+# Where an ASGI request's `RequestSpan` waits for the messages its body carries (MCP's JSON-RPC
+# calls, dispatched in a session task that runs outside the request's context).
+SCOPE_KEY = "mlflow_trace_middleware.request"
+
+
+def carrying(scope: object) -> RequestSpan | None:
+    """The traced request whose ASGI `scope` carried a message, if it went through ours."""
+    request = scope.get(SCOPE_KEY) if isinstance(scope, dict) else None
+    return request if isinstance(request, RequestSpan) else None
+
+
+def start_message(
+    request: RequestSpan, name: str, attributes: dict[str, Any], carrier: _propagation.Carrier
+) -> tuple[trace.Span, Context]:
+    """A SERVER span for one message `request` carried, and the context that makes it current.
+
+    It goes under the request span; when the request brought no context of its own and the
+    message does (`carrier`: MCP's `params._meta`, SEP-414), the message's is continued,
+    under the same trust rules as the headers (the request span then stays in its own trace).
+    """
+    context, links, experiment, trace_id = request.context, [], None, None
+    if carrier and not request.remote:
+        message = request.inbound._replace(carrier=carrier)
+        parent = _parent(request.options, message, attributes, name)
+        links = parent.links
+        if parent.trusted and parent.remote:
+            context, experiment, trace_id = parent.context, parent.experiment, parent.trace_id
+        if trace_id is None:  # not a trace's root (only an adopted trace id makes one)
+            attributes.pop(_keys.TRACE_NAME, None)
+    span = _mlflow.start_span(
+        name, context, SpanKind.SERVER, attributes, links, experiment=experiment, trace_id=trace_id
+    )
+    return span, trace.set_span_in_context(span, context)
+
+
 def _attributes(method: str, request: Inbound, options: ServerOptions) -> dict[str, Any]:
     attributes: dict[str, Any] = {
         _keys.SPAN_TYPE: _keys.UNKNOWN_SPAN_TYPE,
@@ -273,18 +314,19 @@ class _Parent(NamedTuple):
     experiment: str | None  # chosen by a trusted caller
     trusted: bool  # the caller's context (and baggage) is taken
     trace_id: int | None = None  # adopted from the caller, for a root span
+    remote: bool = True  # the carrier held a valid context (trusted or not)
 
 
 def _parent(
     options: ServerOptions, request: Inbound, attributes: dict[str, Any], name: str
 ) -> _Parent:
-    """What the request span continues; marks it as a trace's root (`TRACE_NAME`) when it has
-    no parent."""
+    """What a span for `request` continues; marks it as a trace's root (`TRACE_NAME`, `name`)
+    when it has no parent."""
     context = _propagation.extract(request.carrier) if request.carrier else Context()
     remote = trace.get_current_span(context).get_span_context()
     if not remote.is_valid:
         attributes[_keys.TRACE_NAME] = name
-        return _Parent(context, [], None, trusted=True)
+        return _Parent(context, [], None, trusted=True, remote=False)
     caller = _traceparent(remote)
     if options.trust == "adopt":
         # The caller (a mesh, a gateway) never reports to MLflow: keep its trace id, so its own

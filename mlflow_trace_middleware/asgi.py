@@ -141,6 +141,7 @@ async def _traced(
 ) -> None:
     root_path = scope.get("root_path", "")
     response_done = False
+    scope[_server.SCOPE_KEY] = request  # for the messages the body carries (`mcp.py`)
 
     async def receive_wrapper() -> Message:
         message = await receive()

@@ -1,0 +1,333 @@
+"""MCP (the `mcp` SDK: 1.x on httpx, 2.x on httpx2): a tool call lands in the caller's trace.
+
+```python
+mlflow_trace_middleware.mcp.instrument()   # or instrument() for every installed library
+```
+
+Client: each request a session sends (`tools/call`, `prompts/get`, ...) gets a CLIENT span
+`{mcp.method.name} {target}` under the current span. Its `traceparent`, `tracestate` and
+`baggage` travel in the request's `params._meta` (SEP-414; they replace what mcp 2.x put there
+from the global OpenTelemetry context) and in the headers of the streamable-HTTP POST that
+carries it (the httpx/httpx2 hooks, with the span made current there): one `traceparent` per
+call, the same in both. A URL outside the allowlist (`configure(propagate_to=...)`) gets neither.
+
+Server: an app under `MlflowTracingMiddleware` (e.g. `FastMCP(...).streamable_http_app()`)
+records a SERVER span per JSON-RPC request, `tools/call lookup`, with the OpenTelemetry MCP
+attributes (`mcp.method.name`, `gen_ai.tool.name`, `mcp.session.id`, `jsonrpc.request.id`);
+the handler's MLflow spans nest under it. It goes under the span of the HTTP request that
+carried the message, or continues the message's `_meta` when that request brought no context
+(another SDK), under the middleware's trust rules. The streamable-HTTP server dispatches
+messages in a session task that runs outside the request's context: the request span is found
+through the ASGI scope the message arrived with (`_server.carrying`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from typing import Any
+
+from . import _client, _keys, _lean, _log, _mlflow, _propagation, _server, _targets
+
+__all__ = ["instrument", "uninstrument"]
+
+# OpenTelemetry semantic conventions for MCP (gen-ai/mcp.md).
+METHOD = "mcp.method.name"
+SESSION_ID = "mcp.session.id"
+REQUEST_ID = "jsonrpc.request.id"
+TOOL_NAME = "gen_ai.tool.name"
+PROMPT_NAME = "gen_ai.prompt.name"
+OPERATION = "gen_ai.operation.name"
+_TARGETS = {"tools/call": TOOL_NAME, "prompts/get": PROMPT_NAME}
+_TOOL_SPAN_TYPE = '"TOOL"'  # MLflow's span type, JSON-encoded
+
+# The `_meta` fields of the request being sent (mcp 2.x injects them through a function of its
+# own, `inject_trace_context`, which we replace while patched).
+_sending: ContextVar[dict[str, str] | None] = ContextVar("mtm_mcp_sending", default=None)
+
+
+def _describe(method: str, params: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """Span name and attributes: `{method} {target}`, the target a tool or prompt name."""
+    attributes: dict[str, Any] = {METHOD: method, _keys.SPAN_TYPE: _keys.UNKNOWN_SPAN_TYPE}
+    key = _TARGETS.get(method)
+    target = params.get("name") if key and params else None
+    if not isinstance(target, str) or not key:
+        return method, attributes
+    attributes[key] = target
+    if method == "tools/call":
+        attributes[OPERATION] = "execute_tool"
+        attributes[_keys.SPAN_TYPE] = _TOOL_SPAN_TYPE
+    return f"{method} {target}", attributes
+
+
+def _carrier(meta: Any) -> _propagation.Carrier:
+    if not isinstance(meta, Mapping):
+        return {}
+    return {name: [meta[name]] for name in _propagation.FIELDS if isinstance(meta.get(name), str)}
+
+
+# -- client --------------------------------------------------------------------------------------
+
+
+async def _send(
+    method: str, params: Mapping[str, Any] | None, send: Callable[[dict[str, str] | None], Any]
+) -> Any:
+    """Send one request under its CLIENT span; `send(fields)` puts `fields` in `_meta`."""
+    started = _client.start_message(*_describe(method, params))
+    if started is None:
+        return await send(None)
+    call, context = started
+    token = _sending.set(call.headers)
+    attached = _attach(context)
+    try:
+        result = await send(call.headers)
+    except BaseException as error:
+        call.end(error=error)
+        raise
+    finally:
+        _detach(attached)
+        _sending.reset(token)
+    call.end()
+    return result
+
+
+def _with_meta(params: Mapping[str, Any] | None, fields: dict[str, str]) -> dict[str, Any]:
+    meta = dict((params or {}).get("_meta") or {})
+    for name in _propagation.FIELDS:
+        meta.pop(name, None)
+    return {**(params or {}), "_meta": {**meta, **fields}}
+
+
+def _send_request_v1(original: Any) -> Any:
+    """mcp 1.x `BaseSession.send_request(request, result_type, ...)`."""
+
+    async def send_request(session: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        root = getattr(request, "root", request)
+        params = getattr(root, "params", None)
+        dumped = None
+        if params is not None:
+            dumped = params.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+        async def send(fields: dict[str, str] | None) -> Any:
+            sent = request
+            if fields:
+                data = request.model_dump(by_alias=True, mode="json", exclude_none=True)
+                data["params"] = _with_meta(dumped, fields)
+                sent = type(request).model_validate(data)
+            return await original(session, sent, *args, **kwargs)
+
+        return await _send(getattr(root, "method", ""), dumped, send)
+
+    return send_request
+
+
+def _send_raw_request_v2(original: Any) -> Any:
+    """mcp 2.x `JSONRPCDispatcher.send_raw_request(method, params, opts, ...)`."""
+
+    async def send_raw_request(
+        dispatcher: Any, method: str, params: Mapping[str, Any] | None, *args: Any, **kwargs: Any
+    ) -> Any:
+        async def send(fields: dict[str, str] | None) -> Any:
+            return await original(dispatcher, method, params, *args, **kwargs)  # `_inject`
+
+        return await _send(method, params, send)
+
+    return send_raw_request
+
+
+def _inject_v2(original: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    """mcp 2.x's SEP-414 injection (from the global OpenTelemetry context): ours instead, for a
+    request we traced, so `_meta` never holds a second, different `traceparent`."""
+
+    def inject_trace_context(meta: dict[str, Any]) -> None:
+        fields = _sending.get()
+        if fields is None:
+            original(meta)
+            return
+        for name in _propagation.FIELDS:
+            meta.pop(name, None)
+        meta.update(fields)
+
+    return inject_trace_context
+
+
+def _post_v1_v2(original: Any) -> Any:
+    """`StreamableHTTPTransport._handle_post_request(ctx)` (both majors): the POST carrying a
+    request is sent with the request's `_meta` context current, so its headers say the same
+    (mcp 1.x sends from a task of its own, outside the caller's context); a URL outside the
+    allowlist gets no context in either place."""
+
+    async def handle_post_request(transport: Any, ctx: Any) -> Any:
+        message = ctx.session_message.message
+        params = getattr(getattr(message, "root", message), "params", None)
+        meta = params.get("_meta") if isinstance(params, dict) else None
+        carrier = _carrier(meta)
+        if not carrier:
+            return await original(transport, ctx)
+        attached = None
+        try:
+            if _client.allowed(_destination(transport.url)):
+                attached = _attach(_propagation.extract(carrier))
+            else:
+                for name in _propagation.FIELDS:
+                    meta.pop(name, None)  # type: ignore[union-attr]
+        except Exception:
+            _log.internal_error("mcp post")
+        try:
+            return await original(transport, ctx)
+        finally:
+            _detach(attached)
+
+    return handle_post_request
+
+
+def _destination(url: str) -> _targets.Destination:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.hostname or "", parts.port, parts.path or "/"
+
+
+# -- server --------------------------------------------------------------------------------------
+
+
+async def _serve(
+    method: str,
+    params: Mapping[str, Any] | None,
+    meta: Any,
+    request_id: Any,
+    session_id: str | None,
+    http_request: Any,
+    handle: Callable[[], Awaitable[Any]],
+) -> Any:
+    """Handle one JSON-RPC request under its SERVER span, if an HTTP request of ours carried it."""
+    request = _server.carrying(getattr(http_request, "scope", None))
+    if request is None:
+        return await handle()
+    try:
+        name, attributes = _describe(method, params)
+        if request_id is not None:
+            attributes[REQUEST_ID] = str(request_id)
+        if session_id:
+            attributes[SESSION_ID] = session_id
+        span, context = _server.start_message(request, name, attributes, _carrier(meta))
+        attached = _attach(context)
+    except Exception:
+        _log.internal_error("mcp request span start")
+        return await handle()
+    error: BaseException | None = None
+    try:
+        return await handle()
+    except BaseException as raised:
+        error = raised
+        raise
+    finally:
+        _detach(attached)
+        try:
+            _lean.set_outcome(span, None, error, failed_from=500)
+        except Exception:
+            _log.internal_error("mcp request span end")
+        span.end()
+
+
+def _handle_request_v1(original: Any) -> Any:
+    """mcp 1.x `Server._handle_request(message, req, session, lifespan_context, raise_exc)`."""
+
+    async def handle_request(server: Any, message: Any, req: Any, *args: Any) -> Any:
+        params = getattr(req, "params", None)
+        meta = getattr(message, "request_meta", None)
+        http_request = getattr(message.message_metadata, "request_context", None)
+        headers = getattr(http_request, "headers", None)
+        return await _serve(
+            getattr(req, "method", ""),
+            {"name": getattr(params, "name", None)},
+            meta.model_dump(by_alias=True) if meta is not None else None,
+            message.request_id,
+            headers.get("mcp-session-id") if headers is not None else None,
+            http_request,
+            lambda: original(server, message, req, *args),
+        )
+
+    return handle_request
+
+
+def _on_request_v2(original: Any) -> Any:
+    """mcp 2.x `ServerRunner._on_request(dctx, method, params)`."""
+
+    async def on_request(
+        runner: Any, dctx: Any, method: str, params: Mapping[str, Any] | None
+    ) -> Any:
+        return await _serve(
+            method,
+            params,
+            params.get("_meta") if params else None,
+            dctx.request_id,
+            runner.connection.session_id,
+            getattr(dctx.message_metadata, "request_context", None),
+            lambda: original(runner, dctx, method, params),
+        )
+
+    return on_request
+
+
+# -- context and patching ------------------------------------------------------------------------
+
+
+def _attach(context: Any) -> object | None:
+    try:
+        return _mlflow.attach(context)
+    except Exception:
+        _log.internal_error("context attach")
+        return None
+
+
+def _detach(token: object | None) -> None:
+    if token is not None:
+        try:
+            _mlflow.detach(token)
+        except Exception:
+            _log.internal_error("context detach")
+
+
+# (module, attribute path, wrapper factory) per major version.
+_POST = ("mcp.client.streamable_http", "StreamableHTTPTransport._handle_post_request", _post_v1_v2)
+_DISPATCHER = "mcp.shared.jsonrpc_dispatcher"
+_PATCHES = {
+    1: (
+        ("mcp.shared.session", "BaseSession.send_request", _send_request_v1),
+        _POST,
+        ("mcp.server.lowlevel.server", "Server._handle_request", _handle_request_v1),
+    ),
+    2: (
+        (_DISPATCHER, "JSONRPCDispatcher.send_raw_request", _send_raw_request_v2),
+        (_DISPATCHER, "inject_trace_context", _inject_v2),
+        _POST,
+        ("mcp.server.runner", "ServerRunner._on_request", _on_request_v2),
+    ),
+}
+_originals: list[tuple[Any, str, Any]] = []
+
+
+def _major() -> int:
+    return 2 if importlib.util.find_spec(_DISPATCHER) is not None else 1
+
+
+def instrument() -> None:
+    """Trace and propagate through every MCP client session and server of this process."""
+    if _originals:
+        return
+    for module, path, wrap in _PATCHES[_major()]:
+        owner: Any = importlib.import_module(module)
+        *parents, name = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent)
+        original = getattr(owner, name)
+        _originals.append((owner, name, original))
+        setattr(owner, name, wrap(original))
+
+
+def uninstrument() -> None:
+    while _originals:
+        owner, name, original = _originals.pop()
+        setattr(owner, name, original)
