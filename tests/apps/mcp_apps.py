@@ -4,6 +4,9 @@ runs on mcp 1.x (FastMCP, httpx) and 2.x (MCPServer, httpx2).
 `uvicorn tests.apps.mcp_apps:server_app`: the SDK's streamable-HTTP app (stateful sessions),
 wrapped with `MlflowTracingMiddleware`; its tool `lookup` does its work in an MLflow span
 (`lookup-db`). `TRUST` is the middleware's policy; signing keys come from the usual variable.
+Outside it all, a recorder keeps what each `tools/call` POST carried on the wire (its
+`traceparent`, `tracestate`, `baggage` and `mcp-session-id` headers, the request's
+`params._meta`): `GET /received?key=...`.
 
 `uvicorn tests.apps.mcp_apps:agent_app`: a FastAPI service with only the one-line middleware,
 whose one MCP client session to `MCP_URL` is opened at startup, outside any request, and kept:
@@ -12,8 +15,10 @@ whose one MCP client session to `MCP_URL` is opened at startup, outside any requ
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import AsyncIterator
+import urllib.parse
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -50,11 +55,49 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"ok": True})
 
 
-server_app = MlflowTracingMiddleware(
+traced_tools = MlflowTracingMiddleware(
     tools.streamable_http_app(),
     exclude_paths={"/health"},
     trust=os.environ.get("TRUST", "continue"),  # type: ignore[arg-type]
 )
+received: dict[str, list[dict[str, Any]]] = {}  # tool argument `key` -> what its calls carried
+_RECORDED = ("traceparent", "tracestate", "baggage", "mcp-session-id")
+
+
+async def server_app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "http" and scope["path"] == "/received":
+        query = urllib.parse.parse_qs(scope["query_string"].decode())
+        found = received.get(query.get("key", [""])[0], [])
+        await JSONResponse(found)(scope, receive, send)
+        return
+    if scope["type"] != "http" or scope["method"] != "POST":
+        await traced_tools(scope, receive, send)
+        return
+    body = b""
+
+    async def recording() -> Any:
+        nonlocal body
+        message = await receive()
+        if message["type"] == "http.request":
+            body += message.get("body", b"")
+            if not message.get("more_body") and body:
+                _record(scope, json.loads(body))
+        return message
+
+    await traced_tools(scope, recording, send)
+
+
+def _record(scope: MutableMapping[str, Any], message: Any) -> None:
+    if not isinstance(message, dict) or message.get("method") != "tools/call":
+        return
+    params = message.get("params") or {}
+    headers: dict[str, list[str]] = {name: [] for name in _RECORDED}
+    for name, value in scope["headers"]:
+        if name.decode().lower() in headers:
+            headers[name.decode().lower()].append(value.decode())
+    key = str((params.get("arguments") or {}).get("key"))
+    received.setdefault(key, []).append({**headers, "_meta": params.get("_meta") or {}})
+
 
 session: ClientSession | None = None
 
@@ -65,6 +108,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with streamable_http_client(os.environ["MCP_URL"] + "/mcp") as streams:
         async with ClientSession(streams[0], streams[1]) as opened:
             await opened.initialize()
+            await opened.list_tools()  # what the SDK would otherwise ask on the first call
             session = opened
             yield
 
