@@ -1,0 +1,272 @@
+"""The MCP adapter's seams, in process: what a sent request carries and records, where a
+served request's span goes (`tests/test_e2e_mcp.py` runs the real SDK end to end)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import importlib
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import mlflow
+import pytest
+from fastapi import FastAPI, Request
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
+
+from mlflow_trace_middleware import MlflowTracingMiddleware, _mlflow, _targets
+from mlflow_trace_middleware import mcp as adapter
+from mlflow_trace_middleware.testing import InMemoryExporter
+
+pytestmark = pytest.mark.anyio
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+FOREIGN = "00-11111111111111111111111111111111-2222222222222222-01"
+# A context captured before any request, as the SDK's session task group is.
+STARTUP = contextvars.copy_context()
+
+
+def ids(traceparent: str) -> str:
+    """`trace id-span id` of a traceparent (the flags vary: W3C level 2's random-id bit)."""
+    return traceparent[3:-3]
+
+
+def ids_of(span: Any) -> str:
+    return f"{span.context.trace_id:032x}-{span.context.span_id:016x}"
+
+
+def current_ids() -> str | None:
+    context = trace.get_current_span(_mlflow.current_context()).get_span_context()
+    return f"{context.trace_id:032x}-{context.span_id:016x}" if context.is_valid else None
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "name", "extra"),
+    [
+        pytest.param(
+            "tools/call",
+            {"name": "lookup", "arguments": {}},
+            "tools/call lookup",
+            {"gen_ai.tool.name": "lookup", "gen_ai.operation.name": "execute_tool"},
+            id="tool",
+        ),
+        pytest.param(
+            "prompts/get",
+            {"name": "greet"},
+            "prompts/get greet",
+            {"gen_ai.prompt.name": "greet"},
+            id="prompt",
+        ),
+        pytest.param("resources/read", {"uri": "file:///a"}, "resources/read", {}, id="resource"),
+        pytest.param("tools/call", {"name": 3}, "tools/call", {}, id="no-string-name"),
+        pytest.param("tools/list", None, "tools/list", {}, id="no-params"),
+    ],
+)
+def test_span_names_and_attributes_follow_the_mcp_conventions(
+    method: str, params: dict[str, Any] | None, name: str, extra: dict[str, str]
+) -> None:
+    described, attributes = adapter._describe(method, params)
+    assert described == name
+    assert {k: v for k, v in attributes.items() if k.startswith(("mcp.", "gen_ai."))} == {
+        "mcp.method.name": method,
+        **extra,
+    }
+
+
+async def test_a_sent_request_gets_a_client_span_whose_context_is_in_meta(
+    exporter: InMemoryExporter,
+) -> None:
+    sent: list[tuple[dict[str, str] | None, str | None]] = []
+
+    async def send(fields: dict[str, str] | None) -> str:
+        sent.append((fields, current_ids()))
+        return "result"
+
+    with mlflow.start_span("agent"):
+        assert await adapter._send("tools/call", {"name": "lookup"}, send) == "result"
+    ((fields, current),) = sent
+    assert fields is not None
+    spans = {span.name: span for span in exporter.finished_spans()}
+    call = spans["tools/call lookup"]
+    assert call.kind == SpanKind.CLIENT
+    assert call.parent.span_id == spans["agent"].context.span_id
+    assert call.status.status_code == StatusCode.OK
+    # The call's span is what `_meta` names, and it is current while the request is sent.
+    assert ids(fields["traceparent"]) == ids_of(call) == current
+
+
+async def test_a_failed_request_marks_its_span_and_raises(exporter: InMemoryExporter) -> None:
+    async def send(fields: dict[str, str] | None) -> None:
+        raise ConnectionError("gone")
+
+    with mlflow.start_span("agent"), pytest.raises(ConnectionError):
+        await adapter._send("tools/call", {"name": "lookup"}, send)
+    (call,) = [s for s in exporter.finished_spans() if s.name == "tools/call lookup"]
+    assert call.status.status_code == StatusCode.ERROR
+
+
+async def test_without_a_current_span_a_request_is_sent_as_is(exporter: InMemoryExporter) -> None:
+    sent: list[dict[str, str] | None] = []
+
+    async def send(fields: dict[str, str] | None) -> None:
+        sent.append(fields)
+
+    await adapter._send("tools/call", {"name": "lookup"}, send)
+    assert sent == [None]
+    mlflow_trace = exporter.finished_spans(timeout=0.2)
+    assert mlflow_trace == []
+
+
+async def test_our_meta_replaces_what_mcp_2_injects_from_the_global_context(
+    exporter: InMemoryExporter,
+) -> None:
+    def otel_inject(meta: dict[str, Any]) -> None:
+        meta["traceparent"] = FOREIGN
+
+    inject = adapter._inject_v2(otel_inject)
+    seen: list[dict[str, Any]] = []
+
+    async def send(fields: dict[str, str] | None) -> None:
+        meta: dict[str, Any] = {"progressToken": 1, "traceparent": FOREIGN}
+        inject(meta)
+        seen.append(meta)
+
+    with mlflow.start_span("agent"):
+        await adapter._send("tools/list", None, send)
+    outside: dict[str, Any] = {}
+    inject(outside)  # not a request of ours: mcp's own injection
+    (meta,) = seen
+    (call,) = [s for s in exporter.finished_spans() if s.name == "tools/list"]
+    assert ids(meta["traceparent"]) == ids_of(call)
+    assert meta["progressToken"] == 1
+    assert outside == {"traceparent": FOREIGN}
+
+
+def post_context(meta: dict[str, Any]) -> Any:
+    message = SimpleNamespace(params={"name": "lookup", "_meta": meta})
+    return SimpleNamespace(session_message=SimpleNamespace(message=message))
+
+
+async def test_the_post_carrying_a_request_is_sent_with_its_meta_context(
+    exporter: InMemoryExporter,
+) -> None:
+    current: list[str | None] = []
+
+    async def original(transport: Any, ctx: Any) -> None:
+        current.append(current_ids())
+
+    post = adapter._post_v1_v2(original)
+    transport = SimpleNamespace(url="http://tools.internal:8000/mcp")
+    await post(transport, post_context({"traceparent": TRACEPARENT}))
+    assert current == [ids(TRACEPARENT)]
+    assert current_ids() is None  # detached afterwards
+
+    _targets.install(_targets.Targets(["other.internal"]))
+    try:
+        meta = {"traceparent": TRACEPARENT, "tracestate": "mlflow=1.MQ", "progressToken": 7}
+        await post(transport, post_context(meta))
+    finally:
+        _targets.reset()
+    assert current[1] is None  # not allowed: no context, and none left in `_meta`
+    assert meta == {"progressToken": 7}
+
+
+def make_server(**options: Any) -> FastAPI:
+    """An app whose POST /mcp dispatches one JSON-RPC request the way the SDK's streamable HTTP
+    server does: in a task of a context captured before the request (its session's)."""
+    app = FastAPI()
+    app.add_middleware(MlflowTracingMiddleware, **options)
+
+    async def handler() -> str | None:
+        with mlflow.start_span("tool-work"):
+            return current_ids()
+
+    @app.post("/mcp")
+    async def mcp(request: Request) -> dict[str, Any]:
+        message = await request.json()
+        params = message["params"]
+        serve = adapter._serve(
+            message["method"], params, params.get("_meta"), message["id"], "s-1", request, handler
+        )
+        task = STARTUP.run(asyncio.ensure_future, serve)
+        return {"parent": await task}
+
+    return app
+
+
+async def post(app: FastAPI, meta: dict[str, str], headers: dict[str, str]) -> dict[str, Any]:
+    message = {"jsonrpc": "2.0", "id": 7, "method": "tools/call"}
+    message["params"] = {"name": "lookup", "_meta": meta}  # type: ignore[assignment]
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://mcp.test"
+    ) as client:
+        response = await client.post("/mcp", json=message, headers=headers)
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+async def test_a_served_request_is_a_span_under_the_request_that_carried_it(
+    exporter: InMemoryExporter,
+) -> None:
+    await post(make_server(), {"traceparent": FOREIGN}, {"traceparent": TRACEPARENT})
+    spans = {span.name: span for span in exporter.finished_spans()}
+    request, call, work = spans["POST /mcp"], spans["tools/call lookup"], spans["tool-work"]
+    assert f"{request.parent.span_id:016x}" == TRACEPARENT.split("-")[2]
+    assert call.parent.span_id == request.context.span_id  # the headers' context wins
+    assert work.parent.span_id == call.context.span_id
+    assert call.kind == SpanKind.SERVER
+    assert call.attributes["jsonrpc.request.id"] == "7"
+    assert call.attributes["mcp.session.id"] == "s-1"
+
+
+@pytest.mark.parametrize("trust", ["continue", "restart"])
+async def test_context_only_in_meta_is_continued_when_trusted(
+    exporter: InMemoryExporter, trust: str
+) -> None:
+    await post(make_server(trust=trust), {"traceparent": TRACEPARENT}, {})
+    spans = {span.name: span for span in exporter.finished_spans()}
+    request, call, work = spans["POST /mcp"], spans["tools/call lookup"], spans["tool-work"]
+    assert request.parent is None
+    assert work.parent.span_id == call.context.span_id
+    if trust == "continue":
+        assert ids_of(call).split("-")[0] == TRACEPARENT.split("-")[1]
+        assert f"{call.parent.span_id:016x}" == TRACEPARENT.split("-")[2]
+    else:
+        assert call.parent.span_id == request.context.span_id
+        assert call.attributes["mlflow_trace_middleware.untrusted_parent"] == TRACEPARENT
+
+
+async def test_a_request_outside_our_middleware_is_served_untouched(
+    exporter: InMemoryExporter,
+) -> None:
+    async def handler() -> str:
+        return "done"
+
+    outside = SimpleNamespace(scope={"type": "http"})
+    assert await adapter._serve("tools/call", None, None, 1, None, outside, handler) == "done"
+    assert exporter.finished_spans(timeout=0.2) == []
+
+
+def test_instrument_patches_the_installed_major_and_uninstrument_restores_it() -> None:
+    patches = adapter._PATCHES[adapter._major()]
+
+    def current() -> list[Any]:
+        found = []
+        for module, path, _ in patches:
+            owner: Any = importlib.import_module(module)
+            for name in path.split("."):
+                owner = getattr(owner, name)
+            found.append(owner)
+        return found
+
+    before = current()
+    adapter.instrument()
+    adapter.instrument()  # idempotent
+    try:
+        patched = current()
+        assert all(new is not old for new, old in zip(patched, before, strict=True))
+    finally:
+        adapter.uninstrument()
+    assert current() == before
