@@ -24,10 +24,14 @@ through the ASGI scope the message arrived with (`_server.carrying`).
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.util
+import sys
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
+from importlib.machinery import ModuleSpec
+from types import ModuleType
 from typing import Any
 
 from . import _client, _keys, _lean, _log, _mlflow, _propagation, _server, _targets
@@ -313,8 +317,40 @@ def _major() -> int:
     return 2 if importlib.util.find_spec(_DISPATCHER) is not None else 1
 
 
-def instrument() -> None:
-    """Trace and propagate through every MCP client session and server of this process."""
+class _WhenImported(importlib.abc.MetaPathFinder):
+    """Patches right after `mcp` is first imported: importing it takes about a second (2.x),
+    which a process that has it installed but never uses it should not pay."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> ModuleSpec | None:
+        if name != "mcp" or not _stop_waiting():
+            return None
+        spec = importlib.util.find_spec(name)  # the other finders' answer (we are gone)
+        if spec is not None and spec.loader is not None:
+            run = spec.loader.exec_module
+
+            def exec_module(module: ModuleType) -> None:
+                run(module)
+                try:
+                    _patch()
+                except Exception:
+                    _log.internal_error("mcp instrument")
+
+            setattr(spec.loader, "exec_module", exec_module)  # noqa: B010 (this spec's loader)
+        return spec
+
+
+_waiting = _WhenImported()
+
+
+def _stop_waiting() -> bool:
+    try:
+        sys.meta_path.remove(_waiting)
+        return True
+    except ValueError:
+        return False
+
+
+def _patch() -> None:
     if _originals:
         return
     for module, path, wrap in _PATCHES[_major()]:
@@ -327,7 +363,19 @@ def instrument() -> None:
         setattr(owner, name, wrap(original))
 
 
+def instrument() -> None:
+    """Trace and propagate through every MCP client session and server of this process (from
+    its import, if `mcp` is not imported yet)."""
+    if _originals or _waiting in sys.meta_path:
+        return
+    if "mcp" in sys.modules:
+        _patch()
+    else:
+        sys.meta_path.insert(0, _waiting)
+
+
 def uninstrument() -> None:
+    _stop_waiting()
     while _originals:
         owner, name, original = _originals.pop()
         setattr(owner, name, original)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import importlib
+import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -270,3 +271,25 @@ def test_instrument_patches_the_installed_major_and_uninstrument_restores_it() -
     finally:
         adapter.uninstrument()
     assert current() == before
+
+
+def test_instrument_before_mcp_is_imported_patches_it_when_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`instrument()` does not import the SDK (a second for mcp 2.x); its import patches it."""
+    patches = adapter._PATCHES[adapter._major()]
+    module, path, _ = patches[0]
+    owner_name, name = path.split(".")
+    owner = getattr(importlib.import_module(module), owner_name)
+    original = getattr(owner, name)
+    monkeypatch.delitem(sys.modules, "mcp")
+    adapter.instrument()
+    try:
+        assert "mcp" not in sys.modules
+        assert getattr(owner, name) is original
+        importlib.import_module("mcp")
+        assert getattr(owner, name) is not original
+    finally:
+        adapter.uninstrument()
+    assert getattr(owner, name) is original
+    assert adapter._waiting not in sys.meta_path
