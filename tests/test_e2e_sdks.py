@@ -1,9 +1,9 @@
 """End to end, LLM SDKs and A2A: a real `mlflow server`, uvicorn services, read back with
 MlflowClient.
 
-test --requests--> agent (FastAPI, tests/apps/sdk_agent: OpenAI 3.x and Anthropic 2.x clients
-                   built at import, on httpx2; the one-line middleware; autolog on in a second
-                   instance, "agent-autolog")
+test --requests--> agent (FastAPI, tests/apps/sdk_agent: OpenAI and Anthropic clients built at
+                   import: 3.x and 2.x on httpx2 in .venv, 1.x and 0.x on httpx in .venv-oldest;
+                   the one-line middleware; autolog on in a second instance, "agent-autolog")
         agent --openai SDK--> openai-fake (FastAPI + middleware, tests/apps/llm_fakes)
         agent --anthropic SDK--> anthropic-fake (FastAPI + middleware)
         agent --a2a-sdk client (httpx)--> a2a-agent (Starlette + middleware, tests/apps/a2a_server)

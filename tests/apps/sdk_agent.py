@@ -1,9 +1,10 @@
 """An agent service that calls LLMs through their SDKs and another agent over A2A, for
 `tests/test_e2e_sdks.py`: `uvicorn tests.apps.sdk_agent:app`.
 
-The OpenAI (3.x) and Anthropic (2.x) clients are created at import, before any middleware
-starts (so before `instrument()` patches httpx2, which both send through); nothing in this
-module asks for propagation but the one-line `app.add_middleware(MlflowTracingMiddleware)`.
+The OpenAI and Anthropic clients (3.x and 2.x on httpx2 in `.venv`; 1.x and 0.x on httpx in
+`.venv-oldest`: the same code) are created at import, before any middleware starts (so before
+`instrument()` patches httpx2 and httpx); nothing in this module asks for propagation but the
+one-line `app.add_middleware(MlflowTracingMiddleware)`.
 `SDK_AUTOLOG=1` turns on `mlflow.openai.autolog()` and `mlflow.anthropic.autolog()`.
 
 `POST /{openai|anthropic}/{sync|async|stream}` with `{"prompt": ...}`: one LLM call, made from
