@@ -111,24 +111,24 @@ def _send_request_v1(original: Any) -> Any:
 
     async def send_request(session: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         root = getattr(request, "root", request)
-        params = getattr(root, "params", None)
+        params: Any = getattr(root, "params", None)
 
         async def send(fields: dict[str, str] | None) -> Any:
             sent = request
-            if fields and params is not None:
+            if fields and params is None:  # `tools/list` without a cursor, `ping`
+                data = request.model_dump(by_alias=True, mode="json", exclude_none=True)
+                sent = type(request).model_validate({**data, "params": {"_meta": fields}})
+            elif fields:
                 # Copies, not a dump and validation of the whole request (a third of the cost).
                 old = params.meta.model_dump(by_alias=True) if params.meta is not None else {}
                 kept = {k: v for k, v in old.items() if k not in _propagation.FIELDS}
-                meta = meta_type(**kept, **fields)
-                copied = root.model_copy(
-                    update={"params": params.model_copy(update={"meta": meta})}
-                )
+                copied = params.model_copy(update={"meta": meta_type(**kept, **fields)})
+                copied = root.model_copy(update={"params": copied})
                 sent = type(request)(copied) if root is not request else copied
             return await original(session, sent, *args, **kwargs)
 
-        return await _send(
-            getattr(root, "method", ""), {"name": getattr(params, "name", None)}, send
-        )
+        described = {"name": getattr(params, "name", None)}
+        return await _send(getattr(root, "method", ""), described, send)
 
     return send_request
 

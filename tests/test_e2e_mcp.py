@@ -137,6 +137,57 @@ def test_a_tool_call_lands_in_the_callers_trace(stack: Stack) -> None:
         assert len([t for t in found if marker in json.dumps(t.to_dict())]) == count
 
 
+def test_a_session_opened_inside_the_request_stitches_each_of_its_calls(stack: Stack) -> None:
+    marker = f"fresh-{secrets.token_hex(4)}"
+    response = requests.post(f"{stack.agent.url}/ask-fresh", json={"key": marker}, timeout=30)
+    assert response.status_code == 200, response.text
+
+    (call,) = received(stack, marker)
+    (traceparent,) = call["traceparent"]
+    assert call["_meta"]["traceparent"] == traceparent
+    _, trace_hex, caller_hex, _ = traceparent.split("-")
+    (found,) = wait_for(
+        lambda: [
+            t
+            for t in stack.client.search_traces(locations=[stack.agent_experiment], max_results=500)
+            if t.info.trace_id == f"tr-{trace_hex}"
+        ],
+        "the request's trace",
+    )
+    trace = complete_trace(stack.client, found.info.trace_id, spans=5)
+    print(format_trace(trace))  # pytest -s
+    spans = {span.span_id: span for span in trace.data.spans}
+
+    def name(span: Any) -> str:
+        return f"{span.attributes.get('service.name')}:{span.name}"
+
+    # The session's own traffic (initialize, its notification, the event stream, the closing
+    # DELETE) is in the same trace too; the call is the same subtree as with a kept session.
+    caller = spans[caller_hex]
+    chain = [caller]
+    while (children := [s for s in spans.values() if s.parent_id == chain[-1].span_id]) and len(
+        children
+    ) == 1:
+        chain.append(children[0])
+    assert [name(span) for span in chain] == [
+        f"agent:{CALL}",
+        "mcp-server:POST /mcp",
+        f"mcp-server:{CALL}",
+        "mcp-server:lookup-db",
+    ]
+    assert name(spans[caller.parent_id]) == "agent:POST /ask-fresh"
+    names = [name(span) for span in spans.values()]
+    assert names.count(f"agent:{CALL}") == names.count(f"mcp-server:{CALL}") == 1
+    # Every request the session sent carried its client span's context (`tools/list`: the SDK
+    # asks for the tool's output schema). mcp 1.x answers `initialize` inside its session, not
+    # in the server's request handling: no span of the server's for it there.
+    for method in ("initialize", "tools/list"):
+        (sent,) = [span for span in spans.values() if name(span) == f"agent:{method}"]
+        under = [name(span) for span in spans.values() if span.parent_id == sent.span_id]
+        assert under == ["mcp-server:POST /mcp"]
+    assert trace.info.experiment_id == stack.agent_experiment
+
+
 def _raw_session(url: str) -> dict[str, str]:
     """Open a session as a client without tracing would (no context anywhere)."""
     hello = {

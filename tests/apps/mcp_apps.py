@@ -10,7 +10,8 @@ Outside it all, a recorder keeps what each `tools/call` POST carried on the wire
 
 `uvicorn tests.apps.mcp_apps:agent_app`: a FastAPI service with only the one-line middleware,
 whose one MCP client session to `MCP_URL` is opened at startup, outside any request, and kept:
-`POST /ask {"key": ...}` calls the tool `lookup` through it.
+`POST /ask {"key": ...}` calls the tool `lookup` through it; `POST /ask-fresh` opens a session
+of its own for the call, inside the request, as many agent frameworks do.
 """
 
 from __future__ import annotations
@@ -130,4 +131,13 @@ async def agent_health() -> dict[str, bool]:
 async def ask(body: Ask) -> dict[str, str]:
     assert session is not None
     result = await session.call_tool("lookup", {"key": body.key})
+    return {"text": result.content[0].text}  # type: ignore[union-attr]
+
+
+@agent_app.post("/ask-fresh")
+async def ask_fresh(body: Ask) -> dict[str, str]:
+    async with streamable_http_client(os.environ["MCP_URL"] + "/mcp") as streams:
+        async with ClientSession(streams[0], streams[1]) as fresh:
+            await fresh.initialize()
+            result = await fresh.call_tool("lookup", {"key": body.key})
     return {"text": result.content[0].text}  # type: ignore[union-attr]
