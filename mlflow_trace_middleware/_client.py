@@ -75,13 +75,19 @@ class ClientCall:
 
             setattr(response, name, wrapped)
 
-    def end(self, status: int | None = None, error: BaseException | None = None) -> None:
+    def end(
+        self,
+        status: int | None = None,
+        error: BaseException | None = None,
+        failure: str | None = None,
+    ) -> None:
+        """End the span once; `failure`: an error the protocol answered with (`_lean`)."""
         if self._ended or self.span is None:
             return
         self._ended = True
         span = self.span
         try:
-            _lean.set_outcome(span, status, error, failed_from=400)
+            _lean.set_outcome(span, status, error, failed_from=400, failure=failure)
         except Exception:
             _log.internal_error("client span end")
         finally:

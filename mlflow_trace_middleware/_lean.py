@@ -287,11 +287,16 @@ def start(
 
 
 def set_outcome(
-    span: trace.Span, status: int | None, error: BaseException | None, failed_from: int
+    span: trace.Span,
+    status: int | None,
+    error: BaseException | None,
+    failed_from: int,
+    failure: str | None = None,
 ) -> None:
     """Record how an HTTP exchange ended: the status code, then the error (an exception, or a
-    status of `failed_from` or more: 500 for a server, 400 for a client) or OK. A cancellation
-    (a BaseException that is not an Exception) leaves the status unset."""
+    status of `failed_from` or more: 500 for a server, 400 for a client; or `failure`, an error
+    the protocol answered with, as its `error.type`) or OK. A cancellation (a BaseException
+    that is not an Exception) leaves the status unset."""
     if status is not None:
         span.set_attribute(http_attributes.HTTP_RESPONSE_STATUS_CODE, status)
     if isinstance(error, Exception):
@@ -301,6 +306,9 @@ def set_outcome(
         span.set_status(Status(StatusCode.ERROR, name))
     elif status is not None and status >= failed_from:
         span.set_attribute(error_attributes.ERROR_TYPE, str(status))
+        span.set_status(ERROR)
+    elif failure is not None:
+        span.set_attribute(error_attributes.ERROR_TYPE, failure)
         span.set_status(ERROR)
     elif error is None:
         span.set_status(OK)

@@ -67,6 +67,18 @@ def _describe(method: str, params: Mapping[str, Any] | None) -> tuple[str, dict[
     return f"{method} {target}", attributes
 
 
+def _failure(result: Any) -> str | None:
+    """The `error.type` of a response that reports an error: a tool's (`isError`, "tool_error")
+    or a JSON-RPC error's code."""
+    root = getattr(result, "root", result)
+    if isinstance(root, Mapping):
+        return "tool_error" if root.get("isError") is True else None
+    if getattr(root, "isError", False) is True:
+        return "tool_error"
+    code = getattr(root, "code", None)
+    return str(code) if isinstance(code, int) and hasattr(root, "message") else None
+
+
 def _carrier(meta: Any) -> _propagation.Carrier:
     if not isinstance(meta, Mapping):
         return {}
@@ -94,7 +106,7 @@ async def _send(
     finally:
         _detach(attached)
         _sending.reset(token)
-    call.end()
+    call.end(failure=_failure(result))
     return result
 
 
@@ -226,15 +238,17 @@ async def _serve(
         _log.internal_error("mcp request span start")
         return await handle()
     error: BaseException | None = None
+    result = None
     try:
-        return await handle()
+        result = await handle()
+        return result
     except BaseException as raised:
         error = raised
         raise
     finally:
         _detach(attached)
         try:
-            _lean.set_outcome(span, None, error, failed_from=500)
+            _lean.set_outcome(span, None, error, failed_from=500, failure=_failure(result))
         except Exception:
             _log.internal_error("mcp request span end")
         span.end()
@@ -243,19 +257,33 @@ async def _serve(
 def _handle_request_v1(original: Any) -> Any:
     """mcp 1.x `Server._handle_request(message, req, session, lifespan_context, raise_exc)`."""
 
-    async def handle_request(server: Any, message: Any, req: Any, *args: Any) -> Any:
+    async def handle_request(server: Any, message: Any, req: Any, *args: Any) -> None:
         params = getattr(req, "params", None)
         meta = getattr(message, "request_meta", None)
         http_request = getattr(message.message_metadata, "request_context", None)
         headers = getattr(http_request, "headers", None)
-        return await _serve(
+
+        async def handle() -> Any:
+            """The response, which 1.x sends itself (`message.respond`) rather than return."""
+            sent: list[Any] = []
+            respond = message.respond
+
+            async def responding(response: Any) -> None:
+                sent.append(response)
+                await respond(response)
+
+            message.respond = responding
+            await original(server, message, req, *args)
+            return sent[0] if sent else None
+
+        await _serve(
             getattr(req, "method", ""),
             {"name": getattr(params, "name", None)},
             meta.model_dump(by_alias=True) if meta is not None else None,
             message.request_id,
             headers.get("mcp-session-id") if headers is not None else None,
             http_request,
-            lambda: original(server, message, req, *args),
+            handle,
         )
 
     return handle_request

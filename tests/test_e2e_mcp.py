@@ -91,7 +91,7 @@ def test_a_tool_call_lands_in_the_callers_trace(stack: Stack) -> None:
     marker = f"mcp-{secrets.token_hex(4)}"
     response = requests.post(f"{stack.agent.url}/ask", json={"key": marker}, timeout=30)
     assert response.status_code == 200, response.text
-    assert response.json() == {"text": f"value of {marker}"}
+    assert response.json() == {"text": f"value of {marker}", "error": False}
 
     # One POST for the call; one traceparent, the same in the headers and in `_meta`, with our
     # signed tracestate entry (the root's experiment) beside it in both places.
@@ -135,6 +135,31 @@ def test_a_tool_call_lands_in_the_callers_trace(stack: Stack) -> None:
     for experiment, count in ((stack.agent_experiment, 1), (stack.server_experiment, 0)):
         found = stack.client.search_traces(locations=[experiment], max_results=500)
         assert len([t for t in found if marker in json.dumps(t.to_dict())]) == count
+
+
+def test_a_tool_error_marks_both_sides_of_the_call(stack: Stack) -> None:
+    marker = f"fail-{secrets.token_hex(4)}"
+    response = requests.post(
+        f"{stack.agent.url}/ask", json={"key": marker, "tool": "fail"}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["error"] is True
+    (call,) = received(stack, marker)
+    trace_hex = call["traceparent"][0].split("-")[1]
+    trace = complete_trace(stack.client, f"tr-{trace_hex}", spans=4)
+    assert tree(trace) == {
+        "agent:POST /ask": None,
+        "agent:tools/call fail": "agent:POST /ask",
+        "mcp-server:POST /mcp": "agent:tools/call fail",
+        "mcp-server:tools/call fail": "mcp-server:POST /mcp",
+    }
+    for key in ("agent:tools/call fail", "mcp-server:tools/call fail"):
+        span = span_named(trace, key)
+        assert span.status.status_code.value == "ERROR"
+        assert span.attributes["error.type"] == "tool_error"
+    # The HTTP exchanges and the agent's request went fine.
+    for key in ("agent:POST /ask", "mcp-server:POST /mcp"):
+        assert span_named(trace, key).status.status_code.value == "OK"
 
 
 def test_a_session_opened_inside_the_request_stitches_each_of_its_calls(stack: Stack) -> None:

@@ -76,6 +76,23 @@ def test_span_names_and_attributes_follow_the_mcp_conventions(
     }
 
 
+@pytest.mark.parametrize(
+    ("result", "failure"),
+    [
+        pytest.param({"content": [], "isError": True}, "tool_error", id="tool-error-2x"),
+        pytest.param({"content": [], "isError": False}, None, id="tool-ok-2x"),
+        pytest.param(SimpleNamespace(isError=True), "tool_error", id="tool-error-1x"),
+        pytest.param(
+            SimpleNamespace(root=SimpleNamespace(code=-32602, message="bad")), "-32602", id="rpc"
+        ),
+        pytest.param(SimpleNamespace(root=SimpleNamespace(tools=[])), None, id="result-1x"),
+        pytest.param(None, None, id="none"),
+    ],
+)
+def test_a_response_that_reports_an_error_is_a_failure(result: Any, failure: str | None) -> None:
+    assert adapter._failure(result) == failure
+
+
 async def test_a_sent_request_gets_a_client_span_whose_context_is_in_meta(
     exporter: InMemoryExporter,
 ) -> None:

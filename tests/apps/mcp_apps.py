@@ -10,8 +10,9 @@ Outside it all, a recorder keeps what each `tools/call` POST carried on the wire
 
 `uvicorn tests.apps.mcp_apps:agent_app`: a FastAPI service with only the one-line middleware,
 whose one MCP client session to `MCP_URL` is opened at startup, outside any request, and kept:
-`POST /ask {"key": ...}` calls the tool `lookup` through it; `POST /ask-fresh` opens a session
-of its own for the call, inside the request, as many agent frameworks do.
+`POST /ask {"key": ..., "tool": "lookup"}` calls the tool (`lookup`, or `fail`) through it;
+`POST /ask-fresh` opens a session of its own for the call, inside the request, as many agent
+frameworks do.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def lookup(key: str) -> str:
         value = f"value of {key}"
         span.set_outputs(value)
     return value
+
+
+@tools.tool()
+def fail(key: str) -> str:
+    """Always fails: the SDK answers with a tool error (`isError`)."""
+    raise ValueError(f"no value for {key}")
 
 
 @tools.custom_route("/health", methods=["GET"])
@@ -120,6 +127,7 @@ agent_app.add_middleware(MlflowTracingMiddleware, exclude_paths={"/health"})
 
 class Ask(BaseModel):
     key: str
+    tool: str = "lookup"
 
 
 @agent_app.get("/health")
@@ -128,10 +136,11 @@ async def agent_health() -> dict[str, bool]:
 
 
 @agent_app.post("/ask")
-async def ask(body: Ask) -> dict[str, str]:
+async def ask(body: Ask) -> dict[str, Any]:
     assert session is not None
-    result = await session.call_tool("lookup", {"key": body.key})
-    return {"text": result.content[0].text}  # type: ignore[union-attr]
+    result = await session.call_tool(body.tool, {"key": body.key})
+    error = getattr(result, "is_error", getattr(result, "isError", None))  # 2.x, 1.x
+    return {"text": result.content[0].text, "error": error}  # type: ignore[union-attr]
 
 
 @agent_app.post("/ask-fresh")
