@@ -110,13 +110,6 @@ async def _send(
     return result
 
 
-def _with_meta(params: Mapping[str, Any] | None, fields: dict[str, str]) -> dict[str, Any]:
-    meta = dict((params or {}).get("_meta") or {})
-    for name in _propagation.FIELDS:
-        meta.pop(name, None)
-    return {**(params or {}), "_meta": {**meta, **fields}}
-
-
 def _send_request_v1(original: Any) -> Any:
     """mcp 1.x `BaseSession.send_request(request, result_type, ...)`."""
     meta_type: Any = importlib.import_module("mcp.types").RequestParams.Meta
