@@ -8,13 +8,13 @@ STAMP  := $(VENV)/.installed
 # against it too, client and server (the end-to-end tests start `mlflow server` from this venv).
 MLFLOW_OLDEST ?= 3.9.0
 OLDEST        ?= .venv-oldest
-# ... and the previous major of each SDK the suite calls (the dev extra has the newest): they
-# send through httpx where the newest send through httpx2.
-OLDEST_SDKS   ?= 'openai<2' 'anthropic<1' 'mcp<2'
 OLDEST_STAMP  := $(OLDEST)/.installed
 # What MLflow 3.9-3.12 users run beside it: Starlette before 1.0 (3.12 requires it), which
 # leaves no route in the scope (the ASGI adapter asks its router again).
 OLDEST_PINS   ?= 'starlette<1'
+# ... and the previous major of each SDK the suite calls (the dev extra has the newest): they
+# send through httpx where the newest send through httpx2.
+OLDEST_SDKS   ?= 'openai<2' 'anthropic<1' 'mcp<2'
 
 .PHONY: venv test test-oldest test-fast lint format typecheck demo clean bench bench-long
 

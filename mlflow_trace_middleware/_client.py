@@ -158,6 +158,8 @@ def start_message(name: str, attributes: dict[str, Any]) -> tuple[ClientCall, Co
         span: trace.Span | None = None
         if parent.is_recording():
             span = _mlflow.start_span(name, parent_context, SpanKind.CLIENT, attributes)
+            if isinstance(span, _lean.LeanSpan):
+                _mlflow.claim(span.context, span)  # as an HTTP call's (`start`)
         context = trace.set_span_in_context(span or parent, parent_context)
         sent: dict[str, str] = {}
         _propagation.inject(sent, context, _our_entry(context))
