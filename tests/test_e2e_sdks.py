@@ -28,7 +28,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import Process, _spawn, free_port, start_uvicorn, wait_ready
+from examples.launch import Process, _spawn, format_trace, free_port, start_uvicorn, wait_ready
 from mlflow_trace_middleware import _compat
 from tests.apps.llm_fakes import CHUNK_DELAY, CHUNKS
 
@@ -162,7 +162,9 @@ def complete_trace(client: MlflowClient, trace_id: str, spans: int) -> Any:
         done = trace.info.state.value != "IN_PROGRESS" and len(trace.data.spans) >= spans
         return trace if done else None
 
-    return wait_for(check, f"trace {trace_id} with {spans} spans")
+    trace = wait_for(check, f"trace {trace_id} with {spans} spans")
+    print(format_trace(trace))  # the tree, for `pytest -s`
+    return trace
 
 
 def traces_with(stack: Stack, experiment: str, marker: str) -> list[Any]:

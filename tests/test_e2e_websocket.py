@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 from websockets.sync.client import connect
 
-from examples.launch import Process, format_trace, start_uvicorn
+from examples.launch import Process, start_uvicorn
 from tests.test_e2e_sdks import complete_trace, span_named, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +55,6 @@ def test_a_websocket_connection_is_one_trace_with_every_message_beneath(
         return found[0].info.trace_id if len(found) == 1 else None
 
     trace = complete_trace(client, wait_for(one_trace, "the connection's trace"), spans=7)
-    print(format_trace(trace))
     assert trace.info.state.value == "OK"
     spans = {span.span_id: span for span in trace.data.spans}
     assert len(spans) == 7  # each span stored once
