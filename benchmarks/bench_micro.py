@@ -1,6 +1,7 @@
 """Micro-benchmarks, pytest-benchmark with `--benchmark-timer=time.process_time` (method:
-README.md): outgoing calls plain / traced / traced with no active span, and the FastAPI hello
-world called in-process through ASGI, bare and under `MlflowTracingMiddleware`.
+README.md): outgoing calls plain / traced / traced with no active span, the FastAPI hello
+world called in-process through ASGI, bare and under `MlflowTracingMiddleware`, and an entry
+service (each request starts its trace) whose handler makes one outgoing call.
 
 httpx, httpx2 and requests call in-process transports (no sockets). urllib3 and aiohttp have
 no such seam (the span ends at the body's end, which only a real response gives), so they call
@@ -176,3 +177,43 @@ def test_asgi(benchmark: Any, variant: str, pass_: int) -> None:
     benchmark.pedantic(round_, rounds=ROUNDS, warmup_rounds=1)
     benchmark.extra_info |= {"calls": CALLS, "exported": mtm.stats().exported - before}
     assert benchmark.extra_info["exported"] == (ROUNDS + 1) * CALLS * (variant == "ours")
+
+
+@pytest.mark.parametrize("variant", ["bare", "ours"])
+@pytest.mark.parametrize("pass_", range(PASSES))
+def test_asgi_entry_calling_out(benchmark: Any, variant: str, pass_: int) -> None:
+    """Each request starts a trace and makes one httpx call (an in-process transport): the
+    request span, the client span, the injection, and the trace's claim (one placeholder
+    POST per request at this rate; claims made together share one under load)."""
+    from fastapi import FastAPI
+
+    inner = httpx.MockTransport(lambda request: httpx.Response(200, json={"ok": True}))
+    traced = variant == "ours"
+    client = httpx.AsyncClient(transport=AsyncTracingTransport(inner) if traced else inner)
+    CLOSE.append(lambda: LOOP.run_until_complete(client.aclose()))
+    app: Any = FastAPI()
+
+    @app.get("/call")
+    async def call() -> Any:
+        return (await client.get(URL)).json()
+
+    if traced:
+        app = MlflowTracingMiddleware(app, instrument_clients=False)
+
+    async def many() -> None:
+        for _ in range(CALLS):
+            await common.asgi_request(app, path="/call", caller=False)
+
+    def round_() -> None:
+        LOOP.run_until_complete(many())
+        mtm.flush(10)
+
+    before = mtm.stats()
+    benchmark.pedantic(round_, rounds=ROUNDS, warmup_rounds=1)
+    after = mtm.stats()
+    benchmark.extra_info |= {
+        "calls": CALLS,
+        "exported": after.exported - before.exported,
+        "claims": getattr(after, "claims", 0) - getattr(before, "claims", 0),
+    }
+    assert benchmark.extra_info["exported"] == (ROUNDS + 1) * CALLS * 2 * traced

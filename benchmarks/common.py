@@ -150,16 +150,20 @@ def wrk(url: str, seconds: float, connections: int) -> dict[str, Any]:
     return raw
 
 
-def asgi_request(app: Any, method: str = "GET", path: str = "/hello", body: bytes = b"") -> Any:
-    """One HTTP request through an ASGI app, in-process (a coroutine to await)."""
+def asgi_request(
+    app: Any, method: str = "GET", path: str = "/hello", body: bytes = b"", caller: bool = True
+) -> Any:
+    """One HTTP request through an ASGI app, in-process (a coroutine to await); `caller`: with
+    a `traceparent`, as wrk sends (else each request starts its trace)."""
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
         "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
         "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
         "headers": [(b"host", b"bench"), (b"content-type", b"application/json")],
     }  # fmt: skip
-    traceparent = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"  # as wrk sends
-    scope["headers"].append((b"traceparent", traceparent.encode()))
+    if caller:
+        traceparent = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"  # as wrk sends
+        scope["headers"].append((b"traceparent", traceparent.encode()))
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}

@@ -9,6 +9,7 @@ the span with `call.end(status)` when the response's last byte is read or the bo
 from __future__ import annotations
 
 import contextvars
+import urllib.parse
 from collections.abc import Callable, MutableMapping
 from types import TracebackType
 from typing import Any
@@ -122,8 +123,10 @@ def start(
         if not parent.get_span_context().is_valid:
             return None
         _runtime.activate()
+        claims = allowed and _claims(url)
         if allowed and (theirs := _instrumented_by_caller(headers, parent_context)) is not None:
-            _mlflow.claim(trace.get_current_span(theirs).get_span_context())
+            if claims:
+                _mlflow.claim(trace.get_current_span(theirs).get_span_context())
             return _complete(theirs, headers)
         span: trace.Span | None = None
         context = parent_context
@@ -131,7 +134,7 @@ def start(
             name, attributes = _span_fields(method, url, allowed)
             span = _mlflow.start_span(name, parent_context, SpanKind.CLIENT, attributes)
             context = trace.set_span_in_context(span, parent_context)
-            if allowed and isinstance(span, _lean.LeanSpan):
+            if claims and isinstance(span, _lean.LeanSpan):
                 _mlflow.claim(span.context, span)
         sent: dict[str, str] = {}
         if allowed:
@@ -142,6 +145,32 @@ def start(
     except Exception:
         _log.internal_error("client span start")
         return None
+
+
+_GATEWAY_PATH = "/gateway/"  # MLflow's AI Gateway routes (`/gateway/<endpoint>/...`)
+_tracking_address: tuple[object, tuple[str, int | None] | None] = (None, None)
+
+
+def _claims(url: Destination) -> bool:
+    """Whether a call may claim its trace (`MLFLOW_TRACE_CLAIMS`): "auto" claims calls that can
+    reach a callee writing into the trace itself, the MLflow server (its AI Gateway) by address
+    or an AI Gateway path behind another host; a claim costs the tracking server one POST."""
+    global _tracking_address
+    settings = _config.get_settings()
+    if settings.claims != "auto":
+        return settings.claims == "always"
+    if url[3].startswith(_GATEWAY_PATH):
+        return True
+    cached_for, address = _tracking_address
+    if cached_for is not settings:
+        address = None
+        if settings.otlp_endpoint:
+            parsed = urllib.parse.urlsplit(settings.tracking_uri or "")
+            port = parsed.port or DEFAULT_PORTS.get(parsed.scheme)
+            address = ((parsed.hostname or "").lower(), port)
+        _tracking_address = settings, address
+    port = url[2] or DEFAULT_PORTS.get(url[0])
+    return address is not None and address == (url[1].lower(), port)
 
 
 def start_message(name: str, attributes: dict[str, Any]) -> tuple[ClientCall, Context] | None:
@@ -158,8 +187,9 @@ def start_message(name: str, attributes: dict[str, Any]) -> tuple[ClientCall, Co
         span: trace.Span | None = None
         if parent.is_recording():
             span = _mlflow.start_span(name, parent_context, SpanKind.CLIENT, attributes)
-            if isinstance(span, _lean.LeanSpan):
-                _mlflow.claim(span.context, span)  # as an HTTP call's (`start`)
+            # An MCP server is no MLflow server: only "always" claims (see `_claims`).
+            if _config.get_settings().claims == "always" and isinstance(span, _lean.LeanSpan):
+                _mlflow.claim(span.context, span)
         context = trace.set_span_in_context(span or parent, parent_context)
         sent: dict[str, str] = {}
         _propagation.inject(sent, context, _our_entry(context))

@@ -12,6 +12,8 @@ from . import _log
 _DEFAULT_SERVICE_NAME = "unknown_service"
 DEFAULT_EXPERIMENT = "0"  # MLflow's "Default" experiment
 FREEZE_ENV = "MLFLOW_TRACE_FREEZE_GC"
+CLAIMS_ENV = "MLFLOW_TRACE_CLAIMS"
+CLAIMS = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ class Settings:
     signing_keys: tuple[bytes, ...] = field(default=(), repr=False)
     # `gc.freeze()` when the runtime starts (MLFLOW_TRACE_FREEZE_GC=1); see docs/architecture.md.
     freeze_gc: bool = False
+    # Which calls claim their trace (docs/architecture.md, "Claims"): "auto" those to the
+    # tracking server's address or to an MLflow AI Gateway path, "always", "never".
+    claims: str = "auto"
 
     @property
     def otlp_endpoint(self) -> str | None:
@@ -143,6 +148,13 @@ def flag(variable: str, raw: str | None, default: bool) -> bool:
         raise SettingError(variable, raw, "1, true, yes, on, 0, false, no or off") from None
 
 
+def _claims(raw: str | None) -> str:
+    value = (raw or "auto").strip().lower()
+    if value not in CLAIMS:
+        raise SettingError(CLAIMS_ENV, raw or "", "auto, always or never")
+    return value
+
+
 def from_environment(*, strict: bool = False) -> Settings:
     """Settings from `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_ID`/`_NAME`, `OTEL_SERVICE_NAME`,
     the credentials and the sink variables.
@@ -182,6 +194,7 @@ def from_environment(*, strict: bool = False) -> Settings:
     keys = env.get("MLFLOW_TRACE_SIGNING_KEY") or None
     checked: tuple[tuple[Callable[[], Any], Any], ...] = (
         (lambda: flag(FREEZE_ENV, env.get(FREEZE_ENV), False), False),
+        (lambda: _claims(env.get(CLAIMS_ENV)), "auto"),
         (lambda: _signing_keys_variable(keys), ()),
         (lambda: {**_otlp_headers(env, strict=strict), **_auth_headers(env, strict=True)}, {}),
     )
@@ -194,7 +207,7 @@ def from_environment(*, strict: bool = False) -> Settings:
                 raise
             _log.logger.warning("mlflow-trace-middleware: ignoring %s: invalid", exc.variable)
             values.append(fallback)
-    freeze_gc, signing, headers = values
+    freeze_gc, claims, signing, headers = values
     return Settings(
         tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
         experiment_id=env.get("MLFLOW_EXPERIMENT_ID") or None,
@@ -203,6 +216,7 @@ def from_environment(*, strict: bool = False) -> Settings:
         headers=headers,
         signing_keys=signing,
         freeze_gc=freeze_gc,
+        claims=claims,
         **_split(tuning),
     )
 

@@ -58,6 +58,7 @@ VARIABLES = (
     Variable("MLFLOW_TRACE_MAX_RETRY_TIME", "120", "max_retry_time"),
     Variable("MLFLOW_TRACE_SHUTDOWN_TIMEOUT", "5", "shutdown_timeout"),
     Variable("MLFLOW_TRACE_FREEZE_GC", "false", None),
+    Variable("MLFLOW_TRACE_CLAIMS", "auto", None),
 )
 
 

@@ -12,16 +12,61 @@ from typing import Any
 
 import httpx
 import mlflow
+import pytest
 from mlflow.tracing import get_tracing_context_headers_for_http_request
 from opentelemetry.trace import SpanKind
 
 import mlflow_trace_middleware as mtm
-from mlflow_trace_middleware import MlflowTracingMiddleware
+from mlflow_trace_middleware import MlflowTracingMiddleware, _client, _config
 from mlflow_trace_middleware._config import SinkLimits
 from mlflow_trace_middleware._sink import ExportResult, SpanSink
 from mlflow_trace_middleware._span import EncodedSpan
 from mlflow_trace_middleware.httpx import AsyncTracingTransport, TracingTransport
 from mlflow_trace_middleware.testing import InMemoryExporter
+
+
+@pytest.fixture(autouse=True)
+def _claim_every_call() -> Any:
+    """These tests call made-up hosts; "auto" would claim only the tracking server's address
+    and AI Gateway paths (`test_auto_claims_...` below)."""
+    _config.update_settings(claims="always")
+    yield
+    _config.update_settings(claims="auto")
+
+
+@pytest.mark.parametrize(
+    ("tracking_uri", "claims", "url", "expected"),
+    [
+        ("http://mlflow.internal:5000", "auto", ("http", "mlflow.internal", 5000, "/v1/x"), True),
+        ("http://MLflow.internal:5000", "auto", ("http", "mlflow.internal", 5000, "/"), True),
+        ("https://mlflow.example", "auto", ("https", "mlflow.example", None, "/invocations"), True),
+        ("http://mlflow.internal:5000", "auto", ("http", "mlflow.internal", 5001, "/"), False),
+        ("http://mlflow.internal:5000", "auto", ("http", "llm.test", None, "/v1/chat"), False),
+        # An AI Gateway behind another host (a proxy): its path gives it away.
+        ("http://mlflow.internal:5000", "auto", ("http", "proxy", 8080, "/gateway/x/v1"), True),
+        ("sqlite:///mlflow.db", "auto", ("http", "llm.test", None, "/v1/chat"), False),
+        ("sqlite:///mlflow.db", "always", ("http", "llm.test", None, "/v1/chat"), True),
+        ("http://mlflow.internal:5000", "never", ("http", "mlflow.internal", 5000, "/"), False),
+    ],
+)
+def test_auto_claims_calls_that_can_reach_a_callee_writing_into_the_trace(
+    tracking_uri: str, claims: str, url: Any, expected: bool
+) -> None:
+    before = _config.get_settings()
+    try:
+        _config.update_settings(tracking_uri=tracking_uri, claims=claims)
+        assert _client._claims(url) is expected
+    finally:
+        _config.install(before)
+
+
+def test_the_claims_variable_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACE_CLAIMS", "Always")
+    assert _config.from_environment().claims == "always"
+    monkeypatch.setenv("MLFLOW_TRACE_CLAIMS", "sometimes")
+    with pytest.raises(_config.SettingError, match="MLFLOW_TRACE_CLAIMS='sometimes'"):
+        _config.from_environment(strict=True)
+    assert _config.from_environment().claims == "auto"  # a service still starts
 
 
 def ok_transport(lib: Any = httpx) -> Any:
