@@ -118,11 +118,9 @@ def start(
         for name in _propagation.FIELDS:
             headers.pop(name, None)
     try:
-        parent_context = _mlflow.current_context()
-        parent = trace.get_current_span(parent_context)
-        if not parent.get_span_context().is_valid:
+        if (active := _active_parent()) is None:
             return None
-        _runtime.activate()
+        parent_context, parent = active
         claims = allowed and _claims(url)
         if allowed and (theirs := _instrumented_by_caller(headers, parent_context)) is not None:
             if claims:
@@ -145,6 +143,16 @@ def start(
     except Exception:
         _log.internal_error("client span start")
         return None
+
+
+def _active_parent() -> tuple[Context | None, trace.Span] | None:
+    """MLflow's current context and span, with the runtime started; None with no span."""
+    parent_context = _mlflow.current_context()
+    parent = trace.get_current_span(parent_context)
+    if not parent.get_span_context().is_valid:
+        return None
+    _runtime.activate()
+    return parent_context, parent
 
 
 _GATEWAY_PATH = "/gateway/"  # MLflow's AI Gateway routes (`/gateway/<endpoint>/...`)
@@ -179,11 +187,9 @@ def start_message(name: str, attributes: dict[str, Any]) -> tuple[ClientCall, Co
     the context that makes its span current. None when there is no context to propagate.
     Whether the destination may receive them is the transport's decision (`allowed`)."""
     try:
-        parent_context = _mlflow.current_context()
-        parent = trace.get_current_span(parent_context)
-        if not parent.get_span_context().is_valid:
+        if (active := _active_parent()) is None:
             return None
-        _runtime.activate()
+        parent_context, parent = active
         span: trace.Span | None = None
         if parent.is_recording():
             span = _mlflow.start_span(name, parent_context, SpanKind.CLIENT, attributes)
