@@ -23,6 +23,10 @@ SESSION_ID = "session.id"
 USER_ID = "user.id"
 CONVERSATION_ID = "gen_ai.conversation.id"
 IDENTITY = (SESSION_ID, USER_ID, CONVERSATION_ID)
+# What MLflow keeps of them: trace metadata values, guaranteed up to 250 characters on every
+# store (`mlflow.tracing.constant.MAX_CHARS_IN_TRACE_INFO_METADATA`); from 3.17 a longer
+# session id makes the server refuse the whole span batch (400).
+MAX_IDENTITY_CHARS = 250
 
 # Ours. On a request span whose trusted caller chose the experiment: every span of that trace
 # segment is exported there (`_trust.py`).

@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextvars
 import logging
 import re
-from collections.abc import MutableMapping, Sequence
+import urllib.parse
+from collections.abc import Mapping, MutableMapping, Sequence
 
-from opentelemetry import trace
+from opentelemetry import baggage, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
@@ -49,6 +50,7 @@ _TRACESTATE_MEMBER = re.compile(f"({_KEY})=({_VALUE})")
 
 class _Baggage(W3CBaggagePropagator):
     _MAX_PAIRS = 64  # W3C Baggage: 64 list-members, 8,192 bytes
+    _MAX_HEADER_LENGTH = 8192
 
 
 _trace_context = TraceContextTextMapPropagator()
@@ -266,6 +268,24 @@ def inject(
         if tracestate := _tracestate_header(members):
             headers[TRACESTATE] = tracestate
     _baggage.inject(headers, context)
+
+
+def baggage_first(context: Context, first: Mapping[str, str]) -> Context:
+    """`context` with `first` at the head of its baggage (replacing the same keys), then as
+    many of the members it had as the W3C limits leave room for, from the left.
+
+    The propagator sends the first 64 members and 8,192 bytes and drops the rest: members we
+    add at the end of a caller's full baggage would be the ones dropped.
+    """
+    members = {**first, **{k: v for k, v in baggage.get_all(context).items() if k not in first}}
+    kept, length = baggage.clear(context), -1
+    for count, (key, value) in enumerate(members.items()):
+        # As the propagator encodes each member (`quote_plus`), with a comma between.
+        length += len(urllib.parse.quote_plus(key)) + len(urllib.parse.quote_plus(str(value))) + 2
+        if count == _Baggage._MAX_PAIRS or length > _Baggage._MAX_HEADER_LENGTH:
+            break
+        kept = baggage.set_baggage(key, value, kept)
+    return kept
 
 
 def _tracestate_header(members: list[tuple[str, str]]) -> str:

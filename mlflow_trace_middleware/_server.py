@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -324,8 +325,18 @@ def _parent(
     when it has no parent."""
     context = _propagation.extract(request.carrier) if request.carrier else Context()
     remote = trace.get_current_span(context).get_span_context()
+
+    def inbound() -> _trust.InboundRequest:
+        return _trust.InboundRequest(request.client, request.path, _joined(request.headers()))
+
+    keys = _config.get_settings().signing_keys
     if not remote.is_valid:
         attributes[_keys.TRACE_NAME] = name
+        # Baggage alone is the caller's context too: the policy decides over it as over a parent.
+        if baggage.get_all(context) and not _trust.trusts_baggage_alone(
+            options.trust, inbound, keys
+        ):
+            return _Parent(Context(), [], None, trusted=False, remote=False)
         return _Parent(context, [], None, trusted=True, remote=False)
     caller = _traceparent(remote)
     if options.trust == "adopt":
@@ -338,11 +349,8 @@ def _parent(
         link = trace.Link(remote, {_keys.ADOPTED_FROM: caller})
         return _Parent(adopted, [link], None, trusted=True, trace_id=remote.trace_id)
 
-    def inbound() -> _trust.InboundRequest:
-        return _trust.InboundRequest(request.client, request.path, _joined(request.headers()))
-
     if _trust.trusts(options.trust, inbound):
-        trusted, experiment = _trust.accept(remote, _config.get_settings().signing_keys)
+        trusted, experiment = _trust.accept(remote, keys)
         if trusted:
             if experiment is not None:
                 attributes[_keys.EXPERIMENT] = experiment
@@ -366,23 +374,52 @@ def _identity(
     options: ServerOptions, request: Inbound, parent: _Parent, attributes: dict[str, Any]
 ) -> Context:
     """Session, user and conversation ids as request span attributes, so MLflow files the trace
-    under them: from trusted baggage, then from the mapped request headers (which win); those
-    from headers join the baggage, so the services called next see them too."""
+    under them: from trusted baggage, then from the mapped request headers (the service's own
+    choice, taken under every policy, and winning); those from headers go first in the baggage
+    sent on, so the services called next see them whatever the caller's baggage holds.
+
+    A value MLflow would refuse is dropped whole, recorded nowhere and not sent on: truncated,
+    it would name another session or user."""
     context = parent.context
     if parent.trusted:
         found = baggage.get_all(context)
         for key in _keys.IDENTITY:
             value = found.get(key)
             if isinstance(value, str) and value:
-                attributes[key] = value
+                if _acceptable(key, value):
+                    attributes[key] = value
+                else:
+                    context = baggage.remove_baggage(key, context)
     if options.identity_headers:
         headers = {name.lower(): value for name, value in request.headers()}
+        own: dict[str, str] = {}
         for name, key in options.identity_headers:
             value = headers.get(name, "").strip()
-            if value:
-                attributes[key] = value
-                context = baggage.set_baggage(key, value, context)
+            if value and _acceptable(key, value):
+                attributes[key] = own[key] = value
+        if own:
+            context = _propagation.baggage_first(context, own)
     return context
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _acceptable(key: str, value: str) -> bool:
+    """Whether MLflow stores `value` as a trace's session or user: at most 250 characters (a
+    longer session id loses the whole span batch), and no control characters (PostgreSQL
+    refuses NUL in text; no identifier has one). Refusals are logged without the value."""
+    if len(value) <= _keys.MAX_IDENTITY_CHARS and not _CONTROL.search(value):
+        return True
+    _log.warn_limited(
+        "identity",
+        "mlflow-trace-middleware: dropped a %s of %d characters (MLflow takes at most %d, "
+        "without control characters): not recorded, not sent on",
+        key,
+        len(value),
+        _keys.MAX_IDENTITY_CHARS,
+    )
+    return False
 
 
 def _traceparent(span_context: trace.SpanContext) -> str:

@@ -63,6 +63,17 @@ def trusts(policy: Trust, request: Callable[[], InboundRequest]) -> bool:
         return False
 
 
+def trusts_baggage_alone(
+    policy: Trust, request: Callable[[], InboundRequest], keys: Sequence[bytes]
+) -> bool:
+    """Whether to take baggage that came without a valid `traceparent`: it is the caller's
+    context too, so the same policy decides ("adopt" takes it, as it does beside a parent).
+    In signed mode never: the signature covers the ids and the experiment, and no ids came."""
+    if policy == "adopt":
+        return True
+    return not keys and trusts(policy, request)
+
+
 def entry(
     span_context: SpanContext, experiment_id: str | None, keys: Sequence[bytes]
 ) -> tuple[str, str] | None:

@@ -3,6 +3,8 @@
 - A forged `traceparent` naming a trace of another experiment must not write into it.
 - A trace stitched across services configured with different experiments lands in the
   experiment of the service that started it, every time.
+- A restarting edge takes no session or user from a caller's baggage, traceparent or not, and
+  sends none of it on; an identity MLflow would refuse costs no span.
 """
 
 from __future__ import annotations
@@ -221,3 +223,90 @@ def as_mlflow_stores(session: str | None, user: str | None) -> tuple[str | None,
         return session, user
     quoted_user = json.dumps(user) if user is not None and _compat.MLFLOW >= (3, 12) else None
     return (json.dumps(session) if session is not None else None), quoted_user
+
+
+IDENTITY_KEYS = ("session.id", "user.id")
+
+
+def two_services(start: Callable[..., Process], experiment_id: str, trust: str) -> Process:
+    """An edge with `trust` that maps `X-Session-Id`, calling an internal service that trusts
+    it (so whatever baggage the edge sends on is recorded in the same trace)."""
+    leaf = start("leaf", experiment_id)
+    return start(
+        "edge",
+        experiment_id,
+        TRUST=trust,
+        DOWNSTREAM_URL=leaf.url,
+        MLFLOW_TRACE_IDENTITY_HEADERS="x-session-id=session.id",
+    )
+
+
+@pytest.mark.parametrize(
+    ("trust", "headers", "expected"),
+    [
+        pytest.param(
+            "restart",
+            {"baggage": "session.id=chat-9,user.id=mallory"},
+            (None, None),
+            id="restart-baggage-alone",
+        ),
+        pytest.param(
+            "restart",
+            {"baggage": "session.id=chat-9,user.id=mallory", "X-Session-Id": "chat-7"},
+            ("chat-7", None),
+            id="restart-mapped-header-wins",
+        ),
+        # The control: the same request to an edge that trusts its callers is filed under the
+        # caller's session and user, which proves the checks above can fail.
+        pytest.param(
+            "continue",
+            {"baggage": "session.id=chat-9,user.id=mallory"},
+            ("chat-9", "mallory"),
+            id="continue-control",
+        ),
+    ],
+)
+def test_a_restarting_edge_files_no_trace_under_a_callers_baggage(
+    client: MlflowClient,
+    start: Callable[..., Process],
+    trust: str,
+    headers: dict[str, str],
+    expected: tuple[str | None, str | None],
+) -> None:
+    experiment_id = client.create_experiment(f"baggage-{trust}-{secrets.token_hex(4)}")
+    post(two_services(start, experiment_id, trust), headers)
+
+    # Per trace: 2 request spans, 2 handler spans and the edge's client span.
+    (trace,) = wait_for(lambda: complete(client, experiment_id, count=1, spans=5))
+    metadata = trace.info.trace_metadata
+    found = (metadata.get("mlflow.trace.session"), metadata.get("mlflow.trace.user"))
+    assert found == as_mlflow_stores(*expected)
+    # What the edge sent on is what the leaf, which trusts it, recorded from its baggage.
+    (leaf,) = [s for s in trace.data.spans if s.name == "POST /work" and s.parent_id is not None]
+    recorded = tuple(leaf.attributes.get(key) for key in IDENTITY_KEYS)
+    assert recorded == expected
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"baggage": f"session.id={'s' * 251},user.id=ana"}, id="baggage"),
+        pytest.param({"X-Session-Id": "s" * 300, "baggage": "user.id=ana"}, id="mapped-header"),
+    ],
+)
+def test_an_identity_mlflow_would_refuse_loses_no_span(
+    client: MlflowClient, start: Callable[..., Process], headers: dict[str, str]
+) -> None:
+    experiment_id = client.create_experiment(f"long-session-{secrets.token_hex(4)}")
+    edge = two_services(start, experiment_id, "continue")
+    post(edge, headers)
+
+    # Every span stored (MLflow 3.17 refused whole batches: 2 of 5 arrived), filed under
+    # the user and no session.
+    (trace,) = wait_for(lambda: complete(client, experiment_id, count=1, spans=5))
+    metadata = trace.info.trace_metadata
+    found = (metadata.get("mlflow.trace.session"), metadata.get("mlflow.trace.user"))
+    assert found == as_mlflow_stores(None, "ana")
+    for span in trace.data.spans:
+        assert "session.id" not in span.attributes
+    assert "dropped a session.id of" in edge.output()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from urllib.parse import unquote_plus
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from opentelemetry import trace
+from opentelemetry import baggage, trace
+from opentelemetry.context import Context
 from opentelemetry.trace import TraceState
 
 from mlflow_trace_middleware import _propagation, _trust
@@ -184,3 +186,28 @@ def test_parse_cost_grows_at_most_linearly_with_header_size() -> None:
     # before parsing, it costs about the same.
     small, large = _cost(4_000), _cost(400_000)
     assert large < 40 * small, (small, large)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.from_regex(r"[a-z]{1,10}", fullmatch=True), st.text(max_size=600)),
+        max_size=90,
+    ),
+    st.dictionaries(st.sampled_from(["session.id", "user.id"]), st.text(min_size=1, max_size=250)),
+)
+def test_members_put_first_are_sent_whatever_the_baggage_holds(
+    members: list[tuple[str, str]], first: dict[str, str]
+) -> None:
+    context = Context()
+    for key, value in members:
+        context = baggage.set_baggage(key, value, context)
+    context = _propagation.baggage_first(context, first)
+    out: dict[str, str] = {}
+    _propagation.inject(out, context)
+    sent = [member.split("=", 1) for member in out.get("baggage", "").split(",") if member]
+    assert len(sent) <= 64
+    assert len(out.get("baggage", "")) <= 8192
+    # Nothing the propagator drops: what `baggage_first` kept is what goes out, ours first.
+    assert [unquote_plus(key) for key, _ in sent] == list(baggage.get_all(context))
+    assert {unquote_plus(k): unquote_plus(v) for k, v in sent[: len(first)]} == first

@@ -135,6 +135,39 @@ async def test_policy_is_not_asked_without_inbound_context(exporter: InMemoryExp
     assert spans_by_name(exporter)["GET /work"].parent is None
 
 
+@pytest.mark.parametrize(
+    ("trust", "taken"),
+    [
+        pytest.param("continue", True, id="continue"),
+        pytest.param("adopt", True, id="adopt"),
+        pytest.param("restart", False, id="restart"),
+        pytest.param(lambda request: request.client == "10.0.0.1", True, id="policy-trusts"),
+        pytest.param(lambda request: False, False, id="policy-refuses"),
+    ],
+)
+async def test_baggage_without_a_traceparent_is_judged_by_the_policy(
+    exporter: InMemoryExporter, trust: Any, taken: bool
+) -> None:
+    response = await get(make_app(trust=trust), {"baggage": "user.id=mallory"})
+    assert response.json() == {"baggage": {"user.id": "mallory"} if taken else {}}
+    server = spans_by_name(exporter)["GET /work"]
+    assert server.parent is None
+    assert server.attributes is not None
+    assert server.attributes.get("user.id") == ("mallory" if taken else None)
+    assert UNTRUSTED not in server.attributes  # no caller ids to keep
+
+
+@pytest.mark.parametrize("signing", ["k1"], indirect=True)
+@pytest.mark.usefixtures("signing")
+async def test_signed_mode_never_takes_baggage_alone(exporter: InMemoryExporter) -> None:
+    # The signature covers the caller's ids and experiment: with no ids, nothing is signed.
+    calls: list[InboundRequest] = []
+    response = await get(make_app(trust=lambda r: calls.append(r) or True), {"baggage": "a=b"})
+    assert response.json() == {"baggage": {}}
+    assert calls == []  # refused before the policy is asked: it could not make it valid
+    assert spans_by_name(exporter)["GET /work"].parent is None
+
+
 async def test_a_failing_policy_restarts_and_is_counted(exporter: InMemoryExporter) -> None:
     def broken(request: InboundRequest) -> bool:
         raise RuntimeError("policy bug")
