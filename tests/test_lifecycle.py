@@ -389,7 +389,7 @@ async def _fails_startup(scope: Message, receive: Any, send: Any) -> None:
 def run_lifespan(app: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Drive one lifespan through the middleware as a server does; what was sent, and flushes."""
     events: list[str] = []
-    monkeypatch.setattr(_runtime, "flush_quietly", lambda: events.append("flush"))
+    monkeypatch.setattr(_runtime, "drain_quietly", lambda: events.append("flush"))
 
     async def main() -> None:
         inbox: asyncio.Queue[Message] = asyncio.Queue()
