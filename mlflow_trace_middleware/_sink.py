@@ -505,11 +505,13 @@ class SpanSink:
             pending = len(self._queue) + self._in_flight - self._claims_held
         if new:
             reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(new.items()))
+            count = sum(new.values())
             _log.logger.warning(
-                "mlflow-trace-middleware: %d spans could not be delivered since the last "
+                "mlflow-trace-middleware: %d %s could not be delivered since the last "
                 "report (%s); "
                 "%d exported in total, %d pending",
-                sum(new.values()),
+                count,
+                "span" if count == 1 else "spans",
                 reasons,
                 exported,
                 pending,

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.e2e
 REQUESTS = 3
 SPANS = REQUESTS * SPANS_PER_REQUEST
 HOLD_SPANS = {"OTEL_BSP_SCHEDULE_DELAY": "600000"}
-UNDELIVERED = re.compile(r"(\d+) spans could not be delivered")
+UNDELIVERED = re.compile(r"(\d+) spans? could not be delivered")
 
 ASGI = "tests.apps.shutdown_apps:asgi_app"
 WSGI = "tests.apps.shutdown_apps:wsgi_app"
