@@ -41,10 +41,12 @@ def main() -> None:
             print(format_trace(trace))
         if len(traces) > 5:
             print(f"\n... and {len(traces) - 5} more traces")
-        print(f"\nMLflow UI: {server.url}/#/experiments/{experiment_id}")
         if args.keep:
-            print("processes left running (--keep)")
+            print(f"\nMLflow UI: {server.url}/#/experiments/{experiment_id}")
+            _print_kept(processes)
             processes.clear()
+        else:
+            print("\nstopping everything; run with --keep to browse the traces in the MLflow UI")
     finally:
         for process in reversed(processes[1:]):
             process.stop()
@@ -114,6 +116,16 @@ def _wait_for_traces(client: MlflowClient, experiment_id: str, count: int, spans
             return sorted(traces, key=lambda t: t.info.request_time)
         time.sleep(0.5)
     raise SystemExit(f"only {len(traces)} traces / {spans} spans expected arrived in 60 s")
+
+
+def _print_kept(processes: list[Process]) -> None:
+    """Each process leads its own process group (workers included): one `kill` stops them."""
+    print("processes left running (--keep):")
+    for process in processes:
+        print(f"  {process.name:<14} pid {process.popen.pid:<8} log {process.log}")
+    # Services first, the MLflow server last: each service delivers its spans as it stops.
+    groups = " ".join(f"-{process.popen.pid}" for process in [*processes[1:], processes[0]])
+    print(f"stop them with: kill -TERM -- {groups}")
 
 
 def _count_otlp_posts(processes: list[Process]) -> int | None:

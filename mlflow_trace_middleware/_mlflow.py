@@ -32,7 +32,7 @@ from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import _Span as _SdkSpan
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
-from . import _lean, _log
+from . import _config, _lean, _log
 from ._keys import REQUEST_ID, SERVICE_NAME, TRACE_NAME, TRACE_TAG_PREFIX
 from ._lean import LeanSpan
 from ._span import Recorded, encode_span, recorded
@@ -233,6 +233,14 @@ class SinkSpanProcessor(SpanProcessor):
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._sink.flush(timeout_millis / 1000)
 
+    @property
+    def span_exporter(self) -> _ExporterFacade:
+        """What `mlflow.flush_trace_async_logging()` reaches for (`_get_trace_exporter()`
+        returns the first processor's `span_exporter`, whose `_async_queue` it flushes); MLflow
+        documents that call for scripts before they exit. Without it MLflow 3.9 logs an
+        AttributeError at ERROR; with it the call flushes our sink."""
+        return _ExporterFacade(self._sink)
+
     def materialize(self, span: LeanSpan) -> SdkSpan | None:
         """Register one of our spans with MLflow, as an SDK span that takes over its state.
 
@@ -277,6 +285,27 @@ class SinkSpanProcessor(SpanProcessor):
 
 
 _NOTHING: Recorded = ({}, (), (), Status(StatusCode.UNSET))  # a placeholder's state
+
+
+class _SinkQueue:
+    """Answers MLflow's `AsyncTraceExportQueue.flush(terminate=...)` by flushing the sink for
+    up to `shutdown_timeout`; the sink keeps running (`atexit` ends it)."""
+
+    def __init__(self, sink: SpanSink) -> None:
+        self._sink = sink
+
+    def flush(self, terminate: bool = False) -> None:
+        try:
+            self._sink.flush(_config.get_settings().shutdown_timeout)
+        except Exception:
+            _log.internal_error("flush_trace_async_logging")
+
+
+class _ExporterFacade:
+    """Stands where MLflow looks for its own exporter (`SinkSpanProcessor.span_exporter`)."""
+
+    def __init__(self, sink: SpanSink) -> None:
+        self._async_queue = _SinkQueue(sink)
 
 
 def _without_request_id(state: Recorded) -> Recorded:

@@ -143,11 +143,15 @@ def flush(timeout: float = 5.0) -> bool:
     return _sink.flush(timeout) if _sink is not None else True
 
 
-def flush_quietly() -> None:
+def drain_quietly() -> None:
+    """At a server's shutdown (ASGI lifespan): deliver for up to `shutdown_timeout` seconds,
+    then count and report what is left (`SpanSink.drain`); never raises. The process may die
+    next without running `atexit` (uvicorn re-raises SIGTERM), so this is the last word."""
     try:
-        flush(_config.get_settings().shutdown_timeout)
+        if _sink is not None:
+            _sink.drain(_config.get_settings().shutdown_timeout)
     except Exception:
-        _log.internal_error("flush")
+        _log.internal_error("drain")
 
 
 def stats() -> SinkStats:

@@ -176,7 +176,8 @@ class SpanSink:
         self._last_summary = time.monotonic()
         self._flush_requested = False
         self._dropped_at_flush = 0
-        self._abandoned = False
+        self._epoch = 0  # bumped when the spans in flight are given up (`_give_up`)
+        self._batch_epoch = 0  # the epoch the worker's current batch was taken in
         self._closing = False
         self._worker: threading.Thread | None = None
 
@@ -272,8 +273,20 @@ class SpanSink:
             clean, self._dropped_at_flush = dropped == self._dropped_at_flush, dropped
             return clean
 
+    def drain(self, timeout: float = 5.0) -> bool:
+        """Flush for at most `timeout` s, then give up on what is still undelivered: counted
+        as dropped (`shutdown_timeout`) and reported with every unreported drop in one log
+        line. The sink stays open. For a server's shutdown (ASGI lifespan) after which the
+        process may die without running `atexit` (uvicorn re-raises SIGTERM). True if every
+        span produced since the previous flush was delivered."""
+        delivered = self.flush(timeout)
+        left = self._give_up()
+        self._summarize(force=True)
+        return delivered and left == 0
+
     def shutdown(self, timeout: float = 5.0) -> bool:
-        """Flush for at most `timeout` s, stop the worker and count what is left as dropped."""
+        """Drain for at most `timeout` s and stop the worker; spans submitted later are dropped
+        (`shutdown`). Idempotent."""
         deadline = time.monotonic() + max(timeout, 0.0)
         delivered = self.flush(timeout)
         with self._lock:
@@ -283,27 +296,30 @@ class SpanSink:
         self._wake.set()
         if worker is not None and worker is not threading.current_thread():
             worker.join(timeout=max(deadline - time.monotonic(), 0.05))
-        with self._lock:
-            queued_claims = sum(1 for item in self._queue if item[_CLAIM])
-            left = len(self._queue) - queued_claims
-            self._claims_held -= queued_claims
-            self._held_bytes -= sum(item[_SIZE] for item in self._queue)
-            self._queue.clear()
-            if worker is not None and worker.is_alive() and self._in_flight:
-                # Stuck in an export past the deadline: those spans count as not delivered,
-                # and whatever the worker learns later is ignored (never counted twice).
-                left += self._in_flight - self._claims_held
-                self._in_flight = self._held_bytes = self._claims_held = 0
-                self._abandoned = True
-            if left:
-                self._dropped["shutdown_timeout"] += left
-                self._settled.notify_all()
+        left = self._give_up()
         self._summarize(force=True)
         try:
             self.exporter.shutdown()
         except Exception:
             _log.internal_error("exporter.shutdown")
         return delivered and left == 0
+
+    def _give_up(self) -> int:
+        """Count every span queued or in flight as dropped (`shutdown_timeout`); their number.
+
+        A batch in flight (the worker stuck in an export, or between attempts) is given up
+        too: whatever the worker learns of it later is ignored (`_epoch`), never counted twice.
+        """
+        with self._lock:
+            held = len(self._queue) + self._in_flight - self._claims_held
+            self._queue.clear()
+            self._in_flight = self._held_bytes = self._claims_held = 0
+            self._epoch += 1
+            if held:
+                self._dropped["shutdown_timeout"] += held
+                self._dropped_at_flush += held  # spans of the flush that just failed
+                self._settled.notify_all()
+            return held
 
     def stats(self) -> SinkStats:
         with self._lock:
@@ -368,6 +384,7 @@ class SpanSink:
             size = 0
             if claims_only and not (self._queue and self._queue[0][_CLAIM]):
                 self._in_flight = 0
+                self._batch_epoch = self._epoch
                 return batch
             while self._queue and len(batch) < self._max_batch:
                 item = self._queue[0]
@@ -378,6 +395,7 @@ class SpanSink:
                 batch.append(self._queue.popleft())
                 size += item[_SIZE]
             self._in_flight = len(batch)
+            self._batch_epoch = self._epoch
             return batch
 
     def _deliver(self, batch: list[_Item], attempt: int) -> float | None:
@@ -430,7 +448,7 @@ class SpanSink:
 
     def _settle(self, items: list[_Item], result: ExportResult) -> None:
         with self._lock:
-            if self._abandoned:
+            if self._batch_epoch != self._epoch:  # given up meanwhile: already counted
                 return
             self._in_flight -= len(items)
             self._held_bytes -= sum(item[_SIZE] for item in items)
@@ -469,7 +487,7 @@ class SpanSink:
             reason = "shutdown_timeout" if self._closing else "retries_exhausted"
             self._settle(expired, ExportResult.dropped(reason))
         with self._lock:
-            if self._abandoned:
+            if self._batch_epoch != self._epoch:
                 return
             self._in_flight -= len(keep)
             self._queue.extendleft(reversed(keep))  # keep submission order
@@ -487,10 +505,13 @@ class SpanSink:
             pending = len(self._queue) + self._in_flight - self._claims_held
         if new:
             reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(new.items()))
+            count = sum(new.values())
             _log.logger.warning(
-                "mlflow-trace-middleware: %d spans dropped since the last report (%s); "
+                "mlflow-trace-middleware: %d %s could not be delivered since the last "
+                "report (%s); "
                 "%d exported in total, %d pending",
-                sum(new.values()),
+                count,
+                "span" if count == 1 else "spans",
                 reasons,
                 exported,
                 pending,

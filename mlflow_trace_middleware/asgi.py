@@ -276,5 +276,5 @@ async def _lifespan(app: ASGIApp, scope: Scope, receive: Receive, send: Send) ->
 
 
 async def _flush() -> None:
-    # The flush waits on the sink's worker: keep the event loop free meanwhile.
-    await asyncio.get_running_loop().run_in_executor(None, _runtime.flush_quietly)
+    # The drain waits on the sink's worker: keep the event loop free meanwhile.
+    await asyncio.get_running_loop().run_in_executor(None, _runtime.drain_quietly)

@@ -349,6 +349,19 @@ def test_exit_paths_deliver_what_was_flushed(
         assert (stats["exported"], stats["pending"]) == (0, 12)
 
 
+def test_mlflows_flush_trace_async_logging_flushes_our_sink(fake_server: FakeOtlpServer) -> None:
+    """MLflow documents `mlflow.flush_trace_async_logging()` for scripts before they exit; it
+    reaches for its processor's `span_exporter`. MLflow 3.9 logged `Failed to flush trace async
+    logging: 'SinkSpanProcessor' object has no attribute 'span_exporter'` and 3.17 flushed
+    nothing."""
+    stats, stderr = run_producer(3, "mlflow-flush-os-exit", service_env(fake_server.url))
+    assert "Failed to flush" not in stderr
+    assert "span_exporter" not in stderr
+    assert (stats["exported"], stats["pending"], stats["dropped"]) == (3, 0, {})
+    spans = assert_each_span_once(fake_server)
+    assert sorted(span.name for span in spans) == ["span-0", "span-1", "span-2"]
+
+
 # -- lifespan, in process ---------------------------------------------------------------------
 
 Message = MutableMapping[str, Any]
@@ -389,7 +402,7 @@ async def _fails_startup(scope: Message, receive: Any, send: Any) -> None:
 def run_lifespan(app: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Drive one lifespan through the middleware as a server does; what was sent, and flushes."""
     events: list[str] = []
-    monkeypatch.setattr(_runtime, "flush_quietly", lambda: events.append("flush"))
+    monkeypatch.setattr(_runtime, "drain_quietly", lambda: events.append("flush"))
 
     async def main() -> None:
         inbox: asyncio.Queue[Message] = asyncio.Queue()

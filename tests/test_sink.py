@@ -227,6 +227,59 @@ def test_flush_and_shutdown_honour_timeout_while_retrying(
     check_invariant(stats)
 
 
+def test_drain_counts_what_it_could_not_deliver_and_stays_open(
+    make_sink: Callable[..., SpanSink], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lifespan shutdown (the process may die next without atexit): give up, count, report."""
+    exporter = FakeExporter(default=ExportResult.retry_later("connection_error"))
+    sink = make_sink(exporter)
+    for span in make_spans(4):
+        sink.submit(span, "1")
+    assert sink.drain(0.3) is False
+    stats = sink.stats()
+    assert (stats.produced, stats.exported, stats.pending) == (4, 0, 0)
+    assert stats.dropped == {"shutdown_timeout": 4}
+    check_invariant(stats)
+    reports = [r.getMessage() for r in caplog.records if "could not be delivered" in r.msg]
+    assert reports == [
+        "mlflow-trace-middleware: 4 spans could not be delivered since the last report "
+        "(shutdown_timeout=4); 0 exported in total, 0 pending"
+    ]
+    # Still open (a test client runs lifespan many times in one process): later spans go out,
+    # and the exit-time shutdown reports nothing twice.
+    exporter.default = ExportResult.ok()
+    late = make_spans(2)
+    for span in late:
+        sink.submit(span, "1")
+    assert sink.drain(5) is True
+    assert sink.shutdown(1) is True
+    stats = sink.stats()
+    assert (stats.exported, stats.pending, stats.dropped) == (2, 0, {"shutdown_timeout": 4})
+    assert [key(s) for s in exporter.delivered] == [key(s) for s in late]
+    assert len([r for r in caplog.records if "could not be delivered" in r.msg]) == 1
+
+
+def test_drain_gives_up_a_batch_stuck_in_flight_and_never_counts_it_twice(
+    make_sink: Callable[..., SpanSink],
+) -> None:
+    exporter = FakeExporter(block_first=True)  # a server that hangs, then answers 200
+    sink = make_sink(exporter, max_batch_spans=3)
+    for span in make_spans(3):  # a full batch: the worker posts it at once and hangs
+        sink.submit(span, "1")
+    assert exporter.entered.wait(5)
+    assert sink.drain(0.2) is False
+    assert sink.stats().dropped == {"shutdown_timeout": 3}
+    exporter.gate.set()  # the hung export now succeeds: too late, already counted
+    spans = make_spans(3)
+    for span in spans:
+        sink.submit(span, "1")
+    assert sink.flush(5) is True
+    stats = sink.stats()
+    assert (stats.produced, stats.exported, stats.pending) == (6, 3, 0)
+    assert stats.dropped == {"shutdown_timeout": 3}
+    check_invariant(stats)
+
+
 def test_submit_after_shutdown_is_dropped(make_sink: Callable[..., SpanSink]) -> None:
     exporter = FakeExporter()
     sink = make_sink(exporter)
@@ -441,7 +494,8 @@ def test_summary_reports_drops_at_most_once_per_interval(
     sink.shutdown(1)  # the final report covers everything not reported yet
     summaries = [r.getMessage() for r in caplog.records if "since the last report" in r.msg]
     assert summaries == [
-        "mlflow-trace-middleware: 15 spans dropped since the last report (rejected_404=15); "
+        "mlflow-trace-middleware: 15 spans could not be delivered since the last report "
+        "(rejected_404=15); "
         "0 exported in total, 0 pending"
     ]
 

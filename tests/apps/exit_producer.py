@@ -1,8 +1,9 @@
 """Record spans, then end the process: `python -m tests.apps.exit_producer SPANS HOW`.
 
 HOW is `exit` (normal interpreter exit: the sink's atexit shutdown delivers), `flush-os-exit`
-(`flush()`, then `os._exit`, as a hard-exit path must) or `os-exit` (`os._exit` alone: atexit
-never runs). Settings come from the environment (`MLFLOW_TRACKING_URI`, `OTEL_BSP_*`) plus
+(`flush()`, then `os._exit`, as a hard-exit path must), `mlflow-flush-os-exit` (the same
+with `mlflow.flush_trace_async_logging()`) or `os-exit` (`os._exit` alone: atexit never
+runs). Settings come from the environment (`MLFLOW_TRACKING_URI`, `OTEL_BSP_*`) plus
 `SHUTDOWN_TIMEOUT` (seconds). The last line on stdout is the sink's stats as JSON, taken after
 the sink's own exit handler has run.
 """
@@ -39,6 +40,10 @@ def main() -> None:
         delivered = mtm.flush(10)
         report()
         os._exit(0 if delivered else 3)
+    if how == "mlflow-flush-os-exit":  # the call MLflow documents for scripts
+        mlflow.flush_trace_async_logging()
+        report()
+        os._exit(0)
     if how == "os-exit":
         report()
         os._exit(0)
