@@ -63,6 +63,17 @@ class StoreExporter:
         from mlflow.entities.span import Span
         from mlflow.exceptions import MlflowException
 
+        try:  # before the experiment: resolving a name opens the store too (MlflowClient),
+            store = self._open()  # and then gets this one, opened under the lock, from MLflow
+        except ImportError:  # a missing database driver: retrying cannot fix it
+            _log.warn_limited(
+                "store_driver",
+                "mlflow-trace-middleware: cannot open the tracking database; spans are dropped",
+                exc_info=True,
+            )
+            return ExportResult.dropped("no_tracking_store")
+        except Exception as exc:  # down, locked, or being created by a process without our lock
+            return self._not_ready(exc)
         experiment_id = experiment_id or self._experiment()
         if experiment_id is None:
             return ExportResult.retry_later("experiment_unresolved")
@@ -77,17 +88,6 @@ class StoreExporter:
         except Exception:  # as the server answers 422: isolate the span MLflow cannot take
             _log.internal_error("span conversion")
             return ExportResult.split_batch("invalid_span")
-        try:
-            store = self._open()
-        except ImportError:  # a missing database driver: retrying cannot fix it
-            _log.warn_limited(
-                "store_driver",
-                "mlflow-trace-middleware: cannot open the tracking database; spans are dropped",
-                exc_info=True,
-            )
-            return ExportResult.dropped("no_tracking_store")
-        except Exception as exc:  # down, locked, or being created by a process without our lock
-            return self._not_ready(exc)
         try:
             for spans_of_traces in _calls(converted):
                 store.log_spans(experiment_id, spans_of_traces)
@@ -114,10 +114,7 @@ class StoreExporter:
 
     def _open(self) -> Any:
         if self._store is None:
-            from mlflow.tracking._tracking_service.utils import _get_store
-
-            with _first_use(self._uri):
-                self._store = _get_store(self._uri)
+            self._store = open_store(self._uri)
         return self._store
 
     def _not_ready(self, exc: Exception) -> ExportResult:
@@ -135,6 +132,15 @@ class StoreExporter:
 
     def shutdown(self) -> None:
         pass
+
+
+def open_store(uri: str) -> Any:
+    """MLflow's tracking store for `uri`, opened under the first-use lock. MLflow caches it per
+    URI: `MlflowClient(uri)` in this process then uses this one instead of opening its own."""
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    with _first_use(uri):
+        return _get_store(uri)
 
 
 @contextlib.contextmanager

@@ -121,7 +121,11 @@ def one_round(workdir: Path, uri: str, env: dict[str, str]) -> None:
             service.stop()
     for service in services:
         assert "Traceback" not in service.output(), service.output()
-    traces = MlflowClient(uri).search_traces(locations=["0"], max_results=100)
+        assert "cannot resolve experiment" not in service.output(), service.output()
+    client = MlflowClient(uri)
+    name = env.get("MLFLOW_EXPERIMENT_NAME")
+    experiment_id = client.get_experiment_by_name(name).experiment_id if name else "0"
+    traces = client.search_traces(locations=[experiment_id], max_results=100)
     assert sorted(span.name for t in traces for span in t.data.spans) == sorted(
         ["GET /hello/{name}"] * REQUESTS + ["GET /hello/<name>"] * REQUESTS
     ), "\n\n".join(service.output() for service in services)
@@ -137,7 +141,9 @@ def test_services_starting_together_on_mlflows_default_sqlite_store(tmp_path: Pa
     for round_ in range(SQLITE_ROUNDS):
         workdir = tmp_path / f"round{round_}"
         workdir.mkdir()
-        one_round(workdir, f"sqlite:///{workdir / 'mlflow.db'}", clean_env())
+        # The second round names its experiment: resolving it opens the store too.
+        named = {"MLFLOW_EXPERIMENT_NAME": "race"} if round_ else {}
+        one_round(workdir, f"sqlite:///{workdir / 'mlflow.db'}", {**clean_env(), **named})
 
 
 def test_spans_held_while_the_store_is_being_created_are_counted_at_shutdown(
