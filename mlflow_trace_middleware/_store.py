@@ -7,12 +7,22 @@ the trace its `service.name` tag, from MLflow 3.14) and written with the store's
 (one call per trace before MLflow 3.12, whose store takes one trace at a time). It runs on the
 sink's worker, like the OTLP exporter, under the same contract: one attempt, an `ExportResult`
 back. Several processes can share one SQLite file: a locked or unreachable database is retried.
+
+MLflow creates and migrates the schema when a process first opens an empty database, and
+processes doing that at once collide (`table ... already exists`, alembic's "Online migration
+expected to match one row"; issue 24). So each process opens the store under a lock that the
+others wait for: an `flock` on a file beside the SQLite file (it serialises every process that
+sees that file, whatever its /tmp), a session advisory lock on PostgreSQL (services on other
+hosts share it too; a crashed holder's lock goes with its connection). On other databases, and
+against processes that do not take the lock (`mlflow server`), the open is retried quietly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -22,6 +32,7 @@ from ._sink import ExportResult, refused_traces
 from ._span import EncodedSpan, encode
 
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+_PG_LOCK_KEY = 0x6D746D5F73746F72  # "mtm_stor": pg_advisory_lock's key, per database
 
 
 def is_database_uri(uri: str | None) -> bool:
@@ -52,6 +63,17 @@ class StoreExporter:
         from mlflow.entities.span import Span
         from mlflow.exceptions import MlflowException
 
+        try:  # before the experiment: resolving a name opens the store too (MlflowClient),
+            store = self._open()  # and then gets this one, opened under the lock, from MLflow
+        except ImportError:  # a missing database driver: retrying cannot fix it
+            _log.warn_limited(
+                "store_driver",
+                "mlflow-trace-middleware: cannot open the tracking database; spans are dropped",
+                exc_info=True,
+            )
+            return ExportResult.dropped("no_tracking_store")
+        except Exception as exc:  # down, locked, or being created by a process without our lock
+            return self._not_ready(exc)
         experiment_id = experiment_id or self._experiment()
         if experiment_id is None:
             return ExportResult.retry_later("experiment_unresolved")
@@ -67,12 +89,11 @@ class StoreExporter:
             _log.internal_error("span conversion")
             return ExportResult.split_batch("invalid_span")
         try:
-            store = self._open()
             for spans_of_traces in _calls(converted):
                 store.log_spans(experiment_id, spans_of_traces)
         except MlflowException as exc:
             if exc.error_code == "TEMPORARILY_UNAVAILABLE":  # locked, or the database is down
-                return self._unavailable()
+                return self._not_ready(exc)
             if refused := refused_traces(exc.message):
                 return refused
             _log.warn_limited(
@@ -81,27 +102,71 @@ class StoreExporter:
                 exc.error_code,
             )
             return ExportResult.split_batch(f"rejected_{exc.error_code.lower()}")
-        except Exception:
-            return self._unavailable()
+        except Exception:  # not one of MLflow's: show where, and retry
+            _log.warn_limited(
+                "store_failed",
+                "mlflow-trace-middleware: writing to the tracking database failed; spans stay "
+                "queued",
+                exc_info=True,
+            )
+            return ExportResult.retry_later("database_unavailable")
         return ExportResult.ok()
 
     def _open(self) -> Any:
         if self._store is None:
-            from mlflow.tracking._tracking_service.utils import _get_store
-
-            self._store = _get_store(self._uri)
+            self._store = open_store(self._uri)
         return self._store
 
-    def _unavailable(self) -> ExportResult:
+    def _not_ready(self, exc: Exception) -> ExportResult:
+        """One line a minute, no traceback: the next attempts are expected to succeed. Only the
+        error's first line: SQLAlchemy's next lines hold the statement and its parameters."""
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
         _log.warn_limited(
             "store_unavailable",
-            "mlflow-trace-middleware: cannot write to the tracking database yet; spans stay queued",
-            exc_info=True,
+            "mlflow-trace-middleware: the tracking database is not ready yet (%s: %s); spans "
+            "stay queued and are retried",
+            type(exc).__name__,
+            first_line,
         )
         return ExportResult.retry_later("database_unavailable")
 
     def shutdown(self) -> None:
         pass
+
+
+def open_store(uri: str) -> Any:
+    """MLflow's tracking store for `uri`, opened under the first-use lock. MLflow caches it per
+    URI: `MlflowClient(uri)` in this process then uses this one instead of opening its own."""
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    with _first_use(uri):
+        return _get_store(uri)
+
+
+@contextlib.contextmanager
+def _first_use(uri: str) -> Iterator[None]:
+    """Held while this process opens the store (which may create and migrate the schema)."""
+    import sqlalchemy
+
+    url = sqlalchemy.engine.make_url(uri)
+    backend, path = url.get_backend_name(), url.database or ""
+    if backend == "sqlite" and path and path != ":memory:" and os.name == "posix":
+        import fcntl
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(f"{path}.lock", "a") as lock:  # closing it releases the lock
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+    elif backend == "postgresql":
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as connection:  # closing it releases the lock
+                connection.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({_PG_LOCK_KEY})"))
+                yield
+        finally:
+            engine.dispose()
+    else:
+        yield
 
 
 def _resource(resource_spans: Any) -> dict[str, Any]:

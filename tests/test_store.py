@@ -3,6 +3,7 @@ store spans."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -182,3 +183,52 @@ def test_flush_is_false_when_a_span_since_the_last_flush_was_dropped() -> None:
         assert mtm.flush() is True  # nothing new since
     finally:
         mtm.configure(tracking_uri=before.tracking_uri or "http://127.0.0.1:9")
+
+
+def test_a_database_not_ready_yet_is_retried_with_one_line_and_no_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As when another process is creating MLflow's schema (issue 24): one line a minute, the
+    error's first line only (SQLAlchemy's next lines hold the statement and parameters)."""
+    import sqlalchemy.exc
+    from mlflow.tracking._tracking_service import utils
+
+    def collide(*args: object, **kwargs: object) -> None:
+        raise sqlalchemy.exc.OperationalError(
+            "CREATE TABLE trace_info", {"a": "secret"}, Exception("table trace_info already exists")
+        )
+
+    monkeypatch.setattr(utils, "_get_store", collide)
+    exporter = _store.StoreExporter(f"sqlite:///{tmp_path / 'mlflow.db'}", "svc", lambda: "0")
+    with caplog.at_level(logging.WARNING, logger="mlflow_trace_middleware"):
+        for _ in range(3):
+            assert exporter.export(make_spans("root"), None) == ExportResult.retry_later(
+                "database_unavailable"
+            )
+    (record,) = caplog.records
+    assert not record.exc_info
+    message = record.getMessage()
+    assert "not ready yet (OperationalError:" in message
+    assert "table trace_info already exists" in message
+    assert "secret" not in message
+    assert "CREATE TABLE" not in message
+
+
+def test_a_missing_database_driver_is_reported_with_its_traceback_and_drops(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retrying cannot install psycopg: the spans are dropped, counted, and the traceback shown."""
+    from mlflow.tracking._tracking_service import utils
+
+    def no_driver(*args: object, **kwargs: object) -> None:
+        raise ModuleNotFoundError("No module named 'psycopg2'")
+
+    monkeypatch.setattr(utils, "_get_store", no_driver)
+    monkeypatch.setattr(_store, "_first_use", lambda uri: contextlib.nullcontext())
+    exporter = _store.StoreExporter("postgresql://u@db/mlflow", "svc", lambda: "0")
+    with caplog.at_level(logging.WARNING, logger="mlflow_trace_middleware"):
+        assert exporter.export(make_spans("root"), None) == ExportResult.dropped(
+            "no_tracking_store"
+        )
+    (record,) = caplog.records
+    assert record.exc_info
