@@ -264,7 +264,12 @@ def is_json(content_type: str | None) -> bool:
 
 
 class _Redactor:
-    """A `json.loads` object hook: hides credential keys' values, notes whether it did."""
+    """A `json.loads` object hook: hides credential keys' values, notes whether it did.
+
+    A string value that holds JSON text of its own (OpenAI's `tool_calls[].function.arguments`
+    is `'{"password": "..."}'`) is parsed with the same hook and, if something in it was
+    hidden, recorded re-encoded: keys inside it are keys of the body too.
+    """
 
     __slots__ = ("decisions", "redacted")
 
@@ -274,12 +279,40 @@ class _Redactor:
 
     def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         decisions = self.decisions
-        for key, _ in pairs:
+        hidden = nested = False
+        for key, value in pairs:
             if decisions[key]:
-                self.redacted = True
-                # The whole value goes, however deep: a credential's parts are credentials.
-                return {k: REDACTED if decisions[k] else v for k, v in pairs}
-        return dict(pairs)
+                hidden = True
+            elif value.__class__ is list or (
+                value.__class__ is str and value.startswith(_JSON_TEXT)
+            ):
+                nested = True
+        if not (hidden or nested):
+            return dict(pairs)
+        self.redacted |= hidden
+        # The whole value goes, however deep: a credential's parts are credentials.
+        return {k: REDACTED if decisions[k] else self.inner(v) for k, v in pairs}
+
+    def inner(self, value: Any) -> Any:
+        """`value` with credentials inside the JSON text its strings hold hidden."""
+        if value.__class__ is list:  # objects in it were hooked already; not its strings
+            return [self.inner(item) for item in value]
+        if value.__class__ is not str or not value.startswith(_JSON_TEXT):
+            return value
+        inner = _Redactor(self.decisions)
+        try:
+            decoded = json.loads(value, object_pairs_hook=inner)
+        except ValueError:
+            return value  # text that only looks like JSON
+        if isinstance(decoded, list):
+            decoded = inner.inner(decoded)
+        if not inner.redacted:
+            return value
+        self.redacted = True
+        return json.dumps(decoded, ensure_ascii=False)
+
+
+_JSON_TEXT = ("{", "[")
 
 
 class BodyCapture:
@@ -319,7 +352,7 @@ class BodyCapture:
                 json.loads(text)  # validates
                 return text  # no key anywhere in it could name a credential
             redactor = _Redactor(self.redaction.decisions)
-            value = json.loads(text or raw, object_pairs_hook=redactor)
+            value = redactor.inner(json.loads(text or raw, object_pairs_hook=redactor))
         except ValueError:
             return json.dumps("[body is not valid JSON]")
         except RecursionError:
