@@ -173,16 +173,13 @@ class LeanSpan(trace.Span):
         if self._shadow is not None:
             self._shadow.add_event(name, attributes, timestamp)
         elif self.end_time is None:
-            if attributes:
-                limit = _config.get_settings().max_attribute_length
-                attributes = {key: bounded(value, limit) for key, value in attributes.items()}
-            self._events.append(Event(name, attributes, timestamp or time.time_ns()))
+            self._events.append(Event(name, _within(attributes), timestamp or time.time_ns()))
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
         if self._shadow is not None:
             self._shadow.add_link(context, attributes)
         elif self.end_time is None and context.is_valid:
-            self._links = (*self._links, Link(context, attributes))
+            self._links = (*self._links, Link(context, _within(attributes)))
 
     def update_name(self, name: str) -> None:
         if self._shadow is not None:
@@ -320,6 +317,14 @@ def bounded(value: Any, limit: int | None) -> Any:
     if isinstance(value, (tuple, list)):
         return tuple(v[:limit] if isinstance(v, str) and len(v) > limit else v for v in value)
     return value
+
+
+def _within(attributes: types.Attributes) -> types.Attributes:
+    """Event or link attributes within `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT`."""
+    if not attributes:
+        return attributes
+    limit = _config.get_settings().max_attribute_length
+    return {key: bounded(value, limit) for key, value in attributes.items()}
 
 
 def set_outcome(

@@ -257,6 +257,41 @@ async def test_a_cancelled_request_ends_as_an_error_and_the_cancellation_goes_on
     assert (event.attributes or {})["exception.type"] == "asyncio.exceptions.CancelledError"
 
 
+async def test_a_cancelled_handler_ends_its_outgoing_call_as_an_error_too(
+    exporter: InMemoryExporter,
+) -> None:
+    started = asyncio.Event()
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    app = FastAPI()
+    app.add_middleware(MlflowTracingMiddleware, instrument_clients=False)
+
+    @app.get("/call")
+    async def call() -> None:
+        transport = AsyncTracingTransport(httpx.MockTransport(never))
+        async with httpx.AsyncClient(transport=transport) as c:
+            await c.get("http://llm.test/v1/chat")
+
+    scope = {**SCOPE, "path": "/call", "query_string": b"", "root_path": ""}
+    task = asyncio.ensure_future(app(scope, _nothing, _discard))
+    await asyncio.wait(
+        [task, asyncio.ensure_future(started.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
+    assert started.is_set(), task.result()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    spans = by_name(exporter.finished_spans())
+    assert set(spans) == {"GET /call", "GET llm.test"}
+    for span in spans.values():
+        assert span.status.status_code == StatusCode.ERROR
+        assert (span.attributes or {})["error.type"] == "CancelledError"
+
+
 async def test_an_outer_wait_for_timeout_ends_the_span_as_an_error(
     exporter: InMemoryExporter,
 ) -> None:
