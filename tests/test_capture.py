@@ -196,6 +196,12 @@ def test_json_text_in_strings_is_redacted_wherever_it_is(body: Any, expected: An
     assert json.loads(recorded) == expected
 
 
+def test_json_text_spelled_with_escapes_is_redacted_too() -> None:
+    # `{` written as `\u007b`: the text holds no more "{" than objects, yet a string holds JSON.
+    raw = r'{"arguments": "\u007b\"token\": \"t0p\"}", "n": 1}'
+    assert json.loads(json.loads(record(raw.encode()))["arguments"]) == {"token": "[REDACTED]"}
+
+
 # Key -> hidden? The built-in policy, decided by what each key means.
 KEYS = {
     # credentials
