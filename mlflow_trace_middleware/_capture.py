@@ -185,8 +185,10 @@ class Redaction:
 
     def may_hide(self, text: str) -> bool:
         """False only if no key in this JSON text can name a credential (a cheap scan)."""
-        if "\\u" in text:
-            return True
+        return "\\u" in text or self._mentions(text)
+
+    def _mentions(self, text: str) -> bool:
+        """Whether a credential word is in `text` as written (escapes aside)."""
         lowered = text.lower()
         return any(trigger in lowered for trigger in self.triggers)
 
@@ -264,15 +266,22 @@ def is_json(content_type: str | None) -> bool:
 
 
 class _Redactor:
-    """A `json.loads` object hook: hides credential keys' values, notes whether it did."""
+    """A `json.loads` object hook: hides credential keys' values, notes whether it did.
 
-    __slots__ = ("decisions", "redacted")
+    `parse` also judges the JSON text that string values hold (OpenAI's
+    `tool_calls[].function.arguments` is `'{"password": "..."}'`): keys inside it are keys of
+    the body too; a string with something hidden inside is recorded re-encoded.
+    """
+
+    __slots__ = ("decisions", "objects", "redacted")
 
     def __init__(self, decisions: _Decisions) -> None:
         self.decisions = decisions
         self.redacted = False
+        self.objects = 0
 
     def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        self.objects += 1
         decisions = self.decisions
         for key, _ in pairs:
             if decisions[key]:
@@ -280,6 +289,39 @@ class _Redactor:
                 # The whole value goes, however deep: a credential's parts are credentials.
                 return {k: REDACTED if decisions[k] else v for k, v in pairs}
         return dict(pairs)
+
+    def parse(self, text: str | bytes, escaped: bool) -> Any:
+        """`text` decoded, with what it and the JSON text in its strings name hidden;
+        `escaped`: `text` is bytes or holds a `\\u` escape."""
+        value = json.loads(text, object_pairs_hook=self)
+        # Keys live in objects, so JSON text that can name a credential holds a "{". A text
+        # with no more "{" than objects (and no escape that could spell one) has no string
+        # holding any: the common case costs a count, not a walk through every value.
+        if escaped or not isinstance(text, str) or text.count("{") != self.objects:
+            value = self._strings(value)
+        return value
+
+    def _strings(self, value: Any) -> Any:
+        """`value` (fresh from `json.loads`, changed in place) with its JSON strings judged."""
+        if isinstance(value, dict):
+            for key, item in value.items():
+                value[key] = self._strings(item)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                value[i] = self._strings(item)
+        elif isinstance(value, str) and value.startswith(_JSON_TEXT):
+            inner = _Redactor(self.decisions)
+            try:
+                decoded = inner.parse(value, "\\u" in value)
+            except ValueError:
+                return value  # text that only looks like JSON
+            if inner.redacted:
+                self.redacted = True
+                return json.dumps(decoded, ensure_ascii=False)
+        return value
+
+
+_JSON_TEXT = ("{", "[")
 
 
 class BodyCapture:
@@ -315,11 +357,12 @@ class BodyCapture:
         except UnicodeDecodeError:  # JSON may also come as UTF-16 or UTF-32
             text = ""
         try:
-            if text and not self.redaction.may_hide(text):
+            escaped = not text or "\\u" in text  # `may_hide`, its scan once
+            if not escaped and not self.redaction._mentions(text):
                 json.loads(text)  # validates
                 return text  # no key anywhere in it could name a credential
             redactor = _Redactor(self.redaction.decisions)
-            value = json.loads(text or raw, object_pairs_hook=redactor)
+            value = redactor.parse(text or raw, escaped)
         except ValueError:
             return json.dumps("[body is not valid JSON]")
         except RecursionError:

@@ -14,6 +14,12 @@ DEFAULT_EXPERIMENT = "0"  # MLflow's "Default" experiment
 FREEZE_ENV = "MLFLOW_TRACE_FREEZE_GC"
 CLAIMS_ENV = "MLFLOW_TRACE_CLAIMS"
 CLAIMS = ("auto", "always", "never")
+# OpenTelemetry's attribute value length limits (SDK environment variables spec); "unset" means
+# no limit, as in opentelemetry-sdk. Our default: the longest request line or header field
+# nginx, Apache and gunicorn accept, so what a front server lets through is kept whole.
+ATTRIBUTE_LENGTH_ENV = "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"
+SPAN_ATTRIBUTE_LENGTH_ENV = "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT"
+DEFAULT_ATTRIBUTE_LENGTH = 8192
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,10 @@ class Settings:
     # Which calls claim their trace (docs/architecture.md, "Claims"): "auto" those to the
     # tracking server's address or to an MLflow AI Gateway path, "always", "never".
     claims: str = "auto"
+    # String attribute values of our spans are cut to these many characters (None: no limit):
+    # span attributes, and event attributes (an exception's message and stack).
+    max_span_attribute_length: int | None = DEFAULT_ATTRIBUTE_LENGTH
+    max_attribute_length: int | None = DEFAULT_ATTRIBUTE_LENGTH
 
     @property
     def otlp_endpoint(self) -> str | None:
@@ -155,6 +165,18 @@ def _claims(raw: str | None) -> str:
     return value
 
 
+def _length(variable: str, raw: str | None, default: int | None) -> int | None:
+    """An attribute value length limit: an integer >= 0, or "unset" for none."""
+    if raw is None or not raw.strip():
+        return default
+    value = raw.strip().lower()
+    if value == "unset":
+        return None
+    if value.isascii() and value.isdigit():
+        return int(value)
+    raise SettingError(variable, raw, 'an integer >= 0, or "unset" for no limit')
+
+
 def from_environment(*, strict: bool = False) -> Settings:
     """Settings from `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_ID`/`_NAME`, `OTEL_SERVICE_NAME`,
     the credentials and the sink variables.
@@ -193,6 +215,7 @@ def from_environment(*, strict: bool = False) -> Settings:
             tuning[batch] = queue_size
     keys = env.get("MLFLOW_TRACE_SIGNING_KEY") or None
     checked: tuple[tuple[Callable[[], Any], Any], ...] = (
+        (lambda: _lengths(env), (DEFAULT_ATTRIBUTE_LENGTH, DEFAULT_ATTRIBUTE_LENGTH)),
         (lambda: flag(FREEZE_ENV, env.get(FREEZE_ENV), False), False),
         (lambda: _claims(env.get(CLAIMS_ENV)), "auto"),
         (lambda: _signing_keys_variable(keys), ()),
@@ -207,7 +230,7 @@ def from_environment(*, strict: bool = False) -> Settings:
                 raise
             _log.logger.warning("mlflow-trace-middleware: ignoring %s: invalid", exc.variable)
             values.append(fallback)
-    freeze_gc, claims, signing, headers = values
+    (attribute_length, span_attribute_length), freeze_gc, claims, signing, headers = values
     return Settings(
         tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
         experiment_id=env.get("MLFLOW_EXPERIMENT_ID") or None,
@@ -217,8 +240,16 @@ def from_environment(*, strict: bool = False) -> Settings:
         signing_keys=signing,
         freeze_gc=freeze_gc,
         claims=claims,
+        max_attribute_length=attribute_length,
+        max_span_attribute_length=span_attribute_length,
         **_split(tuning),
     )
+
+
+def _lengths(env: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """(event and link, span) attribute length limits; the span one defaults to the other."""
+    general = _length(ATTRIBUTE_LENGTH_ENV, env.get(ATTRIBUTE_LENGTH_ENV), DEFAULT_ATTRIBUTE_LENGTH)
+    return general, _length(SPAN_ATTRIBUTE_LENGTH_ENV, env.get(SPAN_ATTRIBUTE_LENGTH_ENV), general)
 
 
 def signing_keys(value: str | bytes | Sequence[str | bytes] | None) -> tuple[bytes, ...]:

@@ -59,6 +59,8 @@ VARIABLES = (
     Variable("MLFLOW_TRACE_SHUTDOWN_TIMEOUT", "5", "shutdown_timeout"),
     Variable("MLFLOW_TRACE_FREEZE_GC", "false", None),
     Variable("MLFLOW_TRACE_CLAIMS", "auto", None),
+    Variable("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "8192", None),
+    Variable("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "8192", None),
 )
 
 

@@ -35,7 +35,7 @@ from opentelemetry.semconv.attributes import error_attributes, http_attributes
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from . import _keys
+from . import _config, _keys
 from ._span import Recorded
 
 if TYPE_CHECKING:
@@ -153,6 +153,8 @@ class LeanSpan(trace.Span):
         cleaned = _clean_attribute_value(value, None)
         if cleaned is None:
             return
+        if not key.startswith(_MLFLOW):
+            cleaned = bounded(cleaned, _config.get_settings().max_span_attribute_length)
         if key not in self._attributes and len(self._attributes) >= MAX_ATTRIBUTES:
             self.dropped_attributes += 1
             return
@@ -171,13 +173,13 @@ class LeanSpan(trace.Span):
         if self._shadow is not None:
             self._shadow.add_event(name, attributes, timestamp)
         elif self.end_time is None:
-            self._events.append(Event(name, attributes, timestamp or time.time_ns()))
+            self._events.append(Event(name, _within(attributes), timestamp or time.time_ns()))
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
         if self._shadow is not None:
             self._shadow.add_link(context, attributes)
         elif self.end_time is None and context.is_valid:
-            self._links = (*self._links, Link(context, attributes))
+            self._links = (*self._links, Link(context, _within(attributes)))
 
     def update_name(self, name: str) -> None:
         if self._shadow is not None:
@@ -283,7 +285,46 @@ def start(
     )
     if not sampled:
         return trace.NonRecordingSpan(span_context)
+    bound(attributes, _config.get_settings().max_span_attribute_length)
     return LeanSpan(name, span_context, parent, kind, attributes, links, owner)
+
+
+_MLFLOW = "mlflow."
+
+
+def bound(attributes: dict[str, Any], limit: int | None) -> None:
+    """Cut, in place, string values longer than `limit` characters to their first `limit`
+    (OpenTelemetry's attribute value length limit: a 12,000-character `User-Agent`, path or
+    `Host` is not stored whole). MLflow's own attributes (`mlflow.*`) hold JSON text, which a
+    cut would break: the body previews have their own bound (`max_body_bytes`)."""
+    if limit is None:
+        return
+    for key, value in attributes.items():
+        kind = value.__class__
+        if kind is str:
+            if len(value) > limit and not key.startswith(_MLFLOW):
+                attributes[key] = value[:limit]
+        elif (kind is tuple or kind is list) and not key.startswith(_MLFLOW):
+            attributes[key] = bounded(value, limit)
+
+
+def bounded(value: Any, limit: int | None) -> Any:
+    """`value` (an attribute value: a string, a sequence of them, or a scalar) within `limit`."""
+    if limit is None:
+        return value
+    if isinstance(value, str):
+        return value[:limit] if len(value) > limit else value
+    if isinstance(value, (tuple, list)):
+        return tuple(v[:limit] if isinstance(v, str) and len(v) > limit else v for v in value)
+    return value
+
+
+def _within(attributes: types.Attributes) -> types.Attributes:
+    """Event or link attributes within `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT`."""
+    if not attributes:
+        return attributes
+    limit = _config.get_settings().max_attribute_length
+    return {key: bounded(value, limit) for key, value in attributes.items()}
 
 
 def set_outcome(
@@ -295,11 +336,14 @@ def set_outcome(
 ) -> None:
     """Record how an HTTP exchange ended: the status code, then the error (an exception, or a
     status of `failed_from` or more: 500 for a server, 400 for a client; or `failure`, an error
-    the protocol answered with, as its `error.type`) or OK. A cancellation (a BaseException
-    that is not an Exception) leaves the status unset."""
+    the protocol answered with, as its `error.type`) or OK.
+
+    A cancellation (`asyncio.CancelledError`: an outer timeout, a server giving up on the
+    request) is an error too: the exchange did not complete, whatever the client then got. Only
+    `GeneratorExit` is not: a consumer that closes a body's generator early chose to stop."""
     if status is not None:
         span.set_attribute(http_attributes.HTTP_RESPONSE_STATUS_CODE, status)
-    if isinstance(error, Exception):
+    if error is not None and not isinstance(error, GeneratorExit):
         name = type(error).__qualname__
         span.record_exception(error)
         span.set_attribute(error_attributes.ERROR_TYPE, name)

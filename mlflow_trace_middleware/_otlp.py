@@ -11,6 +11,7 @@ import gzip
 import http.client
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -28,6 +29,14 @@ from ._span import EncodedSpan, encode
 
 _RETRYABLE = frozenset({408, 429, 502, 503, 504})
 _SPLIT = frozenset({400, 413, 422})  # MLflow rejects a whole batch for one bad span
+# MLflow's answer when the `x-mlflow-experiment-id` names no experiment: 404
+# RESOURCE_DOES_NOT_EXIST "No Experiment with id=7 exists" (3.17), the same message inside a 422
+# (3.9); an id that is not a number: 400 (422 on 3.9) "Invalid experiment ID 'x'".
+_UNKNOWN_EXPERIMENT = re.compile(
+    r"No Experiment with id=(\S+) exists|Invalid experiment ID '([^']*)'"
+)
+_MAX_UNKNOWN = 256
+_Answer = tuple[int, http.client.HTTPMessage, bytes]  # status, headers, body
 
 
 # Level 1: spans repeat their keys and values, so it compresses them about as well as level 5
@@ -59,15 +68,56 @@ class OtlpHttpExporter:
         self._timeout = settings.export_timeout
         self._conn: http.client.HTTPConnection | None = None
         self._experiment = experiment
+        self._unknown: set[str] = set()  # callers' experiments MLflow said it does not have
         _exporters.add(self)
 
     def export(self, spans: Sequence[EncodedSpan], experiment_id: str | None) -> ExportResult:
+        if experiment_id in self._unknown:
+            experiment_id = None  # a caller named an experiment MLflow does not have
         experiment_id = experiment_id or self._experiment()
         if experiment_id is None:
             return ExportResult.retry_later("experiment_unresolved")
         raw = encode(spans, self._settings.service_name)
         if len(raw) > self._settings.limits.max_batch_bytes:
             return ExportResult.split_batch("too_large")
+        body = gzip.compress(raw, compresslevel=_GZIP_LEVEL)
+        answer = self._post(body, experiment_id)
+        if not isinstance(answer, ExportResult) and _unknown_experiment(*answer, experiment_id):
+            answer = self._unknown_experiment(body, experiment_id)
+        return answer if isinstance(answer, ExportResult) else self._result(answer, len(spans))
+
+    def _unknown_experiment(self, body: bytes, experiment_id: str) -> _Answer | ExportResult:
+        """MLflow has no experiment `experiment_id`. Ours: the spans are dropped, saying so. A
+        caller's (named in our tracestate entry; any caller can name one): the spans are kept,
+        posted to ours, now and from now on (each unknown id costs one refused POST)."""
+        own = self._experiment()
+        if experiment_id == own:
+            _log.warn_limited(
+                "unknown_experiment",
+                "mlflow-trace-middleware: %s has no experiment %s; spans are dropped. Set "
+                "MLFLOW_EXPERIMENT_ID to an existing experiment, or MLFLOW_EXPERIMENT_NAME "
+                "(created if missing).",
+                self._endpoint_for_logs(),
+                experiment_id,
+            )
+            return ExportResult.dropped("unknown_experiment")
+        if len(self._unknown) >= _MAX_UNKNOWN:
+            self._unknown.clear()
+        self._unknown.add(experiment_id)
+        _log.warn_limited(
+            "caller_unknown_experiment",
+            "mlflow-trace-middleware: a caller's trace context names experiment %s, which %s "
+            "does not have; its spans go to this service's experiment %s instead",
+            experiment_id,
+            self._endpoint_for_logs(),
+            own or "(being resolved)",
+        )
+        if own is None:
+            return ExportResult.retry_later("experiment_unresolved")
+        return self._post(body, own)
+
+    def _post(self, body: bytes, experiment_id: str) -> _Answer | ExportResult:
+        """One POST of a gzip'd request: the answer, or a retry when the server is out of reach."""
         headers = {
             **self._settings.headers,
             "Content-Type": "application/x-protobuf",
@@ -75,9 +125,7 @@ class OtlpHttpExporter:
             "x-mlflow-experiment-id": experiment_id,
         }
         try:
-            status, response_headers, data = self._request(
-                "POST", self._path, gzip.compress(raw, compresslevel=_GZIP_LEVEL), headers
-            )
+            return self._request("POST", self._path, body, headers)
         except (OSError, http.client.HTTPException) as exc:
             reason = "timeout" if isinstance(exc, TimeoutError) else "connection_error"
             _log.warn_limited(
@@ -87,6 +135,9 @@ class OtlpHttpExporter:
                 reason,
             )
             return ExportResult.retry_later(reason)
+
+    def _result(self, answer: _Answer, count: int) -> ExportResult:
+        status, response_headers, data = answer
         if 200 <= status < 300:
             rejected = _rejected_spans(response_headers.get("content-type"), data)
             if rejected:
@@ -95,7 +146,7 @@ class OtlpHttpExporter:
                     "mlflow-trace-middleware: %s refused %d of %d spans",
                     self._endpoint_for_logs(),
                     rejected,
-                    len(spans),
+                    count,
                 )
             return ExportResult.ok(rejected)
         if status in _RETRYABLE:
@@ -226,6 +277,16 @@ class _Watchdog:
         with self._lock:
             self._done = True
             return self._fired
+
+
+def _unknown_experiment(
+    status: int, headers: http.client.HTTPMessage, data: bytes, experiment_id: str
+) -> bool:
+    """Whether MLflow refused the POST because `experiment_id` names no experiment."""
+    if status not in (400, 404, 422) or not data:
+        return False
+    found = _UNKNOWN_EXPERIMENT.search(data[:4096].decode("utf-8", "replace"))
+    return found is not None and experiment_id in found.groups()
 
 
 def _rejected_spans(content_type: str | None, data: bytes) -> int:

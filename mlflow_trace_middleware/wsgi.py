@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,9 @@ class MlflowTracingWSGIMiddleware(Middleware[Any]):
 
     The request span continues the caller's `traceparent`, is named after the Werkzeug/Flask
     URL rule when there is one, and ends when the server closes the response iterable
-    (PEP 3333), so streamed responses are covered to their last chunk.
+    (PEP 3333), so streamed responses are covered to their last chunk. A Flask view's
+    exception, which Flask turns into a 500 response, is recorded on the span (its type,
+    message and stack).
 
     Args: as for `MlflowTracingMiddleware`.
     """
@@ -58,7 +61,37 @@ class MlflowTracingWSGIMiddleware(Middleware[Any]):
             raise
         finally:
             request.detach()
-        return _TracedResponse(iterable, request)
+        return _TracedResponse(iterable, request, environ.pop(_ERROR, None))
+
+    def first_use(self) -> None:
+        super().first_use()
+        _watch_flask()
+
+
+# Where Flask's `got_request_exception` leaves the exception it turned into a 500 response.
+_ERROR = "mlflow_trace_middleware.error"
+
+
+def _watch_flask() -> None:
+    """Flask answers a view's exception with a 500 response itself: the exception never
+    reaches us, only its status. Its `got_request_exception` signal (blinker) hands it over,
+    as Django's `process_exception` does for the Django middleware."""
+    flask = sys.modules.get("flask")
+    if flask is not None:
+        try:
+            flask.got_request_exception.connect(_flask_exception, weak=False)
+        except Exception:
+            _log.internal_error("flask signal")
+
+
+def _flask_exception(sender: object, exception: BaseException | None = None, **extra: Any) -> None:
+    try:
+        from flask import request
+
+        if exception is not None:
+            request.environ[_ERROR] = exception  # the environ our `__call__` was given
+    except Exception:
+        _log.internal_error("flask exception")
 
 
 def _start(options: _server.ServerOptions, environ: WSGIEnvironment) -> _server.RequestSpan | None:
@@ -107,11 +140,17 @@ def _route(environ: WSGIEnvironment) -> str | None:
 class _TracedResponse:
     """Passes the app's iterable through; the request span ends in `close()` (PEP 3333)."""
 
-    __slots__ = ("_iterable", "_request")
+    __slots__ = ("_error", "_iterable", "_request")
 
-    def __init__(self, iterable: Iterable[bytes], request: _server.RequestSpan) -> None:
+    def __init__(
+        self,
+        iterable: Iterable[bytes],
+        request: _server.RequestSpan,
+        error: BaseException | None = None,
+    ) -> None:
         self._iterable = iterable
         self._request = request
+        self._error = error  # what the framework answered for (Flask's 500)
 
     def __iter__(self) -> Iterator[bytes]:
         request = self._request
@@ -138,7 +177,8 @@ class _TracedResponse:
             if close is not None:
                 close()
         finally:
-            self._request.end()
+            self._request.end(self._error)
+            self._error = None
 
 
 class _TeeInput:

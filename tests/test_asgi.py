@@ -199,6 +199,139 @@ async def test_client_disconnect_ends_the_span(exporter: InMemoryExporter) -> No
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
 
 
+def _never_answers(started: asyncio.Event, status: int | None = None) -> Any:
+    """An ASGI app that starts its response with `status` (if any), then waits forever."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if status is not None:
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        started.set()
+        await asyncio.Event().wait()
+
+    return app
+
+
+async def _nothing() -> dict[str, Any]:
+    return {"type": "http.request", "body": b""}
+
+
+async def _discard(message: Any) -> None:
+    pass
+
+
+SCOPE = {"type": "http", "method": "GET", "path": "/slow", "headers": []}
+
+
+@pytest.mark.parametrize("status", [None, 200], ids=["before-the-response", "mid-stream"])
+async def test_a_cancelled_request_ends_as_an_error_and_the_cancellation_goes_on(
+    exporter: InMemoryExporter, status: int | None
+) -> None:
+    """A server giving up on the request, or an outer `asyncio.timeout`, cancels the app's
+    task: the span records the cancellation (and the status, if the response had started),
+    and the CancelledError goes on up unchanged."""
+    started = asyncio.Event()
+    traced = MlflowTracingMiddleware(_never_answers(started, status))
+    seen: list[BaseException] = []
+
+    async def outer(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await traced(scope, receive, send)
+        except BaseException as exc:
+            seen.append(exc)
+            raise
+
+    task = asyncio.ensure_future(outer(dict(SCOPE), _nothing, _discard))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [type(exc) for exc in seen] == [asyncio.CancelledError]
+    (span,) = exporter.finished_spans()
+    attributes = dict(span.attributes or {})
+    assert span.status.status_code == StatusCode.ERROR
+    assert attributes["error.type"] == "CancelledError"
+    assert attributes.get("http.response.status_code") == status
+    (event,) = span.events
+    assert event.name == "exception"
+    assert (event.attributes or {})["exception.type"] == "asyncio.exceptions.CancelledError"
+
+
+async def test_a_cancelled_handler_ends_its_outgoing_call_as_an_error_too(
+    exporter: InMemoryExporter,
+) -> None:
+    started = asyncio.Event()
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    app = FastAPI()
+    app.add_middleware(MlflowTracingMiddleware, instrument_clients=False)
+
+    @app.get("/call")
+    async def call() -> None:
+        transport = AsyncTracingTransport(httpx.MockTransport(never))
+        async with httpx.AsyncClient(transport=transport) as c:
+            await c.get("http://llm.test/v1/chat")
+
+    scope = {**SCOPE, "path": "/call", "query_string": b"", "root_path": ""}
+    task = asyncio.ensure_future(app(scope, _nothing, _discard))
+    await asyncio.wait(
+        [task, asyncio.ensure_future(started.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
+    assert started.is_set(), task.result()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    spans = by_name(exporter.finished_spans())
+    assert set(spans) == {"GET /call", "GET llm.test"}
+    for span in spans.values():
+        assert span.status.status_code == StatusCode.ERROR
+        assert (span.attributes or {})["error.type"] == "CancelledError"
+
+
+async def test_an_outer_wait_for_timeout_ends_the_span_as_an_error(
+    exporter: InMemoryExporter,
+) -> None:
+    """A timeout middleware outside ours cancels us, then answers 504 itself: we cannot see
+    that answer, only the cancellation."""
+    app = MlflowTracingMiddleware(_never_answers(asyncio.Event()))
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(app(dict(SCOPE), _nothing, _discard), 0.05)
+    (span,) = exporter.finished_spans()
+    assert span.status.status_code == StatusCode.ERROR
+    assert (span.attributes or {})["error.type"] == "CancelledError"
+    assert "http.response.status_code" not in (span.attributes or {})
+
+
+async def test_a_timeout_middleware_inside_ours_reports_the_status_it_sent(
+    exporter: InMemoryExporter,
+) -> None:
+    """With ours outermost, the timeout middleware's 504 goes through our `send`."""
+    inner = _never_answers(asyncio.Event())
+
+    async def timeout_504(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await asyncio.wait_for(inner(scope, receive, send), 0.05)
+        except asyncio.TimeoutError:
+            await send({"type": "http.response.start", "status": 504, "headers": []})
+            await send({"type": "http.response.body", "body": b"timeout"})
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await MlflowTracingMiddleware(timeout_504)(dict(SCOPE), _nothing, send)
+    assert sent[0]["status"] == 504
+    (span,) = exporter.finished_spans()
+    assert span.status.status_code == StatusCode.ERROR
+    assert (span.attributes or {})["http.response.status_code"] == 504
+    assert (span.attributes or {})["error.type"] == "504"
+
+
 async def test_outgoing_call_carries_the_context_to_the_next_service(
     exporter: InMemoryExporter,
 ) -> None:

@@ -143,6 +143,65 @@ def test_an_openai_style_body_keeps_its_counts_and_loses_its_key() -> None:
     assert "Bearer b" not in recorded
 
 
+def tool_call(arguments: str) -> dict[str, Any]:
+    """An OpenAI chat message whose tool call carries its arguments as JSON text."""
+    function = {"name": "login", "arguments": arguments}
+    return {
+        "role": "assistant",
+        "tool_calls": [{"id": "c1", "type": "function", "function": function}],
+    }
+
+
+def test_credentials_inside_json_encoded_strings_are_redacted() -> None:
+    arguments = json.dumps({"user": "ann", "password": "hunter2", "retries": 3})
+    body = {**OPENAI_REQUEST, "messages": [tool_call(arguments)]}
+    recorded = json.loads(record(json.dumps(body).encode()))
+    (call,) = recorded["messages"][0]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {
+        "user": "ann",
+        "password": "[REDACTED]",
+        "retries": 3,
+    }
+    assert recorded["max_tokens"] == 256
+    assert "hunter2" not in json.dumps(recorded)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        pytest.param(  # an array of JSON strings, twice encoded, at the top
+            [json.dumps({"a": json.dumps({"token": "t0p"})})],
+            [json.dumps({"a": json.dumps({"token": "[REDACTED]"})}, ensure_ascii=False)],
+            id="nested-in-a-list",
+        ),
+        pytest.param(  # a top-level string holding JSON
+            json.dumps([{"api_key": "k3y"}]),
+            json.dumps([{"api_key": "[REDACTED]"}]),
+            id="top-level-string",
+        ),
+        pytest.param(  # text that only looks like JSON, beside a credential
+            {"note": "{not json", "q": "[1, 2", "secret": "s"},
+            {"note": "{not json", "q": "[1, 2", "secret": "[REDACTED]"},
+            id="not-json",
+        ),
+        pytest.param(  # JSON text without credentials is kept as it came, spacing and all
+            {"arguments": '{"city":  "Paris"}', "password": "p"},
+            {"arguments": '{"city":  "Paris"}', "password": "[REDACTED]"},
+            id="kept-as-it-came",
+        ),
+    ],
+)
+def test_json_text_in_strings_is_redacted_wherever_it_is(body: Any, expected: Any) -> None:
+    recorded = record(json.dumps(body).encode())
+    assert json.loads(recorded) == expected
+
+
+def test_json_text_spelled_with_escapes_is_redacted_too() -> None:
+    # `{` written as `\u007b`: the text holds no more "{" than objects, yet a string holds JSON.
+    raw = r'{"arguments": "\u007b\"token\": \"t0p\"}", "n": 1}'
+    assert json.loads(json.loads(record(raw.encode()))["arguments"]) == {"token": "[REDACTED]"}
+
+
 # Key -> hidden? The built-in policy, decided by what each key means.
 KEYS = {
     # credentials
@@ -270,6 +329,18 @@ def _place(container: Any, path: list[int], key: str, value: Any) -> Any:
     return {"wrapped": container, key: value}
 
 
+def _place_value(container: Any, path: list[int], value: str) -> Any:
+    """`container` with `value` (JSON text) as a string value somewhere inside it."""
+    if isinstance(container, dict) and container and path:
+        inner = sorted(container)[path[0] % len(container)]
+        return {**container, inner: _place_value(container[inner], path[1:], value)}
+    if isinstance(container, list) and path:
+        return [*container[: path[0]], value, *container[path[0] :]]
+    if isinstance(container, dict):
+        return {**container, "arguments": value}
+    return [container, value]
+
+
 @settings(max_examples=500, deadline=None)
 @given(
     key=st.sampled_from(CREDENTIAL_SPELLINGS),
@@ -279,10 +350,18 @@ def _place(container: Any, path: list[int], key: str, value: Any) -> Any:
     path=st.lists(st.integers(0, 7), max_size=6),
     ensure_ascii=st.booleans(),
     indent=st.sampled_from([None, 2]),
+    encodings=st.lists(
+        st.tuples(FILLER, st.lists(st.integers(0, 7), max_size=3), st.sampled_from([None, 2])),
+        max_size=2,
+    ),
 )
 @example(
     key="client_secret", secret="SK-AAAAAAAAAAAA", shape="plain", filler={}, path=[],
-    ensure_ascii=True, indent=None,
+    ensure_ascii=True, indent=None, encodings=[],
+)  # fmt: skip
+@example(  # OpenAI: `tool_calls[].function.arguments` is JSON text
+    key="password", secret="SK-BBBBBBBBBBBB", shape="plain", filler={}, path=[],
+    ensure_ascii=False, indent=None, encodings=[({"arguments": None}, [], None)],
 )  # fmt: skip
 def test_a_value_under_a_credential_key_is_never_recorded(
     key: str,
@@ -292,14 +371,20 @@ def test_a_value_under_a_credential_key_is_never_recorded(
     path: list[int],
     ensure_ascii: bool,
     indent: int | None,
+    encodings: list[tuple[Any, list[int], int | None]],
 ) -> None:
     value: Any = {
         "plain": secret,
         "in-object": {"user": "u", "value": secret, "max_tokens": 1},
         "in-list": [1, [secret]],
     }[shape]
-    body = json.dumps(_place(filler, path, key, value), ensure_ascii=ensure_ascii, indent=indent)
-    recorded = record(body.encode())
+    body: Any = _place(filler, path, key, value)
+    # The body so far as JSON text, as a string value in a larger body (once or twice).
+    for outer, where, spacing in encodings:
+        text = json.dumps(body, ensure_ascii=ensure_ascii, indent=spacing)
+        body = _place_value(outer, where, text)
+    raw = json.dumps(body, ensure_ascii=ensure_ascii, indent=indent)
+    recorded = record(raw.encode())
     assert secret not in recorded
     assert secret not in json.dumps(json.loads(recorded), ensure_ascii=False)
 

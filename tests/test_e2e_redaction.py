@@ -110,14 +110,17 @@ def service(
     process.stop()
 
 
-def root_span(client: MlflowClient, experiment_id: str, name: str, timeout: float = 15.0) -> Any:
-    """The trace whose root span is `name`, once the server has its response preview."""
+def root_span(client: MlflowClient, experiment_id: str, name: str, model: str | None = None) -> Any:
+    """The trace whose root span is `name` (and whose request names `model`, if given), once
+    the server has its response preview."""
+    timeout = 15.0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for info in client.search_traces(locations=[experiment_id], max_results=100):
             trace = client.get_trace(info.info.trace_id)
             (root,) = [span for span in trace.data.spans if span.parent_id is None]
-            if root.name == name and trace.info.response_preview:
+            wanted = model is None or (root.inputs or {}).get("model") == model
+            if root.name == name and wanted and trace.info.response_preview:
                 return trace, root
         time.sleep(0.2)
     raise AssertionError(f"no trace named {name!r} in experiment {experiment_id} after {timeout}s")
@@ -144,13 +147,51 @@ def test_chat_completion_inputs_and_outputs_show_counts_and_hide_credentials(
 ) -> None:
     post(service, "/v1/chat/completions", REQUEST)
     client = MlflowClient(mlflow_server.url)
-    trace, root = root_span(client, experiment_id, "POST /v1/chat/completions")
+    trace, root = root_span(client, experiment_id, "POST /v1/chat/completions", REQUEST["model"])
     assert root.inputs == {**REQUEST, "api_key": "[REDACTED]", "user": "[REDACTED]"}
     assert root.outputs == {**RESPONSE, "model": "gpt-4o-mini-2024-07-18"}
     # MLflow's trace list reads a chat body's messages: the recorded body is a chat request.
     assert trace.info.request_preview == "How many tokens did my last prompt use?"
     assert trace.info.response_preview == "Your last prompt used 38 tokens."
     assert_no_secret_in(trace)
+
+
+# OpenAI's tool calls carry their arguments as JSON text: keys inside it are keys of the body.
+TOOL_PASSWORD = "tool-password-e2e-31337"
+TOOL_CALL = {
+    "id": "call_e2e",
+    "type": "function",
+    "function": {
+        "name": "login",
+        "arguments": json.dumps({"username": "ann", "password": TOOL_PASSWORD}),
+    },
+}
+TOOL_REQUEST = {
+    "model": "gpt-4o-tools",
+    "messages": [
+        {"role": "user", "content": "Log me in"},
+        {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+        {"role": "tool", "tool_call_id": "call_e2e", "content": "logged in"},
+    ],
+    "max_tokens": 64,
+}
+
+
+def test_a_credential_inside_tool_call_arguments_is_hidden(
+    mlflow_server: Process, experiment_id: str, service: Process
+) -> None:
+    post(service, "/v1/chat/completions", TOOL_REQUEST)
+    client = MlflowClient(mlflow_server.url)
+    trace, root = root_span(
+        client, experiment_id, "POST /v1/chat/completions", TOOL_REQUEST["model"]
+    )
+    (call,) = root.inputs["messages"][1]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {
+        "username": "ann",
+        "password": "[REDACTED]",
+    }
+    assert root.inputs["max_tokens"] == 64
+    assert TOOL_PASSWORD not in json.dumps(trace.to_dict())
 
 
 def test_completion_previews_in_the_trace_list(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -15,7 +15,7 @@ from mlflow_trace_middleware._otlp import OtlpHttpExporter, _parse_retry_after
 from mlflow_trace_middleware._sink import ExportResult
 from mlflow_trace_middleware._span import EncodedSpan, encode_span, recorded
 
-from .fake_otlp import FakeOtlpServer, Reply, free_port
+from .fake_otlp import FakeOtlpServer, Received, Reply, free_port
 
 _TRACER = TracerProvider().get_tracer("t")
 
@@ -166,6 +166,101 @@ def test_an_unresolved_experiment_keeps_the_batch() -> None:
     assert exporter.export(make_spans("x"), None) == ExportResult.retry_later(
         "experiment_unresolved"
     )
+
+
+def mlflow_refusal(experiment: str, version: str) -> Reply:
+    """What MLflow answers a POST naming an experiment it does not have (measured)."""
+    json_type = {"Content-Type": "application/json"}
+    if version == "3.9":  # the store's message inside a 422
+        detail = (
+            "Failed to log OpenTelemetry spans: "
+            f"Trace tr-0f: No Experiment with id={experiment} exists"
+        )
+        return Reply(422, json_type, json.dumps({"detail": detail}).encode())
+    if not experiment.isdigit():
+        message = f"Invalid experiment ID '{experiment}'. Experiment ID must be a valid integer."
+        body = {"error_code": "INVALID_PARAMETER_VALUE", "message": message}
+        return Reply(400, json_type, json.dumps(body).encode())
+    message = f"No Experiment with id={experiment} exists"
+    body = {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": message}
+    return Reply(404, json_type, json.dumps(body).encode())
+
+
+def unknown(*experiments: str, version: str = "3.17") -> Callable[[Received], Reply]:
+    def rule(received: Received) -> Reply:
+        experiment = received.headers["x-mlflow-experiment-id"]
+        return mlflow_refusal(experiment, version) if experiment in experiments else Reply(200)
+
+    return rule
+
+
+@pytest.mark.parametrize(
+    ("caller", "version"),
+    [("999", "3.17"), ("abc", "3.17"), ("999", "3.9")],
+    ids=["404", "invalid-id", "mlflow-3.9"],
+)
+def test_a_callers_unknown_experiment_is_reported_and_its_spans_kept_in_ours(
+    server: FakeOtlpServer,
+    exporters: list[OtlpHttpExporter],
+    caplog: pytest.LogCaptureFixture,
+    caller: str,
+    version: str,
+) -> None:
+    server.default = unknown(caller, version=version)
+    exporter = exporter_for(server.settings())
+    exporters.append(exporter)
+    assert exporter.export(make_spans("a"), caller) == ExportResult.ok()
+    assert exporter.export(make_spans("b"), caller) == ExportResult.ok()  # straight to ours
+    posted = [(r.headers["x-mlflow-experiment-id"], r.span_names) for r in server.posts()]
+    assert posted == [(caller, ["a"]), ("7", ["a"]), ("7", ["b"])]
+    assert server.accepted  # delivered
+    (record,) = [r for r in caplog.records if r.name == "mlflow_trace_middleware"]
+    assert f"names experiment {caller}, which" in record.getMessage()
+    assert "experiment 7 instead" in record.getMessage()
+    assert "OTLP endpoint" not in caplog.text
+
+
+@pytest.mark.parametrize("version", ["3.17", "3.9"])
+def test_our_own_unknown_experiment_drops_the_spans_saying_so(
+    server: FakeOtlpServer,
+    exporters: list[OtlpHttpExporter],
+    caplog: pytest.LogCaptureFixture,
+    version: str,
+) -> None:
+    server.default = unknown("7", version=version)
+    exporter = exporter_for(server.settings())
+    exporters.append(exporter)
+    assert exporter.export(make_spans("a"), None) == ExportResult.dropped("unknown_experiment")
+    assert exporter.export(make_spans("b"), "7") == ExportResult.dropped("unknown_experiment")
+    assert len(server.posts()) == 2
+    assert "has no experiment 7; spans are dropped. Set MLFLOW_EXPERIMENT_ID" in caplog.text
+    assert "OTLP endpoint" not in caplog.text
+
+
+def test_a_callers_unknown_experiment_waits_for_ours_while_it_is_resolved(
+    server: FakeOtlpServer, exporters: list[OtlpHttpExporter]
+) -> None:
+    server.default = unknown("999")
+    own: list[str | None] = [None]
+    exporter = OtlpHttpExporter(server.settings(), lambda: own[0])
+    exporters.append(exporter)
+    unresolved = ExportResult.retry_later("experiment_unresolved")
+    assert exporter.export(make_spans("a"), "999") == unresolved
+    assert exporter.export(make_spans("a"), "999") == unresolved  # no second refused POST
+    own[0] = "7"
+    assert exporter.export(make_spans("a"), "999") == ExportResult.ok()
+    posted = [r.headers["x-mlflow-experiment-id"] for r in server.posts()]
+    assert posted == ["999", "7"]
+
+
+def test_a_404_without_mlflows_answer_still_means_no_otlp_endpoint(
+    server: FakeOtlpServer, exporters: list[OtlpHttpExporter], caplog: pytest.LogCaptureFixture
+) -> None:
+    server.default = Reply(404, {"Content-Type": "text/html"}, b"<h1>Not Found</h1>")
+    exporter = exporter_for(server.settings())
+    exporters.append(exporter)
+    assert exporter.export(make_spans("a"), "999") == ExportResult.dropped("rejected_404")
+    assert "has no OTLP endpoint /v1/traces" in caplog.text
 
 
 def test_auth_headers_are_sent(server: FakeOtlpServer, exporters: list[OtlpHttpExporter]) -> None:

@@ -10,7 +10,7 @@ import pytest
 from flask import Flask, Response, jsonify, request, stream_with_context
 from opentelemetry.trace import SpanKind, StatusCode
 
-from mlflow_trace_middleware import MlflowTracingWSGIMiddleware
+from mlflow_trace_middleware import MlflowTracingWSGIMiddleware, _launch
 from mlflow_trace_middleware.testing import InMemoryExporter
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -91,6 +91,58 @@ def test_view_exception_gives_an_error_span(exporter: InMemoryExporter) -> None:
     (span,) = exporter.finished_spans()
     assert span.name == "GET /boom"
     assert span.status.status_code == StatusCode.ERROR
+
+
+def assert_records_the_views_exception(span: Any) -> None:
+    """Its type, message and stack, as an exception reaching the ASGI middleware is."""
+    assert span.status.status_code == StatusCode.ERROR
+    assert span.attributes["error.type"] == "ValueError"
+    assert span.attributes["http.response.status_code"] == 500
+    (event,) = span.events
+    assert event.name == "exception"
+    assert event.attributes["exception.type"] == "ValueError"
+    assert event.attributes["exception.message"] == "no"
+    assert 'raise ValueError("no")' in event.attributes["exception.stacktrace"]
+    assert ", in boom\n" in event.attributes["exception.stacktrace"]
+
+
+def test_a_flask_views_exception_is_recorded_although_flask_answers_it(
+    exporter: InMemoryExporter,
+) -> None:
+    with client(make_app()) as c:
+        assert c.get("/boom").status_code == 500
+        assert c.post("/agents/x", json={}).status_code == 200  # the next request: no error
+    spans = by_name(exporter)
+    assert_records_the_views_exception(spans["GET /boom"])
+    assert spans["POST /agents/<name>"].status.status_code == StatusCode.OK
+    assert not spans["POST /agents/<name>"].events
+
+
+def test_a_flask_views_exception_is_recorded_under_the_launcher(
+    exporter: InMemoryExporter,
+) -> None:
+    class App(Flask):
+        pass
+
+    _launch._patch_flask(App, {})
+    app = App(__name__)
+    app.get("/boom")(make_app().view_functions["boom"])
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://f.test") as c:
+        assert c.get("/boom").status_code == 500
+    (span,) = exporter.finished_spans()
+    assert_records_the_views_exception(span)
+
+
+def test_an_exception_flasks_error_handler_answers_is_the_apps_business(
+    exporter: InMemoryExporter,
+) -> None:
+    app = make_app()
+    app.register_error_handler(ValueError, lambda error: ({"error": str(error)}, 400))
+    with client(app) as c:
+        assert c.get("/boom").status_code == 400
+    (span,) = exporter.finished_spans()
+    assert span.status.status_code == StatusCode.OK
+    assert not span.events
 
 
 def test_exception_escaping_the_app_is_reraised_unchanged(exporter: InMemoryExporter) -> None:
