@@ -11,7 +11,6 @@ import gzip
 import http.client
 import json
 import os
-import re
 import socket
 import threading
 import time
@@ -24,18 +23,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from . import _log
 from ._config import Settings
-from ._sink import ExportResult, refused_traces
+from ._sink import ExportResult, UnknownExperiments, names_unknown_experiment, refused_traces
 from ._span import EncodedSpan, encode
 
 _RETRYABLE = frozenset({408, 429, 502, 503, 504})
 _SPLIT = frozenset({400, 413, 422})  # MLflow rejects a whole batch for one bad span
-# MLflow's answer when the `x-mlflow-experiment-id` names no experiment: 404
-# RESOURCE_DOES_NOT_EXIST "No Experiment with id=7 exists" (3.17), the same message inside a 422
-# (3.9); an id that is not a number: 400 (422 on 3.9) "Invalid experiment ID 'x'".
-_UNKNOWN_EXPERIMENT = re.compile(
-    r"No Experiment with id=(\S+) exists|Invalid experiment ID '([^']*)'"
-)
-_MAX_UNKNOWN = 256
 _Answer = tuple[int, http.client.HTTPMessage, bytes]  # status, headers, body
 
 
@@ -68,13 +60,11 @@ class OtlpHttpExporter:
         self._timeout = settings.export_timeout
         self._conn: http.client.HTTPConnection | None = None
         self._experiment = experiment
-        self._unknown: set[str] = set()  # callers' experiments MLflow said it does not have
+        self._unknown = UnknownExperiments()
         _exporters.add(self)
 
     def export(self, spans: Sequence[EncodedSpan], experiment_id: str | None) -> ExportResult:
-        if experiment_id in self._unknown:
-            experiment_id = None  # a caller named an experiment MLflow does not have
-        experiment_id = experiment_id or self._experiment()
+        experiment_id = self._unknown.route(experiment_id) or self._experiment()
         if experiment_id is None:
             return ExportResult.retry_later("experiment_unresolved")
         raw = encode(spans, self._settings.service_name)
@@ -87,33 +77,12 @@ class OtlpHttpExporter:
         return answer if isinstance(answer, ExportResult) else self._result(answer, len(spans))
 
     def _unknown_experiment(self, body: bytes, experiment_id: str) -> _Answer | ExportResult:
-        """MLflow has no experiment `experiment_id`. Ours: the spans are dropped, saying so. A
-        caller's (named in our tracestate entry; any caller can name one): the spans are kept,
-        posted to ours, now and from now on (each unknown id costs one refused POST)."""
+        """MLflow has no experiment `experiment_id`: a caller's spans are posted to ours (each
+        unknown id costs one refused POST); ours missing drops them, saying so."""
         own = self._experiment()
-        if experiment_id == own:
-            _log.warn_limited(
-                "unknown_experiment",
-                "mlflow-trace-middleware: %s has no experiment %s; spans are dropped. Set "
-                "MLFLOW_EXPERIMENT_ID to an existing experiment, or MLFLOW_EXPERIMENT_NAME "
-                "(created if missing).",
-                self._endpoint_for_logs(),
-                experiment_id,
-            )
-            return ExportResult.dropped("unknown_experiment")
-        if len(self._unknown) >= _MAX_UNKNOWN:
-            self._unknown.clear()
-        self._unknown.add(experiment_id)
-        _log.warn_limited(
-            "caller_unknown_experiment",
-            "mlflow-trace-middleware: a caller's trace context names experiment %s, which %s "
-            "does not have; its spans go to this service's experiment %s instead",
-            experiment_id,
-            self._endpoint_for_logs(),
-            own or "(being resolved)",
-        )
-        if own is None:
-            return ExportResult.retry_later("experiment_unresolved")
+        result = self._unknown.reroute(experiment_id, own, self._endpoint_for_logs())
+        if result is not None or own is None:
+            return result or ExportResult.retry_later("experiment_unresolved")
         return self._post(body, own)
 
     def _post(self, body: bytes, experiment_id: str) -> _Answer | ExportResult:
@@ -285,8 +254,7 @@ def _unknown_experiment(
     """Whether MLflow refused the POST because `experiment_id` names no experiment."""
     if status not in (400, 404, 422) or not data:
         return False
-    found = _UNKNOWN_EXPERIMENT.search(data[:4096].decode("utf-8", "replace"))
-    return found is not None and experiment_id in found.groups()
+    return names_unknown_experiment(data[:4096].decode("utf-8", "replace"), experiment_id)
 
 
 def _rejected_spans(content_type: str | None, data: bytes) -> int:

@@ -135,6 +135,62 @@ def refused_traces(message: str) -> ExportResult | None:
     return ExportResult.drop_traces(IN_OTHER_EXPERIMENT, frozenset({int(found.group(1), 16)}))
 
 
+# MLflow's answer when an experiment id names no experiment, from the server (404, 422 on 3.9)
+# and the store alike: "No Experiment with id=7 exists"; an id that is not a number: "Invalid
+# experiment ID 'x'" (400, 422 on 3.9).
+_UNKNOWN_EXPERIMENT = re.compile(
+    r"No Experiment with id=(\S+) exists|Invalid experiment ID '([^']*)'"
+)
+UNKNOWN_EXPERIMENT = "unknown_experiment"
+
+
+class UnknownExperiments:
+    """Experiments that callers named (any caller can, in our tracestate entry) and the tracking
+    store does not have: their spans are kept, in the process's own experiment, from then on.
+    Used by both exporters, so a database and a server behave alike."""
+
+    _MAX = 256
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+
+    def route(self, experiment_id: str | None) -> str | None:
+        """`experiment_id`, or None (the process's own) once it is known not to exist."""
+        return None if experiment_id in self._ids else experiment_id
+
+    def reroute(self, experiment_id: str, own: str | None, where: str) -> ExportResult | None:
+        """The store has no `experiment_id`: None to post the batch again to `own` (it was a
+        caller's), else the result (`own` itself is missing, or is still being resolved)."""
+        if experiment_id == own:
+            _log.warn_limited(
+                UNKNOWN_EXPERIMENT,
+                "mlflow-trace-middleware: %s has no experiment %s; spans are dropped. Set "
+                "MLFLOW_EXPERIMENT_ID to an existing experiment, or MLFLOW_EXPERIMENT_NAME "
+                "(created if missing).",
+                where,
+                experiment_id,
+            )
+            return ExportResult.dropped(UNKNOWN_EXPERIMENT)
+        if len(self._ids) >= self._MAX:
+            self._ids.clear()
+        self._ids.add(experiment_id)
+        _log.warn_limited(
+            "caller_unknown_experiment",
+            "mlflow-trace-middleware: a caller's trace context names experiment %s, which %s "
+            "does not have; its spans go to this service's experiment %s instead",
+            experiment_id,
+            where,
+            own or "(being resolved)",
+        )
+        return None if own is not None else ExportResult.retry_later("experiment_unresolved")
+
+
+def names_unknown_experiment(message: str, experiment_id: str) -> bool:
+    """Whether MLflow's refusal `message` says that `experiment_id` names no experiment."""
+    found = _UNKNOWN_EXPERIMENT.search(message[:4096])
+    return found is not None and experiment_id in found.groups()
+
+
 _BACKOFF_BASE = 0.25
 _BACKOFF_CAP = 4.0
 _RETRY_AFTER_CAP = 30.0

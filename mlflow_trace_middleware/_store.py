@@ -28,7 +28,7 @@ from typing import Any
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from . import _compat, _log
-from ._sink import ExportResult, refused_traces
+from ._sink import ExportResult, UnknownExperiments, names_unknown_experiment, refused_traces
 from ._span import EncodedSpan, encode
 
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
@@ -58,6 +58,7 @@ class StoreExporter:
         self._service_name = service_name
         self._experiment = experiment
         self._store: Any = None
+        self._unknown = UnknownExperiments()
 
     def export(self, spans: Sequence[EncodedSpan], experiment_id: str | None) -> ExportResult:
         from mlflow.entities.span import Span
@@ -74,7 +75,7 @@ class StoreExporter:
             return ExportResult.dropped("no_tracking_store")
         except Exception as exc:  # down, locked, or being created by a process without our lock
             return self._not_ready(exc)
-        experiment_id = experiment_id or self._experiment()
+        experiment_id = self._unknown.route(experiment_id) or self._experiment()
         if experiment_id is None:
             return ExportResult.retry_later("experiment_unresolved")
         try:
@@ -94,6 +95,13 @@ class StoreExporter:
         except MlflowException as exc:
             if exc.error_code == "TEMPORARILY_UNAVAILABLE":  # locked, or the database is down
                 return self._not_ready(exc)
+            if names_unknown_experiment(exc.message, experiment_id):
+                # Spans already written stay; writing a trace's spans again replaces them.
+                own = self._experiment()
+                where = "the tracking database"
+                if (result := self._unknown.reroute(experiment_id, own, where)) is not None:
+                    return result
+                return self.export(spans, own)
             if refused := refused_traces(exc.message):
                 return refused
             _log.warn_limited(

@@ -132,6 +132,34 @@ def test_store_failures_map_to_the_sink_contract(
     assert exporter.export(make_spans("root"), None) == expected
 
 
+def test_a_callers_unknown_experiment_keeps_the_spans_in_ours(
+    database: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any caller can name an experiment in our tracestate entry: one the database does not
+    have is reported as such, and the spans are written to the process's own experiment (then
+    and for later batches), as the OTLP exporter does against a server."""
+    uri, experiment_id = database
+    exporter = _store.StoreExporter(uri, "svc", lambda: experiment_id)
+    with caplog.at_level(logging.WARNING, logger="mlflow_trace_middleware"):
+        first = exporter.export(make_spans("first"), "424242")
+        second = exporter.export(make_spans("second"), "424242")
+    assert first == second == ExportResult.ok()
+    traces = MlflowClient(uri).search_traces(locations=[experiment_id])
+    assert sorted(t.data.spans[0].name for t in traces) == ["first", "second"]
+    assert "names experiment 424242, which the tracking database does not have" in caplog.text
+
+
+def test_our_own_unknown_experiment_drops_the_spans_saying_so(
+    database: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    uri, _ = database
+    exporter = _store.StoreExporter(uri, "svc", lambda: "424242")
+    with caplog.at_level(logging.WARNING, logger="mlflow_trace_middleware"):
+        result = exporter.export(make_spans("root"), None)
+    assert result == ExportResult.dropped("unknown_experiment")
+    assert "has no experiment 424242; spans are dropped" in caplog.text
+
+
 def test_a_span_mlflow_cannot_convert_is_isolated(
     database: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
