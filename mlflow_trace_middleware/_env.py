@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import re
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 
 from . import _capture, _config, _server, _store, _targets, _trust
 from ._config import SettingError
-from ._experiments import mask_uri
+from ._experiments import lacks_scheme, mask_uri
 
 
 @dataclass(frozen=True)
@@ -138,7 +137,7 @@ def fix(error: SettingError) -> str:
         given = _CREDENTIAL_PAIR[variable]
         return f"set {variable} too (basic auth takes both), or unset {given}"
     if variable == "MLFLOW_TRACKING_URI":
-        if _HOST_PORT.fullmatch(raw):
+        if lacks_scheme(raw):
             return f"add the scheme: MLFLOW_TRACKING_URI=http://{mask_uri(raw)}"
         return f"set MLFLOW_TRACKING_URI to {_DESTINATIONS}, or unset it"
     return f"give {variable} a valid value, or unset it"
@@ -148,8 +147,6 @@ _CREDENTIAL_PAIR = {
     "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_PASSWORD",
 }
-# `host:port`, `user:password@host:port/path`: a server address without its scheme.
-_HOST_PORT = re.compile(r"(?:[^/@]*@)?[\w.-]+:\d+(?:/.*)?")
 # Schemes MLflow takes for a tracking URI (besides a plain path and its plugins' schemes).
 _SCHEMES = frozenset({"http", "https", "file", "databricks", "databricks-uc", "uc"})
 _DESTINATIONS = "an MLflow server (http://host:5000) or a database (sqlite:///mlflow.db)"
@@ -162,7 +159,7 @@ def _check_tracking_uri(raw: str) -> None:
         return
     url = urllib.parse.urlsplit(raw)
     scheme = url.scheme.split("+", 1)[0].lower()
-    if _HOST_PORT.fullmatch(raw):
+    if lacks_scheme(raw):
         expected = f"a URI with its scheme (http://{mask_uri(raw)})"
     elif scheme in ("http", "https") and not url.hostname:
         expected = f"{scheme}://host:port"

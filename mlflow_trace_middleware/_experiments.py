@@ -286,3 +286,11 @@ def mask_uri(uri: str) -> str:
 
 
 _USERINFO = re.compile(r"^([A-Za-z][\w+.-]*://)?[^/@]*@")
+
+
+def lacks_scheme(uri: str) -> bool:
+    """Whether `uri` is a server's address without `http://` (`host:port`, `user@host:port`)."""
+    return _HOST_PORT.fullmatch(uri) is not None
+
+
+_HOST_PORT = re.compile(r"(?:[^/@]*@)?[\w.-]+:\d+(?:/.*)?")

@@ -15,7 +15,7 @@ import gc
 import threading
 
 from . import _config, _log, _mlflow, _propagation, _store
-from ._experiments import Experiment, with_uri_credentials
+from ._experiments import Experiment, lacks_scheme, mask_uri, with_uri_credentials
 from ._otlp import OtlpHttpExporter
 from ._sink import Exporter, ExportResult, SinkStats, SpanSink
 
@@ -94,6 +94,8 @@ def make_exporter(settings: _config.Settings) -> Exporter:
         if _store.store_available():
             return _store.StoreExporter(uri, settings.service_name, experiment.id)
         return _NoServer("no_tracking_store", _NO_STORE % kind)
+    if uri is not None and lacks_scheme(uri):
+        return _NoServer("no_tracking_server", _NO_SCHEME % mask_uri(uri))
     return _NoServer("no_tracking_server", _NO_SERVER % kind)
 
 
@@ -113,6 +115,10 @@ _NO_SERVER = (
     "mlflow-trace-middleware: a tracking URI of scheme %r cannot store spans; set "
     "MLFLOW_TRACKING_URI to an MLflow server (http://host:port) or a database "
     "(sqlite:///mlflow.db, postgresql://...). Spans are dropped."
+)
+_NO_SCHEME = (
+    "mlflow-trace-middleware: the tracking URI %s has no scheme: add http:// to "
+    "MLFLOW_TRACKING_URI (http://host:port). Spans are dropped."
 )
 _NO_STORE = (
     "mlflow-trace-middleware: writing spans to a %r database needs the full MLflow package "

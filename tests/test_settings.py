@@ -311,3 +311,20 @@ def test_an_experiment_created_meanwhile_by_another_process_is_taken() -> None:
         experiment.resolve()
     assert experiment.id() == "8"
     assert [r.method for r in server.received] == ["GET", "POST", "GET"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [("127.0.0.1:5000", "127.0.0.1:5000"), ("ann:s3cret@mlflow:5000", "***@mlflow:5000")],
+)
+def test_a_tracking_uri_without_its_scheme_says_to_add_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, uri: str, shown: str
+) -> None:
+    """In code (no launcher to refuse it): one warning that says what to write."""
+    monkeypatch.setattr(_runtime, "_experiment", _runtime._experiment)
+    exporter = _runtime.make_exporter(_config.Settings(tracking_uri=uri))
+    assert exporter.export([], None) == ExportResult.dropped("no_tracking_server")
+    assert caplog.messages == [
+        f"mlflow-trace-middleware: the tracking URI {shown} has no scheme: add http:// to "
+        "MLFLOW_TRACKING_URI (http://host:port). Spans are dropped."
+    ]
