@@ -413,7 +413,7 @@ def test_check_hides_uri_credentials_and_sends_them_as_the_sink_does() -> None:
     assert {authorization for *_, authorization in received} == {basic}
 
 
-def test_explicit_credentials_win_over_the_uri_s() -> None:
+def test_explicit_credentials_win_over_those_in_the_uri() -> None:
     settings = Settings(
         tracking_uri="http://ann:pw@mlflow:5000/prefix", headers={"authorization": "Bearer t"}
     )
