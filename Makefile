@@ -16,7 +16,13 @@ OLDEST_PINS   ?= 'starlette<1'
 # send through httpx where the newest send through httpx2.
 OLDEST_SDKS   ?= 'openai<2' 'anthropic<1' 'mcp<2'
 
-.PHONY: venv test test-oldest test-fast lint format typecheck demo clean bench bench-long
+# The runtime dependencies alone (what `pip install mlflow-trace-middleware` brings: the light
+# mlflow-tracing SDK) and the frameworks tests/test_e2e_light.py runs; the mlflow server it
+# starts comes from $(VENV), as in production it runs apart from the services.
+LIGHT         ?= .venv-light
+LIGHT_STAMP   := $(LIGHT)/.installed
+
+.PHONY: venv test test-oldest test-light test-fast lint format typecheck demo clean bench bench-long
 
 venv: $(STAMP)
 
@@ -44,6 +50,7 @@ test: venv
 	$(BIN)/lint-imports
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
 	$(MAKE) test-oldest
+	$(MAKE) test-light
 
 $(OLDEST_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(OLDEST)
@@ -54,6 +61,17 @@ $(OLDEST_STAMP): pyproject.toml
 test-oldest: $(OLDEST_STAMP)
 	@$(ENSURE_POSTGRES)
 	$(OLDEST)/bin/pytest
+
+$(LIGHT_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(LIGHT)
+	$(LIGHT)/bin/pip install -q --upgrade pip
+	$(LIGHT)/bin/pip install -q -e '.[light]'
+	@! $(LIGHT)/bin/pip show -q mlflow 2>/dev/null || \
+		{ echo "$(LIGHT) must not have the full mlflow package"; exit 1; }
+	touch $(LIGHT_STAMP)
+
+test-light: venv $(LIGHT_STAMP)
+	MLFLOW_SERVER_PYTHON=$(abspath $(BIN)/python) $(LIGHT)/bin/pytest -m light tests/test_e2e_light.py
 
 test-fast: venv
 	$(BIN)/pytest -m 'not e2e'
@@ -110,4 +128,4 @@ screenshot: $(SCREENSHOT_STAMP)
 	$(BIN)/python -m examples.screenshot
 
 clean:
-	rm -rf $(VENV) $(OLDEST) .pytest_cache .mypy_cache .ruff_cache .demo
+	rm -rf $(VENV) $(OLDEST) $(LIGHT) .pytest_cache .mypy_cache .ruff_cache .demo

@@ -1,6 +1,8 @@
 """Start and stop the real processes the demo and the end-to-end tests use.
 
-Everything runs on loopback with free ports, from the current interpreter's environment.
+Everything runs on loopback with free ports, from the current interpreter's environment; the
+MLflow server from `MLFLOW_SERVER_PYTHON`'s when set (the light test environment has no full
+`mlflow`: its server runs from another environment, as in production).
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def start_mlflow_server(
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [
-        sys.executable, "-m", "mlflow", "server",
+        server_python(), "-m", "mlflow", "server",
         "--backend-store-uri", backend_store_uri or f"sqlite:///{workdir / 'mlflow.db'}",
         "--default-artifact-root", str(workdir / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
@@ -104,6 +106,11 @@ def start_mlflow_server(
     process = _spawn("mlflow-server", argv, f"http://127.0.0.1:{port}", workdir / "logs", env)
     wait_ready(process, "/version", timeout=120)
     return process
+
+
+def server_python() -> str:
+    """The interpreter that runs `mlflow server`: `MLFLOW_SERVER_PYTHON`, or this one."""
+    return os.environ.get("MLFLOW_SERVER_PYTHON") or sys.executable
 
 
 def start_uvicorn(

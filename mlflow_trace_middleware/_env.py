@@ -8,13 +8,16 @@ maps each variable to its option and names the variable when a value is refused.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _capture, _config, _server, _targets, _trust
+from . import _capture, _config, _server, _store, _targets, _trust
 from ._config import SettingError
+from ._experiments import lacks_scheme, mask_uri
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class EnvSettings:
 def load() -> EnvSettings:
     """Read and check every variable; SettingError names the first one refused."""
     env = os.environ
+    _check_tracking_uri(env.get("MLFLOW_TRACKING_URI", ""))
     settings = _config.from_environment(strict=True)
     names = {name: _names(env.get(name)) for name in _LISTS}
     _refused("MLFLOW_TRACE_TRUST", lambda: _trust.check_policy(_trust_value(env)), _TRUST)
@@ -117,10 +121,62 @@ def sources() -> list[tuple[Variable, str, str]]:
     for variable in VARIABLES:
         raw = os.environ.get(variable.name)
         if raw:
-            rows.append((variable, "(set, hidden)" if variable.secret else raw, "environment"))
+            shown = "(set, hidden)" if variable.secret else _shown(variable, raw)
+            rows.append((variable, shown, "environment"))
         else:
             rows.append((variable, variable.default, "default"))
     return rows
+
+
+def _shown(variable: Variable, raw: str) -> str:
+    return mask_uri(raw) if variable.option == "tracking_uri" else raw
+
+
+def fix(error: SettingError) -> str:
+    """What to do about a refused variable (the `fix:` line of `mlflow-trace-run --check`)."""
+    variable, raw = error.variable, os.environ.get(error.variable, "")
+    if variable in _CREDENTIAL_PAIR and not raw:
+        given = _CREDENTIAL_PAIR[variable]
+        return f"set {variable} too (basic auth takes both), or unset {given}"
+    if variable == "MLFLOW_TRACKING_URI":
+        if lacks_scheme(raw):
+            return f"add the scheme: MLFLOW_TRACKING_URI=http://{mask_uri(raw)}"
+        return f"set MLFLOW_TRACKING_URI to {_DESTINATIONS}, or unset it"
+    return f"give {variable} a valid value, or unset it"
+
+
+_CREDENTIAL_PAIR = {
+    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_PASSWORD",
+}
+# Schemes MLflow takes for a tracking URI (besides a plain path and its plugins' schemes).
+_SCHEMES = frozenset({"http", "https", "file", "databricks", "databricks-uc", "uc"})
+_DESTINATIONS = "an MLflow server (http://host:5000) or a database (sqlite:///mlflow.db)"
+
+
+def _check_tracking_uri(raw: str) -> None:
+    """Refuse a value no MLflow reads as a tracking URI: a server address without `http://`,
+    an unknown scheme (`htp://`), a server URI without a host. Credentials are never shown."""
+    if not raw:
+        return
+    url = urllib.parse.urlsplit(raw)
+    scheme = url.scheme.split("+", 1)[0].lower()
+    if lacks_scheme(raw):
+        expected = f"a URI with its scheme (http://{mask_uri(raw)})"
+    elif scheme in ("http", "https") and not url.hostname:
+        expected = f"{scheme}://host:port"
+    elif len(scheme) > 1 and not (
+        scheme in _SCHEMES or scheme in _store.DATABASE_SCHEMES or scheme in _plugin_schemes()
+    ):
+        expected = _DESTINATIONS
+    else:
+        return
+    raise SettingError("MLFLOW_TRACKING_URI", mask_uri(raw), expected)
+
+
+def _plugin_schemes() -> set[str]:
+    """Schemes of MLflow tracking-store plugins installed here (entry points)."""
+    return {entry.name for entry in importlib.metadata.entry_points(group="mlflow.tracking_store")}
 
 
 _LISTS = ("MLFLOW_TRACE_EXCLUDE_PATHS", "MLFLOW_TRACE_CAPTURE_HEADERS", "MLFLOW_TRACE_PROPAGATE_TO")

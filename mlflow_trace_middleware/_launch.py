@@ -17,19 +17,20 @@ runtime starts at an app's first request, in the process serving it, so forked w
 
 from __future__ import annotations
 
+import http.client
 import importlib.abc
 import importlib.machinery
 import os
+import re
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
 
-from . import _config, _env, _log, _runtime, _store, _targets
+from . import _config, _env, _experiments, _log, _runtime, _store, _targets
+from ._experiments import mask_uri
 from .asgi import MlflowTracingMiddleware
 from .wsgi import MlflowTracingWSGIMiddleware
 
@@ -275,6 +276,8 @@ _FIXES = {
     "spans: start it with a database (mlflow server --backend-store-uri sqlite:///mlflow.db)",
     "no_tracking_store": "install the full MLflow package (pip install mlflow) to write into "
     "a database, or point MLFLOW_TRACKING_URI at an MLflow server",
+    "no_tracking_default": "set MLFLOW_TRACKING_URI to an MLflow server (http://host:5000), or "
+    "install the full MLflow package (pip install mlflow) to write into ./mlflow.db",
 }
 
 
@@ -289,7 +292,7 @@ def check(out: TextIO) -> int:
         env = _env.load()
     except _config.SettingError as exc:
         say("FAIL", str(exc))
-        print(f"fix: give {exc.variable} a valid value, or unset it", file=out)
+        print(f"fix: {_env.fix(exc)}", file=out)
         return 2
     print("settings:", file=out)
     for variable, value, source in _env.sources():
@@ -303,58 +306,89 @@ def check(out: TextIO) -> int:
 
 def _check_destination(settings: _config.Settings, say: Callable[[str, str], None]) -> str | None:
     """The fix for the first check that fails, or None."""
-    import mlflow
-    from mlflow import MlflowClient
-
     uri = settings.tracking_uri
     if uri is None:
-        uri = mlflow.get_tracking_uri()
+        uri = _runtime.default_tracking_uri()
+        if uri is None:
+            say("FAIL", "MLFLOW_TRACKING_URI is not set, and MLflow's default (a local database) "
+                "needs the full MLflow package")  # fmt: skip
+            return _FIXES["no_tracking_default"]
         settings = replace(settings, tracking_uri=uri)
-        say("", f"tracking URI {uri} (MLflow's default: MLFLOW_TRACKING_URI is not set)")
+        say("", f"tracking URI {mask_uri(uri)} (MLflow's default: MLFLOW_TRACKING_URI is not set)")
     else:
-        say("", f"tracking URI {uri}")
+        say("", f"tracking URI {mask_uri(uri)}")
+    api: _experiments.Experiments
     if settings.otlp_endpoint is not None:
-        try:
-            version = _get(uri.rstrip("/") + "/version", settings.headers)
-        except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):
-                say("FAIL", f"the server refused the credentials ({exc.code})")
-                return _CREDENTIALS
-            version = f"answered {exc.code} on /version"
-        except OSError as exc:
-            say("FAIL", f"cannot reach {uri}: {getattr(exc, 'reason', exc)}")
-            return (
-                "start the MLflow server (mlflow server --host 127.0.0.1 --port 5000), or set "
-                "MLFLOW_TRACKING_URI to where it runs"
-            )
-        say("ok", f"reachable (MLflow {version})")
+        rest = _experiments.Rest(settings, timeout=5)
+        problem = _check_server(rest, mask_uri(uri), say)
+        if problem:
+            return problem
+        api = rest
     elif _store.is_database_uri(uri):
         if not _store.store_available():
             say("FAIL", "a database URI, but the full MLflow package is not installed")
             return _FIXES["no_tracking_store"]
         say("ok", "a database: spans are written straight into it, no server involved")
+        api = _experiments.api_for(settings)
     else:
         say("FAIL", f"a {uri.split(':', 1)[0] or 'file'} URI cannot hold the spans")
         return (
             "set MLFLOW_TRACKING_URI to an MLflow server (http://host:5000) or a database "
             "(sqlite:///mlflow.db); a file store cannot hold traces sent from other processes"
         )
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail now, not in minutes
-    client = MlflowClient(uri)
     try:
-        experiment_id, found = _experiment(client, settings)
+        experiment_id, found = _experiment(api, settings)
     except Exception as exc:
-        if any(code in str(exc) for code in ("401", "403", "UNAUTHENTICATED", "PERMISSION")):
-            say("FAIL", "the server refused the credentials")
+        if isinstance(exc, _experiments.RestError) and exc.status in (401, 403):
+            say("FAIL", f"the server refused the credentials ({exc.status})")
             return _CREDENTIALS
-        say("FAIL", f"experiment: {str(exc).splitlines()[0]}")
+        say("FAIL", f"experiment: {_experiments.describe(exc)}")
         return (
             "set MLFLOW_EXPERIMENT_ID to an existing experiment, or MLFLOW_EXPERIMENT_NAME "
             "(created if missing)"
         )
-    credentials = "sent" if settings.headers else "none sent"
+    credentials = "sent" if _experiments.with_uri_credentials(settings).headers else "none sent"
     say("ok", f"credentials accepted ({credentials}); experiment {experiment_id} {found}")
-    _config.install(replace(settings, experiment_id=experiment_id, experiment_name=None))
+    return _send_test_trace(api, replace(settings, experiment_id=experiment_id), say)
+
+
+def _check_server(
+    rest: _experiments.Rest, shown: str, say: Callable[[str, str], None]
+) -> str | None:
+    """`GET /version`: reachable, the credentials taken, and MLflow answering."""
+    try:
+        status, _, body = rest.request("GET", "/version")
+    except (OSError, http.client.HTTPException) as exc:
+        say("FAIL", f"cannot reach {shown}: {getattr(exc, 'strerror', None) or exc}")
+        return (
+            "start the MLflow server (mlflow server --host 127.0.0.1 --port 5000), or set "
+            "MLFLOW_TRACKING_URI to where it runs"
+        )
+    if status in (401, 403):
+        say("FAIL", f"the server refused the credentials ({status})")
+        return _CREDENTIALS
+    version = body.decode("utf-8", "replace").strip()
+    if status != 200 or not _VERSION.fullmatch(version):
+        answer = f"answered {status} on /version" if status != 200 else "has no MLflow version"
+        say("FAIL", f"{shown} is not an MLflow server (it {answer})")
+        return (
+            "set MLFLOW_TRACKING_URI to the MLflow server's address (where `mlflow server` "
+            "listens); through an OpenTelemetry Collector, check with the server's address"
+        )
+    say("ok", f"reachable (MLflow {version})")
+    return None
+
+
+_VERSION = re.compile(r"\d+\.\d+[\w.+-]*")
+
+
+def _send_test_trace(
+    api: _experiments.Experiments, settings: _config.Settings, say: Callable[[str, str], None]
+) -> str | None:
+    """One span through the real sink into the experiment, then read back."""
+    import mlflow
+
+    _config.install(replace(settings, experiment_name=None))
     _runtime.activate()
     with mlflow.start_span("mlflow-trace-run --check") as span:
         span.set_inputs({"check": "a test trace from mlflow-trace-run --check"})
@@ -366,11 +400,16 @@ def _check_destination(settings: _config.Settings, say: Callable[[str, str], Non
         say("FAIL", f"the test trace was not stored ({reason or 'not delivered in time'})")
         return _FIXES.get(reason, "see the warning above")
     try:
-        client.get_trace(trace_id)
+        stored = api.has_trace(trace_id)
     except Exception as exc:
-        say("FAIL", f"the server accepted the test trace but cannot return it: {exc}")
+        stored, why = False, _experiments.describe(exc)
+    else:
+        why = "not found"
+    if not stored:
+        say("FAIL", f"the server accepted the test trace but cannot return it: {why}")
         return "check the server's logs"
-    where = f"#/experiments/{experiment_id}/traces?traceId={trace_id}"
+    uri = _experiments.with_uri_credentials(settings).tracking_uri or ""
+    where = f"#/experiments/{settings.experiment_id}/traces?traceId={trace_id}"
     if settings.otlp_endpoint is not None:
         say("ok", f"test trace stored: {uri.rstrip('/')}/{where}")
     else:
@@ -381,20 +420,14 @@ def _check_destination(settings: _config.Settings, say: Callable[[str, str], Non
     return None
 
 
-def _get(url: str, headers: dict[str, str]) -> str:
-    request = urllib.request.Request(url, headers=headers)
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return str(response.read(64).decode("utf-8", "replace").strip())
-
-
-def _experiment(client: Any, settings: _config.Settings) -> tuple[str, str]:
+def _experiment(api: _experiments.Experiments, settings: _config.Settings) -> tuple[str, str]:
     """The experiment's id and whether it exists or was created (raises when it cannot be)."""
     if settings.experiment_name and not settings.experiment_id:
-        experiment = client.get_experiment_by_name(settings.experiment_name)
-        if experiment is None:
-            return str(client.create_experiment(settings.experiment_name)), "created"
-    else:
-        experiment = client.get_experiment(settings.experiment_id or _config.DEFAULT_EXPERIMENT)
-    if experiment.lifecycle_stage != "active":
-        raise ValueError(f"experiment {experiment.experiment_id} is deleted")
-    return str(experiment.experiment_id), f"exists ({experiment.name})"
+        experiment_id, created = _experiments.find_or_create(api, settings.experiment_name)
+        if created:
+            return experiment_id, "created"
+        return experiment_id, f"exists ({settings.experiment_name})"
+    found = api.by_id(settings.experiment_id or _config.DEFAULT_EXPERIMENT)
+    if not found.active:
+        raise _experiments.Unresolved(f"experiment {found.experiment_id} is deleted")
+    return found.experiment_id, f"exists ({found.name})"

@@ -15,7 +15,7 @@ import gc
 import threading
 
 from . import _config, _log, _mlflow, _propagation, _store
-from ._experiments import Experiment
+from ._experiments import Experiment, lacks_scheme, mask_uri, with_uri_credentials
 from ._otlp import OtlpHttpExporter
 from ._sink import Exporter, ExportResult, SinkStats, SpanSink
 
@@ -79,19 +79,36 @@ def _service_name() -> str:
 def make_exporter(settings: _config.Settings) -> Exporter:
     global _experiment
     if settings.tracking_uri is None:
-        import mlflow
-
         # Honour `mlflow.set_tracking_uri(...)` when no variable or `configure` names one.
-        settings = _config.update_settings(tracking_uri=mlflow.get_tracking_uri())
+        default = default_tracking_uri()
+        if default is None:
+            _experiment = Experiment(settings, resolvable=False)
+            return _NoServer("no_tracking_store", _NO_DEFAULT_STORE)
+        settings = _config.update_settings(tracking_uri=default)
     experiment = _experiment = Experiment(settings)
     uri = settings.tracking_uri
     if settings.otlp_endpoint is not None:
-        return OtlpHttpExporter(settings, experiment.id)
+        return OtlpHttpExporter(with_uri_credentials(settings), experiment.id)
+    kind = (uri or "").split(":", 1)[0] or "unset"
     if _store.is_database_uri(uri) and uri is not None:
         if _store.store_available():
             return _store.StoreExporter(uri, settings.service_name, experiment.id)
-        return _NoServer(uri, "no_tracking_store", _NO_STORE)
-    return _NoServer(uri, "no_tracking_server", _NO_SERVER)
+        return _NoServer("no_tracking_store", _NO_STORE % kind)
+    if uri is not None and lacks_scheme(uri):
+        return _NoServer("no_tracking_server", _NO_SCHEME % mask_uri(uri))
+    return _NoServer("no_tracking_server", _NO_SERVER % kind)
+
+
+def default_tracking_uri() -> str | None:
+    """MLflow's tracking URI (`mlflow.set_tracking_uri` or its default), or None when MLflow
+    cannot tell: the light `mlflow-tracing` SDK computes its default (a local database, or
+    ./mlruns) with the full package's stores, which it does not have."""
+    import mlflow
+
+    try:
+        return str(mlflow.get_tracking_uri())
+    except ImportError:
+        return None
 
 
 _NO_SERVER = (
@@ -99,22 +116,31 @@ _NO_SERVER = (
     "MLFLOW_TRACKING_URI to an MLflow server (http://host:port) or a database "
     "(sqlite:///mlflow.db, postgresql://...). Spans are dropped."
 )
+_NO_SCHEME = (
+    "mlflow-trace-middleware: the tracking URI %s has no scheme: add http:// to "
+    "MLFLOW_TRACKING_URI (http://host:port). Spans are dropped."
+)
 _NO_STORE = (
     "mlflow-trace-middleware: writing spans to a %r database needs the full MLflow package "
     "(pip install mlflow; mlflow-tracing has no tracking store). Spans are dropped."
+)
+_NO_DEFAULT_STORE = (
+    "mlflow-trace-middleware: MLFLOW_TRACKING_URI is not set, and MLflow's default (a local "
+    "database) needs the full MLflow package (pip install mlflow; mlflow-tracing has no "
+    "tracking store); set MLFLOW_TRACKING_URI to an MLflow server (http://host:port). "
+    "Spans are dropped."
 )
 
 
 class _NoServer:
     """Counts spans as dropped, with one clear message, when they cannot be stored."""
 
-    def __init__(self, tracking_uri: str | None, reason: str, message: str) -> None:
-        self._uri_kind = (tracking_uri or "").split(":", 1)[0] or "unset"
+    def __init__(self, reason: str, message: str) -> None:
         self._reason = reason
         self._message = message
 
     def export(self, spans: object, experiment_id: str | None) -> ExportResult:
-        _log.warn_limited(self._reason, self._message, self._uri_kind)
+        _log.warn_limited(self._reason, "%s", self._message)
         return ExportResult.dropped(self._reason)
 
     def shutdown(self) -> None:

@@ -42,10 +42,10 @@ def is_database_uri(uri: str | None) -> bool:
 
 def store_available() -> bool:
     """Whether the full `mlflow` package (with its SQLAlchemy store) is installed: the light
-    `mlflow-tracing` SDK has no store."""
-    return importlib.util.find_spec("sqlalchemy") is not None and (
-        importlib.util.find_spec("mlflow.store.tracking.sqlalchemy_store") is not None
-    )
+    `mlflow-tracing` SDK ships the store's module but not what it imports (an app may have
+    SQLAlchemy: the store also needs Alembic and sqlparse)."""
+    needed = ("sqlalchemy", "alembic", "sqlparse", "mlflow.store.tracking.sqlalchemy_store")
+    return all(importlib.util.find_spec(name) is not None for name in needed)
 
 
 class StoreExporter:

@@ -3,7 +3,10 @@ value names its variable), the launch itself, and --check where no server is run
 
 from __future__ import annotations
 
+import base64
 import inspect
+import io
+import json
 import os
 import subprocess
 import sys
@@ -25,10 +28,12 @@ from mlflow_trace_middleware import (
     MlflowTracingMiddleware,
     MlflowTracingWSGIMiddleware,
     _env,
+    _experiments,
     _launch,
 )
-from mlflow_trace_middleware._config import SettingError
+from mlflow_trace_middleware._config import SettingError, Settings
 from mlflow_trace_middleware._middleware import Middleware
+from tests.fake_otlp import FakeOtlpServer, Received, Reply
 
 RUN = str(Path(sys.executable).parent / "mlflow-trace-run")
 
@@ -355,3 +360,184 @@ def test_litestar_and_quart_apps_get_one_request_span(exporter: Any, added: bool
             assert client.get("/x/1").text.strip('"') == "ok"
     names = sorted(span.name for span in exporter.finished_spans())
     assert names == ["GET /x/<int:n>", "GET /x/{n}"]
+
+
+# -- --check: URI credentials, addresses that are not MLflow's, values that are not URIs --------
+
+
+def fake_mlflow(server: FakeOtlpServer, version: bytes = b"3.17.2") -> None:
+    """Routes of MLflow's REST API on `server`: /version, experiments by name (created on first
+    use), and each trace posted to /v1/traces readable at /api/3.0/mlflow/traces/<id>."""
+    missing = json.dumps({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "none"}).encode()
+    server.routes[("GET", "/version")] = Reply(200, {"Content-Type": "text/plain"}, version)
+    server.routes[("GET", "/api/2.0/mlflow/experiments/get-by-name")] = Reply(404, body=missing)
+    created = json.dumps({"experiment_id": "5"}).encode()
+    server.routes[("POST", "/api/2.0/mlflow/experiments/create")] = Reply(200, body=created)
+
+    def store(received: Received) -> Reply:
+        for span in received.spans:
+            answer = {"trace": {"trace_info": {"trace_id": f"tr-{span.trace_id.hex()}"}}}
+            path = f"/api/3.0/mlflow/traces/tr-{span.trace_id.hex()}"
+            server.routes[("GET", path)] = Reply(200, body=json.dumps(answer).encode())
+        return Reply(200)
+
+    server.default = store
+
+
+def test_check_hides_uri_credentials_and_sends_them_as_the_sink_does() -> None:
+    with FakeOtlpServer() as server:
+        fake_mlflow(server)
+        uri = f"http://ann:s3cr%40t@127.0.0.1:{server.port}"
+        result = run("--check", env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "e"})
+        received = [
+            (r.method, r.path.split("?")[0], r.headers.get("authorization"))
+            for r in server.received
+        ]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "s3cr" not in result.stdout + result.stderr
+    assert f"MLFLOW_TRACKING_URI             http://***@127.0.0.1:{server.port}" in result.stdout
+    assert f"      tracking URI http://***@127.0.0.1:{server.port}\n" in result.stdout
+    assert "ok    credentials accepted (sent); experiment 5 created" in result.stdout
+    assert f"ok    test trace stored: http://127.0.0.1:{server.port}/#/experiments/5/" in (
+        result.stdout
+    )
+    basic = "Basic " + base64.b64encode(b"ann:s3cr@t").decode()
+    paths = [(method, path) for method, path, _ in received]
+    assert paths[:3] == [
+        ("GET", "/version"),
+        ("GET", "/api/2.0/mlflow/experiments/get-by-name"),
+        ("POST", "/api/2.0/mlflow/experiments/create"),
+    ]
+    assert ("POST", "/v1/traces") in paths  # the sink's
+    assert paths[-1][1].startswith("/api/3.0/mlflow/traces/tr-")  # read back
+    assert {authorization for *_, authorization in received} == {basic}
+
+
+def test_explicit_credentials_win_over_those_in_the_uri() -> None:
+    settings = Settings(
+        tracking_uri="http://ann:pw@mlflow:5000/prefix", headers={"authorization": "Bearer t"}
+    )
+    assert _experiments.with_uri_credentials(settings) == Settings(
+        tracking_uri="http://mlflow:5000/prefix", headers={"authorization": "Bearer t"}
+    )
+    database = Settings(tracking_uri="postgresql://ann:pw@db/mlflow")
+    assert _experiments.with_uri_credentials(database) == database  # the driver's
+
+
+@pytest.mark.parametrize(
+    ("reply", "answer"),
+    [
+        pytest.param(
+            Reply(404, {"Content-Type": "text/html"}, b"<html><body>Not Found</body></html>"),
+            "answered 404 on /version",
+            id="404-html",
+        ),
+        pytest.param(
+            Reply(200, {"Content-Type": "text/html"}, b"<!doctype html><title>app</title>"),
+            "has no MLflow version",
+            id="200-html",
+        ),
+    ],
+)
+def test_check_a_server_that_is_not_mlflow(reply: Reply, answer: str) -> None:
+    with FakeOtlpServer() as server:
+        server.routes[("GET", "/version")] = reply
+        code, output = check({"MLFLOW_TRACKING_URI": server.url})
+    assert code == 1
+    assert f"FAIL  {server.url} is not an MLflow server (it {answer})" in output
+    assert "html" not in output.lower()
+    assert (
+        output.rstrip()
+        .splitlines()[-1]
+        .startswith("fix: set MLFLOW_TRACKING_URI to the MLflow server's address")
+    )
+
+
+@pytest.mark.parametrize(
+    ("variables", "failure", "fix"),
+    [
+        pytest.param(
+            {"MLFLOW_TRACKING_URI": "127.0.0.1:5000"},
+            "MLFLOW_TRACKING_URI='127.0.0.1:5000': expected a URI with its scheme "
+            "(http://127.0.0.1:5000)",
+            "add the scheme: MLFLOW_TRACKING_URI=http://127.0.0.1:5000",
+            id="host-port",
+        ),
+        pytest.param(
+            {"MLFLOW_TRACKING_URI": "ann:s3cret@mlflow:5000"},
+            "MLFLOW_TRACKING_URI='***@mlflow:5000': expected a URI with its scheme "
+            "(http://***@mlflow:5000)",
+            "add the scheme: MLFLOW_TRACKING_URI=http://***@mlflow:5000",
+            id="host-port-credentials",
+        ),
+        pytest.param(
+            {"MLFLOW_TRACKING_URI": "htp://ann:s3cret@127.0.0.1:5000"},
+            "MLFLOW_TRACKING_URI='htp://***@127.0.0.1:5000': expected an MLflow server "
+            "(http://host:5000) or a database (sqlite:///mlflow.db)",
+            "set MLFLOW_TRACKING_URI to an MLflow server (http://host:5000) or a database "
+            "(sqlite:///mlflow.db), or unset it",
+            id="unknown-scheme",
+        ),
+        pytest.param(
+            {"MLFLOW_TRACKING_URI": "http:///v1"},
+            "MLFLOW_TRACKING_URI='http:///v1': expected http://host:port",
+            "set MLFLOW_TRACKING_URI to an MLflow server (http://host:5000) or a database "
+            "(sqlite:///mlflow.db), or unset it",
+            id="no-host",
+        ),
+        pytest.param(
+            {"MLFLOW_TRACKING_USERNAME": "ann"},
+            "MLFLOW_TRACKING_PASSWORD='': expected to be set with MLFLOW_TRACKING_USERNAME",
+            "set MLFLOW_TRACKING_PASSWORD too (basic auth takes both), or unset "
+            "MLFLOW_TRACKING_USERNAME",
+            id="username-without-password",
+        ),
+        pytest.param(
+            {"MLFLOW_TRACKING_PASSWORD": "s3cret"},
+            "MLFLOW_TRACKING_USERNAME='': expected to be set with MLFLOW_TRACKING_PASSWORD",
+            "set MLFLOW_TRACKING_USERNAME too (basic auth takes both), or unset "
+            "MLFLOW_TRACKING_PASSWORD",
+            id="password-without-username",
+        ),
+    ],
+)
+def test_check_says_what_to_do_about_a_refused_value(
+    clean_env: pytest.MonkeyPatch, variables: dict[str, str], failure: str, fix: str
+) -> None:
+    for name, value in variables.items():
+        clean_env.setenv(name, value)
+    out = io.StringIO()
+    assert _launch.check(out) == 2
+    assert out.getvalue().splitlines() == [f"FAIL  {failure}", f"fix: {fix}"]
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://127.0.0.1:5000",
+        "https://mlflow.example/prefix/",
+        "sqlite:///mlflow.db",
+        "postgresql+psycopg://u:p@db:5432/mlflow",
+        "file:///tmp/mlruns",
+        "/tmp/mlruns",
+        "mlruns",
+        "databricks",
+        "databricks-uc",
+    ],
+)
+def test_a_tracking_uri_mlflow_takes_is_not_refused(
+    clean_env: pytest.MonkeyPatch, uri: str
+) -> None:
+    clean_env.setenv("MLFLOW_TRACKING_URI", uri)
+    assert _env.load().settings.tracking_uri == uri
+
+
+def test_an_unusable_tracking_uri_stops_the_launch(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[str] = []
+    clean_env.setattr(os, "execvp", lambda file, args: calls.append(file))
+    clean_env.setenv("MLFLOW_TRACKING_URI", "htp://127.0.0.1:5000")
+    assert _launch.main(["uvicorn", "app:app"]) == 2
+    assert "MLFLOW_TRACKING_URI='htp://127.0.0.1:5000'" in capsys.readouterr().err
+    assert calls == []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import importlib.util
+import json
 import threading
 from collections.abc import Sequence
 
@@ -10,9 +13,11 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 
 import mlflow_trace_middleware as mtm
-from mlflow_trace_middleware import _config, _runtime
+from mlflow_trace_middleware import _config, _runtime, _store
+from mlflow_trace_middleware._experiments import Experiment
 from mlflow_trace_middleware._sink import ExportResult
 from mlflow_trace_middleware.testing import InMemoryExporter
+from tests.fake_otlp import FakeOtlpServer, Reply
 
 
 @pytest.mark.parametrize(
@@ -169,3 +174,157 @@ def test_configure_an_experiment_name_clears_the_id() -> None:
         assert (after.experiment_id, after.experiment_name) == (None, "agents")
     finally:
         _config._settings = before
+
+
+# -- where spans cannot go: the light install (mlflow-tracing, no full mlflow) -----------------
+
+
+def test_no_tracking_uri_with_the_light_sdk_is_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def light_sdk() -> str:  # what mlflow-tracing's default tracking URI raises
+        raise ModuleNotFoundError("No module named 'sqlparse'")
+
+    monkeypatch.setattr(mlflow, "get_tracking_uri", light_sdk)
+    monkeypatch.setattr(_runtime, "_experiment", None)
+    exporter = _runtime.make_exporter(_config.Settings(experiment_name="zero-code"))
+    for _ in range(3):
+        assert exporter.export([], None) == ExportResult.dropped("no_tracking_store")
+    assert _runtime.own_experiment() is None  # nowhere to look the name up: never tried
+    assert caplog.messages == [
+        "mlflow-trace-middleware: MLFLOW_TRACKING_URI is not set, and MLflow's default (a local "
+        "database) needs the full MLflow package (pip install mlflow; mlflow-tracing has no "
+        "tracking store); set MLFLOW_TRACKING_URI to an MLflow server (http://host:port). "
+        "Spans are dropped."
+    ]
+
+
+@pytest.mark.parametrize("missing", ["sqlalchemy", "alembic", "sqlparse"])
+def test_the_store_needs_what_the_light_sdk_lacks(
+    monkeypatch: pytest.MonkeyPatch, missing: str
+) -> None:
+    """mlflow-tracing ships `sqlalchemy_store.py`; an app may bring SQLAlchemy but not the rest."""
+    find_spec = importlib.util.find_spec
+    assert _store.store_available()
+    monkeypatch.setattr(_runtime, "_experiment", _runtime._experiment)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == missing else find_spec(name)
+    )
+    assert not _store.store_available()
+    exporter = _runtime.make_exporter(_config.Settings(tracking_uri="sqlite:///x.db"))
+    assert exporter.export([], None) == ExportResult.dropped("no_tracking_store")
+
+
+# -- experiment names over MLflow's REST API -------------------------------------------------
+
+
+def _json(status: int, answer: object) -> Reply:
+    return Reply(status, {"Content-Type": "application/json"}, json.dumps(answer).encode())
+
+
+_BY_NAME = ("GET", "/api/2.0/mlflow/experiments/get-by-name")
+_CREATE = ("POST", "/api/2.0/mlflow/experiments/create")
+_MISSING = _json(404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "none"})
+
+
+def _deleted(experiment_id: str) -> Reply:
+    return _json(
+        200,
+        {"experiment": {"experiment_id": experiment_id, "name": "n", "lifecycle_stage": "deleted"}},
+    )
+
+
+@pytest.mark.parametrize(
+    ("routes", "resolved", "warning"),
+    [
+        pytest.param(
+            {_BY_NAME: _json(200, {"experiment": {"experiment_id": "3", "name": "n"}})},
+            "3",
+            None,
+            id="exists",
+        ),
+        pytest.param(
+            {_BY_NAME: _MISSING, _CREATE: _json(200, {"experiment_id": "4"})}, "4", None,
+            id="created",
+        ),
+        pytest.param(
+            {_BY_NAME: _deleted("5")},
+            None,
+            "experiment 'n' is deleted: restore it, or name another",
+            id="deleted",
+        ),
+        pytest.param(
+            {_BY_NAME: Reply(401, {"Content-Type": "text/html"}, b"<html>login</html>")},
+            None,
+            "HTTP 401: the server refused the credentials",
+            id="credentials-refused",
+        ),
+        pytest.param(
+            {_BY_NAME: Reply(404, {"Content-Type": "text/html"}, b"<html>nothing</html>")},
+            None,
+            "HTTP 404 (text/html): not an answer of MLflow's API",
+            id="not-mlflow",
+        ),
+        pytest.param(
+            {
+                _BY_NAME: _MISSING,
+                _CREATE: _json(
+                    500, {"error_code": "INTERNAL_ERROR", "message": "locked\nTraceback"}
+                ),
+            },
+            None,
+            "HTTP 500 INTERNAL_ERROR: locked",
+            id="create-fails",
+        ),
+    ],
+)  # fmt: skip
+def test_an_experiment_name_is_resolved_over_the_rest_api(
+    caplog: pytest.LogCaptureFixture,
+    routes: dict[tuple[str, str], Reply],
+    resolved: str | None,
+    warning: str | None,
+) -> None:
+    with FakeOtlpServer() as server:
+        server.routes.update(routes)
+        uri = f"http://ann:s3cret@127.0.0.1:{server.port}/"
+        experiment = Experiment(_config.Settings(tracking_uri=uri, experiment_name="n"))
+        experiment.resolve()
+    assert experiment.id() == resolved
+    basic = "Basic " + base64.b64encode(b"ann:s3cret").decode()
+    assert {r.headers["authorization"] for r in server.received} == {basic}
+    assert server.received[0].path == "/api/2.0/mlflow/experiments/get-by-name?experiment_name=n"
+    if warning is None:
+        assert caplog.messages == []
+    else:
+        assert caplog.messages == [
+            f"mlflow-trace-middleware: cannot resolve experiment 'n' yet ({warning}); its spans "
+            "stay queued, and are counted as dropped if it still has no id at exit"
+        ]
+
+
+def test_an_experiment_created_meanwhile_by_another_process_is_taken() -> None:
+    found = iter([_MISSING, _json(200, {"experiment": {"experiment_id": "8", "name": "n"}})])
+    exists = _json(400, {"error_code": "RESOURCE_ALREADY_EXISTS", "message": "exists"})
+    with FakeOtlpServer() as server:
+        server.routes.update({_BY_NAME: lambda received: next(found), _CREATE: exists})
+        experiment = Experiment(server.settings(experiment_id=None, experiment_name="n"))
+        experiment.resolve()
+    assert experiment.id() == "8"
+    assert [r.method for r in server.received] == ["GET", "POST", "GET"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [("127.0.0.1:5000", "127.0.0.1:5000"), ("ann:s3cret@mlflow:5000", "***@mlflow:5000")],
+)
+def test_a_tracking_uri_without_its_scheme_says_to_add_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, uri: str, shown: str
+) -> None:
+    """In code (no launcher to refuse it): one warning that says what to write."""
+    monkeypatch.setattr(_runtime, "_experiment", _runtime._experiment)
+    exporter = _runtime.make_exporter(_config.Settings(tracking_uri=uri))
+    assert exporter.export([], None) == ExportResult.dropped("no_tracking_server")
+    assert caplog.messages == [
+        f"mlflow-trace-middleware: the tracking URI {shown} has no scheme: add http:// to "
+        "MLFLOW_TRACKING_URI (http://host:port). Spans are dropped."
+    ]
