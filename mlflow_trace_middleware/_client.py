@@ -19,7 +19,18 @@ from opentelemetry.context import Context
 from opentelemetry.semconv.attributes import http_attributes, server_attributes, url_attributes
 from opentelemetry.trace import SpanKind
 
-from . import _config, _keys, _lean, _log, _mlflow, _propagation, _runtime, _targets, _trust
+from . import (
+    _config,
+    _identity,
+    _keys,
+    _lean,
+    _log,
+    _mlflow,
+    _propagation,
+    _runtime,
+    _targets,
+    _trust,
+)
 from ._targets import DEFAULT_PORTS, Destination
 
 # Set while a traced call runs, so a wrapped transport that is itself patched traces once.
@@ -152,7 +163,8 @@ def _active_parent() -> tuple[Context | None, trace.Span] | None:
     if not parent.get_span_context().is_valid:
         return None
     _runtime.activate()
-    return parent_context, parent
+    # Baggage set on OpenTelemetry's global context is sent on too (MLflow's context wins).
+    return _identity.with_global_baggage(parent_context), parent
 
 
 _GATEWAY_PATH = "/gateway/"  # MLflow's AI Gateway routes (`/gateway/<endpoint>/...`)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from opentelemetry.trace import SpanKind
 
 from . import _config, _keys, _lean, _log, _mlflow, _propagation, _runtime, _trust
 from ._capture import DEFAULT_REDACTION, BodyCapture, Redaction, capturable_headers, is_json
+from ._identity import acceptable
 
 _URL_DELIMITERS = frozenset("[]:@/?#%\\")  # and "%": an IPv6 zone keeps its case
 _KNOWN_METHODS = frozenset(
@@ -386,7 +386,7 @@ def _identity(
         for key in _keys.IDENTITY:
             value = found.get(key)
             if isinstance(value, str) and value:
-                if _acceptable(key, value):
+                if acceptable(key, value):
                     attributes[key] = value
                 else:
                     context = baggage.remove_baggage(key, context)
@@ -395,31 +395,11 @@ def _identity(
         own: dict[str, str] = {}
         for name, key in options.identity_headers:
             value = headers.get(name, "").strip()
-            if value and _acceptable(key, value):
+            if value and acceptable(key, value):
                 attributes[key] = own[key] = value
         if own:
             context = _propagation.baggage_first(context, own)
     return context
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _acceptable(key: str, value: str) -> bool:
-    """Whether MLflow stores `value` as a trace's session or user: at most 250 characters (a
-    longer session id loses the whole span batch), and no control characters (PostgreSQL
-    refuses NUL in text; no identifier has one). Refusals are logged without the value."""
-    if len(value) <= _keys.MAX_IDENTITY_CHARS and not _CONTROL.search(value):
-        return True
-    _log.warn_limited(
-        "identity",
-        "mlflow-trace-middleware: dropped a %s of %d characters (MLflow takes at most %d, "
-        "without control characters): not recorded, not sent on",
-        key,
-        len(value),
-        _keys.MAX_IDENTITY_CHARS,
-    )
-    return False
 
 
 def _traceparent(span_context: trace.SpanContext) -> str:
