@@ -145,6 +145,7 @@ class RequestSpan:
         "_redaction",
         "_token",
         "context",
+        "continued",
         "inbound",
         "method",
         "name",
@@ -173,6 +174,8 @@ class RequestSpan:
         parent = _parent(options, request, attributes, self.name)
         # Whether the request brought a caller's context (a message it carries then has no say).
         self.remote = parent.remote
+        # Answered with `_propagation.CONTINUED`: only a trusted caller learns we run here.
+        self.continued = parent.remote and parent.trusted
         context = parent.context
         if options.identity_headers or (parent.trusted and _propagation.BAGGAGE in request.carrier):
             context = _identity(options, request, parent, attributes)
