@@ -6,7 +6,8 @@ experiment), all against a real `mlflow server`.
 Whoever writes a trace first fixes its experiment on the server: the relay is made to post
 first (a 10 ms batch delay while the root waits) and last (a minute's delay, flushed when it
 stops). Either way there is one trace, in the root's experiment, named by its root span and
-filed under the root's session and user, which every service received as baggage.
+filed under the root's session and user, which every service received as baggage. Without
+Node: a root process's session reaches MLflow's trace metadata and its callee's baggage.
 """
 
 from __future__ import annotations
@@ -92,6 +93,47 @@ def wait_for(check: Callable[[], Any], timeout: float = 30.0) -> Any:
     return result
 
 
+def run_script(service: Process, env: dict[str, str], settle: bool = False) -> Any:
+    """Run the root process against `service`; its answer."""
+    script = subprocess.run(
+        [sys.executable, "-m", "tests.apps.session_script", service.url],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            **env,
+            "OTEL_SERVICE_NAME": "planner-script",
+            "SETTLE": "1.0" if settle else "0",
+        },
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(script.stdout.splitlines()[-1])
+
+
+def test_a_root_process_files_its_trace_under_its_session(
+    client: MlflowClient, mlflow_server: Process, processes: list[Process], tmp_path: Path
+) -> None:
+    experiment = client.create_experiment(f"session-{secrets.token_hex(4)}")
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.url, "MLFLOW_EXPERIMENT_ID": experiment}
+    service = start_uvicorn("service", "tests.apps.mixed_app:app", tmp_path, env)
+    processes.append(service)
+    answer = run_script(service, env)
+    assert answer["baggage"] == "session.id=chat-42,user.id=ana"
+
+    def complete() -> list[Any]:
+        """the root's trace, its 3 spans stored"""
+        traces = client.search_traces(locations=[experiment], max_results=10)
+        return [t for t in traces if len(t.data.spans) == 3 and t.info.state.value == "OK"]
+
+    (trace,) = wait_for(complete)
+    metadata = trace.info.trace_metadata
+    found = (metadata.get("mlflow.trace.session"), metadata.get("mlflow.trace.user"))
+    assert found == as_mlflow_stores("chat-42", "ana")
+    (root,) = [span for span in trace.data.spans if span.parent_id is None]
+    assert (root.attributes.get("session.id"), root.attributes.get("user.id")) == ("chat-42", "ana")
+
+
 @pytest.mark.parametrize("relay_posts", ["first", "last"])
 def test_a_chain_through_node_stays_the_roots_trace(
     relay_posts: str,
@@ -123,21 +165,7 @@ def test_a_chain_through_node_stays_the_roots_trace(
         {**common, "MLFLOW_EXPERIMENT_ID": caller, "DOWNSTREAM_URL": relay.url},
     )
     processes.append(front)
-    script = subprocess.run(
-        [sys.executable, "-m", "tests.apps.session_script", front.url],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            **common,
-            "MLFLOW_EXPERIMENT_ID": caller,
-            "OTEL_SERVICE_NAME": "planner-script",
-            "SETTLE": "1.0" if first else "0",
-        },
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    answer = json.loads(script.stdout.splitlines()[-1])
+    answer = run_script(front, {**common, "MLFLOW_EXPERIMENT_ID": caller}, settle=first)
     # Every hop received the root's session and user as baggage, Node's included.
     for seen in (answer["baggage"], answer["relay_saw"], answer["downstream"]["baggage"]):
         assert seen == "session.id=chat-42,user.id=ana"
