@@ -32,9 +32,13 @@ def session(
     ```
 
     A value MLflow would refuse (over 250 characters, or with a control character) is dropped,
-    whole, and logged without the value.
+    whole, and logged without the value; one that is not a string raises TypeError.
     """
-    wanted = zip(_keys.IDENTITY, (session_id, user_id, conversation_id), strict=True)
+    arguments = {"session_id": session_id, "user_id": user_id, "conversation_id": conversation_id}
+    for name, value in arguments.items():
+        if value is not None and not isinstance(value, str):  # an int user id: say so now
+            raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    wanted = zip(_keys.IDENTITY, arguments.values(), strict=True)
     identity = {key: value for key, value in wanted if value and _identity.acceptable(key, value)}
     token = None
     try:

@@ -123,3 +123,9 @@ def test_a_span_outside_any_session_records_none(
         call(sent)
     assert recorded(exporter, "agent") == {}
     assert "baggage" not in sent[0].headers
+
+
+def test_an_id_that_is_not_a_string_is_refused_at_once() -> None:
+    with pytest.raises(TypeError, match="user_id must be a str, not int"):
+        with mtm.session(user_id=42):  # type: ignore[arg-type]
+            pass
