@@ -2,8 +2,9 @@
 
 The adapter contract: an adapter hands `start()` the method, the URL as the client will connect
 (`Destination`: scheme, host, port, path), the request's headers (a mutable mapping the context
-is written into) and its own allowlist override; it runs the call inside `with call:` and ends
-the span with `call.end(status)` when the response's last byte is read or the body is closed.
+is written into) and its own allowlist override; it runs the call inside `with call:`, hands
+the response headers to `call.answered(headers)`, and ends the span with `call.end(status)`
+when the response's last byte is read or the body is closed.
 """
 
 from __future__ import annotations
