@@ -343,3 +343,66 @@ def test_auto_claims_every_trace_calling_a_host_not_running_this_package_and_lea
     claimed = [claim.name for _, claim in exporter.claims]
     # Ours: claimed until its first answer said so; the other host: every trace.
     assert claimed == ["GET agents.internal", "GET relay.internal", "GET relay.internal"]
+
+
+@pytest.fixture(scope="module")
+def our_flask_url() -> Any:
+    """A Flask service running this package, on a loopback socket."""
+    import wsgiref.simple_server
+
+    from flask import Flask
+
+    from mlflow_trace_middleware import MlflowTracingWSGIMiddleware
+
+    app = Flask(__name__)
+    app.get("/agent")(lambda: {"ok": True})
+    app.wsgi_app = MlflowTracingWSGIMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, instrument_clients=False
+    )
+
+    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = wsgiref.simple_server.make_server("127.0.0.1", 0, app, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def _call_with(library: str, url: str) -> None:
+    if library == "httpx":
+        httpx.get(url).raise_for_status()
+    elif library == "requests":
+        import requests
+
+        requests.get(url, timeout=10).raise_for_status()
+    elif library == "urllib3":
+        import urllib3
+
+        assert urllib3.PoolManager().request("GET", url).status == 200
+    else:
+        import asyncio
+
+        import aiohttp
+
+        async def get() -> None:
+            async with aiohttp.ClientSession() as session, session.get(url) as response:
+                assert response.status == 200
+                await response.read()
+
+        asyncio.run(get())
+
+
+@pytest.mark.parametrize("library", ["httpx", "requests", "urllib3", "aiohttp"])
+def test_every_client_learns_a_host_running_this_package_from_its_answer(
+    exporter: InMemoryExporter, our_flask_url: str, library: str
+) -> None:
+    host = ("127.0.0.1", int(our_flask_url.rsplit(":", 1)[1]))
+    _client._ours.clear()
+    mtm.instrument()
+    with mlflow.start_span("root"):
+        _call_with(library, f"{our_flask_url}/agent")
+    assert host in _client._ours
