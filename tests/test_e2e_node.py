@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from mlflow import MlflowClient
 
 from examples.launch import ROOT, Process, _spawn, free_port, start_uvicorn, wait_ready
@@ -134,6 +135,46 @@ def test_a_root_process_files_its_trace_under_its_session(
     assert (root.attributes.get("session.id"), root.attributes.get("user.id")) == ("chat-42", "ana")
 
 
+def start_chain(
+    processes: list[Process],
+    logs: Path,
+    mlflow_url: str,
+    node_relay: Path,
+    caller: str,
+    relays: str,
+    relay_first: bool,
+) -> tuple[dict[str, str], Process, Process]:
+    """`front` (the caller's experiment) -> the relay -> `back` (the relay's experiment); the
+    relay's batch delay 10 ms (ours 3 s) or a minute (ours 100 ms)."""
+    python_delay = "3000" if relay_first else "100"
+    common = {"MLFLOW_TRACKING_URI": mlflow_url, "OTEL_BSP_SCHEDULE_DELAY": python_delay}
+    back = start_uvicorn(
+        "back", "tests.apps.mixed_app:app", logs, {**common, "MLFLOW_EXPERIMENT_ID": relays}
+    )
+    processes.append(back)
+    relay = start_relay(
+        node_relay, logs, mlflow_url, relays, back.url, 10 if relay_first else 60_000
+    )
+    processes.append(relay)
+    front = start_uvicorn(
+        "front",
+        "tests.apps.mixed_app:app",
+        logs,
+        {**common, "MLFLOW_EXPERIMENT_ID": caller, "DOWNSTREAM_URL": relay.url},
+    )
+    processes.append(front)
+    return common, front, relay
+
+
+def in_experiment(client: MlflowClient, experiment: str, spans: int) -> Callable[[], list[Any]]:
+    def found() -> list[Any]:
+        traces = client.search_traces(locations=[experiment], max_results=10)
+        return [t for t in traces if len(t.data.spans) >= spans]
+
+    found.__doc__ = f"a trace of {spans} spans in experiment {experiment}"
+    return found
+
+
 @pytest.mark.parametrize("relay_posts", ["first", "last"])
 def test_a_chain_through_node_stays_the_roots_trace(
     relay_posts: str,
@@ -147,41 +188,18 @@ def test_a_chain_through_node_stays_the_roots_trace(
     caller = client.create_experiment(f"caller-{suffix}")
     relays = client.create_experiment(f"relay-{suffix}")
     first = relay_posts == "first"
-    python_delay = "3000" if first else "100"  # ms, ours; the relay's: 10 ms or a minute
-    common = {"MLFLOW_TRACKING_URI": mlflow_server.url, "OTEL_BSP_SCHEDULE_DELAY": python_delay}
-
-    back = start_uvicorn(
-        "back", "tests.apps.mixed_app:app", tmp_path, {**common, "MLFLOW_EXPERIMENT_ID": relays}
+    common, front, relay = start_chain(
+        processes, tmp_path, mlflow_server.url, node_relay, caller, relays, first
     )
-    processes.append(back)
-    relay = start_relay(
-        node_relay, tmp_path, mlflow_server.url, relays, back.url, 10 if first else 60_000
-    )
-    processes.append(relay)
-    front = start_uvicorn(
-        "front",
-        "tests.apps.mixed_app:app",
-        tmp_path,
-        {**common, "MLFLOW_EXPERIMENT_ID": caller, "DOWNSTREAM_URL": relay.url},
-    )
-    processes.append(front)
     answer = run_script(front, {**common, "MLFLOW_EXPERIMENT_ID": caller}, settle=first)
     # Every hop received the root's session and user as baggage, Node's included.
     for seen in (answer["baggage"], answer["relay_saw"], answer["downstream"]["baggage"]):
         assert seen == "session.id=chat-42,user.id=ana"
 
-    def in_caller(spans: int) -> Callable[[], list[Any]]:
-        def found() -> list[Any]:
-            traces = client.search_traces(locations=[caller], max_results=10)
-            return [t for t in traces if len(t.data.spans) >= spans]
-
-        found.__doc__ = f"a trace of {spans} spans in the caller's experiment"
-        return found
-
     if not first:  # ours have posted; the relay posts when it stops
-        wait_for(in_caller(PYTHON_SPANS))
+        wait_for(in_experiment(client, caller, PYTHON_SPANS))
         relay.stop()
-    (trace,) = wait_for(in_caller(SPANS))
+    (trace,) = wait_for(in_experiment(client, caller, SPANS))
     assert client.search_traces(locations=[relays], max_results=10) == []
     info = trace.info
     assert info.state.value == "OK"
@@ -195,3 +213,29 @@ def test_a_chain_through_node_stays_the_roots_trace(
     # What cannot be controlled: MLflow turns each batch's resource attributes into trace tags,
     # merged, so a service outside this package that posts last names the trace's service.
     assert info.tags.get("service.name") == service_tag("planner-script" if first else "relay")
+
+
+def test_a_service_calling_node_keeps_its_trace_when_node_posts_first(
+    client: MlflowClient,
+    mlflow_server: Process,
+    node_relay: Path,
+    processes: list[Process],
+    tmp_path: Path,
+) -> None:
+    """The first report of issue 25: a FastAPI service starts the trace and calls the relay,
+    whose batch delay elapses long before its own; its first call to a host not known to run
+    this package claims the trace."""
+    suffix = secrets.token_hex(4)
+    caller = client.create_experiment(f"caller-{suffix}")
+    relays = client.create_experiment(f"relay-{suffix}")
+    _, front, _ = start_chain(
+        processes, tmp_path, mlflow_server.url, node_relay, caller, relays, relay_first=True
+    )
+    response = requests.post(f"{front.url}/work", json={}, timeout=30)
+    response.raise_for_status()
+    # front: its request and client spans; the relay: two; back: its request span.
+    (trace,) = wait_for(in_experiment(client, caller, 5))
+    assert client.search_traces(locations=[relays], max_results=10) == []
+    (root,) = [span for span in trace.data.spans if span.parent_id is None]
+    assert (root.name, root.attributes.get("service.name")) == ("POST /work", "front")
+    assert trace.info.tags.get("service.name") == service_tag("front")
