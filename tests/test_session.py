@@ -129,3 +129,31 @@ def test_an_id_that_is_not_a_string_is_refused_at_once() -> None:
     with pytest.raises(TypeError, match="user_id must be a str, not int"):
         with mtm.session(user_id=42):  # type: ignore[arg-type]
             pass
+
+
+def test_a_handler_names_the_session_of_its_request(
+    exporter: InMemoryExporter, sent: list[httpx.Request]
+) -> None:
+    import asyncio
+
+    import fastapi
+
+    from mlflow_trace_middleware import MlflowTracingMiddleware
+
+    app = fastapi.FastAPI()
+    app.add_middleware(MlflowTracingMiddleware, instrument_clients=False)
+
+    @app.get("/chat")
+    def chat() -> dict[str, str]:
+        with mtm.session("from-the-body", user_id="ana"):  # learned from the request
+            call(sent)
+        return {}
+
+    async def run() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+            assert (await client.get("/chat")).status_code == 200
+
+    asyncio.run(run())
+    assert recorded(exporter, "GET /chat") == {"session.id": "from-the-body", "user.id": "ana"}
+    assert members(sent[0]) == [("session.id", "from-the-body"), ("user.id", "ana")]
