@@ -42,8 +42,16 @@ ENSURE_POSTGRES := ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { test
 	-o Dpkg::Options::=--force-confold postgresql >/dev/null; } || \
 	{ echo "PostgreSQL is needed: apt-get install postgresql (as root)"; exit 1; }
 
+# tests/test_e2e_node.py runs a Node service: Debian's nodejs and npm, installed here when
+# missing (as root); its OpenTelemetry JS packages come from tests/node/package-lock.json
+# (`npm ci`, run by the test when tests/node/node_modules is missing).
+ENSURE_NODE := { command -v node && command -v npm; } >/dev/null || { test "$$(id -u)" = 0 && \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm \
+	>/dev/null; } || { echo "Node.js is needed: apt-get install nodejs npm (as root)"; exit 1; }
+
 test: venv
 	@$(ENSURE_POSTGRES)
+	@$(ENSURE_NODE)
 	$(BIN)/ruff check mlflow_trace_middleware tests examples benchmarks
 	$(BIN)/ruff format --check mlflow_trace_middleware tests examples benchmarks
 	$(BIN)/mypy
@@ -60,6 +68,7 @@ $(OLDEST_STAMP): pyproject.toml
 
 test-oldest: $(OLDEST_STAMP)
 	@$(ENSURE_POSTGRES)
+	@$(ENSURE_NODE)
 	$(OLDEST)/bin/pytest
 
 $(LIGHT_STAMP): pyproject.toml

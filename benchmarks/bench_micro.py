@@ -179,15 +179,21 @@ def test_asgi(benchmark: Any, variant: str, pass_: int) -> None:
     assert benchmark.extra_info["exported"] == (ROUNDS + 1) * CALLS * (variant == "ours")
 
 
+@pytest.mark.parametrize("callee", ["foreign", "ours"])
 @pytest.mark.parametrize("variant", ["bare", "ours"])
 @pytest.mark.parametrize("pass_", range(PASSES))
-def test_asgi_entry_calling_out(benchmark: Any, variant: str, pass_: int) -> None:
+def test_asgi_entry_calling_out(benchmark: Any, variant: str, pass_: int, callee: str) -> None:
     """Each request starts a trace and makes one httpx call (an in-process transport): the
-    request span, the client span, the injection, and the trace's claim (one placeholder
-    POST per request at this rate; claims made together share one under load)."""
+    request span, the client span, the injection, and, for a callee not known to run this
+    package ("foreign": it answers without `mlflow-trace-continued`), the trace's claim (one
+    placeholder POST per request at this rate; claims made together share one under load).
+    A callee that answers as ours is learned from its first answer and never claimed."""
     from fastapi import FastAPI
 
-    inner = httpx.MockTransport(lambda request: httpx.Response(200, json={"ok": True}))
+    headers = {"mlflow-trace-continued": "1"} if callee == "ours" else {}
+    inner = httpx.MockTransport(
+        lambda request: httpx.Response(200, json={"ok": True}, headers=headers)
+    )
     traced = variant == "ours"
     client = httpx.AsyncClient(transport=AsyncTracingTransport(inner) if traced else inner)
     CLOSE.append(lambda: LOOP.run_until_complete(client.aclose()))

@@ -4,6 +4,7 @@
 app.add_middleware(MlflowTracingMiddleware)                  # FastAPI / Starlette
 app.wsgi_app = MlflowTracingWSGIMiddleware(app.wsgi_app)      # Flask / any WSGI app
 instrument()                                                 # every HTTP client library
+with session("chat-42", user_id="ana"): ...                  # a root process's session
 ```
 """
 
@@ -16,6 +17,7 @@ from . import _config, _runtime, _targets
 from ._instrument import instrument, uninstrument
 from ._instrument import instrument_httpx as instrument_httpx  # kept importable, not in __all__
 from ._instrument import instrument_requests as instrument_requests
+from ._session import session
 from ._sink import Exporter, ExportResult, SinkStats
 from ._trust import InboundRequest
 from .asgi import MlflowTracingMiddleware
@@ -31,6 +33,7 @@ __all__ = [
     "configure",
     "flush",
     "instrument",
+    "session",
     "stats",
     "uninstrument",
 ]

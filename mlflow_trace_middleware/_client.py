@@ -2,14 +2,14 @@
 
 The adapter contract: an adapter hands `start()` the method, the URL as the client will connect
 (`Destination`: scheme, host, port, path), the request's headers (a mutable mapping the context
-is written into) and its own allowlist override; it runs the call inside `with call:` and ends
-the span with `call.end(status)` when the response's last byte is read or the body is closed.
+is written into) and its own allowlist override; it runs the call inside `with call:`, hands
+the response headers to `call.answered(headers)`, and ends the span with `call.end(status)`
+when the response's last byte is read or the body is closed.
 """
 
 from __future__ import annotations
 
 import contextvars
-import urllib.parse
 from collections.abc import Callable, MutableMapping
 from types import TracebackType
 from typing import Any
@@ -19,7 +19,18 @@ from opentelemetry.context import Context
 from opentelemetry.semconv.attributes import http_attributes, server_attributes, url_attributes
 from opentelemetry.trace import SpanKind
 
-from . import _config, _keys, _lean, _log, _mlflow, _propagation, _runtime, _targets, _trust
+from . import (
+    _config,
+    _identity,
+    _keys,
+    _lean,
+    _log,
+    _mlflow,
+    _propagation,
+    _runtime,
+    _targets,
+    _trust,
+)
 from ._targets import DEFAULT_PORTS, Destination
 
 # Set while a traced call runs, so a wrapped transport that is itself patched traces once.
@@ -39,11 +50,17 @@ class ClientCall:
     ends the span if the call raises; `end()` ends it otherwise, once.
     """
 
-    __slots__ = ("_ended", "_token", "headers", "span")
+    __slots__ = ("_ended", "_host", "_token", "headers", "span")
 
-    def __init__(self, span: trace.Span | None, headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        span: trace.Span | None,
+        headers: dict[str, str],
+        host: tuple[str, int | None] | None = None,
+    ) -> None:
         self.span = span
         self.headers = headers
+        self._host = host  # (host, port) the context went to
         self._ended = False
         self._token: contextvars.Token[bool] | None = None
 
@@ -61,6 +78,15 @@ class ClientCall:
             _in_call.reset(self._token)
         if error is not None:
             self.end(error=error)
+
+    def answered(self, headers: Any) -> None:
+        """Learn from the response's `headers` (a case-insensitive mapping) whether the callee
+        continued our context with this package (`_propagation.CONTINUED`)."""
+        if self._host is not None:
+            try:
+                _learn(self._host, bool(headers.get(_propagation.CONTINUED)))
+            except Exception:
+                _log.internal_error("client response")
 
     def end_after(self, response: Any, names: tuple[str, ...], status: int) -> None:
         """End the span once any of `response`'s methods `names` (`close`, `release`...) has
@@ -121,11 +147,12 @@ def start(
         if (active := _active_parent()) is None:
             return None
         parent_context, parent = active
-        claims = allowed and _claims(url)
+        host = (url[1].lower(), url[2] or DEFAULT_PORTS.get(url[0])) if allowed else None
+        claims = host is not None and _claims(url[3], host)
         if allowed and (theirs := _instrumented_by_caller(headers, parent_context)) is not None:
             if claims:
                 _mlflow.claim(trace.get_current_span(theirs).get_span_context())
-            return _complete(theirs, headers)
+            return _complete(theirs, headers, host)
         span: trace.Span | None = None
         context = parent_context
         if parent.is_recording():
@@ -139,7 +166,7 @@ def start(
             _propagation.inject(sent, context, _our_entry(context))  # type: ignore[arg-type]
             for name, value in sent.items():  # cheaper than update() for httpx.Headers
                 headers[name] = value
-        return ClientCall(span, sent)
+        return ClientCall(span, sent, host)
     except Exception:
         _log.internal_error("client span start")
         return None
@@ -152,33 +179,38 @@ def _active_parent() -> tuple[Context | None, trace.Span] | None:
     if not parent.get_span_context().is_valid:
         return None
     _runtime.activate()
-    return parent_context, parent
+    # Baggage set on OpenTelemetry's global context is sent on too (MLflow's context wins).
+    return _identity.with_global_baggage(parent_context), parent
 
 
 _GATEWAY_PATH = "/gateway/"  # MLflow's AI Gateway routes (`/gateway/<endpoint>/...`)
-_tracking_address: tuple[object, tuple[str, int | None] | None] = (None, None)
+# Hosts whose last answer said they continued our context with this package (insertion order:
+# the oldest is forgotten first). A claim is never needed for them.
+_ours: dict[tuple[str, int | None], None] = {}
+MAX_KNOWN_HOSTS = 1024
 
 
-def _claims(url: Destination) -> bool:
+def _claims(path: str, host: tuple[str, int | None]) -> bool:
     """Whether a call may claim its trace (`MLFLOW_TRACE_CLAIMS`): "auto" claims calls that can
-    reach a callee writing into the trace itself, the MLflow server (its AI Gateway) by address
-    or an AI Gateway path behind another host; a claim costs the tracking server one POST."""
-    global _tracking_address
+    reach a callee writing into the trace on its own: any host not known to run this package
+    (the MLflow server's AI Gateway; a service in another language, exporting with its own
+    experiment), and AI Gateway paths behind any host. Hosts are known from their answers
+    (`ClientCall.answered`). A claim costs the tracking server one POST, once per trace."""
     settings = _config.get_settings()
     if settings.claims != "auto":
         return settings.claims == "always"
-    if url[3].startswith(_GATEWAY_PATH):
-        return True
-    cached_for, address = _tracking_address
-    if cached_for is not settings:
-        address = None
-        if settings.otlp_endpoint:
-            parsed = urllib.parse.urlsplit(settings.tracking_uri or "")
-            port = parsed.port or DEFAULT_PORTS.get(parsed.scheme)
-            address = ((parsed.hostname or "").lower(), port)
-        _tracking_address = settings, address
-    port = url[2] or DEFAULT_PORTS.get(url[0])
-    return address is not None and address == (url[1].lower(), port)
+    # The tracking server (its AI Gateway) never answers as ours: it is always claimed.
+    return path.startswith(_GATEWAY_PATH) or host not in _ours
+
+
+def _learn(host: tuple[str, int | None], ours: bool) -> None:
+    """Remember `host` as running this package, or forget it (redeployed as something else)."""
+    if not ours:
+        _ours.pop(host, None)
+    elif host not in _ours:
+        if len(_ours) >= MAX_KNOWN_HOSTS:
+            _ours.pop(next(iter(_ours)), None)
+        _ours[host] = None
 
 
 def start_message(name: str, attributes: dict[str, Any]) -> tuple[ClientCall, Context] | None:
@@ -230,7 +262,9 @@ def _instrumented_by_caller(
     return trace.set_span_in_context(trace.NonRecordingSpan(theirs), parent_context)
 
 
-def _complete(context: Context, headers: MutableMapping[str, Any]) -> ClientCall:
+def _complete(
+    context: Context, headers: MutableMapping[str, Any], host: tuple[str, int | None] | None
+) -> ClientCall:
     """Leave the caller's `traceparent` (exactly one per call); add our `tracestate` entry and
     the baggage, so the callee still learns the root's experiment and the identity."""
     sent: dict[str, str] = {}
@@ -238,7 +272,7 @@ def _complete(context: Context, headers: MutableMapping[str, Any]) -> ClientCall
     for name, value in sent.items():
         if name != _propagation.TRACEPARENT:
             headers[name] = value
-    return ClientCall(None, sent)
+    return ClientCall(None, sent, host)
 
 
 def _span_fields(method: str, url: Destination, allowed: bool) -> tuple[str, dict[str, Any]]:

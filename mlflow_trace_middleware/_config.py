@@ -68,8 +68,8 @@ class Settings:
     signing_keys: tuple[bytes, ...] = field(default=(), repr=False)
     # `gc.freeze()` when the runtime starts (MLFLOW_TRACE_FREEZE_GC=1); see docs/architecture.md.
     freeze_gc: bool = False
-    # Which calls claim their trace (docs/architecture.md, "Claims"): "auto" those to the
-    # tracking server's address or to an MLflow AI Gateway path, "always", "never".
+    # Which calls claim their trace (docs/architecture.md, "Claims"): "auto" those to a host
+    # not known to run this package or to an MLflow AI Gateway path, "always", "never".
     claims: str = "auto"
     # String attribute values of our spans are cut to these many characters (None: no limit):
     # span attributes, and event attributes (an exception's message and stack).

@@ -32,7 +32,7 @@ from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import _Span as _SdkSpan
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
-from . import _config, _lean, _log
+from . import _config, _identity, _lean, _log
 from ._keys import REQUEST_ID, SERVICE_NAME, TRACE_NAME, TRACE_TAG_PREFIX
 from ._lean import LeanSpan
 from ._span import Recorded, encode_span, recorded
@@ -65,7 +65,7 @@ class SinkSpanProcessor(SpanProcessor):
 
     def on_start(self, span: SdkSpan, parent_context: Context | None = None) -> None:
         try:
-            self._register(span)
+            self._register(span, parent_context)
         except Exception:
             _log.internal_error("span start")
 
@@ -89,7 +89,7 @@ class SinkSpanProcessor(SpanProcessor):
             self._experiments.pop(oldest, None)
             self._unclaimed.discard(oldest)
 
-    def _register(self, span: SdkSpan) -> None:
+    def _register(self, span: SdkSpan, parent_context: Context | None = None) -> None:
         manager = InMemoryTraceManager.get_instance()
         otel_trace_id = span.context.trace_id
         parent = span.parent
@@ -114,6 +114,11 @@ class SinkSpanProcessor(SpanProcessor):
                 self._add_root(otel_trace_id, span.context.span_id)
         if parent is None:
             span.set_attribute(TRACE_NAME, span.name)
+            # A trace started here: filed under the session and user of the baggage it sends
+            # (a request span, materialized, has its own already).
+            for key, value in _identity.recorded(parent_context).items():
+                if key not in (span.attributes or {}):
+                    span.set_attribute(key, value)
         manager.register_span(create_mlflow_span(span, trace_id))
 
     def on_end(self, span: ReadableSpan) -> None:

@@ -34,6 +34,9 @@ TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 BAGGAGE = "baggage"
 FIELDS = (TRACEPARENT, TRACESTATE, BAGGAGE)
+# Response header of a service that continued its caller's context with this package: the
+# caller learns that calls to that host need no claim (`_client._claims`).
+CONTINUED = "mlflow-trace-continued"
 
 _MAX_TRACESTATE_MEMBERS = 32
 _MAX_TRACESTATE_CHARS = 512

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from opentelemetry.trace import SpanKind
 
 from . import _config, _keys, _lean, _log, _mlflow, _propagation, _runtime, _trust
 from ._capture import DEFAULT_REDACTION, BodyCapture, Redaction, capturable_headers, is_json
+from ._identity import acceptable
 
 _URL_DELIMITERS = frozenset("[]:@/?#%\\")  # and "%": an IPv6 zone keeps its case
 _KNOWN_METHODS = frozenset(
@@ -145,6 +145,7 @@ class RequestSpan:
         "_redaction",
         "_token",
         "context",
+        "continued",
         "inbound",
         "method",
         "name",
@@ -173,6 +174,8 @@ class RequestSpan:
         parent = _parent(options, request, attributes, self.name)
         # Whether the request brought a caller's context (a message it carries then has no say).
         self.remote = parent.remote
+        # Answered with `_propagation.CONTINUED`: only a trusted caller learns we run here.
+        self.continued = parent.remote and parent.trusted
         context = parent.context
         if options.identity_headers or (parent.trusted and _propagation.BAGGAGE in request.carrier):
             context = _identity(options, request, parent, attributes)
@@ -386,7 +389,7 @@ def _identity(
         for key in _keys.IDENTITY:
             value = found.get(key)
             if isinstance(value, str) and value:
-                if _acceptable(key, value):
+                if acceptable(key, value):
                     attributes[key] = value
                 else:
                     context = baggage.remove_baggage(key, context)
@@ -395,31 +398,11 @@ def _identity(
         own: dict[str, str] = {}
         for name, key in options.identity_headers:
             value = headers.get(name, "").strip()
-            if value and _acceptable(key, value):
+            if value and acceptable(key, value):
                 attributes[key] = own[key] = value
         if own:
             context = _propagation.baggage_first(context, own)
     return context
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _acceptable(key: str, value: str) -> bool:
-    """Whether MLflow stores `value` as a trace's session or user: at most 250 characters (a
-    longer session id loses the whole span batch), and no control characters (PostgreSQL
-    refuses NUL in text; no identifier has one). Refusals are logged without the value."""
-    if len(value) <= _keys.MAX_IDENTITY_CHARS and not _CONTROL.search(value):
-        return True
-    _log.warn_limited(
-        "identity",
-        "mlflow-trace-middleware: dropped a %s of %d characters (MLflow takes at most %d, "
-        "without control characters): not recorded, not sent on",
-        key,
-        len(value),
-        _keys.MAX_IDENTITY_CHARS,
-    )
-    return False
 
 
 def _traceparent(span_context: trace.SpanContext) -> str:

@@ -134,6 +134,7 @@ def _start(
 
 
 _PROPAGATION = frozenset(name.encode() for name in _propagation.FIELDS)
+_CONTINUED = (_propagation.CONTINUED.encode(), b"1")
 
 
 async def _traced(
@@ -156,6 +157,9 @@ async def _traced(
         try:
             if kind == "http.response.start":
                 _response_started(request, message)
+                if request.continued:
+                    headers = [*message.get("headers", ()), _CONTINUED]
+                    message = {**message, "headers": headers}
             elif kind == "http.response.body" and request.response_body is not None:
                 request.response_body.feed(message.get("body", b""))
         except Exception:

@@ -27,37 +27,38 @@ from mlflow_trace_middleware.testing import InMemoryExporter
 
 @pytest.fixture(autouse=True)
 def _claim_every_call() -> Any:
-    """These tests call made-up hosts; "auto" would claim only the tracking server's address
-    and AI Gateway paths (`test_auto_claims_...` below)."""
+    """These tests call made-up hosts; "auto" would claim only hosts not known to run this
+    package (`test_auto_claims_...` below)."""
     _config.update_settings(claims="always")
     yield
     _config.update_settings(claims="auto")
+    _client._ours.clear()
+
+
+OURS = ("ours.internal", 8000)
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 @pytest.mark.parametrize(
-    ("tracking_uri", "claims", "url", "expected"),
+    ("claims", "path", "host", "expected"),
     [
-        ("http://mlflow.internal:5000", "auto", ("http", "mlflow.internal", 5000, "/v1/x"), True),
-        ("http://MLflow.internal:5000", "auto", ("http", "mlflow.internal", 5000, "/"), True),
-        ("https://mlflow.example", "auto", ("https", "mlflow.example", None, "/invocations"), True),
-        ("http://mlflow.internal:5000", "auto", ("http", "mlflow.internal", 5001, "/"), False),
-        ("http://mlflow.internal:5000", "auto", ("http", "llm.test", None, "/v1/chat"), False),
-        # An AI Gateway behind another host (a proxy): its path gives it away.
-        ("http://mlflow.internal:5000", "auto", ("http", "proxy", 8080, "/gateway/x/v1"), True),
-        ("sqlite:///mlflow.db", "auto", ("http", "llm.test", None, "/v1/chat"), False),
-        ("sqlite:///mlflow.db", "always", ("http", "llm.test", None, "/v1/chat"), True),
-        ("http://mlflow.internal:5000", "never", ("http", "mlflow.internal", 5000, "/"), False),
+        # The tracking server (where the AI Gateway is served) never answers as ours.
+        pytest.param("auto", "/v1/x", ("mlflow.internal", 5000), True, id="tracking-server"),
+        pytest.param("auto", "/v1/chat", ("llm.test", 443), True, id="unknown-host"),
+        pytest.param("auto", "/agents/a", OURS, False, id="known-to-run-us"),
+        pytest.param("auto", "/agents/a", ("ours.internal", 8001), True, id="another-port"),
+        # An AI Gateway behind one of our hosts (a proxy): its path gives it away.
+        pytest.param("auto", "/gateway/x/v1", OURS, True, id="gateway-path"),
+        pytest.param("always", "/agents/a", OURS, True, id="always"),
+        pytest.param("never", "/v1/chat", ("llm.test", 443), False, id="never"),
     ],
 )
 def test_auto_claims_calls_that_can_reach_a_callee_writing_into_the_trace(
-    tracking_uri: str, claims: str, url: Any, expected: bool
+    claims: str, path: str, host: tuple[str, int], expected: bool
 ) -> None:
-    before = _config.get_settings()
-    try:
-        _config.update_settings(tracking_uri=tracking_uri, claims=claims)
-        assert _client._claims(url) is expected
-    finally:
-        _config.install(before)
+    _config.update_settings(claims=claims)
+    _client._learn(OURS, ours=True)
+    assert _client._claims(path, host) is expected
 
 
 def test_the_claims_variable_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,3 +274,135 @@ def test_a_stream_of_claims_does_not_hold_spans_back() -> None:
         assert exported.is_set()
     finally:
         sink.shutdown(1)
+
+
+def our_service(**options: Any) -> Any:
+    import fastapi
+
+    app = fastapi.FastAPI()
+    app.add_middleware(MlflowTracingMiddleware, instrument_clients=False, **options)
+    app.get("/agent")(lambda: {"ok": True})
+    return app
+
+
+@pytest.mark.parametrize(
+    ("headers", "options", "expected"),
+    [
+        pytest.param({"traceparent": TRACEPARENT}, {}, "1", id="continued"),
+        pytest.param({}, {}, None, id="no-caller-context"),
+        pytest.param({"traceparent": TRACEPARENT}, {"trust": "restart"}, None, id="restarted"),
+    ],
+)
+def test_only_a_caller_whose_context_was_continued_learns_the_service_runs_this_package(
+    exporter: InMemoryExporter, headers: dict[str, str], options: dict[str, Any], expected: Any
+) -> None:
+    from flask import Flask
+
+    from mlflow_trace_middleware import MlflowTracingWSGIMiddleware
+
+    flask_app = Flask(__name__)
+    flask_app.get("/agent")(lambda: {"ok": True})
+    flask_app.wsgi_app = MlflowTracingWSGIMiddleware(  # type: ignore[method-assign]
+        flask_app.wsgi_app, instrument_clients=False, **options
+    )
+    wsgi = httpx.Client(transport=httpx.WSGITransport(app=flask_app), base_url="http://svc")
+    answers = [wsgi.get("/agent", headers=headers)]
+
+    async def asgi() -> None:
+        transport = httpx.ASGITransport(app=our_service(**options))
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+            answers.append(await client.get("/agent", headers=headers))
+
+    import asyncio
+
+    asyncio.run(asgi())
+    assert [answer.headers.get("mlflow-trace-continued") for answer in answers] == [expected] * 2
+
+
+def test_auto_claims_every_trace_calling_a_host_not_running_this_package_and_learns_ours(
+    exporter: InMemoryExporter,
+) -> None:
+    _config.update_settings(claims="auto")
+
+    async def run() -> None:
+        ours = httpx.AsyncClient(
+            transport=AsyncTracingTransport(httpx.ASGITransport(app=our_service())),
+            base_url="http://agents.internal",
+        )
+        foreign = httpx.AsyncClient(
+            transport=AsyncTracingTransport(ok_transport()), base_url="http://relay.internal"
+        )
+        async with ours, foreign:
+            for client in (ours, ours, foreign, foreign):
+                with mlflow.start_span("root"):
+                    await client.get("/agent")
+
+    import asyncio
+
+    asyncio.run(run())
+    claimed = [claim.name for _, claim in exporter.claims]
+    # Ours: claimed until its first answer said so; the other host: every trace.
+    assert claimed == ["GET agents.internal", "GET relay.internal", "GET relay.internal"]
+
+
+@pytest.fixture(scope="module")
+def our_flask_url() -> Any:
+    """A Flask service running this package, on a loopback socket."""
+    import wsgiref.simple_server
+
+    from flask import Flask
+
+    from mlflow_trace_middleware import MlflowTracingWSGIMiddleware
+
+    app = Flask(__name__)
+    app.get("/agent")(lambda: {"ok": True})
+    app.wsgi_app = MlflowTracingWSGIMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, instrument_clients=False
+    )
+
+    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = wsgiref.simple_server.make_server("127.0.0.1", 0, app, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def _call_with(library: str, url: str) -> None:
+    if library == "httpx":
+        httpx.get(url).raise_for_status()
+    elif library == "requests":
+        import requests
+
+        requests.get(url, timeout=10).raise_for_status()
+    elif library == "urllib3":
+        import urllib3
+
+        assert urllib3.PoolManager().request("GET", url).status == 200
+    else:
+        import asyncio
+
+        import aiohttp
+
+        async def get() -> None:
+            async with aiohttp.ClientSession() as session, session.get(url) as response:
+                assert response.status == 200
+                await response.read()
+
+        asyncio.run(get())
+
+
+@pytest.mark.parametrize("library", ["httpx", "requests", "urllib3", "aiohttp"])
+def test_every_client_learns_a_host_running_this_package_from_its_answer(
+    exporter: InMemoryExporter, our_flask_url: str, library: str
+) -> None:
+    host = ("127.0.0.1", int(our_flask_url.rsplit(":", 1)[1]))
+    _client._ours.clear()
+    mtm.instrument()
+    with mlflow.start_span("root"):
+        _call_with(library, f"{our_flask_url}/agent")
+    assert host in _client._ours

@@ -76,3 +76,12 @@ def test_options_come_from_the_settings(exporter: InMemoryExporter) -> None:
     names = set(by_name(exporter))
     assert "GET /health/" not in names  # excluded
     assert "GET" in names  # no pattern matched: the method alone
+
+
+def test_only_a_caller_whose_context_was_continued_learns_the_service_runs_this_package(
+    exporter: InMemoryExporter,
+) -> None:
+    continued = Client().get("/items/7/", HTTP_TRACEPARENT=TRACEPARENT)
+    fresh = Client().get("/items/7/")
+    answers = (continued.get("mlflow-trace-continued"), fresh.get("mlflow-trace-continued"))
+    assert answers == ("1", None)

@@ -20,6 +20,7 @@ PUBLIC = {
         "configure",
         "flush",
         "instrument",
+        "session",
         "stats",
         "uninstrument",
     ],
