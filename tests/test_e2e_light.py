@@ -204,7 +204,7 @@ def test_spans_held_for_an_experiment_that_cannot_be_resolved_are_counted_at_exi
         "restore it, or name another)" in output
     )
     # wait_ready's GET /health (one span) and ours (two): held, then counted at exit.
-    assert "3 spans dropped since the last report (shutdown_timeout=3)" in output
+    assert "3 spans could not be delivered since the last report (shutdown_timeout=3)" in output
 
 
 def wait_for_line(process: Process, text: str) -> None:
