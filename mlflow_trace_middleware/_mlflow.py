@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from mlflow.entities.span import create_mlflow_span
+from mlflow.entities.span import LiveSpan, create_mlflow_span
 from mlflow.entities.trace_info import TraceInfo
 from mlflow.entities.trace_location import TraceLocation
 from mlflow.entities.trace_state import TraceState
@@ -114,6 +114,8 @@ class SinkSpanProcessor(SpanProcessor):
                 self._add_root(otel_trace_id, span.context.span_id)
         if parent is None:
             span.set_attribute(TRACE_NAME, span.name)
+        else:
+            _stand_in(manager, trace_id, parent)
         manager.register_span(create_mlflow_span(span, trace_id))
 
     def on_end(self, span: ReadableSpan) -> None:
@@ -320,6 +322,24 @@ def _without_request_id(state: Recorded) -> Recorded:
         return state
     kept = {key: value for key, value in attributes.items() if key != REQUEST_ID}
     return kept, events, links, status
+
+
+def _stand_in(manager: InMemoryTraceManager, trace_id: str, parent: SpanContext) -> None:
+    """Register a span with no parent under the id of a parent MLflow does not know.
+
+    MLflow's LangChain tracer (3.9 to 3.17, `MlflowLangchainTracer._resolve_parent_span`)
+    walks up the active span's ancestors with `get_span_from_id` until one has no parent. A
+    remote parent is not there, nor one of our spans MLflow never asked for (a request span
+    is registered only when looked up): the walk failed on None and every LangChain span
+    became a child of the request span. The stand-in ends the walk where MLflow's knowledge
+    ends; materializing our span replaces it. It is never exported (only spans that end reach
+    the sink) and goes with the segment.
+    """
+    span_id = encode_span_id(parent.span_id)
+    with manager._lock:
+        segment = manager._traces.get(trace_id)
+        if segment is not None and span_id not in segment.span_dict:
+            segment.span_dict[span_id] = LiveSpan(_SdkSpan("remote parent", parent), trace_id)
 
 
 def _tag_attributes(tags: dict[str, str] | None) -> dict[str, str] | None:
