@@ -246,6 +246,7 @@ def _span_fields(method: str, url: Destination, allowed: bool) -> tuple[str, dic
     default = DEFAULT_PORTS.get(scheme)
     authority = f"{host}:{port}" if port and port != default else host
     attributes: dict[str, Any] = {
+        _keys.SPAN_TYPE: _config.span_type("client", path),
         http_attributes.HTTP_REQUEST_METHOD: method,
         server_attributes.SERVER_ADDRESS: host,
         server_attributes.SERVER_PORT: port or default or 0,

@@ -59,6 +59,7 @@ VARIABLES = (
     Variable("MLFLOW_TRACE_SHUTDOWN_TIMEOUT", "5", "shutdown_timeout"),
     Variable("MLFLOW_TRACE_FREEZE_GC", "false", None),
     Variable("MLFLOW_TRACE_CLAIMS", "auto", None),
+    Variable("MLFLOW_TRACE_SPAN_TYPES", "server=CHAIN,client=TOOL,llm=LLM", None),
 )
 
 

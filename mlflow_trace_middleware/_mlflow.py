@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace import _Span as _SdkSpan
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 from . import _config, _lean, _log
-from ._keys import REQUEST_ID, SERVICE_NAME, TRACE_NAME, TRACE_TAG_PREFIX
+from ._keys import REQUEST_ID, SERVICE_NAME, SPAN_TYPE, TRACE_NAME, TRACE_TAG_PREFIX
 from ._lean import LeanSpan
 from ._span import Recorded, encode_span, recorded
 
@@ -116,7 +116,12 @@ class SinkSpanProcessor(SpanProcessor):
             span.set_attribute(TRACE_NAME, span.name)
         else:
             _stand_in(manager, trace_id, parent)
+        # MLflow's span object writes its own type over the span's (None, unless MLflow made
+        # the span and registers it again with the type): ours keep theirs.
+        kept = span.attributes.get(SPAN_TYPE) if span.attributes else None
         manager.register_span(create_mlflow_span(span, trace_id))
+        if kept is not None:
+            span.set_attribute(SPAN_TYPE, kept)
 
     def on_end(self, span: ReadableSpan) -> None:
         self._finish(span, span.context, registered=True)

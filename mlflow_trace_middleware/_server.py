@@ -289,7 +289,7 @@ def start_message(
 
 def _attributes(method: str, request: Inbound, options: ServerOptions) -> dict[str, Any]:
     attributes: dict[str, Any] = {
-        _keys.SPAN_TYPE: _keys.UNKNOWN_SPAN_TYPE,
+        _keys.SPAN_TYPE: _config.span_type("server", request.path),
         http_attributes.HTTP_REQUEST_METHOD: method,
         url_attributes.URL_PATH: request.path,
         url_attributes.URL_SCHEME: request.scheme,

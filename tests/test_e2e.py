@@ -195,8 +195,19 @@ def test_plain_client_makes_the_first_service_the_root(
     assert QUESTION["question"] in (trace.info.request_preview or "")
     assert trace.info.state.value == "OK"
     assert trace.info.tags.get("service.name") == service_tag("supervisor")
-    (root,) = [span for span in trace.data.spans if span.parent_id is None]
-    assert root.span_type == "UNKNOWN"  # as MLflow's own spans record it
+    # One MLflow span type per kind of span: requests CHAIN, calls to services TOOL; the
+    # handlers' own spans keep theirs.
+    sql, writer = (services[name].url.rsplit(":", 1)[1] for name in ("sql-agent", "writer"))
+    assert sorted((span.name, span.span_type) for span in trace.data.spans) == sorted(
+        [
+            ("POST /ask", "CHAIN"),
+            ("plan", "CHAIN"),
+            (f"POST 127.0.0.1:{sql}", "TOOL"),
+            ("POST /query", "CHAIN"),
+            ("generate_sql", "LLM"),
+            *[(f"POST 127.0.0.1:{writer}", "TOOL"), ("POST /write", "CHAIN"), ("draft", "LLM")] * 2,
+        ]
+    )
     assert_covers_every_span(trace)
 
 

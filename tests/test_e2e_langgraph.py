@@ -117,5 +117,13 @@ def test_langgraph_autolog_spans_nest_where_they_belong(
     # Names are unique but for the two rounds of the graph: two of five spans.
     trace = _run(stack, service, f"{path}/{mode}", spans=len(expected) + 5)
     assert _children(trace) == expected
+    # Our spans' types (MLflow's autolog spans have their own): a request is a CHAIN, a call
+    # to a service a TOOL, the LLM call and the LLM service's request an LLM.
+    types = {f"{s.attributes.get('service.name')}:{s.name}": s.span_type for s in trace.data.spans}
+    ours = [request, llm_call, "llm:POST /v1/chat/completions"]
+    assert [types[name] for name in ours] == ["CHAIN", "LLM", "LLM"]
+    if called:
+        assert [types["caller:POST /run/{mode}"], types[agent_call]] == ["CHAIN", "TOOL"]
+    assert [types["agent:ChatOpenAI"], types["agent:get_forecast"]] == ["CHAT_MODEL", "TOOL"]
     assert trace.info.state.value == "OK"
     assert "has no attribute" not in stack.services["agent"].output()
