@@ -26,6 +26,12 @@ from ._targets import DEFAULT_PORTS, Destination
 _in_call: contextvars.ContextVar[bool] = contextvars.ContextVar("mtm_in_call", default=False)
 
 
+# OpenTelemetry's keys for the callee's service and the call's route template (semantic
+# conventions: `peer.service`, `url.template`).
+_PEER_SERVICE = "peer.service"
+_URL_TEMPLATE = "url.template"
+
+
 def outer_call_running() -> bool:
     """Whether a traced call is running in this context (a library under another one, as
     urllib3 under requests, then stays out)."""
@@ -61,6 +67,24 @@ class ClientCall:
             _in_call.reset(self._token)
         if error is not None:
             self.end(error=error)
+
+    def answered(self, headers: Any) -> None:
+        """Name the span after the callee when its response says who answered (a service
+        traced by this package, `_propagation.CALLEE`): `POST sql-agent /query`."""
+        span = self.span
+        if span is None:
+            return
+        try:
+            value = headers.get(_propagation.CALLEE)
+            if value is None or not span.is_recording():
+                return
+            if callee := _propagation.parse_callee(value):
+                service, route = callee
+                method = getattr(span, "name", "").partition(" ")[0]
+                span.update_name(f"{method} {service} {route}")
+                span.set_attributes({_PEER_SERVICE: service, _URL_TEMPLATE: route})
+        except Exception:
+            _log.internal_error("client span name")
 
     def end_after(self, response: Any, names: tuple[str, ...], status: int) -> None:
         """End the span once any of `response`'s methods `names` (`close`, `release`...) has

@@ -79,6 +79,7 @@ class HttpxFamily:
             return inner(request)
         with call:
             response = inner(request)
+        call.answered(response.headers)
         # A body the transport already read (e.g. MockTransport) will never be closed again.
         if isinstance(response.stream, self.lib.SyncByteStream) and not response.is_closed:
             response.stream = self._stream(response.stream, call, response.status_code)
@@ -97,6 +98,7 @@ class HttpxFamily:
             return await inner(request)
         with call:
             response = await inner(request)
+        call.answered(response.headers)
         if isinstance(response.stream, self.lib.AsyncByteStream) and not response.is_closed:
             response.stream = self._async_stream(response.stream, call, response.status_code)
         else:

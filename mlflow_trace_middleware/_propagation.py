@@ -47,6 +47,28 @@ _KEY = r"[a-z0-9][a-z0-9_\-*/@]{0,255}"
 _VALUE = r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
 _TRACESTATE_MEMBER = re.compile(f"({_KEY})=({_VALUE})")
 
+# The response header a traced service answers a caller whose context it continued with:
+# `<service name, percent-encoded> <route template>`, so the caller's client span can be named
+# `POST sql-agent /query` (as W3C Trace Context level 2's `traceresponse` answers with ids).
+CALLEE = "mlflow-callee"
+_CALLEE_VALUE = re.compile(r"([\x21-\x7e]{1,128}) (/[\x21-\x7e]{0,255})")
+
+
+def callee_value(service: str, route: str) -> str | None:
+    """The `CALLEE` header's value, or None for a route that does not fit the grammar."""
+    value = f"{urllib.parse.quote(service, safe='')} {route}"
+    return value if _CALLEE_VALUE.fullmatch(value) else None
+
+
+def parse_callee(value: str) -> tuple[str, str] | None:
+    """(service, route) from a `CALLEE` header; None unless it fits the grammar and bounds
+    (a callee is not trusted to name our spans with anything else)."""
+    match = _CALLEE_VALUE.fullmatch(value) if len(value) <= 400 else None
+    if match is None:
+        return None
+    service = urllib.parse.unquote(match[1])
+    return (service, match[2]) if service.isprintable() else None
+
 
 class _Baggage(W3CBaggagePropagator):
     _MAX_PAIRS = 64  # W3C Baggage: 64 list-members, 8,192 bytes

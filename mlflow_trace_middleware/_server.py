@@ -144,6 +144,7 @@ class RequestSpan:
         "_limit",
         "_redaction",
         "_token",
+        "answers",
         "context",
         "inbound",
         "method",
@@ -173,6 +174,8 @@ class RequestSpan:
         parent = _parent(options, request, attributes, self.name)
         # Whether the request brought a caller's context (a message it carries then has no say).
         self.remote = parent.remote
+        # Whether the caller's trace is continued: it is told who answered (`callee_header`).
+        self.answers = parent.trusted and parent.remote and parent.trace_id is None
         context = parent.context
         if options.identity_headers or (parent.trusted and _propagation.BAGGAGE in request.carrier):
             context = _identity(options, request, parent, attributes)
@@ -196,6 +199,18 @@ class RequestSpan:
     def response_started(self, status: int, content_type: str | None) -> None:
         self.status = status
         self.response_body = self._capture(content_type)
+
+    def callee_header(self, route: str | None) -> tuple[str, str] | None:
+        """The response header that names this service and route to a caller whose trace is
+        continued (`_propagation.CALLEE`); None for others, or when no route matched."""
+        if not (self.answers and route):
+            return None
+        try:
+            value = _callee_value(_config.get_settings().service_name, route)
+        except Exception:
+            _log.internal_error("callee header")
+            return None
+        return (_CALLEE, value) if value else None
 
     def end(
         self,
@@ -250,6 +265,21 @@ class RequestSpan:
                 _mlflow.detach(token)
             except Exception:
                 _log.internal_error("context detach")
+
+
+_CALLEE = _propagation.CALLEE
+_callee_values: dict[tuple[str, str], str] = {}
+
+
+def _callee_value(service: str, route: str) -> str:
+    key = (service, route)
+    value = _callee_values.get(key)
+    if value is None:
+        if len(_callee_values) >= 1024:  # routes are few; a churn of them is not
+            _callee_values.clear()
+        # "": a route outside the header's grammar (spaces, non-ASCII) gets no header.
+        value = _callee_values[key] = _propagation.callee_value(service, route) or ""
+    return value
 
 
 # Where an ASGI request's `RequestSpan` waits for the messages its body carries (MCP's JSON-RPC

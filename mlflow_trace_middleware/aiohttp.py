@@ -58,6 +58,7 @@ async def _on_end(session: aiohttp.ClientSession, context: SimpleNamespace, para
         return
     response = params.response
     status = response.status
+    call.answered(response.headers)
     # At the body's last byte, or when the caller releases or closes the response first.
     response.content.on_eof(lambda: call.end(status))
     call.end_after(response, ("release", "close"), status)

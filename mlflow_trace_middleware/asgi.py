@@ -156,6 +156,10 @@ async def _traced(
         try:
             if kind == "http.response.start":
                 _response_started(request, message)
+                if header := request.callee_header(_routes.template(scope, root_path)):
+                    name, value = header
+                    extra = (name.encode(), value.encode())
+                    message = {**message, "headers": [*message.get("headers", ()), extra]}
             elif kind == "http.response.body" and request.response_body is not None:
                 request.response_body.feed(message.get("body", b""))
         except Exception:

@@ -67,6 +67,7 @@ def _send(
         return inner()
     with call:
         response = inner()
+    call.answered(response.headers)
     response.raw = _Raw(response.raw, call, response.status_code)
     return response
 

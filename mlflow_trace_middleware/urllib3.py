@@ -51,6 +51,7 @@ def _urlopen(
         return original(pool, method, url, body, headers, *args, **kwargs)
     with call:
         response = original(pool, method, url, body, sent, *args, **kwargs)
+    call.answered(response.headers)
     if kwargs.get("preload_content", True):
         call.end(response.status)
         return response

@@ -32,6 +32,7 @@ def test_a_request_span_named_after_the_url_pattern_continues_the_caller(
         "/items/7/", {"q": "x"}, content_type="application/json", HTTP_TRACEPARENT=TRACEPARENT
     )
     assert response.json() == {"id": 7, "q": "x"}
+    assert response["mlflow-callee"] == "test-svc /items/<int:item_id>/"  # who answered
     spans = by_name(exporter)
     server, lookup = spans["POST /items/<int:item_id>/"], spans["lookup"]
     assert server.parent.span_id == 0xB7AD6B7169203331
