@@ -3,11 +3,18 @@ package answers a caller whose trace it continues (`mlflow-callee` response head
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import aiohttp
 import httpx
+import httpx2
 import mlflow
 import pytest
+import requests
+import urllib3
 from fastapi import FastAPI
 from flask import Flask
 
@@ -122,3 +129,50 @@ def test_the_header_value(service: str, route: str, value: str | None) -> None:
     assert _propagation.callee_value(service, route) == value
     if value is not None:
         assert _propagation.parse_callee(value) == (service, route)
+
+
+class _Named(BaseHTTPRequestHandler):
+    """Answers like a callee traced by this package, whatever the caller sent."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header(_propagation.CALLEE, "sql-agent /query")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def named_url() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Named)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+async def _get(library: str, url: str) -> None:
+    if library == "requests":
+        requests.get(url, timeout=5).raise_for_status()
+    elif library == "urllib3":
+        assert urllib3.PoolManager().request("GET", url).status == 200
+    elif library == "aiohttp":
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            await response.read()
+    else:
+        async with httpx2.AsyncClient() as client:
+            (await client.get(url)).raise_for_status()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("library", ["requests", "urllib3", "aiohttp", "httpx2"])
+async def test_every_client_takes_the_callees_name(
+    exporter: InMemoryExporter, named_url: str, library: str
+) -> None:
+    mtm.instrument()
+    with mlflow.start_span("caller"):
+        await _get(library, f"{named_url}/query?id=1")
+    assert names(exporter) == ["GET sql-agent /query", "caller"]
