@@ -156,7 +156,8 @@ async def _traced(
         try:
             if kind == "http.response.start":
                 _response_started(request, message)
-                if header := request.callee_header(_routes.template(scope, root_path)):
+                route = _routes.template(scope, root_path) if request.answers else None
+                if header := request.callee_header(route):
                     name, value = header
                     extra = (name.encode(), value.encode())
                     message = {**message, "headers": [*message.get("headers", ()), extra]}
