@@ -185,12 +185,12 @@ def test_asgi(benchmark: Any, variant: str, pass_: int) -> None:
 def test_asgi_entry_calling_out(benchmark: Any, variant: str, pass_: int, callee: str) -> None:
     """Each request starts a trace and makes one httpx call (an in-process transport): the
     request span, the client span, the injection, and, for a callee not known to run this
-    package ("foreign": it answers without `mlflow-trace-continued`), the trace's claim (one
+    package ("foreign": it answers without `mlflow-callee`), the trace's claim (one
     placeholder POST per request at this rate; claims made together share one under load).
     A callee that answers as ours is learned from its first answer and never claimed."""
     from fastapi import FastAPI
 
-    headers = {"mlflow-trace-continued": "1"} if callee == "ours" else {}
+    headers = {"mlflow-callee": "agent /ask"} if callee == "ours" else {}
     inner = httpx.MockTransport(
         lambda request: httpx.Response(200, json={"ok": True}, headers=headers)
     )

@@ -37,6 +37,12 @@ from ._targets import DEFAULT_PORTS, Destination
 _in_call: contextvars.ContextVar[bool] = contextvars.ContextVar("mtm_in_call", default=False)
 
 
+# OpenTelemetry's keys for the callee's service and the call's route template (semantic
+# conventions: `peer.service`, `url.template`).
+_PEER_SERVICE = "peer.service"
+_URL_TEMPLATE = "url.template"
+
+
 def outer_call_running() -> bool:
     """Whether a traced call is running in this context (a library under another one, as
     urllib3 under requests, then stays out)."""
@@ -80,13 +86,27 @@ class ClientCall:
             self.end(error=error)
 
     def answered(self, headers: Any) -> None:
-        """Learn from the response's `headers` (a case-insensitive mapping) whether the callee
-        continued our context with this package (`_propagation.CONTINUED`)."""
-        if self._host is not None:
-            try:
-                _learn(self._host, bool(headers.get(_propagation.CONTINUED)))
-            except Exception:
-                _log.internal_error("client response")
+        """Read the callee's answer (`_propagation.CALLEE`, from a service traced by this
+        package that continued our context): name the span after it (`POST sql-agent /query`),
+        and learn that calls to its host need no claim."""
+        try:
+            value = headers.get(_propagation.CALLEE)
+            callee = _propagation.parse_callee(value) if value is not None else None
+            if self._host is not None:
+                _learn(self._host, callee is not None)
+            span = self.span
+            if callee is None or span is None or not span.is_recording():
+                return
+            service, route = callee
+            method = getattr(span, "name", "").partition(" ")[0]
+            if route is None:
+                span.update_name(f"{method} {service}")
+                span.set_attributes({_PEER_SERVICE: service})
+            else:
+                span.update_name(f"{method} {service} {route}")
+                span.set_attributes({_PEER_SERVICE: service, _URL_TEMPLATE: route})
+        except Exception:
+            _log.internal_error("client response")
 
     def end_after(self, response: Any, names: tuple[str, ...], status: int) -> None:
         """End the span once any of `response`'s methods `names` (`close`, `release`...) has
@@ -280,6 +300,7 @@ def _span_fields(method: str, url: Destination, allowed: bool) -> tuple[str, dic
     default = DEFAULT_PORTS.get(scheme)
     authority = f"{host}:{port}" if port and port != default else host
     attributes: dict[str, Any] = {
+        _keys.SPAN_TYPE: _config.span_type("client", path),
         http_attributes.HTTP_REQUEST_METHOD: method,
         server_attributes.SERVER_ADDRESS: host,
         server_attributes.SERVER_PORT: port or default or 0,

@@ -20,6 +20,25 @@ CLAIMS = ("auto", "always", "never")
 ATTRIBUTE_LENGTH_ENV = "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"
 SPAN_ATTRIBUTE_LENGTH_ENV = "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT"
 DEFAULT_ATTRIBUTE_LENGTH = 8192
+SPAN_TYPES_ENV = "MLFLOW_TRACE_SPAN_TYPES"
+# MLflow's span type for each kind of span we make (`mlflow.entities.SpanType`), as MLflow's UI
+# draws them (`mlflow/server/js`: CHAIN linked rings, TOOL a wrench, LLM a model; UNKNOWN is a
+# "?", no type at all "fx"). A request is a chain of steps, as MLflow's LangChain autolog marks
+# a graph; a call to another service is a tool the caller uses; a call to an LLM API (or the
+# request an LLM service serves) is an LLM.
+DEFAULT_SPAN_TYPES = {"server": "CHAIN", "client": "TOOL", "llm": "LLM"}
+# What makes a call an LLM call: OpenAI-compatible (chat) completions, responses and
+# embeddings, Anthropic's messages, Gemini's generateContent, MLflow's AI Gateway.
+_LLM_SUFFIXES = (
+    "/chat/completions",
+    "/completions",
+    "/responses",
+    "/embeddings",
+    "/v1/messages",
+    ":generateContent",
+    ":streamGenerateContent",
+)
+_GATEWAY_PATH = "/gateway/"
 
 
 @dataclass(frozen=True)
@@ -75,6 +94,8 @@ class Settings:
     # span attributes, and event attributes (an exception's message and stack).
     max_span_attribute_length: int | None = DEFAULT_ATTRIBUTE_LENGTH
     max_attribute_length: int | None = DEFAULT_ATTRIBUTE_LENGTH
+    # Kind of span ("server", "client", "llm") -> MLflow span type (MLFLOW_TRACE_SPAN_TYPES).
+    span_types: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_SPAN_TYPES))
 
     @property
     def otlp_endpoint(self) -> str | None:
@@ -177,6 +198,36 @@ def _length(variable: str, raw: str | None, default: int | None) -> int | None:
     raise SettingError(variable, raw, 'an integer >= 0, or "unset" for no limit')
 
 
+def _span_types(raw: str | None) -> dict[str, str]:
+    """`kind=TYPE` pairs over the defaults; a type is a name (MLflow's UI shows an unknown
+    one with the "fx" icon and its name)."""
+    types = dict(DEFAULT_SPAN_TYPES)
+    for pair in filter(str.strip, (raw or "").split(",")):
+        kind, _, value = (part.strip() for part in pair.partition("="))
+        if kind not in types or not value.replace("_", "a").isalnum() or not value.isascii():
+            raise SettingError(
+                SPAN_TYPES_ENV, raw or "", "kind=TYPE pairs, kinds server, client, llm"
+            )
+        types[kind] = value.upper()
+    return types
+
+
+_encoded: tuple[Mapping[str, str], dict[str, str]] | None = None
+
+
+def span_type(kind: str, path: str) -> str:
+    """The `mlflow.spanType` attribute (JSON-encoded, as MLflow records it) of a `kind` span
+    ("server" or "client") for `path`: the "llm" type for a known LLM API path."""
+    global _encoded
+    types = get_settings().span_types
+    cached = _encoded
+    if cached is None or cached[0] is not types:
+        cached = _encoded = types, {k: f'"{v}"' for k, v in types.items()}
+    if path.endswith(_LLM_SUFFIXES) or path.startswith(_GATEWAY_PATH):
+        kind = "llm"
+    return cached[1][kind]
+
+
 def from_environment(*, strict: bool = False) -> Settings:
     """Settings from `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_ID`/`_NAME`, `OTEL_SERVICE_NAME`,
     the credentials and the sink variables.
@@ -218,6 +269,7 @@ def from_environment(*, strict: bool = False) -> Settings:
         (lambda: _lengths(env), (DEFAULT_ATTRIBUTE_LENGTH, DEFAULT_ATTRIBUTE_LENGTH)),
         (lambda: flag(FREEZE_ENV, env.get(FREEZE_ENV), False), False),
         (lambda: _claims(env.get(CLAIMS_ENV)), "auto"),
+        (lambda: _span_types(env.get(SPAN_TYPES_ENV)), dict(DEFAULT_SPAN_TYPES)),
         (lambda: _signing_keys_variable(keys), ()),
         (lambda: {**_otlp_headers(env, strict=strict), **_auth_headers(env, strict=True)}, {}),
     )
@@ -230,7 +282,9 @@ def from_environment(*, strict: bool = False) -> Settings:
                 raise
             _log.logger.warning("mlflow-trace-middleware: ignoring %s: invalid", exc.variable)
             values.append(fallback)
-    (attribute_length, span_attribute_length), freeze_gc, claims, signing, headers = values
+    (attribute_length, span_attribute_length), freeze_gc, claims, span_types, signing, headers = (
+        values
+    )
     return Settings(
         tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
         experiment_id=env.get("MLFLOW_EXPERIMENT_ID") or None,
@@ -242,6 +296,7 @@ def from_environment(*, strict: bool = False) -> Settings:
         claims=claims,
         max_attribute_length=attribute_length,
         max_span_attribute_length=span_attribute_length,
+        span_types=span_types,
         **_split(tuning),
     )
 

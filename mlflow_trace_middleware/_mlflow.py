@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from mlflow.entities.span import create_mlflow_span
+from mlflow.entities.span import LiveSpan, create_mlflow_span
 from mlflow.entities.trace_info import TraceInfo
 from mlflow.entities.trace_location import TraceLocation
 from mlflow.entities.trace_state import TraceState
@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace import _Span as _SdkSpan
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 from . import _config, _identity, _lean, _log
-from ._keys import REQUEST_ID, SERVICE_NAME, TRACE_NAME, TRACE_TAG_PREFIX
+from ._keys import REQUEST_ID, SERVICE_NAME, SPAN_TYPE, TRACE_NAME, TRACE_TAG_PREFIX
 from ._lean import LeanSpan
 from ._span import Recorded, encode_span, recorded
 
@@ -119,7 +119,14 @@ class SinkSpanProcessor(SpanProcessor):
             for key, value in _identity.recorded(parent_context).items():
                 if key not in (span.attributes or {}):
                     span.set_attribute(key, value)
+        else:
+            _stand_in(manager, trace_id, parent)
+        # MLflow's span object writes its own type over the span's (None, unless MLflow made
+        # the span and registers it again with the type): ours keep theirs.
+        kept = span.attributes.get(SPAN_TYPE) if span.attributes else None
         manager.register_span(create_mlflow_span(span, trace_id))
+        if kept is not None:
+            span.set_attribute(SPAN_TYPE, kept)
 
     def on_end(self, span: ReadableSpan) -> None:
         self._finish(span, span.context, registered=True)
@@ -325,6 +332,24 @@ def _without_request_id(state: Recorded) -> Recorded:
         return state
     kept = {key: value for key, value in attributes.items() if key != REQUEST_ID}
     return kept, events, links, status
+
+
+def _stand_in(manager: InMemoryTraceManager, trace_id: str, parent: SpanContext) -> None:
+    """Register a span with no parent under the id of a parent MLflow does not know.
+
+    MLflow's LangChain tracer (3.9 to 3.17, `MlflowLangchainTracer._resolve_parent_span`)
+    walks up the active span's ancestors with `get_span_from_id` until one has no parent. A
+    remote parent is not there, nor one of our spans MLflow never asked for (a request span
+    is registered only when looked up): the walk failed on None and every LangChain span
+    became a child of the request span. The stand-in ends the walk where MLflow's knowledge
+    ends; materializing our span replaces it. It is never exported (only spans that end reach
+    the sink) and goes with the segment.
+    """
+    span_id = encode_span_id(parent.span_id)
+    with manager._lock:
+        segment = manager._traces.get(trace_id)
+        if segment is not None and span_id not in segment.span_dict:
+            segment.span_dict[span_id] = LiveSpan(_SdkSpan("remote parent", parent), trace_id)
 
 
 def _tag_attributes(tags: dict[str, str] | None) -> dict[str, str] | None:

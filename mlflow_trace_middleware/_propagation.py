@@ -34,9 +34,6 @@ TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 BAGGAGE = "baggage"
 FIELDS = (TRACEPARENT, TRACESTATE, BAGGAGE)
-# Response header of a service that continued its caller's context with this package: the
-# caller learns that calls to that host need no claim (`_client._claims`).
-CONTINUED = "mlflow-trace-continued"
 
 _MAX_TRACESTATE_MEMBERS = 32
 _MAX_TRACESTATE_CHARS = 512
@@ -49,6 +46,31 @@ _MAX_HEADER_CHARS = 8192  # anything longer is ignored before parsing: bounded c
 _KEY = r"[a-z0-9][a-z0-9_\-*/@]{0,255}"
 _VALUE = r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
 _TRACESTATE_MEMBER = re.compile(f"({_KEY})=({_VALUE})")
+
+# The response header a traced service answers a caller whose context it continued with:
+# `<service name, percent-encoded>[ <route template>]` (as W3C Trace Context level 2's
+# `traceresponse` answers with ids). The caller names its client span after it (`POST
+# sql-agent /query`) and learns that calls to that host need no claim (`_client._claims`).
+CALLEE = "mlflow-callee"
+_CALLEE_VALUE = re.compile(r"([\x21-\x7e]{1,128})(?: (/[\x21-\x7e]{0,255}))?")
+
+
+def callee_value(service: str, route: str | None) -> str:
+    """The `CALLEE` header's value; a route outside the grammar (spaces, non-ASCII) is left
+    out, and so is a service name longer than the bound (the header then says only "-")."""
+    name = urllib.parse.quote(service, safe="")[:128] or "-"
+    value = f"{name} {route}" if route else name
+    return value if _CALLEE_VALUE.fullmatch(value) else name
+
+
+def parse_callee(value: str) -> tuple[str, str | None] | None:
+    """(service, route or None) from a `CALLEE` header; None unless it fits the grammar and
+    bounds (a callee is not trusted to name our spans with anything else)."""
+    match = _CALLEE_VALUE.fullmatch(value) if len(value) <= 400 else None
+    if match is None:
+        return None
+    service = urllib.parse.unquote(match[1])
+    return (service, match[2]) if service.isprintable() else None
 
 
 class _Baggage(W3CBaggagePropagator):

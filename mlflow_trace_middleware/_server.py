@@ -144,8 +144,8 @@ class RequestSpan:
         "_limit",
         "_redaction",
         "_token",
+        "answers",
         "context",
-        "continued",
         "inbound",
         "method",
         "name",
@@ -174,8 +174,8 @@ class RequestSpan:
         parent = _parent(options, request, attributes, self.name)
         # Whether the request brought a caller's context (a message it carries then has no say).
         self.remote = parent.remote
-        # Answered with `_propagation.CONTINUED`: only a trusted caller learns we run here.
-        self.continued = parent.remote and parent.trusted
+        # Whether the caller's trace is continued: it is told who answered (`callee_header`).
+        self.answers = parent.trusted and parent.remote and parent.trace_id is None
         context = parent.context
         if options.identity_headers or (parent.trusted and _propagation.BAGGAGE in request.carrier):
             context = _identity(options, request, parent, attributes)
@@ -199,6 +199,18 @@ class RequestSpan:
     def response_started(self, status: int, content_type: str | None) -> None:
         self.status = status
         self.response_body = self._capture(content_type)
+
+    def callee_header(self, route: str | None) -> tuple[str, str] | None:
+        """The response header that names this service (and route, if one matched) to a caller
+        whose trace is continued (`_propagation.CALLEE`); None for others."""
+        if not self.answers:
+            return None
+        try:
+            value = _callee_value(_config.get_settings().service_name, route)
+        except Exception:
+            _log.internal_error("callee header")
+            return None
+        return (_CALLEE, value) if value else None
 
     def end(
         self,
@@ -255,6 +267,20 @@ class RequestSpan:
                 _log.internal_error("context detach")
 
 
+_CALLEE = _propagation.CALLEE
+_callee_values: dict[tuple[str, str | None], str] = {}
+
+
+def _callee_value(service: str, route: str | None) -> str:
+    key = (service, route)
+    value = _callee_values.get(key)
+    if value is None:
+        if len(_callee_values) >= 1024:  # routes are few; a churn of them is not
+            _callee_values.clear()
+        value = _callee_values[key] = _propagation.callee_value(service, route)
+    return value
+
+
 # Where an ASGI request's `RequestSpan` waits for the messages its body carries (MCP's JSON-RPC
 # calls, dispatched in a session task that runs outside the request's context).
 SCOPE_KEY = "mlflow_trace_middleware.request"
@@ -292,7 +318,7 @@ def start_message(
 
 def _attributes(method: str, request: Inbound, options: ServerOptions) -> dict[str, Any]:
     attributes: dict[str, Any] = {
-        _keys.SPAN_TYPE: _keys.UNKNOWN_SPAN_TYPE,
+        _keys.SPAN_TYPE: _config.span_type("server", request.path),
         http_attributes.HTTP_REQUEST_METHOD: method,
         url_attributes.URL_PATH: request.path,
         url_attributes.URL_SCHEME: request.scheme,

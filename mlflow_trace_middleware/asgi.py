@@ -134,7 +134,6 @@ def _start(
 
 
 _PROPAGATION = frozenset(name.encode() for name in _propagation.FIELDS)
-_CONTINUED = (_propagation.CONTINUED.encode(), b"1")
 
 
 async def _traced(
@@ -157,9 +156,11 @@ async def _traced(
         try:
             if kind == "http.response.start":
                 _response_started(request, message)
-                if request.continued:
-                    headers = [*message.get("headers", ()), _CONTINUED]
-                    message = {**message, "headers": headers}
+                route = _routes.template(scope, root_path) if request.answers else None
+                if header := request.callee_header(route):
+                    name, value = header
+                    extra = (name.encode(), value.encode())
+                    message = {**message, "headers": [*message.get("headers", ()), extra]}
             elif kind == "http.response.body" and request.response_body is not None:
                 request.response_body.feed(message.get("body", b""))
         except Exception:

@@ -112,8 +112,8 @@ def _finish(
     try:
         span.route = _route(request)
         span.response_started(response.status_code, response.get("Content-Type"))
-        if span.continued:
-            response[_propagation.CONTINUED] = "1"
+        if header := span.callee_header(span.route):
+            response[header[0]] = header[1]
         if span.response_body is not None and not response.streaming:
             span.response_body.feed(response.content)
         # Django closes the response when the server is done with it, streamed ones included.

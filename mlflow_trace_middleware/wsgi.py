@@ -50,8 +50,8 @@ class MlflowTracingWSGIMiddleware(Middleware[Any]):
                 request.response_started(int(status[:3]), content_type)
                 # Flask clears `werkzeug.request` when its request context ends: read it now.
                 request.route = _route(environ)
-                if request.continued:
-                    headers = [*headers, (_propagation.CONTINUED, "1")]
+                if header := request.callee_header(request.route):
+                    headers = [*headers, header]
             except Exception:
                 _log.internal_error("wsgi start_response")
             return start_response(status, headers, exc_info)

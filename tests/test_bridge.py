@@ -100,3 +100,45 @@ def test_a_trace_evicted_from_mlflows_buffer_is_registered_again(
     spans = {s.name: s for s in exporter.finished_spans()}
     assert spans["inner"].parent is not None
     assert spans["inner"].parent.span_id == spans["outer"].context.span_id  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_mlflows_walk_up_the_ancestors_ends_at_what_it_does_not_know(
+    exporter: InMemoryExporter,
+) -> None:
+    import httpx
+    from fastapi import FastAPI
+    from mlflow.entities import LiveSpan
+    from mlflow.tracing.trace_manager import InMemoryTraceManager
+
+    # MLflow's LangChain tracer walks up from the active span with `get_span_from_id` until a
+    # span has no parent. Above a handler's span: our request span, which MLflow has not been
+    # asked for; above the request span: the caller's, in another process.
+    manager = InMemoryTraceManager.get_instance()
+    app = FastAPI()
+    app.add_middleware(mtm.MlflowTracingMiddleware)
+    walks: list[list[str | None]] = []
+
+    def walk(span: LiveSpan | None) -> None:
+        ids: list[str | None] = []
+        while span is not None and span.parent_id:
+            ids.append(span.parent_id)
+            span = manager.get_span_from_id(span.trace_id, span.parent_id)
+        walks.append(ids if span is not None else [*ids, None])
+
+    @app.get("/walk")
+    async def handler() -> None:
+        with mlflow.start_span("handler") as span:
+            walk(span)
+        walk(mlflow.get_current_active_span())  # the request span, now known to MLflow
+
+    trace_hex, caller = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/walk", headers={"traceparent": f"00-{trace_hex}-{caller}-01"})
+    assert response.status_code == 200
+    spans = {span.name: span for span in exporter.finished_spans()}
+    request = format(spans["GET /walk"].context.span_id, "016x")  # type: ignore[union-attr]
+    assert walks == [[request], [caller]]
+    assert sorted(spans) == ["GET /walk", "handler"]  # no stand-in is exported
+    assert manager.get_mlflow_trace_id_from_otel_id(int(trace_hex, 16)) is None  # nor kept

@@ -288,9 +288,9 @@ def our_service(**options: Any) -> Any:
 @pytest.mark.parametrize(
     ("headers", "options", "expected"),
     [
-        pytest.param({"traceparent": TRACEPARENT}, {}, "1", id="continued"),
-        pytest.param({}, {}, None, id="no-caller-context"),
-        pytest.param({"traceparent": TRACEPARENT}, {"trust": "restart"}, None, id="restarted"),
+        pytest.param({"traceparent": TRACEPARENT}, {}, True, id="continued"),
+        pytest.param({}, {}, False, id="no-caller-context"),
+        pytest.param({"traceparent": TRACEPARENT}, {"trust": "restart"}, False, id="restarted"),
     ],
 )
 def test_only_a_caller_whose_context_was_continued_learns_the_service_runs_this_package(
@@ -316,7 +316,8 @@ def test_only_a_caller_whose_context_was_continued_learns_the_service_runs_this_
     import asyncio
 
     asyncio.run(asgi())
-    assert [answer.headers.get("mlflow-trace-continued") for answer in answers] == [expected] * 2
+    told = [answer.headers.get("mlflow-callee") is not None for answer in answers]
+    assert told == [expected] * 2
 
 
 def test_auto_claims_every_trace_calling_a_host_not_running_this_package_and_learns_ours(

@@ -109,24 +109,20 @@ def tree(trace: Any) -> dict[str, tuple[str | None, str]]:
 # The expected tree below the supervisor's request span, child -> parent.
 SERVICE_TREE = {
     "supervisor:plan": "supervisor:POST /ask",
-    "supervisor:POST 127.0.0.1:{sql}": "supervisor:POST /ask",
-    "sql-agent:POST /query": "supervisor:POST 127.0.0.1:{sql}",
+    "supervisor:POST sql-agent /query": "supervisor:POST /ask",
+    "sql-agent:POST /query": "supervisor:POST sql-agent /query",
     "sql-agent:generate_sql": "sql-agent:POST /query",
-    "sql-agent:POST 127.0.0.1:{writer}": "sql-agent:POST /query",
-    "writer:POST /write<sql-agent": "sql-agent:POST 127.0.0.1:{writer}",
+    "sql-agent:POST writer /write": "sql-agent:POST /query",
+    "writer:POST /write<sql-agent": "sql-agent:POST writer /write",
     "writer:draft<sql-agent": "writer:POST /write<sql-agent",
-    "supervisor:POST 127.0.0.1:{writer}": "supervisor:POST /ask",
-    "writer:POST /write<supervisor": "supervisor:POST 127.0.0.1:{writer}",
+    "supervisor:POST writer /write": "supervisor:POST /ask",
+    "writer:POST /write<supervisor": "supervisor:POST writer /write",
     "writer:draft<supervisor": "writer:POST /write<supervisor",
 }
 
 
 def expected_tree(services: dict[str, Process], root: str | None) -> dict[str, str | None]:
-    ports = {"sql": services["sql-agent"].url.rsplit(":", 1)[1]}
-    ports["writer"] = services["writer"].url.rsplit(":", 1)[1]
-    expected: dict[str, str | None] = {
-        child.format(**ports): parent.format(**ports) for child, parent in SERVICE_TREE.items()
-    }
+    expected: dict[str, str | None] = dict(SERVICE_TREE)
     expected["supervisor:POST /ask"] = root
     return expected
 
@@ -155,8 +151,8 @@ def test_traced_client_stitches_every_service_into_one_trace(
 
     client = MlflowClient(mlflow_server.url)
     trace = wait_for_trace(client, root.trace_id, spans=13, timeout=15)
-    supervisor_port = services["supervisor"].url.rsplit(":", 1)[1]
-    call = f"client:POST 127.0.0.1:{supervisor_port}"
+    # Each call is named after the service that answered it and its route.
+    call = "client:POST supervisor /ask"
     expected = expected_tree(services, call)
     expected[call] = "client:client-root"
     expected["client:client-root"] = None
@@ -195,8 +191,18 @@ def test_plain_client_makes_the_first_service_the_root(
     assert QUESTION["question"] in (trace.info.request_preview or "")
     assert trace.info.state.value == "OK"
     assert trace.info.tags.get("service.name") == service_tag("supervisor")
-    (root,) = [span for span in trace.data.spans if span.parent_id is None]
-    assert root.span_type == "UNKNOWN"  # as MLflow's own spans record it
+    # One MLflow span type per kind of span: requests CHAIN, calls to services TOOL; the
+    # handlers' own spans keep theirs.
+    assert sorted((span.name, span.span_type) for span in trace.data.spans) == sorted(
+        [
+            ("POST /ask", "CHAIN"),
+            ("plan", "CHAIN"),
+            ("POST sql-agent /query", "TOOL"),
+            ("POST /query", "CHAIN"),
+            ("generate_sql", "LLM"),
+            *[("POST writer /write", "TOOL"), ("POST /write", "CHAIN"), ("draft", "LLM")] * 2,
+        ]
+    )
     assert_covers_every_span(trace)
 
 

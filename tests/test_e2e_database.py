@@ -78,8 +78,7 @@ def ask_as_traced_client(uri: str, experiment_id: str, url: str) -> str:
 
 
 def expected_with_client(services: dict[str, Process]) -> dict[str, str | None]:
-    port = services["supervisor"].url.rsplit(":", 1)[1]
-    call = f"client:POST 127.0.0.1:{port}"
+    call = "client:POST supervisor /ask"
     expected = expected_tree(services, call)
     expected[call] = "client:client-root"
     expected["client:client-root"] = None

@@ -102,11 +102,11 @@ def running() -> Iterator[list[Process]]:
 
 
 CHAIN = [
-    ("django", "GET /items/<int:item_id>/", "GET 127.0.0.1:PORT"),
+    ("django", "GET /items/<int:item_id>/", "GET django /items/<int:item_id>/"),
     ("fastapi", "GET /chain/{item_id}", None),
-    ("fastapi", "GET 127.0.0.1:PORT", "GET /chain/{item_id}"),
-    ("flask", "GET /items/<int:item_id>", "GET 127.0.0.1:PORT"),
-    ("flask", "GET 127.0.0.1:PORT", "enrich"),
+    ("fastapi", "GET flask /items/<int:item_id>", "GET /chain/{item_id}"),
+    ("flask", "GET /items/<int:item_id>", "GET flask /items/<int:item_id>"),
+    ("flask", "GET django /items/<int:item_id>/", "enrich"),
     ("flask", "enrich", "GET /items/<int:item_id>"),
 ]
 

@@ -226,7 +226,7 @@ def test_an_llm_sdk_call_is_one_span_with_the_llm_service_beneath_it(
     request = f"{agent_name}:POST /{sdk}/{mode}"
     # The call's span on the caller's side: autolog's when it is on, else our client span.
     autolog_calls = autolog and AUTOLOG_SENDS_CONTEXT
-    call = AUTOLOG_SPAN[sdk, mode] if autolog_calls else f"POST 127.0.0.1:{port(fake)}"
+    call = AUTOLOG_SPAN[sdk, mode] if autolog_calls else f"POST {sdk}-fake {LLM_ROUTE[sdk][5:]}"
     caller = f"{agent_name}:{call}"
     callee = f"{sdk}-fake:{LLM_ROUTE[sdk]}"
     expected = {request: None, caller: request, callee: caller, f"{sdk}-fake:generate": callee}
@@ -262,7 +262,7 @@ def test_an_llm_sdk_call_is_one_span_with_the_llm_service_beneath_it(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["message-send", "message-stream"])
 def test_an_a2a_call_is_stitched_into_the_callers_trace(stack: Stack, stream: bool) -> None:
-    agent, a2a = stack.services["agent"], stack.services["a2a-agent"]
+    agent = stack.services["agent"]
     marker = f"a2a-{stream}-{secrets.token_hex(4)}"
     response = requests.post(
         f"{agent.url}/a2a", json={"prompt": marker, "stream": stream}, timeout=30
@@ -274,7 +274,7 @@ def test_an_a2a_call_is_stitched_into_the_callers_trace(stack: Stack, stream: bo
         lambda: traces_with(stack, stack.agent_experiment, marker), f"a trace for {marker}"
     )
     trace = complete_trace(stack.client, found.info.trace_id, spans=6)
-    card, send = f"agent:GET 127.0.0.1:{port(a2a)}", f"agent:POST 127.0.0.1:{port(a2a)}"
+    card, send = "agent:GET a2a-agent /.well-known/agent-card.json", "agent:POST a2a-agent /"
     # The client fetches the agent card, then sends the message (JSON-RPC `SendMessage`, or
     # `SendStreamingMessage` answered with server-sent events); the executor's span is under the
     # A2A agent's request span.

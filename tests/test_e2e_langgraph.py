@@ -1,0 +1,125 @@
+"""End to end, LangGraph under `mlflow.langchain.autolog()`: a real `mlflow server`, uvicorn
+services (tests/apps/langgraph_agent), read back with MlflowClient.
+
+test --requests--> caller (FastAPI + middleware) --httpx--> agent (FastAPI + middleware,
+                   a LangGraph graph with a ChatOpenAI model node and a tool node, autolog on)
+        agent --langchain-openai--> llm (FastAPI + middleware, an OpenAI-compatible fake that
+                   asks for the tool once, then answers)
+
+MLflow's LangChain tracer finds a span's parent by walking up the active span's ancestors in
+its trace manager; the agent's request span has a remote parent (the caller's client span),
+which MLflow 3.17 cannot find there: every LangChain span came back flat under `POST /ask`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from examples.launch import Process, start_uvicorn
+from tests.test_e2e_sdks import complete_trace, wait_for
+
+pytestmark = pytest.mark.e2e
+
+APP = "tests.apps.langgraph_agent"
+
+
+@dataclass
+class Stack:
+    client: MlflowClient
+    experiment: str
+    services: dict[str, Process]
+
+
+@pytest.fixture(scope="module")
+def stack(mlflow_server: Process, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    client = MlflowClient(mlflow_server.url)
+    experiment = client.create_experiment("langgraph")
+    logs = tmp_path_factory.mktemp("langgraph-logs")
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.url, "MLFLOW_EXPERIMENT_ID": experiment}
+    started: dict[str, Process] = {}
+    try:
+        started["llm"] = start_uvicorn("llm", f"{APP}:llm_app", logs, env)
+        agent_env = {**env, "OPENAI_URL": started["llm"].url}
+        started["agent"] = start_uvicorn("agent", f"{APP}:agent_app", logs, agent_env)
+        caller_env = {**env, "AGENT_URL": started["agent"].url}
+        started["caller"] = start_uvicorn("caller", f"{APP}:caller_app", logs, caller_env)
+        yield Stack(client, experiment, started)
+    finally:
+        for process in started.values():
+            process.stop()
+
+
+def _children(trace: Any) -> dict[str, list[str]]:
+    """`service:span name` -> its children's, sorted, for every span of the trace."""
+    spans = trace.data.spans
+    names = {span.span_id: f"{span.attributes.get('service.name')}:{span.name}" for span in spans}
+    children: dict[str, list[str]] = {name: [] for name in names.values()}
+    for span in spans:
+        if span.parent_id in names:
+            children[names[span.parent_id]].append(names[span.span_id])
+    return {name: sorted(kids) for name, kids in children.items()}
+
+
+def _run(stack: Stack, service: str, path: str, *, spans: int) -> Any:
+    city = f"city{secrets.token_hex(4)}"
+    url = stack.services[service].url + path
+    response = requests.post(url, json={"city": city}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"answer": f"Forecast: sunny in {city}"}
+
+    def found() -> list[Any]:
+        traces = stack.client.search_traces(locations=[stack.experiment], max_results=200)
+        return [t for t in traces if city in (t.info.request_preview or "")]
+
+    (trace,) = wait_for(found, f"a trace for {city}")
+    return complete_trace(stack.client, trace.info.trace_id, spans)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "wrapped"])
+@pytest.mark.parametrize("called", [False, True], ids=["root", "called"])
+def test_langgraph_autolog_spans_nest_where_they_belong(
+    stack: Stack, mode: str, called: bool
+) -> None:
+    """The same tree whether the agent is the trace's root or continues its caller's trace:
+    the graph under the request span, each node under the graph, the model and tool calls under
+    their nodes, the LLM service's request under the call that made it."""
+    llm_call = "agent:POST llm /v1/chat/completions"  # named after the service that answered
+    request = f"agent:POST /ask/{mode}"
+    expected = {
+        request: ["agent:LangGraph"],
+        "agent:LangGraph": ["agent:agent", "agent:agent", "agent:tools"],
+        "agent:agent": ["agent:ChatOpenAI"] * 2 + ["agent:tools_condition"] * 2,
+        "agent:ChatOpenAI": [llm_call, llm_call],
+        llm_call: ["llm:POST /v1/chat/completions"] * 2,
+        "llm:POST /v1/chat/completions": [],
+        "agent:tools_condition": [],
+        "agent:tools": ["agent:get_forecast"],
+        "agent:get_forecast": ["agent:lookup"],
+        "agent:lookup": [],
+    }
+    if mode == "wrapped":
+        expected |= {request: ["agent:answer"], "agent:answer": ["agent:LangGraph"]}
+    if called:
+        agent_call = f"caller:POST agent /ask/{mode}"
+        expected |= {"caller:POST /run/{mode}": [agent_call], agent_call: [request]}
+    service, path = ("caller", "/run") if called else ("agent", "/ask")
+    # Names are unique but for the two rounds of the graph: two of five spans.
+    trace = _run(stack, service, f"{path}/{mode}", spans=len(expected) + 5)
+    assert _children(trace) == expected
+    # Our spans' types (MLflow's autolog spans have their own): a request is a CHAIN, a call
+    # to a service a TOOL, the LLM call and the LLM service's request an LLM.
+    types = {f"{s.attributes.get('service.name')}:{s.name}": s.span_type for s in trace.data.spans}
+    ours = [request, llm_call, "llm:POST /v1/chat/completions"]
+    assert [types[name] for name in ours] == ["CHAIN", "LLM", "LLM"]
+    if called:
+        assert [types["caller:POST /run/{mode}"], types[agent_call]] == ["CHAIN", "TOOL"]
+    assert [types["agent:ChatOpenAI"], types["agent:get_forecast"]] == ["CHAT_MODEL", "TOOL"]
+    assert trace.info.state.value == "OK"
+    assert "has no attribute" not in stack.services["agent"].output()
