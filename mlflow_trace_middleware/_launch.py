@@ -29,7 +29,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
 
-from . import _config, _env, _log, _runtime, _store, _targets
+from . import _config, _env, _log, _runtime, _store, _targets, celery
 from .asgi import MlflowTracingMiddleware
 from .wsgi import MlflowTracingWSGIMiddleware
 
@@ -82,6 +82,8 @@ def bootstrap() -> None:
         if env.targets is not None:
             _targets.install(env.targets)
         options = {**env.middleware, "instrument_clients": env.instrument_clients}
+        # A worker serves no request that would install the client hooks: it does at start.
+        celery.instrument(trust=env.middleware["trust"], instrument_clients=env.instrument_clients)
         for module, patch in (
             ("starlette.applications", lambda m: _patch_starlette(m.Starlette, options)),
             ("fastapi.applications", lambda m: _patch_starlette(m.FastAPI, options)),

@@ -420,7 +420,12 @@ def start_span(
     if processor is None:  # not installed (tests): MLflow's own machinery
         return tracer().start_span(name, context, kind, attributes, links)
     span = _lean.start(tracer(), processor, name, context, kind, attributes, links, trace_id)
-    if kind is SpanKind.SERVER and isinstance(span, LeanSpan):
+    if isinstance(span, LeanSpan) and (
+        kind is SpanKind.SERVER
+        # A consumed message opens a segment unless it runs under a span of this process (an
+        # eager Celery task).
+        or (kind is SpanKind.CONSUMER and (span.parent is None or span.parent.is_remote))
+    ):
         processor.open(span, experiment)
     return span
 
