@@ -10,7 +10,8 @@ value stops the launch, naming it), the folder holding our `sitecustomize.py` go
 `PYTHONPATH`, and the command is exec'd. Python imports that `sitecustomize` at startup in the
 command's process and in every Python process it starts (reloaders, spawned workers); it calls
 `bootstrap()`, which patches the frameworks' app classes as they are imported, so each app gets
-the middleware when it is built, unless it already has it. Nothing else happens at startup: the
+the middleware when it is built, unless it already has it, and Celery (`celery.instrument`: its
+workers start the client hooks themselves). Nothing else happens at startup: the
 runtime starts at an app's first request, in the process serving it, so forked workers
 (gunicorn -w, --preload) each get their own sink (`_runtime`).
 """
