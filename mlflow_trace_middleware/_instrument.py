@@ -9,7 +9,7 @@ import sys
 from . import _runtime
 
 # (the library, our adapter module for it); each adapter has `instrument()`/`uninstrument()`.
-_ADAPTERS = (
+ADAPTERS = (
     ("httpx", "mlflow_trace_middleware.httpx"),
     ("httpx2", "mlflow_trace_middleware.httpx2"),
     ("requests", "mlflow_trace_middleware.requests"),
@@ -27,14 +27,14 @@ def instrument() -> None:
     (`celery`). Starts the process runtime.
     Idempotent."""
     _runtime.activate()
-    for library, adapter in _ADAPTERS:
+    for library, adapter in ADAPTERS:
         if importlib.util.find_spec(library) is not None:
             importlib.import_module(adapter).instrument()
 
 
 def uninstrument() -> None:
     """Undo `instrument()`; explicit transports and adapters keep working."""
-    for _, adapter in _ADAPTERS:
+    for _, adapter in ADAPTERS:
         module = sys.modules.get(adapter)
         if module is not None:
             module.uninstrument()

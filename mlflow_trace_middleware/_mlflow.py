@@ -351,6 +351,25 @@ def install(processor: SinkSpanProcessor) -> None:
         _provider.provider.reset()
 
 
+def on_first_provider(start: Callable[[], object]) -> None:
+    """Call `start` (which `install`s a processor) when MLflow builds its tracer provider,
+    unless one is installed by then: a process's first MLflow span then goes to our processor
+    too. MLflow's own processors are built if `start` fails."""
+
+    def span_processors(disabled: bool = False) -> list[SpanProcessor]:
+        if _provider._get_span_processors is span_processors:
+            _provider._get_span_processors = _original_get_span_processors
+            try:
+                start()
+            except Exception:
+                _log.internal_error("runtime start")
+        return _provider._get_span_processors(disabled=disabled)
+
+    with _install_lock:
+        if _processor is None:
+            _provider._get_span_processors = span_processors
+
+
 # -- context helpers used by the integrations ---------------------------------------------------
 
 

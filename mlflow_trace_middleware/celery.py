@@ -335,14 +335,16 @@ def instrument(*, trust: _trust.Trust | None = None, instrument_clients: bool = 
     `instrument_clients`: a worker also installs the HTTP client hooks when it starts (what
     `instrument()` does at once). Idempotent; the first call's options stay."""
     global _options, _clients
-    if _patched or _waiting in sys.meta_path:
+    if _patched:
         return
-    policy = trust if trust is not None else os.environ.get(TRUST_ENV, "").strip() or "continue"
-    _options = _server.ServerOptions(trust=_trust.check_policy(policy))
-    _clients = instrument_clients
-    if "celery" in sys.modules:
+    if _waiting not in sys.meta_path:
+        policy = trust if trust is not None else os.environ.get(TRUST_ENV, "").strip()
+        _options = _server.ServerOptions(trust=_trust.check_policy(policy or "continue"))
+        _clients = instrument_clients
+    if "celery" in sys.modules:  # imported meanwhile through another finder, or long ago
+        _stop_waiting()
         _patch()
-    else:
+    elif _waiting not in sys.meta_path:
         sys.meta_path.insert(0, _waiting)
 
 

@@ -359,14 +359,33 @@ def test_uninstrument_restores_send_task_and_disconnects() -> None:
     assert not [r for _, r in signals.task_prerun.receivers if r is adapter._prerun]
 
 
-def test_instrument_before_celery_is_imported_patches_it_when_it_is() -> None:
-    """Also when a spec is looked up first and never executed, as `python -m celery` does."""
+OTHER_FINDER = """
+class Other(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        return importlib.machinery.PathFinder.find_spec(name, path) if name == "celery" else None
+sys.meta_path.insert(0, Other())
+"""
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        # A spec looked up first and never executed, as `python -m celery` does (runpy).
+        ("", "importlib.util.find_spec('celery')\n"),
+        # Imported through a finder ahead of ours (the launcher's, which calls instrument()).
+        (OTHER_FINDER, "import celery\nadapter.instrument()\n"),
+    ],
+    ids=["spec-never-run", "other-finder-first"],
+)
+def test_instrument_before_celery_is_imported_patches_it_when_it_is(
+    before: str, after: str
+) -> None:
     script = (
-        "import importlib.util, sys\n"
+        "import importlib.abc, importlib.machinery, importlib.util, sys\n"
         "from mlflow_trace_middleware import celery as adapter\n"
         "adapter.instrument()\n"
         "assert 'celery' not in sys.modules\n"
-        "importlib.util.find_spec('celery')\n"
+        f"{before}{after}"
         "import celery.app.base\n"
         "print(celery.app.base.Celery.send_task.__qualname__)\n"
     )
