@@ -109,7 +109,13 @@ def bootstrap() -> None:
 
 
 def _instrument_adapter(adapter: str) -> Callable[[ModuleType], None]:
-    return lambda _: importlib.import_module(adapter).instrument()
+    def patch(_: ModuleType) -> None:
+        # Our adapter importing its library is what brought us here: whoever imports the
+        # adapter calls its instrument() (`_instrument`), or wants its transports only.
+        if adapter not in sys.modules:
+            importlib.import_module(adapter).instrument()
+
+    return patch
 
 
 def _patch_starlette(cls: Any, options: dict[str, Any]) -> None:

@@ -344,6 +344,28 @@ def test_a_spec_looked_up_and_never_run_leaves_the_patch_waiting(
     del sys.modules["launch_probe2"]
 
 
+def test_client_libraries_are_patched_as_imported_also_through_our_adapters() -> None:
+    """Under the launcher httpx is patched when imported, also when our adapter imports it
+    (its hook then leaves the half-imported adapter alone: no internal error)."""
+    code = (
+        "import httpx\n"
+        "import mlflow_trace_middleware.httpx2\n"
+        "import httpx2\n"
+        "print(httpx.HTTPTransport.handle_request.__qualname__)\n"
+    )
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("mlflow-trace-run")), sys.executable, "-c", code],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "internal error" not in done.stderr
+    assert done.stdout.strip() != "HTTPTransport.handle_request"
+
+
 def test_the_runtime_starts_with_a_scripts_first_mlflow_span() -> None:
     """Under the launcher a script's root span, started before any call, is ours too (it
     reaches MLflow with the service's name, through the sink)."""
