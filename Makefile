@@ -49,9 +49,17 @@ ENSURE_NODE := { command -v node && command -v npm; } >/dev/null || { test "$$(i
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm \
 	>/dev/null; } || { echo "Node.js is needed: apt-get install nodejs npm (as root)"; exit 1; }
 
+# tests/test_e2e_celery.py runs its own Redis (a temp dir, a free loopback port) as the broker:
+# Debian's redis-server, installed here when missing (as root); its own service is not used.
+ENSURE_REDIS := command -v redis-server >/dev/null 2>&1 || test -x /usr/bin/redis-server || \
+	{ test "$$(id -u)" = 0 && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get \
+	install -y -qq redis-server >/dev/null; } || \
+	{ echo "Redis is needed: apt-get install redis-server (as root)"; exit 1; }
+
 test: venv
 	@$(ENSURE_POSTGRES)
 	@$(ENSURE_NODE)
+	@$(ENSURE_REDIS)
 	$(BIN)/ruff check mlflow_trace_middleware tests examples benchmarks
 	$(BIN)/ruff format --check mlflow_trace_middleware tests examples benchmarks
 	$(BIN)/mypy
@@ -69,6 +77,7 @@ $(OLDEST_STAMP): pyproject.toml
 test-oldest: $(OLDEST_STAMP)
 	@$(ENSURE_POSTGRES)
 	@$(ENSURE_NODE)
+	@$(ENSURE_REDIS)
 	$(OLDEST)/bin/pytest
 
 $(LIGHT_STAMP): pyproject.toml

@@ -233,18 +233,21 @@ def _learn(host: tuple[str, int | None], ours: bool) -> None:
         _ours[host] = None
 
 
-def start_message(name: str, attributes: dict[str, Any]) -> tuple[ClientCall, Context] | None:
-    """A CLIENT span for one message of a protocol that carries its own context (MCP's
-    `params._meta`), under the current span: the call (its fields to send in `headers`) and
-    the context that makes its span current. None when there is no context to propagate.
-    Whether the destination may receive them is the transport's decision (`allowed`)."""
+def start_message(
+    name: str, attributes: dict[str, Any], kind: SpanKind = SpanKind.CLIENT
+) -> tuple[ClientCall, Context] | None:
+    """A CLIENT (or PRODUCER) span for one message of a protocol that carries its own context
+    (MCP's `params._meta`, a Celery task's headers), under the current span: the call (its
+    fields to send in `headers`) and the context that makes its span current. None when there
+    is no context to propagate. Whether the destination may receive them is the transport's
+    decision (`allowed`)."""
     try:
         if (active := _active_parent()) is None:
             return None
         parent_context, parent = active
         span: trace.Span | None = None
         if parent.is_recording():
-            span = _mlflow.start_span(name, parent_context, SpanKind.CLIENT, attributes)
+            span = _mlflow.start_span(name, parent_context, kind, attributes)
             # An MCP server is no MLflow server: only "always" claims (see `_claims`).
             if _config.get_settings().claims == "always" and isinstance(span, _lean.LeanSpan):
                 _mlflow.claim(span.context, span)

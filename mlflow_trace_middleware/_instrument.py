@@ -9,30 +9,32 @@ import sys
 from . import _runtime
 
 # (the library, our adapter module for it); each adapter has `instrument()`/`uninstrument()`.
-_ADAPTERS = (
+ADAPTERS = (
     ("httpx", "mlflow_trace_middleware.httpx"),
     ("httpx2", "mlflow_trace_middleware.httpx2"),
     ("requests", "mlflow_trace_middleware.requests"),
     ("urllib3", "mlflow_trace_middleware.urllib3"),
     ("aiohttp", "mlflow_trace_middleware.aiohttp"),
     ("mcp", "mlflow_trace_middleware.mcp"),
+    ("celery", "mlflow_trace_middleware.celery"),
 )
 
 
 def instrument() -> None:
     """Trace and propagate through every client of each installed library (httpx, httpx2,
     requests, urllib3, aiohttp), SDK-built ones (OpenAI, Anthropic, MCP, botocore, ...)
-    included, and through MCP sessions and servers (`mcp`). Starts the process runtime.
+    included, through MCP sessions and servers (`mcp`) and Celery tasks, published and run
+    (`celery`). Starts the process runtime.
     Idempotent."""
     _runtime.activate()
-    for library, adapter in _ADAPTERS:
+    for library, adapter in ADAPTERS:
         if importlib.util.find_spec(library) is not None:
             importlib.import_module(adapter).instrument()
 
 
 def uninstrument() -> None:
     """Undo `instrument()`; explicit transports and adapters keep working."""
-    for _, adapter in _ADAPTERS:
+    for _, adapter in ADAPTERS:
         module = sys.modules.get(adapter)
         if module is not None:
             module.uninstrument()

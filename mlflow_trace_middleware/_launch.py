@@ -10,14 +10,18 @@ value stops the launch, naming it), the folder holding our `sitecustomize.py` go
 `PYTHONPATH`, and the command is exec'd. Python imports that `sitecustomize` at startup in the
 command's process and in every Python process it starts (reloaders, spawned workers); it calls
 `bootstrap()`, which patches the frameworks' app classes as they are imported, so each app gets
-the middleware when it is built, unless it already has it. Nothing else happens at startup: the
-runtime starts at an app's first request, in the process serving it, so forked workers
-(gunicorn -w, --preload) each get their own sink (`_runtime`).
+the middleware when it is built, unless it already has it, Celery (`celery.instrument`: its
+workers start the client hooks themselves) and, unless MLFLOW_TRACE_INSTRUMENT_CLIENTS=false,
+the HTTP client libraries (so a script's calls carry context too). Nothing else happens at
+startup: the runtime starts at an app's first request, or a process's first MLflow span or
+traced call, in the process that makes it, so forked workers (gunicorn -w, --preload) each get
+their own sink (`_runtime`).
 """
 
 from __future__ import annotations
 
 import http.client
+import importlib
 import importlib.abc
 import importlib.machinery
 import os
@@ -29,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
 
-from . import _config, _env, _experiments, _log, _runtime, _store, _targets
+from . import _config, _env, _experiments, _instrument, _log, _runtime, _store, _targets, celery
 from ._experiments import mask_uri
 from .asgi import MlflowTracingMiddleware
 from .wsgi import MlflowTracingWSGIMiddleware
@@ -83,6 +87,15 @@ def bootstrap() -> None:
         if env.targets is not None:
             _targets.install(env.targets)
         options = {**env.middleware, "instrument_clients": env.instrument_clients}
+        # A worker serves no request that would install the client hooks: it does at start.
+        celery.instrument(trust=env.middleware["trust"], instrument_clients=env.instrument_clients)
+        # Nor does a script: the client hooks go in as each library is imported (inert with
+        # no current span), and the runtime starts with the first MLflow span or traced call.
+        if env.instrument_clients:
+            for library, adapter in _instrument.ADAPTERS:
+                if library != "celery":  # instrumented above, with its options
+                    _when_imported(library, _instrument_adapter(adapter))
+        _runtime.start_with_mlflow()
         for module, patch in (
             ("starlette.applications", lambda m: _patch_starlette(m.Starlette, options)),
             ("fastapi.applications", lambda m: _patch_starlette(m.FastAPI, options)),
@@ -94,6 +107,16 @@ def bootstrap() -> None:
             _when_imported(module, patch)
     except Exception:
         _log.internal_error("mlflow-trace-run bootstrap")
+
+
+def _instrument_adapter(adapter: str) -> Callable[[ModuleType], None]:
+    def patch(_: ModuleType) -> None:
+        # Our adapter importing its library is what brought us here: whoever imports the
+        # adapter calls its instrument() (`_instrument`), or wants its transports only.
+        if adapter not in sys.modules:
+            importlib.import_module(adapter).instrument()
+
+    return patch
 
 
 def _patch_starlette(cls: Any, options: dict[str, Any]) -> None:
@@ -224,8 +247,7 @@ class _PostImport(importlib.abc.MetaPathFinder):
     def find_spec(
         self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        patch = self.patches.pop(name, None)
-        if patch is None:
+        if name not in self.patches:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         loader = spec.loader if spec is not None else None
@@ -235,7 +257,11 @@ class _PostImport(importlib.abc.MetaPathFinder):
 
         def exec_and_patch(module: ModuleType) -> None:
             exec_module(module)
-            _apply(patch, module)
+            # Taken when executed: a spec looked up and never run (`importlib.util.find_spec`,
+            # runpy) leaves the patch waiting.
+            patch = self.patches.pop(name, None)
+            if patch is not None:
+                _apply(patch, module)
 
         loader.exec_module = exec_and_patch  # type: ignore[method-assign]
         return spec

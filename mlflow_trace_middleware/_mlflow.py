@@ -381,6 +381,25 @@ def install(processor: SinkSpanProcessor) -> None:
         _provider.provider.reset()
 
 
+def on_first_provider(start: Callable[[], object]) -> None:
+    """Call `start` (which `install`s a processor) when MLflow builds its tracer provider,
+    unless one is installed by then: a process's first MLflow span then goes to our processor
+    too. MLflow's own processors are built if `start` fails."""
+
+    def span_processors(disabled: bool = False) -> list[SpanProcessor]:
+        if _provider._get_span_processors is span_processors:
+            _provider._get_span_processors = _original_get_span_processors
+            try:
+                start()
+            except Exception:
+                _log.internal_error("runtime start")
+        return _provider._get_span_processors(disabled=disabled)
+
+    with _install_lock:
+        if _processor is None:
+            _provider._get_span_processors = span_processors
+
+
 # -- context helpers used by the integrations ---------------------------------------------------
 
 
@@ -450,7 +469,12 @@ def start_span(
     if processor is None:  # not installed (tests): MLflow's own machinery
         return tracer().start_span(name, context, kind, attributes, links)
     span = _lean.start(tracer(), processor, name, context, kind, attributes, links, trace_id)
-    if kind is SpanKind.SERVER and isinstance(span, LeanSpan):
+    if isinstance(span, LeanSpan) and (
+        kind is SpanKind.SERVER
+        # A consumed message opens a segment unless it runs under a span of this process (an
+        # eager Celery task).
+        or (kind is SpanKind.CONSUMER and (span.parent is None or span.parent.is_remote))
+    ):
         processor.open(span, experiment)
     return span
 

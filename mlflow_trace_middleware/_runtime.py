@@ -4,8 +4,8 @@
 worker thread starts with the first span), MLflow is made to build its tracer provider with our
 processor, an `atexit` hook is registered, the propagators' log filter is installed, and (opt-in)
 the startup heap is frozen. It runs on the first request through a middleware (or ASGI lifespan
-startup), the first traced outgoing call, `instrument()` or `configure()`; never at import or
-construction.
+startup), the first traced outgoing call, `instrument()` or `configure()` (under the launcher,
+also the first MLflow span: `start_with_mlflow`); never at import or construction.
 """
 
 from __future__ import annotations
@@ -46,6 +46,13 @@ def _start() -> SpanSink:
             _freeze_startup_heap()
         _sink = sink
         return sink
+
+
+def start_with_mlflow() -> None:
+    """Start the runtime when MLflow builds its tracer provider (this process's first MLflow
+    span), if nothing started it before (the launcher: a script's root span, started before
+    any call, is ours too)."""
+    _mlflow.on_first_provider(activate)
 
 
 def active() -> bool:

@@ -316,6 +316,37 @@ def start_message(
     return span, trace.set_span_in_context(span, context)
 
 
+def start_consumer(
+    options: ServerOptions,
+    name: str,
+    destination: str,
+    attributes: dict[str, Any],
+    carrier: _propagation.Carrier,
+) -> tuple[trace.Span, Context]:
+    """A CONSUMER span for one message received outside HTTP (a Celery task), and the context
+    that makes it current: the message's context (`carrier`, its headers) is continued, or
+    restarted, or adopted, under the rules of request headers (a trust callable sees the
+    `destination`, e.g. the task name, as the path and the carrier as the headers); trusted
+    baggage gives it the caller's session and user."""
+    _runtime.activate()
+    headers = [(key, value) for key, values in carrier.items() for value in values]
+    message = Inbound("", destination, "", carrier, lambda: headers, None, None, None, None)
+    parent = _parent(options, message, attributes, name)
+    context = parent.context
+    if parent.trusted and _propagation.BAGGAGE in carrier:
+        context = _identity(options, message, parent, attributes)
+    span = _mlflow.start_span(
+        name,
+        context,
+        SpanKind.CONSUMER,
+        attributes,
+        parent.links,
+        experiment=parent.experiment,
+        trace_id=parent.trace_id,
+    )
+    return span, trace.set_span_in_context(span, context)
+
+
 def _attributes(method: str, request: Inbound, options: ServerOptions) -> dict[str, Any]:
     attributes: dict[str, Any] = {
         _keys.SPAN_TYPE: _config.span_type("server", request.path),

@@ -302,6 +302,38 @@ def test_an_app_with_the_middleware_already_is_not_wrapped_twice(
     assert all(len(t.data.spans) == 1 for t in found), "\n".join(map(format_trace, found))
 
 
+def test_a_script_that_only_makes_calls_starts_the_trace(
+    client: MlflowClient, env: dict[str, str], logs: Path, running: list[Process]
+) -> None:
+    """`mlflow-trace-run python job.py`: no server, so no first request installs the client
+    hooks; the script's call carries its span's context, and the callee (its own experiment)
+    joins the script's trace."""
+    import subprocess
+
+    port = free_port()
+    callee_env = {**env, "MLFLOW_EXPERIMENT_ID": client.create_experiment("launch-job-callee")}
+    uvicorn = [str(BIN / "uvicorn"), "tests.apps.launch_script:app", "--port", str(port)]
+    running.append(launch("callee", uvicorn, logs, callee_env, port, "/health"))
+    result = subprocess.run(
+        [RUN, sys.executable, "tests/apps/launch_job.py", f"{running[-1].url}/hello/job"],
+        env={**os.environ, **FAST, **env, "OTEL_SERVICE_NAME": "job"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    experiment = env["MLFLOW_EXPERIMENT_ID"]
+    (trace,) = traces(client, experiment, lambda found: any(len(t.data.spans) >= 3 for t in found))
+    print("\n" + format_trace(trace))
+    assert trace.info.trace_id == result.stdout.strip()
+    assert shape(trace) == [
+        ("callee", "GET /hello/{name}", "GET 127.0.0.1:PORT"),
+        ("job", "GET 127.0.0.1:PORT", "job"),
+        ("job", "job", None),
+    ]
+    assert trace.info.state.value == "OK"
+
+
 def test_a_bad_variable_stops_the_launch_naming_it(tmp_path: Path) -> None:
     import subprocess
 

@@ -4,6 +4,7 @@ value names its variable), the launch itself, and --check where no server is run
 from __future__ import annotations
 
 import base64
+import importlib.util
 import inspect
 import io
 import json
@@ -329,6 +330,67 @@ def test_a_module_is_patched_right_after_its_first_import(
     _launch._when_imported("launch_probe", lambda module: seen.append(2))  # already imported
     assert seen == [1, 2]
     del sys.modules["launch_probe"]
+
+
+def test_a_spec_looked_up_and_never_run_leaves_the_patch_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`importlib.util.find_spec` (or runpy, for `python -m`) asks the finders without
+    executing what they answer; the module's real import must still be patched."""
+    (tmp_path / "launch_probe2.py").write_text("VALUE = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    seen: list[int] = []
+    _launch._when_imported("launch_probe2", lambda module: seen.append(module.VALUE))
+    assert importlib.util.find_spec("launch_probe2") is not None
+    import launch_probe2  # noqa: F401
+
+    assert seen == [2]
+    del sys.modules["launch_probe2"]
+
+
+def test_client_libraries_are_patched_as_imported_also_through_our_adapters() -> None:
+    """Under the launcher httpx is patched when imported, also when our adapter imports it
+    (its hook then leaves the half-imported adapter alone: no internal error)."""
+    code = (
+        "import httpx\n"
+        "import mlflow_trace_middleware.httpx2\n"
+        "import httpx2\n"
+        "print(httpx.HTTPTransport.handle_request.__qualname__)\n"
+    )
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("mlflow-trace-run")), sys.executable, "-c", code],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "internal error" not in done.stderr
+    assert done.stdout.strip() != "HTTPTransport.handle_request"
+
+
+def test_the_runtime_starts_with_a_scripts_first_mlflow_span() -> None:
+    """Under the launcher a script's root span, started before any call, is ours too (it
+    reaches MLflow with the service's name, through the sink)."""
+    code = (
+        "import mlflow\n"
+        "from mlflow.tracing import provider\n"
+        "from mlflow_trace_middleware import _mlflow, _runtime\n"
+        "_runtime.start_with_mlflow()\n"
+        "assert not _runtime.active()\n"
+        "with mlflow.start_span('job'):\n"
+        "    pass\n"
+        "assert _runtime.active()\n"
+        "print([type(p).__name__ for p in provider._get_span_processors()])\n"
+    )
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['SinkSpanProcessor']"
 
 
 @pytest.mark.parametrize("added", [False, True], ids=["unmodified", "middleware-added"])

@@ -43,6 +43,7 @@ PUBLIC = {
     "mlflow_trace_middleware.urllib3": ["instrument", "uninstrument"],
     "mlflow_trace_middleware.aiohttp": ["instrument", "tracing_config", "uninstrument"],
     "mlflow_trace_middleware.mcp": ["instrument", "uninstrument"],
+    "mlflow_trace_middleware.celery": ["instrument", "uninstrument"],
     "mlflow_trace_middleware.testing": ["InMemoryExporter"],
 }
 

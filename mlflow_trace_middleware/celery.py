@@ -1,0 +1,359 @@
+"""Celery: a task runs in the trace of whoever enqueued it.
+
+```python
+mlflow_trace_middleware.instrument()   # in the module that builds the Celery app (and the caller)
+```
+(or `mlflow_trace_middleware.celery.instrument()` alone; `mlflow-trace-run celery -A app worker`
+needs neither.)
+
+Publish: each message `Celery.send_task` sends (`delay`, `apply_async`, `send_task`, retries,
+chains, groups, beat) gets a PRODUCER span `apply_async/<task>` under the current span, and its
+`traceparent`, `tracestate` and `baggage` go into the message's headers (`before_task_publish`).
+The span is current while kombu publishes, so a patched transport below it stays out: one span.
+With no current span (beat, a script outside any trace) nothing is added.
+
+Worker: `task_prerun` starts a CONSUMER span `run/<task>` that continues the headers under the
+rules of HTTP request headers (`MLFLOW_TRACE_TRUST` or `trust=`, signing keys, the root's
+experiment from our `tracestate` entry); it is current while the task runs, so the task's
+MLflow spans and outgoing calls nest beneath it. `task_failure` marks it an error, `task_retry`
+records the reason (the next attempt, published from this one, is its grandchild), and
+`task_postrun` ends it. An eager task (`task_always_eager`, `.apply()`) runs under the current
+span. Prefork children start the runtime in `worker_process_init` and deliver what they hold in
+`worker_process_shutdown`: they leave through `os._exit` (also after `--max-tasks-per-child`),
+where `atexit` never runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from . import _client, _keys, _lean, _log, _mlflow, _propagation, _runtime, _server, _trust
+from ._instrument import instrument as _instrument_clients
+
+__all__ = ["instrument", "uninstrument"]
+
+# OpenTelemetry semantic conventions for messaging (messaging/messaging-spans.md), and the
+# attributes OpenTelemetry's Celery instrumentation records.
+SYSTEM = "messaging.system"
+OPERATION_TYPE = "messaging.operation.type"
+OPERATION_NAME = "messaging.operation.name"
+DESTINATION = "messaging.destination.name"
+MESSAGE_ID = "messaging.message.id"
+TASK_NAME = "celery.task_name"
+RETRIES = "celery.retries"
+RETRY_REASON = "celery.retry.reason"
+STATE = "celery.state"
+TRUST_ENV = "MLFLOW_TRACE_TRUST"
+
+
+@dataclass
+class _Running:
+    """One task attempt being run: its span and the context token to restore."""
+
+    span: trace.Span
+    token: object | None
+    outcome_set: bool = False
+
+
+# The producer span of the `send_task` running in this context (`before_task_publish` fills it).
+_sending: ContextVar[_client.ClientCall | None] = ContextVar("mtm_celery_sending", default=None)
+# task id -> attempts running in this process (an eager retry runs inside its first attempt).
+_running: dict[str, list[_Running]] = {}
+_options = _server.ServerOptions()
+_clients = False  # install the HTTP client hooks in the worker (the launcher)
+
+
+def _attributes(operation: str, kind: str, task: str) -> dict[str, Any]:
+    return {
+        _keys.SPAN_TYPE: _keys.UNKNOWN_SPAN_TYPE,
+        SYSTEM: "celery",
+        OPERATION_TYPE: kind,
+        OPERATION_NAME: operation,
+        TASK_NAME: task,
+    }
+
+
+# -- publish -------------------------------------------------------------------------------------
+
+
+def _send_task(original: Callable[..., Any]) -> Callable[..., Any]:
+    """`Celery.send_task(name, ...)` under a PRODUCER span (ended when it returns or raises)."""
+
+    def send_task(app: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        started = _client.start_message(
+            f"apply_async/{name}", _attributes("apply_async", "send", name), SpanKind.PRODUCER
+        )
+        if started is None:
+            return original(app, name, *args, **kwargs)
+        call, context = started
+        sending = _sending.set(call)
+        attached = _attach(context)
+        try:
+            with call:
+                result = original(app, name, *args, **kwargs)
+        finally:
+            _detach(attached)
+            _sending.reset(sending)
+        call.end()
+        return result
+
+    return send_task
+
+
+def _before_publish(
+    sender: Any = None, headers: Any = None, routing_key: Any = None, **_: Any
+) -> None:
+    """Our fields replace any in the message headers (a retry copies its attempt's)."""
+    call = _sending.get()
+    if call is None or not isinstance(headers, dict):
+        return
+    try:
+        for name in _propagation.FIELDS:
+            headers.pop(name, None)
+        headers.update(call.headers)
+        if call.span is not None:
+            if isinstance(routing_key, str) and routing_key:
+                call.span.set_attribute(DESTINATION, routing_key)
+            if isinstance(task_id := headers.get("id"), str):
+                call.span.set_attribute(MESSAGE_ID, task_id)
+    except Exception:
+        _log.internal_error("celery publish")
+
+
+# -- worker --------------------------------------------------------------------------------------
+
+
+def carrier(request: Any) -> _propagation.Carrier:
+    """The propagation fields of a task's request (message headers become its attributes)."""
+    found: _propagation.Carrier = {}
+    for name in _propagation.FIELDS:
+        value = getattr(request, name, None)
+        if isinstance(value, str):
+            found[name] = [value]
+    return found
+
+
+def _prerun(task_id: Any = None, task: Any = None, **_: Any) -> None:
+    if not isinstance(task_id, str) or task is None:
+        return
+    try:
+        _worker_started()
+        request = task.request
+        name = str(task.name)
+        attributes = _attributes("run", "process", name)
+        attributes[MESSAGE_ID] = task_id
+        attributes[RETRIES] = int(getattr(request, "retries", 0) or 0)
+        delivery = getattr(request, "delivery_info", None)
+        if isinstance(delivery, dict) and isinstance(delivery.get("routing_key"), str):
+            attributes[DESTINATION] = delivery["routing_key"]
+        span_name = f"run/{name}"
+        if getattr(request, "is_eager", False):
+            context = _mlflow.current_context()
+            if not trace.get_current_span(context).get_span_context().is_valid:
+                attributes[_keys.TRACE_NAME] = span_name
+            span = _mlflow.start_span(span_name, context, SpanKind.CONSUMER, attributes)
+            context = trace.set_span_in_context(span, context)
+        else:
+            span, context = _server.start_consumer(
+                _options, span_name, name, attributes, carrier(request)
+            )
+        _running.setdefault(task_id, []).append(_Running(span, _attach(context)))
+    except Exception:
+        _log.internal_error("celery task span start")
+
+
+def _current(task_id: Any) -> _Running | None:
+    attempts = _running.get(task_id) if isinstance(task_id, str) else None
+    return attempts[-1] if attempts else None
+
+
+def _failure(task_id: Any = None, exception: Any = None, **_: Any) -> None:
+    running = _current(task_id)
+    if running is None:
+        return
+    try:
+        error = exception if isinstance(exception, BaseException) else RuntimeError("failed")
+        _lean.set_outcome(running.span, None, error, failed_from=500)
+        running.outcome_set = True
+    except Exception:
+        _log.internal_error("celery task failure")
+
+
+def _retry(request: Any = None, reason: Any = None, **_: Any) -> None:
+    running = _current(getattr(request, "id", None))
+    if running is None:
+        return
+    try:
+        running.span.set_attribute(RETRY_REASON, str(reason))
+        running.span.set_status(Status(StatusCode.UNSET))
+        running.outcome_set = True  # neither failed nor done: retried
+    except Exception:
+        _log.internal_error("celery task retry")
+
+
+def _postrun(task_id: Any = None, state: Any = None, **_: Any) -> None:
+    attempts = _running.get(task_id) if isinstance(task_id, str) else None
+    if not attempts:
+        return
+    running = attempts.pop()
+    if not attempts:
+        _running.pop(task_id, None)
+    _detach(running.token)
+    span = running.span
+    try:
+        if isinstance(state, str):
+            span.set_attribute(STATE, state)
+        if not running.outcome_set:
+            _lean.set_outcome(span, None, None, failed_from=500)
+    except Exception:
+        _log.internal_error("celery task span end")
+    finally:
+        span.end()
+
+
+def _worker_started() -> None:
+    """The runtime and, under the launcher, the HTTP client hooks (no server starts them)."""
+    global _clients
+    _runtime.activate()
+    if _clients:
+        _clients = False
+        _instrument_clients()
+
+
+def _process_init(**_: Any) -> None:
+    try:
+        _worker_started()
+    except Exception:
+        _log.internal_error("celery worker process init")
+
+
+def _process_shutdown(**_: Any) -> None:
+    _runtime.drain_quietly()
+
+
+# -- context and patching ------------------------------------------------------------------------
+
+
+def _attach(context: Any) -> object | None:
+    try:
+        return _mlflow.attach(context)
+    except Exception:
+        _log.internal_error("context attach")
+        return None
+
+
+def _detach(token: object | None) -> None:
+    if token is not None:
+        try:
+            _mlflow.detach(token)
+        except Exception:
+            _log.internal_error("context detach")
+
+
+_SIGNALS = (
+    ("before_task_publish", _before_publish),
+    ("task_prerun", _prerun),
+    ("task_failure", _failure),
+    ("task_retry", _retry),
+    ("task_postrun", _postrun),
+    ("worker_process_init", _process_init),
+    ("worker_process_shutdown", _process_shutdown),
+)
+_patched: list[tuple[Any, Any]] = []  # (Celery class, its own send_task)
+
+
+def _patch() -> None:
+    if _patched:
+        return
+    signals = importlib.import_module("celery.signals")
+    app_class = importlib.import_module("celery.app.base").Celery
+    _patched.append((app_class, app_class.send_task))
+    app_class.send_task = _send_task(app_class.send_task)
+    for name, receiver in _SIGNALS:
+        getattr(signals, name).connect(receiver, weak=False)
+
+
+class _WhenImported(importlib.abc.MetaPathFinder):
+    """Patches right after `celery` is first imported (a process that never uses it should not
+    pay for importing it). It waits until a spec it answered is executed: `python -m celery`
+    asks for a spec (runpy) that is never executed, then imports the package."""
+
+    looking = False
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> ModuleSpec | None:
+        if name != "celery" or self.looking:
+            return None
+        self.looking = True
+        try:
+            spec = importlib.util.find_spec(name)  # the other finders' answer
+        finally:
+            self.looking = False
+        if spec is not None and spec.loader is not None:
+            run = spec.loader.exec_module
+
+            def exec_module(module: ModuleType) -> None:
+                run(module)
+                _stop_waiting()
+                try:
+                    _patch()
+                except Exception:
+                    _log.internal_error("celery instrument")
+
+            setattr(spec.loader, "exec_module", exec_module)  # noqa: B010 (this spec's loader)
+        return spec
+
+
+_waiting = _WhenImported()
+
+
+def _stop_waiting() -> bool:
+    try:
+        sys.meta_path.remove(_waiting)
+        return True
+    except ValueError:
+        return False
+
+
+def instrument(*, trust: _trust.Trust | None = None, instrument_clients: bool = False) -> None:
+    """Trace and propagate through every Celery task this process publishes or runs (from
+    Celery's import, if it is not imported yet). `trust`: whose context a worker continues, as
+    the middlewares' option (default `MLFLOW_TRACE_TRUST`, else "continue"); a callable sees the
+    task name as `path` and the message's propagation fields as `headers`.
+    `instrument_clients`: a worker also installs the HTTP client hooks when it starts (what
+    `instrument()` does at once). Idempotent; the first call's options stay."""
+    global _options, _clients
+    if _patched:
+        return
+    if _waiting not in sys.meta_path:
+        policy = trust if trust is not None else os.environ.get(TRUST_ENV, "").strip()
+        _options = _server.ServerOptions(trust=_trust.check_policy(policy or "continue"))
+        _clients = instrument_clients
+    if "celery" in sys.modules:  # imported meanwhile through another finder, or long ago
+        _stop_waiting()
+        _patch()
+    elif _waiting not in sys.meta_path:
+        sys.meta_path.insert(0, _waiting)
+
+
+def uninstrument() -> None:
+    _stop_waiting()
+    if not _patched:
+        return
+    app_class, send_task = _patched.pop()
+    app_class.send_task = send_task
+    signals = importlib.import_module("celery.signals")
+    for name, receiver in _SIGNALS:
+        getattr(signals, name).disconnect(receiver)

@@ -1,0 +1,265 @@
+"""End to end, Celery: Debian's `redis-server` as the broker (a free loopback port, a temp dir),
+a real `mlflow server`, uvicorn services and a real `celery worker`, read back with MlflowClient.
+
+test --POST /enqueue--> caller (FastAPI + the one-line middleware) --delay--> Redis
+    --> worker (`celery -A tests.apps.celery_tasks worker`): prefork `-c 2` under
+        `mlflow-trace-run` (no code), or solo with `instrument()` in the app module
+        task `work` --@mlflow.trace `work` --requests--> callee (FastAPI + middleware)
+
+Caller, worker and callee each report to an experiment of their own: the task's spans must land
+in the caller's. The prefork worker's children leave after each task (`--max-tasks-per-child
+1`, `os._exit`) and export only every 60 s: what reaches MLflow was sent at their exit.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from examples.launch import Process, _spawn, free_port, start_uvicorn
+from tests.test_e2e_sdks import complete_trace, span_named, tree, wait_for
+
+pytestmark = pytest.mark.e2e
+
+RUN = str(Path(sys.executable).with_name("mlflow-trace-run"))
+TASKS = "tests.apps.celery_tasks"
+EXPERIMENT = "mlflow_trace_middleware.experiment_id"
+
+
+def start_redis(workdir: Path) -> Process:
+    """Debian's `redis-server` on a free loopback port, nothing saved, once it answers PING."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    argv = [
+        binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
+        "--save", "", "--appendonly", "no", "--daemonize", "no",
+    ]  # fmt: skip
+    process = _spawn("redis", argv, f"redis://127.0.0.1:{port}/0", workdir, {})
+
+    def answers() -> bool:
+        if process.popen.poll() is not None:
+            raise RuntimeError(f"redis-server exited:\n{process.output()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    wait_for(answers, "redis-server answering PING")
+    return process
+
+
+def start_worker(name: str, pool: str, logs: Path, env: dict[str, str], launcher: bool) -> Process:
+    """`celery worker` on the tasks app: under `mlflow-trace-run`, or with `instrument()` in
+    the app module; prefork children leave after each task."""
+    argv = [sys.executable, "-m", "celery", "-A", TASKS, "worker", "-P", pool]
+    argv += ["-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+    if pool == "prefork":
+        argv += ["-c", "2", "--max-tasks-per-child", "1"]
+    if launcher:
+        argv = [RUN, *argv]
+    else:
+        env = {**env, "CELERY_APP_INSTRUMENT": "1"}
+    process = _spawn(name, argv, "", logs, {"OTEL_SERVICE_NAME": "worker", **env})
+    wait_for(lambda: "ready." in process.output() or process.popen.poll() is not None, "worker")
+    if process.popen.poll() is not None:
+        raise RuntimeError(f"the worker exited:\n{process.output()}")
+    return process
+
+
+@dataclass
+class Stack:
+    client: MlflowClient
+    pool: str
+    caller_experiment: str
+    worker_experiment: str
+    caller: Process
+    callee: Process
+    worker: Process
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    process = start_redis(tmp_path_factory.mktemp("redis"))
+    yield process.url
+    process.stop()
+
+
+@pytest.fixture(scope="module", params=["prefork", "solo"])
+def stack(
+    request: pytest.FixtureRequest,
+    mlflow_server: Process,
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    pool: str = request.param
+    client = MlflowClient(mlflow_server.url)
+    experiments = {
+        role: client.create_experiment(f"celery-{pool}-{role}")
+        for role in ("caller", "worker", "callee")
+    }
+    logs = tmp_path_factory.mktemp(f"celery-{pool}-logs")
+    common = {
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "CELERY_BROKER_URL": redis_url,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    # Posted to first, so the worker's own experiment is known and resolved before any task.
+    worker_env = {**common, "MLFLOW_EXPERIMENT_ID": experiments["worker"]}
+    if pool == "prefork":
+        worker_env["OTEL_BSP_SCHEDULE_DELAY"] = "60000"
+    worker = start_worker(f"worker-{pool}", pool, logs, worker_env, pool == "prefork")
+    web = "tests.apps.celery_web:app"
+    processes = [worker]
+    try:
+        for role in ("caller", "callee"):
+            env = {**common, "MLFLOW_EXPERIMENT_ID": experiments[role]}
+            processes.append(start_uvicorn(role, web, logs, env))
+        yield Stack(
+            client,
+            pool,
+            experiments["caller"],
+            experiments["worker"],
+            processes[1],
+            processes[2],
+            worker,
+        )
+    finally:
+        for process in processes:
+            process.stop()
+
+
+def enqueue(stack: Stack, task: str, key: str) -> str:
+    """POST /enqueue; the trace id of the caller's request."""
+    body = {"task": task, "key": key, "url": stack.callee.url}
+    response = requests.post(f"{stack.caller.url}/enqueue", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    found = wait_for(
+        lambda: [
+            t
+            for t in stack.client.search_traces(locations=[stack.caller_experiment])
+            if key in (t.info.request_preview or "")
+        ],
+        f"the caller's trace for {key}",
+    )
+    (trace,) = found
+    return str(trace.info.trace_id)
+
+
+def in_experiment(stack: Stack, experiment: str, key: str) -> int:
+    found = stack.client.search_traces(locations=[experiment], max_results=500)
+    return len([t for t in found if key in json.dumps(t.to_dict())])
+
+
+def test_a_task_runs_in_the_callers_trace(stack: Stack) -> None:
+    key = f"celery-{secrets.token_hex(4)}"
+    trace_id = enqueue(stack, "work", key)
+    expected = {
+        "caller:POST /enqueue": None,
+        "caller:apply_async/work": "caller:POST /enqueue",
+        "worker:run/work": "caller:apply_async/work",
+        "worker:work": "worker:run/work",
+        f"worker:GET 127.0.0.1:{stack.callee.url.rsplit(':', 1)[1]}": "worker:work",
+        "callee:GET /lookup": f"worker:GET 127.0.0.1:{stack.callee.url.rsplit(':', 1)[1]}",
+    }
+    trace = complete_trace(stack.client, trace_id, spans=len(expected))
+    assert tree(trace) == expected
+    assert trace.info.state.value == "OK"
+    assert trace.info.experiment_id == stack.caller_experiment
+    producer = span_named(trace, "caller:apply_async/work")
+    assert producer.span_type == "UNKNOWN"
+    assert {k: v for k, v in producer.attributes.items() if k.startswith("messaging.")} == {
+        "messaging.system": "celery",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "apply_async",
+        "messaging.destination.name": "celery",
+        "messaging.message.id": producer.attributes["messaging.message.id"],
+    }
+    consumer = span_named(trace, "worker:run/work")
+    assert (
+        consumer.attributes["messaging.message.id"] == (producer.attributes["messaging.message.id"])
+    )
+    assert consumer.attributes["messaging.operation.type"] == "process"
+    assert consumer.attributes["messaging.destination.name"] == "celery"
+    assert consumer.attributes["celery.retries"] == 0
+    assert consumer.attributes["celery.state"] == "SUCCESS"
+    # The worker's segment was routed by the caller's tracestate entry.
+    assert consumer.attributes[EXPERIMENT] == stack.caller_experiment
+    assert consumer.status.status_code.value == "OK"
+    # One trace per request, none in the worker's own experiment.
+    assert in_experiment(stack, stack.caller_experiment, key) == 1
+    assert in_experiment(stack, stack.worker_experiment, key) == 0
+
+
+def test_a_failing_task_is_marked_as_an_error(stack: Stack) -> None:
+    key = f"celery-fail-{secrets.token_hex(4)}"
+    trace_id = enqueue(stack, "fail", key)
+    expected = {
+        "caller:POST /enqueue": None,
+        "caller:apply_async/fail": "caller:POST /enqueue",
+        "worker:run/fail": "caller:apply_async/fail",
+    }
+    trace = complete_trace(stack.client, trace_id, spans=len(expected))
+    assert tree(trace) == expected
+    run = span_named(trace, "worker:run/fail")
+    assert run.status.status_code.value == "ERROR"
+    assert run.attributes["error.type"] == "ValueError"
+    assert run.attributes["celery.state"] == "FAILURE"
+    (event,) = [e for e in run.events if e.name == "exception"]
+    assert event.attributes["exception.message"] == f"no value for {key}"
+    # The caller's request succeeded: it only enqueued.
+    assert trace.info.state.value == "OK"
+    assert in_experiment(stack, stack.worker_experiment, key) == 0
+
+
+def test_a_retried_task_records_each_attempt(stack: Stack) -> None:
+    key = f"celery-retry-{secrets.token_hex(4)}"
+    trace_id = enqueue(stack, "flaky", key)
+    # caller request, its apply_async, then per attempt a run span, and the two retries'
+    # apply_async spans, each published from the attempt that retried.
+    trace = complete_trace(stack.client, trace_id, spans=2 + 3 + 2)
+    spans = {span.span_id: span for span in trace.data.spans}
+    (last,) = [
+        s for s in spans.values() if s.name == "run/flaky" and s.attributes["celery.retries"] == 2
+    ]
+    chain: list[tuple[str, Any]] = []
+    span: Any = last
+    while span is not None:
+        chain.append((f"{span.attributes['service.name']}:{span.name}", span))
+        span = spans.get(span.parent_id)
+    assert [name for name, _ in reversed(chain)] == [
+        "caller:POST /enqueue",
+        "caller:apply_async/flaky",
+        "worker:run/flaky",
+        "worker:apply_async/flaky",
+        "worker:run/flaky",
+        "worker:apply_async/flaky",
+        "worker:run/flaky",
+    ]
+    attempts = [span for name, span in reversed(chain) if name == "worker:run/flaky"]
+    assert [a.attributes["celery.retries"] for a in attempts] == [0, 1, 2]
+    assert [a.attributes["celery.state"] for a in attempts] == ["RETRY", "RETRY", "SUCCESS"]
+    assert [a.attributes.get("celery.retry.reason") for a in attempts] == [
+        "Retry in 0s: ConnectionError('attempt 0')",
+        "Retry in 0s: ConnectionError('attempt 1')",
+        None,
+    ]
+    assert [a.status.status_code.value for a in attempts] == ["UNSET", "UNSET", "OK"]
+    assert trace.info.state.value == "OK"
+    assert trace.info.experiment_id == stack.caller_experiment
+    # The attempts may end long after the caller's request: MLflow widens the trace to them.
+    start = min(s.start_time_ns for s in spans.values())
+    end = max(s.end_time_ns for s in spans.values())
+    assert trace.info.execution_duration >= (end - start) // 1_000_000
