@@ -16,14 +16,15 @@ _ADAPTERS = (
     ("urllib3", "mlflow_trace_middleware.urllib3"),
     ("aiohttp", "mlflow_trace_middleware.aiohttp"),
     ("mcp", "mlflow_trace_middleware.mcp"),
+    ("grpc", "mlflow_trace_middleware.grpc"),
 )
 
 
 def instrument() -> None:
     """Trace and propagate through every client of each installed library (httpx, httpx2,
     requests, urllib3, aiohttp), SDK-built ones (OpenAI, Anthropic, MCP, botocore, ...)
-    included, and through MCP sessions and servers (`mcp`). Starts the process runtime.
-    Idempotent."""
+    included, through MCP sessions and servers (`mcp`) and through gRPC channels and servers
+    (`grpc`). Starts the process runtime. Idempotent."""
     _runtime.activate()
     for library, adapter in _ADAPTERS:
         if importlib.util.find_spec(library) is not None:

@@ -290,6 +290,30 @@ def start_message(
     return span, trace.set_span_in_context(span, context)
 
 
+def start_call(
+    options: ServerOptions, name: str, attributes: dict[str, Any], request: Inbound
+) -> tuple[trace.Span, Context]:
+    """A SERVER span for one call of a protocol that is not HTTP (a gRPC call: `request.carrier`
+    from its metadata), continuing the caller's context under the same trust, signing and
+    experiment rules as a request; and the context that makes it current. Raises on failure
+    (the adapter runs the call untraced)."""
+    _runtime.activate()
+    parent = _parent(options, request, attributes, name)
+    context = parent.context
+    if options.identity_headers or (parent.trusted and _propagation.BAGGAGE in request.carrier):
+        context = _identity(options, request, parent, attributes)
+    span = _mlflow.start_span(
+        name,
+        context,
+        SpanKind.SERVER,
+        attributes,
+        parent.links,
+        experiment=parent.experiment,
+        trace_id=parent.trace_id,
+    )
+    return span, trace.set_span_in_context(span, context)
+
+
 def _attributes(method: str, request: Inbound, options: ServerOptions) -> dict[str, Any]:
     attributes: dict[str, Any] = {
         _keys.SPAN_TYPE: _keys.UNKNOWN_SPAN_TYPE,
