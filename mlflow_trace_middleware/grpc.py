@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import urllib.parse
 from collections import namedtuple
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -617,17 +618,25 @@ def _aio_channel_init(original: Any) -> Any:
     return init
 
 
-def _server_factory(original: Any, make: Callable[[], Any]) -> Any:
-    """`grpc.server`/`grpc.aio.server`: our interceptor first (outermost), unless given."""
+TRUST_ENV = "MLFLOW_TRACE_TRUST"  # the policy of servers instrument() traces, as the launcher's
+
+
+def _server_factory(original: Any, make: Callable[..., Any]) -> Any:
+    """`grpc.server`/`grpc.aio.server`: our interceptor first (outermost), unless given; its
+    trust policy and identity keys from `MLFLOW_TRACE_TRUST`/`MLFLOW_TRACE_IDENTITY_HEADERS`
+    (an invalid value leaves the server untraced, logged)."""
     signature = inspect.signature(original)
 
     def server(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         given: Sequence[Any] = bound.arguments.get("interceptors") or ()
         if not any(isinstance(i, ServerInterceptor | AioServerInterceptor) for i in given):
-            interceptor = make()
-            interceptor._implicit = True
-            bound.arguments["interceptors"] = [interceptor, *given]
+            try:
+                interceptor = make(trust=os.environ.get(TRUST_ENV, "").strip() or "continue")
+                interceptor._implicit = True
+                bound.arguments["interceptors"] = [interceptor, *given]
+            except Exception:
+                _log.internal_error("grpc server instrument")
         return original(*bound.args, **bound.kwargs)
 
     return server

@@ -356,6 +356,23 @@ def test_an_untrusted_callers_context_is_restarted(
     assert f"{server.context.trace_id:032x}" != TRACEPARENT.split("-")[1]
 
 
+def test_a_server_made_under_instrument_follows_mlflow_trace_trust(
+    exporter: InMemoryExporter, sync_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, start = sync_server
+    monkeypatch.setenv("MLFLOW_TRACE_TRUST", "restart")
+    adapter.instrument()
+    try:
+        port = start()[1]
+        stub = grpc.insecure_channel(f"127.0.0.1:{port}").unary_unary(f"/{SERVICE}/Unary")
+        stub(b"x", metadata=[("traceparent", TRACEPARENT)])
+    finally:
+        adapter.uninstrument()
+    (server,) = [s for s in exporter.finished_spans() if s.kind == SpanKind.SERVER]
+    assert server.parent is None
+    assert server.attributes["mlflow_trace_middleware.untrusted_parent"] == TRACEPARENT
+
+
 def test_a_trusted_callers_context_is_continued(
     exporter: InMemoryExporter, sync_server: Any
 ) -> None:
