@@ -21,9 +21,9 @@ the metadata's context under the same trust, signing and experiment rules as HTT
 handler returns or its response stream ends; an error for a server-side failure code (UNKNOWN,
 DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS) from an abort or an exception.
 
-`instrument()` hooks the sync channel's call objects (so channels and stubs created before it are
-traced too), every `grpc.aio` channel created after it, and adds the server interceptor to each
-server `grpc.server`/`grpc.aio.server` creates after it.
+`instrument()` hooks the channels' call objects, sync and aio (so channels and stubs made before
+it are traced too), and adds the server interceptor to each server `grpc.server` or
+`grpc.aio.server` makes after it.
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ def _aio_code(rpc: Any) -> grpc.StatusCode | None:
 
 class _AioClient:
     def __init__(
-        self, target: str | None, targets: _targets.Targets | None, implicit: bool = False
+        self, target: str | bytes | None, targets: _targets.Targets | None, implicit: bool = False
     ) -> None:
         self._target, self._targets, self._implicit = target, targets, implicit
 
@@ -600,22 +600,27 @@ def _sync_method(original: Any, blocking: bool) -> Any:
     return method
 
 
-def _aio_channel_init(original: Any) -> Any:
-    """`grpc.aio.Channel.__init__`: our interceptors first in each of its four lists."""
+def _aio_method(original: Any, kind: type[_AioClient]) -> Any:
+    """A `grpc.aio` multicallable's `__call__`: the call made with our interceptor first, unless
+    the channel has one of ours (so channels and stubs made before `instrument()` are traced)."""
 
-    def init(channel: Any, target: str, *args: Any, **kwargs: Any) -> None:
-        original(channel, target, *args, **kwargs)
-        lists = (
-            channel._unary_unary_interceptors,
-            channel._unary_stream_interceptors,
-            channel._stream_unary_interceptors,
-            channel._stream_stream_interceptors,
-        )
-        if not any(isinstance(i, _AioClient) for found in lists for i in found):
-            for found, kind in zip(lists, _AIO_KINDS, strict=True):
-                found.insert(0, kind(target, None, implicit=True))
+    def method(callable_: Any, request: Any, **kwargs: Any) -> Any:
+        given = callable_._interceptors
+        if given and any(isinstance(i, _AioClient) for i in given):
+            return original(callable_, request, **kwargs)
+        try:
+            ours = kind(callable_._channel.target, None, implicit=True)
+        except Exception:
+            _log.internal_error("grpc aio call")
+            return original(callable_, request, **kwargs)
+        # The list goes to the call object as it is made; the attribute is put back at once.
+        callable_._interceptors = [ours, *(given or ())]
+        try:
+            return original(callable_, request, **kwargs)
+        finally:
+            callable_._interceptors = given
 
-    return init
+    return method
 
 
 TRUST_ENV = "MLFLOW_TRACE_TRUST"  # the policy of servers instrument() traces, as the launcher's
@@ -659,17 +664,18 @@ def _patches() -> list[tuple[Any, str, Any]]:
     ):
         cls = getattr(channel, name)
         patches.append((cls, "__call__", _sync_method(cls.__call__, False)))
-    patches.append(
-        (aio_channel.Channel, "__init__", _aio_channel_init(aio_channel.Channel.__init__))
-    )
+    aio_names = ("UnaryUnary", "UnaryStream", "StreamUnary", "StreamStream")
+    for name, kind in zip(aio_names, _AIO_KINDS, strict=True):
+        cls = getattr(aio_channel, f"{name}MultiCallable")
+        patches.append((cls, "__call__", _aio_method(cls.__call__, kind)))
     patches.append((grpc, "server", _server_factory(grpc.server, ServerInterceptor)))
     patches.append((grpc.aio, "server", _server_factory(grpc.aio.server, AioServerInterceptor)))
     return patches
 
 
 def instrument() -> None:
-    """Trace every gRPC call this process makes (sync channels whenever created; `grpc.aio`
-    channels created from now on) and serves (servers created from now on). Idempotent."""
+    """Trace every gRPC call this process makes (channels whenever made) and serves (servers
+    made from now on). Idempotent."""
     if _originals:
         return
     for owner, name, wrapped in _patches():

@@ -405,7 +405,7 @@ def test_uninstrument_restores_grpc() -> None:
         return [
             channel._UnaryUnaryMultiCallable.__call__,
             channel._StreamStreamMultiCallable.__call__,
-            grpc.aio._channel.Channel.__init__,  # type: ignore[attr-defined]
+            grpc.aio._channel.UnaryUnaryMultiCallable.__call__,  # type: ignore[attr-defined]
             grpc.server,
             grpc.aio.server,
         ]
@@ -471,9 +471,14 @@ async def aio_call(channel: Any, kind: str) -> list[bytes]:
 
 
 async def aio_round(explicit: bool) -> AioService:
+    """Explicit interceptors; or `instrument()` for a server made under it and a channel (and
+    its stubs) made before it."""
     service = AioService()
     interceptors = [adapter.AioServerInterceptor()] if explicit else None
+    if not explicit:
+        adapter.instrument()
     server = grpc.aio.server(interceptors=interceptors)
+    adapter.uninstrument()
     server.add_generic_rpc_handlers((service.handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -481,6 +486,8 @@ async def aio_round(explicit: bool) -> AioService:
     client = adapter.aio_client_interceptors(target) if explicit else None
     try:
         async with grpc.aio.insecure_channel(target, interceptors=client) as channel:
+            if not explicit:
+                adapter.instrument()
             with mlflow.start_span("agent"):
                 for kind in KINDS:
                     assert set(await aio_call(channel, kind)) == {b"HI"}
@@ -494,8 +501,6 @@ async def aio_round(explicit: bool) -> AioService:
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["instrument", "interceptors"])
 def test_aio_channels_and_servers(exporter: InMemoryExporter, explicit: bool) -> None:
-    if not explicit:
-        adapter.instrument()
     try:
         service = asyncio.run(aio_round(explicit))
     finally:
