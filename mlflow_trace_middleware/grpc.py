@@ -33,7 +33,15 @@ import inspect
 import os
 import urllib.parse
 from collections import namedtuple
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any, TypeVar
 
 import grpc
@@ -343,11 +351,15 @@ def aio_client_interceptors(
 # -- server --------------------------------------------------------------------------------------
 
 
-def _options(trust: _trust.Trust, identity_headers: Mapping[str, str] | None) -> Any:
+def _options(
+    trust: _trust.Trust,
+    identity_headers: Mapping[str, str] | None,
+    exclude_methods: Collection[str] = (),
+) -> _server.ServerOptions:
     return _server.ServerOptions.build(
         capture_bodies=False,
         max_body_bytes=0,
-        exclude_paths=(),
+        exclude_paths=exclude_methods,
         trust=trust,
         identity_headers=identity_headers,
     )
@@ -535,29 +547,44 @@ def _wrap(handler: Any, details: Any, options: _server.ServerOptions, aio: bool)
         return handler
 
 
-class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+# gRPC's health checks (a load balancer's or Kubernetes' probes): each would be a trace.
+HEALTH_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+
+
+class _Server:
+    def __init__(
+        self,
+        *,
+        trust: _trust.Trust = "continue",
+        identity_headers: Mapping[str, str] | None = None,
+        exclude_methods: Collection[str] = HEALTH_METHODS,
+    ) -> None:
+        self._options = _options(trust, identity_headers, exclude_methods)
+        self._implicit = False
+
+    def _traced(self, handler: Any, details: Any, aio: bool) -> Any:
+        if handler is None or (self._implicit and not _originals):
+            return handler
+        if getattr(details, "method", None) in self._options.exclude_paths:
+            return handler
+        return _wrap(handler, details, self._options, aio)
+
+
+class ServerInterceptor(_Server, grpc.ServerInterceptor):  # type: ignore[misc]
     """Traces every call a sync server handles; `trust` and `identity_headers` (metadata keys)
-    as for the HTTP middlewares.
+    as for the HTTP middlewares; `exclude_methods`: full method paths left untraced (default:
+    gRPC's health checks).
 
     ```python
     server = grpc.server(pool, interceptors=[ServerInterceptor()])
     ```
     """
 
-    def __init__(
-        self, *, trust: _trust.Trust = "continue", identity_headers: Mapping[str, str] | None = None
-    ) -> None:
-        self._options = _options(trust, identity_headers)
-        self._implicit = False
-
     def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None or (self._implicit and not _originals):
-            return handler
-        return _wrap(handler, handler_call_details, self._options, aio=False)
+        return self._traced(continuation(handler_call_details), handler_call_details, aio=False)
 
 
-class AioServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class AioServerInterceptor(_Server, grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """`ServerInterceptor` for a `grpc.aio` server.
 
     ```python
@@ -565,17 +592,9 @@ class AioServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ```
     """
 
-    def __init__(
-        self, *, trust: _trust.Trust = "continue", identity_headers: Mapping[str, str] | None = None
-    ) -> None:
-        self._options = _options(trust, identity_headers)
-        self._implicit = False
-
     async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or (self._implicit and not _originals):
-            return handler
-        return _wrap(handler, handler_call_details, self._options, aio=True)
+        return self._traced(handler, handler_call_details, aio=True)
 
 
 # -- patching ------------------------------------------------------------------------------------
@@ -635,7 +654,7 @@ def _server_factory(original: Any, make: Callable[..., Any]) -> Any:
     def server(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         given: Sequence[Any] = bound.arguments.get("interceptors") or ()
-        if not any(isinstance(i, ServerInterceptor | AioServerInterceptor) for i in given):
+        if not any(isinstance(i, _Server) for i in given):
             try:
                 interceptor = make(trust=os.environ.get(TRUST_ENV, "").strip() or "continue")
                 interceptor._implicit = True

@@ -373,6 +373,36 @@ def test_a_server_made_under_instrument_follows_mlflow_trace_trust(
     assert server.attributes["mlflow_trace_middleware.untrusted_parent"] == TRACEPARENT
 
 
+@pytest.mark.parametrize(
+    ("exclude", "method", "traced"),
+    [
+        pytest.param(None, "/grpc.health.v1.Health/Check", False, id="health-by-default"),
+        pytest.param(None, f"/{SERVICE}/Unary", True, id="others-by-default"),
+        pytest.param([f"/{SERVICE}/Unary"], f"/{SERVICE}/Unary", False, id="excluded"),
+        pytest.param([], "/grpc.health.v1.Health/Check", True, id="health-when-asked"),
+    ],
+)
+def test_excluded_methods_are_served_untraced(
+    exporter: InMemoryExporter, exclude: list[str] | None, method: str, traced: bool
+) -> None:
+    options = {} if exclude is None else {"exclude_methods": exclude}
+    service, rpc = method[1:].split("/")
+    handler = grpc.method_handlers_generic_handler(
+        service, {rpc: grpc.unary_unary_rpc_method_handler(lambda request, context: b"ok")}
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(2), interceptors=[adapter.ServerInterceptor(**options)]
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        assert grpc.insecure_channel(f"127.0.0.1:{port}").unary_unary(method)(b"") == b"ok"
+    finally:
+        server.stop(None)
+    assert [s.name for s in exporter.finished_spans()] == ([method[1:]] if traced else [])
+
+
 def test_a_trusted_callers_context_is_continued(
     exporter: InMemoryExporter, sync_server: Any
 ) -> None:
