@@ -143,3 +143,23 @@ def test_an_aborting_handler_is_an_error_on_both_sides(stack: Stack, mode: str) 
     # The caller's request went fine: it answered with the code.
     assert span_named(trace, f"caller:POST /{mode}").status.status_code.value == "OK"
     assert trace.info.experiment_id == stack.caller_experiment
+
+
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+def test_a_streaming_calls_spans_end_with_the_stream(stack: Stack, mode: str) -> None:
+    marker, answer, trace = call(stack, mode, "Watch")
+    assert answer == {"value": f"value of {marker} done"}
+    rpc = "demo.Lookup/Watch"
+    assert tree(trace) == {
+        f"caller:POST /{mode}": None,
+        f"caller:{rpc}": f"caller:POST /{mode}",
+        f"grpc-server:{rpc}": f"caller:{rpc}",
+        "grpc-server:lookup": f"grpc-server:{rpc}",
+    }
+    client, server = span_named(trace, f"caller:{rpc}"), span_named(trace, f"grpc-server:{rpc}")
+    # The server's span ends after its last response, the client's once the stream has ended.
+    assert server.end_time_ns <= client.end_time_ns
+    assert span_named(trace, "grpc-server:lookup").end_time_ns <= server.end_time_ns
+    for span in (client, server):
+        assert span.status.status_code.value == "OK"
+    assert trace.info.experiment_id == stack.caller_experiment
