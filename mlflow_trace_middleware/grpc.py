@@ -121,30 +121,34 @@ def destination(target: str | bytes | None, method: str = "/") -> _targets.Desti
 
 
 def _start(
-    target: str | bytes | None, method: str | bytes, targets: _targets.Targets | None
-) -> tuple[_client.ClientCall, list[tuple[str, str]]] | None:
-    """A CLIENT span for one call and the metadata to add; None to send the call as it is."""
+    target: str | bytes | None,
+    method: str | bytes,
+    metadata: Metadata | None,
+    targets: _targets.Targets | None,
+) -> tuple[_client.ClientCall, list[tuple[str, Any]]] | None:
+    """A CLIENT span for one call and the call's metadata with ours in place of any propagation
+    fields it carried (none of them to a target outside the allowlist); None to send the call
+    as it is."""
     if _client.outer_call_running():
         return None
-    name, attributes = _describe(method)
-    url = destination(target, "/" + name)
-    if url is not None:
-        attributes[server_attributes.SERVER_ADDRESS] = url[1]
-        attributes[server_attributes.SERVER_PORT] = url[2]
-    allowed = _targets.allowed(targets, lambda: url)
-    if not allowed:
-        attributes[_keys.PROPAGATION] = "blocked"
+    try:
+        kept = [(k, v) for k, v in metadata or () if k.lower() not in _propagation.FIELDS]
+        name, attributes = _describe(method)
+        url = destination(target, "/" + name)
+        if url is not None:
+            attributes[server_attributes.SERVER_ADDRESS] = url[1]
+            attributes[server_attributes.SERVER_PORT] = url[2]
+        allowed = _targets.allowed(targets, lambda: url)
+        if not allowed:
+            attributes[_keys.PROPAGATION] = "blocked"
+    except Exception:  # metadata grpc refuses itself, say: the call goes as it is
+        _log.internal_error("grpc client span start")
+        return None
     started = _client.start_message(name, attributes)
     if started is None:
         return None
     call = started[0]
-    return call, list(call.headers.items()) if allowed else []
-
-
-def _metadata(metadata: Metadata | None, sent: list[tuple[str, str]]) -> list[tuple[str, Any]]:
-    """The call's metadata with ours in place of any propagation fields it carried."""
-    kept = [(k, v) for k, v in metadata or () if k.lower() not in _propagation.FIELDS]
-    return [*kept, *sent]
+    return call, [*kept, *call.headers.items()] if allowed else kept
 
 
 def _code(error: BaseException) -> grpc.StatusCode | None:
@@ -181,13 +185,13 @@ def _send(
 ) -> T:
     """Send a sync call under its CLIENT span; a non-`blocking` call returns a future (a
     response stream is one), whose end ends the span."""
-    started = _start(target, method, targets)
+    started = _start(target, method, metadata, targets)
     if started is None:
         return send(metadata)
     call, sent = started
     with call:
         try:
-            result = send(_metadata(metadata, sent))
+            result = send(sent)
         except BaseException as error:
             _finish(call, _code(error), error)
             raise
@@ -290,14 +294,14 @@ class _AioClient:
     async def _intercept(self, continuation: Any, details: Any, request: Any) -> Any:
         started = None
         if _originals or not self._implicit:  # an implicit one stops with uninstrument()
-            started = _start(self._target, details.method, self._targets)
+            started = _start(self._target, details.method, details.metadata, self._targets)
         if started is None:
             return await continuation(details, request)
         call, sent = started
         new = grpc.aio.ClientCallDetails(
             details.method,
             details.timeout,
-            grpc.aio.Metadata(*_metadata(details.metadata, sent)),
+            grpc.aio.Metadata(*sent),
             details.credentials,
             details.wait_for_ready,
         )
@@ -614,7 +618,8 @@ def _sync_method(original: Any, blocking: bool) -> Any:
         def send(sent: Any) -> Any:
             return original(callable_, request, timeout, sent, *args, **kw)
 
-        return _send(callable_._target, callable_._method, metadata, None, send, blocking)
+        target, path = getattr(callable_, "_target", None), getattr(callable_, "_method", "")
+        return _send(target, path, metadata, None, send, blocking)
 
     return method
 
@@ -652,7 +657,10 @@ def _server_factory(original: Any, make: Callable[..., Any]) -> Any:
     signature = inspect.signature(original)
 
     def server(*args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(*args, **kwargs)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return original(*args, **kwargs)  # grpc's own error
         given: Sequence[Any] = bound.arguments.get("interceptors") or ()
         if not any(isinstance(i, _Server) for i in given):
             try:

@@ -429,6 +429,20 @@ def test_without_a_current_span_a_call_carries_nothing(
     assert [s.kind for s in exporter.finished_spans() if s.name != "work"] == [SpanKind.SERVER]
 
 
+def test_metadata_grpc_refuses_is_grpcs_error_not_ours(
+    exporter: InMemoryExporter, sync_server: Any
+) -> None:
+    _, start = sync_server
+    stub = grpc.insecure_channel(f"127.0.0.1:{start()[1]}").unary_unary(f"/{SERVICE}/Unary")
+    adapter.instrument()
+    try:
+        with mlflow.start_span("agent"), pytest.raises(ValueError, match="too many values"):
+            stub(b"x", metadata=[("a", "b", "c")])  # grpc raises this one without us too
+    finally:
+        adapter.uninstrument()
+    assert [s.name for s in exporter.finished_spans()] == ["agent"]
+
+
 def test_uninstrument_restores_grpc() -> None:
     def current() -> list[Any]:
         channel: Any = grpc._channel  # type: ignore[attr-defined]
