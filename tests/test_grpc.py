@@ -16,7 +16,8 @@ import mlflow
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
-from mlflow_trace_middleware import _targets
+import mlflow_trace_middleware as mtm
+from mlflow_trace_middleware import _config, _targets
 from mlflow_trace_middleware import grpc as adapter
 from mlflow_trace_middleware.testing import InMemoryExporter
 
@@ -413,6 +414,29 @@ def test_a_trusted_callers_context_is_continued(
     (server,) = [s for s in exporter.finished_spans() if s.kind == SpanKind.SERVER]
     assert f"{server.context.trace_id:032x}" == TRACEPARENT.split("-")[1]
     assert f"{server.parent.span_id:016x}" == TRACEPARENT.split("-")[2]
+
+
+def test_with_a_signing_key_only_signed_context_is_continued(
+    exporter: InMemoryExporter, sync_server: Any
+) -> None:
+    _, start = sync_server
+    before = _config.get_settings()
+    mtm.configure(signing_key="k1")
+    adapter.instrument()
+    try:
+        port = start()[1]
+        stub = grpc.insecure_channel(f"127.0.0.1:{port}").unary_unary(f"/{SERVICE}/Unary")
+        with mlflow.start_span("agent"):
+            stub(b"signed")  # our client signs its tracestate entry
+        stub(b"forged", metadata=[("traceparent", TRACEPARENT), ("tracestate", "mlflow=1.MQ")])
+    finally:
+        adapter.uninstrument()
+        _config._settings = before
+    spans = exporter.finished_spans()
+    (agent,) = [s for s in spans if s.name == "agent"]
+    assert_tree([s for s in spans if s.context.trace_id == agent.context.trace_id], "Unary")
+    (forged,) = [s for s in spans if s.kind == SpanKind.SERVER and s.parent is None]
+    assert forged.attributes["mlflow_trace_middleware.untrusted_parent"] == TRACEPARENT
 
 
 def test_without_a_current_span_a_call_carries_nothing(
