@@ -17,14 +17,15 @@ ADAPTERS = (
     ("aiohttp", "mlflow_trace_middleware.aiohttp"),
     ("mcp", "mlflow_trace_middleware.mcp"),
     ("celery", "mlflow_trace_middleware.celery"),
+    ("grpc", "mlflow_trace_middleware.grpc"),
 )
 
 
 def instrument() -> None:
     """Trace and propagate through every client of each installed library (httpx, httpx2,
     requests, urllib3, aiohttp), SDK-built ones (OpenAI, Anthropic, MCP, botocore, ...)
-    included, through MCP sessions and servers (`mcp`) and Celery tasks, published and run
-    (`celery`). Starts the process runtime.
+    included, through MCP sessions and servers (`mcp`), Celery tasks, published and run
+    (`celery`), and gRPC channels and servers (`grpc`). Starts the process runtime.
     Idempotent."""
     _runtime.activate()
     for library, adapter in ADAPTERS:

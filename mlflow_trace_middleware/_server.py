@@ -316,29 +316,27 @@ def start_message(
     return span, trace.set_span_in_context(span, context)
 
 
-def start_consumer(
+def start_call(
     options: ServerOptions,
     name: str,
-    destination: str,
     attributes: dict[str, Any],
-    carrier: _propagation.Carrier,
+    request: Inbound,
+    kind: SpanKind = SpanKind.SERVER,
 ) -> tuple[trace.Span, Context]:
-    """A CONSUMER span for one message received outside HTTP (a Celery task), and the context
-    that makes it current: the message's context (`carrier`, its headers) is continued, or
-    restarted, or adopted, under the rules of request headers (a trust callable sees the
-    `destination`, e.g. the task name, as the path and the carrier as the headers); trusted
-    baggage gives it the caller's session and user."""
+    """A span for one call or message of a protocol that is not HTTP (a gRPC call, SERVER:
+    `request.carrier` from its metadata; a Celery task, CONSUMER: from its headers), continuing
+    the caller's context under the same trust, signing and experiment rules as a request (a
+    trust callable sees `request.path`); and the context that makes it current. Raises on
+    failure (the adapter runs the call untraced)."""
     _runtime.activate()
-    headers = [(key, value) for key, values in carrier.items() for value in values]
-    message = Inbound("", destination, "", carrier, lambda: headers, None, None, None, None)
-    parent = _parent(options, message, attributes, name)
+    parent = _parent(options, request, attributes, name)
     context = parent.context
-    if parent.trusted and _propagation.BAGGAGE in carrier:
-        context = _identity(options, message, parent, attributes)
+    if options.identity_headers or (parent.trusted and _propagation.BAGGAGE in request.carrier):
+        context = _identity(options, request, parent, attributes)
     span = _mlflow.start_span(
         name,
         context,
-        SpanKind.CONSUMER,
+        kind,
         attributes,
         parent.links,
         experiment=parent.experiment,

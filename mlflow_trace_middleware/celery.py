@@ -167,8 +167,21 @@ def _prerun(task_id: Any = None, task: Any = None, **_: Any) -> None:
             span = _mlflow.start_span(span_name, context, SpanKind.CONSUMER, attributes)
             context = trace.set_span_in_context(span, context)
         else:
-            span, context = _server.start_consumer(
-                _options, span_name, name, attributes, carrier(request)
+            fields = carrier(request)
+            pairs = [(key, value) for key, values in fields.items() for value in values]
+            message = _server.Inbound(
+                method="",
+                path=name,  # what a trust callable sees as the path: the task's name
+                scheme="",
+                carrier=fields,
+                headers=lambda: pairs,
+                server=None,
+                client=None,
+                user_agent=None,
+                content_type=None,
+            )
+            span, context = _server.start_call(
+                _options, span_name, attributes, message, SpanKind.CONSUMER
             )
         _running.setdefault(task_id, []).append(_Running(span, _attach(context)))
     except Exception:

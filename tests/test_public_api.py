@@ -44,6 +44,14 @@ PUBLIC = {
     "mlflow_trace_middleware.aiohttp": ["instrument", "tracing_config", "uninstrument"],
     "mlflow_trace_middleware.mcp": ["instrument", "uninstrument"],
     "mlflow_trace_middleware.celery": ["instrument", "uninstrument"],
+    "mlflow_trace_middleware.grpc": [
+        "AioServerInterceptor",
+        "ClientInterceptor",
+        "ServerInterceptor",
+        "aio_client_interceptors",
+        "instrument",
+        "uninstrument",
+    ],
     "mlflow_trace_middleware.testing": ["InMemoryExporter"],
 }
 
