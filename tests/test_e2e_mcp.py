@@ -179,12 +179,29 @@ def test_a_session_opened_inside_the_request_stitches_each_of_its_calls(stack: S
         ],
         "the request's trace",
     )
-    trace = complete_trace(stack.client, found.info.trace_id, spans=5)
-    print(format_trace(trace))  # pytest -s
-    spans = {span.span_id: span for span in trace.data.spans}
 
     def name(span: Any) -> str:
         return f"{span.attributes.get('service.name')}:{span.name}"
+
+    # The two services export on their own schedules: wait for every span the checks below
+    # read (the call's subtree, and the session's initialize and tools/list with the POSTs
+    # that carried them), not a count that a partial trace can reach.
+    needed = {f"agent:{CALL}", f"mcp-server:{CALL}", "mcp-server:lookup-db"}
+    needed |= {"agent:initialize", "agent:tools/list"}
+
+    def whole() -> Any:
+        try:
+            trace = stack.client.get_trace(found.info.trace_id)
+        except Exception:
+            return None
+        if trace.info.state.value == "IN_PROGRESS":
+            return None
+        names = [name(span) for span in trace.data.spans]
+        return trace if needed <= set(names) and names.count("mcp-server:POST /mcp") >= 3 else None
+
+    trace = wait_for(whole, "every span of the session's calls")
+    print(format_trace(trace))  # pytest -s
+    spans = {span.span_id: span for span in trace.data.spans}
 
     # The session's own traffic (initialize, its notification, the event stream, the closing
     # DELETE) is in the same trace too; the call is the same subtree as with a kept session.
