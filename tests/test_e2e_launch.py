@@ -327,8 +327,8 @@ def test_a_script_that_only_makes_calls_starts_the_trace(
     print("\n" + format_trace(trace))
     assert trace.info.trace_id == result.stdout.strip()
     assert shape(trace) == [
-        ("callee", "GET /hello/{name}", "GET 127.0.0.1:PORT"),
-        ("job", "GET 127.0.0.1:PORT", "job"),
+        ("callee", "GET /hello/{name}", "GET callee /hello/{name}"),
+        ("job", "GET callee /hello/{name}", "job"),
         ("job", "job", None),
     ]
     assert trace.info.state.value == "OK"

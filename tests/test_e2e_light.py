@@ -151,8 +151,8 @@ def test_two_launched_services_give_one_stitched_trace(
         assert trace["state"] == "OK"
         assert shape(trace) == [
             ("fastapi", "GET /chain/{item_id}", None),
-            ("fastapi", "GET 127.0.0.1:PORT", "GET /chain/{item_id}"),
-            ("flask", "GET /items/<int:item_id>", "GET 127.0.0.1:PORT"),
+            ("fastapi", "GET flask /items/<int:item_id>", "GET /chain/{item_id}"),
+            ("flask", "GET /items/<int:item_id>", "GET flask /items/<int:item_id>"),
             ("flask", "lookup", "GET /items/<int:item_id>"),
         ]
     for process in running:
