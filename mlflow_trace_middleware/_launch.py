@@ -33,7 +33,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
 
-from . import _config, _env, _experiments, _instrument, _log, _runtime, _store, _targets, celery
+from . import (
+    _config,
+    _env,
+    _experiments,
+    _imports,
+    _instrument,
+    _log,
+    _runtime,
+    _store,
+    _targets,
+    celery,
+)
 from ._experiments import mask_uri
 from .asgi import MlflowTracingMiddleware
 from .wsgi import MlflowTracingWSGIMiddleware
@@ -94,7 +105,7 @@ def bootstrap() -> None:
         if env.instrument_clients:
             for library, adapter in _instrument.ADAPTERS:
                 if library != "celery":  # instrumented above, with its options
-                    _when_imported(library, _instrument_adapter(adapter))
+                    _imports.when_imported(library, _instrument_adapter(adapter))
         _runtime.start_with_mlflow()
         for module, patch in (
             ("starlette.applications", lambda m: _patch_starlette(m.Starlette, options)),
@@ -104,7 +115,7 @@ def bootstrap() -> None:
             ("litestar.app", lambda m: _patch_asgi_call(m.Litestar, options, _litestar_has)),
             ("quart.app", lambda m: _patch_asgi_call(m.Quart, options, _quart_has)),
         ):
-            _when_imported(module, patch)
+            _imports.when_imported(module, patch)
     except Exception:
         _log.internal_error("mlflow-trace-run bootstrap")
 
@@ -236,55 +247,6 @@ def _is_django_middleware(path: str) -> bool:
         return isinstance(found, type) and issubclass(found, MlflowTracingDjangoMiddleware)
     except Exception:
         return False
-
-
-class _PostImport(importlib.abc.MetaPathFinder):
-    """Runs a patch right after its module is first imported (one finder, first on meta_path)."""
-
-    def __init__(self) -> None:
-        self.patches: dict[str, Callable[[ModuleType], None]] = {}
-
-    def find_spec(
-        self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        if name not in self.patches:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        loader = spec.loader if spec is not None else None
-        if loader is None:
-            return None
-        exec_module = loader.exec_module
-
-        def exec_and_patch(module: ModuleType) -> None:
-            exec_module(module)
-            # Taken when executed: a spec looked up and never run (`importlib.util.find_spec`,
-            # runpy) leaves the patch waiting.
-            patch = self.patches.pop(name, None)
-            if patch is not None:
-                _apply(patch, module)
-
-        loader.exec_module = exec_and_patch  # type: ignore[method-assign]
-        return spec
-
-
-_post_import = _PostImport()
-
-
-def _when_imported(name: str, patch: Callable[[ModuleType], None]) -> None:
-    module = sys.modules.get(name)
-    if module is not None:  # MLflow imports Starlette and FastAPI: usually already there
-        _apply(patch, module)
-        return
-    _post_import.patches[name] = patch
-    if _post_import not in sys.meta_path:
-        sys.meta_path.insert(0, _post_import)
-
-
-def _apply(patch: Callable[[ModuleType], None], module: ModuleType) -> None:
-    try:
-        patch(module)
-    except Exception:
-        _log.internal_error(f"mlflow-trace-run patch {module.__name__}")
 
 
 # -- --check ---------------------------------------------------------------------------------------

@@ -519,3 +519,21 @@ def attach(context: Context) -> object:
 
 def detach(token: object) -> None:
     _bound().context_api.detach(token)
+
+
+def attach_quietly(context: Context) -> object | None:
+    """`attach` for adapters that run the work either way: None (logged) if it failed."""
+    try:
+        return attach(context)
+    except Exception:
+        _log.internal_error("context attach")
+        return None
+
+
+def detach_quietly(token: object | None) -> None:
+    """`detach` what `attach_quietly` returned (None: nothing was attached)."""
+    if token is not None:
+        try:
+            detach(token)
+        except Exception:
+            _log.internal_error("context detach")

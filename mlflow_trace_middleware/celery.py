@@ -29,18 +29,26 @@ import importlib
 import importlib.abc
 import importlib.util
 import os
-import sys
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from importlib.machinery import ModuleSpec
-from types import ModuleType
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from . import _client, _keys, _lean, _log, _mlflow, _propagation, _runtime, _server, _trust
+from . import (
+    _client,
+    _imports,
+    _keys,
+    _lean,
+    _log,
+    _mlflow,
+    _propagation,
+    _runtime,
+    _server,
+    _trust,
+)
 from ._instrument import instrument as _instrument_clients
 
 __all__ = ["instrument", "uninstrument"]
@@ -100,12 +108,12 @@ def _send_task(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(app, name, *args, **kwargs)
         call, context = started
         sending = _sending.set(call)
-        attached = _attach(context)
+        attached = _mlflow.attach_quietly(context)
         try:
             with call:
                 result = original(app, name, *args, **kwargs)
         finally:
-            _detach(attached)
+            _mlflow.detach_quietly(attached)
             _sending.reset(sending)
         call.end()
         return result
@@ -183,7 +191,7 @@ def _prerun(task_id: Any = None, task: Any = None, **_: Any) -> None:
             span, context = _server.start_call(
                 _options, span_name, attributes, message, SpanKind.CONSUMER
             )
-        _running.setdefault(task_id, []).append(_Running(span, _attach(context)))
+        _running.setdefault(task_id, []).append(_Running(span, _mlflow.attach_quietly(context)))
     except Exception:
         _log.internal_error("celery task span start")
 
@@ -224,7 +232,7 @@ def _postrun(task_id: Any = None, state: Any = None, **_: Any) -> None:
     running = attempts.pop()
     if not attempts:
         _running.pop(task_id, None)
-    _detach(running.token)
+    _mlflow.detach_quietly(running.token)
     span = running.span
     try:
         if isinstance(state, str):
@@ -260,22 +268,6 @@ def _process_shutdown(**_: Any) -> None:
 # -- context and patching ------------------------------------------------------------------------
 
 
-def _attach(context: Any) -> object | None:
-    try:
-        return _mlflow.attach(context)
-    except Exception:
-        _log.internal_error("context attach")
-        return None
-
-
-def _detach(token: object | None) -> None:
-    if token is not None:
-        try:
-            _mlflow.detach(token)
-        except Exception:
-            _log.internal_error("context detach")
-
-
 _SIGNALS = (
     ("before_task_publish", _before_publish),
     ("task_prerun", _prerun),
@@ -299,47 +291,6 @@ def _patch() -> None:
         getattr(signals, name).connect(receiver, weak=False)
 
 
-class _WhenImported(importlib.abc.MetaPathFinder):
-    """Patches right after `celery` is first imported (a process that never uses it should not
-    pay for importing it). It waits until a spec it answered is executed: `python -m celery`
-    asks for a spec (runpy) that is never executed, then imports the package."""
-
-    looking = False
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> ModuleSpec | None:
-        if name != "celery" or self.looking:
-            return None
-        self.looking = True
-        try:
-            spec = importlib.util.find_spec(name)  # the other finders' answer
-        finally:
-            self.looking = False
-        if spec is not None and spec.loader is not None:
-            run = spec.loader.exec_module
-
-            def exec_module(module: ModuleType) -> None:
-                run(module)
-                _stop_waiting()
-                try:
-                    _patch()
-                except Exception:
-                    _log.internal_error("celery instrument")
-
-            setattr(spec.loader, "exec_module", exec_module)  # noqa: B010 (this spec's loader)
-        return spec
-
-
-_waiting = _WhenImported()
-
-
-def _stop_waiting() -> bool:
-    try:
-        sys.meta_path.remove(_waiting)
-        return True
-    except ValueError:
-        return False
-
-
 def instrument(*, trust: _trust.Trust | None = None, instrument_clients: bool = False) -> None:
     """Trace and propagate through every Celery task this process publishes or runs (from
     Celery's import, if it is not imported yet). `trust`: whose context a worker continues, as
@@ -350,19 +301,16 @@ def instrument(*, trust: _trust.Trust | None = None, instrument_clients: bool = 
     global _options, _clients
     if _patched:
         return
-    if _waiting not in sys.meta_path:
+    if not _imports.waiting("celery"):
         policy = trust if trust is not None else os.environ.get(TRUST_ENV, "").strip()
         _options = _server.ServerOptions(trust=_trust.check_policy(policy or "continue"))
         _clients = instrument_clients
-    if "celery" in sys.modules:  # imported meanwhile through another finder, or long ago
-        _stop_waiting()
-        _patch()
-    elif _waiting not in sys.meta_path:
-        sys.meta_path.insert(0, _waiting)
+    # At once if Celery is imported (also through a finder ahead of ours while this waited).
+    _imports.when_imported("celery", lambda module: _patch())
 
 
 def uninstrument() -> None:
-    _stop_waiting()
+    _imports.cancel("celery")
     if not _patched:
         return
     app_class, send_task = _patched.pop()

@@ -418,36 +418,20 @@ def _end_server(span: trace.Span, context: Any, error: BaseException | None) -> 
         span.end()
 
 
-def _attach(context: Context) -> object | None:
-    try:
-        return _mlflow.attach(context)
-    except Exception:
-        _log.internal_error("context attach")
-        return None
-
-
-def _detach(token: object | None) -> None:
-    if token is not None:
-        try:
-            _mlflow.detach(token)
-        except Exception:
-            _log.internal_error("context detach")
-
-
 def _serve_sync(behaviour: Any, details: Any, options: _server.ServerOptions, stream: bool) -> Any:
     def serve(request: Any, context: Any) -> Any:
         started = _start_server(options, details, context)
         if started is None:
             return behaviour(request, context)
         span, span_context = started
-        token = _attach(span_context)
+        token = _mlflow.attach_quietly(span_context)
         try:
             result = behaviour(request, context)
         except BaseException as error:
             _end_server(span, context, error)
             raise
         finally:
-            _detach(token)
+            _mlflow.detach_quietly(token)
         if not stream:
             _end_server(span, context, None)
             return result
@@ -463,13 +447,13 @@ def _responses(responses: Any, span: trace.Span, current: Context, context: Any)
     try:
         iterator = iter(responses)
         while True:
-            token = _attach(current)
+            token = _mlflow.attach_quietly(current)
             try:
                 item = next(iterator)
             except StopIteration:
                 return
             finally:
-                _detach(token)
+                _mlflow.detach_quietly(token)
             yield item
     except BaseException as raised:
         error = raised
@@ -492,13 +476,13 @@ def _serve_aio(behaviour: Any, details: Any, options: _server.ServerOptions, str
             try:
                 iterator = behaviour(request, context).__aiter__()
                 while True:
-                    token = _attach(current)
+                    token = _mlflow.attach_quietly(current)
                     try:
                         item = await iterator.__anext__()
                     except StopAsyncIteration:
                         return
                     finally:
-                        _detach(token)
+                        _mlflow.detach_quietly(token)
                     yield item
             except BaseException as raised:
                 error = raised
@@ -515,7 +499,7 @@ def _serve_aio(behaviour: Any, details: Any, options: _server.ServerOptions, str
         if started is None:
             return await behaviour(request, context)
         span, current = started
-        token = _attach(current)
+        token = _mlflow.attach_quietly(current)
         error: BaseException | None = None
         try:
             return await behaviour(request, context)
@@ -523,7 +507,7 @@ def _serve_aio(behaviour: Any, details: Any, options: _server.ServerOptions, str
             error = raised
             raise
         finally:
-            _detach(token)
+            _mlflow.detach_quietly(token)
             _end_server(span, context, error)
 
     return serve

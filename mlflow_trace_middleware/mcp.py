@@ -26,15 +26,12 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
-import sys
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from importlib.machinery import ModuleSpec
-from types import ModuleType
 from typing import Any
 
-from . import _client, _keys, _lean, _log, _mlflow, _propagation, _server, _targets
+from . import _client, _imports, _keys, _lean, _log, _mlflow, _propagation, _server, _targets
 
 __all__ = ["instrument", "uninstrument"]
 
@@ -97,14 +94,14 @@ async def _send(
         return await send(None)
     call, context = started
     token = _sending.set(call.headers)
-    attached = _attach(context)
+    attached = _mlflow.attach_quietly(context)
     try:
         result = await send(call.headers)
     except BaseException as error:
         call.end(error=error)
         raise
     finally:
-        _detach(attached)
+        _mlflow.detach_quietly(attached)
         _sending.reset(token)
     call.end(failure=_failure(result))
     return result
@@ -184,7 +181,7 @@ def _post_v1_v2(original: Any) -> Any:
         attached = None
         try:
             if _client.allowed(_destination(transport.url)):
-                attached = _attach(_propagation.extract(carrier))
+                attached = _mlflow.attach_quietly(_propagation.extract(carrier))
             else:
                 for name in _propagation.FIELDS:
                     meta.pop(name, None)  # type: ignore[union-attr]
@@ -193,7 +190,7 @@ def _post_v1_v2(original: Any) -> Any:
         try:
             return await original(transport, ctx)
         finally:
-            _detach(attached)
+            _mlflow.detach_quietly(attached)
 
     return handle_post_request
 
@@ -226,7 +223,7 @@ async def _serve(
         if session_id:
             attributes[SESSION_ID] = session_id
         span, context = _server.start_message(request, name, attributes, _carrier(meta))
-        attached = _attach(context)
+        attached = _mlflow.attach_quietly(context)
     except Exception:
         _log.internal_error("mcp request span start")
         return await handle()
@@ -239,7 +236,7 @@ async def _serve(
         error = raised
         raise
     finally:
-        _detach(attached)
+        _mlflow.detach_quietly(attached)
         try:
             _lean.set_outcome(span, None, error, failed_from=500, failure=_failure(result))
         except Exception:
@@ -304,22 +301,6 @@ def _on_request_v2(original: Any) -> Any:
 # -- context and patching ------------------------------------------------------------------------
 
 
-def _attach(context: Any) -> object | None:
-    try:
-        return _mlflow.attach(context)
-    except Exception:
-        _log.internal_error("context attach")
-        return None
-
-
-def _detach(token: object | None) -> None:
-    if token is not None:
-        try:
-            _mlflow.detach(token)
-        except Exception:
-            _log.internal_error("context detach")
-
-
 # (module, attribute path, wrapper factory) per major version.
 _POST = ("mcp.client.streamable_http", "StreamableHTTPTransport._handle_post_request", _post_v1_v2)
 _DISPATCHER = "mcp.shared.jsonrpc_dispatcher"
@@ -343,39 +324,6 @@ def _major() -> int:
     return 2 if importlib.util.find_spec(_DISPATCHER) is not None else 1
 
 
-class _WhenImported(importlib.abc.MetaPathFinder):
-    """Patches right after `mcp` is first imported: importing it takes about a second (2.x),
-    which a process that has it installed but never uses it should not pay."""
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> ModuleSpec | None:
-        if name != "mcp" or not _stop_waiting():
-            return None
-        spec = importlib.util.find_spec(name)  # the other finders' answer (we are gone)
-        if spec is not None and spec.loader is not None:
-            run = spec.loader.exec_module
-
-            def exec_module(module: ModuleType) -> None:
-                run(module)
-                try:
-                    _patch()
-                except Exception:
-                    _log.internal_error("mcp instrument")
-
-            setattr(spec.loader, "exec_module", exec_module)  # noqa: B010 (this spec's loader)
-        return spec
-
-
-_waiting = _WhenImported()
-
-
-def _stop_waiting() -> bool:
-    try:
-        sys.meta_path.remove(_waiting)
-        return True
-    except ValueError:
-        return False
-
-
 def _patch() -> None:
     if _originals:
         return
@@ -392,16 +340,12 @@ def _patch() -> None:
 def instrument() -> None:
     """Trace and propagate through every MCP client session and server of this process (from
     its import, if `mcp` is not imported yet)."""
-    if _originals or _waiting in sys.meta_path:
-        return
-    if "mcp" in sys.modules:
-        _patch()
-    else:
-        sys.meta_path.insert(0, _waiting)
+    if not _originals:
+        _imports.when_imported("mcp", lambda module: _patch())
 
 
 def uninstrument() -> None:
-    _stop_waiting()
+    _imports.cancel("mcp")
     while _originals:
         owner, name, original = _originals.pop()
         setattr(owner, name, original)

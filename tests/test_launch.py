@@ -30,6 +30,7 @@ from mlflow_trace_middleware import (
     MlflowTracingWSGIMiddleware,
     _env,
     _experiments,
+    _imports,
     _launch,
 )
 from mlflow_trace_middleware._config import SettingError, Settings
@@ -322,12 +323,12 @@ def test_a_module_is_patched_right_after_its_first_import(
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
     seen: list[int] = []
-    _launch._when_imported("launch_probe", lambda module: seen.append(module.VALUE))
+    _imports.when_imported("launch_probe", lambda module: seen.append(module.VALUE))
     assert seen == []
     import launch_probe  # noqa: F401
 
     assert seen == [1]
-    _launch._when_imported("launch_probe", lambda module: seen.append(2))  # already imported
+    _imports.when_imported("launch_probe", lambda module: seen.append(2))  # already imported
     assert seen == [1, 2]
     del sys.modules["launch_probe"]
 
@@ -341,7 +342,7 @@ def test_a_spec_looked_up_and_never_run_leaves_the_patch_waiting(
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
     seen: list[int] = []
-    _launch._when_imported("launch_probe2", lambda module: seen.append(module.VALUE))
+    _imports.when_imported("launch_probe2", lambda module: seen.append(module.VALUE))
     assert importlib.util.find_spec("launch_probe2") is not None
     import launch_probe2  # noqa: F401
 

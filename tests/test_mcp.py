@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from mlflow_trace_middleware import MlflowTracingMiddleware, _mlflow, _targets
+from mlflow_trace_middleware import MlflowTracingMiddleware, _imports, _mlflow, _targets
 from mlflow_trace_middleware import mcp as adapter
 from mlflow_trace_middleware.testing import InMemoryExporter
 
@@ -309,4 +309,4 @@ def test_instrument_before_mcp_is_imported_patches_it_when_it_is(
     finally:
         adapter.uninstrument()
     assert getattr(owner, name) is original
-    assert adapter._waiting not in sys.meta_path
+    assert not _imports.waiting("mcp")
