@@ -11,7 +11,10 @@ OLDEST        ?= .venv-oldest
 OLDEST_STAMP  := $(OLDEST)/.installed
 # What MLflow 3.9-3.12 users run beside it: Starlette before 1.0 (3.12 requires it), which
 # leaves no route in the scope (the ASGI adapter asks its router again).
-OLDEST_PINS   ?= 'starlette<1'
+# kombu 5.7's redis extra pins packaging 26, which MLflow 3.9 refuses: pip then falls back to
+# Celery 5.4 with its redis-py 5 beside kombu 5.7, whose Redis transport needs redis-py 6.1.
+# kombu 5.6 resolves to Celery 5.6 and redis-py 6.4.
+OLDEST_PINS   ?= 'starlette<1' 'kombu<5.7'
 # ... and the previous major of each SDK the suite calls (the dev extra has the newest): they
 # send through httpx where the newest send through httpx2.
 OLDEST_SDKS   ?= 'openai<2' 'anthropic<1' 'mcp<2'
