@@ -341,6 +341,7 @@ def test_auto_claims_every_trace_calling_a_host_not_running_this_package_and_lea
     import asyncio
 
     asyncio.run(run())
+    exporter.finished_spans()  # flushed: the sink's worker has posted every claim
     claimed = [claim.name for _, claim in exporter.claims]
     # Ours: claimed until its first answer said so; the other host: every trace.
     assert claimed == ["GET agents.internal", "GET relay.internal", "GET relay.internal"]
