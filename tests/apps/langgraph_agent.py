@@ -32,7 +32,8 @@ from mlflow_trace_middleware import MlflowTracingMiddleware
 
 UNTRACED = {"/health"}
 
-mlflow.langchain.autolog()
+if os.environ.get("LANGCHAIN_AUTOLOG", "1") == "1":  # tests.apps.agent_frameworks: without too
+    mlflow.langchain.autolog()
 
 
 @tool

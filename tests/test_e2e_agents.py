@@ -1,0 +1,226 @@
+"""End to end, agent frameworks with and without MLflow's autolog: a real `mlflow server`,
+uvicorn services (tests/apps/agent_frameworks), read back with MlflowClient.
+
+test --requests--> caller (FastAPI + middleware) --httpx--> agent (FastAPI + middleware: the
+                   OpenAI Agents SDK, PydanticAI or LangGraph; one process without autolog,
+                   one per framework with its autolog)
+        agent --the framework's OpenAI client--> llm (an OpenAI-compatible fake that asks for
+                   the `get_forecast` tool once, then answers: tests.apps.langgraph_agent)
+        agent's tool --httpx--> weather (FastAPI + middleware); LangGraph's tool records a
+                   `lookup` span instead (tests.apps.langgraph_agent)
+
+Each request is one trace, the caller's, and every span sits under the span that caused it:
+the autolog's spans under the agent's request span, the LLM service's request under the call
+that made it, the weather service's under the tool's call. tests/test_e2e_langgraph.py has
+LangGraph under autolog in more call modes.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import agents.tracing.span_data
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from examples.launch import Process, start_uvicorn
+from mlflow_trace_middleware import _compat
+from tests.test_e2e_sdks import AUTOLOG_SENDS_CONTEXT, _started, complete_trace, wait_for
+
+pytestmark = pytest.mark.e2e
+
+APP = "tests.apps.agent_frameworks"
+# The oldest environment (MLflow 3.9 beside OpenAI 1.x) has no PydanticAI: the releases that
+# take OpenAI 1.x (up to 1.30) import `opentelemetry._events`, which OpenTelemetry 1.45 (what
+# MLflow's newest releases and the oldest environment run) no longer has; from 1.31 it needs
+# OpenAI 2. pyproject puts it in the `dev` extra, beside the newest MLflow and OpenAI.
+PYDANTIC_AI = _compat.MLFLOW > (3, 9)
+FRAMEWORKS = ["agents", "langgraph", *(["pydantic"] if PYDANTIC_AI else [])]
+# The autolog a service on each framework turns on.
+AUTOLOG = {"agents": "openai", "pydantic": "pydantic_ai", "langgraph": "langchain"}
+# The agent span and the model's span each autolog makes.
+AUTOLOG_TYPES = {
+    "agents": {"agent:AgentRunner.run": "AGENT", "agent:Generation": "CHAT_MODEL"},
+    "pydantic": {"agent:Agent.run": "AGENT", "agent:OpenAIChatModel.request": "LLM"},
+    "langgraph": {"agent:LangGraph": "CHAIN", "agent:ChatOpenAI": "CHAT_MODEL"},
+}
+# The Agents SDK 0.24 records task and turn spans; 0.3 (the oldest environment) neither.
+AGENTS_SDK_TURNS = hasattr(agents.tracing.span_data, "TurnSpanData")
+LLM_CALL, LLM = "agent:POST llm /v1/chat/completions", "llm:POST /v1/chat/completions"
+WEATHER_CALL, WEATHER = "agent:GET weather /forecast/{city}", "weather:GET /forecast/{city}"
+
+
+@dataclass
+class Stack:
+    client: MlflowClient
+    experiment: str
+    services: dict[str, Process]
+
+
+@pytest.fixture(scope="module")
+def stack(mlflow_server: Process, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    client = MlflowClient(mlflow_server.url)
+    experiment = client.create_experiment("agent-frameworks")
+    logs = tmp_path_factory.mktemp("agent-logs")
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.url, "MLFLOW_EXPERIMENT_ID": experiment}
+    started: dict[str, Process] = {}
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            _started(
+                {
+                    "llm": pool.submit(
+                        start_uvicorn, "llm", "tests.apps.langgraph_agent:llm_app", logs, env
+                    ),
+                    "weather": pool.submit(
+                        start_uvicorn, "weather", f"{APP}:weather_app", logs, env
+                    ),
+                },
+                started,
+            )
+        agent_env = {
+            **env,
+            "OPENAI_URL": started["llm"].url,
+            "WEATHER_URL": started["weather"].url,
+            "OTEL_SERVICE_NAME": "agent",  # the same name in every tree
+        }
+        # One service without autolog for all three (nothing to interfere), one per autolog.
+        agents = {"plain": "", **{AUTOLOG[f]: AUTOLOG[f] for f in FRAMEWORKS}}
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            _started(
+                {
+                    f"agent-{name}": pool.submit(
+                        start_uvicorn,
+                        f"agent-{name}",
+                        f"{APP}:agent_app",
+                        logs,
+                        {**agent_env, "AUTOLOG": autolog},
+                    )
+                    for name, autolog in agents.items()
+                },
+                started,
+            )
+        urls = {name: started[f"agent-{name}"].url for name in agents}
+        caller_env = {**env, "AGENT_URLS": json.dumps(urls)}
+        started["caller"] = start_uvicorn("caller", f"{APP}:caller_app", logs, caller_env)
+        yield Stack(client, experiment, started)
+    finally:
+        for process in started.values():
+            process.stop()
+
+
+def _children(trace: Any) -> dict[str, list[str]]:
+    """`service:span name` -> its children's, sorted, for every span of the trace."""
+    spans = trace.data.spans
+    names = {span.span_id: f"{span.attributes.get('service.name')}:{span.name}" for span in spans}
+    children: dict[str, list[str]] = {name: [] for name in names.values()}
+    for span in spans:
+        if span.parent_id in names:
+            children[names[span.parent_id]].append(names[span.span_id])
+    return {name: sorted(kids) for name, kids in children.items()}
+
+
+def _ask(stack: Stack, framework: str, autolog: bool, spans: int) -> Any:
+    """One request through the caller to the agent; its one trace, once `spans` have arrived."""
+    city = f"city{secrets.token_hex(4)}"
+    agent = AUTOLOG[framework] if autolog else "plain"
+    url = f"{stack.services['caller'].url}/run/{agent}/{framework}"
+    response = requests.post(url, json={"city": city}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"answer": f"Forecast: sunny in {city}"}
+
+    def found() -> list[Any]:
+        traces = stack.client.search_traces(locations=[stack.experiment], max_results=200)
+        return [t for t in traces if city in (t.info.request_preview or "")]
+
+    (trace,) = wait_for(found, f"a trace for {city}")
+    return complete_trace(stack.client, trace.info.trace_id, spans)
+
+
+def _expected(framework: str, autolog: bool) -> dict[str, list[str]]:
+    """The tree (`service:span name` -> its children's, sorted) one request should give."""
+    request, agent_call = f"agent:POST /ask/{framework}", f"caller:POST agent /ask/{framework}"
+    tree = {
+        "caller:POST /run/{agent}/{framework}": [agent_call],
+        agent_call: [request],
+        LLM_CALL: [LLM] * 2,  # the two calls (tool call, answer) share a name
+        LLM: [],
+    }
+    # The tool's work: LangGraph's records a span, the others call the weather service.
+    work = (
+        {"agent:lookup": []} if framework == "langgraph" else {WEATHER_CALL: [WEATHER], WEATHER: []}
+    )
+    tree |= work
+    if not autolog:  # our spans alone: the calls and the tool's work under the request
+        return tree | {request: sorted([LLM_CALL, LLM_CALL, next(iter(work))])}
+    if framework == "langgraph":
+        return tree | {
+            request: ["agent:LangGraph"],
+            "agent:LangGraph": ["agent:agent", "agent:agent", "agent:tools"],
+            "agent:agent": ["agent:ChatOpenAI"] * 2 + ["agent:tools_condition"] * 2,
+            "agent:ChatOpenAI": [LLM_CALL] * 2,
+            "agent:tools_condition": [],
+            "agent:tools": ["agent:get_forecast"],
+            "agent:get_forecast": ["agent:lookup"],
+        }
+    if framework == "pydantic":
+        return tree | {
+            request: ["agent:Agent.run"],
+            "agent:Agent.run": ["agent:OpenAIChatModel.request"] * 2 + ["agent:get_forecast"],
+            "agent:OpenAIChatModel.request": [LLM_CALL] * 2,
+            "agent:get_forecast": [WEATHER_CALL],
+        }
+    # The Agents SDK under MLflow's OpenAI autolog: one MLflow span per SDK span, and the
+    # OpenAI client's own span (`AsyncCompletions`) under each `Generation`. From MLflow 3.11
+    # that span sends its context with the call and is the call's span; before, ours is,
+    # beside it.
+    calls = "agent:AsyncCompletions"
+    if AUTOLOG_SENDS_CONTEXT:
+        del tree[LLM_CALL]
+        tree |= {calls: [LLM] * 2, "agent:Generation": [calls] * 2}
+    else:
+        tree |= {calls: [], "agent:Generation": sorted([calls, calls, LLM_CALL, LLM_CALL])}
+    steps = ["agent:Generation"] * 2 + ["agent:get_forecast"]
+    tree |= {request: ["agent:AgentRunner.run"], "agent:get_forecast": [WEATHER_CALL]}
+    if not AGENTS_SDK_TURNS:
+        return tree | {"agent:AgentRunner.run": ["agent:forecaster"], "agent:forecaster": steps}
+    # The SDK's task span (named after the workflow) and its turns (MLflow 3.17: `Unknown`).
+    return tree | {
+        "agent:AgentRunner.run": ["agent:Agent workflow"],
+        "agent:Agent workflow": ["agent:forecaster"],
+        "agent:forecaster": ["agent:Unknown"] * 2,
+        "agent:Unknown": steps,
+    }
+
+
+@pytest.mark.parametrize("autolog", [False, True], ids=["plain", "autolog"])
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_an_agent_framework_gives_one_trace_each_span_under_its_cause(
+    stack: Stack, framework: str, autolog: bool
+) -> None:
+    """Called by a traced caller, an agent service on each framework, with or without its
+    autolog, gives one trace: the autolog's spans under the agent's request span, each LLM
+    call under the step that made it, the LLM service's request under the call, the tool's
+    call under the tool's span, the weather service's request under that."""
+    expected = _expected(framework, autolog)
+    spans = sum(len(kids) for kids in expected.values()) + 1  # every span is a child but one
+    trace = _ask(stack, framework, autolog, spans)
+    assert _children(trace) == expected
+    assert len(trace.data.spans) == spans
+    assert trace.info.state.value == "OK"
+    # The types a reader sees as icons: ours (a request is a CHAIN, a call to a service a TOOL,
+    # a call to an LLM API an LLM) and, with autolog, the framework's agent, model and tool.
+    types = {f"{s.attributes.get('service.name')}:{s.name}": s.span_type for s in trace.data.spans}
+    ours = {f"agent:POST /ask/{framework}": "CHAIN", f"caller:POST agent /ask/{framework}": "TOOL"}
+    ours |= {LLM: "LLM"} | ({LLM_CALL: "LLM"} if LLM_CALL in expected else {})
+    ours |= {WEATHER_CALL: "TOOL"} if WEATHER_CALL in expected else {}
+    if autolog:
+        ours |= {"agent:get_forecast": "TOOL"} | AUTOLOG_TYPES[framework]
+    assert {name: types[name] for name in ours} == ours
+    agent = AUTOLOG[framework] if autolog else "plain"
+    assert "has no attribute" not in stack.services[f"agent-{agent}"].output()
