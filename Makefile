@@ -132,8 +132,9 @@ bench-long: $(BENCH_STAMP)
 	@$(ENSURE_POSTGRES)
 	$(BIN)/python -m benchmarks.run --long
 
-# Pictures of the demo's trace in the MLflow UI (docs/img/): the venv with the screenshot
-# extra (Playwright), Debian's Chromium when missing (as root), then examples/screenshot.py.
+# Pictures of the demo's traces, an MCP tool call and a LangGraph agent in the MLflow UI
+# (docs/img/): the venv with the screenshot extra (Playwright), Debian's Chromium when missing
+# (as root), then examples/screenshot.py.
 .PHONY: screenshot
 SCREENSHOT_STAMP := $(VENV)/.installed-screenshot
 ENSURE_CHROMIUM := command -v chromium >/dev/null 2>&1 || { test "$$(id -u)" = 0 && apt-get update -qq && \
