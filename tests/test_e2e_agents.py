@@ -3,7 +3,8 @@ uvicorn services (tests/apps/agent_frameworks), read back with MlflowClient.
 
 test --requests--> caller (FastAPI + middleware) --httpx--> agent (FastAPI + middleware: the
                    OpenAI Agents SDK, PydanticAI or LangGraph; one process without autolog,
-                   one per framework with its autolog)
+                   one per framework with its autolog, one without autolog or the middleware
+                   under `mlflow-trace-run`)
         agent --the framework's OpenAI client--> llm (an OpenAI-compatible fake that asks for
                    the `get_forecast` tool once, then answers: tests.apps.langgraph_agent)
         agent's tool --httpx--> weather (FastAPI + middleware); LangGraph's tool records a
@@ -22,6 +23,7 @@ import secrets
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import agents.tracing.span_data
@@ -29,8 +31,9 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import Process, start_uvicorn
+from examples.launch import Process, _spawn, free_port, start_uvicorn, wait_ready
 from mlflow_trace_middleware import _compat
+from tests.test_e2e_launch import BIN, RUN
 from tests.test_e2e_sdks import AUTOLOG_SENDS_CONTEXT, _started, complete_trace, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -68,7 +71,11 @@ def stack(mlflow_server: Process, tmp_path_factory: pytest.TempPathFactory) -> I
     client = MlflowClient(mlflow_server.url)
     experiment = client.create_experiment("agent-frameworks")
     logs = tmp_path_factory.mktemp("agent-logs")
-    env = {"MLFLOW_TRACKING_URI": mlflow_server.url, "MLFLOW_EXPERIMENT_ID": experiment}
+    env = {
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "MLFLOW_EXPERIMENT_ID": experiment,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
     started: dict[str, Process] = {}
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -92,26 +99,35 @@ def stack(mlflow_server: Process, tmp_path_factory: pytest.TempPathFactory) -> I
         # One service without autolog for all three (nothing to interfere), one per autolog.
         agents = {"plain": "", **{AUTOLOG[f]: AUTOLOG[f] for f in FRAMEWORKS}}
         with ThreadPoolExecutor(max_workers=2) as pool:
-            _started(
-                {
-                    f"agent-{name}": pool.submit(
-                        start_uvicorn,
-                        f"agent-{name}",
-                        f"{APP}:agent_app",
-                        logs,
-                        {**agent_env, "AUTOLOG": autolog},
-                    )
-                    for name, autolog in agents.items()
-                },
-                started,
-            )
-        urls = {name: started[f"agent-{name}"].url for name in agents}
+            futures = {
+                f"agent-{name}": pool.submit(
+                    start_uvicorn,
+                    f"agent-{name}",
+                    f"{APP}:agent_app",
+                    logs,
+                    {**agent_env, "AUTOLOG": autolog},
+                )
+                for name, autolog in agents.items()
+            }
+            launched = {**agent_env, "AUTOLOG": "", "MIDDLEWARE": "0"}
+            futures["agent-launched"] = pool.submit(_launched, logs, launched)
+            _started(futures, started)
+        urls = {name[6:]: process.url for name, process in started.items() if name[:6] == "agent-"}
         caller_env = {**env, "AGENT_URLS": json.dumps(urls)}
         started["caller"] = start_uvicorn("caller", f"{APP}:caller_app", logs, caller_env)
         yield Stack(client, experiment, started)
     finally:
         for process in started.values():
             process.stop()
+
+
+def _launched(logs: Path, env: dict[str, str]) -> Process:
+    """The agent app without the middleware, under `mlflow-trace-run uvicorn`."""
+    port = free_port()
+    argv = [RUN, str(BIN / "uvicorn"), f"{APP}:agent_app", "--port", str(port)]
+    process = _spawn("agent-launched", argv, f"http://127.0.0.1:{port}", logs, env)
+    wait_ready(process, "/health")
+    return process
 
 
 def _children(trace: Any) -> dict[str, list[str]]:
@@ -125,10 +141,9 @@ def _children(trace: Any) -> dict[str, list[str]]:
     return {name: sorted(kids) for name, kids in children.items()}
 
 
-def _ask(stack: Stack, framework: str, autolog: bool, spans: int) -> Any:
-    """One request through the caller to the agent; its one trace, once `spans` have arrived."""
+def _ask(stack: Stack, framework: str, agent: str, spans: int) -> Any:
+    """One request through the caller to `agent`; its one trace, once `spans` have arrived."""
     city = f"city{secrets.token_hex(4)}"
-    agent = AUTOLOG[framework] if autolog else "plain"
     url = f"{stack.services['caller'].url}/run/{agent}/{framework}"
     response = requests.post(url, json={"city": city}, timeout=120)
     assert response.status_code == 200, response.text
@@ -198,18 +213,21 @@ def _expected(framework: str, autolog: bool) -> dict[str, list[str]]:
     }
 
 
-@pytest.mark.parametrize("autolog", [False, True], ids=["plain", "autolog"])
+@pytest.mark.parametrize("setup", ["one-line", "autolog", "launcher"])
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_an_agent_framework_gives_one_trace_each_span_under_its_cause(
-    stack: Stack, framework: str, autolog: bool
+    stack: Stack, framework: str, setup: str
 ) -> None:
     """Called by a traced caller, an agent service on each framework, with or without its
-    autolog, gives one trace: the autolog's spans under the agent's request span, each LLM
-    call under the step that made it, the LLM service's request under the call, the tool's
-    call under the tool's span, the weather service's request under that."""
+    autolog, with the one line or under the launcher, gives one trace: the autolog's spans
+    under the agent's request span, each LLM call under the step that made it, the LLM
+    service's request under the call, the tool's call under the tool's span, the weather
+    service's request under that."""
+    autolog = setup == "autolog"
+    agent = {"one-line": "plain", "autolog": AUTOLOG[framework], "launcher": "launched"}[setup]
     expected = _expected(framework, autolog)
     spans = sum(len(kids) for kids in expected.values()) + 1  # every span is a child but one
-    trace = _ask(stack, framework, autolog, spans)
+    trace = _ask(stack, framework, agent, spans)
     assert _children(trace) == expected
     assert len(trace.data.spans) == spans
     assert trace.info.state.value == "OK"
@@ -222,5 +240,4 @@ def test_an_agent_framework_gives_one_trace_each_span_under_its_cause(
     if autolog:
         ours |= {"agent:get_forecast": "TOOL"} | AUTOLOG_TYPES[framework]
     assert {name: types[name] for name in ours} == ours
-    agent = AUTOLOG[framework] if autolog else "plain"
     assert "has no attribute" not in stack.services[f"agent-{agent}"].output()

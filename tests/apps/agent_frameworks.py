@@ -7,7 +7,8 @@ for `tests/test_e2e_agents.py`.
 `tests.apps.langgraph_agent:llm_app`: it asks for `get_forecast` once, then answers with the
 tool's result). Each framework's `get_forecast` tool asks the weather service at `WEATHER_URL`
 (httpx). `AUTOLOG=openai|pydantic_ai|langchain` turns on that one of MLflow's autologs (as a
-service on one framework would); without it, none. The one-line middleware either way.
+service on one framework would); without it, none. The one-line middleware either way, unless
+`MIDDLEWARE=0` (for `mlflow-trace-run`, which adds it).
 `uvicorn tests.apps.agent_frameworks:caller_app`: `POST /run/{agent}/{framework}` calls
 `/ask/{framework}` on the agent service named `agent` in `AGENT_URLS` (JSON): the agent
 continues a remote parent, as a service called by a traced caller does.
@@ -36,7 +37,8 @@ os.environ["LANGCHAIN_AUTOLOG"] = "1" if AUTOLOG == "langchain" else "0"
 
 def _app() -> FastAPI:
     app = FastAPI()
-    app.add_middleware(MlflowTracingMiddleware, exclude_paths=UNTRACED)
+    if os.environ.get("MIDDLEWARE", "1") == "1":  # 0: `mlflow-trace-run` adds it
+        app.add_middleware(MlflowTracingMiddleware, exclude_paths=UNTRACED)
 
     @app.get("/health")
     async def health() -> dict[str, bool]:
