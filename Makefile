@@ -25,7 +25,7 @@ OLDEST_SDKS   ?= 'openai<2' 'anthropic<1' 'mcp<2'
 LIGHT         ?= .venv-light
 LIGHT_STAMP   := $(LIGHT)/.installed
 
-.PHONY: venv test test-oldest test-light test-fast lint format typecheck demo clean bench bench-long
+.PHONY: venv test test-oldest test-light test-fast lint format typecheck docs demo clean bench bench-long
 
 venv: $(STAMP)
 
@@ -67,6 +67,7 @@ test: venv
 	$(BIN)/ruff format --check mlflow_trace_middleware tests examples benchmarks
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(MAKE) docs
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
 	$(MAKE) test-oldest
 	$(MAKE) test-light
@@ -107,6 +108,11 @@ format: venv
 
 typecheck: venv
 	$(BIN)/mypy
+
+# The documentation site (mkdocs.yml, docs/) into site/; strict: a broken link or anchor, a page
+# missing from the nav or an API name that no longer imports fails the build.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 demo: venv
 	$(BIN)/python -m examples.demo
@@ -149,4 +155,4 @@ screenshot: $(SCREENSHOT_STAMP)
 	$(BIN)/python -m examples.screenshot
 
 clean:
-	rm -rf $(VENV) $(OLDEST) $(LIGHT) .pytest_cache .mypy_cache .ruff_cache .demo
+	rm -rf $(VENV) $(OLDEST) $(LIGHT) .pytest_cache .mypy_cache .ruff_cache .demo site

@@ -1,0 +1,25 @@
+"""MkDocs hook: the benchmark pages live in benchmarks/ (written by `make bench`), outside
+docs/; they join the site under benchmarks/ so links to them are resolved and checked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mkdocs.structure.files import File, Files, InclusionLevel
+
+OUTSIDE = ("benchmarks/README.md", "benchmarks/RESULTS.md")
+
+
+def on_files(files: Files, config: Any, **_: Any) -> Files:
+    """Add each file under its path relative to docs/ (`../benchmarks/...`), built into
+    site/benchmarks/ (a path above the site would be written outside it); included explicitly,
+    as a path starting with a dot is excluded by default."""
+    root = Path(config.config_file_path).parent
+    for path in OUTSIDE:
+        file = File.generated(
+            config, f"../{path}", abs_src_path=str(root / path), inclusion=InclusionLevel.INCLUDED
+        )
+        file.dest_uri = path.removesuffix(".md").removesuffix("/README") + "/index.html"
+        files.append(file)
+    return files
