@@ -78,13 +78,10 @@ def _publish(original: Callable[..., Any]) -> Callable[..., Any]:
         if not _patched:
             return original(producer, body, *args, **kwargs)
         positional = len(args) > _HEADERS_AT
-        headers = args[_HEADERS_AT] if positional else kwargs.get("headers")
-        if (
-            isinstance(headers, Mapping)
-            and _celery_task(headers)
-            and _propagation.TRACEPARENT in headers
-        ):
-            return original(producer, body, *args, **kwargs)
+        given = args[_HEADERS_AT] if positional else kwargs.get("headers")
+        headers = given if isinstance(given, Mapping) else None
+        if headers and _celery_task(headers) and _propagation.TRACEPARENT in headers:
+            return original(producer, body, *args, **kwargs)  # the Celery adapter's publish
         try:
             routing_key = args[0] if args else kwargs.get("routing_key")
             if routing_key is None:

@@ -237,6 +237,23 @@ def test_a_celery_delay_gives_exactly_one_producer_span(exporter: InMemoryExport
     assert [s.name for s in exporter.finished_spans()] == ["apply_async/noop", "caller"]
 
 
+def test_a_celery_task_message_that_carries_its_context_is_published_as_is(
+    broker: Broker, exporter: InMemoryExporter
+) -> None:
+    """However Celery's adapter publishes (in a traced call or not), its headers say so."""
+    task = {"task": "noop", "id": "1", "traceparent": TRACEPARENT}
+    broker.consumer(callbacks=[broker.record])
+    with mlflow.start_span("caller"):
+        broker.publish(headers=dict(task))
+    broker.drain()
+    ((_, headers, _),) = broker.received
+    assert headers == task
+    # Nor a consumer span (the Celery adapter runs the task): the callback's own is a root.
+    spans = spans_by_name(exporter)
+    assert sorted(spans) == ["caller", "handle"]
+    assert spans["handle"].parent is None
+
+
 # -- consume -------------------------------------------------------------------------------------
 
 CONTEXT = {"traceparent": TRACEPARENT, "tracestate": member([])}
