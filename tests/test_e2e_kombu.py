@@ -4,8 +4,9 @@ with MlflowClient.
 
 test --POST /publish--> caller (FastAPI + middleware + instrument()) --publish--> broker
     --> consumer (`python -m tests.apps.kombu_consumer MODE URL`, instrument()):
-        kombu callbacks (RabbitMQ) or on_message (Redis), aio-pika consume or iterator
-        (RabbitMQ); `@mlflow.trace` `work` --requests--> callee (FastAPI + middleware)
+        kombu callbacks (RabbitMQ; also under `mlflow-trace-run`, no code) or on_message
+        (Redis), aio-pika consume or iterator (RabbitMQ); `@mlflow.trace` `work`
+        --requests--> callee (FastAPI + middleware)
 
 Caller, consumer and callee each report to an experiment of their own, and the consumer posts a
 trace of its own before it consumes: the message's spans must land in the caller's.
@@ -18,6 +19,7 @@ import secrets
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,12 +33,15 @@ from tests.test_e2e_sdks import complete_trace, span_named, tree, wait_for
 pytestmark = pytest.mark.e2e
 
 EXPERIMENT = "mlflow_trace_middleware.experiment_id"
-# (consumer mode, publishing client, broker)
+RUN = str(Path(sys.executable).with_name("mlflow-trace-run"))
+# consumer mode (also its queue's routing key) -> (publishing client, broker)
 MODES = {
     "callbacks": ("kombu", "rabbitmq"),
     "on_message": ("kombu", "redis"),
     "consume": ("aio_pika", "rabbitmq"),
     "iterator": ("aio_pika", "rabbitmq"),
+    # No code in the consumer: `mlflow-trace-run python -m ...`.
+    "callbacks-launcher": ("kombu", "rabbitmq"),
 }
 
 
@@ -99,6 +104,8 @@ def stack(
     experiment = services.client.create_experiment(f"kombu-consumer-{mode}")
     env = {**services.common, "MLFLOW_EXPERIMENT_ID": experiment, "OTEL_SERVICE_NAME": "consumer"}
     argv = [sys.executable, "-m", "tests.apps.kombu_consumer", mode, url]
+    if mode.endswith("-launcher"):
+        argv, env = [RUN, *argv], {**env, "CONSUMER_INSTRUMENT": "0"}
     logs = tmp_path_factory.mktemp(f"consumer-{mode}")
     consumer = _spawn("consumer", argv, url, logs, env)
     try:

@@ -2,7 +2,9 @@
 BROKER_URL`, with `mlflow_trace_middleware.instrument()` as its one line of setup.
 
 MODE: `callbacks` or `on_message` (kombu's two consuming paths), `consume` (an aio-pika consume
-callback) or `iterator` (aio-pika's `Queue.iterator()` and `message.process()`). It consumes
+callback) or `iterator` (aio-pika's `Queue.iterator()` and `message.process()`), with any suffix
+(`callbacks-launcher`). `CONSUMER_INSTRUMENT=0` leaves out the `instrument()` line (under
+`mlflow-trace-run`). It consumes
 queue `work-MODE`, bound to the direct exchange `jobs` with routing key MODE, and prints
 `ready` once it does. Each job `{"key", "url", "fail"}` runs `@mlflow.trace` work that calls the
 traced HTTP service at `url` (`GET /lookup`), or raises when `fail`.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from typing import Any
 
@@ -23,7 +26,8 @@ import requests
 
 import mlflow_trace_middleware
 
-mlflow_trace_middleware.instrument()
+if os.environ.get("CONSUMER_INSTRUMENT", "1") == "1":  # "0" under mlflow-trace-run: no code
+    mlflow_trace_middleware.instrument()
 
 EXCHANGE = "jobs"
 
@@ -54,7 +58,7 @@ def run_kombu(mode: str, url: str) -> None:
     with Connection(url) as connection:
         channel = connection.channel()
         queue(channel).declare()
-        if mode == "callbacks":
+        if mode.startswith("callbacks"):
             consumer = Consumer(channel, [queue], callbacks=[on_body], accept=["json"])
         else:
             consumer = Consumer(channel, [queue], on_message=on_message, accept=["json"])
@@ -101,7 +105,7 @@ def main() -> None:
     with mlflow.start_span("startup"):
         pass
     mlflow_trace_middleware.flush()
-    if mode in ("callbacks", "on_message"):
+    if mode.startswith(("callbacks", "on_message")):
         run_kombu(mode, url)
     else:
         asyncio.run(run_aio_pika(mode, url))
