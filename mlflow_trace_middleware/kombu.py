@@ -106,9 +106,7 @@ def _publish(original: Callable[..., Any]) -> Callable[..., Any]:
         if started is None:
             return original(producer, body, *args, **kwargs)
         call, context = started
-        sent = _messaging.with_context(
-            headers if isinstance(headers, Mapping) else None, call.headers
-        )
+        sent = _messaging.with_context(headers, call.headers)
         if positional:
             args = (*args[:_HEADERS_AT], sent, *args[_HEADERS_AT + 1 :])
         else:
@@ -190,10 +188,7 @@ def consume_batch(messages: Iterable[Any]) -> _messaging.Consuming:
         for message in messages:
             headers = message.headers if isinstance(message.headers, Mapping) else None
             carriers.append(_messaging.carrier(headers))
-            delivery = message.delivery_info if isinstance(message.delivery_info, Mapping) else {}
-            places.add(
-                (str(delivery.get("exchange") or ""), str(delivery.get("routing_key") or ""))
-            )
+            places.add(_place(message))
             system = _system(message.channel)
         exchange, routing_key = places.pop() if len(places) == 1 else ("", "")
         attributes = _messaging.attributes(system, "process", "process", exchange, routing_key)
@@ -221,15 +216,12 @@ def _receive(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _buffering(callbacks: Any) -> bool:
     """Callbacks that only buffer the message (`SimpleQueue`): it is handled after `get()`."""
-    simple = _simple()
     return bool(callbacks) and all(
-        isinstance(getattr(callback, "__self__", None), simple) for callback in callbacks
+        isinstance(getattr(callback, "__self__", None), _buffers) for callback in callbacks
     )
 
 
-def _simple() -> type:
-    base: type = importlib.import_module("kombu.simple").SimpleBase
-    return base
+_buffers: tuple[type, ...] = ()  # kombu.simple.SimpleBase, once kombu is patched
 
 
 def _traced_handler(handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -276,6 +268,8 @@ _patched: list[tuple[Any, str, Any]] = []  # (class, attribute, its own value)
 def _patch(module: Any) -> None:
     if _patched:
         return
+    global _buffers
+    _buffers = (importlib.import_module("kombu.simple").SimpleBase,)
     producer, consumer = module.Producer, module.Consumer
     for owner, name, wrapped in (
         (producer, "publish", _publish(producer.publish)),

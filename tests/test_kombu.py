@@ -20,7 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags
 
 import mlflow_trace_middleware as mtm
-from mlflow_trace_middleware import _config, _keys, _messaging, _mlflow, _trust
+from mlflow_trace_middleware import _client, _config, _keys, _messaging, _mlflow, _trust
 from mlflow_trace_middleware import celery as celery_adapter
 from mlflow_trace_middleware import kombu as adapter
 from mlflow_trace_middleware.testing import InMemoryExporter
@@ -235,6 +235,24 @@ def test_a_celery_delay_gives_exactly_one_producer_span(exporter: InMemoryExport
     ((headers),) = sent
     assert headers["traceparent"].split("-")[2] == hex_ids(producers[0])[1]
     assert [s.name for s in exporter.finished_spans()] == ["apply_async/noop", "caller"]
+
+
+def test_a_publish_inside_another_traced_call_stays_out(
+    broker: Broker, exporter: InMemoryExporter
+) -> None:
+    """What Celery's `apply_async/<task>` span is to the kombu publish it makes."""
+    broker.consumer(callbacks=[broker.record])
+    with mlflow.start_span("caller"):
+        started = _client.start_message("outer", {}, SpanKind.PRODUCER)
+        assert started is not None
+        call = started[0]
+        with call:
+            broker.publish(headers={"a": "1"})
+        call.end()
+    broker.drain()
+    ((_, headers, _),) = broker.received
+    assert headers == {"a": "1"}
+    assert sorted(s.name for s in exporter.finished_spans()) == ["caller", "handle", "outer"]
 
 
 def test_a_celery_task_message_that_carries_its_context_is_published_as_is(
