@@ -2,7 +2,7 @@
 ports, temp dirs), a real `mlflow server`, uvicorn services and a consumer process, read back
 with MlflowClient.
 
-test --POST /publish--> caller (FastAPI + middleware + instrument()) --publish--> broker
+test --POST /publish--> caller (FastAPI + the one-line middleware) --publish--> broker
     --> consumer (`python -m tests.apps.kombu_consumer MODE URL`, instrument()):
         kombu callbacks (RabbitMQ; also under `mlflow-trace-run`, no code) or on_message
         (Redis), aio-pika consume or iterator (RabbitMQ); `@mlflow.trace` `work`

@@ -1,5 +1,5 @@
-"""The HTTP side of `tests/test_e2e_kombu.py`: a FastAPI service with the middleware and
-`instrument()` (what publishes through kombu and aio-pika needs).
+"""The HTTP side of `tests/test_e2e_kombu.py`: a FastAPI service with the one-line middleware
+(its first request calls `instrument()`: kombu and aio-pika publishes are traced).
 
 As the caller: `POST /publish {"client": "kombu" | "aio_pika", "broker": url, "route": ...,
 "key": ..., "url": ..., "fail": ...}` publishes one message to the direct exchange `jobs` with
@@ -15,10 +15,7 @@ from fastapi import FastAPI
 from kombu import Connection, Exchange
 from pydantic import BaseModel
 
-import mlflow_trace_middleware
 from mlflow_trace_middleware import MlflowTracingMiddleware
-
-mlflow_trace_middleware.instrument()
 
 app = FastAPI()
 app.add_middleware(MlflowTracingMiddleware)
