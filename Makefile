@@ -59,10 +59,18 @@ ENSURE_REDIS := command -v redis-server >/dev/null 2>&1 || test -x /usr/bin/redi
 	install -y -qq redis-server >/dev/null; } || \
 	{ echo "Redis is needed: apt-get install redis-server (as root)"; exit 1; }
 
+# tests/test_e2e_kombu.py runs its own RabbitMQ (a temp dir, free loopback ports, its own
+# epmd): Debian's rabbitmq-server, installed here when missing (as root); its service is not used.
+ENSURE_RABBITMQ := test -x /usr/lib/rabbitmq/bin/rabbitmq-server || \
+	{ test "$$(id -u)" = 0 && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get \
+	install -y -qq rabbitmq-server >/dev/null; } || \
+	{ echo "RabbitMQ is needed: apt-get install rabbitmq-server (as root)"; exit 1; }
+
 test: venv
 	@$(ENSURE_POSTGRES)
 	@$(ENSURE_NODE)
 	@$(ENSURE_REDIS)
+	@$(ENSURE_RABBITMQ)
 	$(BIN)/ruff check mlflow_trace_middleware tests examples benchmarks
 	$(BIN)/ruff format --check mlflow_trace_middleware tests examples benchmarks
 	$(BIN)/mypy
@@ -82,6 +90,7 @@ test-oldest: $(OLDEST_STAMP)
 	@$(ENSURE_POSTGRES)
 	@$(ENSURE_NODE)
 	@$(ENSURE_REDIS)
+	@$(ENSURE_RABBITMQ)
 	$(OLDEST)/bin/pytest
 
 $(LIGHT_STAMP): pyproject.toml
