@@ -236,13 +236,11 @@ def _retry(request: Any = None, reason: Any = None, **_: Any) -> None:
 
 
 def _postrun(task_id: Any = None, state: Any = None, **_: Any) -> None:
-    key = _key(task_id) if isinstance(task_id, str) else None
-    attempts = _running.get(key) if key is not None else None
-    if not attempts:
+    if not isinstance(task_id, str) or not (attempts := _running.get(key := _key(task_id))):
         return
     running = attempts.pop()
     if not attempts:
-        _running.pop(key, None)  # type: ignore[arg-type]
+        _running.pop(key, None)
     _mlflow.detach_quietly(running.token)
     span = running.span
     try:
