@@ -79,6 +79,8 @@ def start_worker(name: str, pool: str, logs: Path, env: dict[str, str], launcher
     wait_for(lambda: "ready." in process.output() or process.popen.poll() is not None, "worker")
     if process.popen.poll() is not None:
         raise RuntimeError(f"the worker exited:\n{process.output()}")
+    # gevent patched the standard library before the launcher's imports (ssl among them).
+    assert "MonkeyPatchWarning" not in process.output()
     return process
 
 
