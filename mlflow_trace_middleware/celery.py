@@ -29,6 +29,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import os
+import threading
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -78,8 +79,16 @@ class _Running:
 
 # The producer span of the `send_task` running in this context (`before_task_publish` fills it).
 _sending: ContextVar[_client.ClientCall | None] = ContextVar("mtm_celery_sending", default=None)
-# task id -> attempts running in this process (an eager retry runs inside its first attempt).
-_running: dict[str, list[_Running]] = {}
+# (task id, thread) -> attempts running there (an eager retry runs inside its first attempt). The
+# thread too: in a threads or gevent pool a retry can start in another thread (greenlet) before
+# the attempt that published it has ended. The signals of an attempt run in its thread.
+_running: dict[tuple[str, int], list[_Running]] = {}
+
+
+def _key(task_id: str) -> tuple[str, int]:
+    return task_id, threading.get_ident()  # gevent's monkey patching makes it the greenlet's
+
+
 _options = _server.ServerOptions()
 _clients = False  # install the HTTP client hooks in the worker (the launcher)
 
@@ -191,13 +200,14 @@ def _prerun(task_id: Any = None, task: Any = None, **_: Any) -> None:
             span, context = _server.start_call(
                 _options, span_name, attributes, message, SpanKind.CONSUMER
             )
-        _running.setdefault(task_id, []).append(_Running(span, _mlflow.attach_quietly(context)))
+        attempt = _Running(span, _mlflow.attach_quietly(context))
+        _running.setdefault(_key(task_id), []).append(attempt)
     except Exception:
         _log.internal_error("celery task span start")
 
 
 def _current(task_id: Any) -> _Running | None:
-    attempts = _running.get(task_id) if isinstance(task_id, str) else None
+    attempts = _running.get(_key(task_id)) if isinstance(task_id, str) else None
     return attempts[-1] if attempts else None
 
 
@@ -226,12 +236,11 @@ def _retry(request: Any = None, reason: Any = None, **_: Any) -> None:
 
 
 def _postrun(task_id: Any = None, state: Any = None, **_: Any) -> None:
-    attempts = _running.get(task_id) if isinstance(task_id, str) else None
-    if not attempts:
+    if not isinstance(task_id, str) or not (attempts := _running.get(key := _key(task_id))):
         return
     running = attempts.pop()
     if not attempts:
-        _running.pop(task_id, None)
+        _running.pop(key, None)
     _mlflow.detach_quietly(running.token)
     span = running.span
     try:

@@ -22,8 +22,10 @@ handler returns or its response stream ends; an error for a server-side failure 
 DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS) from an abort or an exception.
 
 `instrument()` hooks the channels' call objects, sync and aio (so channels and stubs made before
-it are traced too), and adds the server interceptor to each server `grpc.server` or
-`grpc.aio.server` makes after it.
+it are traced too), adds the server interceptor to each server `grpc.server` or
+`grpc.aio.server` makes after it, and traces the calls of servers made before it (without one
+of our interceptors) where they look up each call's handler: the middleware runs `instrument()`
+at its first request, after a gRPC server in the same process has started.
 """
 
 from __future__ import annotations
@@ -634,10 +636,24 @@ def _aio_method(original: Any, kind: type[_AioClient]) -> Any:
 TRUST_ENV = "MLFLOW_TRACE_TRUST"  # the policy of servers instrument() traces, as the launcher's
 
 
-def _server_factory(original: Any, make: Callable[..., Any]) -> Any:
-    """`grpc.server`/`grpc.aio.server`: our interceptor first (outermost), unless given; its
-    trust policy and identity keys from `MLFLOW_TRACE_TRUST`/`MLFLOW_TRACE_IDENTITY_HEADERS`
-    (an invalid value leaves the server untraced, logged)."""
+def _implicit(make: Callable[..., _Server]) -> _Server | None:
+    """A server interceptor of `instrument()`'s: its trust policy from `MLFLOW_TRACE_TRUST`
+    (an invalid value leaves the server untraced, logged); it stops with `uninstrument()`."""
+    try:
+        interceptor = make(trust=os.environ.get(TRUST_ENV, "").strip() or "continue")
+        interceptor._implicit = True
+        return interceptor
+    except Exception:
+        _log.internal_error("grpc server instrument")
+        return None
+
+
+def _ours(interceptors: Any) -> bool:
+    return any(isinstance(i, _Server) for i in interceptors or ())
+
+
+def _server_factory(original: Any, make: Callable[..., _Server]) -> Any:
+    """`grpc.server`/`grpc.aio.server`: our interceptor first (outermost), unless given."""
     signature = inspect.signature(original)
 
     def server(*args: Any, **kwargs: Any) -> Any:
@@ -646,16 +662,50 @@ def _server_factory(original: Any, make: Callable[..., Any]) -> Any:
         except TypeError:
             return original(*args, **kwargs)  # grpc's own error
         given: Sequence[Any] = bound.arguments.get("interceptors") or ()
-        if not any(isinstance(i, _Server) for i in given):
-            try:
-                interceptor = make(trust=os.environ.get(TRUST_ENV, "").strip() or "continue")
-                interceptor._implicit = True
-                bound.arguments["interceptors"] = [interceptor, *given]
-            except Exception:
-                _log.internal_error("grpc server instrument")
+        if not _ours(given) and (interceptor := _implicit(make)) is not None:
+            bound.arguments["interceptors"] = [interceptor, *given]
         return original(*bound.args, **bound.kwargs)
 
     return server
+
+
+_CallDetails = namedtuple("_CallDetails", ("method", "invocation_metadata"))
+
+
+def _sync_lookup(original: Any) -> Any:
+    """`grpc._server._find_method_handler`, which every sync server calls per call: the handler
+    of a server without our interceptor (made before `instrument()`) run under a SERVER span."""
+    interceptor = _implicit(ServerInterceptor)
+
+    def find(event: Any, state: Any, method: Any, pipeline: Any, *args: Any) -> Any:
+        handler = original(event, state, method, pipeline, *args)
+        if interceptor is None or handler is None or _ours(getattr(pipeline, "interceptors", ())):
+            return handler
+        try:
+            path = event.call_details.method
+            details = _CallDetails(
+                path.decode() if isinstance(path, bytes) else path, event.invocation_metadata
+            )
+        except Exception:
+            _log.internal_error("grpc server handler")
+            return handler
+        return interceptor._traced(handler, details, aio=False)
+
+    return find
+
+
+def _aio_lookup(original: Any) -> Any:
+    """`cygrpc._find_method_handler(method, metadata, handlers, interceptors)`, its `grpc.aio`
+    twin (grpc's Cython server looks it up in its module at each call)."""
+    interceptor = _implicit(AioServerInterceptor)
+
+    async def find(method: Any, metadata: Any, handlers: Any, interceptors: Any, *args: Any) -> Any:
+        handler = await original(method, metadata, handlers, interceptors, *args)
+        if interceptor is None or handler is None or _ours(interceptors):
+            return handler
+        return interceptor._traced(handler, _CallDetails(method, metadata), aio=True)
+
+    return find
 
 
 _originals: list[tuple[Any, str, Any]] = []
@@ -681,6 +731,12 @@ def _patches() -> list[tuple[Any, str, Any]]:
         patches.append((cls, "__call__", _aio_method(cls.__call__, kind)))
     patches.append((grpc, "server", _server_factory(grpc.server, ServerInterceptor)))
     patches.append((grpc.aio, "server", _server_factory(grpc.aio.server, AioServerInterceptor)))
+    # Servers made before: the lookup each one runs per call (absent in another grpc: skipped).
+    server: Any = importlib.import_module("grpc._server")
+    cygrpc: Any = importlib.import_module("grpc._cython.cygrpc")
+    for module, lookup in ((server, _sync_lookup), (cygrpc, _aio_lookup)):
+        if callable(original := getattr(module, "_find_method_handler", None)):
+            patches.append((module, "_find_method_handler", lookup(original)))
     return patches
 
 

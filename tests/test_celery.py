@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -79,9 +80,11 @@ class App:
     def _record(self, headers: dict[str, Any] | None = None, **_: Any) -> None:
         self.published.append(dict(headers or {}))
 
-    def run(self, task: Any, headers: dict[str, str], *args: Any, retries: int = 0) -> Any:
+    def run(
+        self, task: Any, headers: dict[str, str], *args: Any, retries: int = 0, task_id: str = ""
+    ) -> Any:
         """Run `task` as a worker does: Celery's tracer, the message headers as the request."""
-        task_id = str(uuid.uuid4())
+        task_id = task_id or str(uuid.uuid4())
         request = {
             "id": task_id,
             "task": task.name,
@@ -301,6 +304,48 @@ def test_a_retry_is_published_from_its_attempt_and_recorded(
     assert first.status.status_code == StatusCode.UNSET
     assert [first.attributes["celery.retries"], second.attributes["celery.retries"]] == [0, 1]
     assert second.status.status_code == StatusCode.OK
+
+
+def test_attempts_of_one_task_running_at_once_in_two_threads_keep_their_own_spans(
+    celery_app: App, exporter: InMemoryExporter
+) -> None:
+    """Threads and gevent pools: a retry published with `countdown=0` can start in another
+    thread before the attempt that retried has ended (both have the task's id)."""
+    first_started, second_started, first_done = (threading.Event() for _ in range(3))
+
+    @celery_app.app.task(name="overlap", bind=True, max_retries=3)
+    def overlap(task: Any) -> str:
+        if task.request.retries == 0:
+            first_started.set()
+            second_started.wait(10)
+            raise task.retry(exc=ConnectionError("down"), countdown=0)
+        second_started.set()
+        first_done.wait(10)
+        return "done"
+
+    task_id = str(uuid.uuid4())
+    headers = {"traceparent": TRACEPARENT}
+
+    def first() -> None:
+        celery_app.run(overlap, headers, task_id=task_id)
+        first_done.set()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_started.wait(10)
+    celery_app.run(overlap, headers, retries=1, task_id=task_id)
+    thread.join(10)
+    runs = sorted(
+        (s for s in exporter.finished_spans() if s.name == "run/overlap"),
+        key=lambda s: s.attributes["celery.retries"],
+    )
+    assert [s.attributes["celery.state"] for s in runs] == ["RETRY", "SUCCESS"]
+    assert [s.attributes.get("celery.retry.reason") for s in runs] == [
+        "Retry in 0s: ConnectionError('down')",
+        None,
+    ]
+    assert [s.status.status_code for s in runs] == [StatusCode.UNSET, StatusCode.OK]
+    assert current_ids() is None
 
 
 # -- eager ---------------------------------------------------------------------------------------

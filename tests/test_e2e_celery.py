@@ -2,9 +2,10 @@
 a real `mlflow server`, uvicorn services and a real `celery worker`, read back with MlflowClient.
 
 test --POST /enqueue--> caller (FastAPI + the one-line middleware) --delay--> Redis
-    --> worker (`celery -A tests.apps.celery_tasks worker`): prefork `-c 2` under
-        `mlflow-trace-run` (no code), or solo with `instrument()` in the app module
+    --> worker (`celery -A tests.apps.celery_tasks worker`): prefork `-c 2` and gevent under
+        `mlflow-trace-run` (no code), solo and threads with `instrument()` in the app module
         task `work` --@mlflow.trace `work` --requests--> callee (FastAPI + middleware)
+    (and `celery beat` under `mlflow-trace-run`, publishing with no caller)
 
 Caller, worker and callee each report to an experiment of their own: the task's spans must land
 in the caller's. The prefork worker's children leave after each task (`--max-tasks-per-child
@@ -68,6 +69,8 @@ def start_worker(name: str, pool: str, logs: Path, env: dict[str, str], launcher
     argv += ["-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
     if pool == "prefork":
         argv += ["-c", "2", "--max-tasks-per-child", "1"]
+    elif pool in ("threads", "gevent"):
+        argv += ["-c", "4"]
     if launcher:
         argv = [RUN, *argv]
     else:
@@ -76,6 +79,8 @@ def start_worker(name: str, pool: str, logs: Path, env: dict[str, str], launcher
     wait_for(lambda: "ready." in process.output() or process.popen.poll() is not None, "worker")
     if process.popen.poll() is not None:
         raise RuntimeError(f"the worker exited:\n{process.output()}")
+    # gevent patched the standard library before the launcher's imports (ssl among them).
+    assert "MonkeyPatchWarning" not in process.output()
     return process
 
 
@@ -83,6 +88,8 @@ def start_worker(name: str, pool: str, logs: Path, env: dict[str, str], launcher
 class Stack:
     client: MlflowClient
     pool: str
+    env: dict[str, str]  # the worker's
+    logs: Path
     caller_experiment: str
     worker_experiment: str
     caller: Process
@@ -97,7 +104,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     process.stop()
 
 
-@pytest.fixture(scope="module", params=["prefork", "solo"])
+LAUNCHED = {"prefork", "gevent"}  # under mlflow-trace-run; the others call instrument()
+
+
+@pytest.fixture(scope="module", params=["prefork", "solo", "threads", "gevent"])
 def stack(
     request: pytest.FixtureRequest,
     mlflow_server: Process,
@@ -120,7 +130,7 @@ def stack(
     worker_env = {**common, "MLFLOW_EXPERIMENT_ID": experiments["worker"]}
     if pool == "prefork":
         worker_env["OTEL_BSP_SCHEDULE_DELAY"] = "60000"
-    worker = start_worker(f"worker-{pool}", pool, logs, worker_env, pool == "prefork")
+    worker = start_worker(f"worker-{pool}", pool, logs, worker_env, pool in LAUNCHED)
     web = "tests.apps.celery_web:app"
     processes = [worker]
     try:
@@ -130,6 +140,8 @@ def stack(
         yield Stack(
             client,
             pool,
+            worker_env,
+            logs,
             experiments["caller"],
             experiments["worker"],
             processes[1],
@@ -141,9 +153,9 @@ def stack(
             process.stop()
 
 
-def enqueue(stack: Stack, task: str, key: str) -> str:
-    """POST /enqueue; the trace id of the caller's request."""
-    body = {"task": task, "key": key, "url": stack.callee.url}
+def enqueue(stack: Stack, task: str, key: str, **options: Any) -> str:
+    """POST /enqueue (`countdown=`, `eager=`); the trace id of the caller's request."""
+    body = {"task": task, "key": key, "url": stack.callee.url, **options}
     response = requests.post(f"{stack.caller.url}/enqueue", json=body, timeout=30)
     assert response.status_code == 200, response.text
     found = wait_for(
@@ -263,3 +275,117 @@ def test_a_retried_task_records_each_attempt(stack: Stack) -> None:
     start = min(s.start_time_ns for s in spans.values())
     end = max(s.end_time_ns for s in spans.values())
     assert trace.info.execution_duration >= (end - start) // 1_000_000
+
+
+def test_a_countdown_task_runs_after_the_callers_root_ended_in_its_trace(stack: Stack) -> None:
+    """ETA/countdown: the worker holds the message; the task's spans arrive after the caller's
+    root was exported, and MLflow widens the trace to them."""
+    key = f"celery-eta-{secrets.token_hex(4)}"
+    trace_id = enqueue(stack, "work", key, countdown=2)
+    expected = {
+        "caller:POST /enqueue": None,
+        "caller:apply_async/work": "caller:POST /enqueue",
+        "worker:run/work": "caller:apply_async/work",
+        "worker:work": "worker:run/work",
+        "worker:GET callee /lookup": "worker:work",
+        "callee:GET /lookup": "worker:GET callee /lookup",
+    }
+    trace = complete_trace(stack.client, trace_id, spans=len(expected))
+    assert tree(trace) == expected
+    assert trace.info.state.value == "OK"
+    assert trace.info.experiment_id == stack.caller_experiment
+    root, run = span_named(trace, "caller:POST /enqueue"), span_named(trace, "worker:run/work")
+    assert run.start_time_ns > root.end_time_ns  # the task ran after the request was over
+    # The trace spans from the request's start to the task's end. (Read again until it does:
+    # `get_trace` reads the trace info before the spans, and the last batch may commit between.)
+    end = max(s.end_time_ns for s in trace.data.spans) // 1_000_000
+
+    def widened() -> Any:
+        info = stack.client.get_trace(trace_id).info
+        return info if info.request_time + info.execution_duration >= end else None
+
+    info = wait_for(widened, f"the trace widened to the task's end ({end})")
+    assert info.request_time <= root.start_time_ns // 1_000_000
+    assert in_experiment(stack, stack.worker_experiment, key) == 0
+
+
+def test_chains_and_groups_a_task_starts_are_published_under_its_span(stack: Stack) -> None:
+    """`fanout` starts the chain step 1 | step 2 and the group (step 3, step 4): each publish is a
+    PRODUCER span under the running task's CONSUMER span (the chain's second link is published
+    by the first when it is done)."""
+    key = f"celery-fanout-{secrets.token_hex(4)}"
+    trace_id = enqueue(stack, "fanout", key)
+    # caller: request, publish; fanout's run; per step: publish, run, @mlflow.trace step.
+    trace = complete_trace(stack.client, trace_id, spans=2 + 1 + 4 * 3)
+    spans = {span.span_id: span for span in trace.data.spans}
+
+    def path(span: Any) -> list[str]:
+        names = []
+        while span is not None:
+            names.append(f"{span.attributes['service.name']}:{span.name}")
+            span = spans.get(span.parent_id)
+        return names[::-1]
+
+    steps = {s.inputs["n"]: s for s in spans.values() if s.name == "step"}
+    assert sorted(steps) == [1, 2, 3, 4]
+    fanout = [
+        "caller:POST /enqueue",
+        "caller:apply_async/fanout",
+        "worker:run/fanout",
+    ]
+    step = ["worker:apply_async/step", "worker:run/step", "worker:step"]
+    assert path(steps[1]) == [*fanout, *step]
+    assert path(steps[2]) == [*fanout, *step[:2], *step]
+    assert path(steps[3]) == path(steps[4]) == [*fanout, *step]
+    assert len(spans) == 15
+    assert trace.info.state.value == "OK"
+    assert trace.info.experiment_id == stack.caller_experiment
+    assert in_experiment(stack, stack.worker_experiment, key) == 0
+
+
+def test_an_eager_task_runs_in_the_request(stack: Stack) -> None:
+    """`Task.apply` (what `task_always_eager` makes of `delay`): no message, the task's span
+    under the request's."""
+    key = f"celery-eager-{secrets.token_hex(4)}"
+    trace_id = enqueue(stack, "work", key, eager=True)
+    expected = {
+        "caller:POST /enqueue": None,
+        "caller:run/work": "caller:POST /enqueue",
+        "caller:work": "caller:run/work",
+        "caller:GET callee /lookup": "caller:work",
+        "callee:GET /lookup": "caller:GET callee /lookup",
+    }
+    trace = complete_trace(stack.client, trace_id, spans=len(expected))
+    assert tree(trace) == expected
+    assert span_named(trace, "caller:run/work").attributes["celery.state"] == "SUCCESS"
+    assert trace.info.state.value == "OK"
+
+
+def test_beat_tasks_are_new_traces_in_the_workers_experiment(stack: Stack) -> None:
+    """`celery beat` (unmodified, under mlflow-trace-run) publishes with no caller: each run is
+    the root of a trace of its own, in the worker's experiment; beat's own has nothing."""
+    key = f"celery-beat-{secrets.token_hex(4)}"
+    beat_experiment = stack.client.create_experiment(f"celery-{stack.pool}-beat")
+    schedule = stack.logs / f"beat-{key}"
+    argv = [RUN, sys.executable, "-m", "celery", "-A", TASKS, "beat", "-s", str(schedule)]
+    env = {
+        **stack.env,
+        "MLFLOW_EXPERIMENT_ID": beat_experiment,
+        "OTEL_SERVICE_NAME": "beat",
+        "CELERY_BEAT_KEY": key,
+    }
+    beat = _spawn("beat", [*argv, "--loglevel", "INFO"], "", stack.logs, env)
+    try:
+
+        def ticks() -> list[Any]:
+            found = stack.client.search_traces(locations=[stack.worker_experiment])
+            return [t for t in found if key in json.dumps(t.to_dict())]
+
+        found = wait_for(ticks, "a beat task's trace in the worker's experiment", timeout=60)
+    finally:
+        beat.stop()
+    trace = complete_trace(stack.client, found[0].info.trace_id, spans=2)
+    assert tree(trace) == {"worker:run/tick": None, "worker:tick": "worker:run/tick"}
+    assert trace.info.experiment_id == stack.worker_experiment
+    assert trace.info.state.value == "OK"
+    assert in_experiment(stack, beat_experiment, key) == 0

@@ -4,8 +4,10 @@ with MlflowClient.
 
 test --HTTP--> caller (FastAPI + middleware; a sync channel made at import, before
                instrument(); an aio channel made in a request)
-        caller --gRPC demo.Lookup/Get or /Fail--> grpc-server (`python -m tests.apps.grpc_apps`:
-               a sync and an aio server; the handler runs @mlflow.trace `lookup`)
+        caller --gRPC demo.Lookup/Get, /Fail, /Watch, /Upload, /Chat--> grpc-server
+               (`python -m tests.apps.grpc_apps`: a sync and an aio server, set up with
+               `instrument()`, or with no tracing code under `mlflow-trace-run`; the handler
+               runs @mlflow.trace `lookup`)
 
 The caller reports to one experiment, the gRPC server to another: its spans must land in the
 caller's trace and experiment.
@@ -18,6 +20,7 @@ import secrets
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -31,6 +34,7 @@ from tests.test_e2e_sdks import complete_trace, span_named, tree, wait_for
 pytestmark = pytest.mark.e2e
 
 EXPERIMENT = "mlflow_trace_middleware.experiment_id"
+RUN = str(Path(sys.executable).with_name("mlflow-trace-run"))
 
 
 @dataclass
@@ -41,17 +45,24 @@ class Stack:
     caller: Process
 
 
-@pytest.fixture(scope="module")
-def stack(mlflow_server: Process, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=["instrument", "launcher"])
+def stack(
+    request: pytest.FixtureRequest,
+    mlflow_server: Process,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    """The gRPC server set up with `instrument()`, or unmodified under `mlflow-trace-run`."""
+    setup: str = request.param
     client = MlflowClient(mlflow_server.url)
-    caller_experiment = client.create_experiment("grpc-caller")
-    server_experiment = client.create_experiment("grpc-server")
-    logs = tmp_path_factory.mktemp("grpc-logs")
+    caller_experiment = client.create_experiment(f"grpc-{setup}-caller")
+    server_experiment = client.create_experiment(f"grpc-{setup}-server")
+    logs = tmp_path_factory.mktemp(f"grpc-{setup}-logs")
     common = {"MLFLOW_TRACKING_URI": mlflow_server.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     sync_port, aio_port = free_port(), free_port()
+    argv = [sys.executable, "-m", "tests.apps.grpc_apps", str(sync_port), str(aio_port)]
     server = _spawn(
         "grpc-server",
-        [sys.executable, "-m", "tests.apps.grpc_apps", str(sync_port), str(aio_port)],
+        [RUN, *argv, "--plain"] if setup == "launcher" else argv,
         f"grpc://127.0.0.1:{sync_port}",
         logs,
         {**common, "MLFLOW_EXPERIMENT_ID": server_experiment, "OTEL_SERVICE_NAME": "grpc-server"},
@@ -145,11 +156,13 @@ def test_an_aborting_handler_is_an_error_on_both_sides(stack: Stack, mode: str) 
     assert trace.info.experiment_id == stack.caller_experiment
 
 
+@pytest.mark.parametrize("method", ["Watch", "Upload", "Chat"])
 @pytest.mark.parametrize("mode", ["sync", "aio"])
-def test_a_streaming_calls_spans_end_with_the_stream(stack: Stack, mode: str) -> None:
-    marker, answer, trace = call(stack, mode, "Watch")
+def test_a_streaming_calls_spans_end_with_the_stream(stack: Stack, mode: str, method: str) -> None:
+    """Server streaming, client streaming and both."""
+    marker, answer, trace = call(stack, mode, method)
     assert answer == {"value": f"value of {marker} done"}
-    rpc = "demo.Lookup/Watch"
+    rpc = f"demo.Lookup/{method}"
     assert tree(trace) == {
         f"caller:POST /{mode}": None,
         f"caller:{rpc}": f"caller:POST /{mode}",

@@ -583,3 +583,66 @@ def test_aio_channels_and_servers(exporter: InMemoryExporter, explicit: bool) ->
     assert client.attributes["rpc.grpc.status_code"] == 13
     assert server.attributes["rpc.grpc.status_code"] == 13
     assert all("traceparent" in seen for seen in service.metadata)
+
+
+# -- servers made before instrument() ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_server_made_before_instrument_is_traced(
+    exporter: InMemoryExporter, sync_server: Any, kind: str
+) -> None:
+    """The middleware runs `instrument()` at its first request: a gRPC server the same process
+    started at boot already runs then (issue 22)."""
+    _, start = sync_server
+    port = start()[1]  # started before instrument(), without interceptors
+    adapter.instrument()
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        with mlflow.start_span("agent"):
+            assert set(call(channel, kind)) == {b"HI"}
+    finally:
+        adapter.uninstrument()
+    assert_tree(exporter.finished_spans(), kind)
+
+
+def test_a_server_with_our_interceptor_made_before_instrument_traces_once(
+    exporter: InMemoryExporter, sync_server: Any
+) -> None:
+    _, start = sync_server
+    port = start(interceptors=[adapter.ServerInterceptor()])[1]
+    adapter.instrument()
+    try:
+        with mlflow.start_span("agent"):
+            call(grpc.insecure_channel(f"127.0.0.1:{port}"), "Unary")
+    finally:
+        adapter.uninstrument()
+    assert_tree(exporter.finished_spans(), "Unary")  # one SERVER span
+
+
+async def aio_server_made_before_instrument(explicit: bool) -> None:
+    service = AioService()
+    interceptors = [adapter.AioServerInterceptor()] if explicit else None
+    server = grpc.aio.server(interceptors=interceptors)
+    server.add_generic_rpc_handlers((service.handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    adapter.instrument()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with mlflow.start_span("agent"):
+                for kind in KINDS:
+                    assert set(await aio_call(channel, kind)) == {b"HI"}
+    finally:
+        adapter.uninstrument()
+        await server.stop(None)
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["bare", "our-interceptor"])
+def test_an_aio_server_made_before_instrument_is_traced_once(
+    exporter: InMemoryExporter, explicit: bool
+) -> None:
+    asyncio.run(aio_server_made_before_instrument(explicit))
+    spans = exporter.finished_spans()
+    for kind in KINDS:
+        assert_tree(spans, kind)

@@ -9,6 +9,29 @@ import os
 import sys
 
 
+def _green_pool_first() -> None:
+    """`celery worker -P gevent` (or eventlet) monkey-patches the standard library as its first
+    step; our imports (MLflow's: ssl, sockets, threads) would come before it, so the patching
+    comes first here, as Celery's own `maybe_patch_concurrency` does it (a no-op otherwise)."""
+    argv = list(getattr(sys, "argv", []))
+    try:
+        if argv[:1] == ["-m"]:  # `python -m celery`: the module is named in orig_argv only
+            ran = sys.orig_argv
+            program = ran[ran.index("-m") + 1]
+        else:
+            program = os.path.basename(argv[0]) if argv else ""
+    except (AttributeError, IndexError, ValueError):
+        return
+    if program != "celery" or importlib.util.find_spec("celery") is None:
+        return
+    try:
+        import celery
+
+        celery.maybe_patch_concurrency(argv)
+    except Exception as exc:  # Celery will say it again itself
+        sys.stderr.write(f"mlflow-trace-run: celery pool: {exc!r}\n")
+
+
 def _install() -> None:
     try:
         from mlflow_trace_middleware._launch import bootstrap
@@ -29,5 +52,6 @@ def _chain() -> None:
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
+_green_pool_first()
 _install()
 _chain()
