@@ -341,6 +341,20 @@ class BodyCapture:
             self._chunks.append(chunk[:room])
         self.size += len(chunk)
 
+    def edit(self, change: Callable[[Any], bool]) -> None:
+        """Let `change` edit the captured JSON body in place before it is recorded (what a
+        protocol carries beside the payload: MCP's `params._meta`); it returns whether it
+        changed anything. A truncated or invalid body is left as it is."""
+        if not self._chunks or self.size > self.limit:
+            return
+        try:
+            value = json.loads(b"".join(self._chunks))
+            if change(value):
+                encoded = json.dumps(value, ensure_ascii=False).encode()
+                self._chunks, self.size = [encoded], len(encoded)
+        except (ValueError, RecursionError):
+            return
+
     def attribute(self) -> str | None:
         """The body as the JSON text of an MLflow `spanInputs`/`spanOutputs` attribute.
 
@@ -373,3 +387,17 @@ class BodyCapture:
             return json.dumps(value, ensure_ascii=False)
         except RecursionError:
             return json.dumps("[body nested too deeply]")
+
+
+def value_attribute(value: Any, limit: int, redaction: Redaction = DEFAULT_REDACTION) -> str | None:
+    """A decoded JSON value (an MCP tool call's arguments or result) as a span inputs/outputs
+    attribute, recorded as a body of its encoded size would be: capped at `limit` bytes (0:
+    not recorded), credentials redacted."""
+    if not limit or value is None:
+        return None
+    capture = BodyCapture(limit, redaction)
+    try:
+        capture.feed(json.dumps(value, ensure_ascii=False, default=str).encode())
+    except (ValueError, TypeError, RecursionError):  # a circular or exotic value
+        return json.dumps("[value is not JSON]")
+    return capture.attribute()
