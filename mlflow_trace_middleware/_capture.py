@@ -322,6 +322,7 @@ class _Redactor:
 
 
 _JSON_TEXT = ("{", "[")
+NOT_JSON = json.dumps("[body is not valid JSON]")
 
 
 class BodyCapture:
@@ -378,7 +379,7 @@ class BodyCapture:
             redactor = _Redactor(self.redaction.decisions)
             value = redactor.parse(text or raw, escaped)
         except ValueError:
-            return json.dumps("[body is not valid JSON]")
+            return NOT_JSON
         except RecursionError:
             return json.dumps("[body nested too deeply]")
         if text and not redactor.redacted:
@@ -401,3 +402,22 @@ def value_attribute(value: Any, limit: int, redaction: Redaction = DEFAULT_REDAC
     except (ValueError, TypeError, RecursionError):  # a circular or exotic value
         return json.dumps("[value is not JSON]")
     return capture.attribute()
+
+
+def message_attribute(
+    message: str | bytes, limit: int, redaction: Redaction = DEFAULT_REDACTION
+) -> str | None:
+    """A websocket message as a span inputs/outputs attribute: JSON as a body is recorded
+    (capped at `limit` bytes, 0: not recorded; credentials redacted), other text as a JSON
+    string (capped alike), other bytes by their size only."""
+    if not limit:
+        return None
+    data = message.encode() if isinstance(message, str) else message
+    capture = BodyCapture(limit, redaction)
+    capture.feed(data)
+    recorded = capture.attribute()
+    if recorded != NOT_JSON:
+        return recorded
+    if isinstance(message, str):
+        return json.dumps(message, ensure_ascii=False)
+    return json.dumps(f"[binary message: {len(data)} bytes]")
