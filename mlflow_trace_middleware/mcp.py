@@ -432,7 +432,7 @@ async def _serve(
         return await handle()
     try:
         if request.request_body is not None:  # read whole by now: the SDK parsed it
-            request.request_body.edit(_drop_meta)
+            request.request_body.edit(_drop_meta, b'"_meta"')
         name, attributes = _describe(method, params)
         if request_id is not None:
             attributes[REQUEST_ID] = str(request_id)
