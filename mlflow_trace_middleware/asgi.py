@@ -191,7 +191,7 @@ async def _websocket(
     root_path = scope.get("root_path", "")
     counts = {_RECEIVED: 0, _SENT: 0}
     closed: dict[str, int] = {}
-    first_in: Message | None = None
+    first_in: str | None = None  # recorded when it comes: the message itself is not kept
     last_out: Message | None = None
 
     async def receive_wrapper() -> Message:
@@ -200,8 +200,8 @@ async def _websocket(
         kind = message.get("type")
         if kind == "websocket.receive":
             counts[_RECEIVED] += 1
-            if first_in is None:
-                first_in = message
+            if counts[_RECEIVED] == 1:
+                first_in = _preview(request.options, message)
         elif kind == "websocket.disconnect":
             closed.setdefault(_CLOSE_CODE, message.get("code", 1005))
         return message
@@ -233,9 +233,10 @@ async def _websocket(
         raise
     finally:
         attributes: dict[str, int | str] = {**counts, **closed}
-        for key, message in ((_keys.INPUTS, first_in), (_keys.OUTPUTS, last_out)):
-            if message is not None and (preview := _preview(request.options, message)):
-                attributes[key] = preview
+        if first_in is not None:
+            attributes[_keys.INPUTS] = first_in
+        if last_out is not None and (outputs := _preview(request.options, last_out)):
+            attributes[_keys.OUTPUTS] = outputs
         request.end(error, route=_routes.template(scope, root_path), attributes=attributes)
         request.detach()
 

@@ -92,7 +92,7 @@ def _describe(method: str, params: Mapping[str, Any] | None) -> tuple[str, dict[
     if not isinstance(target, str) or not key:
         return method, attributes
     attributes[key] = target
-    if method == "tools/call":
+    if method == CALL:
         attributes[OPERATION] = "execute_tool"
         attributes[_keys.SPAN_TYPE] = _TOOL_SPAN_TYPE
     return f"{method} {target}", attributes

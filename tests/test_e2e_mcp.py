@@ -305,6 +305,8 @@ def test_context_only_in_meta_is_continued_from_a_trusted_caller(
         (request,) = wait_for(server_traces, "the request's trace")
         request = complete_trace(stack.client, request.info.trace_id, spans=1)
         assert [span.name for span in request.data.spans] == ["POST /mcp"]
+        (post,) = request.data.spans
+        assert post.inputs["params"] == {"name": "lookup", "arguments": {"key": marker}}
     else:
         # Not continued: the call's span is under the request's span, in a new trace of the
         # server's own; the caller's ids are only recorded.
