@@ -64,7 +64,7 @@ VARIABLES = (
     Variable("MLFLOW_TRACE_CLAIMS", "auto", None),
     Variable("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "8192", None),
     Variable("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "8192", None),
-    Variable("MLFLOW_TRACE_SPAN_TYPES", "server=CHAIN,client=TOOL,llm=LLM", None),
+    Variable("MLFLOW_TRACE_SPAN_TYPES", "server=CHAIN,client=TOOL,llm=LLM,tool=TOOL", None),
     Variable("MLFLOW_TRACE_MCP_PLUMBING", "nest", None),
 )
 

@@ -71,7 +71,6 @@ TOOL_NAME = "gen_ai.tool.name"
 PROMPT_NAME = "gen_ai.prompt.name"
 OPERATION = "gen_ai.operation.name"
 _TARGETS = {"tools/call": TOOL_NAME, "prompts/get": PROMPT_NAME}
-_TOOL_SPAN_TYPE = '"TOOL"'  # MLflow's span type, JSON-encoded
 CALL = "tools/call"
 
 PLUMBING_ENV = "MLFLOW_TRACE_MCP_PLUMBING"
@@ -94,7 +93,7 @@ def _describe(method: str, params: Mapping[str, Any] | None) -> tuple[str, dict[
     attributes[key] = target
     if method == CALL:
         attributes[OPERATION] = "execute_tool"
-        attributes[_keys.SPAN_TYPE] = _TOOL_SPAN_TYPE
+        attributes[_keys.SPAN_TYPE] = _config.span_type("tool", "")
     return f"{method} {target}", attributes
 
 

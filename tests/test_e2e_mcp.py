@@ -132,6 +132,7 @@ def test_a_tool_call_lands_in_the_callers_trace(stack: Stack) -> None:
     # it records the JSON-RPC request without its `_meta` (our context, signed entry included).
     for key in (f"agent:{CALL}", f"mcp-server:{CALL}"):
         span = span_named(trace, key)
+        assert span.span_type == "TOOL", key
         assert span.inputs == {"key": marker}, key
         assert span.outputs["content"] == [{"type": "text", "text": f"value of {marker}"}], key
         assert "_meta" not in span.outputs, key
