@@ -25,7 +25,7 @@ OLDEST_SDKS   ?= 'openai<2' 'anthropic<1' 'mcp<2'
 LIGHT         ?= .venv-light
 LIGHT_STAMP   := $(LIGHT)/.installed
 
-.PHONY: venv test test-oldest test-light test-fast lint format typecheck demo clean bench bench-long
+.PHONY: venv test test-oldest test-light test-fast lint format typecheck docs demo clean bench bench-long
 
 venv: $(STAMP)
 
@@ -59,14 +59,23 @@ ENSURE_REDIS := command -v redis-server >/dev/null 2>&1 || test -x /usr/bin/redi
 	install -y -qq redis-server >/dev/null; } || \
 	{ echo "Redis is needed: apt-get install redis-server (as root)"; exit 1; }
 
+# tests/test_e2e_kombu.py runs its own RabbitMQ (a temp dir, free loopback ports, its own
+# epmd): Debian's rabbitmq-server, installed here when missing (as root); its service is not used.
+ENSURE_RABBITMQ := test -x /usr/lib/rabbitmq/bin/rabbitmq-server || \
+	{ test "$$(id -u)" = 0 && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get \
+	install -y -qq rabbitmq-server >/dev/null; } || \
+	{ echo "RabbitMQ is needed: apt-get install rabbitmq-server (as root)"; exit 1; }
+
 test: venv
 	@$(ENSURE_POSTGRES)
 	@$(ENSURE_NODE)
 	@$(ENSURE_REDIS)
+	@$(ENSURE_RABBITMQ)
 	$(BIN)/ruff check mlflow_trace_middleware tests examples benchmarks
 	$(BIN)/ruff format --check mlflow_trace_middleware tests examples benchmarks
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(MAKE) docs
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
 	$(MAKE) test-oldest
 	$(MAKE) test-light
@@ -81,6 +90,7 @@ test-oldest: $(OLDEST_STAMP)
 	@$(ENSURE_POSTGRES)
 	@$(ENSURE_NODE)
 	@$(ENSURE_REDIS)
+	@$(ENSURE_RABBITMQ)
 	$(OLDEST)/bin/pytest
 
 $(LIGHT_STAMP): pyproject.toml
@@ -107,6 +117,12 @@ format: venv
 
 typecheck: venv
 	$(BIN)/mypy
+
+# The documentation site (mkdocs.yml, docs/) into site/; strict: a broken link or anchor, a page
+# missing from the nav or an API name that no longer exists fails the build (never with
+# --quiet: mkdocs then drops the warnings before strict mode counts them, and passes).
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 demo: venv
 	$(BIN)/python -m examples.demo
@@ -149,4 +165,4 @@ screenshot: $(SCREENSHOT_STAMP)
 	$(BIN)/python -m examples.screenshot
 
 clean:
-	rm -rf $(VENV) $(OLDEST) $(LIGHT) .pytest_cache .mypy_cache .ruff_cache .demo
+	rm -rf $(VENV) $(OLDEST) $(LIGHT) .pytest_cache .mypy_cache .ruff_cache .demo site

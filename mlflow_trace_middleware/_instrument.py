@@ -18,6 +18,8 @@ ADAPTERS = (
     ("mcp", "mlflow_trace_middleware.mcp"),
     ("celery", "mlflow_trace_middleware.celery"),
     ("grpc", "mlflow_trace_middleware.grpc"),
+    ("kombu", "mlflow_trace_middleware.kombu"),
+    ("aio_pika", "mlflow_trace_middleware.aio_pika"),
 )
 
 
@@ -25,11 +27,14 @@ def instrument() -> None:
     """Trace and propagate through every client of each installed library (httpx, httpx2,
     requests, urllib3, aiohttp), SDK-built ones (OpenAI, Anthropic, MCP, botocore, ...)
     included, through MCP sessions and servers (`mcp`), Celery tasks, published and run
-    (`celery`), and gRPC channels and servers (`grpc`). Starts the process runtime.
+    (`celery`), gRPC channels and servers (`grpc`), and messages published and consumed
+    through kombu and aio-pika (`kombu`, `aio_pika`). Starts the process runtime.
     Idempotent."""
     _runtime.activate()
     for library, adapter in ADAPTERS:
-        if importlib.util.find_spec(library) is not None:
+        # An imported library is in sys.modules (find_spec raises for kombu's, which replaces
+        # itself there by a module without `__spec__`).
+        if library in sys.modules or importlib.util.find_spec(library) is not None:
             importlib.import_module(adapter).instrument()
 
 

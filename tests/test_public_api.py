@@ -52,6 +52,13 @@ PUBLIC = {
         "instrument",
         "uninstrument",
     ],
+    "mlflow_trace_middleware.kombu": ["consume", "consume_batch", "instrument", "uninstrument"],
+    "mlflow_trace_middleware.aio_pika": [
+        "consume",
+        "consume_batch",
+        "instrument",
+        "uninstrument",
+    ],
     "mlflow_trace_middleware.testing": ["InMemoryExporter"],
 }
 
