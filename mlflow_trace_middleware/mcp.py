@@ -29,6 +29,7 @@ The session's plumbing (`initialize`, `*/list`, `ping`, notifications, the event
 closing `DELETE`) goes under one CLIENT span per streamable-HTTP transport opened under a span,
 `mcp session` (`MLFLOW_TRACE_MCP_PLUMBING=nest`, the default), so a request's trace shows its
 tool calls at its top level; `spans` gives each of them a span where it was sent, as the calls.
+A transport opened outside any trace sends its plumbing sampled out: no trace per exchange.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.semconv.attributes import server_attributes, url_attributes
 
 from . import (
@@ -288,7 +290,8 @@ def _post_v1_v2(original: Any) -> Any:
         meta = params.get("_meta") if isinstance(params, dict) else None
         carrier = _carrier(meta)
         session = _session_of(transport)
-        if session is not None and (not carrier or _plumbing(getattr(root, "method", ""))):
+        plumbing = _plumbing(getattr(root, "method", None) or "")
+        if session is not None and (plumbing or (not carrier and session.traced)):
             if carrier:  # mcp 2.x's own, from the global OpenTelemetry context
                 for name in _propagation.FIELDS:
                     meta.pop(name, None)  # type: ignore[union-attr]
@@ -316,12 +319,18 @@ class _Session:
     """The span of one streamable-HTTP transport opened under a span (`mcp session`), ended
     when the last of its users (the transport's writer task, the event stream, the closing
     DELETE) is done. Its requests carry a non-recording copy of its context: the HTTP client
-    hooks propagate it without a span of their own, so the server's spans go right under it."""
+    hooks propagate it without a span of their own, so the server's spans go right under it.
 
-    __slots__ = ("call", "context", "users")
+    A transport opened outside any trace has no span: its plumbing carries a context of its
+    own marked not sampled, so a server that follows its caller's sampling decision (this
+    package; MLflow's default sampler) records none of it, rather than a trace per exchange.
+    """
 
-    def __init__(self, call: _client.ClientCall, context: Context) -> None:
+    __slots__ = ("call", "context", "traced", "users")
+
+    def __init__(self, call: _client.ClientCall | None, context: Context) -> None:
         self.call = call
+        self.traced = call is not None and call.span is not None
         span = trace.get_current_span(context)
         self.context = trace.set_span_in_context(
             trace.NonRecordingSpan(span.get_span_context()), context
@@ -339,12 +348,22 @@ class _Session:
 
     def leave(self, transport: Any) -> None:
         self.users -= 1
-        if self.users or self.call.span is None:
+        if self.users or self.call is None or self.call.span is None:
             return
         session_id = getattr(transport, "session_id", None)
         if isinstance(session_id, str):
             self.call.span.set_attribute(SESSION_ID, session_id)
         self.call.end()
+
+
+def _unsampled() -> Context:
+    """A context of its own for an untraced session's plumbing, sampled out (W3C flags 00)."""
+    ids = _ID_GENERATOR
+    span = trace.SpanContext(ids.generate_trace_id(), ids.generate_span_id(), is_remote=False)
+    return trace.set_span_in_context(trace.NonRecordingSpan(span))
+
+
+_ID_GENERATOR = RandomIdGenerator()
 
 
 # Transport -> its session span (nest mode, a transport opened under a span).
@@ -372,9 +391,8 @@ def _open_session(transport: Any) -> _Session | None:
             url_attributes.URL_FULL: f"{scheme}://{authority}{path}",
         }
         started = _client.start_message(SESSION_SPAN, attributes)
-        if started is None or started[0].span is None:
-            return None
-        session = _sessions[transport] = _Session(*started)
+        session = _Session(*started) if started is not None else _Session(None, _unsampled())
+        _sessions[transport] = session
         return session
     except Exception:
         _log.internal_error("mcp session start")

@@ -146,6 +146,17 @@ def test_a_tool_call_lands_in_the_callers_trace(stack: Stack) -> None:
     for experiment, count in ((stack.agent_experiment, 1), (stack.server_experiment, 0)):
         found = stack.client.search_traces(locations=[experiment], max_results=500)
         assert len([t for t in found if marker in json.dumps(t.to_dict())]) == count
+    # The agent's kept session was opened at startup, outside any trace: its plumbing went
+    # sampled out, so the server recorded none of it (not a trace per exchange). Its spans
+    # would have been exported before this call's (one queue, in order).
+    plumbing = [
+        t.info.request_preview
+        for t in stack.client.search_traces(locations=[stack.server_experiment], max_results=500)
+        if "tools/list" in (t.info.request_preview or "")
+        or '"name":"mcp"' in (t.info.request_preview or "")
+        or "notifications/initialized" in (t.info.request_preview or "")
+    ]
+    assert plumbing == []
 
 
 def test_a_tool_error_marks_both_sides_of_the_call(stack: Stack) -> None:

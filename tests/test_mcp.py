@@ -462,6 +462,29 @@ async def test_a_transport_opened_under_a_span_puts_its_plumbing_under_one_sessi
     assert current_ids() is None
 
 
+async def test_an_untraced_transports_plumbing_is_sent_sampled_out_and_its_calls_as_they_are(
+    exporter: InMemoryExporter,
+) -> None:
+    seen: dict[str, trace.SpanContext] = {}
+
+    async def handle_post(transport: Any, ctx: Any) -> None:
+        method = ctx.session_message.message.method
+        seen[method] = trace.get_current_span(_mlflow.current_context()).get_span_context()
+
+    post_request = adapter._post_v1_v2(handle_post)
+
+    async def writer(transport: Any, *args: Any) -> None:
+        await post_request(transport, message("initialize", {"protocolVersion": "1"}))
+        await post_request(transport, message("tools/call", {"name": "t"}))  # sent untraced
+
+    await adapter._post_writer_v1_v2(writer)(Transport())  # opened outside any trace
+    plumbing, call = seen["initialize"], seen["tools/call"]
+    assert plumbing.is_valid
+    assert not plumbing.trace_flags.sampled
+    assert not call.is_valid  # a call keeps whatever context it had: none
+    assert exporter.finished_spans(timeout=0.2) == []
+
+
 async def test_with_plumbing_as_spans_each_request_gets_its_own(
     exporter: InMemoryExporter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
