@@ -280,8 +280,8 @@ def _post_v1_v2(original: Any) -> Any:
     """`StreamableHTTPTransport._handle_post_request(ctx)` (both majors): the POST carrying a
     request is sent with the request's `_meta` context current, so its headers say the same
     (mcp 1.x sends from a task of its own, outside the caller's context); a URL outside the
-    allowlist gets no context in either place. Plumbing (and anything sent without our
-    context) goes in the session's span, when the transport has one."""
+    allowlist gets no context in either place. Plumbing (and, in a traced session, anything
+    sent without our context) goes in the session's context, when the transport has one."""
 
     async def handle_post_request(transport: Any, ctx: Any) -> Any:
         message = ctx.session_message.message
@@ -290,11 +290,19 @@ def _post_v1_v2(original: Any) -> Any:
         meta = params.get("_meta") if isinstance(params, dict) else None
         carrier = _carrier(meta)
         session = _session_of(transport)
-        plumbing = _plumbing(getattr(root, "method", None) or "")
-        if session is not None and (plumbing or (not carrier and session.traced)):
-            if carrier:  # mcp 2.x's own, from the global OpenTelemetry context
-                for name in _propagation.FIELDS:
-                    meta.pop(name, None)  # type: ignore[union-attr]
+        try:
+            method = getattr(root, "method", None)
+            plumbing = isinstance(method, str) and _plumbing(method)
+            if session is not None and (plumbing or (not carrier and session.traced)):
+                if carrier:  # mcp 2.x's own, from the global OpenTelemetry context
+                    for name in _propagation.FIELDS:
+                        meta.pop(name, None)  # type: ignore[union-attr]
+            else:
+                session = None
+        except Exception:
+            _log.internal_error("mcp post")
+            session = None
+        if session is not None:
             return await session.run(transport, original(transport, ctx))
         if not carrier:
             return await original(transport, ctx)
