@@ -322,6 +322,7 @@ class _Redactor:
 
 
 _JSON_TEXT = ("{", "[")
+NOT_JSON = json.dumps("[body is not valid JSON]")
 
 
 class BodyCapture:
@@ -341,6 +342,22 @@ class BodyCapture:
             self._chunks.append(chunk[:room])
         self.size += len(chunk)
 
+    def edit(self, change: Callable[[Any], bool], mentioning: bytes) -> None:
+        """Let `change` edit the captured JSON body in place before it is recorded (what a
+        protocol carries beside the payload: MCP's `params._meta`), if the body holds
+        `mentioning`; `change` returns whether it changed anything. A truncated or invalid
+        body is left as it is."""
+        raw = b"".join(self._chunks)
+        if self.size > self.limit or mentioning not in raw:
+            return
+        try:
+            value = json.loads(raw)
+            if change(value):
+                encoded = json.dumps(value, ensure_ascii=False).encode()
+                self._chunks, self.size = [encoded], len(encoded)
+        except (ValueError, RecursionError):
+            return
+
     def attribute(self) -> str | None:
         """The body as the JSON text of an MLflow `spanInputs`/`spanOutputs` attribute.
 
@@ -350,7 +367,7 @@ class BodyCapture:
         if self.size == 0:
             return None
         if self.size > self.limit:
-            return json.dumps(f"[body truncated: {self.size} bytes, capture limit {self.limit}]")
+            return _truncated(self.size, self.limit)
         raw = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         try:
             text = raw.decode()
@@ -364,7 +381,7 @@ class BodyCapture:
             redactor = _Redactor(self.redaction.decisions)
             value = redactor.parse(text or raw, escaped)
         except ValueError:
-            return json.dumps("[body is not valid JSON]")
+            return NOT_JSON
         except RecursionError:
             return json.dumps("[body nested too deeply]")
         if text and not redactor.redacted:
@@ -373,3 +390,49 @@ class BodyCapture:
             return json.dumps(value, ensure_ascii=False)
         except RecursionError:
             return json.dumps("[body nested too deeply]")
+
+
+def value_attribute(value: Any, limit: int, redaction: Redaction = DEFAULT_REDACTION) -> str | None:
+    """A decoded JSON value (an MCP tool call's arguments or result) as a span inputs/outputs
+    attribute, recorded as its encoding would be as a body: capped at `limit` bytes (0: not
+    recorded), credentials redacted. (Encoded here, so valid: no validating parse.)"""
+    if not limit or value is None:
+        return None
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (ValueError, TypeError, RecursionError):  # a circular or exotic value
+        return json.dumps("[value is not JSON]")
+    size = len(text) if text.isascii() else len(text.encode())
+    if size > limit:
+        return _truncated(size, limit)
+    if not redaction.may_hide(text):
+        return text
+    redactor = _Redactor(redaction.decisions)
+    try:
+        decoded = redactor.parse(text, "\\u" in text)
+        return json.dumps(decoded, ensure_ascii=False) if redactor.redacted else text
+    except RecursionError:
+        return json.dumps("[body nested too deeply]")
+
+
+def _truncated(size: int, limit: int) -> str:
+    return json.dumps(f"[body truncated: {size} bytes, capture limit {limit}]")
+
+
+def message_attribute(
+    message: str | bytes, limit: int, redaction: Redaction = DEFAULT_REDACTION
+) -> str | None:
+    """A websocket message as a span inputs/outputs attribute: JSON as a body is recorded
+    (capped at `limit` bytes, 0: not recorded; credentials redacted), other text as a JSON
+    string (capped alike), other bytes by their size only."""
+    if not limit:
+        return None
+    data = message.encode() if isinstance(message, str) else message
+    capture = BodyCapture(limit, redaction)
+    capture.feed(data)
+    recorded = capture.attribute()
+    if recorded != NOT_JSON:
+        return recorded
+    if isinstance(message, str):
+        return json.dumps(message, ensure_ascii=False)
+    return json.dumps(f"[binary message: {len(data)} bytes]")

@@ -25,8 +25,8 @@ SPAN_TYPES_ENV = "MLFLOW_TRACE_SPAN_TYPES"
 # draws them (`mlflow/server/js`: CHAIN linked rings, TOOL a wrench, LLM a model; UNKNOWN is a
 # "?", no type at all "fx"). A request is a chain of steps, as MLflow's LangChain autolog marks
 # a graph; a call to another service is a tool the caller uses; a call to an LLM API (or the
-# request an LLM service serves) is an LLM.
-DEFAULT_SPAN_TYPES = {"server": "CHAIN", "client": "TOOL", "llm": "LLM"}
+# request an LLM service serves) is an LLM; an MCP tool call (both sides) is a tool.
+DEFAULT_SPAN_TYPES = {"server": "CHAIN", "client": "TOOL", "llm": "LLM", "tool": "TOOL"}
 # What makes a call an LLM call: OpenAI-compatible (chat) completions, responses and
 # embeddings, Anthropic's messages, Gemini's generateContent, MLflow's AI Gateway.
 _LLM_SUFFIXES = (
@@ -206,7 +206,7 @@ def _span_types(raw: str | None) -> dict[str, str]:
         kind, _, value = (part.strip() for part in pair.partition("="))
         if kind not in types or not value.replace("_", "a").isalnum() or not value.isascii():
             raise SettingError(
-                SPAN_TYPES_ENV, raw or "", "kind=TYPE pairs, kinds server, client, llm"
+                SPAN_TYPES_ENV, raw or "", "kind=TYPE pairs, kinds server, client, llm, tool"
             )
         types[kind] = value.upper()
     return types
@@ -217,7 +217,7 @@ _encoded: tuple[Mapping[str, str], dict[str, str]] | None = None
 
 def span_type(kind: str, path: str) -> str:
     """The `mlflow.spanType` attribute (JSON-encoded, as MLflow records it) of a `kind` span
-    ("server" or "client") for `path`: the "llm" type for a known LLM API path."""
+    ("server", "client" or "tool") for `path`: the "llm" type for a known LLM API path."""
     global _encoded
     types = get_settings().span_types
     cached = _encoded

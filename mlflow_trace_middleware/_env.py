@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _capture, _config, _server, _store, _targets, _trust
+from . import _capture, _config, _server, _store, _targets, _trust, mcp
 from ._config import SettingError
 from ._experiments import lacks_scheme, mask_uri
 
@@ -64,7 +64,8 @@ VARIABLES = (
     Variable("MLFLOW_TRACE_CLAIMS", "auto", None),
     Variable("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "8192", None),
     Variable("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "8192", None),
-    Variable("MLFLOW_TRACE_SPAN_TYPES", "server=CHAIN,client=TOOL,llm=LLM", None),
+    Variable("MLFLOW_TRACE_SPAN_TYPES", "server=CHAIN,client=TOOL,llm=LLM,tool=TOOL", None),
+    Variable("MLFLOW_TRACE_MCP_PLUMBING", "nest", None),
 )
 
 
@@ -93,6 +94,9 @@ def load() -> EnvSettings:
         ),
     )
     _refused("MLFLOW_TRACE_IDENTITY_HEADERS", lambda: _server.parse_identity_headers(None))
+    plumbing = env.get(mcp.PLUMBING_ENV, "").strip().lower()
+    if plumbing and plumbing not in mcp.PLUMBING_MODES:
+        raise SettingError(mcp.PLUMBING_ENV, plumbing, " or ".join(mcp.PLUMBING_MODES))
     propagate = names["MLFLOW_TRACE_PROPAGATE_TO"]
     targets = _refused(
         "MLFLOW_TRACE_PROPAGATE_TO", lambda: _targets.parse(propagate) if propagate else None

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from . import _log, _propagation, _routes, _runtime, _server
+from . import _capture, _keys, _log, _propagation, _routes, _runtime, _server
 from ._middleware import Middleware
 
 __all__ = ["MlflowTracingMiddleware"]
@@ -185,25 +185,34 @@ async def _websocket(
     app: ASGIApp, scope: Scope, receive: Receive, send: Send, request: _server.RequestSpan
 ) -> None:
     """One span per connection: the handshake's outcome as its status (101 accepted; 403, or
-    the app's denial response, refused), the close code and the message counts."""
+    the app's denial response, refused), the close code and the message counts; the first
+    message received and the last one sent as its inputs and outputs (the trace list's
+    previews), recorded as bodies are."""
     root_path = scope.get("root_path", "")
     counts = {_RECEIVED: 0, _SENT: 0}
     closed: dict[str, int] = {}
+    first_in: str | None = None  # recorded when it comes: the message itself is not kept
+    last_out: Message | None = None
 
     async def receive_wrapper() -> Message:
+        nonlocal first_in
         message = await receive()
         kind = message.get("type")
         if kind == "websocket.receive":
             counts[_RECEIVED] += 1
+            if counts[_RECEIVED] == 1:
+                first_in = _preview(request.options, message)
         elif kind == "websocket.disconnect":
             closed.setdefault(_CLOSE_CODE, message.get("code", 1005))
         return message
 
     async def send_wrapper(message: Message) -> None:
+        nonlocal last_out
         kind = message.get("type")
         try:
             if kind == "websocket.send":
                 counts[_SENT] += 1
+                last_out = message
             elif kind == "websocket.accept":
                 request.response_started(101, None)
             elif kind == "websocket.http.response.start":  # the denial response extension
@@ -223,8 +232,27 @@ async def _websocket(
         error = exc
         raise
     finally:
-        request.end(error, route=_routes.template(scope, root_path), attributes=counts | closed)
+        attributes: dict[str, int | str] = {**counts, **closed}
+        if first_in is not None:
+            attributes[_keys.INPUTS] = first_in
+        if last_out is not None and (outputs := _preview(request.options, last_out)):
+            attributes[_keys.OUTPUTS] = outputs
+        request.end(error, route=_routes.template(scope, root_path), attributes=attributes)
         request.detach()
+
+
+def _preview(options: _server.ServerOptions, message: Message) -> str | None:
+    """A websocket message's text (or bytes) as an inputs/outputs attribute."""
+    try:
+        payload = message.get("text")
+        if payload is None:
+            payload = message.get("bytes")
+        if payload is None or not options.capture_bodies:
+            return None
+        return _capture.message_attribute(payload, options.max_body_bytes, options.redaction)
+    except Exception:
+        _log.internal_error("websocket preview")
+        return None
 
 
 _RECEIVED = "websocket.messages.received"

@@ -19,6 +19,17 @@ carried the message, or continues the message's `_meta` when that request brough
 (another SDK), under the middleware's trust rules. The streamable-HTTP server dispatches
 messages in a session task that runs outside the request's context: the request span is found
 through the ASGI scope the message arrived with (`_server.carrying`).
+
+A `tools/call` span records the tool's arguments as its inputs and the result as its outputs,
+capped and redacted as bodies are (server: the middleware's options; client: the
+`MLFLOW_TRACE_CAPTURE_BODIES`/`MAX_BODY_BYTES`/`REDACT_KEYS`/`KEEP_KEYS` variables); the
+request body recorded on the POST that carried a message loses its `params._meta`.
+
+The session's plumbing (`initialize`, `*/list`, `ping`, notifications, the event stream, the
+closing `DELETE`) goes under one CLIENT span per streamable-HTTP transport opened under a span,
+`mcp session` (`MLFLOW_TRACE_MCP_PLUMBING=nest`, the default), so a request's trace shows its
+tool calls at its top level; `spans` gives each of them a span where it was sent, as the calls.
+A transport opened outside any trace sends its plumbing sampled out: no trace per exchange.
 """
 
 from __future__ import annotations
@@ -26,12 +37,31 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import os
 import urllib.parse
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
 
-from . import _client, _imports, _keys, _lean, _log, _mlflow, _propagation, _server, _targets
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.semconv.attributes import server_attributes, url_attributes
+
+from . import (
+    _capture,
+    _client,
+    _config,
+    _imports,
+    _keys,
+    _lean,
+    _log,
+    _mlflow,
+    _propagation,
+    _server,
+    _targets,
+)
 
 __all__ = ["instrument", "uninstrument"]
 
@@ -43,7 +73,12 @@ TOOL_NAME = "gen_ai.tool.name"
 PROMPT_NAME = "gen_ai.prompt.name"
 OPERATION = "gen_ai.operation.name"
 _TARGETS = {"tools/call": TOOL_NAME, "prompts/get": PROMPT_NAME}
-_TOOL_SPAN_TYPE = '"TOOL"'  # MLflow's span type, JSON-encoded
+CALL = "tools/call"
+
+PLUMBING_ENV = "MLFLOW_TRACE_MCP_PLUMBING"
+PLUMBING_MODES = ("nest", "spans")
+_nest = True  # `MLFLOW_TRACE_MCP_PLUMBING`, read when the SDK is patched
+SESSION_SPAN = "mcp session"
 
 # The `_meta` fields of the request being sent (mcp 2.x injects them through a function of its
 # own, `inject_trace_context`, which we replace while patched).
@@ -58,9 +93,9 @@ def _describe(method: str, params: Mapping[str, Any] | None) -> tuple[str, dict[
     if not isinstance(target, str) or not key:
         return method, attributes
     attributes[key] = target
-    if method == "tools/call":
+    if method == CALL:
         attributes[OPERATION] = "execute_tool"
-        attributes[_keys.SPAN_TYPE] = _TOOL_SPAN_TYPE
+        attributes[_keys.SPAN_TYPE] = _config.span_type("tool", "")
     return f"{method} {target}", attributes
 
 
@@ -76,6 +111,74 @@ def _failure(result: Any) -> str | None:
     return str(code) if isinstance(code, int) and hasattr(root, "message") else None
 
 
+def _plumbing(method: str) -> bool:
+    """A request or notification that keeps the session going rather than doing work."""
+    return method in _PLUMBING or method.endswith("/list") or method.startswith("notifications/")
+
+
+_PLUMBING = frozenset({"initialize", "ping", "logging/setLevel"})
+
+
+def _plain(value: Any) -> Any:
+    """A request's or result's JSON value, without its `_meta` (protocol, not payload)."""
+    if hasattr(value, "model_dump"):  # mcp 1.x's models
+        value = value.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if isinstance(value, Mapping) and "_meta" in value:
+        value = {k: v for k, v in value.items() if k != "_meta"}
+    return value
+
+
+def _record(span: Any, key: str, value: Any, options: _server.ServerOptions) -> None:
+    """A tool call's arguments or result on its span, as a body would be recorded."""
+    if span is None or not options.capture_bodies:
+        return
+    try:
+        text = _capture.value_attribute(_plain(value), options.max_body_bytes, options.redaction)
+        if text is not None:
+            span.set_attribute(key, text)
+    except Exception:
+        _log.internal_error("mcp inputs/outputs")
+
+
+def _drop_meta(message: Any) -> bool:
+    """`_capture.BodyCapture.edit`: a JSON-RPC message's `params._meta` removed."""
+    params = message.get("params") if isinstance(message, dict) else None
+    if isinstance(params, dict) and "_meta" in params:
+        del params["_meta"]
+        return True
+    return False
+
+
+_client_options: _server.ServerOptions | None = None
+
+
+def _calling_options() -> _server.ServerOptions:
+    """What the calling side records of a tool call: no middleware is asked (a client may run
+    outside any request), so the variables the launcher reads for the middlewares, once."""
+    global _client_options
+    if _client_options is None:
+        env = os.environ
+        try:
+            capture = _config.flag(_CAPTURE_ENV, env.get(_CAPTURE_ENV), True)
+            raw = env.get(_MAX_BYTES_ENV, "").strip()
+            limit = int(raw) if raw else _server.ServerOptions.max_body_bytes
+            _client_options = _server.ServerOptions.build(
+                capture_bodies=capture, max_body_bytes=limit, exclude_paths=()
+            )
+        except ValueError:
+            _log.logger.warning(
+                "mlflow-trace-middleware: ignoring invalid %s, %s or redaction variables",
+                _CAPTURE_ENV,
+                _MAX_BYTES_ENV,
+            )
+            _client_options = _server.ServerOptions()
+    return _client_options
+
+
+_CAPTURE_ENV = "MLFLOW_TRACE_CAPTURE_BODIES"
+_MAX_BYTES_ENV = "MLFLOW_TRACE_MAX_BODY_BYTES"
+
+
 def _carrier(meta: Any) -> _propagation.Carrier:
     if not isinstance(meta, Mapping):
         return {}
@@ -88,11 +191,16 @@ def _carrier(meta: Any) -> _propagation.Carrier:
 async def _send(
     method: str, params: Mapping[str, Any] | None, send: Callable[[dict[str, str] | None], Any]
 ) -> Any:
-    """Send one request under its CLIENT span; `send(fields)` puts `fields` in `_meta`."""
+    """Send one request under its CLIENT span; `send(fields)` puts `fields` in `_meta`. The
+    session's plumbing gets no span here when it nests under the session's (`_post_v1_v2`)."""
+    if _nest and _plumbing(method):
+        return await send(None)
     started = _client.start_message(*_describe(method, params))
     if started is None:
         return await send(None)
     call, context = started
+    if method == CALL and params:
+        _record(call.span, _keys.INPUTS, params.get("arguments"), _calling_options())
     token = _sending.set(call.headers)
     attached = _mlflow.attach_quietly(context)
     try:
@@ -103,6 +211,8 @@ async def _send(
     finally:
         _mlflow.detach_quietly(attached)
         _sending.reset(token)
+    if method == CALL:
+        _record(call.span, _keys.OUTPUTS, result, _calling_options())
     call.end(failure=_failure(result))
     return result
 
@@ -130,6 +240,7 @@ def _send_request_v1(original: Any) -> Any:
             return await original(session, sent, *args, **kwargs)
 
         described = {"name": getattr(params, "name", None)}
+        described["arguments"] = getattr(params, "arguments", None)
         return await _send(getattr(root, "method", ""), described, send)
 
     return send_request
@@ -169,13 +280,30 @@ def _post_v1_v2(original: Any) -> Any:
     """`StreamableHTTPTransport._handle_post_request(ctx)` (both majors): the POST carrying a
     request is sent with the request's `_meta` context current, so its headers say the same
     (mcp 1.x sends from a task of its own, outside the caller's context); a URL outside the
-    allowlist gets no context in either place."""
+    allowlist gets no context in either place. Plumbing (and, in a traced session, anything
+    sent without our context) goes in the session's context, when the transport has one."""
 
     async def handle_post_request(transport: Any, ctx: Any) -> Any:
         message = ctx.session_message.message
-        params = getattr(getattr(message, "root", message), "params", None)
+        root = getattr(message, "root", message)
+        params = getattr(root, "params", None)
         meta = params.get("_meta") if isinstance(params, dict) else None
         carrier = _carrier(meta)
+        session = _session_of(transport)
+        try:
+            method = getattr(root, "method", None)
+            plumbing = isinstance(method, str) and _plumbing(method)
+            if session is not None and (plumbing or (not carrier and session.traced)):
+                if carrier:  # mcp 2.x's own, from the global OpenTelemetry context
+                    for name in _propagation.FIELDS:
+                        meta.pop(name, None)  # type: ignore[union-attr]
+            else:
+                session = None
+        except Exception:
+            _log.internal_error("mcp post")
+            session = None
+        if session is not None:
+            return await session.run(transport, original(transport, ctx))
         if not carrier:
             return await original(transport, ctx)
         attached = None
@@ -193,6 +321,117 @@ def _post_v1_v2(original: Any) -> Any:
             _mlflow.detach_quietly(attached)
 
     return handle_post_request
+
+
+class _Session:
+    """The span of one streamable-HTTP transport opened under a span (`mcp session`), ended
+    when the last of its users (the transport's writer task, the event stream, the closing
+    DELETE) is done. Its requests carry a non-recording copy of its context: the HTTP client
+    hooks propagate it without a span of their own, so the server's spans go right under it.
+
+    A transport opened outside any trace has no span: its plumbing carries a context of its
+    own marked not sampled, so a server that follows its caller's sampling decision (this
+    package; MLflow's default sampler) records none of it, rather than a trace per exchange.
+    """
+
+    __slots__ = ("call", "context", "traced", "users")
+
+    def __init__(self, call: _client.ClientCall | None, context: Context) -> None:
+        self.call = call
+        self.traced = call is not None and call.span is not None
+        span = trace.get_current_span(context)
+        self.context = trace.set_span_in_context(
+            trace.NonRecordingSpan(span.get_span_context()), context
+        )
+        self.users = 1
+
+    async def run(self, transport: Any, work: Awaitable[Any]) -> Any:
+        self.users += 1
+        attached = _mlflow.attach_quietly(self.context)
+        try:
+            return await work
+        finally:
+            _mlflow.detach_quietly(attached)
+            self.leave(transport)
+
+    def leave(self, transport: Any) -> None:
+        self.users -= 1
+        if self.users or self.call is None or self.call.span is None:
+            return
+        session_id = getattr(transport, "session_id", None)
+        if isinstance(session_id, str):
+            self.call.span.set_attribute(SESSION_ID, session_id)
+        self.call.end()
+
+
+def _unsampled() -> Context:
+    """A context of its own for an untraced session's plumbing, sampled out (W3C flags 00)."""
+    ids = _ID_GENERATOR
+    span = trace.SpanContext(ids.generate_trace_id(), ids.generate_span_id(), is_remote=False)
+    return trace.set_span_in_context(trace.NonRecordingSpan(span))
+
+
+_ID_GENERATOR = RandomIdGenerator()
+
+
+# Transport -> its session span (nest mode, a transport opened under a span).
+_sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
+
+
+def _session_of(transport: Any) -> _Session | None:
+    try:
+        return _sessions.get(transport)
+    except TypeError:  # not weakly referenceable: never had a session
+        return None
+
+
+def _open_session(transport: Any) -> _Session | None:
+    try:
+        parts = urllib.parse.urlsplit(transport.url)
+        scheme, host, port, path = _destination(transport.url)
+        if not _client.allowed((scheme, host, port, path)):
+            return None
+        authority = parts.netloc.rpartition("@")[2]  # no user info: it may hold credentials
+        attributes: dict[str, Any] = {
+            _keys.SPAN_TYPE: _keys.UNKNOWN_SPAN_TYPE,
+            server_attributes.SERVER_ADDRESS: host,
+            server_attributes.SERVER_PORT: port or _targets.DEFAULT_PORTS.get(scheme) or 0,
+            url_attributes.URL_FULL: f"{scheme}://{authority}{path}",
+        }
+        started = _client.start_message(SESSION_SPAN, attributes)
+        session = _Session(*started) if started is not None else _Session(None, _unsampled())
+        _sessions[transport] = session
+        return session
+    except Exception:
+        _log.internal_error("mcp session start")
+        return None
+
+
+def _post_writer_v1_v2(original: Any) -> Any:
+    """`StreamableHTTPTransport.post_writer(...)` (both majors), the transport's writer task,
+    started when the transport is opened, in the opener's context: the session's span."""
+
+    async def post_writer(transport: Any, *args: Any, **kwargs: Any) -> Any:
+        session = _open_session(transport) if _nest else None
+        try:
+            return await original(transport, *args, **kwargs)
+        finally:
+            if session is not None:
+                session.leave(transport)
+
+    return post_writer
+
+
+def _in_session_v1_v2(original: Any) -> Any:
+    """`handle_get_stream` and `terminate_session` (both majors): in the session's span."""
+
+    async def in_session(transport: Any, *args: Any, **kwargs: Any) -> Any:
+        session = _session_of(transport)
+        if session is None:
+            return await original(transport, *args, **kwargs)
+        return await session.run(transport, original(transport, *args, **kwargs))
+
+    return in_session
 
 
 def _destination(url: str) -> _targets.Destination:
@@ -217,12 +456,16 @@ async def _serve(
     if request is None:
         return await handle()
     try:
+        if request.request_body is not None:  # read whole by now: the SDK parsed it
+            request.request_body.edit(_drop_meta, b'"_meta"')
         name, attributes = _describe(method, params)
         if request_id is not None:
             attributes[REQUEST_ID] = str(request_id)
         if session_id:
             attributes[SESSION_ID] = session_id
         span, context = _server.start_message(request, name, attributes, _carrier(meta))
+        if method == CALL and params:
+            _record(span, _keys.INPUTS, params.get("arguments"), request.options)
         attached = _mlflow.attach_quietly(context)
     except Exception:
         _log.internal_error("mcp request span start")
@@ -237,6 +480,8 @@ async def _serve(
         raise
     finally:
         _mlflow.detach_quietly(attached)
+        if method == CALL and result is not None:
+            _record(span, _keys.OUTPUTS, result, request.options)
         try:
             _lean.set_outcome(span, None, error, failed_from=500, failure=_failure(result))
         except Exception:
@@ -268,7 +513,10 @@ def _handle_request_v1(original: Any) -> Any:
 
         await _serve(
             getattr(req, "method", ""),
-            {"name": getattr(params, "name", None)},
+            {
+                "name": getattr(params, "name", None),
+                "arguments": getattr(params, "arguments", None),
+            },
             meta.model_dump(by_alias=True) if meta is not None else None,
             message.request_id,
             headers.get("mcp-session-id") if headers is not None else None,
@@ -302,18 +550,24 @@ def _on_request_v2(original: Any) -> Any:
 
 
 # (module, attribute path, wrapper factory) per major version.
-_POST = ("mcp.client.streamable_http", "StreamableHTTPTransport._handle_post_request", _post_v1_v2)
+_TRANSPORT = "mcp.client.streamable_http"
+_STREAMABLE = (
+    (_TRANSPORT, "StreamableHTTPTransport._handle_post_request", _post_v1_v2),
+    (_TRANSPORT, "StreamableHTTPTransport.post_writer", _post_writer_v1_v2),
+    (_TRANSPORT, "StreamableHTTPTransport.handle_get_stream", _in_session_v1_v2),
+    (_TRANSPORT, "StreamableHTTPTransport.terminate_session", _in_session_v1_v2),
+)
 _DISPATCHER = "mcp.shared.jsonrpc_dispatcher"
 _PATCHES = {
     1: (
         ("mcp.shared.session", "BaseSession.send_request", _send_request_v1),
-        _POST,
+        *_STREAMABLE,
         ("mcp.server.lowlevel.server", "Server._handle_request", _handle_request_v1),
     ),
     2: (
         (_DISPATCHER, "JSONRPCDispatcher.send_raw_request", _send_raw_request_v2),
         (_DISPATCHER, "inject_trace_context", _inject_v2),
-        _POST,
+        *_STREAMABLE,
         ("mcp.server.runner", "ServerRunner._on_request", _on_request_v2),
     ),
 }
@@ -325,8 +579,15 @@ def _major() -> int:
 
 
 def _patch() -> None:
+    global _nest
     if _originals:
         return
+    mode = os.environ.get(PLUMBING_ENV, "").strip().lower() or "nest"
+    if mode not in PLUMBING_MODES:
+        _log.logger.warning(
+            "mlflow-trace-middleware: ignoring %s (nest or spans): nesting", PLUMBING_ENV
+        )
+    _nest = mode != "spans"
     for module, path, wrap in _PATCHES[_major()]:
         owner: Any = importlib.import_module(module)
         *parents, name = path.split(".")

@@ -22,6 +22,7 @@ from mlflow_trace_middleware._capture import (
     BodyCapture,
     Redaction,
     capturable_headers,
+    value_attribute,
     words,
 )
 from mlflow_trace_middleware.testing import InMemoryExporter
@@ -554,3 +555,62 @@ def test_the_wsgi_middleware_applies_the_variables(
     expected = {"token": "t", "tenant": "[REDACTED]", "pwd": "[REDACTED]"}
     assert json.loads(str(attributes["mlflow.spanInputs"])) == expected
     assert json.loads(str(attributes["mlflow.spanOutputs"])) == expected
+
+
+circular: list[Any] = []
+circular.append(circular)
+
+
+@pytest.mark.parametrize(
+    ("value", "limit", "recorded"),
+    [
+        pytest.param({"key": "k", "n": 1}, 100, '{"key": "k", "n": 1}', id="as-encoded"),
+        pytest.param({"api_key": "sk"}, 100, '{"api_key": "[REDACTED]"}', id="redacted"),
+        pytest.param(
+            {"args": '{"password": "p"}'},
+            100,
+            '{"args": "{\\"password\\": \\"[REDACTED]\\"}"}',
+            id="json-text-inside",
+        ),
+        pytest.param(
+            {"t": "é" * 4},
+            16,
+            '"[body truncated: 17 bytes, capture limit 16]"',
+            id="bytes-not-chars",
+        ),
+        pytest.param({"t": "é" * 4}, 17, '{"t": "éééé"}', id="at-the-limit"),
+        pytest.param({"a": 1}, 0, None, id="off"),
+        pytest.param(None, 100, None, id="none"),
+        pytest.param(circular, 100, '"[value is not JSON]"', id="circular"),
+    ],
+)
+def test_a_decoded_value_is_recorded_as_its_encoding_would_be_as_a_body(
+    value: Any, limit: int, recorded: str | None
+) -> None:
+    assert value_attribute(value, limit) == recorded
+    if recorded is not None and not recorded.startswith('"['):  # what a body of it would give
+        assert record(json.dumps(value, ensure_ascii=False).encode(), limit) == recorded
+
+
+@pytest.mark.parametrize(
+    ("body", "edited"),
+    [
+        pytest.param(b'{"params": {"a": 1, "_meta": {"x": 2}}}', '{"params": {"a": 1}}', id="meta"),
+        pytest.param(b'{"params": {"a": 1}}', '{"params": {"a": 1}}', id="nothing-to-do"),
+        pytest.param(b'{"_meta": 1', '"[body is not valid JSON]"', id="invalid"),
+        pytest.param(
+            b'{"params": {"_meta": 1}} ',
+            '"[body truncated: 25 bytes, capture limit 24]"',
+            id="truncated",
+        ),
+    ],
+)
+def test_a_captured_body_can_be_edited_before_it_is_recorded(body: bytes, edited: str) -> None:
+    def drop(message: Any) -> bool:
+        params = message.get("params") if isinstance(message, dict) else None
+        return isinstance(params, dict) and params.pop("_meta", None) is not None
+
+    capture = BodyCapture(24 if body.endswith(b" ") else 1024)
+    capture.feed(body)
+    capture.edit(drop, b'"_meta"')
+    assert capture.attribute() == edited

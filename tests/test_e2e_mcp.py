@@ -14,6 +14,7 @@ another: the tool's spans must land in the caller's.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import secrets
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ KEY = "mcp-e2e-signing-key"
 EXPERIMENT = "mlflow_trace_middleware.experiment_id"
 UNTRUSTED = "mlflow_trace_middleware.untrusted_parent"
 CALL = "tools/call lookup"
+MCP_MAJOR = 2 if importlib.util.find_spec("mcp.shared.jsonrpc_dispatcher") else 1
 JSON_RPC = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
@@ -126,15 +128,35 @@ def test_a_tool_call_lands_in_the_callers_trace(stack: Stack) -> None:
     assert attributes["mcp.session.id"] == call["mcp-session-id"][0]
     assert attributes["jsonrpc.request.id"].isdigit()
     assert server_call.span_type == "TOOL"
-    assert span_named(trace, "mcp-server:POST /mcp").attributes[EXPERIMENT] == (
-        stack.agent_experiment
-    )
+    # Both sides of the call carry the tool's arguments and its result; the POST that carried
+    # it records the JSON-RPC request without its `_meta` (our context, signed entry included).
+    for key in (f"agent:{CALL}", f"mcp-server:{CALL}"):
+        span = span_named(trace, key)
+        assert span.span_type == "TOOL", key
+        assert span.inputs == {"key": marker}, key
+        assert span.outputs["content"] == [{"type": "text", "text": f"value of {marker}"}], key
+        assert "_meta" not in span.outputs, key
+    post = span_named(trace, "mcp-server:POST /mcp")
+    assert post.inputs["params"] == {"name": "lookup", "arguments": {"key": marker}}
+    assert traceparent not in json.dumps(post.inputs)
+    assert post.attributes[EXPERIMENT] == stack.agent_experiment
     assert trace.info.experiment_id == stack.agent_experiment
     assert trace.info.state.value == "OK"
     # One trace per request, none of it in the MCP server's own experiment.
     for experiment, count in ((stack.agent_experiment, 1), (stack.server_experiment, 0)):
         found = stack.client.search_traces(locations=[experiment], max_results=500)
         assert len([t for t in found if marker in json.dumps(t.to_dict())]) == count
+    # The agent's kept session was opened at startup, outside any trace: its plumbing went
+    # sampled out, so the server recorded none of it (not a trace per exchange). Its spans
+    # would have been exported before this call's (one queue, in order).
+    plumbing = [
+        t.info.request_preview
+        for t in stack.client.search_traces(locations=[stack.server_experiment], max_results=500)
+        if "tools/list" in (t.info.request_preview or "")
+        or '"name":"mcp"' in (t.info.request_preview or "")
+        or "notifications/initialized" in (t.info.request_preview or "")
+    ]
+    assert plumbing == []
 
 
 def test_a_tool_error_marks_both_sides_of_the_call(stack: Stack) -> None:
@@ -157,12 +179,31 @@ def test_a_tool_error_marks_both_sides_of_the_call(stack: Stack) -> None:
         span = span_named(trace, key)
         assert span.status.status_code.value == "ERROR"
         assert span.attributes["error.type"] == "tool_error"
+        assert span.inputs == {"key": marker}
+        assert span.outputs["isError"] is True
+        # What the SDK answered in the tool's place (mcp 2.x hides the exception's message).
+        assert span.outputs["content"][0]["text"] == response.json()["text"]
     # The HTTP exchanges and the agent's request went fine.
     for key in ("agent:POST /ask", "mcp-server:POST /mcp"):
         assert span_named(trace, key).status.status_code.value == "OK"
 
 
-def test_a_session_opened_inside_the_request_stitches_each_of_its_calls(stack: Stack) -> None:
+def name(span: Any) -> str:
+    return f"{span.attributes.get('service.name')}:{span.name}"
+
+
+def shape(trace: Any) -> list[tuple[str, str | None]]:
+    """Each span with its parent, as `service:name` (a name may repeat)."""
+    spans = {span.span_id: span for span in trace.data.spans}
+    return sorted(
+        (name(span), name(spans[span.parent_id]) if span.parent_id else None)
+        for span in spans.values()
+    )
+
+
+def test_a_session_opened_inside_the_request_nests_its_plumbing_under_one_span(
+    stack: Stack,
+) -> None:
     marker = f"fresh-{secrets.token_hex(4)}"
     response = requests.post(f"{stack.agent.url}/ask-fresh", json={"key": marker}, timeout=30)
     assert response.status_code == 200, response.text
@@ -171,62 +212,39 @@ def test_a_session_opened_inside_the_request_stitches_each_of_its_calls(stack: S
     (traceparent,) = call["traceparent"]
     assert call["_meta"]["traceparent"] == traceparent
     _, trace_hex, caller_hex, _ = traceparent.split("-")
-    (found,) = wait_for(
-        lambda: [
-            t
-            for t in stack.client.search_traces(locations=[stack.agent_experiment], max_results=500)
-            if t.info.trace_id == f"tr-{trace_hex}"
-        ],
-        "the request's trace",
-    )
 
-    def name(span: Any) -> str:
-        return f"{span.attributes.get('service.name')}:{span.name}"
-
-    # The two services export on their own schedules: wait for every span the checks below
-    # read (the call's subtree, and the session's initialize and tools/list with the POSTs
-    # that carried them), not a count that a partial trace can reach.
-    needed = {f"agent:{CALL}", f"mcp-server:{CALL}", "mcp-server:lookup-db"}
-    needed |= {"agent:initialize", "agent:tools/list"}
-
-    def whole() -> Any:
-        try:
-            trace = stack.client.get_trace(found.info.trace_id)
-        except Exception:
-            return None
-        if trace.info.state.value == "IN_PROGRESS":
-            return None
-        names = [name(span) for span in trace.data.spans]
-        return trace if needed <= set(names) and names.count("mcp-server:POST /mcp") >= 3 else None
-
-    trace = wait_for(whole, "every span of the session's calls")
-    print(format_trace(trace))  # pytest -s
-    spans = {span.span_id: span for span in trace.data.spans}
-
-    # The session's own traffic (initialize, its notification, the event stream, the closing
-    # DELETE) is in the same trace too; the call is the same subtree as with a kept session.
-    caller = spans[caller_hex]
-    chain = [caller]
-    while (children := [s for s in spans.values() if s.parent_id == chain[-1].span_id]) and len(
-        children
-    ) == 1:
-        chain.append(children[0])
-    assert [name(span) for span in chain] == [
-        f"agent:{CALL}",
-        "mcp-server:POST /mcp",
-        f"mcp-server:{CALL}",
-        "mcp-server:lookup-db",
+    # The request's own call at its top level; the session's plumbing (initialize, its
+    # notification, the event stream, tools/list, the closing DELETE) under one span. mcp 1.x
+    # answers `initialize` inside its session, not in the server's request handling: no span
+    # of the server's for it there. Before: 17 spans (16 with mcp 1.x), the plumbing's client
+    # spans and HTTP calls beside the tool call.
+    session = "agent:mcp session"
+    expected = [
+        ("agent:POST /ask-fresh", None),
+        (session, "agent:POST /ask-fresh"),
+        (f"agent:{CALL}", "agent:POST /ask-fresh"),
+        ("mcp-server:POST /mcp", f"agent:{CALL}"),
+        (f"mcp-server:{CALL}", "mcp-server:POST /mcp"),
+        ("mcp-server:lookup-db", f"mcp-server:{CALL}"),
+        ("mcp-server:POST /mcp", session),  # initialize
+        ("mcp-server:POST /mcp", session),  # notifications/initialized
+        ("mcp-server:GET /mcp", session),
+        ("mcp-server:POST /mcp", session),  # tools/list
+        ("mcp-server:tools/list", "mcp-server:POST /mcp"),
+        ("mcp-server:DELETE /mcp", session),
     ]
-    assert name(spans[caller.parent_id]) == "agent:POST /ask-fresh"
-    names = [name(span) for span in spans.values()]
-    assert names.count(f"agent:{CALL}") == names.count(f"mcp-server:{CALL}") == 1
-    # Every request the session sent carried its client span's context (`tools/list`: the SDK
-    # asks for the tool's output schema). mcp 1.x answers `initialize` inside its session, not
-    # in the server's request handling: no span of the server's for it there.
-    for method in ("initialize", "tools/list"):
-        (sent,) = [span for span in spans.values() if name(span) == f"agent:{method}"]
-        under = [name(span) for span in spans.values() if span.parent_id == sent.span_id]
-        assert under == ["mcp-server:POST /mcp"]
+    if MCP_MAJOR == 2:
+        expected.append(("mcp-server:initialize", "mcp-server:POST /mcp"))
+    trace = complete_trace(stack.client, f"tr-{trace_hex}", spans=len(expected))
+    print(format_trace(trace))  # pytest -s
+    assert len(trace.data.spans) == len(expected)
+    assert shape(trace) == sorted(expected)
+    spans = {span.span_id: span for span in trace.data.spans}
+    assert name(spans[caller_hex]) == f"agent:{CALL}"
+    (opened,) = [span for span in spans.values() if name(span) == session]
+    assert opened.attributes["mcp.session.id"] == call["mcp-session-id"][0]
+    assert opened.attributes["url.full"] == f"{stack.server.url}/mcp"
+    assert opened.status.status_code.value == "OK"
     assert trace.info.experiment_id == stack.agent_experiment
 
 
@@ -299,6 +317,8 @@ def test_context_only_in_meta_is_continued_from_a_trusted_caller(
         (request,) = wait_for(server_traces, "the request's trace")
         request = complete_trace(stack.client, request.info.trace_id, spans=1)
         assert [span.name for span in request.data.spans] == ["POST /mcp"]
+        (post,) = request.data.spans
+        assert post.inputs["params"] == {"name": "lookup", "arguments": {"key": marker}}
     else:
         # Not continued: the call's span is under the request's span, in a new trace of the
         # server's own; the caller's ids are only recorded.

@@ -82,3 +82,7 @@ def test_a_websocket_connection_is_one_trace_with_every_message_beneath(
     assert root.attributes["websocket.messages.sent"] == 2
     assert root.attributes["network.protocol.name"] == "websocket"
     assert root.status.status_code.name == "OK"
+    # The trace list's previews (`-` before): the first message in, the last one out.
+    (listed,) = client.search_traces(locations=[experiment], include_spans=False)
+    for info in (listed.info, trace.info):
+        assert (info.request_preview, info.response_preview) == ('"hello"', '"WORLD"')

@@ -231,12 +231,72 @@ def test_websocket_connection_is_one_span_with_the_handler_spans_beneath(
     assert attributes["websocket.messages.received"] == 2
     assert attributes["websocket.messages.sent"] == 2
     assert attributes["websocket.close.code"] == 1000
+    # The trace list's previews: the first message in, the last one out.
+    assert attributes["mlflow.spanInputs"] == '"a"'
+    assert attributes["mlflow.spanOutputs"] == '"B"'
     assert connection.status.status_code != StatusCode.ERROR
     answers = [span for span in spans if span.name == "answer"]
     assert len(answers) == 2
     for answer in answers:
         assert answer.parent is not None
         assert answer.parent.span_id == connection.context.span_id
+
+
+async def relay(ws: WebSocket) -> None:
+    """Answers each message with the next one it is told to send (text or bytes)."""
+    await ws.accept()
+    try:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("text") == "bytes":
+                await ws.send_bytes(b"\x00\xff" * 3)
+            else:
+                await ws.send_text(message.get("text") or "")
+    except WebSocketDisconnect:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("options", "sent", "inputs", "outputs"),
+    [
+        pytest.param(
+            {},
+            ['{"api_key": "sk-1", "q": "hi"}', '{"answer": 42}'],
+            '{"api_key": "[REDACTED]", "q": "hi"}',
+            '{"answer": 42}',
+            id="json-redacted",
+        ),
+        pytest.param({}, ["héllo", "bye"], '"héllo"', '"bye"', id="text"),
+        pytest.param({}, ["x", "bytes"], '"x"', '"[binary message: 6 bytes]"', id="bytes"),
+        pytest.param(
+            {"max_body_bytes": 4},
+            ["hello", "ok"],
+            '"[body truncated: 5 bytes, capture limit 4]"',
+            '"ok"',
+            id="capped",
+        ),
+        pytest.param({"capture_bodies": False}, ["hello"], None, None, id="off"),
+        pytest.param({}, [], None, None, id="no-messages"),
+    ],
+)
+def test_a_websockets_first_message_in_and_last_out_are_its_previews(
+    exporter: InMemoryExporter,
+    options: dict[str, Any],
+    sent: list[str],
+    inputs: str | None,
+    outputs: str | None,
+) -> None:
+    app = MlflowTracingMiddleware(Starlette(routes=[WebSocketRoute("/ws", relay)]), **options)
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        for text in sent:
+            ws.send_text(text)
+            ws.receive()
+    (connection,) = exporter.finished_spans()
+    attributes = dict(connection.attributes or {})
+    assert attributes.get("mlflow.spanInputs") == inputs
+    assert attributes.get("mlflow.spanOutputs") == outputs
 
 
 def test_refused_and_failing_websockets_say_so(exporter: InMemoryExporter) -> None:

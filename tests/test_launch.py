@@ -117,6 +117,8 @@ def test_the_variables_are_read_into_one_settings_object(clean_env: pytest.Monke
         pytest.param({"MLFLOW_TRACE_MAX_BATCH_BYTES": "99999999999"},
                      "MLFLOW_TRACE_MAX_BATCH_BYTES", "MLFLOW_TRACE_MAX_QUEUE_BYTES", id="bytes"),
         pytest.param({"MLFLOW_TRACE_FREEZE_GC": "2"}, "MLFLOW_TRACE_FREEZE_GC", "'2'", id="freeze"),
+        pytest.param({"MLFLOW_TRACE_MCP_PLUMBING": "off"}, "MLFLOW_TRACE_MCP_PLUMBING", "'off'",
+                     id="mcp-plumbing"),
         pytest.param({"MLFLOW_TRACE_SIGNING_KEY": "k1,,k2"}, "MLFLOW_TRACE_SIGNING_KEY",
                      "(hidden)", id="signing-key-not-shown"),
         pytest.param({"MLFLOW_TRACKING_USERNAME": "me"}, "MLFLOW_TRACKING_PASSWORD",

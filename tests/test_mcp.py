@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import importlib
+import json
 import sys
 from types import SimpleNamespace
 from typing import Any
@@ -17,7 +18,7 @@ from fastapi import FastAPI, Request
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from mlflow_trace_middleware import MlflowTracingMiddleware, _imports, _mlflow, _targets
+from mlflow_trace_middleware import MlflowTracingMiddleware, _imports, _mlflow, _server, _targets
 from mlflow_trace_middleware import mcp as adapter
 from mlflow_trace_middleware.testing import InMemoryExporter
 
@@ -152,11 +153,11 @@ async def test_our_meta_replaces_what_mcp_2_injects_from_the_global_context(
         seen.append(meta)
 
     with mlflow.start_span("agent"):
-        await adapter._send("tools/list", None, send)
+        await adapter._send("resources/read", None, send)
     outside: dict[str, Any] = {}
     inject(outside)  # not a request of ours: mcp's own injection
     (meta,) = seen
-    (call,) = [s for s in exporter.finished_spans() if s.name == "tools/list"]
+    (call,) = [s for s in exporter.finished_spans() if s.name == "resources/read"]
     assert ids(meta["traceparent"]) == ids_of(call)
     assert meta["progressToken"] == 1
     assert outside == {"traceparent": FOREIGN}
@@ -214,9 +215,13 @@ def make_server(**options: Any) -> FastAPI:
     return app
 
 
-async def post(app: FastAPI, meta: dict[str, str], headers: dict[str, str]) -> dict[str, Any]:
+async def post(
+    app: FastAPI, meta: dict[str, str], headers: dict[str, str], arguments: Any = None
+) -> dict[str, Any]:
     message = {"jsonrpc": "2.0", "id": 7, "method": "tools/call"}
     message["params"] = {"name": "lookup", "_meta": meta}  # type: ignore[assignment]
+    if arguments is not None:
+        message["params"]["arguments"] = arguments  # type: ignore[index]
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://mcp.test"
     ) as client:
@@ -310,3 +315,198 @@ def test_instrument_before_mcp_is_imported_patches_it_when_it_is(
         adapter.uninstrument()
     assert getattr(owner, name) is original
     assert not _imports.waiting("mcp")
+
+
+@pytest.mark.parametrize(
+    ("method", "plumbing"),
+    [
+        pytest.param("initialize", True, id="initialize"),
+        pytest.param("ping", True, id="ping"),
+        pytest.param("tools/list", True, id="tools-list"),
+        pytest.param("resources/templates/list", True, id="templates-list"),
+        pytest.param("notifications/initialized", True, id="notification"),
+        pytest.param("tools/call", False, id="tools-call"),
+        pytest.param("prompts/get", False, id="prompts-get"),
+        pytest.param("resources/read", False, id="resources-read"),
+    ],
+)
+def test_the_sessions_plumbing_is_told_from_its_work(method: str, plumbing: bool) -> None:
+    assert adapter._plumbing(method) is plumbing
+
+
+def io(span: Any) -> tuple[Any, Any]:
+    """A span's inputs and outputs, decoded (None when not recorded)."""
+    found = [span.attributes.get(key) for key in ("mlflow.spanInputs", "mlflow.spanOutputs")]
+    return tuple(json.loads(value) if value else None for value in found)  # type: ignore[return-value]
+
+
+async def test_a_tool_calls_arguments_and_result_are_its_spans_inputs_and_outputs(
+    exporter: InMemoryExporter,
+) -> None:
+    arguments = {"key": "k", "api_key": "sk-secret", "max_tokens": 5}
+
+    async def send(fields: dict[str, str] | None) -> dict[str, Any]:
+        return {"content": [{"type": "text", "text": "v"}], "isError": False, "_meta": {"a": 1}}
+
+    with mlflow.start_span("agent"):
+        await adapter._send("tools/call", {"name": "lookup", "arguments": arguments}, send)
+        await adapter._send("prompts/get", {"name": "greet", "arguments": arguments}, send)
+    spans = {span.name: span for span in exporter.finished_spans()}
+    # Redacted as a body is; the result without its `_meta`; only a tool call's.
+    assert io(spans["tools/call lookup"]) == (
+        {"key": "k", "api_key": "[REDACTED]", "max_tokens": 5},
+        {"content": [{"type": "text", "text": "v"}], "isError": False},
+    )
+    assert io(spans["prompts/get greet"]) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("options", "recorded"),
+    [
+        pytest.param(
+            _server.ServerOptions(max_body_bytes=40),
+            "[body truncated: 47 bytes, capture limit 40]",
+            id="capped",
+        ),
+        pytest.param(_server.ServerOptions(capture_bodies=False), None, id="off"),
+    ],
+)
+async def test_a_tool_calls_inputs_are_capped_as_bodies_are(
+    exporter: InMemoryExporter,
+    monkeypatch: pytest.MonkeyPatch,
+    options: _server.ServerOptions,
+    recorded: str | None,
+) -> None:
+    monkeypatch.setattr(adapter, "_client_options", options)
+
+    async def send(fields: dict[str, str] | None) -> None:
+        return None
+
+    with mlflow.start_span("agent"):
+        await adapter._send("tools/call", {"name": "t", "arguments": {"text": "x" * 35}}, send)
+    (call,) = [span for span in exporter.finished_spans() if span.name == "tools/call t"]
+    assert io(call)[0] == recorded
+
+
+async def test_a_served_tool_call_records_its_io_and_the_post_loses_its_meta(
+    exporter: InMemoryExporter,
+) -> None:
+    app = make_server(redact_keys=["user_email"])
+    arguments = {"key": "k", "user_email": "a@example.com"}
+    await post(app, {"traceparent": FOREIGN, "progressToken": "p"}, {}, arguments)
+    spans = {span.name: span for span in exporter.finished_spans()}
+    hidden = {"key": "k", "user_email": "[REDACTED]"}
+    # The handler's result: the ids current in it, the tool's span's.
+    assert io(spans["tools/call lookup"]) == (hidden, ids_of(spans["tool-work"]))
+    request, _ = io(spans["POST /mcp"])
+    assert request == {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {"name": "lookup", "arguments": hidden},
+    }
+
+
+class Transport:
+    """What the adapter reads of mcp's `StreamableHTTPTransport`."""
+
+    url = "http://tools.internal:8000/mcp"
+    session_id = "s-9"
+
+
+def message(method: str, params: Any = None) -> Any:
+    sent = SimpleNamespace(method=method, params=params)
+    return SimpleNamespace(session_message=SimpleNamespace(message=sent))
+
+
+async def test_a_transport_opened_under_a_span_puts_its_plumbing_under_one_session_span(
+    exporter: InMemoryExporter,
+) -> None:
+    current: dict[str, str | None] = {}
+
+    async def handle_post(transport: Any, ctx: Any) -> None:
+        current[ctx.session_message.message.method] = current_ids()
+
+    async def get_stream(transport: Any, *args: Any) -> None:
+        current["GET"] = current_ids()
+
+    async def terminate(transport: Any, *args: Any) -> None:
+        current["DELETE"] = current_ids()
+
+    post_request = adapter._post_v1_v2(handle_post)
+    stream = adapter._in_session_v1_v2(get_stream)
+
+    async def writer(transport: Any, *args: Any) -> None:
+        await post_request(transport, message("initialize", {"protocolVersion": "1"}))
+        await post_request(transport, message("notifications/initialized"))
+        await stream(transport, None)
+        meta = {"traceparent": TRACEPARENT}  # a call of ours: its own context
+        await post_request(transport, message("tools/call", {"name": "t", "_meta": meta}))
+
+    transport = Transport()
+    with mlflow.start_span("agent"):
+        await adapter._post_writer_v1_v2(writer)(transport)
+        # The closing DELETE comes after the writer is done: the session ends after it.
+        await adapter._in_session_v1_v2(terminate)(transport)
+    spans = {span.name: span for span in exporter.finished_spans()}
+    assert sorted(spans) == ["agent", "mcp session"]  # no span per plumbing message
+    session = spans["mcp session"]
+    assert session.parent.span_id == spans["agent"].context.span_id
+    assert session.kind == SpanKind.CLIENT
+    assert session.attributes["mcp.session.id"] == "s-9"
+    assert session.attributes["url.full"] == "http://tools.internal:8000/mcp"
+    assert session.end_time >= spans["agent"].start_time
+    plumbing = ("initialize", "notifications/initialized", "GET", "DELETE")
+    assert {current[key] for key in plumbing} == {ids_of(session)}
+    assert current["tools/call"] == ids(TRACEPARENT)
+    assert current_ids() is None
+
+
+async def test_an_untraced_transports_plumbing_is_sent_sampled_out_and_its_calls_as_they_are(
+    exporter: InMemoryExporter,
+) -> None:
+    seen: dict[str, trace.SpanContext] = {}
+
+    async def handle_post(transport: Any, ctx: Any) -> None:
+        method = ctx.session_message.message.method
+        seen[method] = trace.get_current_span(_mlflow.current_context()).get_span_context()
+
+    post_request = adapter._post_v1_v2(handle_post)
+
+    async def writer(transport: Any, *args: Any) -> None:
+        await post_request(transport, message("initialize", {"protocolVersion": "1"}))
+        await post_request(transport, message("tools/call", {"name": "t"}))  # sent untraced
+
+    await adapter._post_writer_v1_v2(writer)(Transport())  # opened outside any trace
+    plumbing, call = seen["initialize"], seen["tools/call"]
+    assert plumbing.is_valid
+    assert not plumbing.trace_flags.sampled
+    assert not call.is_valid  # a call keeps whatever context it had: none
+    assert exporter.finished_spans(timeout=0.2) == []
+
+
+async def test_with_plumbing_as_spans_each_request_gets_its_own(
+    exporter: InMemoryExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(adapter, "_nest", False)
+
+    async def send(fields: dict[str, str] | None) -> None:
+        return None
+
+    async def writer(transport: Any) -> None:
+        return None
+
+    with mlflow.start_span("agent"):
+        await adapter._send("tools/list", None, send)
+        await adapter._post_writer_v1_v2(writer)(Transport())
+    assert sorted(span.name for span in exporter.finished_spans()) == ["agent", "tools/list"]
+
+
+def test_the_plumbing_variable_chooses_the_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, nest in (("spans", False), ("", True), ("NEST", True), ("bogus", True)):
+        monkeypatch.setenv("MLFLOW_TRACE_MCP_PLUMBING", value)
+        adapter.instrument()
+        try:
+            assert adapter._nest is nest, value
+        finally:
+            adapter.uninstrument()

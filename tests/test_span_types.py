@@ -28,6 +28,7 @@ from mlflow_trace_middleware.testing import InMemoryExporter
         pytest.param("client", "/gateway/chat/mlflow/invocations", '"LLM"', id="ai-gateway"),
         pytest.param("server", "/v1/chat/completions", '"LLM"', id="llm-service"),
         pytest.param("client", "/v1/messages/123", '"TOOL"', id="not-an-llm-call"),
+        pytest.param("tool", "", '"TOOL"', id="mcp-tool-call"),
     ],
 )
 def test_each_kind_of_span_has_one_type(kind: str, path: str, expected: str) -> None:
@@ -37,10 +38,20 @@ def test_each_kind_of_span_has_one_type(kind: str, path: str, expected: str) -> 
 def test_the_types_are_overridden_per_kind(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(_config.SPAN_TYPES_ENV, "server=agent, llm=CHAT_MODEL")
     settings = _config.from_environment(strict=True)
-    assert settings.span_types == {"server": "AGENT", "client": "TOOL", "llm": "CHAT_MODEL"}
+    assert settings.span_types == {
+        "server": "AGENT",
+        "client": "TOOL",
+        "llm": "CHAT_MODEL",
+        "tool": "TOOL",
+    }
     monkeypatch.setattr(_config, "_settings", settings)
     assert _config.span_type("server", "/ask") == '"AGENT"'
     assert _config.span_type("client", "/v1/chat/completions") == '"CHAT_MODEL"'
+    # An MCP tool call is a kind of its own: a client override does not reach it.
+    monkeypatch.setenv(_config.SPAN_TYPES_ENV, "client=CHAIN, tool=RETRIEVER")
+    monkeypatch.setattr(_config, "_settings", _config.from_environment(strict=True))
+    assert _config.span_type("client", "/query") == '"CHAIN"'
+    assert _config.span_type("tool", "") == '"RETRIEVER"'
 
 
 @pytest.mark.parametrize("value", ["database=TOOL", "server=", "server=a b", 'client="X"'])
