@@ -22,7 +22,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util import parse_url
 
-from . import _client, _targets
+from . import _client, _patch, _targets
 
 __all__ = ["TracingAdapter", "instrument", "uninstrument"]
 
@@ -122,24 +122,20 @@ class _Raw:
             self._call.end(self._status)
 
 
-_original: list[Callable[..., requests.Response]] = []
+def _patched_send(
+    original: Callable[..., requests.Response],
+    adapter: HTTPAdapter,
+    request: requests.PreparedRequest,
+    *args: Any,
+    **kwargs: Any,
+) -> requests.Response:
+    return _send(request, lambda: original(adapter, request, *args, **kwargs))
 
 
 def instrument() -> None:
     """Trace every `requests` call made through an `HTTPAdapter` (every default session)."""
-    if _original:
-        return
-    original = HTTPAdapter.send
-
-    def patched(
-        self: HTTPAdapter, request: requests.PreparedRequest, *args: Any, **kwargs: Any
-    ) -> requests.Response:
-        return _send(request, lambda: original(self, request, *args, **kwargs))
-
-    _original.append(original)
-    HTTPAdapter.send = patched  # type: ignore[method-assign]
+    _patch.patch(HTTPAdapter, "send", _patched_send)
 
 
 def uninstrument() -> None:
-    if _original:
-        HTTPAdapter.send = _original.pop()  # type: ignore[method-assign]
+    _patch.restore(HTTPAdapter, "send")

@@ -19,7 +19,7 @@ from typing import Any
 from urllib3 import HTTPConnectionPool, HTTPHeaderDict
 from urllib3.util import parse_url
 
-from . import _client, _targets
+from . import _client, _patch, _targets
 
 __all__ = ["instrument", "uninstrument"]
 
@@ -37,10 +37,10 @@ def _urlopen(
     pool: HTTPConnectionPool,
     method: str,
     url: str,
-    body: Any,
-    headers: Any,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
+    body: Any = None,
+    headers: Any = None,
+    *args: Any,
+    **kwargs: Any,
 ) -> Any:
     if _client.outer_call_running():
         return original(pool, method, url, body, headers, *args, **kwargs)
@@ -59,30 +59,10 @@ def _urlopen(
     return response
 
 
-_original: list[Any] = []
-
-
 def instrument() -> None:
     """Trace every urllib3 request (every pool, whenever it was created)."""
-    if _original:
-        return
-    original = HTTPConnectionPool.urlopen
-
-    def urlopen(
-        pool: HTTPConnectionPool,
-        method: str,
-        url: str,
-        body: Any = None,
-        headers: Any = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Any:
-        return _urlopen(original, pool, method, url, body, headers, args, kwargs)
-
-    _original.append(original)
-    HTTPConnectionPool.urlopen = urlopen  # type: ignore[method-assign,assignment]
+    _patch.patch(HTTPConnectionPool, "urlopen", _urlopen)
 
 
 def uninstrument() -> None:
-    if _original:
-        HTTPConnectionPool.urlopen = _original.pop()  # type: ignore[method-assign]
+    _patch.restore(HTTPConnectionPool, "urlopen")
