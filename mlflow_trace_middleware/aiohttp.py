@@ -59,8 +59,12 @@ async def _on_end(session: aiohttp.ClientSession, context: SimpleNamespace, para
     response = params.response
     status = response.status
     call.answered(response.headers)
+    content = response.content
+    if content.is_eof():  # a small body is often all in already
+        call.end(status)
+        return
     # At the body's last byte, or when the caller releases or closes the response first.
-    response.content.on_eof(lambda: call.end(status))
+    content.on_eof(lambda: call.end(status))
     call.end_after(response, ("release", "close"), status)
 
 
