@@ -19,7 +19,7 @@ from typing import Any
 from urllib3 import HTTPConnectionPool, HTTPHeaderDict
 from urllib3.util import parse_url
 
-from . import _client, _patch, _targets
+from . import _client, _patch, _propagation, _targets
 
 __all__ = ["instrument", "uninstrument"]
 
@@ -30,6 +30,16 @@ def _destination(pool: HTTPConnectionPool, url: str) -> _targets.Destination:
         return pool.scheme, pool.host, pool.port, url.partition("?")[0]
     parsed = parse_url(url)
     return parsed.scheme or pool.scheme, parsed.host or "", parsed.port, parsed.path or "/"
+
+
+def _copy(headers: Any) -> Any:
+    """A copy of the request's headers to write the context into: never the caller's mapping or
+    the pool's defaults. A plain dict stays one (urllib3 sends it as it is; a `HTTPHeaderDict`
+    costs more to build and to send) unless it names a propagation field in another case, which
+    only a case-insensitive mapping finds."""
+    if type(headers) is dict and not any(key.lower() in _propagation.FIELDS for key in headers):
+        return dict(headers)
+    return HTTPHeaderDict(headers)
 
 
 def _urlopen(
@@ -44,8 +54,7 @@ def _urlopen(
 ) -> Any:
     if _client.outer_call_running():
         return original(pool, method, url, body, headers, *args, **kwargs)
-    # A copy: never write into the caller's mapping or the pool's default headers.
-    sent = HTTPHeaderDict(headers if headers is not None else pool.headers)
+    sent = _copy(headers if headers is not None else pool.headers)
     call = _client.start(method, _destination(pool, url), sent, None)
     if call is None:
         return original(pool, method, url, body, headers, *args, **kwargs)
