@@ -278,21 +278,54 @@ def inject(
 
     `entry` is our own tracestate member, put first (replacing an older one of ours).
     """
-    _trace_context.inject(headers, context)
     headers.pop(TRACESTATE, None)
     span_context = trace.get_current_span(context).get_span_context()
+    headers.update(outgoing(span_context, entry, context))
+
+
+def outgoing(
+    span_context: trace.SpanContext,
+    entry: tuple[str, str] | None,
+    context: Context | None,
+) -> dict[str, str]:
+    """The headers that carry `span_context` (if valid), `entry` first in its `tracestate`, and
+    the baggage of `context`: the propagators' text, built here.
+
+    A call sends its parent's `tracestate` and baggage again and again: both headers are
+    kept from the last call (one slot each), so a call formats only its own `traceparent`.
+    """
+    global _last_state, _last_baggage
+    sent: dict[str, str] = {}
     if span_context.is_valid:
-        trace_state = span_context.trace_state
-        members = (
-            [(key, value) for key, value in trace_state.items() if entry is None or key != entry[0]]
-            if trace_state
-            else []
+        # As `TraceContextTextMapPropagator.inject` formats it.
+        sent[TRACEPARENT] = (
+            f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-"
+            f"{span_context.trace_flags:02x}"
         )
-        if entry is not None:
-            members.insert(0, entry)
-        if tracestate := _tracestate_header(members):
-            headers[TRACESTATE] = tracestate
-    _baggage.inject(headers, context)
+        trace_state = span_context.trace_state or None
+        state = _last_state
+        if state[0] is not trace_state or state[1] != entry:
+            kept = [
+                (k, v) for k, v in (trace_state or {}).items() if entry is None or k != entry[0]
+            ]
+            header = _tracestate_header([entry, *kept] if entry is not None else kept)
+            state = _last_state = (trace_state, entry, header)
+        if state[2]:
+            sent[TRACESTATE] = state[2]
+    if members := baggage.get_all(context):
+        key = tuple(members.items())
+        cached = _last_baggage
+        if cached[0] != key:
+            carrier: dict[str, str] = {}
+            _baggage.inject(carrier, context)
+            cached = _last_baggage = (key, carrier.get(BAGGAGE))
+        if cached[1]:
+            sent[BAGGAGE] = cached[1]
+    return sent
+
+
+_last_state: tuple[TraceState | None, tuple[str, str] | None, str] = (None, None, "")
+_last_baggage: tuple[tuple[tuple[str, object], ...], str | None] = ((), None)
 
 
 def baggage_first(context: Context, first: Mapping[str, str]) -> Context:
