@@ -308,6 +308,24 @@ def bound(attributes: dict[str, Any], limit: int | None) -> None:
             attributes[key] = bounded(value, limit)
 
 
+def record(span: trace.Span, attributes: dict[str, str | int]) -> None:
+    """`span.set_attributes(attributes)` for attributes known valid (strings and integers our
+    adapters compute); on one of ours still open and not handed to MLflow, without the per-call
+    checks `set_attribute` makes of a caller's values (the length limit and count still hold)."""
+    if not isinstance(span, LeanSpan) or span._shadow is not None or span.end_time is not None:
+        span.set_attributes(attributes)
+        return
+    mine = span._attributes
+    limit = _config.get_settings().max_span_attribute_length
+    for key, value in attributes.items():
+        if limit is not None and value.__class__ is str and not key.startswith(_MLFLOW):
+            value = bounded(value, limit)
+        if key not in mine and len(mine) >= MAX_ATTRIBUTES:
+            span.dropped_attributes += 1
+        else:
+            mine[key] = value
+
+
 def bounded(value: Any, limit: int | None) -> Any:
     """`value` (an attribute value: a string, a sequence of them, or a scalar) within `limit`."""
     if limit is None:

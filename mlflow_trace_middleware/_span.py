@@ -16,6 +16,7 @@ of the SDK `ReadableSpan` interface they read (`name`, `context`, `parent`, `kin
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -83,6 +84,26 @@ def encode_span(
     attributes, events, links, status = state
     context = span.context
     parent = span.parent
+    if (
+        not events
+        and not links
+        and context is not None
+        and not (span.dropped_events or span.dropped_links)
+    ):
+        data = _plain(span, context, parent, status)
+    else:
+        data = _message(span, state)
+    data += _attribute_fields(attributes)
+    if extra:
+        data += _attribute_fields(extra)
+    return EncodedSpan(data, _scope_of(span.instrumentation_scope), parent is None)
+
+
+def _message(span: Finished, state: Recorded) -> bytes:
+    """The `Span` fields but attributes, through the protobuf message (events, links)."""
+    _, events, links, status = state
+    context = span.context
+    parent = span.parent
     encoded = PbSpan(
         name=span.name,
         kind=_KINDS[span.kind],  # type: ignore[arg-type]
@@ -119,10 +140,51 @@ def encode_span(
     encoded.status.code = _CODES[status.status_code]  # type: ignore[assignment]
     if status.description:
         encoded.status.message = status.description
-    data = encoded.SerializeToString() + _attribute_fields(attributes)
-    if extra:
-        data += _attribute_fields(extra)
-    return EncodedSpan(data, _scope_of(span.instrumentation_scope), parent is None)
+    data: bytes = encoded.SerializeToString()
+    return data
+
+
+def _plain(
+    span: Finished, context: SpanContext, parent: SpanContext | None, status: Status
+) -> bytes:
+    """The `Span` fields of a span without events or links, byte for byte as the protobuf
+    library writes them (field order, defaults left out), without building a message."""
+    parts = [b"\x0a\x10", context.trace_id.to_bytes(16, "big"), b"\x12\x08"]
+    parts.append(context.span_id.to_bytes(8, "big"))
+    trace_state = context.trace_state
+    if trace_state:
+        parts.append(_text(3, trace_state.to_header()))
+    if parent is not None:
+        parts += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
+    if span.name:
+        parts.append(_text(5, span.name))
+    kind = _KINDS[span.kind]
+    start = span.start_time or 0
+    end = span.end_time or start  # an open span (a claim's placeholder): zero length
+    parts.append(_KIND_FIELDS[kind])
+    if start:
+        parts += (b"\x39", _FIXED64.pack(start))
+    if end:
+        parts += (b"\x41", _FIXED64.pack(end))
+    if span.dropped_attributes:
+        parts += (b"\x50", _varint(span.dropped_attributes))
+    # Status (field 15): code = 3, message = 2; always present, as `encode_span` sets it.
+    code = _CODES[status.status_code]
+    inner = _text(2, status.description) if status.description else b""
+    if code:
+        inner += b"\x18" + _varint(code)
+    parts += (b"\x7a", _varint(len(inner)), inner)
+    flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
+    parts += (b"\x85\x01", _FIXED32.pack(flags | context.trace_flags & 0xFF))
+    return b"".join(parts)
+
+
+def _text(number: int, text: str) -> bytes:
+    return _field(number, text.encode())
+
+
+_FIXED64 = struct.Struct("<Q")
+_FIXED32 = struct.Struct("<I")
 
 
 def _scope_of(scope: SdkScope | None) -> Scope:
@@ -141,6 +203,7 @@ def _scope_of(scope: SdkScope | None) -> Scope:
 # Enum `.value` is a property; a dict lookup is cheaper on every span.
 _KINDS = {kind: kind.value + 1 for kind in SpanKind}  # INTERNAL (0) is SPAN_KIND_INTERNAL (1)
 _CODES = {code: code.value for code in StatusCode}
+_KIND_FIELDS = {value: bytes((0x30, value)) for value in _KINDS.values()}  # Span.kind = 6
 _scope_keys: dict[int, tuple[SdkScope | None, Scope]] = {}
 
 
