@@ -2,7 +2,8 @@
 
 Contract (README "Delivery guarantees", docs/architecture.md):
 - `submit` is O(1) in the queue length, takes a lock only around a deque append (never held
-  across I/O) and never raises;
+  across I/O) and never raises; `submit_later`, the request path's, takes no lock at all: it
+  appends the finished span to a deque and the worker encodes it;
 - at most `max_queue_spans` spans and `max_queue_bytes` bytes of encoded spans are held,
   in-flight batches included; one worker thread, started lazily;
 - at every moment ``produced == exported + pending + sum(dropped.values())``, and every drop has
@@ -21,9 +22,9 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from . import _log
 from ._config import SinkLimits
@@ -112,6 +113,15 @@ _SIZE: Final = 3
 _SINCE: Final = 4
 _ROOT: Final = 5
 _CLAIM: Final = 6
+
+# A finished span not encoded yet: `(encode, args, experiment id)`; the worker calls
+# `encode(*args)` for its `EncodedSpan`.
+_Raw = tuple[Callable[..., EncodedSpan], tuple[Any, ...], "str | None"]
+# The worker is woken to encode once this many spans wait (or at the schedule, or a flush): few
+# enough that they die young (not promoted through the collector's generations), and that the
+# worker holds the GIL for short stretches only.
+_ENCODE_BATCH = 32
+_ENCODE_SLICE = 8  # spans encoded between two yields of the GIL
 
 
 # MLflow 3.18 refuses a whole batch when one of its traces lives in another experiment
@@ -220,6 +230,9 @@ class SpanSink:
         self._wake = threading.Event()  # a flush, a full batch or shutdown
         self._stop = threading.Event()  # shutdown only: ends a backoff early
         self._queue: deque[_Item] = deque()
+        self._raw: deque[_Raw] = deque()  # appended without the lock; popped by the worker
+        self._encoding = 0  # taken from `_raw`, being encoded
+        self._raw_epoch = 0  # the epoch the spans being encoded were taken in
         self._in_flight = 0
         self._held_bytes = 0  # queued and in flight
         self._produced = 0
@@ -255,51 +268,141 @@ class SpanSink:
         under `experiment_id` before anyone else writes to it) goes to the front of the queue,
         wakes the worker, and is posted without finished spans: one POST must not hold both a
         placeholder and the span it stands for."""
-        data = span.data
         claim = span.claim
-        size = len(data)
         with self._lock:
             if not claim:
                 self._produced += 1
-            if self._closing:
-                drop = "shutdown"
-            elif size > self._max_batch_bytes:
-                drop = "too_large"
-            elif (
-                len(self._queue) + self._in_flight >= self._max_queue
-                or self._held_bytes + size > self._max_queue_bytes
-            ):
-                drop = "queue_full"
-            else:
-                drop = ""
-                item = (data, span.scope, experiment_id, size, 0.0, span.root, claim)
-                if claim:
-                    self._queue.appendleft(item)
-                    self._claims_held += 1
-                else:
-                    self._queue.append(item)
-                self._held_bytes += size
-            if drop and claim:  # nothing is lost: the span follows (and is counted) when it ends
-                drop = ""
-            elif drop:
-                self._dropped[drop] += 1
-            worker = None
-            if self._worker is None and not self._closing:
-                worker = self._worker = threading.Thread(
-                    target=self._run, name="mlflow-trace-sink", daemon=True
-                )
+            drop = self._admit(span, experiment_id)
+            worker = self._new_worker()
             # Once per full batch (or claim): setting an Event takes its lock and wakes a thread.
             wake = (claim or len(self._queue) >= self._max_batch) and not self._wake.is_set()
         if worker is not None:
-            try:
-                worker.start()
-            except RuntimeError:  # "can't start new thread": retry on the next submit
-                with self._lock:
-                    self._worker = None
-                _log.internal_error("sink worker start")
+            self._start_worker(worker)
         if wake:
             self._wake.set()
         if drop:
+            _log.warn_limited(drop, "mlflow-trace-middleware: dropping spans (%s)", drop)
+
+    def submit_later(
+        self,
+        encode: Callable[..., EncodedSpan],
+        args: tuple[Any, ...],
+        experiment_id: str | None = None,
+    ) -> None:
+        """Queue one finished span that the worker encodes (`encode(*args)`, an `EncodedSpan`;
+        an exception there counts it as dropped, `encoding_error`). `args` must not change
+        afterwards (a span that ended). Never blocks, never raises; the request path's way in:
+        a deque append, no lock, the encoding's cost on the worker's thread."""
+        raw = self._raw
+        if self._closing or len(raw) + len(self._queue) + self._in_flight >= self._max_queue:
+            with self._lock:
+                self._produced += 1
+                drop = "shutdown" if self._closing else "queue_full"
+                self._dropped[drop] += 1
+            _log.warn_limited(drop, "mlflow-trace-middleware: dropping spans (%s)", drop)
+            return
+        raw.append((encode, args, experiment_id))
+        if self._closing:  # closed meanwhile: the worker that would take it is gone
+            self._drop_raw("shutdown")
+        elif self._worker is None:
+            with self._lock:
+                worker = self._new_worker()
+            if worker is not None:
+                self._start_worker(worker)
+        if len(raw) >= _ENCODE_BATCH and not self._wake.is_set():
+            self._wake.set()
+
+    def _admit(self, span: EncodedSpan, experiment_id: str | None) -> str:
+        """Queue `span` (the lock held); the reason it was dropped, counted, or ""."""
+        data = span.data
+        claim = span.claim
+        size = len(data)
+        if self._closing:
+            drop = "shutdown"
+        elif size > self._max_batch_bytes:
+            drop = "too_large"
+        elif (
+            len(self._queue) + self._in_flight >= self._max_queue
+            or self._held_bytes + size > self._max_queue_bytes
+        ):
+            drop = "queue_full"
+        else:
+            item = (data, span.scope, experiment_id, size, 0.0, span.root, claim)
+            if claim:
+                self._queue.appendleft(item)
+                self._claims_held += 1
+            else:
+                self._queue.append(item)
+            self._held_bytes += size
+            return ""
+        if claim:  # nothing is lost: the span follows (and is counted) when it ends
+            return ""
+        self._dropped[drop] += 1
+        return drop
+
+    def _new_worker(self) -> threading.Thread | None:
+        """The worker to start (the lock held), if none runs yet."""
+        if self._worker is not None or self._closing:
+            return None
+        worker = self._worker = threading.Thread(
+            target=self._run, name="mlflow-trace-sink", daemon=True
+        )
+        return worker
+
+    def _start_worker(self, worker: threading.Thread) -> None:
+        try:
+            worker.start()
+        except RuntimeError:  # "can't start new thread": retry on the next submit
+            with self._lock:
+                self._worker = None
+            _log.internal_error("sink worker start")
+
+    def _drop_raw(self, reason: str) -> int:
+        """Count every span not encoded yet as produced and dropped; their number."""
+        with self._lock:
+            raw = self._raw
+            count = len(raw)
+            for _ in range(count):
+                raw.popleft()
+            if count:
+                self._produced += count
+                self._dropped[reason] += count
+                self._settled.notify_all()
+            return count
+
+    def _intake(self) -> None:
+        """Encode the spans `submit_later` handed over and queue them (the worker only)."""
+        raw = self._raw
+        if not raw:
+            return
+        with self._lock:
+            taken = [raw.popleft() for _ in range(len(raw))]
+            self._produced += len(taken)
+            self._encoding = len(taken)
+            self._raw_epoch = self._epoch
+        encoded: list[tuple[EncodedSpan | None, str | None]] = []
+        for n, (encode, args, experiment_id) in enumerate(taken, 1):
+            try:
+                encoded.append((encode(*args), experiment_id))
+            except Exception:
+                _log.internal_error("span encode")
+                encoded.append((None, experiment_id))
+            if n % _ENCODE_SLICE == 0:
+                time.sleep(0)  # let the request path have the GIL between slices
+        drops: set[str] = set()
+        with self._lock:
+            self._encoding = 0
+            if self._raw_epoch != self._epoch:  # given up meanwhile: already counted
+                return
+            for span, experiment_id in encoded:
+                if span is None:
+                    self._dropped["encoding_error"] += 1
+                    drops.add("encoding_error")
+                elif drop := self._admit(span, experiment_id):
+                    drops.add(drop)
+            if drops:
+                self._settled.notify_all()
+        for drop in drops:
             _log.warn_limited(drop, "mlflow-trace-middleware: dropping spans (%s)", drop)
 
     def count_dropped(self, reason: str) -> None:
@@ -316,7 +419,7 @@ class SpanSink:
         was delivered (none dropped, none still pending) within `timeout` seconds."""
         deadline = time.monotonic() + max(timeout, 0.0)
         with self._lock:
-            target = self._produced
+            target = self._produced + len(self._raw)
             if self._settled_count() < target:
                 self._flush_requested = True
                 self._wake.set()
@@ -367,9 +470,13 @@ class SpanSink:
         too: whatever the worker learns of it later is ignored (`_epoch`), never counted twice.
         """
         with self._lock:
-            held = len(self._queue) + self._in_flight - self._claims_held
+            raw = len(self._raw)
+            for _ in range(raw):
+                self._raw.popleft()
+            self._produced += raw
+            held = len(self._queue) + self._in_flight - self._claims_held + raw + self._encoding
             self._queue.clear()
-            self._in_flight = self._held_bytes = self._claims_held = 0
+            self._in_flight = self._held_bytes = self._claims_held = self._encoding = 0
             self._epoch += 1
             if held:
                 self._dropped["shutdown_timeout"] += held
@@ -379,16 +486,21 @@ class SpanSink:
 
     def stats(self) -> SinkStats:
         with self._lock:
+            raw = len(self._raw)  # once: a span appended meanwhile is in both counts or neither
             return SinkStats(
-                produced=self._produced,
+                produced=self._produced + raw,
                 exported=self._exported,
-                pending=len(self._queue) + self._in_flight - self._claims_held,
+                pending=self._pending() + raw,
                 pending_bytes=self._held_bytes,
                 requests=self._requests,
                 dropped=dict(self._dropped),
                 internal_errors=_log.internal_errors(),
                 claims=self._claims,
             )
+
+    def _pending(self) -> int:
+        """Spans queued, in flight or being encoded (the lock held), not those in `_raw`."""
+        return len(self._queue) + self._in_flight - self._claims_held + self._encoding
 
     def _settled_count(self) -> int:
         return self._exported + sum(self._dropped.values())
@@ -402,6 +514,7 @@ class SpanSink:
             if not self._flush_requested:
                 self._wake.wait(max(due - time.monotonic(), 0.0))
             self._wake.clear()
+            self._intake()
             # Woken before time by a claim: post the claims, keep the spans' schedule (a
             # stream of claims must not hold partial batches back until a batch fills up).
             early = time.monotonic() < due and not (
@@ -427,7 +540,8 @@ class SpanSink:
                 if self._closing or self._stop.wait(delay):
                     break
             with self._lock:
-                if not self._queue:  # a flush that came meanwhile still finds its spans
+                # A flush that came meanwhile still finds its spans.
+                if not self._queue and not self._raw:
                     self._flush_requested = False
                 if self._closing:
                     self._settled.notify_all()
@@ -435,6 +549,7 @@ class SpanSink:
             self._summarize()
 
     def _take(self, claims_only: bool = False) -> list[_Item]:
+        self._intake()
         with self._lock:
             batch: list[_Item] = []
             size = 0
@@ -558,7 +673,7 @@ class SpanSink:
             self._reported = Counter(self._dropped)
             self._last_summary = now
             exported = self._exported
-            pending = len(self._queue) + self._in_flight - self._claims_held
+            pending = self._pending() + len(self._raw)
         if new:
             reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(new.items()))
             count = sum(new.values())

@@ -559,3 +559,67 @@ def test_backoff_is_exponential_with_full_jitter(
     sink.submit(make_spans(1)[0], "1")
     assert sink.flush(5) is True
     assert bounds == [(0, 0.25), (0, 0.5), (0, 1.0), (0, 2.0), (0, 4.0), (0, 4.0), (0, 4.0)]
+
+
+def test_spans_handed_over_unencoded_are_encoded_by_the_worker(
+    make_sink: Callable[..., SpanSink],
+) -> None:
+    # The request path (`submit_later`) only appends; the worker encodes, in its own thread,
+    # and every span is counted throughout: pending before, exported after.
+    exporter = FakeExporter()
+    sink = make_sink(exporter)
+    threads: list[str] = []
+
+    def encode(span: ReadableSpan) -> EncodedSpan:
+        threads.append(threading.current_thread().name)
+        return encoded(span)
+
+    spans = [_TRACER.start_span(f"s{i}") for i in range(5)]
+    for span in spans:
+        span.end()
+        sink.submit_later(encode, (span,), "7")
+    assert threads == []
+    stats = sink.stats()
+    assert (stats.produced, stats.pending) == (5, 5)
+    check_invariant(stats)
+    assert sink.flush(5)
+    assert threads == ["mlflow-trace-sink"] * 5
+    assert [s.name for s in exporter.delivered] == [f"s{i}" for i in range(5)]
+    assert exporter.calls[0][1] == "7"
+    check_invariant(sink.stats())
+
+
+def test_a_span_that_fails_to_encode_on_the_worker_is_counted(
+    make_sink: Callable[..., SpanSink],
+) -> None:
+    exporter = FakeExporter()
+    sink = make_sink(exporter)
+
+    def broken() -> EncodedSpan:
+        raise ValueError("unencodable")
+
+    sink.submit_later(broken, ())
+    sink.submit_later(lambda: make_spans(1)[0], ())
+    assert not sink.flush(5)  # one was dropped
+    stats = sink.stats()
+    assert (stats.exported, stats.dropped) == (1, {"encoding_error": 1})
+    check_invariant(stats)
+
+
+def test_spans_not_encoded_at_shutdown_are_counted_as_dropped() -> None:
+    exporter = FakeExporter(block_first=True)
+    sink = SpanSink(exporter, SinkLimits(schedule_delay=60.0, max_batch_spans=1))
+    sink.submit(make_spans(1)[0])  # a full batch: the worker takes it and blocks in export
+    assert exporter.entered.wait(5)
+    for span in make_spans(3):
+        sink.submit_later(lambda s=span: s, ())
+    sink.shutdown(0.1)
+    exporter.gate.set()
+    stats = sink.stats()
+    assert stats.pending == 0
+    assert stats.dropped.get("shutdown_timeout") == 4, stats
+    check_invariant(stats)
+    sink.submit_later(lambda: make_spans(1)[0], ())  # after shutdown: dropped at once
+    stats = sink.stats()
+    assert stats.dropped.get("shutdown") == 1, stats
+    check_invariant(stats)
