@@ -35,7 +35,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 from . import _config, _identity, _lean, _log
 from ._keys import REQUEST_ID, SERVICE_NAME, SPAN_TYPE, TRACE_NAME, TRACE_TAG_PREFIX
 from ._lean import LeanSpan
-from ._span import EncodedSpan, Recorded, encode_span, recorded
+from ._span import Recorded, encode_span, recorded, snapshot
 
 if TYPE_CHECKING:
     from ._sink import SpanSink
@@ -147,15 +147,24 @@ class SinkSpanProcessor(SpanProcessor):
             tags = self._release(context.trace_id, context.span_id, registered)
         except Exception:
             _log.internal_error("span end")
-        # Whatever failed above, the span itself still goes out: encoded on the sink's worker
-        # (an ended span no longer changes), off the request path.
+        # Whatever failed above, the span itself still goes out: as a snapshot the sink's
+        # worker encodes, off the request path (one with events or links is encoded now).
         try:
+            if isinstance(span, ReadableSpan):
+                state = _without_request_id(recorded(span))
+            else:
+                state = span.recorded()
             extra = self._extra(tags)
+            snap = snapshot(span, state, extra)
+            encoded = encode_span(span, state, extra) if snap is None else None
         except Exception:
             _log.internal_error("span encode")
             self._sink.count_dropped("encoding_error")
             return
-        self._sink.submit_later(_encode, (span, extra), experiment)
+        if snap is not None:
+            self._sink.submit_later(snap, experiment)
+        elif encoded is not None:
+            self._sink.submit(encoded, experiment)
 
     def _extra(self, tags: dict[str, str] | None) -> dict[str, str]:
         """Attributes every span gets: the service name and, on a segment's root, trace tags."""
@@ -294,13 +303,6 @@ class SinkSpanProcessor(SpanProcessor):
 
 
 _NOTHING: Recorded = ({}, (), (), Status(StatusCode.UNSET))  # a placeholder's state
-
-
-def _encode(span: ReadableSpan | LeanSpan, extra: dict[str, str]) -> EncodedSpan:
-    """A finished span's OTLP bytes (on the sink's worker, `SpanSink.submit_later`)."""
-    if isinstance(span, ReadableSpan):
-        return encode_span(span, _without_request_id(recorded(span)), extra)
-    return encode_span(span, span.recorded(), extra)
 
 
 class _SinkQueue:

@@ -3,7 +3,7 @@
 Contract (README "Delivery guarantees", docs/architecture.md):
 - `submit` is O(1) in the queue length, takes a lock only around a deque append (never held
   across I/O) and never raises; `submit_later`, the request path's, takes no lock at all: it
-  appends the finished span to a deque and the worker encodes it;
+  appends a finished span's snapshot (`_span.snapshot`) to a deque and the worker encodes it;
 - at most `max_queue_spans` spans and `max_queue_bytes` bytes of encoded spans are held,
   in-flight batches included; one worker thread, started lazily;
 - at every moment ``produced == exported + pending + sum(dropped.values())``, and every drop has
@@ -22,13 +22,13 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from . import _log
 from ._config import SinkLimits
-from ._span import EncodedSpan, Scope
+from ._span import EncodedSpan, Scope, Snapshot, encode_snapshot
 
 
 @dataclass(frozen=True)
@@ -114,14 +114,12 @@ _SINCE: Final = 4
 _ROOT: Final = 5
 _CLAIM: Final = 6
 
-# A finished span not encoded yet: `(encode, args, experiment id)`; the worker calls
-# `encode(*args)` for its `EncodedSpan`.
-_Raw = tuple[Callable[..., EncodedSpan], tuple[Any, ...], "str | None"]
-# The worker is woken to encode once this many spans wait (or at the schedule, or a flush): few
-# enough that they die young (not promoted through the collector's generations), and that the
-# worker holds the GIL for short stretches only.
-_ENCODE_BATCH = 32
-_ENCODE_SLICE = 8  # spans encoded between two yields of the GIL
+# A finished span not encoded yet: its experiment id, then its snapshot's fields. One flat
+# tuple of atoms, like `_Item` (a nested one would stay tracked by the collector longer).
+_Raw = tuple[Any, ...]
+# Spans the worker encodes between two yields of the GIL: the request path waits for it at
+# most that long (about 0.3 ms); a yield costs a thread switch, so not after every span.
+_ENCODE_SLICE = 64
 
 
 # MLflow 3.18 refuses a whole batch when one of its traces lives in another experiment
@@ -283,16 +281,10 @@ class SpanSink:
         if drop:
             _log.warn_limited(drop, "mlflow-trace-middleware: dropping spans (%s)", drop)
 
-    def submit_later(
-        self,
-        encode: Callable[..., EncodedSpan],
-        args: tuple[Any, ...],
-        experiment_id: str | None = None,
-    ) -> None:
-        """Queue one finished span that the worker encodes (`encode(*args)`, an `EncodedSpan`;
-        an exception there counts it as dropped, `encoding_error`). `args` must not change
-        afterwards (a span that ended). Never blocks, never raises; the request path's way in:
-        a deque append, no lock, the encoding's cost on the worker's thread."""
+    def submit_later(self, snapshot: Snapshot, experiment_id: str | None = None) -> None:
+        """Queue one finished span, as its `_span.snapshot`, for the worker to encode (one that
+        fails to encode is dropped as `encoding_error`). Never blocks, never raises; the
+        request path's way in: a deque append without a lock, the encoding off its thread."""
         raw = self._raw
         if self._closing or len(raw) + len(self._queue) + self._in_flight >= self._max_queue:
             with self._lock:
@@ -301,7 +293,7 @@ class SpanSink:
                 self._dropped[drop] += 1
             _log.warn_limited(drop, "mlflow-trace-middleware: dropping spans (%s)", drop)
             return
-        raw.append((encode, args, experiment_id))
+        raw.append((experiment_id, *snapshot))
         if self._closing:  # closed meanwhile: the worker that would take it is gone
             self._drop_raw("shutdown")
         elif self._worker is None:
@@ -309,7 +301,8 @@ class SpanSink:
                 worker = self._new_worker()
             if worker is not None:
                 self._start_worker(worker)
-        if len(raw) >= _ENCODE_BATCH and not self._wake.is_set():
+        # A full batch wakes the worker, as in `submit`; else the schedule or a flush does.
+        if len(raw) >= self._max_batch and not self._wake.is_set():
             self._wake.set()
 
     def _admit(self, span: EncodedSpan, experiment_id: str | None) -> str:
@@ -381,9 +374,10 @@ class SpanSink:
             self._encoding = len(taken)
             self._raw_epoch = self._epoch
         encoded: list[tuple[EncodedSpan | None, str | None]] = []
-        for n, (encode, args, experiment_id) in enumerate(taken, 1):
+        for n, item in enumerate(taken, 1):
+            experiment_id = item[0]
             try:
-                encoded.append((encode(*args), experiment_id))
+                encoded.append((encode_snapshot(item[1:]), experiment_id))
             except Exception:
                 _log.internal_error("span encode")
                 encoded.append((None, experiment_id))

@@ -81,22 +81,13 @@ def encode_span(
     """A finished span as OTLP `Span` bytes. `state` is passed apart from the span because one
     of ours must not be read through its `attributes` (that would hand it to MLflow); `extra`
     attributes are added (the service name, the trace tags of a root)."""
-    attributes, events, links, status = state
-    context = span.context
-    parent = span.parent
-    if (
-        not events
-        and not links
-        and context is not None
-        and not (span.dropped_events or span.dropped_links)
-    ):
-        data = _plain(span, context, parent, status)
-    else:
-        data = _message(span, state)
-    data += _attribute_fields(attributes)
+    snap = snapshot(span, state, extra)
+    if snap is not None:
+        return encode_snapshot(snap)
+    data = _message(span, state) + _attribute_fields(state[0])
     if extra:
         data += _attribute_fields(extra)
-    return EncodedSpan(data, _scope_of(span.instrumentation_scope), parent is None)
+    return EncodedSpan(data, _scope_of(span.instrumentation_scope), span.parent is None)
 
 
 def _message(span: Finished, state: Recorded) -> bytes:
@@ -144,39 +135,81 @@ def _message(span: Finished, state: Recorded) -> bytes:
     return data
 
 
-def _plain(
-    span: Finished, context: SpanContext, parent: SpanContext | None, status: Status
-) -> bytes:
-    """The `Span` fields of a span without events or links, byte for byte as the protobuf
-    library writes them (field order, defaults left out), without building a message."""
-    parts = [b"\x0a\x10", context.trace_id.to_bytes(16, "big"), b"\x12\x08"]
-    parts.append(context.span_id.to_bytes(8, "big"))
+# A finished span without events or links as one flat tuple of atoms (`snapshot`): name, kind
+# (OTLP value), start, end, trace id, span id, tracestate header, trace flags, parent span id or
+# None, whether the parent is remote, dropped attributes, status code (OTLP value), status
+# description, scope name, scope version, then each attribute's key and value (the extra ones
+# last). Flat on purpose: the cyclic garbage collector untracks a tuple of atoms at its first
+# young collection (a nested tuple only once its members are, a dict never), so spans waiting
+# for the sink's worker cost the collector nothing.
+Snapshot = tuple[Any, ...]
+_FIXED_FIELDS = 15  # the attributes' keys and values follow
+
+
+def snapshot(
+    span: Finished, state: Recorded, extra: Mapping[str, Any] | None = None
+) -> Snapshot | None:
+    """What `encode_snapshot` needs of a finished span, taken now; None for a span with events
+    or links (rare: `encode_span` encodes it at once)."""
+    attributes, events, links, status = state
+    context = span.context
+    if events or links or context is None or span.dropped_events or span.dropped_links:
+        return None
+    parent = span.parent
     trace_state = context.trace_state
-    if trace_state:
-        parts.append(_text(3, trace_state.to_header()))
-    if parent is not None:
-        parts += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
-    if span.name:
-        parts.append(_text(5, span.name))
-    kind = _KINDS[span.kind]
     start = span.start_time or 0
-    end = span.end_time or start  # an open span (a claim's placeholder): zero length
+    taken = (
+        span.name,
+        _KINDS[span.kind],
+        start,
+        span.end_time or start,  # an open span (a claim's placeholder): zero length
+        context.trace_id,
+        context.span_id,
+        trace_state.to_header() if trace_state else "",
+        context.trace_flags & 0xFF,
+        None if parent is None else parent.span_id,
+        parent is not None and parent.is_remote,
+        span.dropped_attributes,
+        _CODES[status.status_code],
+        status.description,
+        *_scope_of(span.instrumentation_scope),
+        *_flat(getattr(attributes, "_dict", attributes)),
+    )
+    return taken + _flat(extra) if extra else taken
+
+
+def _flat(attributes: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(part for pair in attributes.items() for part in pair)
+
+
+def encode_snapshot(snap: Snapshot) -> EncodedSpan:
+    """A `snapshot` as OTLP `Span` bytes: the fields byte for byte as the protobuf library
+    writes them (field order, defaults left out), without building a message."""
+    name, kind, start, end, trace_id, span_id, trace_state, trace_flags = snap[:8]
+    parent, remote, dropped, code, description, scope_name, scope_version = snap[8:_FIXED_FIELDS]
+    parts = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
+    if trace_state:
+        parts.append(_text(3, trace_state))
+    if parent is not None:
+        parts += (b"\x22\x08", parent.to_bytes(8, "big"))
+    if name:
+        parts.append(_text(5, name))
     parts.append(_KIND_FIELDS[kind])
     if start:
         parts += (b"\x39", _FIXED64.pack(start))
     if end:
         parts += (b"\x41", _FIXED64.pack(end))
-    if span.dropped_attributes:
-        parts += (b"\x50", _varint(span.dropped_attributes))
-    # Status (field 15): code = 3, message = 2; always present, as `encode_span` sets it.
-    code = _CODES[status.status_code]
-    inner = _text(2, status.description) if status.description else b""
+    if dropped:
+        parts += (b"\x50", _varint(dropped))
+    # Status (field 15): code = 3, message = 2; always present, as `_message` sets it.
+    inner = _text(2, description) if description else b""
     if code:
         inner += b"\x18" + _varint(code)
     parts += (b"\x7a", _varint(len(inner)), inner)
-    flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
-    parts += (b"\x85\x01", _FIXED32.pack(flags | context.trace_flags & 0xFF))
-    return b"".join(parts)
+    flags = _HAS_IS_REMOTE | (_IS_REMOTE if remote else 0) | trace_flags
+    pairs = iter(snap[_FIXED_FIELDS:])
+    parts += (b"\x85\x01", _FIXED32.pack(flags), _pair_fields(zip(pairs, pairs, strict=True)))
+    return EncodedSpan(b"".join(parts), _scope_key(scope_name, scope_version), parent is None)
 
 
 def _text(number: int, text: str) -> bytes:
@@ -185,6 +218,17 @@ def _text(number: int, text: str) -> bytes:
 
 _FIXED64 = struct.Struct("<Q")
 _FIXED32 = struct.Struct("<I")
+
+
+def _scope_key(name: str, version: str) -> Scope:
+    """The shared (name, version) tuple of a scope named in a snapshot."""
+    key = (name, version)
+    shared = _scope_names.get(key)
+    if shared is None:
+        if len(_scope_names) >= 64:  # as `_scope_keys`
+            _scope_names.clear()
+        shared = _scope_names[key] = key
+    return shared
 
 
 def _scope_of(scope: SdkScope | None) -> Scope:
@@ -205,6 +249,7 @@ _KINDS = {kind: kind.value + 1 for kind in SpanKind}  # INTERNAL (0) is SPAN_KIN
 _CODES = {code: code.value for code in StatusCode}
 _KIND_FIELDS = {value: bytes((0x30, value)) for value in _KINDS.values()}  # Span.kind = 6
 _scope_keys: dict[int, tuple[SdkScope | None, Scope]] = {}
+_scope_names: dict[Scope, Scope] = {}
 
 
 _SPAN_ATTRIBUTES = 9  # the field number of `Span.attributes`
@@ -222,9 +267,13 @@ def _attribute_fields(attributes: Mapping[str, Any] | None) -> bytes:
     """Attributes as repeated `Span.attributes` fields (protobuf appends repeated fields)."""
     if not attributes:
         return b""
-    fields = []
     # BoundedAttributes keeps a plain dict inside; iterating that skips the ABC machinery.
-    for key, value in getattr(attributes, "_dict", attributes).items():
+    return _pair_fields(getattr(attributes, "_dict", attributes).items())
+
+
+def _pair_fields(pairs: Iterable[tuple[str, Any]]) -> bytes:
+    fields = []
+    for key, value in pairs:
         kind = value.__class__
         # Scalars only: (1, True) == (1, 1), so sequences would share a cache entry.
         cacheable = kind in _SCALARS or (kind in _TEXT and len(value) <= _MAX_CACHED_VALUE)

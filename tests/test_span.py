@@ -22,11 +22,12 @@ from mlflow_trace_middleware._sink import SpanSink
 from mlflow_trace_middleware._span import (
     EncodedSpan,
     _message,
-    _plain,
     _varint,
     encode,
+    encode_snapshot,
     encode_span,
     recorded,
+    snapshot,
 )
 from mlflow_trace_middleware.testing import InMemoryExporter
 
@@ -177,9 +178,9 @@ def test_plain_spans_are_written_as_the_protobuf_library_writes_them(
     if status is not None:
         span.set_status(status)
     span.end()
-    assert span.context is not None
-    plain = _plain(span, span.context, span.parent, span.status)
-    assert plain == _message(span, recorded(span))
+    taken = snapshot(span, recorded(span))
+    assert taken is not None
+    assert encode_snapshot(taken).data == _message(span, recorded(span))
 
 
 def test_queued_spans_leave_the_garbage_collector_alone() -> None:
