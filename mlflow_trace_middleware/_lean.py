@@ -273,15 +273,12 @@ def start(
         trace_state = result.trace_state
         if sampled and result.attributes:
             attributes.update(result.attributes)
-    flags = TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT
-    if random_trace_id:
-        flags |= TraceFlags.RANDOM_TRACE_ID
     span_context = SpanContext(
         trace_id,
         tracer.id_generator.generate_span_id(),
-        is_remote=False,
-        trace_flags=TraceFlags(flags),
-        trace_state=trace_state,
+        False,  # not remote
+        _FLAGS[bool(sampled), bool(random_trace_id)],
+        trace_state,
     )
     if not sampled:
         return trace.NonRecordingSpan(span_context)
@@ -290,6 +287,15 @@ def start(
 
 
 _MLFLOW = "mlflow."
+# (sampled, random trace id) -> the trace flags: four values, built once.
+_FLAGS = {
+    (sampled, random): TraceFlags(
+        (TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+        | (TraceFlags.RANDOM_TRACE_ID if random else 0)
+    )
+    for sampled in (False, True)
+    for random in (False, True)
+}
 
 
 def bound(attributes: dict[str, Any], limit: int | None) -> None:

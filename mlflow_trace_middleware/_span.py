@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping, Sequence
+from itertools import chain
 from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
@@ -179,7 +180,7 @@ def snapshot(
 
 
 def _flat(attributes: Mapping[str, Any]) -> tuple[Any, ...]:
-    return tuple(part for pair in attributes.items() for part in pair)
+    return tuple(chain.from_iterable(attributes.items()))
 
 
 def encode_snapshot(snap: Snapshot) -> EncodedSpan:
