@@ -155,16 +155,12 @@ class SinkSpanProcessor(SpanProcessor):
             else:
                 state = span.recorded()
             extra = self._extra(tags)
-            snap = snapshot(span, state, extra)
-            encoded = encode_span(span, state, extra) if snap is None else None
+            taken = snapshot(span, state, extra) or encode_span(span, state, extra)
         except Exception:
             _log.internal_error("span encode")
             self._sink.count_dropped("encoding_error")
             return
-        if snap is not None:
-            self._sink.submit_later(snap, experiment)
-        elif encoded is not None:
-            self._sink.submit(encoded, experiment)
+        self._sink.submit_later(taken, experiment)
 
     def _extra(self, tags: dict[str, str] | None) -> dict[str, str]:
         """Attributes every span gets: the service name and, on a segment's root, trace tags."""

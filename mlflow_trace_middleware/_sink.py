@@ -115,7 +115,8 @@ _ROOT: Final = 5
 _CLAIM: Final = 6
 
 # A finished span not encoded yet: its experiment id, then its snapshot's fields. One flat
-# tuple of atoms, like `_Item` (a nested one would stay tracked by the collector longer).
+# tuple of atoms, like `_Item` (a nested one would stay tracked by the collector longer). Or, for
+# a span encoded already (one with events or links), its experiment id and `EncodedSpan`.
 _Raw = tuple[Any, ...]
 # Spans the worker encodes between two yields of the GIL: the request path waits for it at
 # most that long (about 0.3 ms); a yield costs a thread switch, so not after every span.
@@ -281,10 +282,14 @@ class SpanSink:
         if drop:
             _log.warn_limited(drop, "mlflow-trace-middleware: dropping spans (%s)", drop)
 
-    def submit_later(self, snapshot: Snapshot, experiment_id: str | None = None) -> None:
+    def submit_later(
+        self, snapshot: Snapshot | EncodedSpan, experiment_id: str | None = None
+    ) -> None:
         """Queue one finished span, as its `_span.snapshot`, for the worker to encode (one that
-        fails to encode is dropped as `encoding_error`). Never blocks, never raises; the
-        request path's way in: a deque append without a lock, the encoding off its thread."""
+        fails to encode is dropped as `encoding_error`), or encoded already (it keeps its place
+        among the others: spans are posted in the order they ended). Never blocks, never
+        raises; the request path's way in: a deque append without a lock, the encoding off its
+        thread."""
         raw = self._raw
         if self._closing or len(raw) + len(self._queue) + self._in_flight >= self._max_queue:
             with self._lock:
@@ -293,7 +298,10 @@ class SpanSink:
                 self._dropped[drop] += 1
             _log.warn_limited(drop, "mlflow-trace-middleware: dropping spans (%s)", drop)
             return
-        raw.append((experiment_id, *snapshot))
+        if isinstance(snapshot, EncodedSpan):
+            raw.append((experiment_id, snapshot))
+        else:
+            raw.append((experiment_id, *snapshot))
         if self._closing:  # closed meanwhile: the worker that would take it is gone
             self._drop_raw("shutdown")
         elif self._worker is None:
@@ -377,7 +385,8 @@ class SpanSink:
         for n, item in enumerate(taken, 1):
             experiment_id = item[0]
             try:
-                encoded.append((encode_snapshot(item[1:]), experiment_id))
+                span = item[1] if len(item) == 2 else encode_snapshot(item[1:])
+                encoded.append((span, experiment_id))
             except Exception:
                 _log.internal_error("span encode")
                 encoded.append((None, experiment_id))
