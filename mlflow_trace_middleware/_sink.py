@@ -2,8 +2,9 @@
 
 Contract (README "Delivery guarantees", docs/architecture.md):
 - `submit` is O(1) in the queue length, takes a lock only around a deque append (never held
-  across I/O) and never raises; `submit_later`, the request path's, takes no lock at all: it
-  appends a finished span's snapshot (`_span.snapshot`) to a deque and the worker encodes it;
+  across I/O) and never raises; `submit_later`, the request path's, likewise appends a finished
+  span's snapshot (`_span.snapshot`, its size estimated for the byte bound), which the worker
+  encodes;
 - at most `max_queue_spans` spans and `max_queue_bytes` bytes of encoded spans are held,
   in-flight batches included; one worker thread, started lazily;
 - at every moment ``produced == exported + pending + sum(dropped.values())``, and every drop has
@@ -28,7 +29,7 @@ from typing import Any, Final, Protocol
 
 from . import _log
 from ._config import SinkLimits
-from ._span import EncodedSpan, Scope, Snapshot, encode_snapshot
+from ._span import EncodedSpan, Scope, Snapshot, encode_snapshot, snapshot_size
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,10 @@ _SINCE: Final = 4
 _ROOT: Final = 5
 _CLAIM: Final = 6
 
-# A finished span not encoded yet: its experiment id, then its snapshot's fields. One flat
-# tuple of atoms, like `_Item` (a nested one would stay tracked by the collector longer). Or, for
-# a span encoded already (one with events or links), its experiment id and `EncodedSpan`.
+# A finished span not encoded yet: its experiment id, its size as `snapshot_size` estimates it,
+# then its snapshot's fields. One flat tuple of atoms, like `_Item` (a nested one would stay
+# tracked by the collector longer). Or, for a span encoded already (one with events or links),
+# its experiment id, size and `EncodedSpan`.
 _Raw = tuple[Any, ...]
 # Spans the worker encodes between two yields of the GIL: the request path waits for it at
 # most that long (about 0.3 ms); a yield costs a thread switch, so not after every span.
@@ -229,7 +231,8 @@ class SpanSink:
         self._wake = threading.Event()  # a flush, a full batch or shutdown
         self._stop = threading.Event()  # shutdown only: ends a backoff early
         self._queue: deque[_Item] = deque()
-        self._raw: deque[_Raw] = deque()  # appended without the lock; popped by the worker
+        self._raw: deque[_Raw] = deque()  # spans to encode; popped by the worker
+        self._raw_bytes = 0  # their estimated sizes
         self._encoding = 0  # taken from `_raw`, being encoded
         self._raw_epoch = 0  # the epoch the spans being encoded were taken in
         self._in_flight = 0
@@ -288,27 +291,36 @@ class SpanSink:
         """Queue one finished span, as its `_span.snapshot`, for the worker to encode (one that
         fails to encode is dropped as `encoding_error`), or encoded already (it keeps its place
         among the others: spans are posted in the order they ended). Never blocks, never
-        raises; the request path's way in: a deque append without a lock, the encoding off its
-        thread."""
+        raises; the request path's way in: a deque append under the lock, the bounds checked
+        (spans, and the bytes they will take: `snapshot_size`), the encoding off its thread."""
         raw = self._raw
-        if self._closing or len(raw) + len(self._queue) + self._in_flight >= self._max_queue:
-            with self._lock:
+        if isinstance(snapshot, EncodedSpan):
+            size = len(snapshot.data)
+            item: _Raw = (experiment_id, size, snapshot)
+        else:
+            size = snapshot_size(snapshot)
+            item = (experiment_id, size, *snapshot)
+        with self._lock:
+            if self._closing:
+                drop = "shutdown"
+            elif (
+                len(raw) + len(self._queue) + self._in_flight >= self._max_queue
+                or self._held_bytes + self._raw_bytes + size > self._max_queue_bytes
+            ):
+                drop = "queue_full"
+            else:
+                drop = ""
+                raw.append(item)
+                self._raw_bytes += size
+            if drop:
                 self._produced += 1
-                drop = "shutdown" if self._closing else "queue_full"
                 self._dropped[drop] += 1
+            worker = self._new_worker()
+        if worker is not None:
+            self._start_worker(worker)
+        if drop:
             _log.warn_limited(drop, "mlflow-trace-middleware: dropping spans (%s)", drop)
             return
-        if isinstance(snapshot, EncodedSpan):
-            raw.append((experiment_id, snapshot))
-        else:
-            raw.append((experiment_id, *snapshot))
-        if self._closing:  # closed meanwhile: the worker that would take it is gone
-            self._drop_raw("shutdown")
-        elif self._worker is None:
-            with self._lock:
-                worker = self._new_worker()
-            if worker is not None:
-                self._start_worker(worker)
         # A full batch wakes the worker, as in `submit`; else the schedule or a flush does.
         if len(raw) >= self._max_batch and not self._wake.is_set():
             self._wake.set()
@@ -358,19 +370,6 @@ class SpanSink:
                 self._worker = None
             _log.internal_error("sink worker start")
 
-    def _drop_raw(self, reason: str) -> int:
-        """Count every span not encoded yet as produced and dropped; their number."""
-        with self._lock:
-            raw = self._raw
-            count = len(raw)
-            for _ in range(count):
-                raw.popleft()
-            if count:
-                self._produced += count
-                self._dropped[reason] += count
-                self._settled.notify_all()
-            return count
-
     def _intake(self) -> None:
         """Encode the spans `submit_later` handed over and queue them (the worker only)."""
         raw = self._raw
@@ -378,6 +377,7 @@ class SpanSink:
             return
         with self._lock:
             taken = [raw.popleft() for _ in range(len(raw))]
+            self._raw_bytes -= sum(item[1] for item in taken)
             self._produced += len(taken)
             self._encoding = len(taken)
             self._raw_epoch = self._epoch
@@ -385,7 +385,7 @@ class SpanSink:
         for n, item in enumerate(taken, 1):
             experiment_id = item[0]
             try:
-                span = item[1] if len(item) == 2 else encode_snapshot(item[1:])
+                span = item[2] if len(item) == 3 else encode_snapshot(item[2:])
                 encoded.append((span, experiment_id))
             except Exception:
                 _log.internal_error("span encode")
@@ -476,6 +476,7 @@ class SpanSink:
             raw = len(self._raw)
             for _ in range(raw):
                 self._raw.popleft()
+            self._raw_bytes = 0
             self._produced += raw
             held = len(self._queue) + self._in_flight - self._claims_held + raw + self._encoding
             self._queue.clear()
@@ -494,7 +495,7 @@ class SpanSink:
                 produced=self._produced + raw,
                 exported=self._exported,
                 pending=self._pending() + raw,
-                pending_bytes=self._held_bytes,
+                pending_bytes=self._held_bytes + self._raw_bytes,
                 requests=self._requests,
                 dropped=dict(self._dropped),
                 internal_errors=_log.internal_errors(),

@@ -650,3 +650,30 @@ def test_spans_waiting_to_be_encoded_leave_the_garbage_collector_alone(
     waiting = list(sink._raw)
     assert len(waiting) == 500
     assert not any(gc.is_tracked(item) for item in waiting)
+
+
+def test_spans_waiting_to_be_encoded_count_against_the_byte_bound(
+    make_sink: Callable[..., SpanSink],
+) -> None:
+    # While the worker is stuck in an export, snapshots wait unencoded: their bodies still count
+    # against max_queue_bytes, so memory stays bounded whatever the span count allows.
+    exporter = FakeExporter(block_first=True)
+    sink = make_sink(
+        exporter, max_batch_spans=1, max_queue_bytes=64 * 1024, max_batch_bytes=64 * 1024
+    )
+    sink.submit(make_spans(1)[0])  # a full batch: the worker takes it and blocks in export
+    assert exporter.entered.wait(5)
+    body = "x" * 10_000
+    for i in range(20):
+        span = _TRACER.start_span(f"s{i}", attributes={"mlflow.spanOutputs": body})
+        span.end()
+        taken = snapshot(span, recorded(span))
+        assert taken is not None
+        sink.submit_later(taken)
+    stats = sink.stats()
+    assert stats.pending_bytes <= 64 * 1024
+    assert stats.dropped.get("queue_full", 0) >= 13, stats
+    check_invariant(stats)
+    exporter.gate.set()
+    sink.flush(5)
+    check_invariant(sink.stats())
