@@ -26,7 +26,7 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.trace.span import TraceState
+from opentelemetry.trace.span import TraceFlags, TraceState
 
 from . import _log
 
@@ -226,11 +226,7 @@ def extract(carrier: Carrier) -> Context:
     context = Context()
     traceparent = carrier.get(TRACEPARENT)
     if traceparent is not None and len(traceparent) == 1:
-        token = _parsing.set(TRACEPARENT)
-        try:  # `traceparent` only: OpenTelemetry's `tracestate` parser knows level 1 only
-            context = _trace_context.extract({TRACEPARENT: traceparent}, context, getter=_getter)
-        finally:
-            _parsing.reset(token)
+        context = _traceparent(traceparent[0], context)
         tracestate = carrier.get(TRACESTATE)
         if tracestate and not _too_long(carrier, TRACESTATE):
             context = _with_tracestate(context, tracestate)
@@ -241,6 +237,34 @@ def extract(carrier: Carrier) -> Context:
         finally:
             _parsing.reset(token)
     return context
+
+
+_TRACEPARENT_FORMAT = TraceContextTextMapPropagator._TRACEPARENT_HEADER_FORMAT_RE
+_NO_ID = ("0" * 32, "0" * 16)
+
+
+def _traceparent(header: str, context: Context) -> Context:
+    """`context` with the remote parent in `header`, decided as OpenTelemetry's propagator
+    decides (its pattern, its rules), without its per-call carrier plumbing; an oversized
+    header goes through the propagator itself (it logs, and our filter rewrites the record)."""
+    if len(header) > TraceContextTextMapPropagator._TRACEPARENT_MAXIMUM_LENGTH:
+        token = _parsing.set(TRACEPARENT)
+        try:
+            return _trace_context.extract({TRACEPARENT: [header]}, context, getter=_getter)
+        finally:
+            _parsing.reset(token)
+    match = _TRACEPARENT_FORMAT.search(header)
+    if match is None:
+        return context
+    version, trace_id, span_id, flags, rest = match.groups()
+    if trace_id == _NO_ID[0] or span_id == _NO_ID[1] or version == "ff":
+        return context
+    if version == "00" and rest:
+        return context
+    remote = trace.SpanContext(
+        int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(int(flags, 16))
+    )
+    return trace.set_span_in_context(trace.NonRecordingSpan(remote), context)
 
 
 def _with_tracestate(context: Context, values: list[str]) -> Context:
