@@ -208,7 +208,9 @@ def test_a_failed_publish_marks_its_span_and_raises(
 def test_a_celery_delay_gives_exactly_one_producer_span(exporter: InMemoryExporter) -> None:
     """Celery publishes through kombu: its `apply_async/<task>` span is the publish's span."""
     app = Celery("unit-kombu", broker="memory://")
-    app.conf.update(task_ignore_result=True)
+    # A queue of its own: kombu's memory transport is one per process, and other tests leave
+    # their Celery messages in the default queue.
+    app.conf.update(task_ignore_result=True, task_default_queue=f"unit-kombu-{uuid.uuid4().hex}")
 
     @app.task(name="noop")
     def noop() -> None:
@@ -218,7 +220,7 @@ def test_a_celery_delay_gives_exactly_one_producer_span(exporter: InMemoryExport
     celery_adapter.instrument()
     sent: list[dict[str, Any]] = []
     connection = app.connection_for_write()
-    queue = app.amqp.queues["celery"]
+    queue = app.amqp.queues[app.conf.task_default_queue]
     try:
         with mlflow.start_span("caller"):
             noop.delay()
