@@ -208,7 +208,8 @@ def test_a_failed_publish_marks_its_span_and_raises(
 def test_a_celery_delay_gives_exactly_one_producer_span(exporter: InMemoryExporter) -> None:
     """Celery publishes through kombu: its `apply_async/<task>` span is the publish's span."""
     app = Celery("unit-kombu", broker="memory://")
-    app.conf.update(task_ignore_result=True)
+    # Its own queue: kombu's memory transport keeps other tests' unread messages in "celery".
+    app.conf.update(task_ignore_result=True, task_default_queue="unit-kombu")
 
     @app.task(name="noop")
     def noop() -> None:
@@ -218,7 +219,7 @@ def test_a_celery_delay_gives_exactly_one_producer_span(exporter: InMemoryExport
     celery_adapter.instrument()
     sent: list[dict[str, Any]] = []
     connection = app.connection_for_write()
-    queue = app.amqp.queues["celery"]
+    queue = app.amqp.queues["unit-kombu"]
     try:
         with mlflow.start_span("caller"):
             noop.delay()
