@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from typing import Any
 
 import aiohttp
@@ -214,3 +216,136 @@ def test_uninstrument_keeps_a_later_patcher_working(
     mtm.uninstrument()  # theirs gone: ours is on top again, and goes
     assert vars(owner)[name] is original
     mtm.flush()
+
+
+# -- the other adapters, with a third party patching after instrument() ---------------------
+
+
+def _resolve(module: str, path: str) -> tuple[Any, str]:
+    owner: Any = importlib.import_module(module)
+    *parents, name = path.split(".")
+    for parent in parents:
+        owner = getattr(owner, parent)
+    return owner, name
+
+
+def _mcp_targets() -> list[tuple[Any, str]]:
+    from mlflow_trace_middleware import mcp
+
+    return [_resolve(module, path) for module, path, _ in mcp._PATCHES[mcp._major()]]
+
+
+def _grpc_targets() -> list[tuple[Any, str]]:
+    from mlflow_trace_middleware import grpc as adapter
+
+    return [(owner, name) for owner, name, _ in adapter._patches()]
+
+
+def _grpc_call() -> None:
+    import grpc
+
+    echo = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.S", {"U": echo}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert channel.unary_unary("/t.S/U")(b"hi") == b"hi"
+    finally:
+        server.stop(None)
+
+
+def _kombu_call() -> None:
+    from kombu import Connection
+
+    with Connection("memory://") as connection:
+        connection.Producer().publish({"n": 1}, routing_key="contract")
+
+
+def _celery_call() -> None:
+    from celery import Celery
+
+    app = Celery("contract", broker="memory://")
+    app.conf.update(task_ignore_result=True)
+    app.send_task("noop")
+
+
+# adapter: (libraries to import, the attributes it patches, one real use of them or None)
+_ADAPTERS: dict[str, tuple[tuple[str, ...], Callable[[], Any], Callable[[], None] | None]] = {
+    "mcp": (("mcp",), _mcp_targets, None),  # a use needs a session and a server
+    "celery": (
+        ("celery", "celery.app.base"),
+        lambda: [_resolve("celery.app.base", "Celery.send_task")],
+        _celery_call,
+    ),
+    "grpc": (("grpc",), _grpc_targets, _grpc_call),
+    "kombu": (
+        ("kombu.messaging",),
+        lambda: [
+            _resolve("kombu.messaging", "Producer.publish"),
+            _resolve("kombu.messaging", "Consumer.receive"),
+        ],
+        _kombu_call,
+    ),
+    "aio_pika": (
+        ("aio_pika",),
+        lambda: [
+            _resolve("aio_pika.exchange", "Exchange.publish"),
+            _resolve("aio_pika.queue", "Queue.consume"),
+            _resolve("aio_pika.message", "ProcessContext.__aenter__"),
+            _resolve("aio_pika.message", "ProcessContext.__aexit__"),
+        ],
+        None,  # a use needs a RabbitMQ broker
+    ),
+}
+
+
+def _ours(exporter: InMemoryExporter, use: Callable[[], None] | None) -> int:
+    """Our spans from one real use of the patched attributes, under a root span."""
+    if use is None:
+        return 0
+    exporter.clear()
+    with mlflow.start_span("root"):
+        use()
+    return len([span for span in exporter.finished_spans() if span.name != "root"])
+
+
+@pytest.mark.parametrize("adapter_name", list(_ADAPTERS))
+def test_uninstrument_keeps_a_later_patcher_of_an_adapter_in_place(
+    exporter: InMemoryExporter, adapter_name: str
+) -> None:
+    """Every attribute an adapter patches: a third party's wrapper on top survives
+    `uninstrument()` and still works, through ours, now inert; `instrument()` again makes ours
+    active in the same place, not a second layer."""
+    libraries, targets, use = _ADAPTERS[adapter_name]
+    for library in libraries:
+        importlib.import_module(library)
+    adapter = importlib.import_module(f"mlflow_trace_middleware.{adapter_name}")
+    originals = {(owner, name): vars(owner)[name] for owner, name in targets()}
+    adapter.instrument()
+    ours = {key: vars(key[0])[key[1]] for key in originals}
+    assert all(ours[key] is not originals[key] for key in originals)
+    seen: list[str] = []
+    with contextlib.ExitStack() as stack:
+        theirs = {key: stack.enter_context(_wrap(*key, seen)) for key in originals}
+        traced = _ours(exporter, use)
+        assert traced > 0 or use is None  # both layers run
+        adapter.uninstrument()
+        for (owner, name), wrapper in theirs.items():
+            assert vars(owner)[name] is wrapper  # not clobbered
+            assert wrapper.__wrapped__ is ours[(owner, name)]  # theirs still reaches ours
+            assert ours[(owner, name)].__wrapped__ is originals[(owner, name)]
+            assert not _patch.patched(owner, name)  # ours passes straight through
+        used = len(seen)
+        assert _ours(exporter, use) == 0  # ours inert
+        assert len(seen) > used or use is None  # theirs still runs, and the call succeeds
+        adapter.instrument()
+        for (owner, name), wrapper in theirs.items():
+            assert vars(owner)[name] is wrapper  # ours active again under theirs: one layer
+            assert _patch.patched(owner, name)
+        assert _ours(exporter, use) == traced  # once each, as before
+        adapter.uninstrument()
+    adapter.uninstrument()  # theirs gone: ours is on top again, and goes
+    for (owner, name), original in originals.items():
+        assert vars(owner)[name] is original
