@@ -18,8 +18,14 @@ import requests
 from mlflow import MlflowClient
 
 import mlflow_trace_middleware as mtm
-
-from .launch import ROOT, Process, format_trace, start_gunicorn, start_mlflow_server, start_uvicorn
+from tests.harness import (
+    ROOT,
+    Process,
+    format_trace,
+    start_gunicorn,
+    start_mlflow_server,
+    start_uvicorn,
+)
 
 # Spans one /ask produces: supervisor 4, SQL agent 3, writer 2 per call (called twice).
 SPANS_PER_ASK = 11

@@ -24,11 +24,11 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 import mlflow_trace_middleware as mtm
-from examples.launch import Process, start_gunicorn, start_mlflow_server, start_uvicorn
-from mlflow_trace_middleware import _compat
 from mlflow_trace_middleware._config import Settings
 from mlflow_trace_middleware._otlp import OtlpHttpExporter
 from mlflow_trace_middleware._span import encode_span, recorded
+from tests.harness import Process, start_gunicorn, start_mlflow_server, start_uvicorn
+from tests.helpers import service_tag
 
 pytestmark = pytest.mark.e2e
 
@@ -59,12 +59,6 @@ def services(
     finally:
         for process in started.values():
             process.stop()
-
-
-def service_tag(name: str) -> str | None:
-    """The trace's `service.name` tag as the server keeps it (the server is the installed MLflow):
-    from the OTLP resource, from MLflow 3.14; before, only each span's attribute names it."""
-    return name if _compat.SPAN_TAKES_RESOURCE else None
 
 
 def wait_for_trace(client: MlflowClient, trace_id: str, spans: int, timeout: float) -> Any:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
-import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,38 +26,13 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import Process, _spawn, free_port, start_uvicorn
-from tests.test_e2e_sdks import complete_trace, span_named, tree, wait_for
+from tests.harness import RUN, Process, spawn, start_uvicorn
+from tests.helpers import complete_trace, span_named, tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
-RUN = str(Path(sys.executable).with_name("mlflow-trace-run"))
 TASKS = "tests.apps.celery_tasks"
 EXPERIMENT = "mlflow_trace_middleware.experiment_id"
-
-
-def start_redis(workdir: Path) -> Process:
-    """Debian's `redis-server` on a free loopback port, nothing saved, once it answers PING."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
-    argv = [
-        binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
-        "--save", "", "--appendonly", "no", "--daemonize", "no",
-    ]  # fmt: skip
-    process = _spawn("redis", argv, f"redis://127.0.0.1:{port}/0", workdir, {})
-
-    def answers() -> bool:
-        if process.popen.poll() is not None:
-            raise RuntimeError(f"redis-server exited:\n{process.output()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    wait_for(answers, "redis-server answering PING")
-    return process
 
 
 def start_worker(name: str, pool: str, logs: Path, env: dict[str, str], launcher: bool) -> Process:
@@ -75,7 +48,7 @@ def start_worker(name: str, pool: str, logs: Path, env: dict[str, str], launcher
         argv = [RUN, *argv]
     else:
         env = {**env, "CELERY_APP_INSTRUMENT": "1"}
-    process = _spawn(name, argv, "", logs, {"OTEL_SERVICE_NAME": "worker", **env})
+    process = spawn(name, argv, "", logs, {"OTEL_SERVICE_NAME": "worker", **env})
     wait_for(lambda: "ready." in process.output() or process.popen.poll() is not None, "worker")
     if process.popen.poll() is not None:
         raise RuntimeError(f"the worker exited:\n{process.output()}")
@@ -95,13 +68,6 @@ class Stack:
     caller: Process
     callee: Process
     worker: Process
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    process = start_redis(tmp_path_factory.mktemp("redis"))
-    yield process.url
-    process.stop()
 
 
 LAUNCHED = {"prefork", "gevent"}  # under mlflow-trace-run; the others call instrument()
@@ -374,7 +340,7 @@ def test_beat_tasks_are_new_traces_in_the_workers_experiment(stack: Stack) -> No
         "OTEL_SERVICE_NAME": "beat",
         "CELERY_BEAT_KEY": key,
     }
-    beat = _spawn("beat", [*argv, "--loglevel", "INFO"], "", stack.logs, env)
+    beat = spawn("beat", [*argv, "--loglevel", "INFO"], "", stack.logs, env)
     try:
 
         def ticks() -> list[Any]:

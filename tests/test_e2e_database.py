@@ -21,7 +21,7 @@ import requests
 from mlflow import MlflowClient
 
 import mlflow_trace_middleware as mtm
-from examples.launch import Process, start_gunicorn, start_uvicorn
+from tests.harness import Process, start_gunicorn, start_uvicorn
 from tests.test_e2e import (
     QUESTION,
     assert_covers_every_span,

@@ -20,7 +20,6 @@ import secrets
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,13 +27,12 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import Process, _spawn, free_port, start_uvicorn
-from tests.test_e2e_sdks import complete_trace, span_named, tree, wait_for
+from tests.harness import RUN, Process, free_port, spawn, start_uvicorn
+from tests.helpers import complete_trace, span_named, tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
 EXPERIMENT = "mlflow_trace_middleware.experiment_id"
-RUN = str(Path(sys.executable).with_name("mlflow-trace-run"))
 
 
 @dataclass
@@ -60,7 +58,7 @@ def stack(
     common = {"MLFLOW_TRACKING_URI": mlflow_server.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     sync_port, aio_port = free_port(), free_port()
     argv = [sys.executable, "-m", "tests.apps.grpc_apps", str(sync_port), str(aio_port)]
-    server = _spawn(
+    server = spawn(
         "grpc-server",
         [RUN, *argv, "--plain"] if setup == "launcher" else argv,
         f"grpc://127.0.0.1:{sync_port}",

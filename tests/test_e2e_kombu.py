@@ -19,21 +19,18 @@ import secrets
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import Process, _spawn, start_uvicorn
-from tests.test_e2e_celery import start_redis
-from tests.test_e2e_sdks import complete_trace, span_named, tree, wait_for
+from tests.harness import RUN, Process, spawn, start_uvicorn
+from tests.helpers import complete_trace, span_named, tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
 EXPERIMENT = "mlflow_trace_middleware.experiment_id"
-RUN = str(Path(sys.executable).with_name("mlflow-trace-run"))
 # consumer mode (also its queue's routing key) -> (publishing client, broker)
 MODES = {
     "callbacks": ("kombu", "rabbitmq"),
@@ -62,13 +59,6 @@ class Stack:
     broker: str
     experiment: str
     consumer: Process
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    process = start_redis(tmp_path_factory.mktemp("redis"))
-    yield process.url
-    process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +97,7 @@ def stack(
     if mode.endswith("-launcher"):
         argv, env = [RUN, *argv], {**env, "CONSUMER_INSTRUMENT": "0"}
     logs = tmp_path_factory.mktemp(f"consumer-{mode}")
-    consumer = _spawn("consumer", argv, url, logs, env)
+    consumer = spawn("consumer", argv, url, logs, env)
     try:
         wait_for(lambda: "ready" in consumer.output() or consumer.popen.poll() is not None, mode)
         if consumer.popen.poll() is not None:
