@@ -253,6 +253,23 @@ def gather(futures: Mapping[str, Future[Process]], started: dict[str, Process]) 
         raise errors[0]
 
 
+def start_agents(
+    logs: Path, env: Mapping[str, str], started: dict[str, Process], **gunicorn: Any
+) -> None:
+    """The example's three services (examples/): the writer (uvicorn), the SQL agent
+    (gunicorn, with the `gunicorn` options of `start_gunicorn`) and the supervisor (uvicorn),
+    each told the URLs of those it calls; each is put in `started` once up, so that a caller
+    can stop all that started when one fails."""
+    env = dict(env)
+    started["writer"] = start_uvicorn("writer", "examples.writer:app", logs, env)
+    env["WRITER_URL"] = started["writer"].url
+    started["sql-agent"] = start_gunicorn(
+        "sql-agent", "examples.sql_agent:app", logs, env, **gunicorn
+    )
+    env["SQL_AGENT_URL"] = started["sql-agent"].url
+    started["supervisor"] = start_uvicorn("supervisor", "examples.supervisor:app", logs, env)
+
+
 def server_workers(process: Process) -> list[int]:
     """The worker processes of a multi-worker server (uvicorn or gunicorn, however deep under
     `process`): the children of the descendant that has the most of them."""

@@ -27,7 +27,7 @@ import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware._config import Settings
 from mlflow_trace_middleware._otlp import OtlpHttpExporter
 from mlflow_trace_middleware._span import encode_span, recorded
-from tests.harness import Process, start_gunicorn, start_mlflow_server, start_uvicorn
+from tests.harness import Process, start_agents, start_mlflow_server, start_uvicorn
 from tests.helpers import service_tag
 
 pytestmark = pytest.mark.e2e
@@ -48,13 +48,7 @@ def services(
     env = {"MLFLOW_TRACKING_URI": mlflow_server.url, "MLFLOW_EXPERIMENT_ID": experiment_id}
     started: dict[str, Process] = {}
     try:
-        started["writer"] = start_uvicorn("writer", "examples.writer:app", logs, env)
-        env["WRITER_URL"] = started["writer"].url
-        started["sql-agent"] = start_gunicorn(
-            "sql-agent", "examples.sql_agent:app", logs, env, preload=True
-        )
-        env["SQL_AGENT_URL"] = started["sql-agent"].url
-        started["supervisor"] = start_uvicorn("supervisor", "examples.supervisor:app", logs, env)
+        start_agents(logs, env, started, preload=True)
         yield started
     finally:
         for process in started.values():
