@@ -35,18 +35,16 @@ def encoded(span: ReadableSpan, extra: Mapping[str, str] | None = None) -> Encod
     return encode_span(span, recorded(span), extra)
 
 
-def named_spans(*names: str, payload: int = 0) -> list[EncodedSpan]:
-    """One ended root span per name, each with a `payload`-character attribute when asked."""
+def make_spans(*names: str | int, payload: int = 0) -> list[EncodedSpan]:
+    """Ended root spans, encoded: one per name, or `s0`, `s1`... for a count (`make_spans(3)`);
+    each with a `payload`-character attribute when asked."""
+    if len(names) == 1 and isinstance(names[0], int):
+        names = tuple(f"s{i}" for i in range(names[0]))
     attributes = {"blob": "x" * payload} if payload else {}
-    spans = [_TRACER.start_span(name, attributes=attributes) for name in names]
+    spans = [_TRACER.start_span(str(name), attributes=attributes) for name in names]
     for span in spans:
         span.end()
     return [encoded(span) for span in spans]  # type: ignore[arg-type]
-
-
-def make_spans(n: int, payload: int = 0) -> list[EncodedSpan]:
-    """`n` ended root spans, `s0`, `s1`..."""
-    return named_spans(*(f"s{i}" for i in range(n)), payload=payload)
 
 
 def span_tree(*names: str) -> list[EncodedSpan]:
@@ -129,6 +127,12 @@ def complete_trace(client: Any, trace_id: str, spans: int) -> Any:
     trace = wait_for(check, f"trace {trace_id} with {spans} spans")
     print(format_trace(trace))  # the tree, for `pytest -s`
     return trace
+
+
+def traces_holding(client: Any, experiment: str, key: str) -> int:
+    """How many of the experiment's traces hold `key` anywhere (in their JSON)."""
+    found = client.search_traces(locations=[experiment], max_results=500)
+    return len([t for t in found if key in json.dumps(t.to_dict())])
 
 
 def span_key(span: Any) -> str:

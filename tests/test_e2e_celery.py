@@ -27,7 +27,7 @@ import requests
 from mlflow import MlflowClient
 
 from tests.harness import RUN, Process, spawn, start_uvicorn
-from tests.helpers import complete_trace, span_named, tree, wait_for
+from tests.helpers import complete_trace, span_named, traces_holding, tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -136,11 +136,6 @@ def enqueue(stack: Stack, task: str, key: str, **options: Any) -> str:
     return str(trace.info.trace_id)
 
 
-def in_experiment(stack: Stack, experiment: str, key: str) -> int:
-    found = stack.client.search_traces(locations=[experiment], max_results=500)
-    return len([t for t in found if key in json.dumps(t.to_dict())])
-
-
 def test_a_task_runs_in_the_callers_trace(stack: Stack) -> None:
     key = f"celery-{secrets.token_hex(4)}"
     trace_id = enqueue(stack, "work", key)
@@ -177,8 +172,8 @@ def test_a_task_runs_in_the_callers_trace(stack: Stack) -> None:
     assert consumer.attributes[EXPERIMENT] == stack.caller_experiment
     assert consumer.status.status_code.value == "OK"
     # One trace per request, none in the worker's own experiment.
-    assert in_experiment(stack, stack.caller_experiment, key) == 1
-    assert in_experiment(stack, stack.worker_experiment, key) == 0
+    assert traces_holding(stack.client, stack.caller_experiment, key) == 1
+    assert traces_holding(stack.client, stack.worker_experiment, key) == 0
 
 
 def test_a_failing_task_is_marked_as_an_error(stack: Stack) -> None:
@@ -199,7 +194,7 @@ def test_a_failing_task_is_marked_as_an_error(stack: Stack) -> None:
     assert event.attributes["exception.message"] == f"no value for {key}"
     # The caller's request succeeded: it only enqueued.
     assert trace.info.state.value == "OK"
-    assert in_experiment(stack, stack.worker_experiment, key) == 0
+    assert traces_holding(stack.client, stack.worker_experiment, key) == 0
 
 
 def test_a_retried_task_records_each_attempt(stack: Stack) -> None:
@@ -272,7 +267,7 @@ def test_a_countdown_task_runs_after_the_callers_root_ended_in_its_trace(stack: 
 
     info = wait_for(widened, f"the trace widened to the task's end ({end})")
     assert info.request_time <= root.start_time_ns // 1_000_000
-    assert in_experiment(stack, stack.worker_experiment, key) == 0
+    assert traces_holding(stack.client, stack.worker_experiment, key) == 0
 
 
 def test_chains_and_groups_a_task_starts_are_published_under_its_span(stack: Stack) -> None:
@@ -306,7 +301,7 @@ def test_chains_and_groups_a_task_starts_are_published_under_its_span(stack: Sta
     assert len(spans) == 15
     assert trace.info.state.value == "OK"
     assert trace.info.experiment_id == stack.caller_experiment
-    assert in_experiment(stack, stack.worker_experiment, key) == 0
+    assert traces_holding(stack.client, stack.worker_experiment, key) == 0
 
 
 def test_an_eager_task_runs_in_the_request(stack: Stack) -> None:
@@ -354,4 +349,4 @@ def test_beat_tasks_are_new_traces_in_the_workers_experiment(stack: Stack) -> No
     assert tree(trace) == {"worker:run/tick": None, "worker:tick": "worker:run/tick"}
     assert trace.info.experiment_id == stack.worker_experiment
     assert trace.info.state.value == "OK"
-    assert in_experiment(stack, beat_experiment, key) == 0
+    assert traces_holding(stack.client, beat_experiment, key) == 0

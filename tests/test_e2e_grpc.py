@@ -15,7 +15,6 @@ caller's trace and experiment.
 
 from __future__ import annotations
 
-import json
 import secrets
 import sys
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ import requests
 from mlflow import MlflowClient
 
 from tests.harness import RUN, Process, free_port, spawn, start_uvicorn
-from tests.helpers import complete_trace, span_named, tree, wait_for
+from tests.helpers import complete_trace, span_named, traces_holding, tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -102,8 +101,7 @@ def call(stack: Stack, mode: str, method: str) -> tuple[str, dict[str, str], Any
     trace = complete_trace(stack.client, trace.info.trace_id, spans=4)
     # One trace per call, none of it in the gRPC server's own experiment.
     for experiment, count in ((stack.caller_experiment, 1), (stack.server_experiment, 0)):
-        traces = stack.client.search_traces(locations=[experiment], max_results=500)
-        assert len([t for t in traces if marker in json.dumps(t.to_dict())]) == count
+        assert traces_holding(stack.client, experiment, marker) == count
     return marker, response.json(), trace
 
 

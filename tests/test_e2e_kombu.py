@@ -14,7 +14,6 @@ trace of its own before it consumes: the message's spans must land in the caller
 
 from __future__ import annotations
 
-import json
 import secrets
 import sys
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import requests
 from mlflow import MlflowClient
 
 from tests.harness import RUN, Process, spawn, start_uvicorn
-from tests.helpers import complete_trace, span_named, tree, wait_for
+from tests.helpers import complete_trace, span_named, traces_holding, tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -134,11 +133,6 @@ def publish(stack: Stack, key: str, fail: bool = False) -> str:
     return str(trace.info.trace_id)
 
 
-def in_experiment(stack: Stack, experiment: str, key: str) -> int:
-    found = stack.services.client.search_traces(locations=[experiment], max_results=500)
-    return len([t for t in found if key in json.dumps(t.to_dict())])
-
-
 def messaging(span: Any) -> dict[str, Any]:
     return {k: v for k, v in span.attributes.items() if k.startswith("messaging.")}
 
@@ -186,8 +180,8 @@ def test_a_message_is_handled_in_the_callers_trace(stack: Stack) -> None:
     assert consumer.attributes[EXPERIMENT] == stack.services.caller_experiment
     assert consumer.status.status_code.value == "OK"
     # One trace per message, none in the consumer's own experiment.
-    assert in_experiment(stack, stack.services.caller_experiment, key) == 1
-    assert in_experiment(stack, stack.experiment, key) == 0
+    assert traces_holding(stack.services.client, stack.services.caller_experiment, key) == 1
+    assert traces_holding(stack.services.client, stack.experiment, key) == 0
 
 
 def test_a_failing_consumer_is_marked_as_an_error(stack: Stack) -> None:
@@ -209,4 +203,4 @@ def test_a_failing_consumer_is_marked_as_an_error(stack: Stack) -> None:
     assert span_named(trace, "consumer:work").status.status_code.value == "ERROR"
     # The caller's request succeeded: it only published.
     assert span_named(trace, "caller:POST /publish").status.status_code.value == "OK"
-    assert in_experiment(stack, stack.experiment, key) == 0
+    assert traces_holding(stack.services.client, stack.experiment, key) == 0

@@ -13,7 +13,7 @@ from mlflow_trace_middleware._experiments import Experiment
 from mlflow_trace_middleware._otlp import OtlpHttpExporter, _parse_retry_after
 from mlflow_trace_middleware._sink import ExportResult
 from tests.harness import free_port
-from tests.helpers import named_spans
+from tests.helpers import make_spans
 
 from .fake_otlp import FakeOtlpServer, Received, Reply
 
@@ -36,7 +36,7 @@ def test_success_posts_gzipped_otlp_protobuf(
 ) -> None:
     exporter = exporter_for(server.settings())
     exporters.append(exporter)
-    result = exporter.export(named_spans("alpha", "beta"), None)
+    result = exporter.export(make_spans("alpha", "beta"), None)
     assert (result.delivered, result.retry, result.reason) == (True, False, "")
     assert len(server.received) == 1
     request = server.received[0]
@@ -64,7 +64,7 @@ def test_explicit_experiment_id_overrides_settings(
 ) -> None:
     exporter = exporter_for(server.settings())
     exporters.append(exporter)
-    assert exporter.export(named_spans("x"), "12").delivered
+    assert exporter.export(make_spans("x"), "12").delivered
     assert [r.headers["x-mlflow-experiment-id"] for r in server.posts()] == ["12"]
 
 
@@ -100,7 +100,7 @@ def test_status_maps_to_result(
     server.default = Reply(status, headers)
     exporter = exporter_for(server.settings())
     exporters.append(exporter)
-    assert exporter.export(named_spans("x"), None) == expected
+    assert exporter.export(make_spans("x"), None) == expected
     assert len(server.posts()) == 1
 
 
@@ -111,14 +111,14 @@ def test_partial_success_in_json_is_read(
     server.default = Reply(200, {"Content-Type": "application/json"}, body)
     exporter = exporter_for(server.settings())
     exporters.append(exporter)
-    assert exporter.export(named_spans("a", "b", "c"), None) == ExportResult.ok(rejected=2)
+    assert exporter.export(make_spans("a", "b", "c"), None) == ExportResult.ok(rejected=2)
 
 
 def test_server_down_is_retryable_connection_error(exporters: list[OtlpHttpExporter]) -> None:
     settings = Settings(tracking_uri=f"http://127.0.0.1:{free_port()}", experiment_id="7")
     exporter = exporter_for(settings)
     exporters.append(exporter)
-    assert exporter.export(named_spans("x"), None) == ExportResult.retry_later("connection_error")
+    assert exporter.export(make_spans("x"), None) == ExportResult.retry_later("connection_error")
 
 
 def test_experiment_name_is_resolved_once_and_created_if_missing(
@@ -146,7 +146,7 @@ def test_experiment_name_is_resolved_once_and_created_if_missing(
 def test_an_unresolved_experiment_keeps_the_batch() -> None:
     settings = Settings(tracking_uri=f"http://127.0.0.1:{free_port()}")
     exporter = OtlpHttpExporter(settings, lambda: None)
-    assert exporter.export(named_spans("x"), None) == ExportResult.retry_later(
+    assert exporter.export(make_spans("x"), None) == ExportResult.retry_later(
         "experiment_unresolved"
     )
 
@@ -192,8 +192,8 @@ def test_a_callers_unknown_experiment_is_reported_and_its_spans_kept_in_ours(
     server.default = unknown(caller, version=version)
     exporter = exporter_for(server.settings())
     exporters.append(exporter)
-    assert exporter.export(named_spans("a"), caller) == ExportResult.ok()
-    assert exporter.export(named_spans("b"), caller) == ExportResult.ok()  # straight to ours
+    assert exporter.export(make_spans("a"), caller) == ExportResult.ok()
+    assert exporter.export(make_spans("b"), caller) == ExportResult.ok()  # straight to ours
     posted = [(r.headers["x-mlflow-experiment-id"], r.span_names) for r in server.posts()]
     assert posted == [(caller, ["a"]), ("7", ["a"]), ("7", ["b"])]
     assert server.accepted  # delivered
@@ -213,8 +213,8 @@ def test_our_own_unknown_experiment_drops_the_spans_saying_so(
     server.default = unknown("7", version=version)
     exporter = exporter_for(server.settings())
     exporters.append(exporter)
-    assert exporter.export(named_spans("a"), None) == ExportResult.dropped("unknown_experiment")
-    assert exporter.export(named_spans("b"), "7") == ExportResult.dropped("unknown_experiment")
+    assert exporter.export(make_spans("a"), None) == ExportResult.dropped("unknown_experiment")
+    assert exporter.export(make_spans("b"), "7") == ExportResult.dropped("unknown_experiment")
     assert len(server.posts()) == 2
     assert "has no experiment 7; spans are dropped. Set MLFLOW_EXPERIMENT_ID" in caplog.text
     assert "OTLP endpoint" not in caplog.text
@@ -228,10 +228,10 @@ def test_a_callers_unknown_experiment_waits_for_ours_while_it_is_resolved(
     exporter = OtlpHttpExporter(server.settings(), lambda: own[0])
     exporters.append(exporter)
     unresolved = ExportResult.retry_later("experiment_unresolved")
-    assert exporter.export(named_spans("a"), "999") == unresolved
-    assert exporter.export(named_spans("a"), "999") == unresolved  # no second refused POST
+    assert exporter.export(make_spans("a"), "999") == unresolved
+    assert exporter.export(make_spans("a"), "999") == unresolved  # no second refused POST
     own[0] = "7"
-    assert exporter.export(named_spans("a"), "999") == ExportResult.ok()
+    assert exporter.export(make_spans("a"), "999") == ExportResult.ok()
     posted = [r.headers["x-mlflow-experiment-id"] for r in server.posts()]
     assert posted == ["999", "7"]
 
@@ -242,14 +242,14 @@ def test_a_404_without_mlflows_answer_still_means_no_otlp_endpoint(
     server.default = Reply(404, {"Content-Type": "text/html"}, b"<h1>Not Found</h1>")
     exporter = exporter_for(server.settings())
     exporters.append(exporter)
-    assert exporter.export(named_spans("a"), "999") == ExportResult.dropped("rejected_404")
+    assert exporter.export(make_spans("a"), "999") == ExportResult.dropped("rejected_404")
     assert "has no OTLP endpoint /v1/traces" in caplog.text
 
 
 def test_auth_headers_are_sent(server: FakeOtlpServer, exporters: list[OtlpHttpExporter]) -> None:
     exporter = exporter_for(server.settings(headers={"Authorization": "Bearer t0k"}))
     exporters.append(exporter)
-    assert exporter.export(named_spans("x"), None).delivered
+    assert exporter.export(make_spans("x"), None).delivered
     (request,) = server.posts()
     assert request.headers["authorization"] == "Bearer t0k"
 
