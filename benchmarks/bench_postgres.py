@@ -23,7 +23,7 @@ from collections import Counter
 from typing import Any
 
 import mlflow_trace_middleware as mtm
-from examples.launch import Postgres, start_postgres
+from tests.harness import Postgres, start_postgres
 
 from . import bench_sink, common
 

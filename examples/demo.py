@@ -18,8 +18,13 @@ import requests
 from mlflow import MlflowClient
 
 import mlflow_trace_middleware as mtm
-
-from .launch import ROOT, Process, format_trace, start_gunicorn, start_mlflow_server, start_uvicorn
+from tests.harness import (
+    ROOT,
+    Process,
+    format_trace,
+    start_agents,
+    start_mlflow_server,
+)
 
 # Spans one /ask produces: supervisor 4, SQL agent 3, writer 2 per call (called twice).
 SPANS_PER_ASK = 11
@@ -69,18 +74,15 @@ def run(workdir: Path, count: int, processes: list[Process]) -> tuple[Process, s
     name = f"multi-agent-demo-{int(time.time())}"
     experiment_id = client.create_experiment(name)
     env = {"MLFLOW_TRACKING_URI": server.url, "MLFLOW_EXPERIMENT_ID": experiment_id}
-    logs = workdir / "logs"
-    writer = start_uvicorn("writer", "examples.writer:app", logs, env)
-    processes.append(writer)
-    env["WRITER_URL"] = writer.url
-    sql_agent = start_gunicorn("sql-agent", "examples.sql_agent:app", logs, env)
-    processes.append(sql_agent)
-    env["SQL_AGENT_URL"] = sql_agent.url
-    supervisor = start_uvicorn("supervisor", "examples.supervisor:app", logs, env)
-    processes.append(supervisor)
+    services: dict[str, Process] = {}
+    try:
+        start_agents(workdir / "logs", env, services)
+    finally:
+        processes.extend(services.values())  # the caller stops them, after a failure too
+    supervisor = services["supervisor"]
     print(
-        f"services: supervisor {supervisor.url}, sql-agent {sql_agent.url} "
-        f"(gunicorn, 2 workers), writer {writer.url}",
+        f"services: supervisor {supervisor.url}, sql-agent {services['sql-agent'].url} "
+        f"(gunicorn, 2 workers), writer {services['writer'].url}",
         flush=True,
     )
 

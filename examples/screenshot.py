@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 import requests
 from mlflow import MlflowClient
 
+from tests.harness import ROOT, Process, start_uvicorn
+
 from .demo import run
-from .launch import ROOT, Process, start_uvicorn
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page, ViewportSize

@@ -2,23 +2,30 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import socket
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
 
 import mlflow_trace_middleware as mtm
-from examples.launch import Process, _spawn, free_port, start_mlflow_server
 from mlflow_trace_middleware import _compat, _log
 from mlflow_trace_middleware.testing import InMemoryExporter
+from tests.harness import (
+    EPMD,
+    Postgres,
+    Process,
+    free_port,
+    start_mlflow_server,
+    start_postgres,
+    start_rabbitmq,
+    start_redis,
+)
 
 # Speed is measured by benchmarks, never asserted: Hypothesis's per-example deadline (200 ms)
 # failed examples on a loaded machine.
@@ -112,54 +119,42 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]
     process.stop()
 
 
+@pytest.fixture(scope="module")
+def client(mlflow_server: Process) -> Any:
+    """An `MlflowClient` of the module's `mlflow_server`."""
+    from mlflow import MlflowClient  # the light environment has no full `mlflow`
+
+    return MlflowClient(mlflow_server.url)
+
+
+@pytest.fixture
+def running() -> Iterator[list[Process]]:
+    """The processes a test appends here are stopped after it."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def server() -> Iterator[Any]:
+    """A fake OTLP endpoint (tests/fake_otlp.py) for one test."""
+    from tests.fake_otlp import FakeOtlpServer  # needs OTLP's protobuf classes: not everywhere
+
+    with FakeOtlpServer() as fake:
+        yield fake
+
+
+@pytest.fixture
+def trust() -> Any:
+    """The trust policy a messaging adapter is instrumented with; a test overrides it with
+    `@pytest.mark.parametrize("trust", [...])`."""
+    return "continue"
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # not /usr/sbin's: it switches user
-EPMD = "epmd"  # Erlang's port mapper; each node here gets its own, on a free port
-
-
-def start_rabbitmq(workdir: Path, epmd_port: int) -> Process:
-    """Debian's `rabbitmq-server` on free loopback ports (AMQP, distribution) with its own epmd
-    on `epmd_port`, its database, logs and Erlang cookie in `workdir`, once it answers the AMQP
-    handshake. `url`: its AMQP URL (guest/guest, which RabbitMQ allows from loopback)."""
-    amqp = free_port()
-    (workdir / "enabled_plugins").write_text("[].\n")
-    env = {
-        "HOME": str(workdir),  # the Erlang cookie
-        "RABBITMQ_NODENAME": f"rabbit-{secrets.token_hex(4)}@localhost",
-        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-        "RABBITMQ_NODE_PORT": str(amqp),
-        "RABBITMQ_DIST_PORT": str(free_port()),
-        "ERL_EPMD_PORT": str(epmd_port),
-        "ERL_EPMD_ADDRESS": "127.0.0.1",
-        "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(workdir / "log"),
-        "RABBITMQ_LOGS": "-",
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
-    }
-    url = f"amqp://guest:guest@127.0.0.1:{amqp}//"
-    process = _spawn("rabbitmq", [RABBITMQ_SERVER], url, workdir, env)
-
-    def answers() -> bool:
-        if process.popen.poll() is not None:
-            raise RuntimeError(f"rabbitmq-server exited:\n{process.output()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", amqp), timeout=1) as sock:
-                sock.sendall(b"AMQP\x00\x00\x09\x01")
-                return sock.recv(1) == b"\x01"  # a method frame: Connection.Start
-        except OSError:
-            return False
-
-    deadline = time.monotonic() + 90
-    while not answers():
-        if time.monotonic() > deadline:
-            process.stop()
-            raise RuntimeError(f"rabbitmq-server not ready:\n{process.output()[-3000:]}")
-        time.sleep(0.2)
-    return process
 
 
 @pytest.fixture(scope="session")
@@ -174,3 +169,19 @@ def rabbitmq_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         process.stop()
         env = {**os.environ, "ERL_EPMD_PORT": str(epmd_port)}
         subprocess.run([EPMD, "-kill"], env=env, capture_output=True, timeout=10, check=False)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis server (nothing saved) for one test module."""
+    process = start_redis(tmp_path_factory.mktemp("redis"))
+    yield process.url
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """A private PostgreSQL cluster for one test module."""
+    cluster = start_postgres()
+    yield cluster
+    cluster.destroy()

@@ -228,10 +228,3 @@ def _encode_response(reply: Reply) -> bytes:
     headers = {"Content-Length": str(len(reply.body)), **reply.headers}
     lines += [f"{key}: {value}" for key, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + reply.body
-
-
-def free_port() -> int:
-    """A loopback port with nothing listening on it (a tracking server that is down)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -15,43 +15,24 @@ from aio_pika.exchange import Exchange
 from aio_pika.message import IncomingMessage, ProcessContext
 from aio_pika.queue import Queue
 from aiormq.abc import DeliveredMessage
-from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags
 from pamqp import commands
 from pamqp.header import ContentHeader
 
-from mlflow_trace_middleware import _keys, _mlflow, _trust
+from mlflow_trace_middleware import _keys
 from mlflow_trace_middleware import aio_pika as adapter
 from mlflow_trace_middleware.testing import InMemoryExporter
-
-TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
-PARENT_ID = "b7ad6b7169203331"
-TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
-CALLER = SpanContext(int(TRACE_ID, 16), int(PARENT_ID, 16), True, TraceFlags(1))
-
-
-def member() -> str:
-    name, value = _trust.entry(CALLER, "7", [])  # type: ignore[misc]
-    return f"{name}={value}"
-
+from tests.helpers import (
+    CALLER,
+    PARENT_ID,
+    TRACEPARENT,
+    by_unique_name,
+    current_ids,
+    hex_ids,
+    member,
+)
 
 CONTEXT = {"traceparent": TRACEPARENT, "tracestate": member()}
-
-
-def hex_ids(span: Any) -> tuple[str, str]:
-    return f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"
-
-
-def current_ids() -> tuple[str, str] | None:
-    context = trace.get_current_span(_mlflow.current_context()).get_span_context()
-    return (f"{context.trace_id:032x}", f"{context.span_id:016x}") if context.is_valid else None
-
-
-def spans_by_name(exporter: InMemoryExporter) -> dict[str, Any]:
-    found = exporter.finished_spans()
-    named = {span.name: span for span in found}
-    assert len(named) == len(found), [span.name for span in found]
-    return named
 
 
 class Wire:
@@ -105,11 +86,6 @@ class Wire:
 
 
 @pytest.fixture
-def trust() -> Any:
-    return "continue"
-
-
-@pytest.fixture
 def wire(exporter: InMemoryExporter, trust: Any) -> Iterator[Wire]:
     adapter.uninstrument()
     adapter.instrument(trust=trust)
@@ -140,7 +116,7 @@ def test_a_publish_gets_a_producer_span_whose_context_is_in_the_headers(
     asyncio.run(publish())
     (sent,) = wire.sent
     headers = sent.header.properties.headers
-    spans = spans_by_name(exporter)
+    spans = by_unique_name(exporter)
     producer = spans["publish jobs"]
     assert producer.kind == SpanKind.PRODUCER
     assert producer.parent.span_id == spans["caller"].context.span_id
@@ -167,7 +143,7 @@ def test_on_the_default_exchange_the_span_is_named_after_the_routing_key(
             await exchange(wire, "").publish(aio_pika.Message(b"x"), "work")
 
     asyncio.run(publish())
-    assert spans_by_name(exporter)["publish work"].attributes["messaging.destination.name"] == ""
+    assert by_unique_name(exporter)["publish work"].attributes["messaging.destination.name"] == ""
 
 
 def test_without_a_current_span_a_message_is_published_as_is(
@@ -191,7 +167,7 @@ def test_a_failed_publish_marks_its_span_and_raises(wire: Wire, exporter: InMemo
 
     with pytest.raises(ConnectionError):
         asyncio.run(publish())
-    producer = spans_by_name(exporter)["publish jobs"]
+    producer = by_unique_name(exporter)["publish jobs"]
     assert producer.status.status_code == StatusCode.ERROR
     assert producer.attributes["error.type"] == "ConnectionError"
 
@@ -217,7 +193,7 @@ def test_a_consume_callback_runs_under_a_span_continuing_the_published_context(
         await wire.deliver()
 
     asyncio.run(run())
-    spans = spans_by_name(exporter)
+    spans = by_unique_name(exporter)
     producer, process = spans["publish jobs"], spans["process jobs"]
     assert process.kind == SpanKind.CONSUMER
     assert process.parent.span_id == producer.context.span_id
@@ -240,7 +216,7 @@ def test_a_failing_callback_marks_the_span(wire: Wire, exporter: InMemoryExporte
 
     with pytest.raises(ValueError, match="no value"):
         asyncio.run(run())
-    process = spans_by_name(exporter)["process jobs"]
+    process = by_unique_name(exporter)["process jobs"]
     assert process.status.status_code == StatusCode.ERROR
     assert process.attributes["error.type"] == "ValueError"
 
@@ -297,7 +273,7 @@ def test_an_untrusted_context_is_restarted(wire: Wire, exporter: InMemoryExporte
             pass
 
     asyncio.run(handle())
-    process = spans_by_name(exporter)["process jobs"]
+    process = by_unique_name(exporter)["process jobs"]
     assert process.parent is None
     assert process.attributes[_keys.RESTARTED_FROM] == TRACEPARENT
     assert "user.id" not in process.attributes

@@ -13,18 +13,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 from mlflow_trace_middleware import MlflowTracingMiddleware, _server
 from mlflow_trace_middleware.httpx import AsyncTracingTransport
 from mlflow_trace_middleware.testing import InMemoryExporter
+from tests.helpers import PARENT_ID, TRACE_ID, TRACEPARENT, by_name
 
 pytestmark = pytest.mark.anyio
-
-TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
-PARENT_ID = "b7ad6b7169203331"
-TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 
 
 class Boom(Exception):
@@ -84,10 +80,6 @@ def client(app: Any, **kwargs: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=transport, base_url="http://svc.test")
 
 
-def by_name(spans: list[ReadableSpan]) -> dict[str, ReadableSpan]:
-    return {span.name: span for span in spans}
-
-
 def hexid(value: int, width: int = 16) -> str:
     return format(value, f"0{width}x")
 
@@ -103,7 +95,7 @@ async def test_request_span_continues_the_caller_and_nests_handler_spans(
             headers={"traceparent": TRACEPARENT, "user-agent": "agent/1.0"},
         )
     assert response.json() == {"name": "sql", "value": 4}
-    spans = by_name(exporter.finished_spans())
+    spans = by_name(exporter)
     assert set(spans) == {"POST /agents/{name}", "double"}
     request, child = spans["POST /agents/{name}"], spans["double"]
     assert hexid(request.context.trace_id, 32) == TRACE_ID
@@ -128,7 +120,7 @@ async def test_request_span_continues_the_caller_and_nests_handler_spans(
 async def test_sync_handler_in_thread_pool_nests(exporter: InMemoryExporter) -> None:
     async with client(make_app()) as c:
         await c.get("/sync")
-    spans = by_name(exporter.finished_spans())
+    spans = by_name(exporter)
     assert spans["in-thread"].parent.span_id == spans["GET /sync"].context.span_id  # type: ignore[union-attr]
     assert spans["GET /sync"].parent is None  # no inbound context: a new trace
 
@@ -166,7 +158,7 @@ async def test_streaming_span_ends_after_the_last_chunk(exporter: InMemoryExport
     async with client(app) as c:
         response = await c.get("/stream")
     assert response.text == "xxx"
-    spans = by_name(exporter.finished_spans())
+    spans = by_name(exporter)
     request = spans["GET /stream"]
     assert request.end_time is not None
     assert request.end_time >= app.state.last_chunk_ns
@@ -285,7 +277,7 @@ async def test_a_cancelled_handler_ends_its_outgoing_call_as_an_error_too(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    spans = by_name(exporter.finished_spans())
+    spans = by_name(exporter)
     assert set(spans) == {"GET /call", "GET llm.test"}
     for span in spans.values():
         assert span.status.status_code == StatusCode.ERROR
@@ -345,7 +337,7 @@ async def test_outgoing_call_carries_the_context_to_the_next_service(
     app.state.downstream = httpx.MockTransport(downstream)
     async with client(app) as c:
         await c.get("/call", headers={"traceparent": TRACEPARENT, "tracestate": "vendor=abc"})
-    spans = by_name(exporter.finished_spans())
+    spans = by_name(exporter)
     request, call = spans["GET /call"], spans["GET downstream.test"]
     assert call.kind == SpanKind.CLIENT
     assert call.parent.span_id == request.context.span_id  # type: ignore[union-attr]

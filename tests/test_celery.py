@@ -18,34 +18,23 @@ from celery import Celery, signals
 from celery.app.base import Celery as CeleryClass
 from celery.app.trace import build_tracer
 from kombu.exceptions import OperationalError
-from opentelemetry import trace
-from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags
+from opentelemetry.trace import SpanKind, StatusCode
 
 import mlflow_trace_middleware as mtm
-from mlflow_trace_middleware import _config, _keys, _mlflow, _trust
+from mlflow_trace_middleware import _config, _keys, _trust
 from mlflow_trace_middleware import celery as adapter
 from mlflow_trace_middleware.testing import InMemoryExporter
+from tests.helpers import (
+    PARENT_ID,
+    TRACE_ID,
+    TRACEPARENT,
+    by_unique_name,
+    current_ids,
+    hex_ids,
+    member,
+)
 
-TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
-PARENT_ID = "b7ad6b7169203331"
-TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
-CALLER = SpanContext(int(TRACE_ID, 16), int(PARENT_ID, 16), True, TraceFlags(1))
 KEY = "celery-unit-key"
-
-
-def member(keys: list[bytes]) -> str:
-    """Our tracestate entry for the caller's context: experiment "7", signed with `keys`."""
-    name, value = _trust.entry(CALLER, "7", keys)  # type: ignore[misc]
-    return f"{name}={value}"
-
-
-def hex_ids(span: Any) -> tuple[str, str]:
-    return f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"
-
-
-def current_ids() -> tuple[str, str] | None:
-    context = trace.get_current_span(_mlflow.current_context()).get_span_context()
-    return (f"{context.trace_id:032x}", f"{context.span_id:016x}") if context.is_valid else None
 
 
 class App:
@@ -100,11 +89,6 @@ class App:
 
 
 @pytest.fixture
-def trust() -> Any:
-    return "continue"
-
-
-@pytest.fixture
 def celery_app(exporter: InMemoryExporter, trust: Any) -> Iterator[App]:
     adapter.uninstrument()
     adapter.instrument(trust=trust)
@@ -112,13 +96,6 @@ def celery_app(exporter: InMemoryExporter, trust: Any) -> Iterator[App]:
     yield app
     app.close()
     adapter.uninstrument()
-
-
-def spans_by_name(exporter: InMemoryExporter) -> dict[str, Any]:
-    found = exporter.finished_spans()
-    named = {span.name: span for span in found}
-    assert len(named) == len(found), [span.name for span in found]
-    return named
 
 
 # -- publish -------------------------------------------------------------------------------------
@@ -130,7 +107,7 @@ def test_a_published_task_gets_a_producer_span_whose_context_is_in_its_headers(
     with mlflow.start_span("caller"):
         result = celery_app.work.delay(1)
     (headers,) = celery_app.published
-    spans = spans_by_name(exporter)
+    spans = by_unique_name(exporter)
     producer = spans["apply_async/work"]
     assert producer.kind == SpanKind.PRODUCER
     assert producer.parent.span_id == spans["caller"].context.span_id
@@ -155,7 +132,7 @@ def test_our_context_replaces_propagation_headers_the_caller_set(
     with mlflow.start_span("caller"):
         celery_app.work.apply_async((1,), headers=stale)
     (headers,) = celery_app.published
-    producer = spans_by_name(exporter)["apply_async/work"]
+    producer = by_unique_name(exporter)["apply_async/work"]
     assert headers["traceparent"].split("-")[2] == hex_ids(producer)[1]
     assert "x=1" not in headers["tracestate"]
     assert "baggage" not in headers
@@ -177,7 +154,7 @@ def test_a_failed_publish_marks_its_span_and_raises(
     celery_app.app.conf.broker_connection_max_retries = 0
     with mlflow.start_span("caller"), pytest.raises(OperationalError):
         celery_app.work.apply_async((1,), retry=False)
-    producer = spans_by_name(exporter)["apply_async/work"]
+    producer = by_unique_name(exporter)["apply_async/work"]
     assert producer.status.status_code == StatusCode.ERROR
 
 
@@ -189,7 +166,7 @@ def test_a_task_continues_the_context_in_its_headers(
 ) -> None:
     headers = {"traceparent": TRACEPARENT, "tracestate": member([])}
     assert celery_app.run(celery_app.work, headers, 1).retval == 2
-    spans = spans_by_name(exporter)
+    spans = by_unique_name(exporter)
     run, inner = spans["run/work"], spans["inner"]
     assert run.kind == SpanKind.CONSUMER
     assert hex_ids(run)[0] == TRACE_ID
@@ -209,7 +186,7 @@ def test_a_task_continues_the_context_in_its_headers(
 
 def test_a_task_without_context_starts_a_trace(celery_app: App, exporter: InMemoryExporter) -> None:
     celery_app.run(celery_app.work, {}, 1)
-    run = spans_by_name(exporter)["run/work"]
+    run = by_unique_name(exporter)["run/work"]
     assert run.parent is None
     assert run.attributes[_keys.TRACE_NAME] == "run/work"
 
@@ -217,7 +194,7 @@ def test_a_task_without_context_starts_a_trace(celery_app: App, exporter: InMemo
 @pytest.mark.parametrize("trust", ["restart"])
 def test_an_untrusted_context_is_restarted(celery_app: App, exporter: InMemoryExporter) -> None:
     celery_app.run(celery_app.work, {"traceparent": TRACEPARENT, "baggage": "user.id=u1"}, 1)
-    run = spans_by_name(exporter)["run/work"]
+    run = by_unique_name(exporter)["run/work"]
     assert run.parent is None
     assert hex_ids(run)[0] != TRACE_ID
     assert run.attributes[_keys.RESTARTED_FROM] == TRACEPARENT
@@ -230,7 +207,7 @@ def test_trusted_baggage_gives_the_task_its_callers_identity(
     celery_app: App, exporter: InMemoryExporter
 ) -> None:
     celery_app.run(celery_app.work, {"traceparent": TRACEPARENT, "baggage": "user.id=u1"}, 1)
-    assert spans_by_name(exporter)["run/work"].attributes["user.id"] == "u1"
+    assert by_unique_name(exporter)["run/work"].attributes["user.id"] == "u1"
 
 
 def test_a_trust_callable_sees_the_task_name_and_the_fields() -> None:
@@ -254,7 +231,7 @@ def test_a_trust_callable_sees_the_task_name_and_the_fields() -> None:
     assert request.path == "work"
     assert request.client is None
     assert request.headers == {"traceparent": TRACEPARENT}
-    run = spans_by_name(memory)["run/work"]
+    run = by_unique_name(memory)["run/work"]
     assert run.attributes[_keys.RESTARTED_FROM] == TRACEPARENT
 
 
@@ -279,7 +256,7 @@ def test_a_failing_task_marks_its_span_as_an_error(
     celery_app: App, exporter: InMemoryExporter
 ) -> None:
     celery_app.run(celery_app.fail, {"traceparent": TRACEPARENT})
-    run = spans_by_name(exporter)["run/fail"]
+    run = by_unique_name(exporter)["run/fail"]
     assert run.status.status_code == StatusCode.ERROR
     assert run.attributes["error.type"] == "ValueError"
     assert run.attributes["celery.state"] == "FAILURE"
@@ -358,7 +335,7 @@ def test_an_eager_task_runs_under_the_current_span(
     with mlflow.start_span("caller"):
         assert celery_app.work.delay(1).get() == 2
     assert celery_app.published == []  # no broker
-    spans = spans_by_name(exporter)
+    spans = by_unique_name(exporter)
     caller, run, inner = spans["caller"], spans["run/work"], spans["inner"]
     assert run.parent.span_id == caller.context.span_id
     assert inner.parent.span_id == run.context.span_id
@@ -386,7 +363,7 @@ def test_an_eager_task_outside_any_trace_starts_one(
 ) -> None:
     celery_app.app.conf.task_always_eager = True
     celery_app.work.delay(1)
-    run = spans_by_name(exporter)["run/work"]
+    run = by_unique_name(exporter)["run/work"]
     assert run.parent is None
     assert run.attributes[_keys.TRACE_NAME] == "run/work"
 

@@ -16,6 +16,7 @@ import mlflow_trace_middleware.httpx
 import mlflow_trace_middleware.httpx2
 from mlflow_trace_middleware.requests import TracingAdapter
 from mlflow_trace_middleware.testing import InMemoryExporter
+from tests.helpers import traceparent_for
 
 
 class Family(NamedTuple):
@@ -34,11 +35,6 @@ class Family(NamedTuple):
 def family(request: pytest.FixtureRequest) -> Family:
     family: Family = request.param
     return family
-
-
-def traceparent_for(span: Any) -> str:
-    ctx = span.context
-    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
 
 def echo_transport(seen: list[Any], status: int = 200, lib: Any = httpx) -> Any:

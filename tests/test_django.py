@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import django
 import pytest
 from django.conf import settings
@@ -18,11 +16,9 @@ if not settings.configured:
 
 from django.test import AsyncClient, Client
 
+from tests.helpers import by_name
+
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-
-
-def by_name(exporter: InMemoryExporter) -> dict[str, Any]:
-    return {span.name: span for span in exporter.finished_spans()}
 
 
 def test_a_request_span_named_after_the_url_pattern_continues_the_caller(

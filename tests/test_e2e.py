@@ -24,11 +24,11 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 import mlflow_trace_middleware as mtm
-from examples.launch import Process, start_gunicorn, start_mlflow_server, start_uvicorn
-from mlflow_trace_middleware import _compat
 from mlflow_trace_middleware._config import Settings
 from mlflow_trace_middleware._otlp import OtlpHttpExporter
 from mlflow_trace_middleware._span import encode_span, recorded
+from tests.harness import Process, start_agents, start_mlflow_server, start_uvicorn
+from tests.helpers import service_tag
 
 pytestmark = pytest.mark.e2e
 
@@ -48,23 +48,11 @@ def services(
     env = {"MLFLOW_TRACKING_URI": mlflow_server.url, "MLFLOW_EXPERIMENT_ID": experiment_id}
     started: dict[str, Process] = {}
     try:
-        started["writer"] = start_uvicorn("writer", "examples.writer:app", logs, env)
-        env["WRITER_URL"] = started["writer"].url
-        started["sql-agent"] = start_gunicorn(
-            "sql-agent", "examples.sql_agent:app", logs, env, preload=True
-        )
-        env["SQL_AGENT_URL"] = started["sql-agent"].url
-        started["supervisor"] = start_uvicorn("supervisor", "examples.supervisor:app", logs, env)
+        start_agents(logs, env, started, preload=True)
         yield started
     finally:
         for process in started.values():
             process.stop()
-
-
-def service_tag(name: str) -> str | None:
-    """The trace's `service.name` tag as the server keeps it (the server is the installed MLflow):
-    from the OTLP resource, from MLflow 3.14; before, only each span's attribute names it."""
-    return name if _compat.SPAN_TAKES_RESOURCE else None
 
 
 def wait_for_trace(client: MlflowClient, trace_id: str, spans: int, timeout: float) -> Any:

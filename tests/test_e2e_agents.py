@@ -31,10 +31,10 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import Process, _spawn, free_port, start_uvicorn, wait_ready
 from mlflow_trace_middleware import _compat
-from tests.test_e2e_launch import BIN, RUN
-from tests.test_e2e_sdks import AUTOLOG_SENDS_CONTEXT, _started, complete_trace, wait_for
+from tests.harness import BIN, RUN, Process, free_port, gather, spawn, start_uvicorn, wait_ready
+from tests.helpers import children, complete_trace, wait_for
+from tests.test_e2e_sdks import AUTOLOG_SENDS_CONTEXT
 
 pytestmark = pytest.mark.e2e
 
@@ -79,7 +79,7 @@ def stack(mlflow_server: Process, tmp_path_factory: pytest.TempPathFactory) -> I
     started: dict[str, Process] = {}
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
-            _started(
+            gather(
                 {
                     "llm": pool.submit(
                         start_uvicorn, "llm", "tests.apps.langgraph_agent:llm_app", logs, env
@@ -111,7 +111,7 @@ def stack(mlflow_server: Process, tmp_path_factory: pytest.TempPathFactory) -> I
             }
             launched = {**agent_env, "AUTOLOG": "", "MIDDLEWARE": "0"}
             futures["agent-launched"] = pool.submit(_launched, logs, launched)
-            _started(futures, started)
+            gather(futures, started)
         urls = {name[6:]: process.url for name, process in started.items() if name[:6] == "agent-"}
         caller_env = {**env, "AGENT_URLS": json.dumps(urls)}
         started["caller"] = start_uvicorn("caller", f"{APP}:caller_app", logs, caller_env)
@@ -125,20 +125,9 @@ def _launched(logs: Path, env: dict[str, str]) -> Process:
     """The agent app without the middleware, under `mlflow-trace-run uvicorn`."""
     port = free_port()
     argv = [RUN, str(BIN / "uvicorn"), f"{APP}:agent_app", "--port", str(port)]
-    process = _spawn("agent-launched", argv, f"http://127.0.0.1:{port}", logs, env)
+    process = spawn("agent-launched", argv, f"http://127.0.0.1:{port}", logs, env)
     wait_ready(process, "/health")
     return process
-
-
-def _children(trace: Any) -> dict[str, list[str]]:
-    """`service:span name` -> its children's, sorted, for every span of the trace."""
-    spans = trace.data.spans
-    names = {span.span_id: f"{span.attributes.get('service.name')}:{span.name}" for span in spans}
-    children: dict[str, list[str]] = {name: [] for name in names.values()}
-    for span in spans:
-        if span.parent_id in names:
-            children[names[span.parent_id]].append(names[span.span_id])
-    return {name: sorted(kids) for name, kids in children.items()}
 
 
 def _ask(stack: Stack, framework: str, agent: str, spans: int) -> Any:
@@ -228,7 +217,7 @@ def test_an_agent_framework_gives_one_trace_each_span_under_its_cause(
     expected = _expected(framework, autolog)
     spans = sum(len(kids) for kids in expected.values()) + 1  # every span is a child but one
     trace = _ask(stack, framework, agent, spans)
-    assert _children(trace) == expected
+    assert children(trace) == expected
     assert len(trace.data.spans) == spans
     assert trace.info.state.value == "OK"
     # The types a reader sees as icons: ours (a request is a CHAIN, a call to a service a TOOL,

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
-import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,38 +26,13 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import Process, _spawn, free_port, start_uvicorn
-from tests.test_e2e_sdks import complete_trace, span_named, tree, wait_for
+from tests.harness import RUN, Process, spawn, start_uvicorn
+from tests.helpers import complete_trace, span_named, traces_holding, tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
-RUN = str(Path(sys.executable).with_name("mlflow-trace-run"))
 TASKS = "tests.apps.celery_tasks"
 EXPERIMENT = "mlflow_trace_middleware.experiment_id"
-
-
-def start_redis(workdir: Path) -> Process:
-    """Debian's `redis-server` on a free loopback port, nothing saved, once it answers PING."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
-    argv = [
-        binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
-        "--save", "", "--appendonly", "no", "--daemonize", "no",
-    ]  # fmt: skip
-    process = _spawn("redis", argv, f"redis://127.0.0.1:{port}/0", workdir, {})
-
-    def answers() -> bool:
-        if process.popen.poll() is not None:
-            raise RuntimeError(f"redis-server exited:\n{process.output()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    wait_for(answers, "redis-server answering PING")
-    return process
 
 
 def start_worker(name: str, pool: str, logs: Path, env: dict[str, str], launcher: bool) -> Process:
@@ -75,7 +48,7 @@ def start_worker(name: str, pool: str, logs: Path, env: dict[str, str], launcher
         argv = [RUN, *argv]
     else:
         env = {**env, "CELERY_APP_INSTRUMENT": "1"}
-    process = _spawn(name, argv, "", logs, {"OTEL_SERVICE_NAME": "worker", **env})
+    process = spawn(name, argv, "", logs, {"OTEL_SERVICE_NAME": "worker", **env})
     wait_for(lambda: "ready." in process.output() or process.popen.poll() is not None, "worker")
     if process.popen.poll() is not None:
         raise RuntimeError(f"the worker exited:\n{process.output()}")
@@ -95,13 +68,6 @@ class Stack:
     caller: Process
     callee: Process
     worker: Process
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    process = start_redis(tmp_path_factory.mktemp("redis"))
-    yield process.url
-    process.stop()
 
 
 LAUNCHED = {"prefork", "gevent"}  # under mlflow-trace-run; the others call instrument()
@@ -170,11 +136,6 @@ def enqueue(stack: Stack, task: str, key: str, **options: Any) -> str:
     return str(trace.info.trace_id)
 
 
-def in_experiment(stack: Stack, experiment: str, key: str) -> int:
-    found = stack.client.search_traces(locations=[experiment], max_results=500)
-    return len([t for t in found if key in json.dumps(t.to_dict())])
-
-
 def test_a_task_runs_in_the_callers_trace(stack: Stack) -> None:
     key = f"celery-{secrets.token_hex(4)}"
     trace_id = enqueue(stack, "work", key)
@@ -211,8 +172,8 @@ def test_a_task_runs_in_the_callers_trace(stack: Stack) -> None:
     assert consumer.attributes[EXPERIMENT] == stack.caller_experiment
     assert consumer.status.status_code.value == "OK"
     # One trace per request, none in the worker's own experiment.
-    assert in_experiment(stack, stack.caller_experiment, key) == 1
-    assert in_experiment(stack, stack.worker_experiment, key) == 0
+    assert traces_holding(stack.client, stack.caller_experiment, key) == 1
+    assert traces_holding(stack.client, stack.worker_experiment, key) == 0
 
 
 def test_a_failing_task_is_marked_as_an_error(stack: Stack) -> None:
@@ -233,7 +194,7 @@ def test_a_failing_task_is_marked_as_an_error(stack: Stack) -> None:
     assert event.attributes["exception.message"] == f"no value for {key}"
     # The caller's request succeeded: it only enqueued.
     assert trace.info.state.value == "OK"
-    assert in_experiment(stack, stack.worker_experiment, key) == 0
+    assert traces_holding(stack.client, stack.worker_experiment, key) == 0
 
 
 def test_a_retried_task_records_each_attempt(stack: Stack) -> None:
@@ -306,7 +267,7 @@ def test_a_countdown_task_runs_after_the_callers_root_ended_in_its_trace(stack: 
 
     info = wait_for(widened, f"the trace widened to the task's end ({end})")
     assert info.request_time <= root.start_time_ns // 1_000_000
-    assert in_experiment(stack, stack.worker_experiment, key) == 0
+    assert traces_holding(stack.client, stack.worker_experiment, key) == 0
 
 
 def test_chains_and_groups_a_task_starts_are_published_under_its_span(stack: Stack) -> None:
@@ -340,7 +301,7 @@ def test_chains_and_groups_a_task_starts_are_published_under_its_span(stack: Sta
     assert len(spans) == 15
     assert trace.info.state.value == "OK"
     assert trace.info.experiment_id == stack.caller_experiment
-    assert in_experiment(stack, stack.worker_experiment, key) == 0
+    assert traces_holding(stack.client, stack.worker_experiment, key) == 0
 
 
 def test_an_eager_task_runs_in_the_request(stack: Stack) -> None:
@@ -374,7 +335,7 @@ def test_beat_tasks_are_new_traces_in_the_workers_experiment(stack: Stack) -> No
         "OTEL_SERVICE_NAME": "beat",
         "CELERY_BEAT_KEY": key,
     }
-    beat = _spawn("beat", [*argv, "--loglevel", "INFO"], "", stack.logs, env)
+    beat = spawn("beat", [*argv, "--loglevel", "INFO"], "", stack.logs, env)
     try:
 
         def ticks() -> list[Any]:
@@ -388,4 +349,4 @@ def test_beat_tasks_are_new_traces_in_the_workers_experiment(stack: Stack) -> No
     assert tree(trace) == {"worker:run/tick": None, "worker:tick": "worker:run/tick"}
     assert trace.info.experiment_id == stack.worker_experiment
     assert trace.info.state.value == "OK"
-    assert in_experiment(stack, beat_experiment, key) == 0
+    assert traces_holding(stack.client, beat_experiment, key) == 0

@@ -25,7 +25,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import Process, start_uvicorn
+from tests.harness import Process, start_uvicorn
 
 pytestmark = pytest.mark.e2e
 

@@ -21,7 +21,7 @@ import requests
 from mlflow import MlflowClient
 
 import mlflow_trace_middleware as mtm
-from examples.launch import Process, start_gunicorn, start_uvicorn
+from tests.harness import Process, start_agents
 from tests.test_e2e import (
     QUESTION,
     assert_covers_every_span,
@@ -51,13 +51,7 @@ def services(
     env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_ID": experiment_id}
     started: dict[str, Process] = {}
     try:
-        started["writer"] = start_uvicorn("writer", "examples.writer:app", logs, env)
-        env["WRITER_URL"] = started["writer"].url
-        started["sql-agent"] = start_gunicorn(
-            "sql-agent", "examples.sql_agent:app", logs, env, workers=2
-        )
-        env["SQL_AGENT_URL"] = started["sql-agent"].url
-        started["supervisor"] = start_uvicorn("supervisor", "examples.supervisor:app", logs, env)
+        start_agents(logs, env, started, workers=2)
         yield started
     finally:
         for process in started.values():

@@ -41,15 +41,9 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import Process, start_mlflow_server, start_uvicorn
-from tests.test_e2e_sdks import (
-    AUTOLOG_SENDS_CONTEXT,
-    AUTOLOG_SPAN,
-    complete_trace,
-    entry,
-    span_named,
-    wait_for,
-)
+from tests.harness import Process, start_mlflow_server, start_uvicorn
+from tests.helpers import complete_trace, span_named, wait_for
+from tests.test_e2e_sdks import AUTOLOG_SENDS_CONTEXT, AUTOLOG_SPAN, entry
 
 pytestmark = pytest.mark.e2e
 

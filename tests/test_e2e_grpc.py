@@ -15,12 +15,10 @@ caller's trace and experiment.
 
 from __future__ import annotations
 
-import json
 import secrets
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,13 +26,12 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import Process, _spawn, free_port, start_uvicorn
-from tests.test_e2e_sdks import complete_trace, span_named, tree, wait_for
+from tests.harness import RUN, Process, free_port, spawn, start_uvicorn
+from tests.helpers import complete_trace, span_named, traces_holding, tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
 EXPERIMENT = "mlflow_trace_middleware.experiment_id"
-RUN = str(Path(sys.executable).with_name("mlflow-trace-run"))
 
 
 @dataclass
@@ -60,7 +57,7 @@ def stack(
     common = {"MLFLOW_TRACKING_URI": mlflow_server.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     sync_port, aio_port = free_port(), free_port()
     argv = [sys.executable, "-m", "tests.apps.grpc_apps", str(sync_port), str(aio_port)]
-    server = _spawn(
+    server = spawn(
         "grpc-server",
         [RUN, *argv, "--plain"] if setup == "launcher" else argv,
         f"grpc://127.0.0.1:{sync_port}",
@@ -104,8 +101,7 @@ def call(stack: Stack, mode: str, method: str) -> tuple[str, dict[str, str], Any
     trace = complete_trace(stack.client, trace.info.trace_id, spans=4)
     # One trace per call, none of it in the gRPC server's own experiment.
     for experiment, count in ((stack.caller_experiment, 1), (stack.server_experiment, 0)):
-        traces = stack.client.search_traces(locations=[experiment], max_results=500)
-        assert len([t for t in traces if marker in json.dumps(t.to_dict())]) == count
+        assert traces_holding(stack.client, experiment, marker) == count
     return marker, response.json(), trace
 
 

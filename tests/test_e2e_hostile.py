@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -26,13 +25,14 @@ from mlflow import MlflowClient
 from opentelemetry.trace import SpanContext, TraceFlags
 
 import mlflow_trace_middleware as mtm
-from examples.launch import Process, start_gunicorn, start_uvicorn
 from mlflow_trace_middleware import (
     MlflowTracingMiddleware,
     MlflowTracingWSGIMiddleware,
     _config,
     _trust,
 )
+from tests.harness import Process, start_gunicorn, start_uvicorn
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -103,11 +103,6 @@ def boom() -> None:
 # -- fixtures -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def client(mlflow_server: Process) -> MlflowClient:
-    return MlflowClient(mlflow_server.url)
-
-
 def environment(mlflow_server: Process, experiment_id: str) -> dict[str, str]:
     return {
         "MLFLOW_TRACKING_URI": mlflow_server.url,
@@ -154,16 +149,6 @@ def flask_service(
 SERVICES = ["fastapi_service", "flask_service"]
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        if result := check():
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {check.__doc__ or check}")
-        time.sleep(0.2)
-
-
 def stored_root(client: MlflowClient, experiment_id: str, name: str) -> tuple[Any, Any]:
     """The trace whose root span is named `name`, and that span, once stored."""
 
@@ -175,7 +160,7 @@ def stored_root(client: MlflowClient, experiment_id: str, name: str) -> tuple[An
         return None
 
     find.__doc__ = f"a trace rooted at {name!r} in experiment {experiment_id}"
-    found: tuple[Any, Any] = wait_for(find)
+    found: tuple[Any, Any] = wait_for(find, timeout=30)
     return found
 
 
@@ -280,7 +265,7 @@ def test_a_callers_unknown_experiment_keeps_the_spans_in_the_services_own(
             return None
 
     stored.__doc__ = f"traces {trace_ids} stored"
-    for trace in wait_for(stored):
+    for trace in wait_for(stored, timeout=30):
         assert trace.info.experiment_id == experiment_id
         assert [span.name for span in trace.data.spans] == ["GET /items/{item:path}"]
     log = process.output()

@@ -14,26 +14,22 @@ trace of its own before it consumes: the message's spans must land in the caller
 
 from __future__ import annotations
 
-import json
 import secrets
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import Process, _spawn, start_uvicorn
-from tests.test_e2e_celery import start_redis
-from tests.test_e2e_sdks import complete_trace, span_named, tree, wait_for
+from tests.harness import RUN, Process, spawn, start_uvicorn
+from tests.helpers import complete_trace, span_named, traces_holding, tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
 EXPERIMENT = "mlflow_trace_middleware.experiment_id"
-RUN = str(Path(sys.executable).with_name("mlflow-trace-run"))
 # consumer mode (also its queue's routing key) -> (publishing client, broker)
 MODES = {
     "callbacks": ("kombu", "rabbitmq"),
@@ -62,13 +58,6 @@ class Stack:
     broker: str
     experiment: str
     consumer: Process
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    process = start_redis(tmp_path_factory.mktemp("redis"))
-    yield process.url
-    process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +96,7 @@ def stack(
     if mode.endswith("-launcher"):
         argv, env = [RUN, *argv], {**env, "CONSUMER_INSTRUMENT": "0"}
     logs = tmp_path_factory.mktemp(f"consumer-{mode}")
-    consumer = _spawn("consumer", argv, url, logs, env)
+    consumer = spawn("consumer", argv, url, logs, env)
     try:
         wait_for(lambda: "ready" in consumer.output() or consumer.popen.poll() is not None, mode)
         if consumer.popen.poll() is not None:
@@ -142,11 +131,6 @@ def publish(stack: Stack, key: str, fail: bool = False) -> str:
     )
     (trace,) = found
     return str(trace.info.trace_id)
-
-
-def in_experiment(stack: Stack, experiment: str, key: str) -> int:
-    found = stack.services.client.search_traces(locations=[experiment], max_results=500)
-    return len([t for t in found if key in json.dumps(t.to_dict())])
 
 
 def messaging(span: Any) -> dict[str, Any]:
@@ -196,8 +180,8 @@ def test_a_message_is_handled_in_the_callers_trace(stack: Stack) -> None:
     assert consumer.attributes[EXPERIMENT] == stack.services.caller_experiment
     assert consumer.status.status_code.value == "OK"
     # One trace per message, none in the consumer's own experiment.
-    assert in_experiment(stack, stack.services.caller_experiment, key) == 1
-    assert in_experiment(stack, stack.experiment, key) == 0
+    assert traces_holding(stack.services.client, stack.services.caller_experiment, key) == 1
+    assert traces_holding(stack.services.client, stack.experiment, key) == 0
 
 
 def test_a_failing_consumer_is_marked_as_an_error(stack: Stack) -> None:
@@ -219,4 +203,4 @@ def test_a_failing_consumer_is_marked_as_an_error(stack: Stack) -> None:
     assert span_named(trace, "consumer:work").status.status_code.value == "ERROR"
     # The caller's request succeeded: it only published.
     assert span_named(trace, "caller:POST /publish").status.status_code.value == "OK"
-    assert in_experiment(stack, stack.experiment, key) == 0
+    assert traces_holding(stack.services.client, stack.experiment, key) == 0

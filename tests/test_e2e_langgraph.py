@@ -22,8 +22,8 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import Process, start_uvicorn
-from tests.test_e2e_sdks import complete_trace, wait_for
+from tests.harness import Process, start_uvicorn
+from tests.helpers import children, complete_trace, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -54,17 +54,6 @@ def stack(mlflow_server: Process, tmp_path_factory: pytest.TempPathFactory) -> I
     finally:
         for process in started.values():
             process.stop()
-
-
-def _children(trace: Any) -> dict[str, list[str]]:
-    """`service:span name` -> its children's, sorted, for every span of the trace."""
-    spans = trace.data.spans
-    names = {span.span_id: f"{span.attributes.get('service.name')}:{span.name}" for span in spans}
-    children: dict[str, list[str]] = {name: [] for name in names.values()}
-    for span in spans:
-        if span.parent_id in names:
-            children[names[span.parent_id]].append(names[span.span_id])
-    return {name: sorted(kids) for name, kids in children.items()}
 
 
 def _run(stack: Stack, service: str, path: str, *, spans: int) -> Any:
@@ -112,7 +101,7 @@ def test_langgraph_autolog_spans_nest_where_they_belong(
     service, path = ("caller", "/run") if called else ("agent", "/ask")
     # Names are unique but for the two rounds of the graph: two of five spans.
     trace = _run(stack, service, f"{path}/{mode}", spans=len(expected) + 5)
-    assert _children(trace) == expected
+    assert children(trace) == expected
     # Our spans' types (MLflow's autolog spans have their own): a request is a CHAIN, a call
     # to a service a TOOL, the LLM call and the LLM service's request an LLM.
     types = {f"{s.attributes.get('service.name')}:{s.name}": s.span_type for s in trace.data.spans}

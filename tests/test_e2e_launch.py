@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,23 +19,17 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import Process, _spawn, format_trace, free_port, wait_ready
+from tests.harness import (
+    BIN,
+    FAST,
+    RUN,
+    Process,
+    format_trace,
+    free_port,
+    launch,
+)
 
 pytestmark = pytest.mark.e2e
-
-BIN = Path(sys.executable).parent
-RUN = str(BIN / "mlflow-trace-run")
-FAST = {"OTEL_BSP_SCHEDULE_DELAY": "100"}
-
-
-def launch(
-    name: str, argv: Sequence[str], logs: Path, env: dict[str, str], port: int, ready: str
-) -> Process:
-    """`mlflow-trace-run ARGV...` as service `name`, once it answers `ready`."""
-    url = f"http://127.0.0.1:{port}"
-    process = _spawn(name, [RUN, *argv], url, logs, {"OTEL_SERVICE_NAME": name, **FAST, **env})
-    wait_ready(process, ready)
-    return process
 
 
 def traces(
@@ -75,11 +69,6 @@ def shape(trace: Any) -> list[tuple[str, str, str | None]]:
 
 
 @pytest.fixture(scope="module")
-def client(mlflow_server: Process) -> MlflowClient:
-    return MlflowClient(mlflow_server.url)
-
-
-@pytest.fixture(scope="module")
 def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
 
@@ -91,14 +80,6 @@ def env(
     """The server and an experiment of the test's own."""
     experiment_id = client.create_experiment(request.node.name)
     return {"MLFLOW_TRACKING_URI": mlflow_server.url, "MLFLOW_EXPERIMENT_ID": experiment_id}
-
-
-@pytest.fixture
-def running() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.stop()
 
 
 CHAIN = [

@@ -14,23 +14,26 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from examples.launch import ROOT, Process, _spawn, free_port, server_python, wait_ready
+from tests.harness import (
+    BIN,
+    FAST,
+    ROOT,
+    RUN,
+    Process,
+    free_port,
+    launch,
+    server_python,
+)
 
 pytestmark = [pytest.mark.light, pytest.mark.e2e]
-
-BIN = Path(sys.executable).parent
-RUN = str(BIN / "mlflow-trace-run")
-FAST = {"OTEL_BSP_SCHEDULE_DELAY": "100"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,26 +54,10 @@ def variables(**extra: str) -> dict[str, str]:
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Processes spawned by `_spawn` inherit no MLflow variable (conftest sets a tracking URI)."""
+    """Processes spawned by `spawn` inherit no MLflow variable (conftest sets a tracking URI)."""
     for name in list(os.environ):
         if name.startswith(("MLFLOW_", "OTEL_")) and name != "MLFLOW_SERVER_PYTHON":
             monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def running() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.stop()
-
-
-def launch(name: str, argv: list[str], logs: Path, env: dict[str, str], port: int) -> Process:
-    """`mlflow-trace-run ARGV...` as service `name`, once it answers /health."""
-    url = f"http://127.0.0.1:{port}"
-    process = _spawn(name, [RUN, *argv], url, logs, {"OTEL_SERVICE_NAME": name, **FAST, **env})
-    wait_ready(process, "/health")
-    return process
 
 
 def uvicorn(app: str, port: int) -> list[str]:

@@ -26,9 +26,9 @@ import requests
 from mlflow import MlflowClient
 from opentelemetry.trace import SpanContext, TraceFlags
 
-from examples.launch import Process, format_trace, start_uvicorn
 from mlflow_trace_middleware import _trust
-from tests.test_e2e_sdks import complete_trace, span_named, tree, wait_for
+from tests.harness import Process, format_trace, start_uvicorn
+from tests.helpers import complete_trace, span_named, tree, wait_for
 
 pytestmark = pytest.mark.e2e
 

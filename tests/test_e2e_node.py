@@ -18,7 +18,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,8 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import ROOT, Process, _spawn, free_port, start_uvicorn, wait_ready
-from tests.test_e2e import service_tag
-from tests.test_e2e_trust import as_mlflow_stores
+from tests.harness import ROOT, Process, free_port, spawn, start_uvicorn, wait_ready
+from tests.helpers import as_mlflow_stores, service_tag, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -50,11 +48,6 @@ def node_relay() -> Path:
             ["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=600
         )
     return NODE_DIR / "relay.js"
-
-
-@pytest.fixture(scope="module")
-def client(mlflow_server: Process) -> MlflowClient:
-    return MlflowClient(mlflow_server.url)
 
 
 @pytest.fixture
@@ -80,18 +73,9 @@ def start_relay(
         "OTEL_METRICS_EXPORTER": "none",
         "OTEL_LOGS_EXPORTER": "none",
     }
-    process = _spawn("relay", ["node", str(node_relay)], f"http://127.0.0.1:{port}", logs, env)
+    process = spawn("relay", ["node", str(node_relay)], f"http://127.0.0.1:{port}", logs, env)
     wait_ready(process, "/health")
     return process
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {check.__doc__}")
-        time.sleep(0.2)
-    return result
 
 
 def run_script(service: Process, env: dict[str, str], settle: bool = False) -> Any:
@@ -127,7 +111,7 @@ def test_a_root_process_files_its_trace_under_its_session(
         traces = client.search_traces(locations=[experiment], max_results=10)
         return [t for t in traces if len(t.data.spans) == 3 and t.info.state.value == "OK"]
 
-    (trace,) = wait_for(complete)
+    (trace,) = wait_for(complete, timeout=30)
     metadata = trace.info.trace_metadata
     found = (metadata.get("mlflow.trace.session"), metadata.get("mlflow.trace.user"))
     assert found == as_mlflow_stores("chat-42", "ana")
@@ -197,9 +181,9 @@ def test_a_chain_through_node_stays_the_roots_trace(
         assert seen == "session.id=chat-42,user.id=ana"
 
     if not first:  # ours have posted; the relay posts when it stops
-        wait_for(in_experiment(client, caller, PYTHON_SPANS))
+        wait_for(in_experiment(client, caller, PYTHON_SPANS), timeout=30)
         relay.stop()
-    (trace,) = wait_for(in_experiment(client, caller, SPANS))
+    (trace,) = wait_for(in_experiment(client, caller, SPANS), timeout=30)
     assert client.search_traces(locations=[relays], max_results=10) == []
     info = trace.info
     assert info.state.value == "OK"
@@ -234,7 +218,7 @@ def test_a_service_calling_node_keeps_its_trace_when_node_posts_first(
     response = requests.post(f"{front.url}/work", json={}, timeout=30)
     response.raise_for_status()
     # front: its request and client spans; the relay: two; back: its request span.
-    (trace,) = wait_for(in_experiment(client, caller, 5))
+    (trace,) = wait_for(in_experiment(client, caller, 5), timeout=30)
     assert client.search_traces(locations=[relays], max_results=10) == []
     (root,) = [span for span in trace.data.spans if span.parent_id is None]
     assert (root.name, root.attributes.get("service.name")) == ("POST /work", "front")

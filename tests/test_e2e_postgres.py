@@ -26,30 +26,22 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import (
+from mlflow_trace_middleware import _store
+from tests.harness import (
     Postgres,
     Process,
     server_workers,
     start_gunicorn,
     start_mlflow_server,
-    start_postgres,
     start_uvicorn,
 )
-from mlflow_trace_middleware import _store
-from tests.test_store import make_spans
+from tests.helpers import span_tree
 
 pytestmark = pytest.mark.e2e
 
 REQUESTS = 1_000
 SPANS_PER_TRACE = 14
 KILL_WORKER_AT, RESTART_POSTGRES_AT = 300, 600
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    cluster = start_postgres()
-    yield cluster
-    cluster.destroy()
 
 
 def test_store_exporter_writes_into_postgresql_and_retries_while_it_is_down(
@@ -60,7 +52,7 @@ def test_store_exporter_writes_into_postgresql_and_retries_while_it_is_down(
     uri = postgres.create_database("store")
     experiment_id = MlflowClient(uri).create_experiment("store")
     exporter = _store.StoreExporter(uri, "svc", lambda: experiment_id)
-    first, second = make_spans("root", "child"), make_spans("root2", "child2")
+    first, second = span_tree("root", "child"), span_tree("root2", "child2")
     assert exporter.export(first, experiment_id).delivered
     postgres.stop()
     try:

@@ -18,8 +18,8 @@ import requests
 from fastapi import FastAPI, Request
 from mlflow import MlflowClient
 
-from examples.launch import Process, start_uvicorn
 from mlflow_trace_middleware import MlflowTracingMiddleware
+from tests.harness import Process, start_uvicorn
 
 pytestmark = pytest.mark.e2e
 

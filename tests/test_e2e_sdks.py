@@ -17,9 +17,8 @@ from __future__ import annotations
 import base64
 import secrets
 import sys
-import time
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,10 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import Process, _spawn, format_trace, free_port, start_uvicorn, wait_ready
 from mlflow_trace_middleware import _compat
 from tests.apps.llm_fakes import CHUNK_DELAY, CHUNKS
+from tests.harness import Process, free_port, gather, spawn, start_uvicorn, wait_ready
+from tests.helpers import complete_trace, span_named, tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -65,21 +65,9 @@ def _start_with_url(name: str, app: str, logs: Path, env: Mapping[str, str]) -> 
     url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
     env = {"OTEL_SERVICE_NAME": name, "PUBLIC_URL": url, **env}
-    process = _spawn(name, argv, url, logs, env)
+    process = spawn(name, argv, url, logs, env)
     wait_ready(process, "/health")
     return process
-
-
-def _started(futures: dict[str, Future[Process]], started: dict[str, Process]) -> None:
-    """Collect every process that started (to stop them all), then raise the first failure."""
-    errors = []
-    for name, future in futures.items():
-        try:
-            started[name] = future.result()
-        except Exception as error:
-            errors.append(error)
-    if errors:
-        raise errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +81,7 @@ def stack(mlflow_server: Process, tmp_path_factory: pytest.TempPathFactory) -> I
     started: dict[str, Process] = {}
     try:
         with ThreadPoolExecutor(max_workers=3) as pool:
-            _started(
+            gather(
                 {
                     "openai-fake": pool.submit(
                         start_uvicorn,
@@ -125,7 +113,7 @@ def stack(mlflow_server: Process, tmp_path_factory: pytest.TempPathFactory) -> I
         }
         app = "tests.apps.sdk_agent:app"
         with ThreadPoolExecutor(max_workers=2) as pool:
-            _started(
+            gather(
                 {
                     "agent": pool.submit(start_uvicorn, "agent", app, logs, agent),
                     "agent-autolog": pool.submit(
@@ -140,50 +128,9 @@ def stack(mlflow_server: Process, tmp_path_factory: pytest.TempPathFactory) -> I
             process.stop()
 
 
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not after {timeout}s: {what}")
-        time.sleep(0.1)
-
-
-def complete_trace(client: MlflowClient, trace_id: str, spans: int) -> Any:
-    """The trace once it holds `spans` spans and its root has ended."""
-
-    def check() -> Any:
-        try:
-            trace = client.get_trace(trace_id)
-        except Exception:
-            return None
-        done = trace.info.state.value != "IN_PROGRESS" and len(trace.data.spans) >= spans
-        return trace if done else None
-
-    trace = wait_for(check, f"trace {trace_id} with {spans} spans")
-    print(format_trace(trace))  # the tree, for `pytest -s`
-    return trace
-
-
 def traces_with(stack: Stack, experiment: str, marker: str) -> list[Any]:
     found = stack.client.search_traces(locations=[experiment], max_results=500, include_spans=False)
     return [t for t in found if marker in (t.info.request_preview or "")]
-
-
-def tree(trace: Any) -> dict[str, str | None]:
-    """`service:span name` -> its parent's, for a trace whose names are unique per service."""
-    spans = trace.data.spans
-    assert len({span.span_id for span in spans}) == len(spans)
-    names = {span.span_id: f"{span.attributes.get('service.name')}:{span.name}" for span in spans}
-    assert len(set(names.values())) == len(spans), sorted(names.values())  # no duplicate spans
-    return {names[span.span_id]: names.get(span.parent_id) for span in spans}
-
-
-def span_named(trace: Any, key: str) -> Any:
-    (span,) = [s for s in trace.data.spans if f"{s.attributes.get('service.name')}:{s.name}" == key]
-    return span
 
 
 def port(process: Process) -> str:

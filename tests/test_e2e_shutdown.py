@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from examples.launch import Process, _spawn, free_port, wait_ready
 from tests.apps.shutdown_apps import SPANS_PER_REQUEST
+from tests.harness import Process, free_port, spawn, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +46,7 @@ def serve(argv: list[str], logs: Path, env: dict[str, str]) -> Process:
     """Start `argv` + a loopback address (a bare port for uvicorn); wait until it answers."""
     port = free_port()
     address = str(port) if argv[-1] == "--port" else f"127.0.0.1:{port}"
-    process = _spawn(
+    process = spawn(
         "service", [*argv, address], f"http://127.0.0.1:{port}", logs,
         {"OTEL_SERVICE_NAME": "shutdown-svc", "MLFLOW_TRACE_SHUTDOWN_TIMEOUT": "2", **env},
     )  # fmt: skip

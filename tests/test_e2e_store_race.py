@@ -18,10 +18,8 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +27,12 @@ import requests
 import sqlalchemy
 from mlflow import MlflowClient
 
-from examples.launch import ROOT, Postgres, Process, free_port, start_postgres
+from tests.harness import BIN, ROOT, Postgres, Process, free_port
 
 pytestmark = pytest.mark.e2e
 
 SQLITE_ROUNDS, POSTGRES_ROUNDS = 2, 5
 REQUESTS = 4  # per service, all sent at once
-BIN = Path(sys.executable).parent
 
 
 def spawn(name: str, argv: list[str], cwd: Path, env: dict[str, str], port: int) -> Process:
@@ -169,13 +166,6 @@ def test_spans_held_while_the_store_is_being_created_are_counted_at_shutdown(
         r"(\d+) spans? could not be delivered since the last report \(shutdown_timeout=\1\)", output
     )
     assert sum(map(int, dropped)) == REQUESTS, output
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    cluster = start_postgres()
-    yield cluster
-    cluster.destroy()
 
 
 def test_services_starting_together_on_an_empty_postgresql_database(

@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-import json
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,19 +18,13 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from examples.launch import Process, start_uvicorn
-from mlflow_trace_middleware import _compat
-from tests.test_e2e import service_tag
+from tests.harness import Process, start_uvicorn
+from tests.helpers import as_mlflow_stores, service_tag, wait_for
 
 pytestmark = pytest.mark.e2e
 
 UNTRUSTED = "mlflow_trace_middleware.untrusted_parent"
 KEY = "e2e-shared-secret"
-
-
-@pytest.fixture(scope="module")
-def client(mlflow_server: Process) -> MlflowClient:
-    return MlflowClient(mlflow_server.url)
 
 
 @pytest.fixture
@@ -62,17 +54,6 @@ def post(service: Process, headers: dict[str, str] | None = None) -> None:
 
 def traces(client: MlflowClient, experiment_id: str) -> list[Any]:
     return list(client.search_traces(locations=[experiment_id], max_results=100))
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {check.__doc__ or check}")
-        time.sleep(0.2)
 
 
 def complete(client: MlflowClient, experiment_id: str, count: int, spans: int) -> list[Any]:
@@ -213,16 +194,6 @@ def test_sessions_and_users_reach_mlflows_trace_metadata(
     metadata = trace.info.trace_metadata
     found = (metadata.get("mlflow.trace.session"), metadata.get("mlflow.trace.user"))
     assert found == as_mlflow_stores(*expected)
-
-
-def as_mlflow_stores(session: str | None, user: str | None) -> tuple[str | None, str | None]:
-    """The trace metadata MLflow derives from `session.id` and `user.id` span attributes (the
-    server is the installed MLflow): as sent from 3.14; 3.9 to 3.13 keep the attribute's JSON
-    encoding (`"chat-1"`, quotes included), and read `user.id` only from 3.12."""
-    if _compat.MLFLOW >= (3, 14):
-        return session, user
-    quoted_user = json.dumps(user) if user is not None and _compat.MLFLOW >= (3, 12) else None
-    return (json.dumps(session) if session is not None else None), quoted_user
 
 
 IDENTITY_KEYS = ("session.id", "user.id")

@@ -14,8 +14,8 @@ import pytest
 from mlflow import MlflowClient
 from websockets.sync.client import connect
 
-from examples.launch import Process, start_uvicorn
-from tests.test_e2e_sdks import complete_trace, span_named, wait_for
+from tests.harness import Process, start_uvicorn
+from tests.helpers import complete_trace, span_named, wait_for
 
 pytestmark = pytest.mark.e2e
 

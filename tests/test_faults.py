@@ -22,14 +22,15 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from mlflow_trace_middleware._config import Settings, SinkLimits
 from mlflow_trace_middleware._otlp import OtlpHttpExporter
-from mlflow_trace_middleware._sink import SinkStats, SpanSink
-from mlflow_trace_middleware._span import EncodedSpan, encode_span, recorded
+from mlflow_trace_middleware._sink import SpanSink
+from mlflow_trace_middleware._span import EncodedSpan
+from tests.harness import free_port
+from tests.helpers import check_invariant, encoded, make_spans
 
 from .fake_otlp import (
     FakeOtlpServer,
     Received,
     Reply,
-    free_port,
     partial_success,
     poison,
     traces_in_other_experiments,
@@ -40,26 +41,8 @@ _TRACER = TracerProvider().get_tracer("t")
 MakeSink = Callable[..., SpanSink]
 
 
-def make_spans(n: int, payload: int = 0) -> list[EncodedSpan]:
-    attributes = {"blob": "x" * payload} if payload else {}
-    spans = [_TRACER.start_span(f"s{i}", attributes=attributes) for i in range(n)]
-    for span in spans:
-        span.end()
-    return [encode_span(span, recorded(span)) for span in spans]
-
-
 def ids(spans: list[EncodedSpan]) -> Counter[bytes]:
     return Counter(span.context.span_id.to_bytes(8, "big") for span in spans)
-
-
-def check_invariant(stats: SinkStats) -> None:
-    assert stats.produced == stats.exported + stats.pending + sum(stats.dropped.values()), stats
-
-
-@pytest.fixture
-def server() -> Iterator[FakeOtlpServer]:
-    with FakeOtlpServer() as fake:
-        yield fake
 
 
 @pytest.fixture
@@ -229,7 +212,7 @@ def test_traces_mlflow_stores_in_another_experiment_lose_only_their_spans(
     for i in range(10):
         for members in traces:
             members[i].end()
-            spans.append(encode_span(members[i], recorded(members[i])))
+            spans.append(encoded(members[i]))
     foreign = {members[0].context.trace_id.to_bytes(16, "big") for members in traces[5:8]}
     server.default = traces_in_other_experiments(foreign)
     sink = make_sink(server.settings())
@@ -283,7 +266,7 @@ def test_credentials_and_span_content_never_reach_the_logs(
 def _secret_span() -> EncodedSpan:
     span = _TRACER.start_span("private-span", attributes={"k": "private-attr"})
     span.end()
-    return encode_span(span, recorded(span))
+    return encoded(span)
 
 
 def test_burst_far_above_the_bound_is_delivered_or_counted_exactly(

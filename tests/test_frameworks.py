@@ -25,10 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from mlflow_trace_middleware import MlflowTracingMiddleware
 from mlflow_trace_middleware.testing import InMemoryExporter
-
-
-def by_name(exporter: InMemoryExporter) -> dict[str, ReadableSpan]:
-    return {span.name: span for span in exporter.finished_spans()}
+from tests.helpers import by_name
 
 
 def assert_nested(spans: dict[str, ReadableSpan], parent: str, child: str) -> None:

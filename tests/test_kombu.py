@@ -16,42 +16,24 @@ from celery import Celery
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.exceptions import OperationalError
 from kombu.simple import SimpleQueue
-from opentelemetry import trace
-from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags
+from opentelemetry.trace import SpanKind, StatusCode
 
 import mlflow_trace_middleware as mtm
-from mlflow_trace_middleware import _client, _config, _keys, _messaging, _mlflow, _patch, _trust
+from mlflow_trace_middleware import _client, _config, _keys, _messaging, _patch, _trust
 from mlflow_trace_middleware import celery as celery_adapter
 from mlflow_trace_middleware import kombu as adapter
 from mlflow_trace_middleware.testing import InMemoryExporter
+from tests.helpers import (
+    PARENT_ID,
+    TRACE_ID,
+    TRACEPARENT,
+    by_unique_name,
+    current_ids,
+    hex_ids,
+    member,
+)
 
-TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
-PARENT_ID = "b7ad6b7169203331"
-TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
-CALLER = SpanContext(int(TRACE_ID, 16), int(PARENT_ID, 16), True, TraceFlags(1))
 KEY = "kombu-unit-key"
-
-
-def member(keys: list[bytes]) -> str:
-    """Our tracestate entry for the caller's context: experiment "7", signed with `keys`."""
-    name, value = _trust.entry(CALLER, "7", keys)  # type: ignore[misc]
-    return f"{name}={value}"
-
-
-def hex_ids(span: Any) -> tuple[str, str]:
-    return f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"
-
-
-def current_ids() -> tuple[str, str] | None:
-    context = trace.get_current_span(_mlflow.current_context()).get_span_context()
-    return (f"{context.trace_id:032x}", f"{context.span_id:016x}") if context.is_valid else None
-
-
-def spans_by_name(exporter: InMemoryExporter) -> dict[str, Any]:
-    found = exporter.finished_spans()
-    named = {span.name: span for span in found}
-    assert len(named) == len(found), [span.name for span in found]
-    return named
 
 
 class Broker:
@@ -86,11 +68,6 @@ class Broker:
 
     def close(self) -> None:
         self.connection.release()
-
-
-@pytest.fixture
-def trust() -> Any:
-    return "continue"
 
 
 @pytest.fixture
@@ -142,7 +119,7 @@ def test_a_publish_gets_a_producer_span_whose_context_is_in_the_headers(
     broker.drain()
     assert given == mine  # the caller's dict is left alone
     ((_, headers, _),) = broker.received
-    spans = spans_by_name(exporter)
+    spans = by_unique_name(exporter)
     producer = spans[f"publish {broker.exchange.name}"]
     assert producer.kind == SpanKind.PRODUCER
     assert producer.parent.span_id == spans["caller"].context.span_id
@@ -168,7 +145,7 @@ def test_headers_given_positionally_are_replaced_too(
         broker.producer.publish("b", "work", None, False, False, 0, None, None, None, {"a": "1"})
     broker.drain()
     ((_, headers, _),) = broker.received
-    producer = spans_by_name(exporter)[f"publish {broker.exchange.name}"]
+    producer = by_unique_name(exporter)[f"publish {broker.exchange.name}"]
     assert headers["a"] == "1"
     assert headers["traceparent"].split("-")[2] == hex_ids(producer)[1]
 
@@ -178,7 +155,7 @@ def test_on_the_default_exchange_the_span_is_named_after_the_routing_key(
 ) -> None:
     with mlflow.start_span("caller"):
         Producer(broker.channel).publish("b", routing_key=broker.queue.name)
-    producer = spans_by_name(exporter)[f"publish {broker.queue.name}"]
+    producer = by_unique_name(exporter)[f"publish {broker.queue.name}"]
     assert producer.attributes["messaging.destination.name"] == ""
 
 
@@ -200,7 +177,7 @@ def test_a_failed_publish_marks_its_span_and_raises(
     connection = Connection("redis://127.0.0.1:1/0", transport_options={"max_retries": 0})
     with mlflow.start_span("caller"), pytest.raises(OperationalError) as raised:
         Producer(connection).publish("b", routing_key="nowhere")
-    producer = spans_by_name(exporter)["publish nowhere"]
+    producer = by_unique_name(exporter)["publish nowhere"]
     assert producer.status.status_code == StatusCode.ERROR
     assert producer.attributes["error.type"] == type(raised.value).__qualname__
 
@@ -268,7 +245,7 @@ def test_a_celery_task_message_that_carries_its_context_is_published_as_is(
     ((_, headers, _),) = broker.received
     assert headers == task
     # Nor a consumer span (the Celery adapter runs the task): the callback's own is a root.
-    spans = spans_by_name(exporter)
+    spans = by_unique_name(exporter)
     assert sorted(spans) == ["caller", "handle"]
     assert spans["handle"].parent is None
 
@@ -284,7 +261,7 @@ def test_callbacks_run_under_a_consumer_span_continuing_the_headers(
     broker.consumer(callbacks=[broker.record])
     broker.publish(headers=CONTEXT)
     broker.drain()
-    spans = spans_by_name(exporter)
+    spans = by_unique_name(exporter)
     process, handle = spans[f"process {broker.exchange.name}"], spans["handle"]
     assert process.kind == SpanKind.CONSUMER
     assert hex_ids(process)[0] == TRACE_ID
@@ -322,7 +299,7 @@ def test_an_on_message_handler_runs_under_the_consumer_span(
         consumer.on_message = handler
     broker.publish(headers=CONTEXT)
     broker.drain()
-    spans = spans_by_name(exporter)
+    spans = by_unique_name(exporter)
     process = spans[f"process {broker.exchange.name}"]
     assert f"{process.parent.span_id:016x}" == PARENT_ID
     assert spans["handle"].parent.span_id == process.context.span_id
@@ -342,7 +319,7 @@ def test_a_failing_handler_marks_the_span_and_raises(
     broker.publish(headers=CONTEXT)
     with pytest.raises(ValueError, match="no value"):
         broker.drain()
-    process = spans_by_name(exporter)[f"process {broker.exchange.name}"]
+    process = by_unique_name(exporter)[f"process {broker.exchange.name}"]
     assert process.status.status_code == StatusCode.ERROR
     assert process.attributes["error.type"] == "ValueError"
     (event,) = process.events
@@ -355,7 +332,7 @@ def test_an_untrusted_context_is_restarted(broker: Broker, exporter: InMemoryExp
     broker.consumer(callbacks=[broker.record])
     broker.publish(headers={"traceparent": TRACEPARENT, "baggage": "user.id=u1"})
     broker.drain()
-    process = spans_by_name(exporter)[f"process {broker.exchange.name}"]
+    process = by_unique_name(exporter)[f"process {broker.exchange.name}"]
     assert process.parent is None
     assert hex_ids(process)[0] != TRACE_ID
     assert process.attributes[_keys.RESTARTED_FROM] == TRACEPARENT
@@ -370,7 +347,7 @@ def test_trusted_baggage_gives_the_span_its_callers_identity(
     broker.consumer(callbacks=[broker.record])
     broker.publish(headers={"traceparent": TRACEPARENT, "baggage": "user.id=u1"})
     broker.drain()
-    assert spans_by_name(exporter)[f"process {broker.exchange.name}"].attributes["user.id"] == "u1"
+    assert by_unique_name(exporter)[f"process {broker.exchange.name}"].attributes["user.id"] == "u1"
 
 
 def test_a_trust_callable_sees_the_destination_and_the_fields(exporter: InMemoryExporter) -> None:
@@ -394,7 +371,7 @@ def test_a_trust_callable_sees_the_destination_and_the_fields(exporter: InMemory
     assert request.path == broker.exchange.name
     assert request.client is None
     assert request.headers == {"traceparent": TRACEPARENT}
-    process = spans_by_name(exporter)[f"process {broker.exchange.name}"]
+    process = by_unique_name(exporter)[f"process {broker.exchange.name}"]
     assert process.attributes[_keys.RESTARTED_FROM] == TRACEPARENT
 
 
@@ -430,7 +407,7 @@ def test_a_simple_queue_get_is_handled_under_consume(
         assert current_ids() == hex_ids(span)
         with mlflow.start_span("handle"):
             pass
-    spans = spans_by_name(exporter)
+    spans = by_unique_name(exporter)
     process = spans[f"process {broker.exchange.name}"]
     assert f"{process.parent.span_id:016x}" == PARENT_ID
     assert spans["handle"].parent.span_id == process.context.span_id
@@ -444,7 +421,7 @@ def test_consume_starts_a_trace_for_a_message_without_context(
     broker.publish()
     with adapter.consume(simple.get(timeout=1)):
         pass
-    process = spans_by_name(exporter)[f"process {broker.exchange.name}"]
+    process = by_unique_name(exporter)[f"process {broker.exchange.name}"]
     assert process.parent is None
     assert process.attributes[_keys.TRACE_NAME] == process.name
     simple.close()
@@ -477,7 +454,7 @@ def test_a_batch_gets_one_span_with_a_link_per_message_with_context(
             assert current_ids() == hex_ids(span)
             with mlflow.start_span("handle"):
                 pass
-    spans = spans_by_name(exporter)
+    spans = by_unique_name(exporter)
     batch = spans[f"process {broker.exchange.name}"]
     assert batch.kind == SpanKind.CONSUMER
     assert f"{batch.parent.span_id:016x}" == job.span_id  # under the current span
@@ -497,7 +474,7 @@ def test_a_batch_outside_any_span_starts_a_trace_and_records_an_error(
     exporter.clear()
     with pytest.raises(KeyError), adapter.consume_batch(messages):
         raise KeyError("lost")
-    batch = spans_by_name(exporter)[f"process {broker.exchange.name}"]
+    batch = by_unique_name(exporter)[f"process {broker.exchange.name}"]
     assert batch.parent is None
     assert batch.attributes[_keys.TRACE_NAME] == batch.name
     assert len(batch.links) == 1

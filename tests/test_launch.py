@@ -24,7 +24,6 @@ from quart import Quart
 from starlette.testclient import TestClient
 
 import mlflow_trace_middleware as mtm
-from examples.launch import ROOT, free_port
 from mlflow_trace_middleware import (
     MlflowTracingMiddleware,
     MlflowTracingWSGIMiddleware,
@@ -36,8 +35,7 @@ from mlflow_trace_middleware import (
 from mlflow_trace_middleware._config import SettingError, Settings
 from mlflow_trace_middleware._middleware import Middleware
 from tests.fake_otlp import FakeOtlpServer, Received, Reply
-
-RUN = str(Path(sys.executable).parent / "mlflow-trace-run")
+from tests.harness import ROOT, RUN, free_port
 
 
 @pytest.fixture

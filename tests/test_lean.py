@@ -31,10 +31,7 @@ from opentelemetry.trace.span import TraceState
 
 from mlflow_trace_middleware import MlflowTracingMiddleware, _lean, _mlflow
 from mlflow_trace_middleware.testing import InMemoryExporter
-
-TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
-PARENT_ID = "b7ad6b7169203331"
-TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+from tests.helpers import PARENT_ID, TRACE_ID, TRACEPARENT
 
 
 def make_app() -> FastAPI:

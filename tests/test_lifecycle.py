@@ -28,15 +28,22 @@ from typing import Any
 
 import pytest
 from mlflow import MlflowClient
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 
-from examples.launch import ROOT, Process, start_gunicorn, start_mlflow_server, start_uvicorn
 from mlflow_trace_middleware import MlflowTracingMiddleware, _runtime
 from mlflow_trace_middleware._config import SinkLimits
 from mlflow_trace_middleware._otlp import OtlpHttpExporter
 from mlflow_trace_middleware._sink import SpanSink
-from mlflow_trace_middleware._span import EncodedSpan, encode_span, recorded
-from tests.fake_otlp import FakeOtlpServer, Received, Reply, free_port
+from mlflow_trace_middleware._span import EncodedSpan
+from tests.fake_otlp import FakeOtlpServer, Received, Reply
+from tests.harness import (
+    ROOT,
+    Process,
+    free_port,
+    start_gunicorn,
+    start_mlflow_server,
+    start_uvicorn,
+)
+from tests.helpers import make_spans
 
 REQUESTS = 5
 # Ten minutes: nothing leaves the sink by its timer during a test.
@@ -168,18 +175,6 @@ def test_sigterm_under_gunicorn_preload_delivers_every_span_once(tmp_path: Path)
 
 
 # -- fork -------------------------------------------------------------------------------------
-
-_TRACER = TracerProvider().get_tracer("lifecycle")
-
-
-def make_spans(n: int) -> list[EncodedSpan]:
-    spans: list[EncodedSpan] = []
-    for i in range(n):
-        span = _TRACER.start_span(f"s{i}")
-        span.end()
-        assert isinstance(span, ReadableSpan)
-        spans.append(encode_span(span, recorded(span)))
-    return spans
 
 
 def span_id(span: EncodedSpan) -> bytes:

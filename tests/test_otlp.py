@@ -8,36 +8,19 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace import TracerProvider
 
 from mlflow_trace_middleware._config import Settings
 from mlflow_trace_middleware._experiments import Experiment
 from mlflow_trace_middleware._otlp import OtlpHttpExporter, _parse_retry_after
 from mlflow_trace_middleware._sink import ExportResult
-from mlflow_trace_middleware._span import EncodedSpan, encode_span, recorded
+from tests.harness import free_port
+from tests.helpers import make_spans
 
-from .fake_otlp import FakeOtlpServer, Received, Reply, free_port
-
-_TRACER = TracerProvider().get_tracer("t")
-
-
-def make_spans(*names: str) -> list[EncodedSpan]:
-    spans = []
-    for name in names:
-        span = _TRACER.start_span(name)
-        span.end()
-        spans.append(encode_span(span, recorded(span)))
-    return spans
+from .fake_otlp import FakeOtlpServer, Received, Reply
 
 
 def exporter_for(settings: Settings) -> OtlpHttpExporter:
     return OtlpHttpExporter(settings, lambda: settings.experiment_id)
-
-
-@pytest.fixture
-def server() -> Iterator[FakeOtlpServer]:
-    with FakeOtlpServer() as fake:
-        yield fake
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 
 from mlflow_trace_middleware import _sink
 from mlflow_trace_middleware._config import SinkLimits
@@ -20,32 +20,17 @@ from mlflow_trace_middleware._span import (
     EncodedSpan,
     Snapshot,
     encode_snapshot,
-    encode_span,
     recorded,
     snapshot,
 )
+from tests.helpers import check_invariant, encoded, make_spans
 
 _TRACER = TracerProvider().get_tracer("t")
-
-
-def encoded(span: ReadableSpan) -> EncodedSpan:
-    return encode_span(span, recorded(span))
-
-
-def make_spans(n: int) -> list[EncodedSpan]:
-    spans = [_TRACER.start_span(f"s{i}") for i in range(n)]
-    for span in spans:
-        span.end()
-    return [encoded(span) for span in spans]
 
 
 def key(span: EncodedSpan) -> bytes:
     """What identifies a span across the sink (it queues bytes, not the objects)."""
     return span.data
-
-
-def check_invariant(stats: SinkStats) -> None:
-    assert stats.produced == stats.exported + stats.pending + sum(stats.dropped.values()), stats
 
 
 class FakeExporter:

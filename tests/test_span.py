@@ -20,16 +20,15 @@ from opentelemetry.trace.span import TraceState
 from mlflow_trace_middleware._config import SinkLimits
 from mlflow_trace_middleware._sink import SpanSink
 from mlflow_trace_middleware._span import (
-    EncodedSpan,
     _message,
     _varint,
     encode,
     encode_snapshot,
-    encode_span,
     recorded,
     snapshot,
 )
 from mlflow_trace_middleware.testing import InMemoryExporter
+from tests.helpers import encoded
 
 _TRACER = TracerProvider().get_tracer("scope-name", "1.2.3")
 REMOTE = SpanContext(
@@ -76,10 +75,6 @@ def sample_spans() -> list[ReadableSpan]:
         other.end()
     server.end()
     return [child, root, server]  # type: ignore[list-item]
-
-
-def encoded(span: ReadableSpan, extra: dict[str, str] | None = None) -> EncodedSpan:
-    return encode_span(span, recorded(span), extra)
 
 
 def _scoped(request: ExportTraceServiceRequest) -> list[tuple[str, str, bytes]]:

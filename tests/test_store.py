@@ -12,24 +12,11 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
 
 import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import _compat, _config, _runtime, _store
 from mlflow_trace_middleware._sink import ExportResult
-from mlflow_trace_middleware._span import EncodedSpan, encode_span, recorded
-
-_TRACER = TracerProvider().get_tracer("t")
-
-
-def make_spans(*names: str) -> list[EncodedSpan]:
-    root = _TRACER.start_span(names[0])
-    context = trace.set_span_in_context(root)
-    spans = [root] + [_TRACER.start_span(name, context=context) for name in names[1:]]
-    for span in reversed(spans):
-        span.end()
-    return [encode_span(span, recorded(span), {"service.name": "svc"}) for span in spans]
+from tests.helpers import span_tree
 
 
 @pytest.fixture
@@ -58,7 +45,7 @@ def test_database_uris_are_recognised(uri: str, database: bool) -> None:
 def test_spans_written_to_the_store_read_back_as_one_trace(database: tuple[str, str]) -> None:
     uri, experiment_id = database
     exporter = _store.StoreExporter(uri, "svc", lambda: experiment_id)
-    spans = make_spans("root", "child")
+    spans = span_tree("root", "child")
     assert exporter.export(spans, None) == ExportResult.ok()
     trace_id = f"tr-{spans[0].context.trace_id:032x}"
     trace = MlflowClient(uri).get_trace(trace_id)
@@ -74,7 +61,7 @@ def test_one_batch_of_several_traces_is_written_as_those_traces(
 ) -> None:
     uri, experiment_id = database
     exporter = _store.StoreExporter(uri, "svc", lambda: experiment_id)
-    first, second = make_spans("a", "a-child"), make_spans("b", "b-child", "b-other")
+    first, second = span_tree("a", "a-child"), span_tree("b", "b-child", "b-other")
     # Interleaved, as the sink's queue holds them (MLflow before 3.12 takes one trace per call).
     batch = [first[1], second[2], first[0], second[1], second[0]]
     assert exporter.export(batch, None) == ExportResult.ok()
@@ -129,7 +116,7 @@ def test_store_failures_map_to_the_sink_contract(
         raise error
 
     monkeypatch.setattr(store, "log_spans", fail)
-    assert exporter.export(make_spans("root"), None) == expected
+    assert exporter.export(span_tree("root"), None) == expected
 
 
 def test_a_callers_unknown_experiment_keeps_the_spans_in_ours(
@@ -141,8 +128,8 @@ def test_a_callers_unknown_experiment_keeps_the_spans_in_ours(
     uri, experiment_id = database
     exporter = _store.StoreExporter(uri, "svc", lambda: experiment_id)
     with caplog.at_level(logging.WARNING, logger="mlflow_trace_middleware"):
-        first = exporter.export(make_spans("first"), "424242")
-        second = exporter.export(make_spans("second"), "424242")
+        first = exporter.export(span_tree("first"), "424242")
+        second = exporter.export(span_tree("second"), "424242")
     assert first == second == ExportResult.ok()
     traces = MlflowClient(uri).search_traces(locations=[experiment_id])
     assert sorted(t.data.spans[0].name for t in traces) == ["first", "second"]
@@ -155,7 +142,7 @@ def test_our_own_unknown_experiment_drops_the_spans_saying_so(
     uri, _ = database
     exporter = _store.StoreExporter(uri, "svc", lambda: "424242")
     with caplog.at_level(logging.WARNING, logger="mlflow_trace_middleware"):
-        result = exporter.export(make_spans("root"), None)
+        result = exporter.export(span_tree("root"), None)
     assert result == ExportResult.dropped("unknown_experiment")
     assert "has no experiment 424242; spans are dropped" in caplog.text
 
@@ -170,7 +157,7 @@ def test_a_span_mlflow_cannot_convert_is_isolated(
         raise ValueError("cannot convert")
 
     monkeypatch.setattr(mlflow.entities.span.Span, "from_otel_proto", refuse)
-    assert exporter.export(make_spans("root"), None) == ExportResult.split_batch("invalid_span")
+    assert exporter.export(span_tree("root"), None) == ExportResult.split_batch("invalid_span")
 
 
 def test_a_database_uri_selects_the_store(database: tuple[str, str]) -> None:
@@ -230,7 +217,7 @@ def test_a_database_not_ready_yet_is_retried_with_one_line_and_no_traceback(
     exporter = _store.StoreExporter(f"sqlite:///{tmp_path / 'mlflow.db'}", "svc", lambda: "0")
     with caplog.at_level(logging.WARNING, logger="mlflow_trace_middleware"):
         for _ in range(3):
-            assert exporter.export(make_spans("root"), None) == ExportResult.retry_later(
+            assert exporter.export(span_tree("root"), None) == ExportResult.retry_later(
                 "database_unavailable"
             )
     (record,) = caplog.records
@@ -255,8 +242,6 @@ def test_a_missing_database_driver_is_reported_with_its_traceback_and_drops(
     monkeypatch.setattr(_store, "_first_use", lambda uri: contextlib.nullcontext())
     exporter = _store.StoreExporter("postgresql://u@db/mlflow", "svc", lambda: "0")
     with caplog.at_level(logging.WARNING, logger="mlflow_trace_middleware"):
-        assert exporter.export(make_spans("root"), None) == ExportResult.dropped(
-            "no_tracking_store"
-        )
+        assert exporter.export(span_tree("root"), None) == ExportResult.dropped("no_tracking_store")
     (record,) = caplog.records
     assert record.exc_info

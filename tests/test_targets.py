@@ -29,6 +29,7 @@ from mlflow_trace_middleware._keys import PROPAGATION
 from mlflow_trace_middleware.httpx import AsyncTracingTransport, TracingTransport
 from mlflow_trace_middleware.requests import TracingAdapter
 from mlflow_trace_middleware.testing import InMemoryExporter
+from tests.helpers import traceparent_for
 
 OURS = ("traceparent", "tracestate", "baggage")
 
@@ -400,11 +401,6 @@ CLIENTS = pytest.mark.parametrize(
 def client_spans(exporter: InMemoryExporter) -> list[Any]:
     spans = [s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT]
     return sorted(spans, key=lambda s: s.start_time)
-
-
-def traceparent_for(span: Any) -> str:
-    ctx = span.context
-    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
 
 @CLIENTS

@@ -10,13 +10,13 @@ import httpx
 import mlflow
 import pytest
 from fastapi import FastAPI
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 
 import mlflow_trace_middleware as mtm
 import mlflow_trace_middleware.httpx
 from mlflow_trace_middleware import InboundRequest, MlflowTracingMiddleware, _config, _trust
 from mlflow_trace_middleware.testing import InMemoryExporter
+from tests.helpers import by_name
 
 pytestmark = pytest.mark.anyio
 
@@ -60,10 +60,6 @@ def entry_for(experiment: str | None, keys: tuple[bytes, ...] = (), flags: int =
     return f"{member[0]}={member[1]}"
 
 
-def spans_by_name(exporter: InMemoryExporter) -> dict[str, ReadableSpan]:
-    return {span.name: span for span in exporter.finished_spans()}
-
-
 @pytest.fixture
 def signing(request: pytest.FixtureRequest) -> Iterator[None]:
     before = _config.get_settings()
@@ -76,7 +72,7 @@ async def test_continue_is_the_default_and_follows_the_caller(exporter: InMemory
     headers = {"traceparent": TRACEPARENT, "baggage": "user=alice"}
     response = await get(make_app(), headers)
     assert response.json() == {"baggage": {"user": "alice"}}
-    spans = spans_by_name(exporter)
+    spans = by_name(exporter)
     server, child = spans["GET /work"], spans["child"]
     assert server.context.trace_id == TRACE_ID  # type: ignore[union-attr]
     assert server.parent is not None
@@ -92,7 +88,7 @@ async def test_restart_starts_a_new_trace_and_keeps_the_caller_as_a_link(
     headers = {"traceparent": TRACEPARENT, "tracestate": "vendor=x", "baggage": "user=alice"}
     response = await get(make_app(trust="restart"), headers)
     assert response.json() == {"baggage": {}}  # nothing of the caller's is taken
-    spans = spans_by_name(exporter)
+    spans = by_name(exporter)
     server, child = spans["GET /work"], spans["child"]
     assert server.parent is None
     assert server.context.trace_id != TRACE_ID  # type: ignore[union-attr]
@@ -107,7 +103,7 @@ async def test_restart_starts_a_new_trace_and_keeps_the_caller_as_a_link(
 async def test_restart_ignores_an_unsampled_caller(exporter: InMemoryExporter) -> None:
     headers = {"traceparent": f"00-{TRACE_ID:032x}-{PARENT_ID:016x}-00"}
     await get(make_app(trust="restart"), headers)
-    spans = spans_by_name(exporter)
+    spans = by_name(exporter)
     assert spans["GET /work"].parent is None  # an untrusted caller cannot turn tracing off
 
 
@@ -132,7 +128,7 @@ async def test_policy_is_not_asked_without_inbound_context(exporter: InMemoryExp
     calls: list[InboundRequest] = []
     await get(make_app(trust=lambda r: calls.append(r) or True), {})
     assert calls == []
-    assert spans_by_name(exporter)["GET /work"].parent is None
+    assert by_name(exporter)["GET /work"].parent is None
 
 
 @pytest.mark.parametrize(
@@ -150,7 +146,7 @@ async def test_baggage_without_a_traceparent_is_judged_by_the_policy(
 ) -> None:
     response = await get(make_app(trust=trust), {"baggage": "user.id=mallory"})
     assert response.json() == {"baggage": {"user.id": "mallory"} if taken else {}}
-    server = spans_by_name(exporter)["GET /work"]
+    server = by_name(exporter)["GET /work"]
     assert server.parent is None
     assert server.attributes is not None
     assert server.attributes.get("user.id") == ("mallory" if taken else None)
@@ -165,7 +161,7 @@ async def test_signed_mode_never_takes_baggage_alone(exporter: InMemoryExporter)
     response = await get(make_app(trust=lambda r: calls.append(r) or True), {"baggage": "a=b"})
     assert response.json() == {"baggage": {}}
     assert calls == []  # refused before the policy is asked: it could not make it valid
-    assert spans_by_name(exporter)["GET /work"].parent is None
+    assert by_name(exporter)["GET /work"].parent is None
 
 
 async def test_a_failing_policy_restarts_and_is_counted(exporter: InMemoryExporter) -> None:
@@ -175,7 +171,7 @@ async def test_a_failing_policy_restarts_and_is_counted(exporter: InMemoryExport
     before = mtm.stats().internal_errors
     response = await get(make_app(trust=broken), {"traceparent": TRACEPARENT})
     assert response.status_code == 200
-    assert spans_by_name(exporter)["GET /work"].parent is None
+    assert by_name(exporter)["GET /work"].parent is None
     assert mtm.stats().internal_errors == before + 1
 
 
@@ -215,7 +211,7 @@ async def test_caller_experiment_routes_every_span_of_the_segment(
 async def test_a_malformed_experiment_is_ignored(exporter: InMemoryExporter, value: str) -> None:
     headers = {"traceparent": TRACEPARENT, "tracestate": f"mlflow={value}"}
     await get(make_app(), headers)
-    spans = spans_by_name(exporter)
+    spans = by_name(exporter)
     assert spans["GET /work"].parent is not None  # unsigned mode: context still continued
     assert {experiment for experiment, _ in exporter.batches} == {None}
 
@@ -240,7 +236,7 @@ async def test_signed_mode_continues_only_valid_signatures(
     if tracestate:
         headers["tracestate"] = tracestate
     await get(make_app(), headers)
-    server = spans_by_name(exporter)["GET /work"]
+    server = by_name(exporter)["GET /work"]
     assert (server.parent is not None) is continued
     assert {e for e, _ in exporter.batches} == {experiment}
 
@@ -250,7 +246,7 @@ async def test_signed_mode_continues_only_valid_signatures(
 async def test_signed_mode_accepts_every_configured_key(exporter: InMemoryExporter) -> None:
     headers = {"traceparent": TRACEPARENT, "tracestate": entry_for("42", (b"k1",))}
     await get(make_app(), headers)
-    assert spans_by_name(exporter)["GET /work"].parent is not None
+    assert by_name(exporter)["GET /work"].parent is not None
 
 
 @pytest.mark.parametrize("signing", ["k1"], indirect=True)
@@ -258,7 +254,7 @@ async def test_signed_mode_accepts_every_configured_key(exporter: InMemoryExport
 async def test_restart_policy_wins_over_a_valid_signature(exporter: InMemoryExporter) -> None:
     headers = {"traceparent": TRACEPARENT, "tracestate": entry_for("42", (b"k1",))}
     await get(make_app(trust="restart"), headers)
-    assert spans_by_name(exporter)["GET /work"].parent is None
+    assert by_name(exporter)["GET /work"].parent is None
     assert {e for e, _ in exporter.batches} == {None}
 
 
@@ -288,7 +284,7 @@ async def test_adopt_keeps_the_callers_trace_id_and_roots_the_trace_here(
     caller = f"00-{TRACE_ID:032x}-{PARENT_ID:016x}-{flags}"
     headers = {"traceparent": caller, "tracestate": entry_for("99"), "baggage": "user.id=u7"}
     response = await get(make_app(trust="adopt"), headers)
-    spans = spans_by_name(exporter)
+    spans = by_name(exporter)
     server, child = spans["GET /work"], spans["child"]
     # The mesh's trace id, so its logs and traces correlate; recorded whatever its flags say.
     assert server.context.trace_id == TRACE_ID  # type: ignore[union-attr]
@@ -324,7 +320,7 @@ async def test_adopt_sends_the_adopted_trace_on(exporter: InMemoryExporter) -> N
     (request,) = sent
     _, trace_id, parent_id, flags = request.headers["traceparent"].split("-")
     assert (trace_id, flags) == (f"{TRACE_ID:032x}", "01")  # same trace, now recorded
-    client_span = spans_by_name(exporter)["GET next.test"]
+    client_span = by_name(exporter)["GET next.test"]
     assert int(parent_id, 16) == client_span.context.span_id  # type: ignore[union-attr]
 
 

@@ -12,6 +12,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from mlflow_trace_middleware import MlflowTracingWSGIMiddleware, _launch
 from mlflow_trace_middleware.testing import InMemoryExporter
+from tests.helpers import by_name
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -46,10 +47,6 @@ def make_app(**options: Any) -> Flask:
 
 def client(app: Any) -> httpx.Client:
     return httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://flask.test")
-
-
-def by_name(exporter: InMemoryExporter) -> dict[str, Any]:
-    return {span.name: span for span in exporter.finished_spans()}
 
 
 def test_flask_view_spans_nest_under_the_request_span(exporter: InMemoryExporter) -> None:

@@ -1,8 +1,9 @@
-"""Start and stop the real processes the demo and the end-to-end tests use.
+"""Start and stop the real processes the end-to-end tests and `make demo` use.
 
 Everything runs on loopback with free ports, from the current interpreter's environment; the
 MLflow server from `MLFLOW_SERVER_PYTHON`'s when set (the light test environment has no full
-`mlflow`: its server runs from another environment, as in production).
+`mlflow`: its server runs from another environment, as in production). Only the standard
+library: the light environment imports this module too.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -18,12 +20,16 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # this environment's console scripts
+RUN = str(BIN / "mlflow-trace-run")
+FAST = {"OTEL_BSP_SCHEDULE_DELAY": "100"}  # export every 100 ms, not every 5 s
 
 
 def free_port() -> int:
@@ -54,7 +60,9 @@ class Process:
         return self.log.read_text(errors="replace")
 
 
-def _spawn(name: str, argv: list[str], url: str, logs: Path, env: Mapping[str, str]) -> Process:
+def spawn(name: str, argv: list[str], url: str, logs: Path, env: Mapping[str, str]) -> Process:
+    """Start `argv` in the checkout, in a session of its own, output in `logs/NAME.log`; `env`
+    adds to this process's environment."""
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{name}.log"
     with log.open("wb") as out:
@@ -69,19 +77,45 @@ def _spawn(name: str, argv: list[str], url: str, logs: Path, env: Mapping[str, s
     return Process(name, popen, url, log)
 
 
-def wait_ready(process: Process, path: str, timeout: float = 60.0) -> None:
+def wait_until(process: Process, answers: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll `answers()` until true; fail with the process's output if it exits first or does
+    not answer within `timeout` seconds (then it is stopped)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.popen.poll() is not None:
             raise RuntimeError(f"{process.name} exited:\n{process.output()[-3000:]}")
-        try:
-            with urllib.request.urlopen(process.url + path, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
+        if answers():
+            return
+        time.sleep(0.2)
     process.stop()
     raise RuntimeError(f"{process.name} not ready after {timeout}s:\n{process.output()[-3000:]}")
+
+
+def wait_ready(process: Process, path: str, timeout: float = 60.0) -> None:
+    """Wait until `GET path` answers 200."""
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(process.url + path, timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    wait_until(process, answers, timeout)
+
+
+def answers_tcp(port: int, hello: bytes, prefix: bytes) -> Callable[[], bool]:
+    """A check for `wait_until`: a server on `port` answers `hello` with `prefix`."""
+
+    def answers() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(hello)
+                return sock.recv(len(prefix)) == prefix
+        except OSError:
+            return False
+
+    return answers
 
 
 def start_mlflow_server(
@@ -103,7 +137,7 @@ def start_mlflow_server(
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
-    process = _spawn("mlflow-server", argv, f"http://127.0.0.1:{port}", workdir / "logs", env)
+    process = spawn("mlflow-server", argv, f"http://127.0.0.1:{port}", workdir / "logs", env)
     wait_ready(process, "/version", timeout=120)
     return process
 
@@ -113,13 +147,29 @@ def server_python() -> str:
     return os.environ.get("MLFLOW_SERVER_PYTHON") or sys.executable
 
 
+def launch(
+    name: str,
+    argv: Sequence[str],
+    logs: Path,
+    env: Mapping[str, str],
+    port: int,
+    ready: str = "/health",
+) -> Process:
+    """`mlflow-trace-run ARGV...` as service `name` on `port`, exporting every 100 ms, once it
+    answers `ready`."""
+    url = f"http://127.0.0.1:{port}"
+    process = spawn(name, [RUN, *argv], url, logs, {"OTEL_SERVICE_NAME": name, **FAST, **env})
+    wait_ready(process, ready)
+    return process
+
+
 def start_uvicorn(
     name: str, app: str, logs: Path, env: Mapping[str, str], workers: int = 1
 ) -> Process:
     port = free_port()
     argv = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--workers", str(workers)] if workers > 1 else []
-    process = _spawn(
+    process = spawn(
         name, argv, f"http://127.0.0.1:{port}", logs, {"OTEL_SERVICE_NAME": name, **env}
     )
     wait_ready(process, "/health")
@@ -141,11 +191,83 @@ def start_gunicorn(
         "-b", f"127.0.0.1:{port}", "--graceful-timeout", "10",
         *(["--preload"] if preload else []), app,
     ]  # fmt: skip
-    process = _spawn(
+    process = spawn(
         name, argv, f"http://127.0.0.1:{port}", logs, {"OTEL_SERVICE_NAME": name, **env}
     )
     wait_ready(process, "/health")
     return process
+
+
+def start_redis(workdir: Path) -> Process:
+    """Debian's `redis-server` on a free loopback port, nothing saved, once it answers PING."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    argv = [
+        binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
+        "--save", "", "--appendonly", "no", "--daemonize", "no",
+    ]  # fmt: skip
+    process = spawn("redis", argv, f"redis://127.0.0.1:{port}/0", workdir, {})
+    wait_until(process, answers_tcp(port, b"PING\r\n", b"+PONG"), timeout=20)
+    return process
+
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # not /usr/sbin's: it switches user
+EPMD = "epmd"  # Erlang's port mapper; each node here gets its own, on a free port
+
+
+def start_rabbitmq(workdir: Path, epmd_port: int) -> Process:
+    """Debian's `rabbitmq-server` on free loopback ports (AMQP, distribution) with its own epmd
+    on `epmd_port`, its database, logs and Erlang cookie in `workdir`, once it answers the AMQP
+    handshake. `url`: its AMQP URL (guest/guest, which RabbitMQ allows from loopback)."""
+    amqp = free_port()
+    (workdir / "enabled_plugins").write_text("[].\n")
+    env = {
+        "HOME": str(workdir),  # the Erlang cookie
+        "RABBITMQ_NODENAME": f"rabbit-{secrets.token_hex(4)}@localhost",
+        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+        "RABBITMQ_NODE_PORT": str(amqp),
+        "RABBITMQ_DIST_PORT": str(free_port()),
+        "ERL_EPMD_PORT": str(epmd_port),
+        "ERL_EPMD_ADDRESS": "127.0.0.1",
+        "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(workdir / "log"),
+        "RABBITMQ_LOGS": "-",
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
+    }
+    url = f"amqp://guest:guest@127.0.0.1:{amqp}//"
+    process = spawn("rabbitmq", [RABBITMQ_SERVER], url, workdir, env)
+    # A method frame (Connection.Start) answers the protocol header.
+    wait_until(process, answers_tcp(amqp, b"AMQP\x00\x00\x09\x01", b"\x01"), timeout=90)
+    return process
+
+
+def gather(futures: Mapping[str, Future[Process]], started: dict[str, Process]) -> None:
+    """Collect every process that started (to stop them all), then raise the first failure."""
+    errors = []
+    for name, future in futures.items():
+        try:
+            started[name] = future.result()
+        except Exception as error:
+            errors.append(error)
+    if errors:
+        raise errors[0]
+
+
+def start_agents(
+    logs: Path, env: Mapping[str, str], started: dict[str, Process], **gunicorn: Any
+) -> None:
+    """The example's three services (examples/): the writer (uvicorn), the SQL agent
+    (gunicorn, with the `gunicorn` options of `start_gunicorn`) and the supervisor (uvicorn),
+    each told the URLs of those it calls; each is put in `started` once up, so that a caller
+    can stop all that started when one fails."""
+    env = dict(env)
+    started["writer"] = start_uvicorn("writer", "examples.writer:app", logs, env)
+    env["WRITER_URL"] = started["writer"].url
+    started["sql-agent"] = start_gunicorn(
+        "sql-agent", "examples.sql_agent:app", logs, env, **gunicorn
+    )
+    env["SQL_AGENT_URL"] = started["sql-agent"].url
+    started["supervisor"] = start_uvicorn("supervisor", "examples.supervisor:app", logs, env)
 
 
 def server_workers(process: Process) -> list[int]:
