@@ -28,10 +28,13 @@ from examples.launch import ROOT, free_port
 from mlflow_trace_middleware import (
     MlflowTracingMiddleware,
     MlflowTracingWSGIMiddleware,
+    _asgi_patch,
+    _check,
     _env,
     _experiments,
     _imports,
     _launch,
+    _wsgi_patch,
 )
 from mlflow_trace_middleware._config import SettingError, Settings
 from mlflow_trace_middleware._middleware import Middleware
@@ -291,7 +294,7 @@ def test_a_starlette_app_is_wrapped_once() -> None:
         def build_middleware_stack(self) -> Any:
             return super().build_middleware_stack()
 
-    _launch._patch_starlette(App, {"exclude_paths": ["/health"]})
+    _asgi_patch.starlette(App, {"exclude_paths": ["/health"]})
     plain, added = App(), App()
     added.add_middleware(MlflowTracingMiddleware)
     stack = plain.build_middleware_stack()
@@ -308,7 +311,7 @@ def test_a_flask_app_is_wrapped_once() -> None:
     class App(Flask):
         pass
 
-    _launch._patch_flask(App, {"capture_bodies": False})
+    _wsgi_patch.flask(App, {"capture_bodies": False})
     plain, wrapped = App(__name__), App(__name__)
     wrapped.wsgi_app = ProxyFix(MlflowTracingWSGIMiddleware(wrapped.wsgi_app))
     for app in (plain, wrapped):
@@ -404,8 +407,8 @@ def test_litestar_and_quart_apps_get_one_request_span(exporter: Any, added: bool
     class QuartApp(Quart):
         pass
 
-    _launch._patch_asgi_call(LitestarApp, {}, _launch._litestar_has)
-    _launch._patch_asgi_call(QuartApp, {}, _launch._quart_has)
+    _asgi_patch.litestar(LitestarApp, {})
+    _asgi_patch.quart(QuartApp, {})
 
     @get("/x/{n:int}", sync_to_thread=False)
     def handler(n: FromPath[int]) -> str:
@@ -572,7 +575,7 @@ def test_check_says_what_to_do_about_a_refused_value(
     for name, value in variables.items():
         clean_env.setenv(name, value)
     out = io.StringIO()
-    assert _launch.check(out) == 2
+    assert _check.check(out) == 2
     assert out.getvalue().splitlines() == [f"FAIL  {failure}", f"fix: {fix}"]
 
 

@@ -1,0 +1,97 @@
+"""Patching a library's function, and undoing it, one way for every adapter.
+
+As OpenTelemetry contrib's `wrapt.wrap_function_wrapper` and `unwrap`: the installed function
+keeps `__wrapped__` (and the original's name and docstring, `functools.wraps`), a second
+`patch` of the same attribute is a no-op, and `restore` undoes only our own layer:
+
+```python
+def send(original, adapter, request, *args, **kwargs):
+    ...  # trace, then `original(adapter, request, *args, **kwargs)`
+
+patch(HTTPAdapter, "send", send)
+restore(HTTPAdapter, "send")
+```
+
+When another library patched the same attribute after us, `restore` cannot take our layer out
+from under it (its wrapper holds ours): ours is left in place, inert (it calls the original
+straight through), and a later `patch` makes it active again instead of stacking a second one.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from collections.abc import Callable
+from typing import Any
+
+_lock = threading.Lock()
+# (owner, attribute) -> our layer there, while it is in place (active or inert).
+_layers: dict[tuple[Any, str], _Layer] = {}
+
+
+class _Layer:
+    __slots__ = ("active", "installed", "original", "owned")
+
+    def __init__(self, original: Any, owned: bool) -> None:
+        self.original = original
+        self.owned = owned  # the attribute was the owner's own, not inherited
+        self.active = True
+        self.installed: Any = None
+
+
+def patch(owner: Any, name: str, wrapper: Callable[..., Any]) -> None:
+    """Replace `owner.name` with a function that calls `wrapper(original, *args, **kwargs)`
+    (a coroutine function if the original is one). Idempotent."""
+    with _lock:
+        layer = _layers.get((owner, name))
+        if layer is not None:
+            layer.active = True
+            return
+        owned = name in vars(owner)
+        original = vars(owner)[name] if owned else getattr(owner, name)
+        layer = _Layer(original, owned)
+        layer.installed = _installed(layer, wrapper, original)
+        setattr(owner, name, layer.installed)
+        _layers[(owner, name)] = layer
+
+
+def _installed(layer: _Layer, wrapper: Callable[..., Any], original: Any) -> Any:
+    if inspect.iscoroutinefunction(original):
+
+        async def installed_async(*args: Any, **kwargs: Any) -> Any:
+            if layer.active:
+                return await wrapper(original, *args, **kwargs)
+            return await original(*args, **kwargs)
+
+        return functools.wraps(original)(installed_async)
+
+    def installed(*args: Any, **kwargs: Any) -> Any:
+        if layer.active:
+            return wrapper(original, *args, **kwargs)
+        return original(*args, **kwargs)
+
+    return functools.wraps(original)(installed)
+
+
+def restore(owner: Any, name: str) -> None:
+    """Undo `patch(owner, name, ...)`: put the original back if ours is still on top, else
+    leave ours inert under whoever patched after us. No-op if not patched."""
+    with _lock:
+        layer = _layers.get((owner, name))
+        if layer is None:
+            return
+        layer.active = False
+        if vars(owner).get(name) is not layer.installed:
+            return  # another wrapper holds ours: it stays, calling the original through
+        if layer.owned:
+            setattr(owner, name, layer.original)
+        else:
+            delattr(owner, name)
+        del _layers[(owner, name)]
+
+
+def patched(owner: Any, name: str) -> bool:
+    """Whether our layer on `owner.name` is active."""
+    layer = _layers.get((owner, name))
+    return layer is not None and layer.active
