@@ -7,7 +7,6 @@ through `_patch`, so they carry `__wrapped__` and `_launch.unpatch()` can take t
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextvars import ContextVar
 from typing import Any
 
 from . import _patch
@@ -32,55 +31,42 @@ def starlette(cls: Any, options: dict[str, Any]) -> None:
 
 
 def litestar(cls: Any, options: dict[str, Any]) -> None:
-    """`Litestar.__call__`, unless `Litestar(middleware=[MlflowTracingMiddleware])` (or a
-    `DefineMiddleware` of it)."""
-    _patch_call(cls, options, _litestar_has)
+    """Wrap the handler each app builds at construction (`_create_asgi_handler`, where
+    Litestar's own OpenTelemetry plugin puts its middleware), unless
+    `Litestar(middleware=[MlflowTracingMiddleware])` (or a `DefineMiddleware` of it). Not
+    `__call__`: an installed `async def f(*args)` takes uvicorn's probe for an app factory
+    (`app()`, which must raise TypeError) and the app is run as a factory's product."""
+
+    def create(original: Callable[[Any], Any], self: Any) -> Any:
+        handler = original(self)
+        added = (getattr(m, "middleware", m) for m in getattr(self, "middleware", ()))
+        return handler if any(map(_is_ours, added)) else MlflowTracingMiddleware(handler, **options)
+
+    _patch.patch(cls, "_create_asgi_handler", create)
 
 
 def quart(cls: Any, options: dict[str, Any]) -> None:
-    """`Quart.__call__`, unless `app.asgi_app` is or wraps the middleware."""
-    _patch_call(cls, options, _quart_has)
+    """Wrap `Quart.asgi_app` (what `__call__` awaits, lifespan included, so the middleware
+    flushes at shutdown) unless the app's `asgi_app` already is, or wraps, the middleware.
+    The app's middleware is kept on the app (a cycle through it, so it never pins the app)."""
 
-
-# The app a patched `__call__` is serving, and its original `__call__`: one middleware per
-# patched class serves every app of it, so nothing is kept per app (Litestar's slots leave no
-# room on the instance, and cannot be weakly referenced).
-_serving: ContextVar[tuple[Any, Callable[..., Any]]] = ContextVar("mlflow_trace_serving")
-
-
-async def _serve(scope: Any, receive: Any, send: Any) -> None:
-    app, call = _serving.get()
-    await call(app, scope, receive, send)
-
-
-def _patch_call(cls: Any, options: dict[str, Any], has: Callable[[Any], bool]) -> None:
-    """Wrap each app's `__call__` (lifespan included, so the middleware flushes at shutdown)
-    unless `has(app)` finds the middleware added already."""
-    traced = MlflowTracingMiddleware(_serve, **options)
-
-    async def __call__(
+    async def asgi_app(
         original: Callable[..., Any], self: Any, scope: Any, receive: Any, send: Any
     ) -> None:
-        if has(self):
-            await original(self, scope, receive, send)
-            return
-        token = _serving.set((self, original))
-        try:
-            await traced(scope, receive, send)
-        finally:
-            _serving.reset(token)
+        app = self.__dict__.get("_mlflow_trace_app")
+        if app is None:
 
-    _patch.patch(cls, "__call__", __call__)
+            async def call(scope: Any, receive: Any, send: Any) -> None:
+                await original(self, scope, receive, send)
+
+            traced = has_layer(self.asgi_app, MlflowTracingMiddleware)
+            app = self.__dict__["_mlflow_trace_app"] = (
+                call if traced else MlflowTracingMiddleware(call, **options)
+            )
+        await app(scope, receive, send)
+
+    _patch.patch(cls, "asgi_app", asgi_app)
 
 
 def _is_ours(cls: object) -> bool:
     return isinstance(cls, type) and issubclass(cls, MlflowTracingMiddleware)
-
-
-def _litestar_has(app: Any) -> bool:
-    added = (getattr(m, "middleware", m) for m in getattr(app, "middleware", ()))
-    return any(map(_is_ours, added))
-
-
-def _quart_has(app: Any) -> bool:
-    return has_layer(app.asgi_app, MlflowTracingMiddleware)

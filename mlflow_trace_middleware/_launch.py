@@ -132,8 +132,8 @@ FRAMEWORKS: tuple[tuple[str, str, str, Patcher], ...] = (
     ("fastapi.applications", "FastAPI", "build_middleware_stack", _asgi_patch.starlette),
     ("flask.app", "Flask", "__call__", _wsgi_patch.flask),
     ("django.core.handlers.base", "BaseHandler", "load_middleware", _django),
-    ("litestar.app", "Litestar", "__call__", _asgi_patch.litestar),
-    ("quart.app", "Quart", "__call__", _asgi_patch.quart),
+    ("litestar.app", "Litestar", "_create_asgi_handler", _asgi_patch.litestar),
+    ("quart.app", "Quart", "asgi_app", _asgi_patch.quart),
 )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import uvicorn
 from litestar import Litestar, get
 from litestar.params import FromPath
 from quart import Quart
@@ -428,6 +429,9 @@ def test_litestar_and_quart_apps_get_one_request_span(exporter: Any, added: bool
     for app in (litestar, quart):
         with TestClient(app) as client:
             assert client.get("/x/1").text.strip('"') == "ok"
+        config = uvicorn.Config(app)
+        config.load()  # probes `app()` for a factory: it must still raise TypeError
+        assert config.interface == "asgi3"
     names = sorted(span.name for span in exporter.finished_spans())
     assert names == ["GET /x/<int:n>", "GET /x/{n}"]
 
@@ -482,8 +486,8 @@ def test_the_launchers_class_patches_are_undone_and_a_later_patch_survives(expor
         (FastAPI, "build_middleware_stack"),
         (Flask, "__call__"),
         (BaseHandler, "load_middleware"),
-        (Litestar, "__call__"),
-        (Quart, "__call__"),
+        (Litestar, "_create_asgi_handler"),
+        (Quart, "asgi_app"),
     ]
     before = [vars(cls)[name] for cls, name in classes]
     _launch.patch_frameworks({})
