@@ -261,8 +261,17 @@ def capturable_headers(
 def is_json(content_type: str | None) -> bool:
     if not content_type:
         return False
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
+    known = _json_types.get(content_type)
+    if known is None:
+        media = content_type.split(";", 1)[0].strip().lower()
+        known = media == "application/json" or media.endswith("+json")
+        if len(_json_types) >= 256:  # a service sees few content types; a churn is not kept
+            _json_types.clear()
+        _json_types[content_type] = known
+    return known
+
+
+_json_types: dict[str, bool] = {}
 
 
 class _Redactor:

@@ -90,7 +90,9 @@ class ClientCall:
         package that continued our context): name the span after it (`POST sql-agent /query`),
         and learn that calls to its host need no claim."""
         try:
-            value = headers.get(_propagation.CALLEE)
+            # `in` first: cheaper than a missing `get` on httpx's headers, and most answers
+            # have none.
+            value = headers.get(_propagation.CALLEE) if _propagation.CALLEE in headers else None
             callee = _propagation.parse_callee(value) if value is not None else None
             if self._host is not None:
                 _learn(self._host, callee is not None)
@@ -164,32 +166,40 @@ def start(
         for name in _propagation.FIELDS:
             headers.pop(name, None)
     try:
-        if (active := _active_parent()) is None:
+        parent_context = _mlflow.current_context()
+        parent = trace.get_current_span(parent_context)
+        parent_ids = parent.get_span_context()
+        if not parent_ids.is_valid:
             return None
-        parent_context, parent = active
+        _runtime.activate()
         host = (url[1].lower(), url[2] or DEFAULT_PORTS.get(url[0])) if allowed else None
         claims = host is not None and _claims(url[3], host)
-        if allowed and (theirs := _instrumented_by_caller(headers, parent_context)) is not None:
+        if allowed and (theirs := _instrumented_by_caller(headers, parent_ids)) is not None:
             if claims:
-                _mlflow.claim(trace.get_current_span(theirs).get_span_context())
-            return _complete(theirs, headers, host)
+                _mlflow.claim(theirs)
+            return _complete(theirs, parent_context, headers, host)
         span: trace.Span | None = None
-        context = parent_context
+        ids = parent_ids
         if parent.is_recording():
             name, attributes = _span_fields(method, url, allowed)
-            span = _mlflow.start_span(name, parent_context, SpanKind.CLIENT, attributes)
-            context = trace.set_span_in_context(span, parent_context)
+            span = _mlflow.start_child(name, parent_context, parent_ids, attributes)
+            ids = span.get_span_context()
             if claims and isinstance(span, _lean.LeanSpan):
-                _mlflow.claim(span.context, span)
-        sent: dict[str, str] = {}
-        if allowed:
-            _propagation.inject(sent, context, _our_entry(context))  # type: ignore[arg-type]
-            for name, value in sent.items():  # cheaper than update() for httpx.Headers
-                headers[name] = value
+                _mlflow.claim(ids, span)
+        sent = _sent(ids, parent_context) if allowed else {}
+        for name, value in sent.items():  # cheaper than update() for httpx.Headers
+            headers[name] = value
         return ClientCall(span, sent, host)
     except Exception:
         _log.internal_error("client span start")
         return None
+
+
+def _sent(ids: trace.SpanContext, parent_context: Context | None) -> dict[str, str]:
+    """The headers of a call from span `ids`: its ids, our tracestate entry, the baggage of
+    the parent's context and of OpenTelemetry's global context."""
+    entry = _our_entry(ids)
+    return _propagation.outgoing(ids, entry, _identity.with_global_baggage(parent_context))
 
 
 def _active_parent() -> tuple[Context | None, trace.Span] | None:
@@ -252,8 +262,7 @@ def start_message(
             if _config.get_settings().claims == "always" and isinstance(span, _lean.LeanSpan):
                 _mlflow.claim(span.context, span)
         context = trace.set_span_in_context(span or parent, parent_context)
-        sent: dict[str, str] = {}
-        _propagation.inject(sent, context, _our_entry(context))
+        sent = _sent((span or parent).get_span_context(), parent_context)
         return ClientCall(span, sent), context
     except Exception:
         _log.internal_error("client span start")
@@ -266,32 +275,35 @@ def allowed(url: Destination, targets: _targets.Targets | None = None) -> bool:
 
 
 def _instrumented_by_caller(
-    headers: MutableMapping[str, Any], parent_context: Context | None
-) -> Context | None:
-    """The context of a `traceparent` the caller put on this request itself, pointing at one
-    of its open spans in the current trace: MLflow's autologs (openai, anthropic, ...) do that
+    headers: MutableMapping[str, Any], parent: trace.SpanContext
+) -> trace.SpanContext | None:
+    """The ids of a `traceparent` the caller put on this request itself, pointing at one of
+    its open spans in the current trace: MLflow's autologs (openai, anthropic, ...) do that
     for their LLM-call span, which is never made current, and so does
     `get_tracing_context_headers_for_http_request()` inside a span. That span is the call's
     span; ours would sit beside it. (A redirect hop carries our previous hop's header, whose
     span has ended: not the caller's.)"""
+    if _propagation.TRACEPARENT not in headers:  # most calls; cheaper than a missing `get`
+        return None
     value = headers.get(_propagation.TRACEPARENT)
     if not value:
         return None
     context = _propagation.extract({_propagation.TRACEPARENT: [value]})
     theirs = trace.get_current_span(context).get_span_context()
-    current = trace.get_current_span(parent_context).get_span_context()
-    if theirs.trace_id != current.trace_id or not _mlflow.is_open(theirs):
+    if theirs.trace_id != parent.trace_id or not _mlflow.is_open(theirs):
         return None
-    return trace.set_span_in_context(trace.NonRecordingSpan(theirs), parent_context)
+    return theirs
 
 
 def _complete(
-    context: Context, headers: MutableMapping[str, Any], host: tuple[str, int | None] | None
+    theirs: trace.SpanContext,
+    parent_context: Context | None,
+    headers: MutableMapping[str, Any],
+    host: tuple[str, int | None] | None,
 ) -> ClientCall:
     """Leave the caller's `traceparent` (exactly one per call); add our `tracestate` entry and
     the baggage, so the callee still learns the root's experiment and the identity."""
-    sent: dict[str, str] = {}
-    _propagation.inject(sent, context, _our_entry(context))
+    sent = _sent(theirs, parent_context)
     for name, value in sent.items():
         if name != _propagation.TRACEPARENT:
             headers[name] = value
@@ -299,26 +311,40 @@ def _complete(
 
 
 def _span_fields(method: str, url: Destination, allowed: bool) -> tuple[str, dict[str, Any]]:
+    """The span's name and attributes; what depends only on the origin is built once per
+    origin (`_origins`)."""
     scheme, host, port, path = url
-    default = DEFAULT_PORTS.get(scheme)
-    authority = f"{host}:{port}" if port and port != default else host
-    attributes: dict[str, Any] = {
+    key = (method, scheme, host, port, allowed)
+    fields = _origins.get(key)
+    if fields is None:
+        default = DEFAULT_PORTS.get(scheme)
+        authority = f"{host}:{port}" if port and port != default else host
+        attributes: dict[str, Any] = {
+            http_attributes.HTTP_REQUEST_METHOD: method,
+            server_attributes.SERVER_ADDRESS: host,
+            server_attributes.SERVER_PORT: port or default or 0,
+        }
+        if not allowed:
+            attributes[_keys.PROPAGATION] = "blocked"
+        if len(_origins) >= MAX_KNOWN_HOSTS:
+            _origins.clear()
+        fields = _origins[key] = (f"{method} {authority}", f"{scheme}://{authority}", attributes)
+    name, origin, attributes = fields
+    return name, {
         _keys.SPAN_TYPE: _config.span_type("client", path),
-        http_attributes.HTTP_REQUEST_METHOD: method,
-        server_attributes.SERVER_ADDRESS: host,
-        server_attributes.SERVER_PORT: port or default or 0,
+        **attributes,
         # No query string and no user info: either may carry credentials.
-        url_attributes.URL_FULL: f"{scheme}://{authority}{path}",
+        url_attributes.URL_FULL: origin + path,
     }
-    if not allowed:
-        attributes[_keys.PROPAGATION] = "blocked"
-    return f"{method} {authority}", attributes
 
 
-def _our_entry(context: Context) -> tuple[str, str] | None:
+# (method, scheme, host, port, allowed) -> (span name, "scheme://authority", attributes).
+_origins: dict[tuple[str, str, str, int | None, bool], tuple[str, str, dict[str, Any]]] = {}
+
+
+def _our_entry(span_context: trace.SpanContext) -> tuple[str, str] | None:
     """Our tracestate member: the experiment of the trace's root service, signed if keyed."""
     global _unsigned
-    span_context = trace.get_current_span(context).get_span_context()
     experiment = _mlflow.routed_experiment(span_context.trace_id) or _runtime.own_experiment()
     keys = _config.get_settings().signing_keys
     if keys:  # signed: the signature covers this span's ids

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import ModuleType
 from typing import Any
 
-from . import _client, _targets
+from . import _client, _patch, _targets
 
 
 class HttpxFamily:
@@ -19,7 +19,6 @@ class HttpxFamily:
 
     def __init__(self, lib: ModuleType) -> None:
         self.lib = lib
-        self._originals: dict[str, Any] = {}
         call_end = _client.ClientCall.end
 
         class Stream(lib.SyncByteStream):  # type: ignore[name-defined,misc]
@@ -108,25 +107,17 @@ class HttpxFamily:
     def instrument(self) -> None:
         """Trace every `HTTPTransport`/`AsyncHTTPTransport` of the library (every default
         client, SDK-built ones included, whenever they were created)."""
-        if self._originals:
-            return
-        sync_type, async_type = self.lib.HTTPTransport, self.lib.AsyncHTTPTransport
-        sync_original = sync_type.handle_request
-        async_original = async_type.handle_async_request
         send, send_async = self.send, self.send_async
 
-        def handle_request(transport: Any, request: Any) -> Any:
-            return send(request, lambda r: sync_original(transport, r))
+        def handle_request(original: Any, transport: Any, request: Any) -> Any:
+            return send(request, lambda r: original(transport, r))
 
-        async def handle_async_request(transport: Any, request: Any) -> Any:
-            return await send_async(request, lambda r: async_original(transport, r))
+        async def handle_async_request(original: Any, transport: Any, request: Any) -> Any:
+            return await send_async(request, lambda r: original(transport, r))
 
-        self._originals = {"sync": sync_original, "async": async_original}
-        sync_type.handle_request = handle_request
-        async_type.handle_async_request = handle_async_request
+        _patch.patch(self.lib.HTTPTransport, "handle_request", handle_request)
+        _patch.patch(self.lib.AsyncHTTPTransport, "handle_async_request", handle_async_request)
 
     def uninstrument(self) -> None:
-        if not self._originals:
-            return
-        self.lib.HTTPTransport.handle_request = self._originals.pop("sync")
-        self.lib.AsyncHTTPTransport.handle_async_request = self._originals.pop("async")
+        _patch.restore(self.lib.HTTPTransport, "handle_request")
+        _patch.restore(self.lib.AsyncHTTPTransport, "handle_async_request")

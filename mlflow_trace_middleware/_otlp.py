@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import heapq
 import http.client
 import json
 import os
@@ -215,6 +216,7 @@ def _forget_connections_after_fork() -> None:
     # The parent's sockets are not the child's: forget them without closing them.
     for exporter in list(_exporters):
         exporter._conn = None
+    _watchdogs.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):
@@ -222,30 +224,79 @@ if hasattr(os, "register_at_fork"):
 
 
 class _Watchdog:
-    """Shuts the socket down at the deadline: one wall-clock limit, not one per socket read."""
+    """Shuts the socket down at the deadline: one wall-clock limit, not one per socket read.
+
+    Every attempt's watchdog is an entry in one schedule, watched by one daemon thread per
+    process (`_Watchdogs`), not a `threading.Timer` thread started per POST."""
+
+    __slots__ = ("_done", "_fired", "_sock", "deadline")
 
     def __init__(self, conn: http.client.HTTPConnection, seconds: float) -> None:
         self._sock = conn.sock
-        self._lock = threading.Lock()
         self._fired = self._done = False
-        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
-        self._timer.daemon = True
-        self._timer.start()
+        self.deadline = time.monotonic() + max(seconds, 0.0)
+        _watchdogs.watch(self)
 
-    def _fire(self) -> None:
-        with self._lock:
-            if self._done:
-                return
-            self._fired = True
+    def fire(self) -> None:
+        """The deadline passed (called by the watchdog thread, its lock held)."""
+        if self._done or self._sock is None:
+            return
+        self._fired = True
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> bool:
         """Disarm; True if the deadline had already passed (the connection is then unusable)."""
-        self._timer.cancel()
-        with self._lock:
+        with _watchdogs.lock:
             self._done = True
+            self._sock = None  # its entry may wait in the schedule until its deadline
             return self._fired
+
+
+class _Watchdogs:
+    """The deadlines of the attempts under way, and the one thread that enforces them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._changed = threading.Condition(self.lock)
+        self._due: list[tuple[float, int, _Watchdog]] = []  # a heap by deadline
+        self._count = 0  # tie-breaker: watchdogs do not compare
+        self._thread: threading.Thread | None = None
+
+    def watch(self, watchdog: _Watchdog) -> None:
+        with self.lock:
+            self._count += 1
+            heapq.heappush(self._due, (watchdog.deadline, self._count, watchdog))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="mlflow-trace-watchdog", daemon=True
+                )
+                self._thread.start()
+            elif self._due[0][2] is watchdog:  # the earliest now: the thread waits for less
+                self._changed.notify()
+
+    def _run(self) -> None:
+        with self.lock:
+            while True:
+                due = self._due
+                # Stopped watchdogs leave at the front as their turn comes (most are stopped
+                # long before their deadline: a POST answered in time).
+                while due and due[0][2]._done:
+                    heapq.heappop(due)
+                if not due:
+                    self._changed.wait()
+                    continue
+                wait = due[0][0] - time.monotonic()
+                if wait > 0:
+                    self._changed.wait(wait)
+                    continue
+                heapq.heappop(due)[2].fire()
+
+    def after_fork_in_child(self) -> None:
+        self.__init__()  # type: ignore[misc]  # the parent's thread and lock are not ours
+
+
+_watchdogs = _Watchdogs()
 
 
 def _unknown_experiment(

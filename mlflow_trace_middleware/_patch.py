@@ -56,6 +56,18 @@ def patch(owner: Any, name: str, wrapper: Callable[..., Any]) -> None:
         _layers[(owner, name)] = layer
 
 
+def replace(owner: Any, name: str, make: Callable[[Any], Callable[..., Any]]) -> None:
+    """`patch` with a replacement built once around the original: `make(original)` returns a
+    function of the original's arguments (for wrappers that close over per-original state)."""
+    with _lock:
+        layer = _layers.get((owner, name))
+        if layer is not None:
+            layer.active = True
+            return
+    replacement = make(getattr(owner, name))
+    patch(owner, name, lambda _original, *args, **kwargs: replacement(*args, **kwargs))
+
+
 def _installed(layer: _Layer, wrapper: Callable[..., Any], original: Any) -> Any:
     if inspect.iscoroutinefunction(original):
 

@@ -26,7 +26,7 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.trace.span import TraceState
+from opentelemetry.trace.span import TraceFlags, TraceState
 
 from . import _log
 
@@ -226,11 +226,7 @@ def extract(carrier: Carrier) -> Context:
     context = Context()
     traceparent = carrier.get(TRACEPARENT)
     if traceparent is not None and len(traceparent) == 1:
-        token = _parsing.set(TRACEPARENT)
-        try:  # `traceparent` only: OpenTelemetry's `tracestate` parser knows level 1 only
-            context = _trace_context.extract({TRACEPARENT: traceparent}, context, getter=_getter)
-        finally:
-            _parsing.reset(token)
+        context = _traceparent(traceparent[0], context)
         tracestate = carrier.get(TRACESTATE)
         if tracestate and not _too_long(carrier, TRACESTATE):
             context = _with_tracestate(context, tracestate)
@@ -241,6 +237,34 @@ def extract(carrier: Carrier) -> Context:
         finally:
             _parsing.reset(token)
     return context
+
+
+_TRACEPARENT_FORMAT = TraceContextTextMapPropagator._TRACEPARENT_HEADER_FORMAT_RE
+_NO_ID = ("0" * 32, "0" * 16)
+
+
+def _traceparent(header: str, context: Context) -> Context:
+    """`context` with the remote parent in `header`, decided as OpenTelemetry's propagator
+    decides (its pattern, its rules), without its per-call carrier plumbing; an oversized
+    header goes through the propagator itself (it logs, and our filter rewrites the record)."""
+    if len(header) > TraceContextTextMapPropagator._TRACEPARENT_MAXIMUM_LENGTH:
+        token = _parsing.set(TRACEPARENT)
+        try:
+            return _trace_context.extract({TRACEPARENT: [header]}, context, getter=_getter)
+        finally:
+            _parsing.reset(token)
+    match = _TRACEPARENT_FORMAT.search(header)
+    if match is None:
+        return context
+    version, trace_id, span_id, flags, rest = match.groups()
+    if trace_id == _NO_ID[0] or span_id == _NO_ID[1] or version == "ff":
+        return context
+    if version == "00" and rest:
+        return context
+    remote = trace.SpanContext(
+        int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(int(flags, 16))
+    )
+    return trace.set_span_in_context(trace.NonRecordingSpan(remote), context)
 
 
 def _with_tracestate(context: Context, values: list[str]) -> Context:
@@ -278,21 +302,54 @@ def inject(
 
     `entry` is our own tracestate member, put first (replacing an older one of ours).
     """
-    _trace_context.inject(headers, context)
     headers.pop(TRACESTATE, None)
     span_context = trace.get_current_span(context).get_span_context()
+    headers.update(outgoing(span_context, entry, context))
+
+
+def outgoing(
+    span_context: trace.SpanContext,
+    entry: tuple[str, str] | None,
+    context: Context | None,
+) -> dict[str, str]:
+    """The headers that carry `span_context` (if valid), `entry` first in its `tracestate`, and
+    the baggage of `context`: the propagators' text, built here.
+
+    A call sends its parent's `tracestate` and baggage again and again: both headers are
+    kept from the last call (one slot each), so a call formats only its own `traceparent`.
+    """
+    global _last_state, _last_baggage
+    sent: dict[str, str] = {}
     if span_context.is_valid:
-        trace_state = span_context.trace_state
-        members = (
-            [(key, value) for key, value in trace_state.items() if entry is None or key != entry[0]]
-            if trace_state
-            else []
+        # As `TraceContextTextMapPropagator.inject` formats it.
+        sent[TRACEPARENT] = (
+            f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-"
+            f"{span_context.trace_flags:02x}"
         )
-        if entry is not None:
-            members.insert(0, entry)
-        if tracestate := _tracestate_header(members):
-            headers[TRACESTATE] = tracestate
-    _baggage.inject(headers, context)
+        trace_state = span_context.trace_state or None
+        state = _last_state
+        if state[0] is not trace_state or state[1] != entry:
+            kept = [
+                (k, v) for k, v in (trace_state or {}).items() if entry is None or k != entry[0]
+            ]
+            header = _tracestate_header([entry, *kept] if entry is not None else kept)
+            state = _last_state = (trace_state, entry, header)
+        if state[2]:
+            sent[TRACESTATE] = state[2]
+    if members := baggage.get_all(context):
+        key = tuple(members.items())
+        cached = _last_baggage
+        if cached[0] != key:
+            carrier: dict[str, str] = {}
+            _baggage.inject(carrier, context)
+            cached = _last_baggage = (key, carrier.get(BAGGAGE))
+        if cached[1]:
+            sent[BAGGAGE] = cached[1]
+    return sent
+
+
+_last_state: tuple[TraceState | None, tuple[str, str] | None, str] = (None, None, "")
+_last_baggage: tuple[tuple[tuple[str, object], ...], str | None] = ((), None)
 
 
 def baggage_first(context: Context, first: Mapping[str, str]) -> Context:

@@ -238,16 +238,25 @@ class RequestSpan:
             span.end()
 
     def _finish(self, span: trace.Span, route: str | None, error: BaseException | None) -> None:
+        found: dict[str, Any] = {}
         if route:
-            span.update_name(f"{self.name} {route}")
-            span.set_attribute(http_attributes.HTTP_ROUTE, route)
+            name = f"{self.name} {route}"
+            span.update_name(name)
+            found[http_attributes.HTTP_ROUTE] = route
             if span.parent is None:  # type: ignore[attr-defined]
-                span.set_attribute(_keys.TRACE_NAME, f"{self.name} {route}")
+                found[_keys.TRACE_NAME] = name
         if self.request_body is not None and (inputs := self.request_body.attribute()):
-            span.set_attribute(_keys.INPUTS, inputs)
+            found[_keys.INPUTS] = inputs
         if self.response_body is not None and (outputs := self.response_body.attribute()):
-            span.set_attribute(_keys.OUTPUTS, outputs)
-        _lean.set_outcome(span, self.status, error, failed_from=500)
+            found[_keys.OUTPUTS] = outputs
+        status = self.status
+        if error is None and status is not None and status < 500:  # `set_outcome`'s OK
+            found[http_attributes.HTTP_RESPONSE_STATUS_CODE] = status
+            _lean.record(span, found)
+            span.set_status(_lean.OK)
+            return
+        _lean.record(span, found)
+        _lean.set_outcome(span, status, error, failed_from=500)
 
     def attach(self) -> None:
         """Make the request span current again (a WSGI iterable runs after the app returned)."""
@@ -396,8 +405,8 @@ def _parent(
         ):
             return _Parent(Context(), [], None, trusted=False, remote=False)
         return _Parent(context, [], None, trusted=True, remote=False)
-    caller = _traceparent(remote)
     if options.trust == "adopt":
+        caller = _traceparent(remote)
         # The caller (a mesh, a gateway) never reports to MLflow: keep its trace id, so its own
         # logs and traces correlate, but start the trace in MLflow here, as its root; its
         # baggage is kept, its sampling decision is not (MLflow's sampler decides).
@@ -415,6 +424,7 @@ def _parent(
             return _Parent(context, [], experiment, trusted=True)
     # Restart: a new trace; the caller's ids are kept as a link, nothing else of theirs
     # (tracestate, baggage, sampling decision) is taken.
+    caller = _traceparent(remote)
     attributes[_keys.RESTARTED_FROM] = caller
     attributes[_keys.TRACE_NAME] = name
     return _Parent(Context(), [trace.Link(remote, {_keys.RESTARTED_FROM: caller})], None, False)
@@ -493,18 +503,33 @@ def server_address(
 ) -> tuple[str, int | None] | None:
     """`server.address`/`server.port` from the Host header, else the socket's own address."""
     if host_header:
-        host, colon, port = host_header.rpartition(":")
-        if (
-            colon
-            and port.isascii()
-            and port.isdigit()
-            and int(port) <= 65535
-            and host
-            and not _URL_DELIMITERS.intersection(host)
-        ):
-            return host.lower(), int(port)  # the common `name:port`, without a URL parser
-        return parsed_host(host_header, fallback)
+        # A service answers to few Host values: each is parsed once.
+        known = _hosts.get(host_header, _UNKNOWN)
+        if known is _UNKNOWN:
+            known = _host(host_header)
+            if len(_hosts) >= 256:  # a churn of them (a scanner) is not cached for long
+                _hosts.clear()
+            _hosts[host_header] = known
+        return known if known is not None else fallback
     return fallback
+
+
+_UNKNOWN = ("", None)  # by identity: not yet parsed
+_hosts: dict[str, tuple[str, int | None] | None] = {}
+
+
+def _host(host_header: str) -> tuple[str, int | None] | None:
+    host, colon, port = host_header.rpartition(":")
+    if (
+        colon
+        and port.isascii()
+        and port.isdigit()
+        and int(port) <= 65535
+        and host
+        and not _URL_DELIMITERS.intersection(host)
+    ):
+        return host.lower(), int(port)  # the common `name:port`, without a URL parser
+    return parsed_host(host_header, None)
 
 
 def parsed_host(

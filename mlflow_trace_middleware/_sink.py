@@ -2,7 +2,9 @@
 
 Contract (README "Delivery guarantees", docs/architecture.md):
 - `submit` is O(1) in the queue length, takes a lock only around a deque append (never held
-  across I/O) and never raises;
+  across I/O) and never raises; `submit_later`, the request path's, likewise appends a finished
+  span's snapshot (`_span.snapshot`, its size estimated for the byte bound), which the worker
+  encodes;
 - at most `max_queue_spans` spans and `max_queue_bytes` bytes of encoded spans are held,
   in-flight batches included; one worker thread, started lazily;
 - at every moment ``produced == exported + pending + sum(dropped.values())``, and every drop has
@@ -23,11 +25,11 @@ import weakref
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from . import _log
 from ._config import SinkLimits
-from ._span import EncodedSpan, Scope
+from ._span import EncodedSpan, Scope, Snapshot, encode_snapshot, snapshot_size
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,15 @@ _SIZE: Final = 3
 _SINCE: Final = 4
 _ROOT: Final = 5
 _CLAIM: Final = 6
+
+# A finished span not encoded yet: its experiment id, its size as `snapshot_size` estimates it,
+# then its snapshot's fields. One flat tuple of atoms, like `_Item` (a nested one would stay
+# tracked by the collector longer). Or, for a span encoded already (one with events or links),
+# its experiment id, size and `EncodedSpan`.
+_Raw = tuple[Any, ...]
+# Spans the worker encodes between two yields of the GIL: the request path waits for it at
+# most that long (about 0.3 ms); a yield costs a thread switch, so not after every span.
+_ENCODE_SLICE = 64
 
 
 # MLflow 3.18 refuses a whole batch when one of its traces lives in another experiment
@@ -220,6 +231,10 @@ class SpanSink:
         self._wake = threading.Event()  # a flush, a full batch or shutdown
         self._stop = threading.Event()  # shutdown only: ends a backoff early
         self._queue: deque[_Item] = deque()
+        self._raw: deque[_Raw] = deque()  # spans to encode; popped by the worker
+        self._raw_bytes = 0  # their estimated sizes
+        self._encoding = 0  # taken from `_raw`, being encoded
+        self._raw_epoch = 0  # the epoch the spans being encoded were taken in
         self._in_flight = 0
         self._held_bytes = 0  # queued and in flight
         self._produced = 0
@@ -255,51 +270,142 @@ class SpanSink:
         under `experiment_id` before anyone else writes to it) goes to the front of the queue,
         wakes the worker, and is posted without finished spans: one POST must not hold both a
         placeholder and the span it stands for."""
-        data = span.data
         claim = span.claim
-        size = len(data)
         with self._lock:
             if not claim:
                 self._produced += 1
+            drop = self._admit(span, experiment_id)
+            worker = self._new_worker()
+            # Once per full batch (or claim): setting an Event takes its lock and wakes a thread.
+            wake = (claim or len(self._queue) >= self._max_batch) and not self._wake.is_set()
+        if worker is not None:
+            self._start_worker(worker)
+        if wake:
+            self._wake.set()
+        if drop:
+            _log.warn_limited(drop, "mlflow-trace-middleware: dropping spans (%s)", drop)
+
+    def submit_later(
+        self, snapshot: Snapshot | EncodedSpan, experiment_id: str | None = None
+    ) -> None:
+        """Queue one finished span, as its `_span.snapshot`, for the worker to encode (one that
+        fails to encode is dropped as `encoding_error`), or encoded already (it keeps its place
+        among the others: spans are posted in the order they ended). Never blocks, never
+        raises; the request path's way in: a deque append under the lock, the bounds checked
+        (spans, and the bytes they will take: `snapshot_size`), the encoding off its thread."""
+        raw = self._raw
+        if isinstance(snapshot, EncodedSpan):
+            size = len(snapshot.data)
+            item: _Raw = (experiment_id, size, snapshot)
+        else:
+            size = snapshot_size(snapshot)
+            item = (experiment_id, size, *snapshot)
+        with self._lock:
             if self._closing:
                 drop = "shutdown"
-            elif size > self._max_batch_bytes:
-                drop = "too_large"
             elif (
-                len(self._queue) + self._in_flight >= self._max_queue
-                or self._held_bytes + size > self._max_queue_bytes
+                len(raw) + len(self._queue) + self._in_flight >= self._max_queue
+                or self._held_bytes + self._raw_bytes + size > self._max_queue_bytes
             ):
                 drop = "queue_full"
             else:
                 drop = ""
-                item = (data, span.scope, experiment_id, size, 0.0, span.root, claim)
-                if claim:
-                    self._queue.appendleft(item)
-                    self._claims_held += 1
-                else:
-                    self._queue.append(item)
-                self._held_bytes += size
-            if drop and claim:  # nothing is lost: the span follows (and is counted) when it ends
-                drop = ""
-            elif drop:
+                raw.append(item)
+                self._raw_bytes += size
+            if drop:
+                self._produced += 1
                 self._dropped[drop] += 1
-            worker = None
-            if self._worker is None and not self._closing:
-                worker = self._worker = threading.Thread(
-                    target=self._run, name="mlflow-trace-sink", daemon=True
-                )
-            # Once per full batch (or claim): setting an Event takes its lock and wakes a thread.
-            wake = (claim or len(self._queue) >= self._max_batch) and not self._wake.is_set()
+            worker = self._new_worker()
         if worker is not None:
-            try:
-                worker.start()
-            except RuntimeError:  # "can't start new thread": retry on the next submit
-                with self._lock:
-                    self._worker = None
-                _log.internal_error("sink worker start")
-        if wake:
-            self._wake.set()
+            self._start_worker(worker)
         if drop:
+            _log.warn_limited(drop, "mlflow-trace-middleware: dropping spans (%s)", drop)
+            return
+        # A full batch wakes the worker, as in `submit`; else the schedule or a flush does.
+        if len(raw) >= self._max_batch and not self._wake.is_set():
+            self._wake.set()
+
+    def _admit(self, span: EncodedSpan, experiment_id: str | None) -> str:
+        """Queue `span` (the lock held); the reason it was dropped, counted, or ""."""
+        data = span.data
+        claim = span.claim
+        size = len(data)
+        if self._closing:
+            drop = "shutdown"
+        elif size > self._max_batch_bytes:
+            drop = "too_large"
+        elif (
+            len(self._queue) + self._in_flight >= self._max_queue
+            or self._held_bytes + size > self._max_queue_bytes
+        ):
+            drop = "queue_full"
+        else:
+            item = (data, span.scope, experiment_id, size, 0.0, span.root, claim)
+            if claim:
+                self._queue.appendleft(item)
+                self._claims_held += 1
+            else:
+                self._queue.append(item)
+            self._held_bytes += size
+            return ""
+        if claim:  # nothing is lost: the span follows (and is counted) when it ends
+            return ""
+        self._dropped[drop] += 1
+        return drop
+
+    def _new_worker(self) -> threading.Thread | None:
+        """The worker to start (the lock held), if none runs yet."""
+        if self._worker is not None or self._closing:
+            return None
+        worker = self._worker = threading.Thread(
+            target=self._run, name="mlflow-trace-sink", daemon=True
+        )
+        return worker
+
+    def _start_worker(self, worker: threading.Thread) -> None:
+        try:
+            worker.start()
+        except RuntimeError:  # "can't start new thread": retry on the next submit
+            with self._lock:
+                self._worker = None
+            _log.internal_error("sink worker start")
+
+    def _intake(self) -> None:
+        """Encode the spans `submit_later` handed over and queue them (the worker only)."""
+        raw = self._raw
+        if not raw:
+            return
+        with self._lock:
+            taken = [raw.popleft() for _ in range(len(raw))]
+            self._raw_bytes -= sum(item[1] for item in taken)
+            self._produced += len(taken)
+            self._encoding = len(taken)
+            self._raw_epoch = self._epoch
+        encoded: list[tuple[EncodedSpan | None, str | None]] = []
+        for n, item in enumerate(taken, 1):
+            experiment_id = item[0]
+            try:
+                span = item[2] if len(item) == 3 else encode_snapshot(item[2:])
+                encoded.append((span, experiment_id))
+            except Exception:
+                _log.internal_error("span encode")
+                encoded.append((None, experiment_id))
+            if n % _ENCODE_SLICE == 0:
+                time.sleep(0)  # let the request path have the GIL between slices
+        drops: set[str] = set()
+        with self._lock:
+            self._encoding = 0
+            if self._raw_epoch != self._epoch:  # given up meanwhile: already counted
+                return
+            for span, experiment_id in encoded:
+                if span is None:
+                    self._dropped["encoding_error"] += 1
+                    drops.add("encoding_error")
+                elif drop := self._admit(span, experiment_id):
+                    drops.add(drop)
+            if drops:
+                self._settled.notify_all()
+        for drop in drops:
             _log.warn_limited(drop, "mlflow-trace-middleware: dropping spans (%s)", drop)
 
     def count_dropped(self, reason: str) -> None:
@@ -316,7 +422,7 @@ class SpanSink:
         was delivered (none dropped, none still pending) within `timeout` seconds."""
         deadline = time.monotonic() + max(timeout, 0.0)
         with self._lock:
-            target = self._produced
+            target = self._produced + len(self._raw)
             if self._settled_count() < target:
                 self._flush_requested = True
                 self._wake.set()
@@ -367,9 +473,14 @@ class SpanSink:
         too: whatever the worker learns of it later is ignored (`_epoch`), never counted twice.
         """
         with self._lock:
-            held = len(self._queue) + self._in_flight - self._claims_held
+            raw = len(self._raw)
+            for _ in range(raw):
+                self._raw.popleft()
+            self._raw_bytes = 0
+            self._produced += raw
+            held = len(self._queue) + self._in_flight - self._claims_held + raw + self._encoding
             self._queue.clear()
-            self._in_flight = self._held_bytes = self._claims_held = 0
+            self._in_flight = self._held_bytes = self._claims_held = self._encoding = 0
             self._epoch += 1
             if held:
                 self._dropped["shutdown_timeout"] += held
@@ -379,16 +490,21 @@ class SpanSink:
 
     def stats(self) -> SinkStats:
         with self._lock:
+            raw = len(self._raw)  # once: a span appended meanwhile is in both counts or neither
             return SinkStats(
-                produced=self._produced,
+                produced=self._produced + raw,
                 exported=self._exported,
-                pending=len(self._queue) + self._in_flight - self._claims_held,
-                pending_bytes=self._held_bytes,
+                pending=self._pending() + raw,
+                pending_bytes=self._held_bytes + self._raw_bytes,
                 requests=self._requests,
                 dropped=dict(self._dropped),
                 internal_errors=_log.internal_errors(),
                 claims=self._claims,
             )
+
+    def _pending(self) -> int:
+        """Spans queued, in flight or being encoded (the lock held), not those in `_raw`."""
+        return len(self._queue) + self._in_flight - self._claims_held + self._encoding
 
     def _settled_count(self) -> int:
         return self._exported + sum(self._dropped.values())
@@ -402,6 +518,7 @@ class SpanSink:
             if not self._flush_requested:
                 self._wake.wait(max(due - time.monotonic(), 0.0))
             self._wake.clear()
+            self._intake()
             # Woken before time by a claim: post the claims, keep the spans' schedule (a
             # stream of claims must not hold partial batches back until a batch fills up).
             early = time.monotonic() < due and not (
@@ -427,7 +544,8 @@ class SpanSink:
                 if self._closing or self._stop.wait(delay):
                     break
             with self._lock:
-                if not self._queue:  # a flush that came meanwhile still finds its spans
+                # A flush that came meanwhile still finds its spans.
+                if not self._queue and not self._raw:
                     self._flush_requested = False
                 if self._closing:
                     self._settled.notify_all()
@@ -435,6 +553,7 @@ class SpanSink:
             self._summarize()
 
     def _take(self, claims_only: bool = False) -> list[_Item]:
+        self._intake()
         with self._lock:
             batch: list[_Item] = []
             size = 0
@@ -558,7 +677,7 @@ class SpanSink:
             self._reported = Counter(self._dropped)
             self._last_summary = now
             exported = self._exported
-            pending = len(self._queue) + self._in_flight - self._claims_held
+            pending = self._pending() + len(self._raw)
         if new:
             reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(new.items()))
             count = sum(new.values())

@@ -16,7 +16,9 @@ of the SDK `ReadableSpan` interface they read (`name`, `context`, `parent`, `kin
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping, Sequence
+from itertools import chain
 from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
@@ -80,7 +82,18 @@ def encode_span(
     """A finished span as OTLP `Span` bytes. `state` is passed apart from the span because one
     of ours must not be read through its `attributes` (that would hand it to MLflow); `extra`
     attributes are added (the service name, the trace tags of a root)."""
-    attributes, events, links, status = state
+    snap = snapshot(span, state, extra)
+    if snap is not None:
+        return encode_snapshot(snap)
+    data = _message(span, state) + _attribute_fields(state[0])
+    if extra:
+        data += _attribute_fields(extra)
+    return EncodedSpan(data, _scope_of(span.instrumentation_scope), span.parent is None)
+
+
+def _message(span: Finished, state: Recorded) -> bytes:
+    """The `Span` fields but attributes, through the protobuf message (events, links)."""
+    _, events, links, status = state
     context = span.context
     parent = span.parent
     encoded = PbSpan(
@@ -119,10 +132,117 @@ def encode_span(
     encoded.status.code = _CODES[status.status_code]  # type: ignore[assignment]
     if status.description:
         encoded.status.message = status.description
-    data = encoded.SerializeToString() + _attribute_fields(attributes)
-    if extra:
-        data += _attribute_fields(extra)
-    return EncodedSpan(data, _scope_of(span.instrumentation_scope), parent is None)
+    data: bytes = encoded.SerializeToString()
+    return data
+
+
+# A finished span without events or links as one flat tuple of atoms (`snapshot`): name, kind
+# (OTLP value), start, end, trace id, span id, tracestate header, trace flags, parent span id or
+# None, whether the parent is remote, dropped attributes, status code (OTLP value), status
+# description, scope name, scope version, then each attribute's key and value (the extra ones
+# last). Flat on purpose: the cyclic garbage collector untracks a tuple of atoms at its first
+# young collection (a nested tuple only once its members are, a dict never), so spans waiting
+# for the sink's worker cost the collector nothing.
+Snapshot = tuple[Any, ...]
+_FIXED_FIELDS = 15  # the attributes' keys and values follow
+
+
+def snapshot(
+    span: Finished, state: Recorded, extra: Mapping[str, Any] | None = None
+) -> Snapshot | None:
+    """What `encode_snapshot` needs of a finished span, taken now; None for a span with events
+    or links (rare: `encode_span` encodes it at once)."""
+    attributes, events, links, status = state
+    context = span.context
+    if events or links or context is None or span.dropped_events or span.dropped_links:
+        return None
+    parent = span.parent
+    trace_state = context.trace_state
+    start = span.start_time or 0
+    taken = (
+        span.name,
+        _KINDS[span.kind],
+        start,
+        span.end_time or start,  # an open span (a claim's placeholder): zero length
+        context.trace_id,
+        context.span_id,
+        trace_state.to_header() if trace_state else "",
+        context.trace_flags & 0xFF,
+        None if parent is None else parent.span_id,
+        parent is not None and parent.is_remote,
+        span.dropped_attributes,
+        _CODES[status.status_code],
+        status.description,
+        *_scope_of(span.instrumentation_scope),
+        *_flat(getattr(attributes, "_dict", attributes)),
+    )
+    return taken + _flat(extra) if extra else taken
+
+
+def snapshot_size(snap: Snapshot) -> int:
+    """About the bytes `encode_snapshot` makes of `snap` (for the sink's byte bound before it
+    is encoded): the text of its name and attribute values, plus the fields around them."""
+    size = 64 + len(snap[0]) + 8 * len(snap)  # ids, times, status; keys are short
+    for value in snap[_FIXED_FIELDS + 1 :: 2]:
+        kind = value.__class__
+        if kind is str or kind is bytes:
+            size += len(value)
+        elif kind is tuple:
+            size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in value)
+    return size
+
+
+def _flat(attributes: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(chain.from_iterable(attributes.items()))
+
+
+def encode_snapshot(snap: Snapshot) -> EncodedSpan:
+    """A `snapshot` as OTLP `Span` bytes: the fields byte for byte as the protobuf library
+    writes them (field order, defaults left out), without building a message."""
+    name, kind, start, end, trace_id, span_id, trace_state, trace_flags = snap[:8]
+    parent, remote, dropped, code, description, scope_name, scope_version = snap[8:_FIXED_FIELDS]
+    parts = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
+    if trace_state:
+        parts.append(_text(3, trace_state))
+    if parent is not None:
+        parts += (b"\x22\x08", parent.to_bytes(8, "big"))
+    if name:
+        parts.append(_text(5, name))
+    parts.append(_KIND_FIELDS[kind])
+    if start:
+        parts += (b"\x39", _FIXED64.pack(start))
+    if end:
+        parts += (b"\x41", _FIXED64.pack(end))
+    if dropped:
+        parts += (b"\x50", _varint(dropped))
+    # Status (field 15): code = 3, message = 2; always present, as `_message` sets it.
+    inner = _text(2, description) if description else b""
+    if code:
+        inner += b"\x18" + _varint(code)
+    parts += (b"\x7a", _varint(len(inner)), inner)
+    flags = _HAS_IS_REMOTE | (_IS_REMOTE if remote else 0) | trace_flags
+    pairs = iter(snap[_FIXED_FIELDS:])
+    parts += (b"\x85\x01", _FIXED32.pack(flags), _pair_fields(zip(pairs, pairs, strict=True)))
+    return EncodedSpan(b"".join(parts), _scope_key(scope_name, scope_version), parent is None)
+
+
+def _text(number: int, text: str) -> bytes:
+    return _field(number, text.encode())
+
+
+_FIXED64 = struct.Struct("<Q")
+_FIXED32 = struct.Struct("<I")
+
+
+def _scope_key(name: str, version: str) -> Scope:
+    """The shared (name, version) tuple of a scope named in a snapshot."""
+    key = (name, version)
+    shared = _scope_names.get(key)
+    if shared is None:
+        if len(_scope_names) >= 64:  # as `_scope_keys`
+            _scope_names.clear()
+        shared = _scope_names[key] = key
+    return shared
 
 
 def _scope_of(scope: SdkScope | None) -> Scope:
@@ -141,7 +261,9 @@ def _scope_of(scope: SdkScope | None) -> Scope:
 # Enum `.value` is a property; a dict lookup is cheaper on every span.
 _KINDS = {kind: kind.value + 1 for kind in SpanKind}  # INTERNAL (0) is SPAN_KIND_INTERNAL (1)
 _CODES = {code: code.value for code in StatusCode}
+_KIND_FIELDS = {value: bytes((0x30, value)) for value in _KINDS.values()}  # Span.kind = 6
 _scope_keys: dict[int, tuple[SdkScope | None, Scope]] = {}
+_scope_names: dict[Scope, Scope] = {}
 
 
 _SPAN_ATTRIBUTES = 9  # the field number of `Span.attributes`
@@ -159,9 +281,13 @@ def _attribute_fields(attributes: Mapping[str, Any] | None) -> bytes:
     """Attributes as repeated `Span.attributes` fields (protobuf appends repeated fields)."""
     if not attributes:
         return b""
-    fields = []
     # BoundedAttributes keeps a plain dict inside; iterating that skips the ABC machinery.
-    for key, value in getattr(attributes, "_dict", attributes).items():
+    return _pair_fields(getattr(attributes, "_dict", attributes).items())
+
+
+def _pair_fields(pairs: Iterable[tuple[str, Any]]) -> bytes:
+    fields = []
+    for key, value in pairs:
         kind = value.__class__
         # Scalars only: (1, True) == (1, 1), so sequences would share a cache entry.
         cacheable = kind in _SCALARS or (kind in _TEXT and len(value) <= _MAX_CACHED_VALUE)

@@ -48,7 +48,7 @@ _UNSAFE_PATH = re.compile(r"%2e|%2f|%5c|\\|(?:^|/)\.\.?(?:/|$)", re.IGNORECASE)
 
 
 class Targets:
-    """A parsed allowlist; `allows()` is a few set look-ups.
+    """A parsed allowlist; `allows()` is a few set look-ups, and one once an origin was seen.
 
     ```python
     targets = Targets(["api.internal", "*.svc.cluster.local", "https://gw.example:8443/v1"])
@@ -56,7 +56,15 @@ class Targets:
     ```
     """
 
-    __slots__ = ("_domain_ports", "_domains", "_everything", "_host_ports", "_hosts", "_prefixes")
+    __slots__ = (
+        "_decided",
+        "_domain_ports",
+        "_domains",
+        "_everything",
+        "_host_ports",
+        "_hosts",
+        "_prefixes",
+    )
 
     def __init__(self, patterns: Patterns) -> None:
         if isinstance(patterns, str):
@@ -68,6 +76,9 @@ class Targets:
         self._domain_ports: set[tuple[str, int]] = set()
         # (scheme, host, port) -> path prefixes, without their trailing "/" ("" is the origin)
         self._prefixes: dict[tuple[str, str, int], tuple[str, ...]] = {}
+        # (scheme, host, port) as given -> the decision, for origins whose decision does not
+        # depend on the path (bounded: cleared when full).
+        self._decided: dict[tuple[str, str, int | None], bool] = {}
         for pattern in patterns:
             if not isinstance(pattern, str):
                 raise ValueError(f"propagation targets are strings, not {pattern!r}")
@@ -97,6 +108,22 @@ class Targets:
         """Whether context may go to this destination (`host` as the client connects to it)."""
         if self._everything:
             return True
+        origin = (scheme, host, port)
+        decided = self._decided.get(origin)
+        if decided is not None:
+            return decided
+        prefixes = self._origin(scheme, host, port)
+        if isinstance(prefixes, bool):
+            if len(self._decided) >= MAX_ORIGINS:
+                self._decided.clear()
+            self._decided[origin] = prefixes
+            return prefixes
+        if _UNSAFE_PATH.search(path):
+            return False
+        return any(path == prefix or path.startswith(prefix + "/") for prefix in prefixes)
+
+    def _origin(self, scheme: str, host: str, port: int | None) -> bool | tuple[str, ...]:
+        """The decision for an origin, or the path prefixes it depends on."""
         scheme = scheme.lower()
         name = _connect_host(host)
         if name is None:
@@ -117,11 +144,10 @@ class Targets:
         prefixes = self._prefixes.get((scheme, name, port))
         if not prefixes:
             return False
-        if "" in prefixes:
-            return True
-        if _UNSAFE_PATH.search(path):
-            return False
-        return any(path == prefix or path.startswith(prefix + "/") for prefix in prefixes)
+        return True if "" in prefixes else prefixes
+
+
+MAX_ORIGINS = 1024
 
 
 def _put(host: str, port: int | None, any_port: set[str], ports: set[tuple[str, int]]) -> None:

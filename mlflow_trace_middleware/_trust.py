@@ -89,7 +89,8 @@ def entry(
 
 def accept(span_context: SpanContext, keys: Sequence[bytes]) -> tuple[bool, str | None]:
     """(continue?, experiment) for an inbound context: with keys, only a valid signature passes."""
-    value = span_context.trace_state.get(ENTRY_KEY)
+    state = span_context.trace_state
+    value = state.get(ENTRY_KEY) if state else None  # most callers send no tracestate
     parts = value.split(".") if value else []
     if len(parts) not in (2, 3) or parts[0] != _VERSION:
         return not keys, None

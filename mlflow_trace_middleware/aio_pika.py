@@ -21,11 +21,12 @@ message without context is handled untraced. For messages handled another way,
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from typing import Any
 
-from . import _imports, _log, _messaging, _mlflow, _server, _trust
+from . import _imports, _log, _messaging, _mlflow, _patch, _server, _trust
 
 __all__ = ["consume", "consume_batch", "instrument", "uninstrument"]
 
@@ -216,23 +217,26 @@ def _exit(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
 # -- patching ------------------------------------------------------------------------------------
 
 
-_patched: list[tuple[Any, str, Any]] = []  # (class, attribute, its own value)
+_patched = False
 
 
-def _patch(module: Any) -> None:
-    if _patched:
-        return
-    exchange, queue = module.exchange.Exchange, module.queue.Queue
+def _targets(module: Any) -> tuple[tuple[Any, str, Callable[[Any], Any]], ...]:
     process = module.message.ProcessContext
-    for owner, name, wrap in (
-        (exchange, "publish", _publish),
-        (queue, "consume", lambda own: _consume(own, module.queue.QueueIterator)),
+    return (
+        (module.exchange.Exchange, "publish", _publish),
+        (module.queue.Queue, "consume", lambda own: _consume(own, module.queue.QueueIterator)),
         (process, "__aenter__", _enter),
         (process, "__aexit__", _exit),
-    ):
-        own = owner.__dict__[name]
-        _patched.append((owner, name, own))
-        setattr(owner, name, wrap(own))
+    )
+
+
+def _instrument(module: Any) -> None:
+    global _patched
+    if _patched:
+        return
+    _patched = True
+    for owner, name, wrap in _targets(module):
+        _patch.replace(owner, name, wrap)
 
 
 def instrument(*, trust: _trust.Trust | None = None) -> None:
@@ -245,12 +249,14 @@ def instrument(*, trust: _trust.Trust | None = None) -> None:
     if not _imports.waiting("aio_pika"):
         _options = _messaging.options(trust)
     # At once if it is imported (also through a finder ahead of ours while this waited).
-    _imports.when_imported("aio_pika", _patch)
+    _imports.when_imported("aio_pika", _instrument)
 
 
 def uninstrument() -> None:
     """Undo `instrument()`; consumers it traced stop tracing."""
+    global _patched
     _imports.cancel("aio_pika")
-    while _patched:
-        owner, name, original = _patched.pop()
-        setattr(owner, name, original)
+    _patched = False
+    if "aio_pika" in sys.modules:  # also ours left inert under another's wrapper
+        for owner, name, _wrap in _targets(sys.modules["aio_pika"]):
+            _patch.restore(owner, name)

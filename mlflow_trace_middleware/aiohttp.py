@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from . import _client, _propagation, _targets
+from . import _client, _patch, _propagation, _targets
 
 __all__ = ["instrument", "tracing_config", "uninstrument"]
 
@@ -59,8 +59,12 @@ async def _on_end(session: aiohttp.ClientSession, context: SimpleNamespace, para
     response = params.response
     status = response.status
     call.answered(response.headers)
+    content = response.content
+    if content.is_eof():  # a small body is often all in already
+        call.end(status)
+        return
     # At the body's last byte, or when the caller releases or closes the response first.
-    response.content.on_eof(lambda: call.end(status))
+    content.on_eof(lambda: call.end(status))
     call.end_after(response, ("release", "close"), status)
 
 
@@ -95,26 +99,20 @@ def _own_targets(session: aiohttp.ClientSession) -> _targets.Targets | None:
 # -- library-wide patching ---------------------------------------------------------------------
 
 _shared = tracing_config()
-_original: list[Any] = []
+
+
+async def _request(original: Any, session: aiohttp.ClientSession, *args: Any, **kwargs: Any) -> Any:
+    configs = session._trace_configs
+    if not any(hasattr(config, "_mtm_targets") for config in configs):
+        configs.append(_shared)
+    return await original(session, *args, **kwargs)
 
 
 def instrument() -> None:
     """Trace every `aiohttp.ClientSession`, whenever it was created (our `TraceConfig` joins a
     session's list on its first request)."""
-    if _original:
-        return
-    original = aiohttp.ClientSession._request
-
-    async def _request(session: aiohttp.ClientSession, *args: Any, **kwargs: Any) -> Any:
-        configs = session._trace_configs
-        if not any(hasattr(config, "_mtm_targets") for config in configs):
-            configs.append(_shared)
-        return await original(session, *args, **kwargs)
-
-    _original.append(original)
-    aiohttp.ClientSession._request = _request  # type: ignore[method-assign,assignment]
+    _patch.patch(aiohttp.ClientSession, "_request", _request)
 
 
 def uninstrument() -> None:
-    if _original:
-        aiohttp.ClientSession._request = _original.pop()  # type: ignore[method-assign]
+    _patch.restore(aiohttp.ClientSession, "_request")

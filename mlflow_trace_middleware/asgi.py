@@ -141,7 +141,14 @@ async def _traced(
 ) -> None:
     root_path = scope.get("root_path", "")
     response_done = False
+    route: str | None = None  # the template, once routing has matched
     scope[_server.SCOPE_KEY] = request  # for the messages the body carries (`mcp.py`)
+
+    def matched() -> str | None:
+        nonlocal route
+        if route is None:
+            route = _routes.template(scope, root_path)
+        return route
 
     async def receive_wrapper() -> Message:
         message = await receive()
@@ -156,8 +163,7 @@ async def _traced(
         try:
             if kind == "http.response.start":
                 _response_started(request, message)
-                route = _routes.template(scope, root_path) if request.answers else None
-                if header := request.callee_header(route):
+                if request.answers and (header := request.callee_header(matched())):
                     name, value = header
                     extra = (name.encode(), value.encode())
                     message = {**message, "headers": [*message.get("headers", ()), extra]}
@@ -168,16 +174,16 @@ async def _traced(
         await send(message)
         if kind == "http.response.body" and not message.get("more_body", False):
             response_done = True
-            request.end(route=_routes.template(scope, root_path))
+            request.end(route=matched())
 
     try:
         await app(scope, receive_wrapper, send_wrapper)
     except BaseException as exc:
-        request.end(exc, route=_routes.template(scope, root_path))
+        request.end(exc, route=matched())
         raise
     finally:
         if not response_done:  # the client went away, or no body was sent
-            request.end(route=_routes.template(scope, root_path))
+            request.end(route=matched())
         request.detach()
 
 

@@ -29,6 +29,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import os
+import sys
 import threading
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -45,6 +46,7 @@ from . import (
     _lean,
     _log,
     _mlflow,
+    _patch,
     _propagation,
     _runtime,
     _server,
@@ -286,16 +288,16 @@ _SIGNALS = (
     ("worker_process_init", _process_init),
     ("worker_process_shutdown", _process_shutdown),
 )
-_patched: list[tuple[Any, Any]] = []  # (Celery class, its own send_task)
+_patched = False
 
 
-def _patch() -> None:
+def _instrument() -> None:
+    global _patched
     if _patched:
         return
+    _patched = True
     signals = importlib.import_module("celery.signals")
-    app_class = importlib.import_module("celery.app.base").Celery
-    _patched.append((app_class, app_class.send_task))
-    app_class.send_task = _send_task(app_class.send_task)
+    _patch.replace(importlib.import_module("celery.app.base").Celery, "send_task", _send_task)
     for name, receiver in _SIGNALS:
         getattr(signals, name).connect(receiver, weak=False)
 
@@ -315,15 +317,17 @@ def instrument(*, trust: _trust.Trust | None = None, instrument_clients: bool = 
         _options = _server.ServerOptions(trust=_trust.check_policy(policy or "continue"))
         _clients = instrument_clients
     # At once if Celery is imported (also through a finder ahead of ours while this waited).
-    _imports.when_imported("celery", lambda module: _patch())
+    _imports.when_imported("celery", lambda module: _instrument())
 
 
 def uninstrument() -> None:
+    global _patched
     _imports.cancel("celery")
+    if "celery.app.base" in sys.modules:  # also ours left inert under another's wrapper
+        _patch.restore(sys.modules["celery.app.base"].Celery, "send_task")
     if not _patched:
         return
-    app_class, send_task = _patched.pop()
-    app_class.send_task = send_task
+    _patched = False
     signals = importlib.import_module("celery.signals")
     for name, receiver in _SIGNALS:
         getattr(signals, name).disconnect(receiver)

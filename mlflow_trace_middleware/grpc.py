@@ -30,6 +30,7 @@ at its first request, after a gRPC server in the same process has started.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -52,7 +53,18 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.semconv.attributes import client_attributes, server_attributes
 
-from . import _client, _keys, _lean, _log, _mlflow, _propagation, _server, _targets, _trust
+from . import (
+    _client,
+    _keys,
+    _lean,
+    _log,
+    _mlflow,
+    _patch,
+    _propagation,
+    _server,
+    _targets,
+    _trust,
+)
 
 __all__ = [
     "AioServerInterceptor",
@@ -295,7 +307,7 @@ class _AioClient:
 
     async def _intercept(self, continuation: Any, details: Any, request: Any) -> Any:
         started = None
-        if _originals or not self._implicit:  # an implicit one stops with uninstrument()
+        if _patched or not self._implicit:  # an implicit one stops with uninstrument()
             started = _start(self._target, details.method, details.metadata, self._targets)
         if started is None:
             return await continuation(details, request)
@@ -553,7 +565,7 @@ class _Server:
         self._implicit = False
 
     def _traced(self, handler: Any, details: Any, aio: bool) -> Any:
-        if handler is None or (self._implicit and not _originals):
+        if handler is None or (self._implicit and not _patched):
             return handler
         if getattr(details, "method", None) in self._options.exclude_paths:
             return handler
@@ -708,50 +720,57 @@ def _aio_lookup(original: Any) -> Any:
     return find
 
 
-_originals: list[tuple[Any, str, Any]] = []
+_patched = False
+_layers: list[tuple[Any, str]] = []  # (owner, attribute) where our layers are, once made
 
 
-def _patches() -> list[tuple[Any, str, Any]]:
+def _patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     channel: Any = importlib.import_module("grpc._channel")
     aio_channel: Any = importlib.import_module("grpc.aio._channel")
-    patches: list[tuple[Any, str, Any]] = []
+    patches: list[tuple[Any, str, Callable[[Any], Any]]] = []
     for cls in (channel._UnaryUnaryMultiCallable, channel._StreamUnaryMultiCallable):
         for name, blocking in (("__call__", True), ("with_call", True), ("future", False)):
-            patches.append((cls, name, _sync_method(getattr(cls, name), blocking)))
+            patches.append((cls, name, functools.partial(_sync_method, blocking=blocking)))
     for name in (
         "_UnaryStreamMultiCallable",
         "_SingleThreadedUnaryStreamMultiCallable",
         "_StreamStreamMultiCallable",
     ):
         cls = getattr(channel, name)
-        patches.append((cls, "__call__", _sync_method(cls.__call__, False)))
+        patches.append((cls, "__call__", functools.partial(_sync_method, blocking=False)))
     aio_names = ("UnaryUnary", "UnaryStream", "StreamUnary", "StreamStream")
     for name, kind in zip(aio_names, _AIO_KINDS, strict=True):
         cls = getattr(aio_channel, f"{name}MultiCallable")
-        patches.append((cls, "__call__", _aio_method(cls.__call__, kind)))
-    patches.append((grpc, "server", _server_factory(grpc.server, ServerInterceptor)))
-    patches.append((grpc.aio, "server", _server_factory(grpc.aio.server, AioServerInterceptor)))
+        patches.append((cls, "__call__", functools.partial(_aio_method, kind=kind)))
+    patches.append((grpc, "server", functools.partial(_server_factory, make=ServerInterceptor)))
+    patches.append(
+        (grpc.aio, "server", functools.partial(_server_factory, make=AioServerInterceptor))
+    )
     # Servers made before: the lookup each one runs per call (absent in another grpc: skipped).
     server: Any = importlib.import_module("grpc._server")
     cygrpc: Any = importlib.import_module("grpc._cython.cygrpc")
     for module, lookup in ((server, _sync_lookup), (cygrpc, _aio_lookup)):
-        if callable(original := getattr(module, "_find_method_handler", None)):
-            patches.append((module, "_find_method_handler", lookup(original)))
+        if callable(getattr(module, "_find_method_handler", None)):
+            patches.append((module, "_find_method_handler", lookup))
     return patches
 
 
 def instrument() -> None:
     """Trace every gRPC call this process makes (channels whenever made) and serves (servers
     made from now on). Idempotent."""
-    if _originals:
+    global _patched
+    if _patched:
         return
-    for owner, name, wrapped in _patches():
-        _originals.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, wrapped)
+    _patched = True
+    for owner, name, wrap in _patches():
+        _patch.replace(owner, name, wrap)
+        if (owner, name) not in _layers:
+            _layers.append((owner, name))
 
 
 def uninstrument() -> None:
     """Undo `instrument()`; interceptors it added to channels and servers stop tracing."""
-    while _originals:
-        owner, name, original = _originals.pop()
-        setattr(owner, name, original)
+    global _patched
+    _patched = False
+    for owner, name in _layers:
+        _patch.restore(owner, name)  # also one left inert under another's wrapper, gone since

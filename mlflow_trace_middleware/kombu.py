@@ -26,10 +26,11 @@ per message. `consume(message)` does the same for one message handled outside a 
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _imports, _log, _messaging, _mlflow, _propagation, _server, _trust
+from . import _imports, _log, _messaging, _mlflow, _patch, _propagation, _server, _trust
 
 __all__ = ["consume", "consume_batch", "instrument", "uninstrument"]
 
@@ -262,22 +263,22 @@ class _OnMessage:
 # -- patching ------------------------------------------------------------------------------------
 
 
-_patched: list[tuple[Any, str, Any]] = []  # (class, attribute, its own value)
+_patched = False
+_on_message: Any = None  # `Consumer.on_message`'s own value, while `_OnMessage` replaces it
 
 
-def _patch(module: Any) -> None:
+def _instrument(module: Any) -> None:
+    global _buffers, _on_message, _patched
     if _patched:
         return
-    global _buffers
+    _patched = True
     _buffers = (importlib.import_module("kombu.simple").SimpleBase,)
     producer, consumer = module.Producer, module.Consumer
-    for owner, name, wrapped in (
-        (producer, "publish", _publish(producer.publish)),
-        (consumer, "receive", _receive(consumer.receive)),
-        (consumer, "on_message", _OnMessage()),
-    ):
-        _patched.append((owner, name, owner.__dict__[name]))
-        setattr(owner, name, wrapped)
+    _patch.replace(producer, "publish", _publish)
+    _patch.replace(consumer, "receive", _receive)
+    # A data descriptor, not a function to wrap: `_patch` cannot install it.
+    _on_message = consumer.__dict__["on_message"]
+    consumer.on_message = _OnMessage()
 
 
 def instrument(*, trust: _trust.Trust | None = None) -> None:
@@ -292,11 +293,17 @@ def instrument(*, trust: _trust.Trust | None = None) -> None:
     if not _imports.waiting("kombu.messaging"):
         _options = _messaging.options(trust)
     # At once if it is imported (also through a finder ahead of ours while this waited).
-    _imports.when_imported("kombu.messaging", _patch)
+    _imports.when_imported("kombu.messaging", _instrument)
 
 
 def uninstrument() -> None:
+    global _patched
     _imports.cancel("kombu.messaging")
-    while _patched:
-        owner, name, original = _patched.pop()
-        setattr(owner, name, original)
+    module: Any = sys.modules.get("kombu.messaging")
+    if module is None:
+        return
+    _patch.restore(module.Consumer, "receive")  # also ours left inert under another's wrapper
+    _patch.restore(module.Producer, "publish")
+    if _patched:
+        _patched = False
+        module.Consumer.on_message = _on_message

@@ -58,6 +58,7 @@ from . import (
     _lean,
     _log,
     _mlflow,
+    _patch,
     _propagation,
     _server,
     _targets,
@@ -571,17 +572,19 @@ _PATCHES = {
         ("mcp.server.runner", "ServerRunner._on_request", _on_request_v2),
     ),
 }
-_originals: list[tuple[Any, str, Any]] = []
+_patched = False
+_layers: list[tuple[Any, str]] = []  # (owner, attribute) where our layers are, once made
 
 
 def _major() -> int:
     return 2 if importlib.util.find_spec(_DISPATCHER) is not None else 1
 
 
-def _patch() -> None:
-    global _nest
-    if _originals:
+def _instrument() -> None:
+    global _nest, _patched
+    if _patched:
         return
+    _patched = True
     mode = os.environ.get(PLUMBING_ENV, "").strip().lower() or "nest"
     if mode not in PLUMBING_MODES:
         _log.logger.warning(
@@ -593,20 +596,21 @@ def _patch() -> None:
         *parents, name = path.split(".")
         for parent in parents:
             owner = getattr(owner, parent)
-        original = getattr(owner, name)
-        _originals.append((owner, name, original))
-        setattr(owner, name, wrap(original))
+        _patch.replace(owner, name, wrap)
+        if (owner, name) not in _layers:
+            _layers.append((owner, name))
 
 
 def instrument() -> None:
     """Trace and propagate through every MCP client session and server of this process (from
     its import, if `mcp` is not imported yet)."""
-    if not _originals:
-        _imports.when_imported("mcp", lambda module: _patch())
+    if not _patched:
+        _imports.when_imported("mcp", lambda module: _instrument())
 
 
 def uninstrument() -> None:
+    global _patched
     _imports.cancel("mcp")
-    while _originals:
-        owner, name, original = _originals.pop()
-        setattr(owner, name, original)
+    _patched = False
+    for owner, name in _layers:
+        _patch.restore(owner, name)  # also one left inert under another's wrapper, gone since

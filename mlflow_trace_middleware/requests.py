@@ -14,6 +14,7 @@ or `instrument_requests()` to trace every session.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,7 +23,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util import parse_url
 
-from . import _client, _targets
+from . import _client, _patch, _targets
 
 __all__ = ["TracingAdapter", "instrument", "uninstrument"]
 
@@ -54,14 +55,13 @@ def _send(
     inner: Callable[[], requests.Response],
     targets: _targets.Targets | None = None,
 ) -> requests.Response:
-    raw_url = request.url or ""
-    url = urlsplit(raw_url)
+    url, agreed = _where(request.url or "")
     call = _client.start(
         request.method or "GET",
-        (url.scheme, url.hostname or "", url.port, url.path or "/"),
+        url,
         request.headers,
         targets,
-        destination=lambda: _destination(raw_url),
+        destination=lambda: url if agreed else None,
     )
     if call is None:
         return inner()
@@ -73,17 +73,41 @@ def _send(
 
 
 def _destination(url: str) -> _targets.Destination | None:
-    """Where requests connects: the host of `urlparse` (requests >= 2.32 picks the connection
-    pool with it) and of urllib3's `parse_url` (older requests); None if they disagree."""
-    split, parsed = urlsplit(url), parse_url(url)
-    host = split.hostname or ""
-    if (parsed.scheme, (parsed.host or "").strip("[]"), parsed.port) != (
-        split.scheme,
-        host,
-        split.port,
-    ):
-        return None
-    return split.scheme, host, split.port, split.path or "/"
+    """Where requests connects (see `_where`); None if its two parsers disagree."""
+    where, agrees = _where(url)
+    return where if agrees else None
+
+
+def _where(url: str) -> tuple[_targets.Destination, bool]:
+    """Where requests connects: the host of `urlsplit` (requests >= 2.32 picks the connection
+    pool with it), and whether urllib3's `parse_url` (older requests) agrees.
+
+    Both parse the host and port from the URL up to the end of its authority alone: they are
+    kept per such head (bounded), so a call parses only its path.
+    """
+    split = urlsplit(url)
+    head = _HEAD.match(url)
+    origin = _origins.get(head[0]) if head else None
+    if origin is None:
+        parsed = parse_url(url)
+        host = split.hostname or ""
+        agrees = (parsed.scheme, (parsed.host or "").strip("[]"), parsed.port) == (
+            split.scheme,
+            host,
+            split.port,
+        )
+        origin = (split.scheme, host, split.port, agrees)
+        if head:
+            if len(_origins) >= MAX_ORIGINS:
+                _origins.clear()
+            _origins[head[0]] = origin
+    scheme, host, port, agrees = origin
+    return (scheme, host, port, split.path or "/"), agrees
+
+
+_HEAD = re.compile(r"[^/?#]*//[^/?#]*")  # the scheme and the authority, as written
+_origins: dict[str, tuple[str, str, int | None, bool]] = {}
+MAX_ORIGINS = 1024
 
 
 class _Raw:
@@ -122,24 +146,20 @@ class _Raw:
             self._call.end(self._status)
 
 
-_original: list[Callable[..., requests.Response]] = []
+def _patched_send(
+    original: Callable[..., requests.Response],
+    adapter: HTTPAdapter,
+    request: requests.PreparedRequest,
+    *args: Any,
+    **kwargs: Any,
+) -> requests.Response:
+    return _send(request, lambda: original(adapter, request, *args, **kwargs))
 
 
 def instrument() -> None:
     """Trace every `requests` call made through an `HTTPAdapter` (every default session)."""
-    if _original:
-        return
-    original = HTTPAdapter.send
-
-    def patched(
-        self: HTTPAdapter, request: requests.PreparedRequest, *args: Any, **kwargs: Any
-    ) -> requests.Response:
-        return _send(request, lambda: original(self, request, *args, **kwargs))
-
-    _original.append(original)
-    HTTPAdapter.send = patched  # type: ignore[method-assign]
+    _patch.patch(HTTPAdapter, "send", _patched_send)
 
 
 def uninstrument() -> None:
-    if _original:
-        HTTPAdapter.send = _original.pop()  # type: ignore[method-assign]
+    _patch.restore(HTTPAdapter, "send")

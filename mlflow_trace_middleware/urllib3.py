@@ -19,7 +19,7 @@ from typing import Any
 from urllib3 import HTTPConnectionPool, HTTPHeaderDict
 from urllib3.util import parse_url
 
-from . import _client, _targets
+from . import _client, _patch, _propagation, _targets
 
 __all__ = ["instrument", "uninstrument"]
 
@@ -32,20 +32,29 @@ def _destination(pool: HTTPConnectionPool, url: str) -> _targets.Destination:
     return parsed.scheme or pool.scheme, parsed.host or "", parsed.port, parsed.path or "/"
 
 
+def _copy(headers: Any) -> Any:
+    """A copy of the request's headers to write the context into: never the caller's mapping or
+    the pool's defaults. A plain dict stays one (urllib3 sends it as it is; a `HTTPHeaderDict`
+    costs more to build and to send) unless it names a propagation field in another case, which
+    only a case-insensitive mapping finds."""
+    if type(headers) is dict and not any(key.lower() in _propagation.FIELDS for key in headers):
+        return dict(headers)
+    return HTTPHeaderDict(headers)
+
+
 def _urlopen(
     original: Any,
     pool: HTTPConnectionPool,
     method: str,
     url: str,
-    body: Any,
-    headers: Any,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
+    body: Any = None,
+    headers: Any = None,
+    *args: Any,
+    **kwargs: Any,
 ) -> Any:
     if _client.outer_call_running():
         return original(pool, method, url, body, headers, *args, **kwargs)
-    # A copy: never write into the caller's mapping or the pool's default headers.
-    sent = HTTPHeaderDict(headers if headers is not None else pool.headers)
+    sent = _copy(headers if headers is not None else pool.headers)
     call = _client.start(method, _destination(pool, url), sent, None)
     if call is None:
         return original(pool, method, url, body, headers, *args, **kwargs)
@@ -59,30 +68,10 @@ def _urlopen(
     return response
 
 
-_original: list[Any] = []
-
-
 def instrument() -> None:
     """Trace every urllib3 request (every pool, whenever it was created)."""
-    if _original:
-        return
-    original = HTTPConnectionPool.urlopen
-
-    def urlopen(
-        pool: HTTPConnectionPool,
-        method: str,
-        url: str,
-        body: Any = None,
-        headers: Any = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Any:
-        return _urlopen(original, pool, method, url, body, headers, args, kwargs)
-
-    _original.append(original)
-    HTTPConnectionPool.urlopen = urlopen  # type: ignore[method-assign,assignment]
+    _patch.patch(HTTPConnectionPool, "urlopen", _urlopen)
 
 
 def uninstrument() -> None:
-    if _original:
-        HTTPConnectionPool.urlopen = _original.pop()  # type: ignore[method-assign]
+    _patch.restore(HTTPConnectionPool, "urlopen")

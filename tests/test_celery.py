@@ -432,9 +432,10 @@ def test_instrument_before_celery_is_imported_patches_it_when_it_is(
         "assert 'celery' not in sys.modules\n"
         f"{before}{after}"
         "import celery.app.base\n"
-        "print(celery.app.base.Celery.send_task.__qualname__)\n"
+        "from mlflow_trace_middleware import _patch\n"
+        "print(_patch.patched(celery.app.base.Celery, 'send_task'))\n"
     )
     output = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     ).stdout
-    assert output.strip() == "_send_task.<locals>.send_task"
+    assert output.strip() == "True"

@@ -251,6 +251,27 @@ def test_urllib3_requests_are_traced_and_carry_the_context(
         assert "traceparent" not in pool.request("GET", f"{echo_url}/x").json()
 
 
+def test_urllib3_finds_the_callers_own_traceparent_in_any_case_and_copies_its_headers(
+    exporter: InMemoryExporter, echo_url: str
+) -> None:
+    import urllib3
+    from mlflow.tracing import get_tracing_context_headers_for_http_request
+
+    mtm.instrument()
+    with mlflow.start_span("handler"), mlflow.start_span("llm-call"):
+        theirs = get_tracing_context_headers_for_http_request()["traceparent"]
+        headers = {"Traceparent": theirs, "x-mark": "1"}
+        echoed = urllib3.PoolManager().request("GET", f"{echo_url}/x", headers=headers).json()
+        plain = {"x-mark": "2"}
+        again = urllib3.PoolManager().request("GET", f"{echo_url}/x", headers=plain).json()
+    assert echoed["traceparent"] == theirs  # once: theirs, not ours beside it
+    assert echoed["tracestate"].startswith("mlflow=1.")
+    assert headers == {"Traceparent": theirs, "x-mark": "1"}  # the caller's mapping untouched
+    (call,) = [s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT]
+    assert again["traceparent"] == traceparent_for(call)
+    assert plain == {"x-mark": "2"}
+
+
 def test_a_requests_call_on_urllib3_is_traced_once(
     exporter: InMemoryExporter, echo_url: str
 ) -> None:

@@ -20,7 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags
 
 import mlflow_trace_middleware as mtm
-from mlflow_trace_middleware import _client, _config, _keys, _messaging, _mlflow, _trust
+from mlflow_trace_middleware import _client, _config, _keys, _messaging, _mlflow, _patch, _trust
 from mlflow_trace_middleware import celery as celery_adapter
 from mlflow_trace_middleware import kombu as adapter
 from mlflow_trace_middleware.testing import InMemoryExporter
@@ -208,7 +208,8 @@ def test_a_failed_publish_marks_its_span_and_raises(
 def test_a_celery_delay_gives_exactly_one_producer_span(exporter: InMemoryExporter) -> None:
     """Celery publishes through kombu: its `apply_async/<task>` span is the publish's span."""
     app = Celery("unit-kombu", broker="memory://")
-    app.conf.update(task_ignore_result=True)
+    # Its own queue: kombu's memory transport keeps other tests' unread messages in "celery".
+    app.conf.update(task_ignore_result=True, task_default_queue="unit-kombu")
 
     @app.task(name="noop")
     def noop() -> None:
@@ -218,7 +219,7 @@ def test_a_celery_delay_gives_exactly_one_producer_span(exporter: InMemoryExport
     celery_adapter.instrument()
     sent: list[dict[str, Any]] = []
     connection = app.connection_for_write()
-    queue = app.amqp.queues["celery"]
+    queue = app.amqp.queues["unit-kombu"]
     try:
         with mlflow.start_span("caller"):
             noop.delay()
@@ -556,18 +557,21 @@ def test_instrument_before_kombu_is_imported_patches_it_when_it_is() -> None:
         "adapter.instrument()\n"
         "assert 'kombu' not in sys.modules\n"
         "from kombu import Producer\n"
-        "print(Producer.publish.__qualname__)\n"
+        "from mlflow_trace_middleware import _patch\n"
+        "print(_patch.patched(Producer, 'publish'))\n"
     )
     output = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     ).stdout
-    assert output.strip() == "_publish.<locals>.publish"
+    assert output.strip() == "True"
 
 
 def test_instrument_switches_kombu_on() -> None:
+    original = vars(Producer)["publish"]
     mtm.instrument()
     try:
-        assert Producer.publish.__qualname__ == "_publish.<locals>.publish"
+        assert _patch.patched(Producer, "publish")
+        assert vars(Producer)["publish"].__wrapped__ is original
     finally:
         mtm.uninstrument()
-    assert Producer.publish.__qualname__ == "Producer.publish"
+    assert vars(Producer)["publish"] is original

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -286,3 +287,25 @@ def test_auth_headers_are_sent(server: FakeOtlpServer, exporters: list[OtlpHttpE
 )
 def test_parse_retry_after(value: str | None, expected: float | None) -> None:
     assert _parse_retry_after(value) == expected
+
+
+def test_one_watchdog_thread_for_every_post(
+    server: FakeOtlpServer, exporters: list[OtlpHttpExporter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each POST has a wall-clock deadline; one thread watches them all (a Timer thread was
+    # started for every attempt).
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def counting_start(self: threading.Thread) -> None:
+        if isinstance(self, threading.Timer) or self.name.startswith("mlflow-trace"):
+            started.append(self.name)
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    exporter = exporter_for(server.settings())
+    exporters.append(exporter)
+    for _ in range(20):
+        assert exporter.export(make_spans("a"), None).delivered
+    # The watchdog thread, unless an earlier test started it; no Timer thread.
+    assert started in ([], ["mlflow-trace-watchdog"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import traceback
@@ -12,9 +13,17 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 
+from mlflow_trace_middleware import _sink
 from mlflow_trace_middleware._config import SinkLimits
 from mlflow_trace_middleware._sink import ExportResult, SinkStats, SpanSink
-from mlflow_trace_middleware._span import EncodedSpan, encode_span, recorded
+from mlflow_trace_middleware._span import (
+    EncodedSpan,
+    Snapshot,
+    encode_snapshot,
+    encode_span,
+    recorded,
+    snapshot,
+)
 
 _TRACER = TracerProvider().get_tracer("t")
 
@@ -202,8 +211,8 @@ def test_bounded_queue_drops_overflow_and_keeps_invariant(
     assert (stats.exported, stats.pending, stats.dropped) == (10, 0, {"queue_full": 90})
     assert [key(s) for s in exporter.delivered] == [key(s) for s in spans[:10]]
     assert len(seen) == 2
-    for snapshot in [*seen, stats]:
-        check_invariant(snapshot)
+    for counted in [*seen, stats]:
+        check_invariant(counted)
 
 
 def test_flush_and_shutdown_honour_timeout_while_retrying(
@@ -559,3 +568,112 @@ def test_backoff_is_exponential_with_full_jitter(
     sink.submit(make_spans(1)[0], "1")
     assert sink.flush(5) is True
     assert bounds == [(0, 0.25), (0, 0.5), (0, 1.0), (0, 2.0), (0, 4.0), (0, 4.0), (0, 4.0)]
+
+
+def snap(name: str) -> Snapshot:
+    span = _TRACER.start_span(name)
+    span.end()
+    taken = snapshot(span, recorded(span))
+    assert taken is not None
+    return taken
+
+
+def test_spans_handed_over_unencoded_are_encoded_by_the_worker(
+    make_sink: Callable[..., SpanSink], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The request path (`submit_later`) only appends; the worker encodes, in its own thread,
+    # and every span is counted throughout: pending before, exported after.
+    exporter = FakeExporter()
+    sink = make_sink(exporter)
+    threads: list[str] = []
+
+    def encode(taken: Snapshot) -> EncodedSpan:
+        threads.append(threading.current_thread().name)
+        return encode_snapshot(taken)
+
+    monkeypatch.setattr(_sink, "encode_snapshot", encode)
+    for i in range(5):
+        sink.submit_later(snap(f"s{i}"), "7")
+    assert threads == []
+    stats = sink.stats()
+    assert (stats.produced, stats.pending) == (5, 5)
+    check_invariant(stats)
+    assert sink.flush(5)
+    assert threads == ["mlflow-trace-sink"] * 5
+    assert [s.name for s in exporter.delivered] == [f"s{i}" for i in range(5)]
+    assert exporter.calls[0][1] == "7"
+    check_invariant(sink.stats())
+
+
+def test_a_span_that_fails_to_encode_on_the_worker_is_counted(
+    make_sink: Callable[..., SpanSink],
+) -> None:
+    exporter = FakeExporter()
+    sink = make_sink(exporter)
+    broken = (*snap("broken")[:5], "not an id", *snap("broken")[6:])
+    sink.submit_later(broken)  # type: ignore[arg-type]
+    sink.submit_later(snap("fine"))
+    assert not sink.flush(5)  # one was dropped
+    stats = sink.stats()
+    assert (stats.exported, stats.dropped) == (1, {"encoding_error": 1})
+    check_invariant(stats)
+
+
+def test_spans_not_encoded_at_shutdown_are_counted_as_dropped() -> None:
+    exporter = FakeExporter(block_first=True)
+    sink = SpanSink(exporter, SinkLimits(schedule_delay=60.0, max_batch_spans=1))
+    sink.submit(make_spans(1)[0])  # a full batch: the worker takes it and blocks in export
+    assert exporter.entered.wait(5)
+    for i in range(3):
+        sink.submit_later(snap(f"s{i}"))
+    sink.shutdown(0.1)
+    exporter.gate.set()
+    stats = sink.stats()
+    assert stats.pending == 0
+    assert stats.dropped.get("shutdown_timeout") == 4, stats
+    check_invariant(stats)
+    sink.submit_later(snap("late"))  # after shutdown: dropped at once
+    stats = sink.stats()
+    assert stats.dropped.get("shutdown") == 1, stats
+    check_invariant(stats)
+
+
+def test_spans_waiting_to_be_encoded_leave_the_garbage_collector_alone(
+    make_sink: Callable[..., SpanSink],
+) -> None:
+    # Why spans used to be encoded on the request path: a queue of span objects kept the
+    # collector busy. A snapshot is atoms only: untracked at the first young collection.
+    sink = make_sink(FakeExporter(), max_batch_spans=10_000)
+    for i in range(500):
+        sink.submit_later(snap(f"s{i}"), "7")
+    gc.collect(0)
+    waiting = list(sink._raw)
+    assert len(waiting) == 500
+    assert not any(gc.is_tracked(item) for item in waiting)
+
+
+def test_spans_waiting_to_be_encoded_count_against_the_byte_bound(
+    make_sink: Callable[..., SpanSink],
+) -> None:
+    # While the worker is stuck in an export, snapshots wait unencoded: their bodies still count
+    # against max_queue_bytes, so memory stays bounded whatever the span count allows.
+    exporter = FakeExporter(block_first=True)
+    sink = make_sink(
+        exporter, max_batch_spans=1, max_queue_bytes=64 * 1024, max_batch_bytes=64 * 1024
+    )
+    sink.submit(make_spans(1)[0])  # a full batch: the worker takes it and blocks in export
+    assert exporter.entered.wait(5)
+    body = "x" * 10_000
+    for i in range(20):
+        span = _TRACER.start_span(f"s{i}", attributes={"mlflow.spanOutputs": body})
+        span.end()
+        taken = snapshot(span, recorded(span))
+        assert taken is not None
+        sink.submit_later(taken)
+    stats = sink.stats()
+    assert stats.pending_bytes <= 64 * 1024
+    assert stats.dropped.get("queue_full", 0) >= 13, stats
+    check_invariant(stats)
+    exporter.gate.set()
+    sink.flush(5)
+    check_invariant(sink.stats())

@@ -19,7 +19,16 @@ from opentelemetry.trace.span import TraceState
 
 from mlflow_trace_middleware._config import SinkLimits
 from mlflow_trace_middleware._sink import SpanSink
-from mlflow_trace_middleware._span import EncodedSpan, _varint, encode, encode_span, recorded
+from mlflow_trace_middleware._span import (
+    EncodedSpan,
+    _message,
+    _varint,
+    encode,
+    encode_snapshot,
+    encode_span,
+    recorded,
+    snapshot,
+)
 from mlflow_trace_middleware.testing import InMemoryExporter
 
 _TRACER = TracerProvider().get_tracer("scope-name", "1.2.3")
@@ -152,6 +161,26 @@ def test_the_flat_span_reads_like_the_sdk_span(index: int) -> None:
 def test_extra_attributes_are_added() -> None:
     flat = encoded(sample_spans()[1], {"mlflow.traceTag.team": "agents"})
     assert flat.attributes["mlflow.traceTag.team"] == "agents"
+
+
+@pytest.mark.parametrize("kind", list(SpanKind))
+@pytest.mark.parametrize("status", [None, Status(StatusCode.OK), Status(StatusCode.ERROR, "boom")])
+@pytest.mark.parametrize("remote", [False, True])
+def test_plain_spans_are_written_as_the_protobuf_library_writes_them(
+    kind: SpanKind, status: Status | None, remote: bool
+) -> None:
+    # The hand-written fields of a span without events or links are the message's bytes
+    # exactly (a long name: a two-byte length; a remote parent with a tracestate).
+    state = TraceState([("vendor", "value")])
+    parent = SpanContext(5, 7, is_remote=remote, trace_flags=TraceFlags(1), trace_state=state)
+    context = trace.set_span_in_context(trace.NonRecordingSpan(parent))
+    span = _TRACER.start_span("n" * 70 * kind.value, context if remote else None, kind)
+    if status is not None:
+        span.set_status(status)
+    span.end()
+    taken = snapshot(span, recorded(span))
+    assert taken is not None
+    assert encode_snapshot(taken).data == _message(span, recorded(span))
 
 
 def test_queued_spans_leave_the_garbage_collector_alone() -> None:

@@ -541,3 +541,34 @@ def test_credentials_in_urls_are_never_recorded(
     recorded = [call.name, *map(str, call.attributes.values())]
     assert not [text for text in recorded if any(s in text for s in ("alice", "s3cret", "t0ken"))]
     assert "traceparent" in hosts.received()[0]
+
+
+def test_decisions_are_kept_per_origin_only_where_the_path_does_not_matter() -> None:
+    targets = _targets.Targets(["api.internal", "https://gw.internal/v1", "*.svc"])
+    for _ in range(2):  # the second round answers from what the first one kept
+        assert targets.allows("http", "api.internal", None, "/x")
+        assert targets.allows("http", "a.svc", 8080, "/")
+        assert targets.allows("https", "gw.internal", None, "/v1/x")
+        assert not targets.allows("https", "gw.internal", None, "/v2")
+        assert not targets.allows("https", "gw.internal", None, "/v1/../v2")
+        assert not targets.allows("http", "evil.test", None, "/")
+    for port in range(1, _targets.MAX_ORIGINS + 10):
+        assert targets.allows("http", "api.internal", port, "/")
+    assert len(targets._decided) <= _targets.MAX_ORIGINS
+
+
+def test_requests_urls_with_one_authority_share_its_parse_but_not_their_paths() -> None:
+    for _ in range(2):
+        assert mtm_requests._destination("http://api.internal:8080/a?q=1") == (
+            "http",
+            "api.internal",
+            8080,
+            "/a",
+        )
+        assert mtm_requests._destination("http://api.internal:8080/b") == (
+            "http",
+            "api.internal",
+            8080,
+            "/b",
+        )
+        assert mtm_requests._destination("http://a.test\\@b.test/") is None
