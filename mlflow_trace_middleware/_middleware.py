@@ -57,3 +57,15 @@ class Middleware(Generic[App]):
                 instrument()
         except Exception:
             _log.internal_error("first use")
+
+
+def has_layer(app: object, cls: type) -> bool:
+    """Whether `app` is an instance of `cls` or wraps one (middlewares keep theirs in `.app`):
+    the launcher leaves an app alone that added our middleware itself, under other wrappers."""
+    for _ in range(16):
+        if isinstance(app, cls):
+            return True
+        app = getattr(app, "app", None)
+        if app is None:
+            return False
+    return False

@@ -20,7 +20,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase
 
-from . import _log, _propagation, _server
+from . import _log, _patch, _propagation, _server
 from ._middleware import Middleware
 
 __all__ = ["MlflowTracingDjangoMiddleware"]
@@ -134,3 +134,39 @@ def _route(request: HttpRequest) -> str | None:
     if not isinstance(route, str):
         return None
     return "/" + route.removeprefix("^").removesuffix("$")
+
+
+# -- mlflow-trace-run ------------------------------------------------------------------------------
+
+PATH = "mlflow_trace_middleware.django.MlflowTracingDjangoMiddleware"
+
+
+def patch_load_middleware(cls: Any, options: dict[str, Any]) -> None:
+    """The launcher's patch of `BaseHandler.load_middleware` (WSGI and ASGI handlers): put the
+    middleware first in `settings.MIDDLEWARE`, unless it is listed already; its options from
+    the variables. Through `_patch`, so `_launch.unpatch()` can undo it."""
+
+    def load_middleware(original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            listed = list(settings.MIDDLEWARE)
+            if not any(map(_is_ours, listed)):
+                settings.MIDDLEWARE = [PATH, *listed]
+                if not hasattr(settings, "MLFLOW_TRACE_MIDDLEWARE"):
+                    settings.MLFLOW_TRACE_MIDDLEWARE = options
+        except Exception:
+            _log.internal_error("mlflow-trace-run django")
+        return original(self, *args, **kwargs)
+
+    _patch.patch(cls, "load_middleware", load_middleware)
+
+
+def _is_ours(path: str) -> bool:
+    if path == PATH:
+        return True
+    try:
+        from django.utils.module_loading import import_string
+
+        found = import_string(path)
+        return isinstance(found, type) and issubclass(found, MlflowTracingDjangoMiddleware)
+    except Exception:
+        return False

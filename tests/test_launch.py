@@ -4,6 +4,7 @@ value names its variable), the launch itself, and --check where no server is run
 from __future__ import annotations
 
 import base64
+import gc
 import importlib.util
 import inspect
 import io
@@ -12,12 +13,14 @@ import os
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import uvicorn
 from litestar import Litestar, get
 from litestar.params import FromPath
 from quart import Quart
@@ -27,10 +30,13 @@ import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import (
     MlflowTracingMiddleware,
     MlflowTracingWSGIMiddleware,
+    _asgi_patch,
+    _check,
     _env,
     _experiments,
     _imports,
     _launch,
+    _wsgi_patch,
 )
 from mlflow_trace_middleware._config import SettingError, Settings
 from mlflow_trace_middleware._middleware import Middleware
@@ -289,7 +295,7 @@ def test_a_starlette_app_is_wrapped_once() -> None:
         def build_middleware_stack(self) -> Any:
             return super().build_middleware_stack()
 
-    _launch._patch_starlette(App, {"exclude_paths": ["/health"]})
+    _asgi_patch.starlette(App, {"exclude_paths": ["/health"]})
     plain, added = App(), App()
     added.add_middleware(MlflowTracingMiddleware)
     stack = plain.build_middleware_stack()
@@ -306,7 +312,7 @@ def test_a_flask_app_is_wrapped_once() -> None:
     class App(Flask):
         pass
 
-    _launch._patch_flask(App, {"capture_bodies": False})
+    _wsgi_patch.flask(App, {"capture_bodies": False})
     plain, wrapped = App(__name__), App(__name__)
     wrapped.wsgi_app = ProxyFix(MlflowTracingWSGIMiddleware(wrapped.wsgi_app))
     for app in (plain, wrapped):
@@ -402,8 +408,8 @@ def test_litestar_and_quart_apps_get_one_request_span(exporter: Any, added: bool
     class QuartApp(Quart):
         pass
 
-    _launch._patch_asgi_call(LitestarApp, {}, _launch._litestar_has)
-    _launch._patch_asgi_call(QuartApp, {}, _launch._quart_has)
+    _asgi_patch.litestar(LitestarApp, {})
+    _asgi_patch.quart(QuartApp, {})
 
     @get("/x/{n:int}", sync_to_thread=False)
     def handler(n: FromPath[int]) -> str:
@@ -421,8 +427,94 @@ def test_litestar_and_quart_apps_get_one_request_span(exporter: Any, added: bool
     for app in (litestar, quart):
         with TestClient(app) as client:
             assert client.get("/x/1").text.strip('"') == "ok"
+        config = uvicorn.Config(app)
+        config.load()  # probes `app()` for a factory: it must still raise TypeError
+        assert config.interface == "asgi3"
     names = sorted(span.name for span in exporter.finished_spans())
     assert names == ["GET /x/<int:n>", "GET /x/{n}"]
+
+
+def test_apps_served_under_the_launcher_are_not_kept_alive(exporter: Any) -> None:
+    """The Litestar/Quart patch kept a middleware per `id(app)`, closing over the app: every app
+    ever served stayed in memory (and a new app at a reused id got a dead app's middleware)."""
+
+    class LitestarApp(Litestar):
+        pass
+
+    class QuartApp(Quart):
+        pass
+
+    _asgi_patch.litestar(LitestarApp, {})
+    _asgi_patch.quart(QuartApp, {})
+
+    def serve() -> list[weakref.ref[Any]]:
+        @get("/a/{n:int}", sync_to_thread=False)
+        def a(n: FromPath[int]) -> str:
+            return "a"
+
+        @get("/b/{n:int}", sync_to_thread=False)
+        def b(n: FromPath[int]) -> str:
+            return "b"
+
+        quart = QuartApp(__name__)
+        quart.get("/q/<int:n>")(lambda n: "q")
+        apps = {"/a/1": LitestarApp([a]), "/b/1": LitestarApp([b]), "/q/1": quart}
+        for path, app in apps.items():
+            with TestClient(app) as client:
+                assert client.get(path).status_code == 200
+        return [weakref.ref(app) for app in apps.values()]
+
+    refs = serve()
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None, None]
+    names = sorted(span.name for span in exporter.finished_spans())
+    assert names == ["GET /a/{n}", "GET /b/{n}", "GET /q/<int:n>"]
+
+
+def test_the_launchers_class_patches_are_undone_and_a_later_patch_survives(exporter: Any) -> None:
+    """`unpatch()` gives each framework class its attribute back; where another library
+    patched on top of ours, theirs stays and works, and ours under it traces nothing."""
+    from django.core.handlers.base import BaseHandler
+    from fastapi import FastAPI
+    from flask import Flask
+    from starlette.applications import Starlette
+
+    classes: list[tuple[Any, str]] = [
+        (Starlette, "build_middleware_stack"),
+        (FastAPI, "build_middleware_stack"),
+        (Flask, "__call__"),
+        (BaseHandler, "load_middleware"),
+        (Litestar, "_create_asgi_handler"),
+        (Quart, "asgi_app"),
+    ]
+    before = [vars(cls)[name] for cls, name in classes]
+    _launch.patch_frameworks({})
+    _launch.patch_frameworks({})  # idempotent: one layer
+    ours = Flask.__call__
+    try:
+        assert [getattr(vars(cls)[name], "__wrapped__", None) for cls, name in classes] == before
+        seen: list[str] = []
+
+        def theirs(self: Any, environ: Any, start_response: Any) -> Any:
+            seen.append(environ["PATH_INFO"])
+            return ours(self, environ, start_response)
+
+        Flask.__call__ = theirs  # type: ignore[method-assign]  # another library, after us
+        _launch.unpatch()
+        assert Flask.__call__ is theirs
+        after = [vars(cls)[name] for cls, name in classes]
+        assert [a is b for a, b in zip(after, before, strict=True)] == [1, 1, 0, 1, 1, 1]
+        flask = Flask(__name__)
+        flask.get("/f")(lambda: "ok")
+        assert flask.test_client().get("/f").data == b"ok"
+        assert seen == ["/f"]
+        starlette = Starlette()
+        assert not isinstance(starlette.build_middleware_stack(), MlflowTracingMiddleware)
+        assert exporter.finished_spans() == []
+    finally:
+        Flask.__call__ = ours  # type: ignore[method-assign]  # theirs taken out again
+        _launch.unpatch()  # ours on top again: out too
+    assert [vars(cls)[name] for cls, name in classes] == before
 
 
 # -- --check: URI credentials, addresses that are not MLflow's, values that are not URIs --------
@@ -570,7 +662,7 @@ def test_check_says_what_to_do_about_a_refused_value(
     for name, value in variables.items():
         clean_env.setenv(name, value)
     out = io.StringIO()
-    assert _launch.check(out) == 2
+    assert _check.check(out) == 2
     assert out.getvalue().splitlines() == [f"FAIL  {failure}", f"fix: {fix}"]
 
 

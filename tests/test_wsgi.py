@@ -10,7 +10,7 @@ import pytest
 from flask import Flask, Response, jsonify, request, stream_with_context
 from opentelemetry.trace import SpanKind, StatusCode
 
-from mlflow_trace_middleware import MlflowTracingWSGIMiddleware, _launch
+from mlflow_trace_middleware import MlflowTracingWSGIMiddleware, _wsgi_patch
 from mlflow_trace_middleware.testing import InMemoryExporter
 from tests.helpers import by_name
 
@@ -121,7 +121,7 @@ def test_a_flask_views_exception_is_recorded_under_the_launcher(
     class App(Flask):
         pass
 
-    _launch._patch_flask(App, {})
+    _wsgi_patch.flask(App, {})
     app = App(__name__)
     app.get("/boom")(make_app().view_functions["boom"])
     with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://f.test") as c:
