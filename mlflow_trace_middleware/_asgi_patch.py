@@ -11,7 +11,7 @@ from typing import Any
 
 from . import _patch
 from ._middleware import has_layer
-from .asgi import MlflowTracingMiddleware
+from .asgi import MlflowTracingMiddleware, flush_at_shutdown
 
 
 def starlette(cls: Any, options: dict[str, Any]) -> None:
@@ -39,6 +39,11 @@ def litestar(cls: Any, options: dict[str, Any]) -> None:
 
     def create(original: Callable[[Any], Any], self: Any) -> Any:
         handler = original(self)
+        # The handler never sees lifespan (Litestar's router answers it): the spans still queued
+        # are delivered by a shutdown hook, run last, as the middleware does at lifespan
+        # shutdown (uvicorn re-raises SIGTERM afterwards, so `atexit` would never run).
+        if isinstance(getattr(self, "on_shutdown", None), list):
+            self.on_shutdown.append(flush_at_shutdown)
         added = (getattr(m, "middleware", m) for m in getattr(self, "middleware", ()))
         return handler if any(map(_is_ours, added)) else MlflowTracingMiddleware(handler, **options)
 

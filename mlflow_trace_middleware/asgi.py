@@ -9,7 +9,7 @@ from typing import Any
 from . import _capture, _keys, _log, _propagation, _routes, _runtime, _server
 from ._middleware import Middleware
 
-__all__ = ["MlflowTracingMiddleware"]
+__all__ = ["MlflowTracingMiddleware", "flush_at_shutdown"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -293,7 +293,7 @@ async def _lifespan(app: ASGIApp, scope: Scope, receive: Receive, send: Send) ->
         nonlocal used
         used = True
         if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-            await _flush()
+            await flush_at_shutdown()
         await send(message)
 
     try:
@@ -309,11 +309,12 @@ async def _lifespan(app: ASGIApp, scope: Scope, receive: Receive, send: Send) ->
         if message["type"] == "lifespan.startup":
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
-            await _flush()
+            await flush_at_shutdown()
             await send({"type": "lifespan.shutdown.complete"})
             return
 
 
-async def _flush() -> None:
+async def flush_at_shutdown() -> None:
+    """Deliver what is queued (`shutdown_timeout`), off the event loop: a server's last word."""
     # The drain waits on the sink's worker: keep the event loop free meanwhile.
     await asyncio.get_running_loop().run_in_executor(None, _runtime.drain_quietly)

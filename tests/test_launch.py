@@ -36,6 +36,7 @@ from mlflow_trace_middleware import (
     _experiments,
     _imports,
     _launch,
+    _runtime,
     _wsgi_patch,
 )
 from mlflow_trace_middleware._config import SettingError, Settings
@@ -432,6 +433,38 @@ def test_litestar_and_quart_apps_get_one_request_span(exporter: Any, added: bool
         assert config.interface == "asgi3"
     names = sorted(span.name for span in exporter.finished_spans())
     assert names == ["GET /x/<int:n>", "GET /x/{n}"]
+
+
+@pytest.mark.parametrize("added", [False, True], ids=["launcher", "middleware-added"])
+def test_litestar_and_quart_apps_deliver_at_lifespan_shutdown(
+    monkeypatch: pytest.MonkeyPatch, added: bool
+) -> None:
+    """Litestar's router answers lifespan itself, so a middleware in its handler never saw the
+    shutdown: under uvicorn (which re-raises SIGTERM, skipping `atexit`) the queued spans
+    were lost. Each app's shutdown now delivers them, after the app's own shutdown hooks."""
+    order: list[str] = []
+    monkeypatch.setattr(_runtime, "drain_quietly", lambda: order.append("drain"))
+
+    class LitestarApp(Litestar):
+        pass
+
+    class QuartApp(Quart):
+        pass
+
+    _asgi_patch.litestar(LitestarApp, {})
+    _asgi_patch.quart(QuartApp, {})
+    litestar = LitestarApp(
+        [],
+        middleware=[MlflowTracingMiddleware] if added else [],
+        on_shutdown=[lambda: order.append("app")],
+    )
+    quart = QuartApp(__name__)
+    quart.after_serving(lambda: order.append("app"))  # type: ignore[arg-type, type-var]
+    for app in (litestar, quart):
+        order.clear()
+        with TestClient(app):
+            assert order == []
+        assert order == ["app", "drain"], app
 
 
 def test_apps_served_under_the_launcher_are_not_kept_alive(exporter: Any) -> None:

@@ -24,7 +24,7 @@ PUBLIC = {
         "stats",
         "uninstrument",
     ],
-    "mlflow_trace_middleware.asgi": ["MlflowTracingMiddleware"],
+    "mlflow_trace_middleware.asgi": ["MlflowTracingMiddleware", "flush_at_shutdown"],
     "mlflow_trace_middleware.wsgi": ["MlflowTracingWSGIMiddleware"],
     "mlflow_trace_middleware.django": ["MlflowTracingDjangoMiddleware"],
     "mlflow_trace_middleware.httpx": [
