@@ -44,7 +44,7 @@ def patch(owner: Any, name: str, wrapper: Callable[..., Any]) -> None:
     """Replace `owner.name` with a function that calls `wrapper(original, *args, **kwargs)`
     (a coroutine function if the original is one). Idempotent."""
     with _lock:
-        layer = _layers.get((owner, name))
+        layer = _live(owner, name)
         if layer is not None:
             layer.active = True
             return
@@ -60,7 +60,7 @@ def replace(owner: Any, name: str, make: Callable[[Any], Callable[..., Any]]) ->
     """`patch` with a replacement built once around the original: `make(original)` returns a
     function of the original's arguments (for wrappers that close over per-original state)."""
     with _lock:
-        layer = _layers.get((owner, name))
+        layer = _live(owner, name)
         if layer is not None:
             layer.active = True
             return
@@ -105,5 +105,24 @@ def restore(owner: Any, name: str) -> None:
 
 def patched(owner: Any, name: str) -> bool:
     """Whether our layer on `owner.name` is active."""
-    layer = _layers.get((owner, name))
+    with _lock:
+        layer = _live(owner, name)
     return layer is not None and layer.active
+
+
+def _live(owner: Any, name: str) -> _Layer | None:
+    """Our layer on `owner.name` if it is still reachable there (on top, or under wrappers
+    that keep `__wrapped__`); forgotten if someone else put the original back meanwhile, so a
+    later `patch` installs a new layer instead of believing the lost one is active."""
+    layer = _layers.get((owner, name))
+    if layer is None:
+        return None
+    current = vars(owner).get(name, None)
+    for _ in range(32):  # a chain of wrappers is short; a cycle must not hang us
+        if current is layer.installed:
+            return layer
+        current = getattr(current, "__wrapped__", None)
+        if current is None:
+            break
+    del _layers[(owner, name)]
+    return None

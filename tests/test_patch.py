@@ -78,6 +78,27 @@ def test_a_coroutine_function_stays_one() -> None:
     assert asyncio.run(Thing().run_async(1)) == 2
 
 
+def test_a_patcher_that_puts_the_original_back_does_not_leave_ours_believed_in_place() -> None:
+    """A third party patched over ours, then unpatched by putting back what it saved (the
+    original, not ours): our layer is gone, and a later `patch` must install a new one."""
+
+    class Owner:
+        def call(self) -> str:
+            return "original"
+
+    original = Owner.call
+    _patch.patch(Owner, "call", lambda orig, self: "ours:" + orig(self))
+    saved = Owner.__dict__["call"]
+    Owner.call = lambda self: "theirs:" + saved(self)  # type: ignore[method-assign]
+    _patch.restore(Owner, "call")  # ours stays under theirs, inert
+    Owner.call = original  # type: ignore[method-assign]
+    assert not _patch.patched(Owner, "call")
+    _patch.patch(Owner, "call", lambda orig, self: "ours:" + orig(self))
+    assert Owner().call() == "ours:original"
+    _patch.restore(Owner, "call")
+    assert Owner.call is original
+
+
 def test_restore_under_a_later_patcher_leaves_it_and_makes_ours_inert() -> None:
     original = Thing.run
     _patch.patch(Thing, "run", plus_ten)
