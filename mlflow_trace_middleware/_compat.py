@@ -1,6 +1,6 @@
 """What the installed MLflow can do, where the releases we support (3.9 on) differ.
 
-Imports only MLflow and the standard library (the lowest layer). The README's compatibility
+Imports only MLflow and the standard library (the lowest layer). docs/compatibility.md's
 table lists what each difference means for a trace.
 """
 

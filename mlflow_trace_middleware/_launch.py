@@ -47,7 +47,7 @@ from . import (
 USAGE = """usage: mlflow-trace-run COMMAND [ARGS...]   run COMMAND with MLflow tracing
        mlflow-trace-run --check                show the settings, check the tracking server
 
-Configured by environment variables only (README, "Zero code: mlflow-trace-run")."""
+Configured by environment variables only (docs/launcher.md)."""
 
 BOOTSTRAP_DIR = Path(__file__).with_name("_bootstrap")
 

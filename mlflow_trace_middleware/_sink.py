@@ -1,6 +1,6 @@
 """The span sink: one bounded queue and one background worker per process.
 
-Contract (README "Delivery guarantees", docs/architecture.md):
+Contract (docs/delivery.md, docs/architecture.md):
 - `submit` is O(1) in the queue length, takes a lock only around a deque append (never held
   across I/O) and never raises; `submit_later`, the request path's, likewise appends a finished
   span's snapshot (`_span.snapshot`, its size estimated for the byte bound), which the worker

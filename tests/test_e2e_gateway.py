@@ -13,7 +13,7 @@ experiment and writes a `gateway/gpt-fake` span (and a summary of its model span
 caller's trace while the call runs, before the agent's spans arrive. The agent's first call
 claims the trace for the agent's experiment (docs/architecture.md, "Claims"), so the caller's
 trace stays there. The server runs with `MLFLOW_USE_BATCH_SPAN_PROCESSOR=false`: with MLflow's
-default batch processor the gateway's span in the caller's trace is lost (README, "The AI
+default batch processor the gateway's span in the caller's trace is lost (docs/llm.md, "The AI
 Gateway").
 
 Only an MLflow whose gateway has usage tracking (`mlflow.gateway.tracing_utils`; 3.17 here)
@@ -58,7 +58,7 @@ SERVER_ENV = {
     "MLFLOW_GATEWAY_API_BASE_ALLOWED_SCHEMES": "http,https",
     "MLFLOW_GATEWAY_API_BASE_ALLOW_PRIVATE_IPS": "true",
     # MLflow's batch span processor exports after the gateway has let go of the caller's
-    # trace, and its exporter then skips the gateway's span in it (README).
+    # trace, and its exporter then skips the gateway's span in it (docs/llm.md).
     "MLFLOW_USE_BATCH_SPAN_PROCESSOR": "false",
 }
 

@@ -95,7 +95,7 @@ def test_unmatched_path_is_named_by_method_only(
 
 
 def test_litestar_middleware_list_runs_after_routing(exporter: InMemoryExporter) -> None:
-    """What the README says: in Litestar's own list, a 404 never reaches the middleware."""
+    """What docs/one-line.md says: in Litestar's own list, a 404 never reaches the middleware."""
     with TestClient(litestar_app(wrap=False)) as client:
         assert client.get("/nowhere").status_code == 404
         assert client.get("/items/1").status_code == 200
