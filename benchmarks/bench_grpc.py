@@ -26,7 +26,7 @@ import mlflow
 import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import _mlflow
 from mlflow_trace_middleware import grpc as adapter
-from mlflow_trace_middleware._sink import ExportResult
+from mlflow_trace_middleware._export import ExportResult
 
 N, RUNS = 2000, 7
 PATH = "/bench.Echo/Unary"

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from . import _config, _runtime, _targets
+from ._export import Exporter, ExportResult, SinkStats
 from ._instrument import instrument, uninstrument
 from ._instrument import instrument_httpx as instrument_httpx  # kept importable, not in __all__
 from ._instrument import instrument_requests as instrument_requests
 from ._session import session
-from ._sink import Exporter, ExportResult, SinkStats
 from ._trust import InboundRequest
 from .asgi import MlflowTracingMiddleware
 from .wsgi import MlflowTracingWSGIMiddleware

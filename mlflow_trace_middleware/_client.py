@@ -23,11 +23,11 @@ from . import (
     _config,
     _identity,
     _keys,
-    _lean,
     _log,
     _mlflow,
     _propagation,
     _runtime,
+    _spans,
     _targets,
     _trust,
 )
@@ -130,13 +130,13 @@ class ClientCall:
         error: BaseException | None = None,
         failure: str | None = None,
     ) -> None:
-        """End the span once; `failure`: an error the protocol answered with (`_lean`)."""
+        """End the span once; `failure`: an error the protocol answered with (`_spans`)."""
         if self._ended or self.span is None:
             return
         self._ended = True
         span = self.span
         try:
-            _lean.set_outcome(span, status, error, failed_from=400, failure=failure)
+            _spans.set_outcome(span, status, error, failed_from=400, failure=failure)
         except Exception:
             _log.internal_error("client span end")
         finally:
@@ -184,7 +184,7 @@ def start(
             name, attributes = _span_fields(method, url, allowed)
             span = _mlflow.start_child(name, parent_context, parent_ids, attributes)
             ids = span.get_span_context()
-            if claims and isinstance(span, _lean.LeanSpan):
+            if claims and isinstance(span, _spans.LeanSpan):
                 _mlflow.claim(ids, span)
         sent = _sent(ids, parent_context) if allowed else {}
         for name, value in sent.items():  # cheaper than update() for httpx.Headers
@@ -259,7 +259,7 @@ def start_message(
         if parent.is_recording():
             span = _mlflow.start_span(name, parent_context, kind, attributes)
             # An MCP server is no MLflow server: only "always" claims (see `_claims`).
-            if _config.get_settings().claims == "always" and isinstance(span, _lean.LeanSpan):
+            if _config.get_settings().claims == "always" and isinstance(span, _spans.LeanSpan):
                 _mlflow.claim(span.context, span)
         context = trace.set_span_in_context(span or parent, parent_context)
         sent = _sent((span or parent).get_span_context(), parent_context)

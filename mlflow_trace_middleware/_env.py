@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _capture, _config, _server, _store, _targets, _trust, mcp
+from . import _config, _redaction, _server, _store, _targets, _trust, mcp
 from ._config import SettingError
 from ._experiments import lacks_scheme, mask_uri
 
@@ -89,8 +89,8 @@ def load() -> EnvSettings:
     _refused("MLFLOW_TRACE_TRUST", lambda: _trust.check_policy(_trust_value(env)), _TRUST)
     _refused(
         "MLFLOW_TRACE_CAPTURE_HEADERS",
-        lambda: _capture.capturable_headers(
-            names["MLFLOW_TRACE_CAPTURE_HEADERS"], _capture.Redaction.build()
+        lambda: _redaction.capturable_headers(
+            names["MLFLOW_TRACE_CAPTURE_HEADERS"], _redaction.Redaction.build()
         ),
     )
     _refused("MLFLOW_TRACE_IDENTITY_HEADERS", lambda: _server.parse_identity_headers(None))

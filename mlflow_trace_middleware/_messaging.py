@@ -18,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 
-from . import _client, _keys, _lean, _log, _mlflow, _propagation, _runtime, _server, _trust
+from . import _client, _keys, _log, _mlflow, _propagation, _runtime, _server, _spans, _trust
 
 SYSTEM = "messaging.system"
 OPERATION_TYPE = "messaging.operation.type"
@@ -112,7 +112,7 @@ class Consuming:
         if span is None:
             return
         try:
-            _lean.set_outcome(span, None, error, failed_from=500)
+            _spans.set_outcome(span, None, error, failed_from=500)
         except Exception:
             _log.internal_error("message span end")
         finally:

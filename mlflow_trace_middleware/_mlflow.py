@@ -32,10 +32,10 @@ from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import _Span as _SdkSpan
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
-from . import _config, _identity, _lean, _log
+from . import _config, _identity, _log, _spans
+from ._encoding import Recorded, encode_span, recorded, snapshot
 from ._keys import REQUEST_ID, SERVICE_NAME, SPAN_TYPE, TRACE_NAME, TRACE_TAG_PREFIX
-from ._lean import LeanSpan
-from ._span import Recorded, encode_span, recorded, snapshot
+from ._spans import LeanSpan
 
 if TYPE_CHECKING:
     from ._sink import SpanSink
@@ -46,7 +46,7 @@ MAX_OPEN_TRACES = 10_000
 class SinkSpanProcessor(SpanProcessor):
     """Registers trace segments for MLflow's fluent API and sends finished spans to the sink.
 
-    Also the `_lean.Owner` of our own spans: it registers one with MLflow when MLflow asks for
+    Also the `_spans.Owner` of our own spans: it registers one with MLflow when MLflow asks for
     it (`materialize`) and encodes and submits it when it ends (`finish`).
     """
 
@@ -466,11 +466,11 @@ def start_span(
 ) -> trace.Span:
     """One of our spans, from MLflow's tracer, reporting to the installed processor; a span
     with no parent in this process opens a trace segment (routed to `experiment` if given).
-    `trace_id`: see `_lean.start`."""
+    `trace_id`: see `_spans.start`."""
     processor = _processor
     if processor is None:  # not installed (tests): MLflow's own machinery
         return tracer().start_span(name, context, kind, attributes, links)
-    span = _lean.start(tracer(), processor, name, context, kind, attributes, links, trace_id)
+    span = _spans.start(tracer(), processor, name, context, kind, attributes, links, trace_id)
     if isinstance(span, LeanSpan) and (
         kind is SpanKind.SERVER
         # A consumed message opens a segment unless it runs under a span of this process (an
@@ -485,10 +485,10 @@ def start_child(
     name: str, context: Context | None, parent: SpanContext, attributes: dict[str, Any]
 ) -> trace.Span:
     """`start_span` for a CLIENT span under `parent` (valid, the span of `context`): the
-    cheap path of `_lean.start_child` when MLflow's sampler follows the parent."""
+    cheap path of `_spans.start_child` when MLflow's sampler follows the parent."""
     processor = _processor
     if processor is not None:
-        span = _lean.start_child(tracer(), processor, name, parent, SpanKind.CLIENT, attributes)
+        span = _spans.start_child(tracer(), processor, name, parent, SpanKind.CLIENT, attributes)
         if span is not None:
             return span
     return start_span(name, context, SpanKind.CLIENT, attributes)

@@ -1,4 +1,4 @@
-"""OTLP/HTTP protobuf delivery to an MLflow tracking server: `_span.encode` plus a careful POST.
+"""OTLP/HTTP protobuf delivery to an MLflow tracking server: `_encoding.encode` plus a careful POST.
 
 Uses `http.client` on purpose: it is never instrumented, so the sink's own requests are neither
 traced nor given trace headers, whatever the application instruments.
@@ -24,8 +24,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from . import _log
 from ._config import Settings
-from ._sink import ExportResult, UnknownExperiments, names_unknown_experiment, refused_traces
-from ._span import EncodedSpan, encode
+from ._encoding import EncodedSpan, encode
+from ._export import ExportResult, UnknownExperiments, names_unknown_experiment, refused_traces
 
 _RETRYABLE = frozenset({408, 429, 502, 503, 504})
 _SPLIT = frozenset({400, 413, 422})  # MLflow rejects a whole batch for one bad span

@@ -16,8 +16,9 @@ import threading
 
 from . import _config, _log, _mlflow, _propagation, _store
 from ._experiments import Experiment, lacks_scheme, mask_uri, with_uri_credentials
+from ._export import Exporter, ExportResult, SinkStats
 from ._otlp import OtlpHttpExporter
-from ._sink import Exporter, ExportResult, SinkStats, SpanSink
+from ._sink import SpanSink
 
 _lock = threading.Lock()
 _sink: SpanSink | None = None

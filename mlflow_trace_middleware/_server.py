@@ -20,9 +20,10 @@ from opentelemetry.semconv.attributes import (
 )
 from opentelemetry.trace import SpanKind
 
-from . import _config, _keys, _lean, _log, _mlflow, _propagation, _runtime, _trust
-from ._capture import DEFAULT_REDACTION, BodyCapture, Redaction, capturable_headers, is_json
+from . import _config, _keys, _log, _mlflow, _propagation, _runtime, _spans, _trust
+from ._capture import BodyCapture, is_json
 from ._identity import acceptable
+from ._redaction import DEFAULT_REDACTION, Redaction, capturable_headers
 
 _URL_DELIMITERS = frozenset("[]:@/?#%\\")  # and "%": an IPv6 zone keeps its case
 _KNOWN_METHODS = frozenset(
@@ -252,11 +253,11 @@ class RequestSpan:
         status = self.status
         if error is None and status is not None and status < 500:  # `set_outcome`'s OK
             found[http_attributes.HTTP_RESPONSE_STATUS_CODE] = status
-            _lean.record(span, found)
-            span.set_status(_lean.OK)
+            _spans.record(span, found)
+            span.set_status(_spans.OK)
             return
-        _lean.record(span, found)
-        _lean.set_outcome(span, status, error, failed_from=500)
+        _spans.record(span, found)
+        _spans.set_outcome(span, status, error, failed_from=500)
 
     def attach(self) -> None:
         """Make the request span current again (a WSGI iterable runs after the app returned)."""

@@ -28,8 +28,8 @@ from typing import Any
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from . import _compat, _log
-from ._sink import ExportResult, UnknownExperiments, names_unknown_experiment, refused_traces
-from ._span import EncodedSpan, encode
+from ._encoding import EncodedSpan, encode
+from ._export import ExportResult, UnknownExperiments, names_unknown_experiment, refused_traces
 
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 _PG_LOCK_KEY = 0x6D746D5F73746F72  # "mtm_stor": pg_advisory_lock's key, per database

@@ -43,13 +43,13 @@ from . import (
     _client,
     _imports,
     _keys,
-    _lean,
     _log,
     _mlflow,
     _patch,
     _propagation,
     _runtime,
     _server,
+    _spans,
     _trust,
 )
 from ._instrument import instrument as _instrument_clients
@@ -219,7 +219,7 @@ def _failure(task_id: Any = None, exception: Any = None, **_: Any) -> None:
         return
     try:
         error = exception if isinstance(exception, BaseException) else RuntimeError("failed")
-        _lean.set_outcome(running.span, None, error, failed_from=500)
+        _spans.set_outcome(running.span, None, error, failed_from=500)
         running.outcome_set = True
     except Exception:
         _log.internal_error("celery task failure")
@@ -249,7 +249,7 @@ def _postrun(task_id: Any = None, state: Any = None, **_: Any) -> None:
         if isinstance(state, str):
             span.set_attribute(STATE, state)
         if not running.outcome_set:
-            _lean.set_outcome(span, None, None, failed_from=500)
+            _spans.set_outcome(span, None, None, failed_from=500)
     except Exception:
         _log.internal_error("celery task span end")
     finally:

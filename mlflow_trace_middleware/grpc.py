@@ -56,12 +56,12 @@ from opentelemetry.semconv.attributes import client_attributes, server_attribute
 from . import (
     _client,
     _keys,
-    _lean,
     _log,
     _mlflow,
     _patch,
     _propagation,
     _server,
+    _spans,
     _targets,
     _trust,
 )
@@ -425,7 +425,7 @@ def _end_server(span: trace.Span, context: Any, error: BaseException | None) -> 
         if span.is_recording():
             span.set_attribute(STATUS_CODE, code.value[0])
         failure = code.name if code in _SERVER_ERRORS else None
-        _lean.set_outcome(span, None, error, failed_from=500, failure=failure)
+        _spans.set_outcome(span, None, error, failed_from=500, failure=failure)
     except Exception:
         _log.internal_error("grpc server span end")
     finally:

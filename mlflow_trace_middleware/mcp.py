@@ -55,12 +55,12 @@ from . import (
     _config,
     _imports,
     _keys,
-    _lean,
     _log,
     _mlflow,
     _patch,
     _propagation,
     _server,
+    _spans,
     _targets,
 )
 
@@ -484,7 +484,7 @@ async def _serve(
         if method == CALL and result is not None:
             _record(span, _keys.OUTPUTS, result, request.options)
         try:
-            _lean.set_outcome(span, None, error, failed_from=500, failure=_failure(result))
+            _spans.set_outcome(span, None, error, failed_from=500, failure=_failure(result))
         except Exception:
             _log.internal_error("mcp request span end")
         span.end()

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import _runtime
-from ._sink import ExportResult
+from ._export import ExportResult
 
 if TYPE_CHECKING:
-    from ._span import EncodedSpan
+    from ._encoding import EncodedSpan
 
 __all__ = ["InMemoryExporter"]
 

@@ -13,8 +13,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.trace import SpanContext, TraceFlags
 
 from mlflow_trace_middleware import _compat, _mlflow, _trust
-from mlflow_trace_middleware._sink import SinkStats
-from mlflow_trace_middleware._span import EncodedSpan, encode_span, recorded
+from mlflow_trace_middleware._encoding import EncodedSpan, encode_span, recorded
+from mlflow_trace_middleware._export import SinkStats
 from mlflow_trace_middleware.testing import InMemoryExporter
 from tests.harness import format_trace
 

@@ -13,16 +13,15 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mlflow_trace_middleware import MlflowTracingMiddleware, MlflowTracingWSGIMiddleware
-from mlflow_trace_middleware._capture import (
+from mlflow_trace_middleware._capture import BodyCapture, value_attribute
+from mlflow_trace_middleware._redaction import (
     CREDENTIAL_KEYS,
     DEFAULT_REDACTION,
     KEEP_KEYS_ENV,
     ORDINARY_KEYS,
     REDACT_KEYS_ENV,
-    BodyCapture,
     Redaction,
     capturable_headers,
-    value_attribute,
     words,
 )
 from mlflow_trace_middleware.testing import InMemoryExporter

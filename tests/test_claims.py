@@ -19,8 +19,9 @@ from opentelemetry.trace import SpanKind
 import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import MlflowTracingMiddleware, _client, _config
 from mlflow_trace_middleware._config import SinkLimits
-from mlflow_trace_middleware._sink import ExportResult, SpanSink
-from mlflow_trace_middleware._span import EncodedSpan
+from mlflow_trace_middleware._encoding import EncodedSpan
+from mlflow_trace_middleware._export import ExportResult
+from mlflow_trace_middleware._sink import SpanSink
 from mlflow_trace_middleware.httpx import AsyncTracingTransport, TracingTransport
 from mlflow_trace_middleware.testing import InMemoryExporter
 

@@ -25,8 +25,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware._config import Settings
+from mlflow_trace_middleware._encoding import encode_span, recorded
 from mlflow_trace_middleware._otlp import OtlpHttpExporter
-from mlflow_trace_middleware._span import encode_span, recorded
 from tests.harness import Process, start_agents, start_mlflow_server, start_uvicorn
 from tests.helpers import service_tag
 

@@ -21,9 +21,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from mlflow_trace_middleware._config import Settings, SinkLimits
+from mlflow_trace_middleware._encoding import EncodedSpan
 from mlflow_trace_middleware._otlp import OtlpHttpExporter
 from mlflow_trace_middleware._sink import SpanSink
-from mlflow_trace_middleware._span import EncodedSpan
 from tests.harness import free_port
 from tests.helpers import check_invariant, encoded, make_spans
 

@@ -31,9 +31,9 @@ from mlflow import MlflowClient
 
 from mlflow_trace_middleware import MlflowTracingMiddleware, _runtime
 from mlflow_trace_middleware._config import SinkLimits
+from mlflow_trace_middleware._encoding import EncodedSpan
 from mlflow_trace_middleware._otlp import OtlpHttpExporter
 from mlflow_trace_middleware._sink import SpanSink
-from mlflow_trace_middleware._span import EncodedSpan
 from tests.fake_otlp import FakeOtlpServer, Received, Reply
 from tests.harness import (
     ROOT,

@@ -11,8 +11,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from mlflow_trace_middleware._config import Settings
 from mlflow_trace_middleware._experiments import Experiment
+from mlflow_trace_middleware._export import ExportResult
 from mlflow_trace_middleware._otlp import OtlpHttpExporter, _parse_retry_after
-from mlflow_trace_middleware._sink import ExportResult
 from tests.harness import free_port
 from tests.helpers import make_spans
 

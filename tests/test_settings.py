@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import _config, _runtime, _store
 from mlflow_trace_middleware._experiments import Experiment
-from mlflow_trace_middleware._sink import ExportResult
+from mlflow_trace_middleware._export import ExportResult
 from mlflow_trace_middleware.testing import InMemoryExporter
 from tests.fake_otlp import FakeOtlpServer, Reply
 

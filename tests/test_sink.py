@@ -15,14 +15,15 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from mlflow_trace_middleware import _sink
 from mlflow_trace_middleware._config import SinkLimits
-from mlflow_trace_middleware._sink import ExportResult, SinkStats, SpanSink
-from mlflow_trace_middleware._span import (
+from mlflow_trace_middleware._encoding import (
     EncodedSpan,
     Snapshot,
     encode_snapshot,
     recorded,
     snapshot,
 )
+from mlflow_trace_middleware._export import ExportResult, SinkStats
+from mlflow_trace_middleware._sink import SpanSink
 from tests.helpers import check_invariant, encoded, make_spans
 
 _TRACER = TracerProvider().get_tracer("t")

@@ -15,7 +15,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UN
 
 import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import _compat, _config, _runtime, _store
-from mlflow_trace_middleware._sink import ExportResult
+from mlflow_trace_middleware._export import ExportResult
 from tests.helpers import span_tree
 
 

@@ -1,5 +1,5 @@
 """One request through FastAPI in MLflow's unified mode (MLflow on OpenTelemetry's global provider
-and context); prints the exported spans as JSON lines. Run by `tests/test_lean.py`."""
+and context); prints the exported spans as JSON lines. Run by `tests/test_spans.py`."""
 
 from __future__ import annotations
 

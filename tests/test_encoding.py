@@ -18,8 +18,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.trace.span import TraceState
 
 from mlflow_trace_middleware._config import SinkLimits
-from mlflow_trace_middleware._sink import SpanSink
-from mlflow_trace_middleware._span import (
+from mlflow_trace_middleware._encoding import (
     _message,
     _varint,
     encode,
@@ -27,6 +26,7 @@ from mlflow_trace_middleware._span import (
     recorded,
     snapshot,
 )
+from mlflow_trace_middleware._sink import SpanSink
 from mlflow_trace_middleware.testing import InMemoryExporter
 from tests.helpers import encoded
 

@@ -44,7 +44,7 @@ _IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 
 class Finished(Protocol):
     """What the encoder reads of a finished span besides its recorded state: an SDK
-    `ReadableSpan` or one of ours (`_lean.LeanSpan`)."""
+    `ReadableSpan` or one of ours (`_spans.LeanSpan`)."""
 
     @property
     def name(self) -> str: ...

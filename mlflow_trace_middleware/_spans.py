@@ -36,7 +36,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.trace.span import TraceState
 
 from . import _config, _keys
-from ._span import Recorded
+from ._encoding import Recorded
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import Span as SdkSpan

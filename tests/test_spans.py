@@ -1,4 +1,4 @@
-"""Our own request and client spans (`_lean.py`): what user code and MLflow can do with them."""
+"""Our own request and client spans (`_spans.py`): what user code and MLflow can do with them."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from mlflow_trace_middleware import MlflowTracingMiddleware, _lean, _mlflow
+from mlflow_trace_middleware import MlflowTracingMiddleware, _mlflow, _spans
 from mlflow_trace_middleware.testing import InMemoryExporter
 from tests.helpers import PARENT_ID, TRACE_ID, TRACEPARENT
 
@@ -171,7 +171,7 @@ def test_mlflows_trace_api_works_in_a_handler_without_spans_of_its_own(
 
 def test_the_opentelemetry_span_api_writes_into_the_span(exporter: InMemoryExporter) -> None:
     # What `trace.get_current_span()` gives user code when MLflow shares OpenTelemetry's context.
-    span = _lean.LeanSpan("x", SpanContext(7, 8, False), None, SpanKind.SERVER, {}, (), owner())
+    span = _spans.LeanSpan("x", SpanContext(7, 8, False), None, SpanKind.SERVER, {}, (), owner())
     span.set_attributes({"tenant": "acme", "n": 3})
     span.add_event("cache-miss", {"key": "k"})
     span.add_link(SpanContext(9, 10, True), {"why": "batch"})
@@ -249,8 +249,8 @@ def test_ids_flags_and_state_are_those_the_sdk_tracer_would_give(
     sampler = _mlflow.tracer().sampler  # type: ignore[attr-defined]
     sdk = TracerProvider(sampler=sampler).get_tracer("t")
     expected = sdk.start_span("x", context, kind)
-    ours = _lean.start(_mlflow.tracer(), owner(), "x", context, kind, {})
-    assert type(ours) is (_lean.LeanSpan if expected.is_recording() else NonRecordingSpan)
+    ours = _spans.start(_mlflow.tracer(), owner(), "x", context, kind, {})
+    assert type(ours) is (_spans.LeanSpan if expected.is_recording() else NonRecordingSpan)
     got, want = ours.get_span_context(), expected.get_span_context()
     assert (got.trace_id, got.trace_flags, got.trace_state, got.is_remote) == (
         want.trace_id,
@@ -262,7 +262,7 @@ def test_ids_flags_and_state_are_those_the_sdk_tracer_would_give(
 
 
 def test_exceptions_are_recorded_as_the_sdk_records_them() -> None:
-    span = _lean.LeanSpan("x", SpanContext(1, 2, False), None, SpanKind.SERVER, {}, (), owner())
+    span = _spans.LeanSpan("x", SpanContext(1, 2, False), None, SpanKind.SERVER, {}, (), owner())
     sdk_span = TracerProvider().get_tracer("t").start_span("x")
     for target in (span, sdk_span):
         try:
@@ -276,19 +276,19 @@ def test_exceptions_are_recorded_as_the_sdk_records_them() -> None:
 
 
 def test_attributes_past_the_limit_are_counted_not_kept() -> None:
-    span = _lean.LeanSpan("x", SpanContext(1, 2, False), None, SpanKind.SERVER, {}, (), owner())
-    for i in range(_lean.MAX_ATTRIBUTES + 10):
+    span = _spans.LeanSpan("x", SpanContext(1, 2, False), None, SpanKind.SERVER, {}, (), owner())
+    for i in range(_spans.MAX_ATTRIBUTES + 10):
         span.set_attribute(f"k{i}", i)
     span.set_attribute("k0", "replaced")  # an existing key is not a new attribute
     span.set_attribute("bad", object())  # not an attribute value: ignored
     attributes = span.recorded()[0]
-    assert len(attributes) == _lean.MAX_ATTRIBUTES
+    assert len(attributes) == _spans.MAX_ATTRIBUTES
     assert attributes["k0"] == "replaced"
     assert span.dropped_attributes == 10
 
 
 def test_an_ended_span_ignores_writes_and_is_never_registered(exporter: InMemoryExporter) -> None:
-    span = _lean.LeanSpan(
+    span = _spans.LeanSpan(
         "x", SpanContext(7, 8, False), None, SpanKind.SERVER, {"a": 1}, (), owner()
     )
     span.end()
@@ -319,7 +319,7 @@ def test_threads_asking_mlflow_at_once_share_one_registration(
         return registering(*args)
 
     monkeypatch.setattr(processor, "_materialize", slow)
-    span = _lean.LeanSpan("x", SpanContext(11, 12, False), None, SpanKind.SERVER, {}, (), owner())
+    span = _spans.LeanSpan("x", SpanContext(11, 12, False), None, SpanKind.SERVER, {}, (), owner())
     token = _mlflow.attach(trace.set_span_in_context(span))
     barrier = threading.Barrier(8)
     found: list[Any] = []
