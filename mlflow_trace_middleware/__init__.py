@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from . import _config, _runtime, _targets
 from ._export import Exporter, ExportResult, SinkStats
@@ -51,6 +52,8 @@ def configure(
     *,
     experiment_name: str | None = None,
     exporter: Exporter | None = None,
+    signing_key: str | bytes | Sequence[str | bytes] | None = None,
+    propagate_to: _targets.Patterns | None = None,
     max_queue_spans: int | None = None,
     max_queue_bytes: int | None = None,
     max_batch_spans: int | None = None,
@@ -59,8 +62,6 @@ def configure(
     export_timeout: float | None = None,
     max_retry_time: float | None = None,
     shutdown_timeout: float | None = None,
-    signing_key: str | bytes | Sequence[str | bytes] | None = None,
-    propagate_to: _targets.Patterns | None = None,
 ) -> None:
     """Set where this process's spans go; arguments left as None keep their current value.
 
@@ -86,27 +87,22 @@ def configure(
     every hop, redirects included; context goes everywhere by default and with `"*"`. Invalid
     patterns raise ValueError.
     """
-    targets = _targets.parse(propagate_to)
-    settings = _config.update_settings(
-        tracking_uri=tracking_uri,
-        experiment_id=experiment_id,
-        experiment_name=experiment_name,
-        service_name=service_name,
-        max_queue_spans=max_queue_spans,
-        max_queue_bytes=max_queue_bytes,
-        max_batch_spans=max_batch_spans,
-        max_batch_bytes=max_batch_bytes,
-        schedule_delay=schedule_delay,
-        export_timeout=export_timeout,
-        max_retry_time=max_retry_time,
-        shutdown_timeout=shutdown_timeout,
-        signing_keys=_config.signing_keys(signing_key) if signing_key is not None else None,
-    )
-    destination = (tracking_uri, experiment_id, experiment_name, service_name)
-    changed = any(value is not None for value in (*destination, export_timeout, max_batch_bytes))
-    _runtime.reconfigure(settings, exporter, destination_changed=changed)
-    if targets is not None:
-        _targets.install(targets)
+    arguments = dict(locals())  # first: only the arguments, by name (their options' names)
+    changes: dict[str, Any] = {
+        name: value for name, value in arguments.items() if value is not None and name in _SETTINGS
+    }
+    if signing_key is not None:
+        changes["signing_keys"] = _config.signing_keys(signing_key)
+    if propagate_to is not None:
+        changes["propagate_to"] = _targets.Targets(propagate_to)
+    _runtime.reconfigure(changes, exporter)
+
+
+# configure()'s arguments that are settings as given (`signing_key` and `propagate_to` are parsed).
+_SETTINGS = (
+    frozenset(_config.Settings.__dataclass_fields__)
+    | _config.SinkLimits.__dataclass_fields__.keys()
+)
 
 
 def flush(timeout: float = 5.0) -> bool:

@@ -1,16 +1,93 @@
-"""`mlflow-trace-run --check`: the settings and where each came from, then the destination
+"""The launcher's reading of the settings (`load`: strict, an invalid value stops the launch)
+and `mlflow-trace-run --check`: the settings and where each came from, then the destination
 checked end to end (reachable, credentials, experiment, a test trace sent and read back)."""
 
 from __future__ import annotations
 
 import http.client
+import importlib.metadata
+import os
 import re
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TextIO
 
-from . import _config, _env, _experiments, _runtime, _store
-from ._experiments import mask_uri
+from . import _config, _experiments, _runtime, _store
+from ._config import SettingError
+from ._experiments import lacks_scheme, mask_uri
+
+
+def load() -> _config.Settings:
+    """Every variable read and checked (`_config.OPTIONS`, strict), the tracking URI too;
+    SettingError names the first one refused."""
+    _check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    return _config.from_environment(strict=True)
+
+
+def sources() -> list[tuple[_config.Option, str, str]]:
+    """Each variable with the value shown for it (secrets hidden) and where it came from."""
+    rows = []
+    for option in _config.OPTIONS:
+        raw = os.environ.get(option.variable)
+        if raw:
+            shown = "(set, hidden)" if option.secret else _shown(option, raw)
+            rows.append((option, shown, "environment"))
+        else:
+            rows.append((option, option.default, "default"))
+    return rows
+
+
+def _shown(option: _config.Option, raw: str) -> str:
+    return mask_uri(raw) if option.name == "tracking_uri" else raw
+
+
+def fix(error: SettingError) -> str:
+    """What to do about a refused variable (the `fix:` line of `mlflow-trace-run --check`)."""
+    variable, raw = error.variable, os.environ.get(error.variable, "")
+    if variable in _CREDENTIAL_PAIR and not raw:
+        given = _CREDENTIAL_PAIR[variable]
+        return f"set {variable} too (basic auth takes both), or unset {given}"
+    if variable == "MLFLOW_TRACKING_URI":
+        if lacks_scheme(raw):
+            return f"add the scheme: MLFLOW_TRACKING_URI=http://{mask_uri(raw)}"
+        return f"set MLFLOW_TRACKING_URI to {_DESTINATIONS}, or unset it"
+    return f"give {variable} a valid value, or unset it"
+
+
+_CREDENTIAL_PAIR = {
+    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_PASSWORD",
+}
+# Schemes MLflow takes for a tracking URI (besides a plain path and its plugins' schemes).
+_SCHEMES = frozenset({"http", "https", "file", "databricks", "databricks-uc", "uc"})
+_DESTINATIONS = "an MLflow server (http://host:5000) or a database (sqlite:///mlflow.db)"
+
+
+def _check_tracking_uri(raw: str) -> None:
+    """Refuse a value no MLflow reads as a tracking URI: a server address without `http://`,
+    an unknown scheme (`htp://`), a server URI without a host. Credentials are never shown."""
+    if not raw:
+        return
+    url = urllib.parse.urlsplit(raw)
+    scheme = url.scheme.split("+", 1)[0].lower()
+    if lacks_scheme(raw):
+        expected = f"a URI with its scheme (http://{mask_uri(raw)})"
+    elif scheme in ("http", "https") and not url.hostname:
+        expected = f"{scheme}://host:port"
+    elif len(scheme) > 1 and not (
+        scheme in _SCHEMES or scheme in _store.DATABASE_SCHEMES or scheme in _plugin_schemes()
+    ):
+        expected = _DESTINATIONS
+    else:
+        return
+    raise SettingError("MLFLOW_TRACKING_URI", mask_uri(raw), expected)
+
+
+def _plugin_schemes() -> set[str]:
+    """Schemes of MLflow tracking-store plugins installed here (entry points)."""
+    return {entry.name for entry in importlib.metadata.entry_points(group="mlflow.tracking_store")}
+
 
 _CREDENTIALS = (
     "set MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, to "
@@ -38,15 +115,15 @@ def check(out: TextIO) -> int:
         print(f"{status:<5} {text}", file=out)
 
     try:
-        env = _env.load()
-    except _config.SettingError as exc:
+        settings = load()
+    except SettingError as exc:
         say("FAIL", str(exc))
-        print(f"fix: {_env.fix(exc)}", file=out)
+        print(f"fix: {fix(exc)}", file=out)
         return 2
     print("settings:", file=out)
-    for variable, value, source in _env.sources():
-        print(f"  {variable.name:<31} {value:<24} {source}", file=out)
-    problem = _check_destination(env.settings, say)
+    for option, value, source in sources():
+        print(f"  {option.variable:<31} {value:<24} {source}", file=out)
+    problem = _check_destination(settings, say)
     if problem:
         print(f"fix: {problem}", file=out)
         return 1

@@ -161,7 +161,9 @@ def start(
     """
     if _in_call.get():
         return None
-    allowed = _targets.allowed(targets, destination or (lambda: url))
+    runtime = _config.current()  # once: the allowlist, the keys and the experiment agree
+    chosen = targets if targets is not None else runtime.settings.propagate_to
+    allowed = _targets.permits(chosen, destination or (lambda: url))
     if not allowed:
         for name in _propagation.FIELDS:
             headers.pop(name, None)
@@ -177,7 +179,7 @@ def start(
         if allowed and (theirs := _instrumented_by_caller(headers, parent_ids)) is not None:
             if claims:
                 _mlflow.claim(theirs)
-            return _complete(theirs, parent_context, headers, host)
+            return _complete(theirs, parent_context, headers, host, runtime)
         span: trace.Span | None = None
         ids = parent_ids
         if parent.is_recording():
@@ -186,7 +188,7 @@ def start(
             ids = span.get_span_context()
             if claims and isinstance(span, _spans.LeanSpan):
                 _mlflow.claim(ids, span)
-        sent = _sent(ids, parent_context) if allowed else {}
+        sent = _sent(ids, parent_context, runtime) if allowed else {}
         for name, value in sent.items():  # cheaper than update() for httpx.Headers
             headers[name] = value
         return ClientCall(span, sent, host)
@@ -195,10 +197,12 @@ def start(
         return None
 
 
-def _sent(ids: trace.SpanContext, parent_context: Context | None) -> dict[str, str]:
+def _sent(
+    ids: trace.SpanContext, parent_context: Context | None, runtime: _config.Runtime | None = None
+) -> dict[str, str]:
     """The headers of a call from span `ids`: its ids, our tracestate entry, the baggage of
     the parent's context and of OpenTelemetry's global context."""
-    entry = _our_entry(ids)
+    entry = _our_entry(ids, runtime or _config.current())
     return _propagation.outgoing(ids, entry, _identity.with_global_baggage(parent_context))
 
 
@@ -269,9 +273,11 @@ def start_message(
         return None
 
 
-def allowed(url: Destination, targets: _targets.Targets | None = None) -> bool:
-    """Whether context may be sent to `url` (the allowlist, as for every HTTP hop)."""
-    return _targets.allowed(targets, lambda: url)
+def allowed(url: Destination | None, targets: _targets.Targets | None = None) -> bool:
+    """Whether context may be sent to `url` (`targets`, else the process's allowlist, as for
+    every HTTP hop; None: a URL the client's parsers disagree on, so no if a list applies)."""
+    chosen = targets if targets is not None else _config.get_settings().propagate_to
+    return _targets.permits(chosen, lambda: url)
 
 
 def _instrumented_by_caller(
@@ -300,10 +306,11 @@ def _complete(
     parent_context: Context | None,
     headers: MutableMapping[str, Any],
     host: tuple[str, int | None] | None,
+    runtime: _config.Runtime,
 ) -> ClientCall:
     """Leave the caller's `traceparent` (exactly one per call); add our `tracestate` entry and
     the baggage, so the callee still learns the root's experiment and the identity."""
-    sent = _sent(theirs, parent_context)
+    sent = _sent(theirs, parent_context, runtime)
     for name, value in sent.items():
         if name != _propagation.TRACEPARENT:
             headers[name] = value
@@ -342,11 +349,13 @@ def _span_fields(method: str, url: Destination, allowed: bool) -> tuple[str, dic
 _origins: dict[tuple[str, str, str, int | None, bool], tuple[str, str, dict[str, Any]]] = {}
 
 
-def _our_entry(span_context: trace.SpanContext) -> tuple[str, str] | None:
+def _our_entry(span_context: trace.SpanContext, runtime: _config.Runtime) -> tuple[str, str] | None:
     """Our tracestate member: the experiment of the trace's root service, signed if keyed."""
     global _unsigned
-    experiment = _mlflow.routed_experiment(span_context.trace_id) or _runtime.own_experiment()
-    keys = _config.get_settings().signing_keys
+    experiment = _mlflow.routed_experiment(span_context.trace_id)
+    if experiment is None and runtime.experiment is not None:
+        experiment = runtime.experiment.id()
+    keys = runtime.settings.signing_keys
     if keys:  # signed: the signature covers this span's ids
         return _trust.entry(span_context, experiment, keys)
     if _unsigned[0] != experiment:

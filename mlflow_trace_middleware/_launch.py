@@ -5,7 +5,7 @@ mlflow-trace-run uvicorn app:app       # gunicorn, hypercorn, flask run, python 
 mlflow-trace-run --check               # what the variables say; can spans reach MLflow? (`_check`)
 ```
 
-As `opentelemetry-instrument` does: the variables are checked first (`_env.load`; an invalid
+As `opentelemetry-instrument` does: the variables are checked first (`_check.load`; an invalid
 value stops the launch, naming it), the folder holding our `sitecustomize.py` goes first on
 `PYTHONPATH`, and the command is exec'd. Python imports that `sitecustomize` at startup in the
 command's process and in every Python process it starts (reloaders, spawned workers); it calls
@@ -32,14 +32,13 @@ from typing import Any
 
 from . import (
     _asgi_patch,
+    _check,
     _config,
-    _env,
     _imports,
     _instrument,
     _log,
     _patch,
     _runtime,
-    _targets,
     _wsgi_patch,
     celery,
 )
@@ -61,11 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(args) > 1:
             print(USAGE, file=sys.stderr)
             return 2
-        from ._check import check  # only --check needs it
-
-        return check(sys.stdout)
+        return _check.check(sys.stdout)
     try:
-        _env.load()
+        _check.load()
     except _config.SettingError as exc:
         print(f"mlflow-trace-run: {exc}", file=sys.stderr)
         return 2
@@ -85,25 +82,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 def bootstrap() -> None:
     """Install what the variables say and patch the frameworks (called by our sitecustomize)."""
     try:
-        env = _env.load()
+        settings = _check.load()
     except _config.SettingError as exc:  # changed since the launch: run untraced, say why
         sys.stderr.write(f"mlflow-trace-run: no tracing: {exc}\n")
         return
     try:
-        _config.install(env.settings)
-        if env.targets is not None:
-            _targets.install(env.targets)
-        options = {**env.middleware, "instrument_clients": env.instrument_clients}
+        # The settings every part reads (the middlewares' options among them), read once.
+        _config.install(settings)
         # A worker serves no request that would install the client hooks: it does at start.
-        celery.instrument(trust=env.middleware["trust"], instrument_clients=env.instrument_clients)
+        celery.instrument(instrument_clients=settings.instrument_clients)
         # Nor does a script: the client hooks go in as each library is imported (inert with
         # no current span), and the runtime starts with the first MLflow span or traced call.
-        if env.instrument_clients:
+        if settings.instrument_clients:
             for library, adapter in _instrument.ADAPTERS:
                 if library != "celery":  # instrumented above, with its options
                     _imports.when_imported(library, _instrument_adapter(adapter))
         _runtime.start_with_mlflow()
-        patch_frameworks(options)
+        patch_frameworks({})  # the middlewares take their options from the settings
     except Exception:
         _log.internal_error("mlflow-trace-run bootstrap")
 

@@ -9,7 +9,6 @@ follow OpenTelemetry's messaging conventions (messaging/messaging-spans.md, rabb
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any
@@ -18,7 +17,18 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 
-from . import _client, _keys, _log, _mlflow, _propagation, _runtime, _server, _spans, _trust
+from . import (
+    _client,
+    _config,
+    _keys,
+    _log,
+    _mlflow,
+    _propagation,
+    _runtime,
+    _server,
+    _spans,
+    _trust,
+)
 
 SYSTEM = "messaging.system"
 OPERATION_TYPE = "messaging.operation.type"
@@ -27,13 +37,12 @@ DESTINATION = "messaging.destination.name"
 MESSAGE_ID = "messaging.message.id"
 ROUTING_KEY = "messaging.rabbitmq.destination.routing_key"
 BATCH_COUNT = "messaging.batch.message_count"
-TRUST_ENV = "MLFLOW_TRACE_TRUST"
 
 
 def options(trust: _trust.Trust | None) -> _server.ServerOptions:
-    """A consumer's options: `trust`, else `MLFLOW_TRACE_TRUST`, else "continue"."""
-    policy = trust if trust is not None else os.environ.get(TRUST_ENV, "").strip()
-    return _server.ServerOptions(trust=_trust.check_policy(policy or "continue"))
+    """A consumer's options: `trust`, else the settings' (`MLFLOW_TRACE_TRUST`)."""
+    policy = trust if trust is not None else _config.get_settings().trust
+    return _server.ServerOptions(trust=_trust.check_policy(policy))
 
 
 def destination(exchange: str, routing_key: str) -> str:

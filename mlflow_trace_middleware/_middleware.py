@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Generic, TypeVar
 
-from . import _log, _runtime
+from . import _config, _log, _runtime
 from ._instrument import instrument
 from ._server import ServerOptions
 from ._trust import Trust
@@ -16,21 +16,25 @@ App = TypeVar("App")
 class Middleware(Generic[App]):
     """Validates and precomputes in `__init__`; nothing process-wide happens until first use.
 
-    Subclasses call `self.first_use()` on their first request (or ASGI lifespan startup): that
-    starts the process runtime (`_runtime.activate()`) and installs the client hooks when
-    `instrument_clients` is set (`instrument()`).
+    An option left None takes the settings' value (`_config`: its variable, else its default),
+    so `MLFLOW_TRACE_MAX_BODY_BYTES` and the others apply to the one-line setup as under the
+    launcher; `redact_keys` and `keep_keys` add to the variables' lists.
+
+    Subclasses call `self.first_use()` on their first request (or ASGI lifespan startup):
+    that starts the process runtime (`_runtime.activate()`) and installs the client hooks
+    when `instrument_clients` is set (`instrument()`).
     """
 
     def __init__(
         self,
         app: App,
         *,
-        capture_bodies: bool = True,
-        max_body_bytes: int = 32 * 1024,
-        exclude_paths: Collection[str] = (),
-        instrument_clients: bool = True,
-        trust: Trust = "continue",
-        capture_headers: Collection[str] = (),
+        capture_bodies: bool | None = None,
+        max_body_bytes: int | None = None,
+        exclude_paths: Collection[str] | None = None,
+        instrument_clients: bool | None = None,
+        trust: Trust | None = None,
+        capture_headers: Collection[str] | None = None,
         redact_keys: Collection[str] = (),
         keep_keys: Collection[str] = (),
         identity_headers: Mapping[str, str] | None = None,
@@ -46,6 +50,8 @@ class Middleware(Generic[App]):
             keep_keys=keep_keys,
             identity_headers=identity_headers,
         )
+        if instrument_clients is None:
+            instrument_clients = _config.get_settings().instrument_clients
         self.instrument_clients = instrument_clients
         self.used = False
 

@@ -14,16 +14,13 @@ rule the user names beats a built-in rule of the same length. So `access_token` 
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from . import _log
 
 REDACTED = "[REDACTED]"
-REDACT_KEYS_ENV = "MLFLOW_TRACE_REDACT_KEYS"
-KEEP_KEYS_ENV = "MLFLOW_TRACE_KEEP_KEYS"
 
 # Names of credentials: a value under a key these name is replaced, whatever it holds.
 CREDENTIAL_KEYS: tuple[str, ...] = (
@@ -154,9 +151,12 @@ class Redaction:
         cls,
         redact_keys: Collection[str] = (),
         keep_keys: Collection[str] = (),
-        environ: Mapping[str, str] | None = None,
+        *,
+        base_redact: Collection[str] = (),
+        base_keep: Collection[str] = (),
     ) -> Redaction:
-        """The policy for a middleware: the variables, then the arguments on top of them.
+        """The policy for a middleware: the settings' lists (`base_*`: the variables), then
+        the arguments on top of them.
 
         A name in both arguments is a ValueError; an argument wins over a variable naming the
         same key the other way; a name in both variables is redacted.
@@ -164,23 +164,15 @@ class Redaction:
         for argument, names in (("redact_keys", redact_keys), ("keep_keys", keep_keys)):
             if isinstance(names, str):
                 raise ValueError(f"{argument} must be a collection of key names")
-        both = {_name(n) for n in redact_keys} & {_name(n) for n in keep_keys}
+        if not (redact_keys or keep_keys or base_redact or base_keep):
+            return DEFAULT_REDACTION  # its decisions, cached, shared
+        both = overlap(redact_keys, keep_keys)
         if both:
-            listed = ", ".join(sorted("_".join(w) for w in both))
-            raise ValueError(f"keys both redacted and kept: {listed}")
-        env = os.environ if environ is None else environ
-        env_redact = _variable(env, REDACT_KEYS_ENV)
-        env_keep = _variable(env, KEEP_KEYS_ENV)
-        if {_name(n) for n in env_redact} & {_name(n) for n in env_keep}:
-            _log.logger.warning(
-                "mlflow-trace-middleware: a key named in both %s and %s is redacted",
-                REDACT_KEYS_ENV,
-                KEEP_KEYS_ENV,
-            )
+            raise ValueError(f"keys both redacted and kept: {', '.join(sorted(both))}")
         arguments = {_name(n) for n in (*redact_keys, *keep_keys)}
         return cls(
-            [*(n for n in env_redact if _name(n) not in arguments), *redact_keys],
-            [*(n for n in env_keep if _name(n) not in arguments), *keep_keys],
+            [*(n for n in base_redact if _name(n) not in arguments), *redact_keys],
+            [*(n for n in base_keep if _name(n) not in arguments), *keep_keys],
         )
 
     def may_hide(self, text: str) -> bool:
@@ -221,10 +213,15 @@ def _name(name: str) -> Words:
     return parts
 
 
-def _variable(env: Mapping[str, str], variable: str) -> list[str]:
+def overlap(redact: Iterable[str], keep: Iterable[str]) -> set[str]:
+    """The keys both lists name (in any spelling), as `snake_case`."""
+    return {"_".join(w) for w in {_name(n) for n in redact} & {_name(n) for n in keep}}
+
+
+def key_names(raw: str, variable: str) -> tuple[str, ...]:
     """The names in a comma-separated variable; an entry without letters is ignored."""
     names = []
-    for entry in env.get(variable, "").split(","):
+    for entry in raw.split(","):
         if not entry.strip():
             continue
         if words(entry):
@@ -233,7 +230,7 @@ def _variable(env: Mapping[str, str], variable: str) -> list[str]:
             _log.logger.warning(
                 "mlflow-trace-middleware: ignoring an entry of %s: not a key name", variable
             )
-    return names
+    return tuple(names)
 
 
 DEFAULT_REDACTION = Redaction()

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import atexit
 import gc
-import threading
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
 
 from . import _config, _log, _mlflow, _propagation, _store
 from ._experiments import Experiment, lacks_scheme, mask_uri, with_uri_credentials
@@ -20,9 +22,9 @@ from ._export import Exporter, ExportResult, SinkStats
 from ._otlp import OtlpHttpExporter
 from ._sink import SpanSink
 
-_lock = threading.Lock()
+# The process's one sink and processor: made once, never replaced (what `configure()` changes
+# is the `_config.Runtime` value and the sink's exporter). Written under `_config.LOCK`.
 _sink: SpanSink | None = None
-_experiment: Experiment | None = None
 
 
 def activate() -> SpanSink:
@@ -35,11 +37,14 @@ def activate() -> SpanSink:
 
 def _start() -> SpanSink:
     global _sink
-    with _lock:
+    with _config.LOCK:
         if _sink is not None:
             return _sink
-        settings = _config.get_settings()
-        sink = SpanSink(make_exporter(settings), settings.limits)
+        runtime = _config.current()
+        settings = runtime.settings
+        experiment, exporter = destination(settings)
+        _config.publish(replace(runtime, experiment=experiment))
+        sink = SpanSink(exporter, settings.limits)
         _mlflow.install(_mlflow.SinkSpanProcessor(sink, _service_name))
         _propagation.quiet_propagator_logs()
         atexit.register(_shutdown_at_exit)
@@ -76,7 +81,7 @@ def _freeze_startup_heap() -> None:
 
 def own_experiment() -> str | None:
     """The experiment this process exports to, when known without I/O (a name may be pending)."""
-    experiment = _experiment
+    experiment = _config.current().experiment
     return experiment.id() if experiment is not None else None
 
 
@@ -85,26 +90,31 @@ def _service_name() -> str:
 
 
 def make_exporter(settings: _config.Settings) -> Exporter:
-    global _experiment
+    return destination(settings)[1]
+
+
+def destination(settings: _config.Settings) -> tuple[Experiment, Exporter]:
+    """Where `settings` send spans: the experiment and the exporter (nothing is published)."""
     if settings.tracking_uri is None:
         # Honour `mlflow.set_tracking_uri(...)` when no variable or `configure` names one.
         default = default_tracking_uri()
         if default is None:
-            _experiment = Experiment(settings, resolvable=False)
-            return _NoServer("no_tracking_store", _NO_DEFAULT_STORE)
-        settings = _config.update_settings(tracking_uri=default)
-    experiment = _experiment = Experiment(settings)
+            experiment = Experiment(settings, resolvable=False)
+            return experiment, _NoServer("no_tracking_store", _NO_DEFAULT_STORE)
+        settings = replace(settings, tracking_uri=default)
+    experiment = Experiment(settings)
     uri = settings.tracking_uri
     if settings.otlp_endpoint is not None:
-        return OtlpHttpExporter(with_uri_credentials(settings), experiment.id)
+        return experiment, OtlpHttpExporter(with_uri_credentials(settings), experiment.id)
     kind = (uri or "").split(":", 1)[0] or "unset"
     if _store.is_database_uri(uri) and uri is not None:
         if _store.store_available():
-            return _store.StoreExporter(uri, settings.service_name, experiment.id)
-        return _NoServer("no_tracking_store", _NO_STORE % kind)
+            exporter = _store.StoreExporter(uri, settings.service_name, experiment.id)
+            return experiment, exporter
+        return experiment, _NoServer("no_tracking_store", _NO_STORE % kind)
     if uri is not None and lacks_scheme(uri):
-        return _NoServer("no_tracking_server", _NO_SCHEME % mask_uri(uri))
-    return _NoServer("no_tracking_server", _NO_SERVER % kind)
+        return experiment, _NoServer("no_tracking_server", _NO_SCHEME % mask_uri(uri))
+    return experiment, _NoServer("no_tracking_server", _NO_SERVER % kind)
 
 
 def default_tracking_uri() -> str | None:
@@ -155,22 +165,37 @@ class _NoServer:
         pass
 
 
-def reconfigure(
-    settings: _config.Settings, exporter: Exporter | None, *, destination_changed: bool = True
-) -> None:
-    """Apply new settings; the exporter is rebuilt only when where or how spans go changed."""
-    sink = activate()
-    sink.set_limits(settings.limits)
-    if exporter is None and not destination_changed:
-        return
-    if exporter is not None:
-        global _experiment
-        _experiment = Experiment(settings)
-    old, sink.exporter = sink.exporter, exporter or make_exporter(settings)
-    try:
-        old.shutdown()
-    except Exception:
-        _log.internal_error("exporter.shutdown")
+# Arguments of `configure()` that change where or how spans are sent: a new exporter.
+_DESTINATION = frozenset(
+    {
+        "tracking_uri",
+        "experiment_id",
+        "experiment_name",
+        "service_name",
+        "export_timeout",
+        "max_batch_bytes",
+    }
+)
+
+
+def reconfigure(changes: Mapping[str, Any], exporter: Exporter | None) -> None:
+    """Apply `configure()`'s `changes` (settings by name, validated): the settings and the
+    experiment are published as one `Runtime`, so a request sees all of them or none; the
+    exporter is rebuilt only when where or how spans go changed, and the old one is shut down
+    once no export runs on it (`SpanSink.replace_exporter`). ValueError changes nothing."""
+    with _config.LOCK:
+        sink = activate()
+        runtime = _config.current()
+        settings = _config.with_changes(runtime.settings, changes)
+        experiment, new = runtime.experiment, exporter
+        if exporter is not None:
+            experiment = Experiment(settings)
+        elif not _DESTINATION.isdisjoint(changes):
+            experiment, new = destination(settings)
+        _config.publish(_config.Runtime(settings, experiment, {**runtime.given, **changes}))
+        sink.set_limits(settings.limits)
+        if new is not None:  # under the lock: two configure() calls swap in their order
+            sink.replace_exporter(new)
 
 
 def flush(timeout: float = 5.0) -> bool:

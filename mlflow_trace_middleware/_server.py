@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -31,14 +30,17 @@ _KNOWN_METHODS = frozenset(
 )
 
 
+_DEFAULTS = _config.Settings()  # the table's defaults
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     """Validated middleware options, shared by every request."""
 
-    capture_bodies: bool = True
-    max_body_bytes: int = 32 * 1024
+    capture_bodies: bool = _DEFAULTS.capture_bodies
+    max_body_bytes: int = _DEFAULTS.max_body_bytes
     exclude_paths: frozenset[str] = frozenset()
-    trust: _trust.Trust = "continue"
+    trust: _trust.Trust = _DEFAULTS.trust
     capture_headers: frozenset[str] = frozenset()
     redaction: Redaction = DEFAULT_REDACTION
     # lower-case request header -> identity attribute (`_keys.IDENTITY`)
@@ -48,55 +50,46 @@ class ServerOptions:
     def build(
         cls,
         *,
-        capture_bodies: bool,
-        max_body_bytes: int,
-        exclude_paths: Collection[str],
-        trust: _trust.Trust = "continue",
-        capture_headers: Collection[str] = (),
+        capture_bodies: bool | None = None,
+        max_body_bytes: int | None = None,
+        exclude_paths: Collection[str] | None = None,
+        trust: _trust.Trust | None = None,
+        capture_headers: Collection[str] | None = None,
         redact_keys: Collection[str] = (),
         keep_keys: Collection[str] = (),
         identity_headers: Mapping[str, str] | None = None,
     ) -> ServerOptions:
-        """Validated options; the body redaction policy is compiled here, once (it reads
-        `MLFLOW_TRACE_REDACT_KEYS`/`MLFLOW_TRACE_KEEP_KEYS`, the arguments on top)."""
-        if max_body_bytes < 0:
+        """Validated options: an argument left None takes the settings' value (`_config`:
+        the variables, read once per process). The body redaction policy is compiled here,
+        once: the settings' key lists, the arguments on top."""
+        settings = _config.get_settings()
+        limit = settings.max_body_bytes if max_body_bytes is None else max_body_bytes
+        if limit < 0:
             raise ValueError("max_body_bytes must be >= 0")
         if isinstance(capture_headers, str):
             raise ValueError("capture_headers must be a collection of header names")
-        redaction = Redaction.build(redact_keys, keep_keys)
+        redaction = Redaction.build(
+            redact_keys, keep_keys, base_redact=settings.redact_keys, base_keep=settings.keep_keys
+        )
+        headers = settings.capture_headers if capture_headers is None else capture_headers
+        paths = settings.exclude_paths if exclude_paths is None else exclude_paths
         return cls(
-            capture_bodies,
-            max_body_bytes,
-            frozenset(exclude_paths),
-            _trust.check_policy(trust),
-            capturable_headers(capture_headers, redaction),
+            settings.capture_bodies if capture_bodies is None else capture_bodies,
+            limit,
+            frozenset(paths),
+            _trust.check_policy(settings.trust if trust is None else trust),
+            capturable_headers(headers, redaction),
             redaction,
             parse_identity_headers(identity_headers),
         )
 
 
-IDENTITY_HEADERS_ENV = "MLFLOW_TRACE_IDENTITY_HEADERS"
-
-
 def parse_identity_headers(mapping: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
-    """`{"X-Session-Id": "session.id"}` (or `MLFLOW_TRACE_IDENTITY_HEADERS`, comma-separated
-    `header=attribute` pairs, when None) as checked (header, attribute) pairs."""
+    """`{"X-Session-Id": "session.id"}` as checked (header, attribute) pairs; None: the
+    settings' (`MLFLOW_TRACE_IDENTITY_HEADERS`)."""
     if mapping is None:
-        raw = os.environ.get(IDENTITY_HEADERS_ENV, "")
-        try:
-            pairs = [item.split("=") for item in raw.split(",") if item.strip()]
-            mapping = {name.strip(): attribute.strip() for name, attribute in pairs}
-        except ValueError:
-            raise ValueError(
-                f"{IDENTITY_HEADERS_ENV} must be comma-separated header=attribute pairs"
-            ) from None
-    for name, attribute in mapping.items():
-        if attribute not in _keys.IDENTITY or not name:
-            raise ValueError(
-                f"identity header {name!r} must map to one of {', '.join(_keys.IDENTITY)}, "
-                f"not {attribute!r}"
-            )
-    return tuple((name.lower(), attribute) for name, attribute in mapping.items())
+        return _config.get_settings().identity_headers
+    return _config.identity_pairs(mapping)
 
 
 class Inbound(NamedTuple):

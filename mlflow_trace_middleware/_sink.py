@@ -98,6 +98,8 @@ class SpanSink:
         self._flush_requested = False
         self._dropped_at_flush = 0
         self._epoch = 0  # bumped when the spans in flight are given up (`_give_up`)
+        self._exporting: Exporter | None = None  # the exporter the worker is inside
+        self._retired: list[Exporter] = []  # replaced while exporting: shut down after
         self._batch_epoch = 0  # the epoch the worker's current batch was taken in
         self._closing = False
         self._worker: threading.Thread | None = None
@@ -110,6 +112,17 @@ class SpanSink:
         self._max_batch_bytes = limits.max_batch_bytes
         self._delay = limits.schedule_delay
         self._max_retry_time = limits.max_retry_time
+
+    def replace_exporter(self, exporter: Exporter) -> None:
+        """Send the next batches with `exporter`. The old one is shut down now, or, if the
+        worker is inside its `export()`, by the worker once that returns: never under it."""
+        with self._lock:
+            old, self.exporter = self.exporter, exporter
+            busy = old is self._exporting
+            if busy and old is not exporter:
+                self._retired.append(old)
+        if not busy and old is not exporter:
+            _shut_down(old)
 
     # -- producer side (request path) -----------------------------------------------------
 
@@ -310,10 +323,12 @@ class SpanSink:
             worker.join(timeout=max(deadline - time.monotonic(), 0.05))
         left = self._give_up()
         self._summarize(force=True)
-        try:
-            self.exporter.shutdown()
-        except Exception:
-            _log.internal_error("exporter.shutdown")
+        with self._lock:  # a worker still inside an export shuts its exporter down after it
+            exporter = self.exporter if self.exporter is not self._exporting else None
+            if exporter is None:
+                self._retired.append(self.exporter)
+        if exporter is not None:
+            _shut_down(exporter)
         return delivered and left == 0
 
     def _give_up(self) -> int:
@@ -459,16 +474,22 @@ class SpanSink:
         return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
 
     def _export(self, items: list[_Item], experiment_id: str | None) -> ExportResult:
+        with self._lock:
+            exporter = self._exporting = self.exporter
         try:
             spans = [
                 EncodedSpan(item[_SPAN], item[_SCOPE], item[_ROOT], item[_CLAIM]) for item in items
             ]
-            result = self.exporter.export(spans, experiment_id)
+            result = exporter.export(spans, experiment_id)
         except Exception:
             _log.internal_error("exporter.export")
             result = ExportResult.dropped("exporter_error")
         with self._lock:
             self._requests += 1
+            self._exporting = None
+            retired, self._retired = self._retired, []
+        for old in retired:  # replaced meanwhile (`replace_exporter`): no export runs on it now
+            _shut_down(old)
         return result
 
     def _settle(self, items: list[_Item], result: ExportResult) -> None:
@@ -544,6 +565,13 @@ class SpanSink:
 
     def _after_fork_in_child(self) -> None:
         self._init_state()
+
+
+def _shut_down(exporter: Exporter) -> None:
+    try:
+        exporter.shutdown()
+    except Exception:
+        _log.internal_error("exporter.shutdown")
 
 
 def _trace_id(item: _Item) -> int:

@@ -20,16 +20,14 @@ Hosts are matched as the HTTP client will connect, from the client's own parse o
 (`user@api.internal@evil.test` connects to `evil.test`), never by a string check on the URL.
 A host that no DNS name or IP literal can spell (`%`, `@`, empty labels...) matches nothing.
 
-The process-wide list comes from `configure(propagate_to=...)` or `MLFLOW_TRACE_PROPAGATE_TO`
-(comma-separated); by default context goes everywhere.
+The process-wide list is a setting (`_config`: `configure(propagate_to=...)` or
+`MLFLOW_TRACE_PROPAGATE_TO`, comma-separated); by default context goes everywhere.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
-import threading
 from collections.abc import Callable, Iterable
 
 from . import _log
@@ -261,40 +259,14 @@ def _connect_host(host: str) -> str | None:
     return host
 
 
-# -- the process-wide list ------------------------------------------------------------------------
-
-_lock = threading.Lock()
-_loaded = False
-_process: Targets | None = None  # None: everywhere
-
-
-def install(targets: Targets) -> None:
-    """Replace the process-wide allowlist (`configure(propagate_to=...)`)."""
-    global _process, _loaded
-    with _lock:
-        _process, _loaded = targets, True
-
-
 def parse(patterns: Patterns | None) -> Targets | None:
     """`Targets(patterns)`, or None for None (validates at configuration time)."""
     return None if patterns is None else Targets(patterns)
 
 
-def current() -> Targets | None:
-    """The process-wide allowlist (from `MLFLOW_TRACE_PROPAGATE_TO` until configured)."""
-    global _process, _loaded
-    if not _loaded:
-        with _lock:
-            if not _loaded:
-                _process, _loaded = from_environment(), True
-    return _process
-
-
-def from_environment() -> Targets | None:
-    """`MLFLOW_TRACE_PROPAGATE_TO`; an invalid entry is logged and skipped, so it allows nothing."""
-    raw = os.environ.get(ENV, "")
-    if not raw.strip():
-        return None
+def lenient(raw: str) -> Targets:
+    """A service's reading of `MLFLOW_TRACE_PROPAGATE_TO`: an invalid entry is logged and
+    skipped, so it allows nothing (never everything)."""
     valid = []
     for item in raw.split(","):
         if not item.strip():
@@ -308,20 +280,12 @@ def from_environment() -> Targets | None:
     return Targets(valid)
 
 
-def reset() -> None:
-    """Forget the process-wide list; the next use reads the environment again (tests)."""
-    global _process, _loaded
-    with _lock:
-        _process, _loaded = None, False
-
-
-def allowed(override: Targets | None, destination: Callable[[], Destination | None]) -> bool:
-    """Whether this hop may carry context: `override` (a transport's own list) or the process's.
+def permits(targets: Targets | None, destination: Callable[[], Destination | None]) -> bool:
+    """Whether this hop may carry context under `targets` (None: everywhere).
 
     `destination` is computed only when a list applies; None (a URL the client's parsers
     disagree on) and any failure here mean no.
     """
-    targets = override if override is not None else current()
     if targets is None:
         return True
     try:

@@ -46,7 +46,7 @@ async def _on_redirect(
     if call is None or not location:
         return
     target = params.url.join(URL(location))
-    if not _targets.allowed(context.mtm_targets, lambda: _destination(target)):
+    if not _client.allowed(_destination(target), context.mtm_targets):
         # aiohttp carries the headers on to the next hop: not there.
         for name in _propagation.FIELDS:
             params.headers.popall(name, None)

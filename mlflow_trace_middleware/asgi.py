@@ -33,6 +33,10 @@ class MlflowTracingMiddleware(Middleware[ASGIApp]):
     from handshake to close (`WEBSOCKET /ws/{room}`). Spans are flushed on lifespan shutdown
     (the middleware answers lifespan itself for an app that does not support it).
 
+    An argument left out takes its environment variable's value, else its default (the table
+    in the docs' Configuration page): `MLFLOW_TRACE_MAX_BODY_BYTES` and the others configure
+    the one line as they configure `mlflow-trace-run`.
+
     Args:
         app: The ASGI application to wrap.
         capture_bodies: Record JSON request/response bodies as the span's inputs/outputs.

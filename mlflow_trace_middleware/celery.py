@@ -28,7 +28,6 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
-import os
 import sys
 import threading
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from . import (
     _imports,
     _keys,
     _log,
+    _messaging,
     _mlflow,
     _patch,
     _propagation,
@@ -67,7 +67,6 @@ TASK_NAME = "celery.task_name"
 RETRIES = "celery.retries"
 RETRY_REASON = "celery.retry.reason"
 STATE = "celery.state"
-TRUST_ENV = "MLFLOW_TRACE_TRUST"
 
 
 @dataclass
@@ -313,8 +312,7 @@ def instrument(*, trust: _trust.Trust | None = None, instrument_clients: bool = 
     if _patched:
         return
     if not _imports.waiting("celery"):
-        policy = trust if trust is not None else os.environ.get(TRUST_ENV, "").strip()
-        _options = _server.ServerOptions(trust=_trust.check_policy(policy or "continue"))
+        _options = _messaging.options(trust)
         _clients = instrument_clients
     # At once if Celery is imported (also through a finder ahead of ours while this waited).
     _imports.when_imported("celery", lambda module: _instrument())

@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import os
 import urllib.parse
 from collections import namedtuple
 from collections.abc import (
@@ -55,6 +54,7 @@ from opentelemetry.semconv.attributes import client_attributes, server_attribute
 
 from . import (
     _client,
+    _config,
     _keys,
     _log,
     _mlflow,
@@ -152,7 +152,7 @@ def _start(
         if url is not None:
             attributes[server_attributes.SERVER_ADDRESS] = url[1]
             attributes[server_attributes.SERVER_PORT] = url[2]
-        allowed = _targets.allowed(targets, lambda: url)
+        allowed = _client.allowed(url, targets)
         if not allowed:
             attributes[_keys.PROPAGATION] = "blocked"
     except Exception:  # metadata grpc refuses itself, say: the call goes as it is
@@ -645,14 +645,11 @@ def _aio_method(original: Any, kind: type[_AioClient]) -> Any:
     return method
 
 
-TRUST_ENV = "MLFLOW_TRACE_TRUST"  # the policy of servers instrument() traces, as the launcher's
-
-
 def _implicit(make: Callable[..., _Server]) -> _Server | None:
-    """A server interceptor of `instrument()`'s: its trust policy from `MLFLOW_TRACE_TRUST`
-    (an invalid value leaves the server untraced, logged); it stops with `uninstrument()`."""
+    """A server interceptor of `instrument()`'s: its trust policy the settings'
+    (`MLFLOW_TRACE_TRUST`); it stops with `uninstrument()`."""
     try:
-        interceptor = make(trust=os.environ.get(TRUST_ENV, "").strip() or "continue")
+        interceptor = make(trust=_config.get_settings().trust)
         interceptor._implicit = True
         return interceptor
     except Exception:

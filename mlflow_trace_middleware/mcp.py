@@ -37,7 +37,6 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
-import os
 import urllib.parse
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
@@ -76,9 +75,7 @@ OPERATION = "gen_ai.operation.name"
 _TARGETS = {"tools/call": TOOL_NAME, "prompts/get": PROMPT_NAME}
 CALL = "tools/call"
 
-PLUMBING_ENV = "MLFLOW_TRACE_MCP_PLUMBING"
-PLUMBING_MODES = ("nest", "spans")
-_nest = True  # `MLFLOW_TRACE_MCP_PLUMBING`, read when the SDK is patched
+_nest = True  # the settings' `mcp_plumbing` (MLFLOW_TRACE_MCP_PLUMBING) when the SDK is patched
 SESSION_SPAN = "mcp session"
 
 # The `_meta` fields of the request being sent (mcp 2.x injects them through a function of its
@@ -155,29 +152,11 @@ _client_options: _server.ServerOptions | None = None
 
 def _calling_options() -> _server.ServerOptions:
     """What the calling side records of a tool call: no middleware is asked (a client may run
-    outside any request), so the variables the launcher reads for the middlewares, once."""
+    outside any request), so the middlewares' defaults in the settings, once."""
     global _client_options
     if _client_options is None:
-        env = os.environ
-        try:
-            capture = _config.flag(_CAPTURE_ENV, env.get(_CAPTURE_ENV), True)
-            raw = env.get(_MAX_BYTES_ENV, "").strip()
-            limit = int(raw) if raw else _server.ServerOptions.max_body_bytes
-            _client_options = _server.ServerOptions.build(
-                capture_bodies=capture, max_body_bytes=limit, exclude_paths=()
-            )
-        except ValueError:
-            _log.logger.warning(
-                "mlflow-trace-middleware: ignoring invalid %s, %s or redaction variables",
-                _CAPTURE_ENV,
-                _MAX_BYTES_ENV,
-            )
-            _client_options = _server.ServerOptions()
+        _client_options = _server.ServerOptions.build(exclude_paths=())
     return _client_options
-
-
-_CAPTURE_ENV = "MLFLOW_TRACE_CAPTURE_BODIES"
-_MAX_BYTES_ENV = "MLFLOW_TRACE_MAX_BODY_BYTES"
 
 
 def _carrier(meta: Any) -> _propagation.Carrier:
@@ -585,12 +564,7 @@ def _instrument() -> None:
     if _patched:
         return
     _patched = True
-    mode = os.environ.get(PLUMBING_ENV, "").strip().lower() or "nest"
-    if mode not in PLUMBING_MODES:
-        _log.logger.warning(
-            "mlflow-trace-middleware: ignoring %s (nest or spans): nesting", PLUMBING_ENV
-        )
-    _nest = mode != "spans"
+    _nest = _config.get_settings().mcp_plumbing != "spans"
     for module, path, wrap in _PATCHES[_major()]:
         owner: Any = importlib.import_module(module)
         *parents, name = path.split(".")

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import settings
 
 import mlflow_trace_middleware as mtm
-from mlflow_trace_middleware import _compat, _log
+from mlflow_trace_middleware import _compat, _config, _log
 from mlflow_trace_middleware.testing import InMemoryExporter
 from tests.harness import (
     EPMD,
@@ -55,6 +55,17 @@ def _fresh_log_limits() -> Iterator[None]:
     _log.reset()
     yield
     _log.reset()
+
+
+@pytest.fixture(autouse=True)
+def _settings_as_they_were() -> Iterator[None]:
+    """The variables are read once per process: a test that changes them reads them again
+    (`_config.reload()`); whatever a test did to the settings (variables, `configure()`
+    arguments such as a signing key), the next one finds them as they were."""
+    before = _config.current()
+    yield
+    with _config.LOCK:
+        _config.publish(before)
 
 
 @pytest.fixture

@@ -12,14 +12,12 @@ from flask import Flask, request
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mlflow_trace_middleware import MlflowTracingMiddleware, MlflowTracingWSGIMiddleware
+from mlflow_trace_middleware import MlflowTracingMiddleware, MlflowTracingWSGIMiddleware, _config
 from mlflow_trace_middleware._capture import BodyCapture, value_attribute
 from mlflow_trace_middleware._redaction import (
     CREDENTIAL_KEYS,
     DEFAULT_REDACTION,
-    KEEP_KEYS_ENV,
     ORDINARY_KEYS,
-    REDACT_KEYS_ENV,
     Redaction,
     capturable_headers,
     words,
@@ -415,7 +413,7 @@ def test_the_cheap_scan_lets_ordinary_bodies_through() -> None:
 
 
 def test_redact_keys_add_names_in_every_spelling() -> None:
-    policy = Redaction.build(redact_keys=["user_email", "ssn"], environ={})
+    policy = Redaction.build(redact_keys=["user_email", "ssn"])
     body = {"user_email": "a@b", "billingUserEmail": "c@d", "SSN": "1", "email": "e", "n": 1}
     assert json.loads(record(json.dumps(body).encode(), redaction=policy)) == {
         "user_email": "[REDACTED]",
@@ -427,7 +425,7 @@ def test_redact_keys_add_names_in_every_spelling() -> None:
 
 
 def test_keep_keys_show_names_the_built_in_list_hides() -> None:
-    policy = Redaction.build(keep_keys=["token", "csrf-token"], environ={})
+    policy = Redaction.build(keep_keys=["token", "csrf-token"])
     body = {"token": "t", "csrfToken": "c", "access_token": "a", "password": "p"}
     assert json.loads(record(json.dumps(body).encode(), redaction=policy)) == {
         "token": "t",
@@ -437,8 +435,20 @@ def test_keep_keys_show_names_the_built_in_list_hides() -> None:
     }
 
 
+REDACT_KEYS_ENV = "MLFLOW_TRACE_REDACT_KEYS"
+KEEP_KEYS_ENV = "MLFLOW_TRACE_KEEP_KEYS"
+
+
+def build(environ: dict[str, str], **arguments: list[str]) -> Redaction:
+    """The policy a middleware gets: the settings read from `environ`, `arguments` on top."""
+    settings = _config.from_environment(environ)
+    return Redaction.build(
+        **arguments, base_redact=settings.redact_keys, base_keep=settings.keep_keys
+    )
+
+
 def test_a_kept_name_is_the_most_specific_rule() -> None:
-    policy = Redaction.build(keep_keys=["secret_name"], redact_keys=["page_token"], environ={})
+    policy = build({}, keep_keys=["secret_name"], redact_keys=["page_token"])
     assert not policy.hides("secretName")
     assert policy.hides("secret_value")
     assert policy.hides("nextPageToken")
@@ -446,16 +456,16 @@ def test_a_kept_name_is_the_most_specific_rule() -> None:
 
 def test_the_variables_are_read_and_the_arguments_win(caplog: pytest.LogCaptureFixture) -> None:
     env = {REDACT_KEYS_ENV: " user_email, ,tenant-id,", KEEP_KEYS_ENV: "page_token,csrf_token"}
-    policy = Redaction.build(environ=env)
+    policy = build(env)
     assert policy.hides("userEmail")
     assert policy.hides("tenant_id")
     assert not policy.hides("csrf_token")
     assert not policy.hides("page_token")
-    overridden = Redaction.build(redact_keys=["csrf_token"], keep_keys=["tenant_id"], environ=env)
+    overridden = build(env, redact_keys=["csrf_token"], keep_keys=["tenant_id"])
     assert overridden.hides("csrf_token")
     assert not overridden.hides("tenant_id")
     assert overridden.hides("user_email")
-    both = Redaction.build(environ={REDACT_KEYS_ENV: "x_id", KEEP_KEYS_ENV: "x-id,--"})
+    both = build({REDACT_KEYS_ENV: "x_id", KEEP_KEYS_ENV: "x-id,--"})
     assert both.hides("x_id")
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(KEEP_KEYS_ENV in m and "not a key name" in m for m in messages)
@@ -485,7 +495,7 @@ def test_header_capture_refuses_what_the_policy_hides() -> None:
             capture_headers=["x-tenant-secret-id"],
             keep_keys=["x-tenant-secret-id"],
         )
-    policy = Redaction.build(redact_keys=["x-tenant"], keep_keys=["session_id"], environ={})
+    policy = Redaction.build(redact_keys=["x-tenant"], keep_keys=["session_id"])
     with pytest.raises(ValueError, match="x-tenant"):
         capturable_headers(["X-Tenant"], policy)
     with pytest.raises(ValueError, match="x-session-id"):
@@ -509,6 +519,7 @@ def test_the_asgi_middleware_applies_its_options(
     exporter: InMemoryExporter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(REDACT_KEYS_ENV, "tenant")
+    _config.reload()
     app = MlflowTracingMiddleware(
         _echo_json, redact_keys=["user_email"], keep_keys=["page_token"], instrument_clients=False
     )
@@ -542,6 +553,7 @@ def test_the_wsgi_middleware_applies_the_variables(
 ) -> None:
     monkeypatch.setenv(KEEP_KEYS_ENV, "token")
     monkeypatch.setenv(REDACT_KEYS_ENV, "tenant")
+    _config.reload()
     flask = Flask(__name__)
     flask.post("/p")(lambda: dict(request.get_json()))
     flask.wsgi_app = MlflowTracingWSGIMiddleware(  # type: ignore[method-assign]

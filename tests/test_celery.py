@@ -245,7 +245,7 @@ def test_with_a_signing_key_only_signed_context_is_continued(
             headers = {"traceparent": TRACEPARENT, "tracestate": member(keys)}
             celery_app.run(celery_app.work, headers, 1)
     finally:
-        _config._settings = before
+        _config.install(before)
     first, second = [s for s in exporter.finished_spans() if s.name == "run/work"]
     assert first.attributes[_keys.RESTARTED_FROM] == TRACEPARENT
     assert hex_ids(second)[0] == TRACE_ID

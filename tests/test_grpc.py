@@ -327,7 +327,7 @@ def test_a_target_outside_the_allowlist_gets_no_context(
 ) -> None:
     service, start = sync_server
     port = start(interceptors=[adapter.ServerInterceptor()])[1]
-    _targets.install(_targets.Targets(["other.internal"]))
+    _config.update_settings(propagate_to=_targets.Targets(["other.internal"]))
     adapter.instrument()
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -335,7 +335,7 @@ def test_a_target_outside_the_allowlist_gets_no_context(
             call(channel, "Unary")
     finally:
         adapter.uninstrument()
-        _targets.reset()
+        _config.reload()
     assert not {"traceparent", "tracestate", "baggage"} & set(service.metadata[-1])
     named = by_name(exporter.finished_spans())
     (client,) = [s for s in named[f"{SERVICE}/Unary"] if s.kind == SpanKind.CLIENT]
@@ -362,6 +362,7 @@ def test_a_server_made_under_instrument_follows_mlflow_trace_trust(
 ) -> None:
     _, start = sync_server
     monkeypatch.setenv("MLFLOW_TRACE_TRUST", "restart")
+    _config.reload()
     adapter.instrument()
     try:
         port = start()[1]
@@ -431,7 +432,7 @@ def test_with_a_signing_key_only_signed_context_is_continued(
         stub(b"forged", metadata=[("traceparent", TRACEPARENT), ("tracestate", "mlflow=1.MQ")])
     finally:
         adapter.uninstrument()
-        _config._settings = before
+        _config.install(before)
     spans = exporter.finished_spans()
     (agent,) = [s for s in spans if s.name == "agent"]
     assert_tree([s for s in spans if s.context.trace_id == agent.context.trace_id], "Unary")

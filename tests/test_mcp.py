@@ -18,7 +18,14 @@ from fastapi import FastAPI, Request
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from mlflow_trace_middleware import MlflowTracingMiddleware, _imports, _mlflow, _server, _targets
+from mlflow_trace_middleware import (
+    MlflowTracingMiddleware,
+    _config,
+    _imports,
+    _mlflow,
+    _server,
+    _targets,
+)
 from mlflow_trace_middleware import mcp as adapter
 from mlflow_trace_middleware.testing import InMemoryExporter
 
@@ -182,12 +189,12 @@ async def test_the_post_carrying_a_request_is_sent_with_its_meta_context(
     assert current == [ids(TRACEPARENT)]
     assert current_ids() is None  # detached afterwards
 
-    _targets.install(_targets.Targets(["other.internal"]))
+    _config.update_settings(propagate_to=_targets.Targets(["other.internal"]))
     try:
         meta = {"traceparent": TRACEPARENT, "tracestate": "mlflow=1.MQ", "progressToken": 7}
         await post(transport, post_context(meta))
     finally:
-        _targets.reset()
+        _config.reload()
     assert current[1] is None  # not allowed: no context, and none left in `_meta`
     assert meta == {"progressToken": 7}
 
@@ -505,6 +512,7 @@ async def test_with_plumbing_as_spans_each_request_gets_its_own(
 def test_the_plumbing_variable_chooses_the_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     for value, nest in (("spans", False), ("", True), ("NEST", True), ("bogus", True)):
         monkeypatch.setenv("MLFLOW_TRACE_MCP_PLUMBING", value)
+        _config.reload()
         adapter.instrument()
         try:
             assert adapter._nest is nest, value

@@ -195,10 +195,10 @@ def test_the_limits_come_from_the_settings(
 ) -> None:
     settings = _config.get_settings()
     limited = dataclasses.replace(settings, max_span_attribute_length=10, max_attribute_length=20)
-    monkeypatch.setattr(_config, "_settings", limited)
+    _config.install(limited)
     _send(make(), "/fail/" + "e" * 30, headers={"user-agent": "u" * 30})
     unlimited = dataclasses.replace(settings, max_span_attribute_length=None)
-    monkeypatch.setattr(_config, "_settings", unlimited)
+    _config.install(unlimited)
     _send(make(), "/items/1", headers={"user-agent": "u" * LONG})
     cut, whole = exporter.finished_spans()
     assert (cut.attributes or {})["user_agent.original"] == "u" * 10

@@ -4,20 +4,165 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import inspect
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+import httpx
 import mlflow
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import INVALID_SPAN_CONTEXT
 
 import mlflow_trace_middleware as mtm
-from mlflow_trace_middleware import _config, _runtime, _store
+from mlflow_trace_middleware import _config, _runtime, _store, _trust
 from mlflow_trace_middleware._experiments import Experiment
 from mlflow_trace_middleware._export import ExportResult
+from mlflow_trace_middleware._middleware import Middleware
+from mlflow_trace_middleware._server import ServerOptions
+from mlflow_trace_middleware.httpx import TracingTransport
 from mlflow_trace_middleware.testing import InMemoryExporter
 from tests.fake_otlp import FakeOtlpServer, Reply
+from tests.harness import ROOT
+
+# -- one table of options ---------------------------------------------------------------------
+
+GENERATED = "<!-- generated from _config.OPTIONS by `python -m mlflow_trace_middleware._config` -->"
+END = "<!-- end of the generated table -->"
+
+
+def test_the_docs_table_of_variables_is_generated_from_the_table_of_options() -> None:
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    table = page[page.index(GENERATED) + len(GENERATED) : page.index(END)]
+    assert table.strip() == _config.render().strip()
+    assert [o.variable for o in _config.OPTIONS if f"`{o.variable}`" not in table] == []
+
+
+def test_every_argument_of_configure_and_of_the_middlewares_is_an_option() -> None:
+    keywords = {option.keyword: option.takes for option in _config.OPTIONS if option.keyword}
+    configure = set(inspect.signature(mtm.configure).parameters) - {"exporter"}
+    middleware = set(inspect.signature(Middleware.__init__).parameters) - {"self", "app"}
+    assert {k for k, takes in keywords.items() if takes == _config.CONFIGURE} == configure
+    assert {k for k, takes in keywords.items() if takes == _config.MIDDLEWARE} == middleware
+
+
+def test_each_default_is_the_tables() -> None:
+    assert _config.from_environment({}) == _config.Settings()
+    assert Middleware(None).options == ServerOptions()
+
+
+def test_the_variables_configure_the_one_line_setup(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not only under the launcher: a middleware added in code takes them too, and an argument
+    wins over its variable."""
+    for name, value in {
+        "MLFLOW_TRACE_MAX_BODY_BYTES": "100",
+        "MLFLOW_TRACE_CAPTURE_BODIES": "off",
+        "MLFLOW_TRACE_EXCLUDE_PATHS": "/health",
+        "MLFLOW_TRACE_TRUST": "restart",
+        "MLFLOW_TRACE_INSTRUMENT_CLIENTS": "no",
+        "MLFLOW_TRACE_CAPTURE_HEADERS": "x-request-id",
+    }.items():
+        monkeypatch.setenv(name, value)
+    _config.reload()
+    middleware = Middleware(None)
+    options = middleware.options
+    assert (options.max_body_bytes, options.capture_bodies) == (100, False)
+    assert options.trust == "restart"
+    assert (options.exclude_paths, options.capture_headers) == ({"/health"}, {"x-request-id"})
+    assert middleware.instrument_clients is False
+    given = Middleware(None, max_body_bytes=5, trust="continue", exclude_paths=()).options
+    assert (given.max_body_bytes, given.trust, given.exclude_paths) == (5, "continue", set())
+    # A service starts with an invalid value: a warning names it, the default is used.
+    monkeypatch.setenv("MLFLOW_TRACE_MAX_BODY_BYTES", "-1")
+    _config.reload()
+    assert Middleware(None).options.max_body_bytes == 32768
+    assert caplog.messages == [
+        "mlflow-trace-middleware: ignoring MLFLOW_TRACE_MAX_BODY_BYTES: not an integer >= 0"
+    ]
+
+
+# -- one runtime -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restored(exporter: InMemoryExporter) -> Iterator[InMemoryExporter]:
+    """The test's exporter back in the sink after the test (the settings are put back as they
+    were by tests/conftest.py: configure() cannot unset an experiment id)."""
+    yield exporter
+    mtm.configure(exporter=exporter)
+
+
+def test_a_call_sees_one_configure_whole(restored: InMemoryExporter) -> None:
+    """The destination and the allowlist change in one configure(): a call made meanwhile
+    (here, from the old exporter's shutdown, which runs inside the second configure) never
+    sends the new experiment where only the old allowlist lets context go."""
+    sent: list[tuple[str | None, str | None]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append((request.headers.get("traceparent"), request.headers.get("tracestate")))
+        return httpx.Response(200)
+
+    client = httpx.Client(transport=TracingTransport(httpx.MockTransport(answer)))
+
+    class Probe(InMemoryExporter):
+        def shutdown(self) -> None:
+            with mlflow.start_span("probe"):
+                client.get("http://a.test/")
+
+    mtm.configure(experiment_id="1", propagate_to=["a.test"], exporter=Probe())
+    mtm.configure(experiment_id="2", propagate_to=["b.test"], exporter=restored)
+    old = f"{_trust.ENTRY_KEY}={_trust.entry(INVALID_SPAN_CONTEXT, '1', ())[1]}"  # type: ignore[index]
+    (call,) = sent
+    assert call == (None, None) or call[1] == old, call
+
+
+class Blocking(InMemoryExporter):
+    """Its export() waits until released; it notes what happens to it, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = threading.Event()
+        self.release = threading.Event()
+        self.events: list[str] = []
+
+    def export(self, spans: Sequence[ReadableSpan], experiment_id: str | None) -> ExportResult:
+        self.inside.set()
+        self.release.wait(30)
+        result = super().export(spans, experiment_id)
+        self.events.append("export returned")
+        return result
+
+    def shutdown(self) -> None:
+        self.events.append("shutdown")
+
+
+@pytest.mark.parametrize("change", ["exporter", "destination"])
+def test_an_exporter_replaced_during_its_export_is_shut_down_after_it(
+    restored: InMemoryExporter, change: str
+) -> None:
+    old = Blocking()
+    mtm.configure(exporter=old)
+    before = mtm.stats()
+    with mlflow.start_span("in flight"):
+        pass
+    threading.Thread(target=mtm.flush, daemon=True).start()  # the worker exports it now
+    assert old.inside.wait(30)
+    if change == "exporter":
+        mtm.configure(exporter=restored)
+    else:  # a new destination: the sink builds its exporter
+        mtm.configure(service_name="another-name")
+    assert old.events == []  # not under the export that runs on it
+    old.release.set()
+    assert mtm.flush()
+    assert old.events == ["export returned", "shutdown"]
+    assert [span.name for span in old.spans] == ["in flight"]
+    after = mtm.stats()
+    assert (after.produced - before.produced, after.exported - before.exported) == (1, 1)
+    assert after.produced == after.exported + after.pending + sum(after.dropped.values())
+    mtm.configure(service_name="test-svc", exporter=restored)
 
 
 @pytest.mark.parametrize(
@@ -85,18 +230,8 @@ from tests.fake_otlp import FakeOtlpServer, Reply
 def test_settings_from_environment(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: _config.Settings
 ) -> None:
-    for name in (
-        "MLFLOW_TRACKING_URI",
-        "MLFLOW_EXPERIMENT_ID",
-        "MLFLOW_EXPERIMENT_NAME",
-        "OTEL_SERVICE_NAME",
-        "MLFLOW_TRACKING_TOKEN",
-        "MLFLOW_TRACKING_USERNAME",
-        "MLFLOW_TRACKING_PASSWORD",
-        *_config._OTEL_BSP,
-        *_config._OTLP_HEADERS,
-    ):
-        monkeypatch.delenv(name, raising=False)
+    for option in _config.OPTIONS:
+        monkeypatch.delenv(option.variable, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert _config.from_environment() == expected
@@ -167,13 +302,9 @@ def test_configure_applies_limits_to_the_running_sink(exporter: InMemoryExporter
 
 
 def test_configure_an_experiment_name_clears_the_id() -> None:
-    before = _config.get_settings()
-    try:
-        _config.update_settings(experiment_id="3")
-        after = _config.update_settings(experiment_name="agents")
-        assert (after.experiment_id, after.experiment_name) == (None, "agents")
-    finally:
-        _config._settings = before
+    settings = _config.with_changes(_config.Settings(), {"experiment_id": "3"})
+    after = _config.with_changes(settings, {"experiment_name": "agents"})
+    assert (after.experiment_id, after.experiment_name) == (None, "agents")
 
 
 # -- where spans cannot go: the light install (mlflow-tracing, no full mlflow) -----------------
@@ -186,11 +317,10 @@ def test_no_tracking_uri_with_the_light_sdk_is_one_warning(
         raise ModuleNotFoundError("No module named 'sqlparse'")
 
     monkeypatch.setattr(mlflow, "get_tracking_uri", light_sdk)
-    monkeypatch.setattr(_runtime, "_experiment", None)
-    exporter = _runtime.make_exporter(_config.Settings(experiment_name="zero-code"))
+    experiment, exporter = _runtime.destination(_config.Settings(experiment_name="zero-code"))
     for _ in range(3):
         assert exporter.export([], None) == ExportResult.dropped("no_tracking_store")
-    assert _runtime.own_experiment() is None  # nowhere to look the name up: never tried
+    assert experiment.id() is None  # nowhere to look the name up: never tried
     assert caplog.messages == [
         "mlflow-trace-middleware: MLFLOW_TRACKING_URI is not set, and MLflow's default (a local "
         "database) needs the full MLflow package (pip install mlflow; mlflow-tracing has no "
@@ -206,7 +336,6 @@ def test_the_store_needs_what_the_light_sdk_lacks(
     """mlflow-tracing ships `sqlalchemy_store.py`; an app may bring SQLAlchemy but not the rest."""
     find_spec = importlib.util.find_spec
     assert _store.store_available()
-    monkeypatch.setattr(_runtime, "_experiment", _runtime._experiment)
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name: None if name == missing else find_spec(name)
     )
@@ -321,7 +450,6 @@ def test_a_tracking_uri_without_its_scheme_says_to_add_it(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, uri: str, shown: str
 ) -> None:
     """In code (no launcher to refuse it): one warning that says what to write."""
-    monkeypatch.setattr(_runtime, "_experiment", _runtime._experiment)
     exporter = _runtime.make_exporter(_config.Settings(tracking_uri=uri))
     assert exporter.export([], None) == ExportResult.dropped("no_tracking_server")
     assert caplog.messages == [

@@ -44,12 +44,12 @@ def test_the_types_are_overridden_per_kind(monkeypatch: pytest.MonkeyPatch) -> N
         "llm": "CHAT_MODEL",
         "tool": "TOOL",
     }
-    monkeypatch.setattr(_config, "_settings", settings)
+    _config.install(settings)
     assert _config.span_type("server", "/ask") == '"AGENT"'
     assert _config.span_type("client", "/v1/chat/completions") == '"CHAT_MODEL"'
     # An MCP tool call is a kind of its own: a client override does not reach it.
     monkeypatch.setenv(_config.SPAN_TYPES_ENV, "client=CHAIN, tool=RETRIEVER")
-    monkeypatch.setattr(_config, "_settings", _config.from_environment(strict=True))
+    _config.install(_config.from_environment(strict=True))
     assert _config.span_type("client", "/query") == '"CHAIN"'
     assert _config.span_type("tool", "") == '"RETRIEVER"'
 

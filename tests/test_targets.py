@@ -21,7 +21,7 @@ import requests
 from opentelemetry.trace import SpanKind
 
 import mlflow_trace_middleware as mtm
-from mlflow_trace_middleware import _targets
+from mlflow_trace_middleware import _client, _config, _targets
 from mlflow_trace_middleware import httpx as mtm_httpx
 from mlflow_trace_middleware import httpx2 as mtm_httpx2
 from mlflow_trace_middleware import requests as mtm_requests
@@ -35,11 +35,14 @@ OURS = ("traceparent", "tracestate", "baggage")
 
 
 @pytest.fixture(autouse=True)
-def _no_process_allowlist(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _no_process_allowlist(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(_targets.ENV, raising=False)
-    _targets.reset()
-    yield
-    _targets.reset()
+    _config.reload()
+
+
+def allowed(host: str) -> bool:
+    """Whether the process's allowlist lets context go to `http://{host}/`."""
+    return _client.allowed(("http", host, None, "/"))
 
 
 # -- the matcher ----------------------------------------------------------------------------------
@@ -236,14 +239,16 @@ def test_patterns_must_be_strings() -> None:
 
 
 def test_default_is_everywhere() -> None:
-    assert _targets.current() is None
-    assert _targets.allowed(None, lambda: None)
+    assert _config.get_settings().propagate_to is None
+    assert _targets.permits(None, lambda: None)
+    assert _client.allowed(None)
 
 
 def test_environment_variable(monkeypatch: pytest.MonkeyPatch, caplog: Any) -> None:
     monkeypatch.setenv(_targets.ENV, " api.internal ,, *.svc:8080, not a host")
     with caplog.at_level(logging.WARNING, logger="mlflow_trace_middleware"):
-        targets = _targets.current()
+        _config.reload()
+    targets = _config.get_settings().propagate_to
     assert targets is not None
     assert targets.allows("http", "api.internal", None, "/")
     assert targets.allows("http", "a.svc", 8080, "/")
@@ -257,7 +262,8 @@ def test_environment_variable_with_only_invalid_entries_allows_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(_targets.ENV, "api.internal/v1")
-    targets = _targets.current()
+    _config.reload()
+    targets = _config.get_settings().propagate_to
     assert targets is not None
     assert not targets.allows("http", "api.internal", None, "/v1")
 
@@ -266,16 +272,21 @@ def test_configure_replaces_the_list_and_rejects_invalid_patterns(
     exporter: InMemoryExporter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(_targets.ENV, "api.internal")
+    _config.reload()
+    assert allowed("api.internal")
     mtm.configure(propagate_to=["other.internal"])
-    assert not _targets.allowed(None, lambda: ("http", "api.internal", None, "/"))
-    assert _targets.allowed(None, lambda: ("http", "other.internal", None, "/"))
+    assert not allowed("api.internal")
+    assert allowed("other.internal")
     with pytest.raises(ValueError, match="invalid propagation target 'a/b'"):
         mtm.configure(service_name="changed", propagate_to=["a/b"])
-    assert _targets.allowed(None, lambda: ("http", "other.internal", None, "/"))
+    assert allowed("other.internal")
+    assert _config.get_settings().service_name == "test-svc"  # nothing of it was applied
     mtm.configure(service_name="test-svc")  # None keeps the list
-    assert not _targets.allowed(None, lambda: ("http", "api.internal", None, "/"))
+    assert not allowed("api.internal")
+    _config.reload()  # the variables read again: configure()'s list stays on top
+    assert not allowed("api.internal")
     mtm.configure(propagate_to="*")
-    assert _targets.allowed(None, lambda: ("http", "api.internal", None, "/"))
+    assert allowed("api.internal")
 
 
 def test_transports_reject_invalid_patterns() -> None:
@@ -288,7 +299,7 @@ def test_a_failing_check_sends_nothing(exporter: InMemoryExporter) -> None:
     def broken() -> _targets.Destination:
         raise RuntimeError("boom")
 
-    assert not _targets.allowed(_targets.Targets(API), broken)
+    assert not _targets.permits(_targets.Targets(API), broken)
 
 
 def test_adapter_keeps_its_allowlist_when_pickled() -> None:
@@ -488,6 +499,7 @@ def test_environment_variable_applies_to_instrumented_clients(
     exporter: InMemoryExporter, hosts: Hosts, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(_targets.ENV, "localhost")
+    _config.reload()
     mtm.instrument()
     with mlflow.start_span("root"):
         get(kind, f"{hosts.trusted}/redirect?to={hosts.other}/target")

@@ -65,7 +65,7 @@ def signing(request: pytest.FixtureRequest) -> Iterator[None]:
     before = _config.get_settings()
     mtm.configure(signing_key=request.param)
     yield
-    _config._settings = before
+    _config.install(before)
 
 
 async def test_continue_is_the_default_and_follows_the_caller(exporter: InMemoryExporter) -> None:
@@ -175,10 +175,18 @@ async def test_a_failing_policy_restarts_and_is_counted(exporter: InMemoryExport
     assert mtm.stats().internal_errors == before + 1
 
 
-@pytest.mark.parametrize("trust", ["sometimes", None, 3])
+@pytest.mark.parametrize("trust", ["sometimes", "", 3])
 def test_an_invalid_policy_is_a_clear_error(trust: object) -> None:
     with pytest.raises(ValueError, match="trust must be"):
         MlflowTracingMiddleware(FastAPI(), trust=trust)  # type: ignore[arg-type]
+
+
+def test_no_policy_given_is_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """None (the default) is the settings' policy: MLFLOW_TRACE_TRUST, else "continue"."""
+    assert MlflowTracingMiddleware(FastAPI(), trust=None).options.trust == "continue"
+    monkeypatch.setenv("MLFLOW_TRACE_TRUST", "restart")
+    _config.reload()
+    assert MlflowTracingMiddleware(FastAPI(), trust=None).options.trust == "restart"
 
 
 async def test_caller_experiment_routes_every_span_of_the_segment(
