@@ -34,7 +34,7 @@ def sources() -> list[tuple[_config.Option, str, str]]:
             shown = "(set, hidden)" if option.secret else _shown(option, raw)
             rows.append((option, shown, "environment"))
         else:
-            rows.append((option, option.default, "default"))
+            rows.append((option, option.shown.replace("`", "") or option.default, "default"))
     return rows
 
 

@@ -184,9 +184,9 @@ def reconfigure(changes: Mapping[str, Any], exporter: Exporter | None) -> None:
     exporter is rebuilt only when where or how spans go changed, and the old one is shut down
     once no export runs on it (`SpanSink.replace_exporter`). ValueError changes nothing."""
     with _config.LOCK:
-        sink = activate()
+        settings = _config.with_changes(_config.get_settings(), changes)  # raises first
+        sink = activate()  # publishes the experiment only: the settings stay
         runtime = _config.current()
-        settings = _config.with_changes(runtime.settings, changes)
         experiment, new = runtime.experiment, exporter
         if exporter is not None:
             experiment = Experiment(settings)
