@@ -21,12 +21,12 @@ message without context is handled untraced. For messages handled another way,
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
+from types import ModuleType
 from typing import Any
 
-from . import _imports, _log, _messaging, _mlflow, _patch, _server, _trust
+from . import _log, _messaging, _mlflow, _patch, _server, _trust
 
 __all__ = ["consume", "consume_batch", "instrument", "uninstrument"]
 
@@ -103,7 +103,7 @@ def consume_batch(messages: Iterable[Any]) -> _messaging.Consuming:
 
 def _publish(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def publish(exchange: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _patched:
+        if not _patches.active:
             return await original(exchange, *args, **kwargs)
         try:
             message = args[0] if args else kwargs["message"]
@@ -142,7 +142,7 @@ def _traced(callback: Callable[[Any], Any]) -> Callable[[Any], Awaitable[Any]]:
     """A consume callback that runs under its message's span."""
 
     async def on_message(message: Any) -> Any:
-        consuming = _start(message, always=False) if _patched else None
+        consuming = _start(message, always=False) if _patches.active else None
         if consuming is None:
             result = callback(message)
             return await result if inspect.isawaitable(result) else result
@@ -184,7 +184,7 @@ def _enter(original: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitab
 
     async def enter(context: Any) -> Any:
         message = getattr(context, "message", None)
-        if _patched and message is not None and _handling.get() is not message:
+        if _patches.active and message is not None and _handling.get() is not message:
             consuming = _start(message, always=False)
             if consuming is not None:
                 setattr(context, _STATE, (consuming, _handling.set(message)))
@@ -217,26 +217,18 @@ def _exit(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
 # -- patching ------------------------------------------------------------------------------------
 
 
-_patched = False
-
-
-def _targets(module: Any) -> tuple[tuple[Any, str, Callable[[Any], Any]], ...]:
-    process = module.message.ProcessContext
-    return (
-        (module.exchange.Exchange, "publish", _publish),
-        (module.queue.Queue, "consume", lambda own: _consume(own, module.queue.QueueIterator)),
+def _to_patch(module: ModuleType) -> list[_patch.Target]:
+    aio_pika: Any = module
+    process = aio_pika.message.ProcessContext
+    return [
+        (aio_pika.exchange.Exchange, "publish", _publish),
+        (aio_pika.queue.Queue, "consume", lambda own: _consume(own, aio_pika.queue.QueueIterator)),
         (process, "__aenter__", _enter),
         (process, "__aexit__", _exit),
-    )
+    ]
 
 
-def _instrument(module: Any) -> None:
-    global _patched
-    if _patched:
-        return
-    _patched = True
-    for owner, name, wrap in _targets(module):
-        _patch.replace(owner, name, wrap)
+_patches = _patch.Patches("aio_pika", _to_patch)
 
 
 def instrument(*, trust: _trust.Trust | None = None) -> None:
@@ -244,19 +236,11 @@ def instrument(*, trust: _trust.Trust | None = None) -> None:
     (from aio-pika's import, if it is not imported yet). `trust` as for `kombu.instrument`.
     Idempotent; the first call's options stay."""
     global _options
-    if _patched:
-        return
-    if not _imports.waiting("aio_pika"):
+    if _patches.idle():
         _options = _messaging.options(trust)
-    # At once if it is imported (also through a finder ahead of ours while this waited).
-    _imports.when_imported("aio_pika", _instrument)
+    _patches.install()
 
 
 def uninstrument() -> None:
     """Undo `instrument()`; consumers it traced stop tracing."""
-    global _patched
-    _imports.cancel("aio_pika")
-    _patched = False
-    if "aio_pika" in sys.modules:  # also ours left inert under another's wrapper
-        for owner, name, _wrap in _targets(sys.modules["aio_pika"]):
-            _patch.restore(owner, name)
+    _patches.uninstall()

@@ -45,6 +45,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from types import ModuleType
 from typing import Any, TypeVar
 
 import grpc
@@ -307,7 +308,7 @@ class _AioClient:
 
     async def _intercept(self, continuation: Any, details: Any, request: Any) -> Any:
         started = None
-        if _patched or not self._implicit:  # an implicit one stops with uninstrument()
+        if _patches.active or not self._implicit:  # an implicit one stops with uninstrument()
             started = _start(self._target, details.method, details.metadata, self._targets)
         if started is None:
             return await continuation(details, request)
@@ -565,7 +566,7 @@ class _Server:
         self._implicit = False
 
     def _traced(self, handler: Any, details: Any, aio: bool) -> Any:
-        if handler is None or (self._implicit and not _patched):
+        if handler is None or (self._implicit and not _patches.active):
             return handler
         if getattr(details, "method", None) in self._options.exclude_paths:
             return handler
@@ -720,14 +721,10 @@ def _aio_lookup(original: Any) -> Any:
     return find
 
 
-_patched = False
-_layers: list[tuple[Any, str]] = []  # (owner, attribute) where our layers are, once made
-
-
-def _patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
+def _to_patch(module: ModuleType) -> list[_patch.Target]:
     channel: Any = importlib.import_module("grpc._channel")
     aio_channel: Any = importlib.import_module("grpc.aio._channel")
-    patches: list[tuple[Any, str, Callable[[Any], Any]]] = []
+    patches: list[_patch.Target] = []
     for cls in (channel._UnaryUnaryMultiCallable, channel._StreamUnaryMultiCallable):
         for name, blocking in (("__call__", True), ("with_call", True), ("future", False)):
             patches.append((cls, name, functools.partial(_sync_method, blocking=blocking)))
@@ -755,22 +752,15 @@ def _patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     return patches
 
 
+_patches = _patch.Patches("grpc", _to_patch)
+
+
 def instrument() -> None:
     """Trace every gRPC call this process makes (channels whenever made) and serves (servers
     made from now on). Idempotent."""
-    global _patched
-    if _patched:
-        return
-    _patched = True
-    for owner, name, wrap in _patches():
-        _patch.replace(owner, name, wrap)
-        if (owner, name) not in _layers:
-            _layers.append((owner, name))
+    _patches.install()
 
 
 def uninstrument() -> None:
     """Undo `instrument()`; interceptors it added to channels and servers stop tracing."""
-    global _patched
-    _patched = False
-    for owner, name in _layers:
-        _patch.restore(owner, name)  # also one left inert under another's wrapper, gone since
+    _patches.uninstall()

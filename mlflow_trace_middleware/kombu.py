@@ -26,11 +26,11 @@ per message. `consume(message)` does the same for one message handled outside a 
 from __future__ import annotations
 
 import importlib
-import sys
 from collections.abc import Callable, Iterable, Mapping
+from types import ModuleType
 from typing import Any
 
-from . import _imports, _log, _messaging, _mlflow, _patch, _propagation, _server, _trust
+from . import _log, _messaging, _mlflow, _patch, _propagation, _server, _trust
 
 __all__ = ["consume", "consume_batch", "instrument", "uninstrument"]
 
@@ -76,7 +76,7 @@ def _celery_task(headers: Mapping[str, Any]) -> bool:
 
 def _publish(original: Callable[..., Any]) -> Callable[..., Any]:
     def publish(producer: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _patched:
+        if not _patches.active:
             return original(producer, body, *args, **kwargs)
         positional = len(args) > _HEADERS_AT
         given = args[_HEADERS_AT] if positional else kwargs.get("headers")
@@ -204,7 +204,7 @@ def _receive(original: Callable[..., Any]) -> Callable[..., Any]:
     """`Consumer.receive(body, message)`: the callbacks run under the message's span."""
 
     def receive(consumer: Any, body: Any, message: Any) -> Any:
-        if not _patched or _buffering(consumer.callbacks):
+        if not _patches.active or _buffering(consumer.callbacks):
             return original(consumer, body, message)
         consuming = _start(message, always=False)
         if consuming is None:
@@ -227,7 +227,7 @@ _buffers: tuple[type, ...] = ()  # kombu.simple.SimpleBase, once kombu is patche
 
 def _traced_handler(handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def on_message(message: Any) -> Any:
-        consuming = _start(message, always=False) if _patched else None
+        consuming = _start(message, always=False) if _patches.active else None
         if consuming is None:
             return handler(message)
         with consuming:
@@ -263,22 +263,20 @@ class _OnMessage:
 # -- patching ------------------------------------------------------------------------------------
 
 
-_patched = False
 _on_message: Any = None  # `Consumer.on_message`'s own value, while `_OnMessage` replaces it
 
 
-def _instrument(module: Any) -> None:
-    global _buffers, _on_message, _patched
-    if _patched:
-        return
-    _patched = True
+def _to_patch(module: ModuleType) -> list[_patch.Target]:
+    global _buffers, _on_message
     _buffers = (importlib.import_module("kombu.simple").SimpleBase,)
-    producer, consumer = module.Producer, module.Consumer
-    _patch.replace(producer, "publish", _publish)
-    _patch.replace(consumer, "receive", _receive)
+    consumer: Any = module.Consumer
     # A data descriptor, not a function to wrap: `_patch` cannot install it.
     _on_message = consumer.__dict__["on_message"]
     consumer.on_message = _OnMessage()
+    return [(module.Producer, "publish", _publish), (consumer, "receive", _receive)]
+
+
+_patches = _patch.Patches("kombu.messaging", _to_patch)
 
 
 def instrument(*, trust: _trust.Trust | None = None) -> None:
@@ -288,22 +286,12 @@ def instrument(*, trust: _trust.Trust | None = None) -> None:
     callable sees the destination (exchange, or routing key) as `path` and the message's
     propagation fields as `headers`. Idempotent; the first call's options stay."""
     global _options
-    if _patched:
-        return
-    if not _imports.waiting("kombu.messaging"):
+    if _patches.idle():
         _options = _messaging.options(trust)
-    # At once if it is imported (also through a finder ahead of ours while this waited).
-    _imports.when_imported("kombu.messaging", _instrument)
+    _patches.install()
 
 
 def uninstrument() -> None:
-    global _patched
-    _imports.cancel("kombu.messaging")
-    module: Any = sys.modules.get("kombu.messaging")
-    if module is None:
-        return
-    _patch.restore(module.Consumer, "receive")  # also ours left inert under another's wrapper
-    _patch.restore(module.Producer, "publish")
-    if _patched:
-        _patched = False
-        module.Consumer.on_message = _on_message
+    if _patches.active:
+        importlib.import_module("kombu.messaging").Consumer.on_message = _on_message
+    _patches.uninstall()
