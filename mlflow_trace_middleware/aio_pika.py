@@ -36,28 +36,19 @@ _options = _server.ServerOptions()
 _handling: ContextVar[object | None] = ContextVar("mtm_aio_pika_handling", default=None)
 
 
-def _place(message: Any) -> tuple[str, str]:
-    return str(getattr(message, "exchange", "") or ""), str(
-        getattr(message, "routing_key", "") or ""
+def _received(message: Any) -> _messaging.Received:
+    return _messaging.Received(
+        SYSTEM,
+        message.headers if isinstance(message.headers, Mapping) else None,
+        str(getattr(message, "exchange", "") or ""),
+        str(getattr(message, "routing_key", "") or ""),
+        getattr(message, "message_id", None),
     )
 
 
 def _start(message: Any, always: bool) -> _messaging.Consuming | None:
     """The CONSUMER span of an `IncomingMessage`; unless `always`, None without context."""
-    try:
-        headers = message.headers if isinstance(message.headers, Mapping) else None
-        found = _messaging.carrier(headers)
-        if not always and not found:
-            return None
-        exchange, routing_key = _place(message)
-        attributes = _messaging.attributes(
-            SYSTEM, "process", "process", exchange, routing_key, message.message_id
-        )
-        where = _messaging.destination(exchange, routing_key)
-    except Exception:
-        _log.internal_error("aio-pika consume")
-        return None
-    return _messaging.consume(_options, found, f"process {where}".rstrip(), attributes, where)
+    return _messaging.receive(_options, message, _received, always)
 
 
 def consume(message: Any) -> _messaging.Consuming:
@@ -83,19 +74,7 @@ def consume_batch(messages: Iterable[Any]) -> _messaging.Consuming:
         await handle([message.body for message in batch])
     ```
     """
-    try:
-        carriers, places = [], set()
-        for message in messages:
-            headers = message.headers if isinstance(message.headers, Mapping) else None
-            carriers.append(_messaging.carrier(headers))
-            places.add(_place(message))
-        exchange, routing_key = places.pop() if len(places) == 1 else ("", "")
-        attributes = _messaging.attributes(SYSTEM, "process", "process", exchange, routing_key)
-        name = f"process {_messaging.destination(exchange, routing_key)}".rstrip()
-    except Exception:
-        _log.internal_error("aio-pika batch")
-        return _messaging.Consuming()
-    return _messaging.consume_batch(carriers, name, attributes) or _messaging.Consuming()
+    return _messaging.consume_batch(messages, _received, SYSTEM)
 
 
 # -- publish -------------------------------------------------------------------------------------
@@ -108,16 +87,11 @@ def _publish(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable
         try:
             message = args[0] if args else kwargs["message"]
             routing_key = str((args[1] if len(args) > 1 else kwargs.get("routing_key")) or "")
-            name = str(exchange.name or "")
-            attributes = _messaging.attributes(
-                SYSTEM, "publish", "send", name, routing_key, message.message_id
-            )
-            span_name = f"publish {_messaging.destination(name, routing_key)}".rstrip()
-            headers = message.headers
+            name, headers = str(exchange.name or ""), message.headers
         except Exception:
             _log.internal_error("aio-pika publish")
             return await original(exchange, *args, **kwargs)
-        started = _messaging.publish(span_name, attributes)
+        started = _messaging.publish(SYSTEM, name, routing_key, message.message_id)
         if started is None:
             return await original(exchange, *args, **kwargs)
         call, context = started

@@ -37,18 +37,25 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from . import _client, _keys, _log, _mlflow, _patch, _propagation, _runtime, _server, _spans, _trust
+from . import (
+    _client,
+    _keys,
+    _log,
+    _messaging,
+    _mlflow,
+    _patch,
+    _propagation,
+    _runtime,
+    _server,
+    _spans,
+    _trust,
+)
 from ._instrument import instrument as _instrument_clients
+from ._messaging import DESTINATION, MESSAGE_ID, OPERATION_NAME, OPERATION_TYPE, SYSTEM
 
 __all__ = ["instrument", "uninstrument"]
 
-# OpenTelemetry semantic conventions for messaging (messaging/messaging-spans.md), and the
-# attributes OpenTelemetry's Celery instrumentation records.
-SYSTEM = "messaging.system"
-OPERATION_TYPE = "messaging.operation.type"
-OPERATION_NAME = "messaging.operation.name"
-DESTINATION = "messaging.destination.name"
-MESSAGE_ID = "messaging.message.id"
+# The attributes OpenTelemetry's Celery instrumentation records, beside the messaging ones.
 TASK_NAME = "celery.task_name"
 RETRIES = "celery.retries"
 RETRY_REASON = "celery.retry.reason"
@@ -105,15 +112,10 @@ def _send_task(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(app, name, *args, **kwargs)
         call, context = started
         sending = _sending.set(call)
-        attached = _mlflow.attach_quietly(context)
         try:
-            with call:
-                result = original(app, name, *args, **kwargs)
+            return _messaging.send(call, context, lambda: original(app, name, *args, **kwargs))
         finally:
-            _mlflow.detach_quietly(attached)
             _sending.reset(sending)
-        call.end()
-        return result
 
     return send_task
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import Any
 
-from . import _log, _messaging, _mlflow, _patch, _propagation, _server, _trust
+from . import _log, _messaging, _patch, _propagation, _server, _trust
 
 __all__ = ["consume", "consume_batch", "instrument", "uninstrument"]
 
@@ -90,20 +90,13 @@ def _publish(original: Callable[..., Any]) -> Callable[..., Any]:
             exchange = args[_EXCHANGE_AT] if len(args) > _EXCHANGE_AT else kwargs.get("exchange")
             exchange = exchange or producer.exchange
             exchange = str(getattr(exchange, "name", exchange) or "")
-            routing_key = str(routing_key or "")
-            attributes = _messaging.attributes(
-                _producer_system(producer),
-                "publish",
-                "send",
-                exchange,
-                routing_key,
-                kwargs.get("message_id"),
-            )
-            name = f"publish {_messaging.destination(exchange, routing_key)}".rstrip()
+            system = _producer_system(producer)
         except Exception:
             _log.internal_error("kombu publish")
             return original(producer, body, *args, **kwargs)
-        started = _messaging.publish(name, attributes)
+        started = _messaging.publish(
+            system, exchange, str(routing_key or ""), kwargs.get("message_id")
+        )
         if started is None:
             return original(producer, body, *args, **kwargs)
         call, context = started
@@ -112,14 +105,7 @@ def _publish(original: Callable[..., Any]) -> Callable[..., Any]:
             args = (*args[:_HEADERS_AT], sent, *args[_HEADERS_AT + 1 :])
         else:
             kwargs["headers"] = sent
-        token = _mlflow.attach_quietly(context)
-        try:
-            with call:
-                result = original(producer, body, *args, **kwargs)
-        finally:
-            _mlflow.detach_quietly(token)
-        call.end()
-        return result
+        return _messaging.send(call, context, lambda: original(producer, body, *args, **kwargs))
 
     return publish
 
@@ -127,35 +113,25 @@ def _publish(original: Callable[..., Any]) -> Callable[..., Any]:
 # -- consume -------------------------------------------------------------------------------------
 
 
-def _place(message: Any) -> tuple[str, str]:
-    """A message's exchange and routing key, from its delivery info."""
+def _received(message: Any) -> _messaging.Received:
+    """A message's headers and place (its delivery info); a Celery task's is not ours."""
+    headers = message.headers if isinstance(message.headers, Mapping) else {}
     delivery = message.delivery_info if isinstance(message.delivery_info, Mapping) else {}
-    return str(delivery.get("exchange") or ""), str(delivery.get("routing_key") or "")
+    properties = getattr(message, "properties", None)
+    return _messaging.Received(
+        _system(message.channel),
+        headers,
+        str(delivery.get("exchange") or ""),
+        str(delivery.get("routing_key") or ""),
+        properties.get("message_id") if isinstance(properties, Mapping) else None,
+        ours=not _celery_task(headers),
+    )
 
 
 def _start(message: Any, always: bool) -> _messaging.Consuming | None:
     """The CONSUMER span of `message`; unless `always`, None for a message without context or
     a Celery task's."""
-    try:
-        headers = message.headers if isinstance(message.headers, Mapping) else {}
-        found = _messaging.carrier(headers)
-        if not always and (not found or _celery_task(headers)):
-            return None
-        exchange, routing_key = _place(message)
-        properties = message.properties if isinstance(message.properties, Mapping) else {}
-        attributes = _messaging.attributes(
-            _system(message.channel),
-            "process",
-            "process",
-            exchange,
-            routing_key,
-            properties.get("message_id"),
-        )
-        where = _messaging.destination(exchange, routing_key)
-    except Exception:
-        _log.internal_error("kombu consume")
-        return None
-    return _messaging.consume(_options, found, f"process {where}".rstrip(), attributes, where)
+    return _messaging.receive(_options, message, _received, always)
 
 
 def consume(message: Any) -> _messaging.Consuming:
@@ -183,21 +159,7 @@ def consume_batch(messages: Iterable[Any]) -> _messaging.Consuming:
         handle([message.payload for message in batch])
     ```
     """
-    try:
-        messages = list(messages)
-        carriers, places, system = [], set(), "kombu"
-        for message in messages:
-            headers = message.headers if isinstance(message.headers, Mapping) else None
-            carriers.append(_messaging.carrier(headers))
-            places.add(_place(message))
-            system = _system(message.channel)
-        exchange, routing_key = places.pop() if len(places) == 1 else ("", "")
-        attributes = _messaging.attributes(system, "process", "process", exchange, routing_key)
-        name = f"process {_messaging.destination(exchange, routing_key)}".rstrip()
-    except Exception:
-        _log.internal_error("kombu batch")
-        return _messaging.Consuming()
-    return _messaging.consume_batch(carriers, name, attributes) or _messaging.Consuming()
+    return _messaging.consume_batch(messages, _received, "kombu")
 
 
 def _receive(original: Callable[..., Any]) -> Callable[..., Any]:
