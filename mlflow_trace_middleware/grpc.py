@@ -46,7 +46,7 @@ from collections.abc import (
     Sequence,
 )
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -330,27 +330,24 @@ class _AioClient:
         return rpc
 
 
-class _AioUnaryUnary(_AioClient, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await self._intercept(continuation, details, request)
+# The four kinds of call (by request and response streaming), as grpc names their
+# interceptor methods and handler attributes.
+_CALLS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
-class _AioUnaryStream(_AioClient, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await self._intercept(continuation, details, request)
+def _camel(call: str) -> str:
+    return call.title().replace("_", "")  # "unary_stream" -> "UnaryStream"
 
 
-class _AioStreamUnary(_AioClient, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
-    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await self._intercept(continuation, details, requests)
+def _aio_kind(call: str) -> type[_AioClient]:
+    """`_AioClient` as the `grpc.aio` interceptor of one kind of call: a channel files each
+    interceptor under the first kind it is an instance of, so one class per kind."""
+    base = getattr(grpc.aio, f"{_camel(call)}ClientInterceptor")
+    method = {f"intercept_{call}": _AioClient._intercept}
+    return cast(type[_AioClient], type(f"_Aio{_camel(call)}", (_AioClient, base), method))
 
 
-class _AioStreamStream(_AioClient, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
-    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await self._intercept(continuation, details, requests)
-
-
-_AIO_KINDS = (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)
+_AIO_KINDS = tuple(_aio_kind(call) for call in _CALLS)
 
 
 def aio_client_interceptors(
@@ -433,24 +430,56 @@ def _end_server(span: trace.Span, context: Any, error: BaseException | None) -> 
         span.end()
 
 
+class _Current:
+    """The SERVER span's context current for the block: the handler's run, or the making of
+    one response of its stream."""
+
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+
+    def __enter__(self) -> None:
+        self._token = _mlflow.attach_quietly(self._context)
+
+    def __exit__(self, *_: object) -> None:
+        _mlflow.detach_quietly(self._token)
+
+
+class _Ending:
+    """The SERVER span ends with the block: with the handler, or with its response stream."""
+
+    __slots__ = ("_context", "_span")
+
+    def __init__(self, span: trace.Span, context: Any) -> None:
+        self._span, self._context = span, context
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        _end_server(self._span, self._context, error)
+
+
+_END = object()  # a response stream's end
+
+
 def _serve_sync(behaviour: Any, details: Any, options: _server.ServerOptions, stream: bool) -> Any:
     def serve(request: Any, context: Any) -> Any:
         started = _start_server(options, details, context)
         if started is None:
             return behaviour(request, context)
-        span, span_context = started
-        token = _mlflow.attach_quietly(span_context)
+        span, current = started
+        if not stream:
+            with _Ending(span, context), _Current(current):
+                return behaviour(request, context)
         try:
-            result = behaviour(request, context)
+            with _Current(current):
+                responses = behaviour(request, context)
         except BaseException as error:
             _end_server(span, context, error)
             raise
-        finally:
-            _mlflow.detach_quietly(token)
-        if not stream:
-            _end_server(span, context, None)
-            return result
-        return _responses(result, span, span_context, context)
+        return _responses(responses, span, current, context)
 
     return serve
 
@@ -458,23 +487,14 @@ def _serve_sync(behaviour: Any, details: Any, options: _server.ServerOptions, st
 def _responses(responses: Any, span: trace.Span, current: Context, context: Any) -> Iterator[Any]:
     """A handler's response stream, with its span current while each response is made; the
     span ends with the stream."""
-    error: BaseException | None = None
-    try:
+    with _Ending(span, context):
         iterator = iter(responses)
         while True:
-            token = _mlflow.attach_quietly(current)
-            try:
-                item = next(iterator)
-            except StopIteration:
+            with _Current(current):
+                item = next(iterator, _END)
+            if item is _END:
                 return
-            finally:
-                _mlflow.detach_quietly(token)
             yield item
-    except BaseException as raised:
-        error = raised
-        raise
-    finally:
-        _end_server(span, context, error)
 
 
 def _serve_aio(behaviour: Any, details: Any, options: _server.ServerOptions, stream: bool) -> Any:
@@ -487,23 +507,14 @@ def _serve_aio(behaviour: Any, details: Any, options: _server.ServerOptions, str
                     yield item
                 return
             span, current = started
-            error: BaseException | None = None
-            try:
-                iterator = behaviour(request, context).__aiter__()
+            with _Ending(span, context):
+                responses = behaviour(request, context)
                 while True:
-                    token = _mlflow.attach_quietly(current)
-                    try:
-                        item = await iterator.__anext__()
-                    except StopAsyncIteration:
+                    with _Current(current):
+                        item = await anext(responses, _END)
+                    if item is _END:
                         return
-                    finally:
-                        _mlflow.detach_quietly(token)
                     yield item
-            except BaseException as raised:
-                error = raised
-                raise
-            finally:
-                _end_server(span, context, error)
 
         return serve_stream
     if not inspect.iscoroutinefunction(behaviour):  # run in the server's thread pool
@@ -514,32 +525,16 @@ def _serve_aio(behaviour: Any, details: Any, options: _server.ServerOptions, str
         if started is None:
             return await behaviour(request, context)
         span, current = started
-        token = _mlflow.attach_quietly(current)
-        error: BaseException | None = None
-        try:
+        with _Ending(span, context), _Current(current):
             return await behaviour(request, context)
-        except BaseException as raised:
-            error = raised
-            raise
-        finally:
-            _mlflow.detach_quietly(token)
-            _end_server(span, context, error)
 
     return serve
-
-
-_KINDS = {
-    (False, False): "unary_unary",
-    (False, True): "unary_stream",
-    (True, False): "stream_unary",
-    (True, True): "stream_stream",
-}
 
 
 def _wrap(handler: Any, details: Any, options: _server.ServerOptions, aio: bool) -> Any:
     """`handler` (an `RpcMethodHandler`) with its behaviour run under a SERVER span."""
     try:
-        kind = _KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
+        kind = _CALLS[2 * bool(handler.request_streaming) + bool(handler.response_streaming)]
         behaviour = getattr(handler, kind)
         if behaviour is None or not hasattr(handler, "_replace"):
             return handler
@@ -735,9 +730,8 @@ def _to_patch(module: ModuleType) -> list[_patch.Target]:
     ):
         cls = getattr(channel, name)
         patches.append((cls, "__call__", functools.partial(_sync_method, blocking=False)))
-    aio_names = ("UnaryUnary", "UnaryStream", "StreamUnary", "StreamStream")
-    for name, kind in zip(aio_names, _AIO_KINDS, strict=True):
-        cls = getattr(aio_channel, f"{name}MultiCallable")
+    for call, kind in zip(_CALLS, _AIO_KINDS, strict=True):
+        cls = getattr(aio_channel, f"{_camel(call)}MultiCallable")
         patches.append((cls, "__call__", functools.partial(_aio_method, kind=kind)))
     patches.append((grpc, "server", functools.partial(_server_factory, make=ServerInterceptor)))
     patches.append(
