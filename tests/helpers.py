@@ -3,16 +3,18 @@ traces read back from a real `mlflow server` (processes: `tests/harness.py`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.trace import SpanContext, TraceFlags
 
-from mlflow_trace_middleware import _compat, _mlflow, _trust
+import mlflow_trace_middleware as mtm
+from mlflow_trace_middleware import _compat, _config, _keys, _mlflow, _trust
 from mlflow_trace_middleware._encoding import EncodedSpan, encode_span, recorded
 from mlflow_trace_middleware._export import SinkStats
 from mlflow_trace_middleware.testing import InMemoryExporter
@@ -96,6 +98,60 @@ def member(keys: Sequence[bytes] = ()) -> str:
     """Our tracestate entry for `CALLER`'s context: experiment "7", signed with `keys`."""
     name, value = _trust.entry(CALLER, "7", list(keys))  # type: ignore[misc]
     return f"{name}={value}"
+
+
+# Adapters, trust and signing.
+
+
+@contextlib.contextmanager
+def instrumented(adapter: Any, **options: Any) -> Iterator[None]:
+    """`adapter` (an integration module) instrumented afresh with `options` for the block."""
+    adapter.uninstrument()
+    adapter.instrument(**options)
+    try:
+        yield
+    finally:
+        adapter.uninstrument()
+
+
+@contextlib.contextmanager
+def signing_key(key: str) -> Iterator[None]:
+    """`configure(signing_key=key)` for the block; the settings from before it back after."""
+    before = _config.get_settings()
+    mtm.configure(signing_key=key)
+    try:
+        yield
+    finally:
+        _config._settings = before
+
+
+class Refusing:
+    """A trust callable that refuses every caller and keeps the requests it was shown."""
+
+    def __init__(self) -> None:
+        self.seen: list[_trust.InboundRequest] = []
+
+    def __call__(self, request: _trust.InboundRequest) -> bool:
+        self.seen.append(request)
+        return False
+
+
+def assert_restarted(span: Any) -> None:
+    """A span that did not continue its caller (`TRACEPARENT`, `user.id` in its baggage): a
+    trace of its own that records and links the caller, without the caller's baggage."""
+    assert span.parent is None
+    assert hex_ids(span)[0] != TRACE_ID
+    assert span.attributes[_keys.RESTARTED_FROM] == TRACEPARENT
+    assert "user.id" not in span.attributes
+    assert [f"{link.context.span_id:016x}" for link in span.links] == [PARENT_ID]
+
+
+def assert_only_signed_continued(unsigned: Any, signed: Any) -> None:
+    """The span of an unsigned caller restarted; of a signed one (`member([key])`) continued,
+    with the caller's experiment."""
+    assert unsigned.attributes[_keys.RESTARTED_FROM] == TRACEPARENT
+    assert hex_ids(signed)[0] == TRACE_ID
+    assert signed.attributes[_keys.EXPERIMENT] == "7"
 
 
 # Traces read back from a real `mlflow server`.

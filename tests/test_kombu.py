@@ -19,7 +19,7 @@ from kombu.simple import SimpleQueue
 from opentelemetry.trace import SpanKind, StatusCode
 
 import mlflow_trace_middleware as mtm
-from mlflow_trace_middleware import _client, _config, _keys, _messaging, _patch, _trust
+from mlflow_trace_middleware import _client, _keys, _messaging, _patch
 from mlflow_trace_middleware import celery as celery_adapter
 from mlflow_trace_middleware import kombu as adapter
 from mlflow_trace_middleware.testing import InMemoryExporter
@@ -27,10 +27,15 @@ from tests.helpers import (
     PARENT_ID,
     TRACE_ID,
     TRACEPARENT,
+    Refusing,
+    assert_only_signed_continued,
+    assert_restarted,
     by_unique_name,
     current_ids,
     hex_ids,
+    instrumented,
     member,
+    signing_key,
 )
 
 KEY = "kombu-unit-key"
@@ -72,12 +77,10 @@ class Broker:
 
 @pytest.fixture
 def broker(exporter: InMemoryExporter, trust: Any) -> Iterator[Broker]:
-    adapter.uninstrument()
-    adapter.instrument(trust=trust)
-    found = Broker()
-    yield found
-    found.close()
-    adapter.uninstrument()
+    with instrumented(adapter, trust=trust):
+        found = Broker()
+        yield found
+        found.close()
 
 
 # -- carriers ------------------------------------------------------------------------------------
@@ -333,12 +336,8 @@ def test_an_untrusted_context_is_restarted(broker: Broker, exporter: InMemoryExp
     broker.publish(headers={"traceparent": TRACEPARENT, "baggage": "user.id=u1"})
     broker.drain()
     process = by_unique_name(exporter)[f"process {broker.exchange.name}"]
-    assert process.parent is None
-    assert hex_ids(process)[0] != TRACE_ID
-    assert process.attributes[_keys.RESTARTED_FROM] == TRACEPARENT
+    assert_restarted(process)
     assert process.attributes[_keys.TRACE_NAME] == f"process {broker.exchange.name}"
-    assert "user.id" not in process.attributes
-    assert [f"{link.context.span_id:016x}" for link in process.links] == [PARENT_ID]
 
 
 def test_trusted_baggage_gives_the_span_its_callers_identity(
@@ -351,23 +350,16 @@ def test_trusted_baggage_gives_the_span_its_callers_identity(
 
 
 def test_a_trust_callable_sees_the_destination_and_the_fields(exporter: InMemoryExporter) -> None:
-    seen: list[_trust.InboundRequest] = []
-
-    def policy(request: _trust.InboundRequest) -> bool:
-        seen.append(request)
-        return False
-
-    adapter.uninstrument()
-    adapter.instrument(trust=policy)
-    broker = Broker()
-    try:
-        broker.consumer(callbacks=[broker.record])
-        broker.publish(headers={"traceparent": TRACEPARENT})
-        broker.drain()
-    finally:
-        broker.close()
-        adapter.uninstrument()
-    (request,) = seen
+    policy = Refusing()
+    with instrumented(adapter, trust=policy):
+        broker = Broker()
+        try:
+            broker.consumer(callbacks=[broker.record])
+            broker.publish(headers={"traceparent": TRACEPARENT})
+            broker.drain()
+        finally:
+            broker.close()
+    (request,) = policy.seen
     assert request.path == broker.exchange.name
     assert request.client is None
     assert request.headers == {"traceparent": TRACEPARENT}
@@ -378,19 +370,13 @@ def test_a_trust_callable_sees_the_destination_and_the_fields(exporter: InMemory
 def test_with_a_signing_key_only_signed_context_is_continued(
     broker: Broker, exporter: InMemoryExporter
 ) -> None:
-    before = _config.get_settings()
-    mtm.configure(signing_key=KEY)
-    try:
+    with signing_key(KEY):
         broker.consumer(callbacks=[broker.record])
         for keys in ([], [KEY.encode()]):
             broker.publish(headers={"traceparent": TRACEPARENT, "tracestate": member(keys)})
             broker.drain()
-    finally:
-        _config._settings = before
-    first, second = [s for s in exporter.finished_spans() if s.name.startswith("process ")]
-    assert first.attributes[_keys.RESTARTED_FROM] == TRACEPARENT
-    assert hex_ids(second)[0] == TRACE_ID
-    assert second.attributes[_keys.EXPERIMENT] == "7"
+    spans = exporter.finished_spans()
+    assert_only_signed_continued(*[s for s in spans if s.name.startswith("process ")])
 
 
 # -- SimpleQueue and batches ---------------------------------------------------------------------
