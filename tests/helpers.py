@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import requests
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.trace import SpanContext, TraceFlags
@@ -183,6 +185,39 @@ def complete_trace(client: Any, trace_id: str, spans: int) -> Any:
     trace = wait_for(check, f"trace {trace_id} with {spans} spans")
     print(format_trace(trace))  # the tree, for `pytest -s`
     return trace
+
+
+def post_traced(
+    url: str,
+    body: Any,
+    client: Any,
+    experiment: str,
+    marker: str,
+    timeout: float = 30.0,
+    **search: Any,
+) -> tuple[Any, Any]:
+    """POST `body` as JSON to `url` (answered with a 200): the JSON answer, and the request's
+    one trace in `experiment` (found by `marker` in its request preview; `search`: more
+    arguments of `search_traces`) once there."""
+    response = requests.post(url, json=body, timeout=timeout)
+    assert response.status_code == 200, response.text
+
+    def found() -> list[Any]:
+        traces = client.search_traces(locations=[experiment], **search)
+        return [t for t in traces if marker in (t.info.request_preview or "")]
+
+    (trace,) = wait_for(found, f"the trace of {marker}")
+    return response.json(), trace
+
+
+def forecast_trace(client: Any, experiment: str, url: str, spans: int, timeout: float) -> Any:
+    """Ask the agent (tests/apps: langgraph_agent, agent_frameworks) at `url`, or a caller of
+    one, for a new city's forecast; the request's one trace once `spans` have arrived."""
+    city = f"city{secrets.token_hex(4)}"
+    body = {"city": city}
+    answer, trace = post_traced(url, body, client, experiment, city, timeout, max_results=200)
+    assert answer == {"answer": f"Forecast: sunny in {city}"}
+    return complete_trace(client, trace.info.trace_id, spans)
 
 
 def traces_holding(client: Any, experiment: str, key: str) -> int:

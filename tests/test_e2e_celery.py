@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 from mlflow import MlflowClient
 
 from tests.harness import RUN, Process, spawn, start_uvicorn
-from tests.helpers import complete_trace, span_named, traces_holding, tree, wait_for
+from tests.helpers import complete_trace, post_traced, span_named, traces_holding, tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -122,17 +121,8 @@ def stack(
 def enqueue(stack: Stack, task: str, key: str, **options: Any) -> str:
     """POST /enqueue (`countdown=`, `eager=`); the trace id of the caller's request."""
     body = {"task": task, "key": key, "url": stack.callee.url, **options}
-    response = requests.post(f"{stack.caller.url}/enqueue", json=body, timeout=30)
-    assert response.status_code == 200, response.text
-    found = wait_for(
-        lambda: [
-            t
-            for t in stack.client.search_traces(locations=[stack.caller_experiment])
-            if key in (t.info.request_preview or "")
-        ],
-        f"the caller's trace for {key}",
-    )
-    (trace,) = found
+    url = f"{stack.caller.url}/enqueue"
+    _, trace = post_traced(url, body, stack.client, stack.caller_experiment, key)
     return str(trace.info.trace_id)
 
 

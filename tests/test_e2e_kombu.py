@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import requests
 from mlflow import MlflowClient
 
 from tests.harness import RUN, Process, spawn, start_uvicorn
-from tests.helpers import complete_trace, span_named, traces_holding, tree, wait_for
+from tests.helpers import complete_trace, post_traced, span_named, traces_holding, tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -119,17 +118,8 @@ def publish(stack: Stack, key: str, fail: bool = False) -> str:
         "url": services.callee.url,
         "fail": fail,
     }
-    response = requests.post(f"{services.caller.url}/publish", json=body, timeout=30)
-    assert response.status_code == 200, response.text
-    found = wait_for(
-        lambda: [
-            t
-            for t in services.client.search_traces(locations=[services.caller_experiment])
-            if key in (t.info.request_preview or "")
-        ],
-        f"the caller's trace for {key}",
-    )
-    (trace,) = found
+    url = f"{services.caller.url}/publish"
+    _, trace = post_traced(url, body, services.client, services.caller_experiment, key)
     return str(trace.info.trace_id)
 
 
