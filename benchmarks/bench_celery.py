@@ -31,7 +31,11 @@ def per_task(call: Callable[[], Any], purge: Callable[[], Any]) -> str:
     return adapter_cpu(adapter, call, purge, "Celery")
 
 
+exporter = InMemoryExporter()
+
+
 def main() -> None:
+    mtm.configure(service_name="bench-celery", exporter=exporter)
     app = Celery("bench", broker="memory://")
     app.conf.update(task_ignore_result=True)
 
@@ -61,10 +65,8 @@ def main() -> None:
     with mlflow.start_span("caller"):
         eager = per_task(noop.delay, purge)
     print(f"eager, per task (delay, always_eager): {eager}")
+    mtm.flush()
 
 
 if __name__ == "__main__":
-    exporter = InMemoryExporter()
-    mtm.configure(service_name="bench-celery", exporter=exporter)
     main()
-    mtm.flush()

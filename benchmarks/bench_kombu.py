@@ -31,7 +31,11 @@ def per_message(call: Callable[[], Any], reset: Callable[[], Any]) -> str:
     return adapter_cpu(adapter, call, reset, "kombu", N)
 
 
+exporter = InMemoryExporter()
+
+
 def main() -> None:
+    mtm.configure(service_name="bench-kombu", exporter=exporter)
     exchange = Exchange("bench", type="direct")
     queue = Queue("bench", exchange, routing_key="bench")
     connection = Connection("memory://")
@@ -73,10 +77,8 @@ def main() -> None:
     print(f"consume, per message (on_message): {consume(on_message, CONTEXT_HEADERS)}")
     untraced = Consumer(channel, queues=[queue], callbacks=[nothing])
     print(f"consume, no context (untraced):    {consume(untraced, None)}")
+    mtm.flush()
 
 
 if __name__ == "__main__":
-    exporter = InMemoryExporter()
-    mtm.configure(service_name="bench-kombu", exporter=exporter)
     main()
-    mtm.flush()

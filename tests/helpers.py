@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import requests
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.trace import SpanContext, TraceFlags
+from opentelemetry.trace import SpanContext, StatusCode, TraceFlags
 
 import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import _compat, _config, _keys, _mlflow, _trust
@@ -81,6 +83,12 @@ def by_unique_name(exporter: InMemoryExporter) -> dict[str, EncodedSpan]:
     return named
 
 
+def assert_failed(span: Any, error_type: str) -> None:
+    """`span` marked an error, of `error_type`."""
+    assert span.status.status_code == StatusCode.ERROR
+    assert span.attributes["error.type"] == error_type
+
+
 def hex_ids(span: Any) -> tuple[str, str]:
     return f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"
 
@@ -103,6 +111,24 @@ def member(keys: Sequence[bytes] = ()) -> str:
 
 
 # Adapters, trust and signing.
+
+
+def patched_on_import(adapter: str, library: str, imports: str, owner: str, name: str) -> bool:
+    """In a fresh interpreter, `instrument()` of the `adapter` module before `library` is
+    imported, then `imports` (code that imports it): whether `owner.name` is patched then
+    (`owner`: an expression over what `imports` bound)."""
+    script = (
+        "import sys\n"
+        f"from mlflow_trace_middleware import {adapter} as adapter\n"
+        "adapter.instrument()\n"
+        f"assert {library!r} not in sys.modules\n"
+        f"{imports}\n"
+        "from mlflow_trace_middleware import _patch\n"
+        f"print(_patch.patched({owner}, {name!r}))\n"
+    )
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    return found.stdout.strip() == "True"
 
 
 @contextlib.contextmanager

@@ -5,8 +5,6 @@ and worker)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ from tests.helpers import (
     TRACE_ID,
     TRACEPARENT,
     Refusing,
+    assert_failed,
     assert_only_signed_continued,
     assert_restarted,
     by_unique_name,
@@ -36,6 +35,7 @@ from tests.helpers import (
     hex_ids,
     instrumented,
     member,
+    patched_on_import,
     signing_key,
 )
 
@@ -241,8 +241,7 @@ def test_a_failing_task_marks_its_span_as_an_error(
 ) -> None:
     celery_app.run(celery_app.fail, {"traceparent": TRACEPARENT})
     run = by_unique_name(exporter)["run/fail"]
-    assert run.status.status_code == StatusCode.ERROR
-    assert run.attributes["error.type"] == "ValueError"
+    assert_failed(run, "ValueError")
     assert run.attributes["celery.state"] == "FAILURE"
     (event,) = run.events
     assert event.name == "exception"
@@ -386,17 +385,8 @@ sys.meta_path.insert(0, Other())
 def test_instrument_before_celery_is_imported_patches_it_when_it_is(
     before: str, after: str
 ) -> None:
-    script = (
-        "import importlib.abc, importlib.machinery, importlib.util, sys\n"
-        "from mlflow_trace_middleware import celery as adapter\n"
-        "adapter.instrument()\n"
-        "assert 'celery' not in sys.modules\n"
-        f"{before}{after}"
-        "import celery.app.base\n"
-        "from mlflow_trace_middleware import _patch\n"
-        "print(_patch.patched(celery.app.base.Celery, 'send_task'))\n"
+    imports = (
+        f"import importlib.abc, importlib.machinery, importlib.util\n{before}{after}"
+        "import celery.app.base"
     )
-    output = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True
-    ).stdout
-    assert output.strip() == "True"
+    assert patched_on_import("celery", "celery", imports, "celery.app.base.Celery", "send_task")
