@@ -292,6 +292,14 @@ def service_tag(name: str) -> str | None:
     return name if _compat.SPAN_TAKES_RESOURCE else None
 
 
+def assert_filed_under(trace: Any, session: str | None, user: str | None) -> None:
+    """MLflow filed `trace` under `session` and `user` (its trace metadata, as MLflow stores
+    them: `as_mlflow_stores`)."""
+    metadata = trace.info.trace_metadata
+    found = (metadata.get("mlflow.trace.session"), metadata.get("mlflow.trace.user"))
+    assert found == as_mlflow_stores(session, user)
+
+
 def as_mlflow_stores(session: str | None, user: str | None) -> tuple[str | None, str | None]:
     """The trace metadata MLflow derives from `session.id` and `user.id` span attributes (the
     server is the installed MLflow): as sent from 3.14; 3.9 to 3.13 keep the attribute's JSON
