@@ -123,6 +123,15 @@ def publish(stack: Stack, key: str, fail: bool = False) -> str:
     return str(trace.info.trace_id)
 
 
+# A message the caller publishes and the consumer handles: the tree down to the work's span.
+HANDLED = {
+    "caller:POST /publish": None,
+    "caller:publish jobs": "caller:POST /publish",
+    "consumer:process jobs": "caller:publish jobs",
+    "consumer:work": "consumer:process jobs",
+}
+
+
 def messaging(span: Any) -> dict[str, Any]:
     return {k: v for k, v in span.attributes.items() if k.startswith("messaging.")}
 
@@ -131,10 +140,7 @@ def test_a_message_is_handled_in_the_callers_trace(stack: Stack) -> None:
     key = f"{stack.mode}-{secrets.token_hex(4)}"
     trace_id = publish(stack, key)
     expected = {
-        "caller:POST /publish": None,
-        "caller:publish jobs": "caller:POST /publish",
-        "consumer:process jobs": "caller:publish jobs",
-        "consumer:work": "consumer:process jobs",
+        **HANDLED,
         "consumer:GET callee /lookup": "consumer:work",  # named by the callee's answer
         "callee:GET /lookup": "consumer:GET callee /lookup",
     }
@@ -177,14 +183,8 @@ def test_a_message_is_handled_in_the_callers_trace(stack: Stack) -> None:
 def test_a_failing_consumer_is_marked_as_an_error(stack: Stack) -> None:
     key = f"{stack.mode}-fail-{secrets.token_hex(4)}"
     trace_id = publish(stack, key, fail=True)
-    expected = {
-        "caller:POST /publish": None,
-        "caller:publish jobs": "caller:POST /publish",
-        "consumer:process jobs": "caller:publish jobs",
-        "consumer:work": "consumer:process jobs",
-    }
-    trace = complete_trace(stack.services.client, trace_id, spans=len(expected))
-    assert tree(trace) == expected
+    trace = complete_trace(stack.services.client, trace_id, spans=len(HANDLED))
+    assert tree(trace) == HANDLED
     process = span_named(trace, "consumer:process jobs")
     assert process.status.status_code.value == "ERROR"
     assert process.attributes["error.type"] == "ValueError"
