@@ -34,3 +34,8 @@ def enqueue(body: Enqueue) -> dict[str, str]:
     if body.eager:
         return {"id": task.apply(args).id}
     return {"id": task.apply_async(args, countdown=body.countdown).id}
+
+
+@app.get("/lookup")
+def lookup(key: str) -> dict[str, str]:
+    return {"value": f"value of {key}"}

@@ -44,3 +44,8 @@ async def publish(body: Publish) -> dict[str, str]:
             jobs = await channel.declare_exchange(EXCHANGE, "direct", durable=False)
             await jobs.publish(aio_pika.Message(json.dumps(job).encode()), routing_key=body.route)
     return {"published": body.key}
+
+
+@app.get("/lookup")
+def lookup(key: str) -> dict[str, str]:
+    return {"value": f"value of {key}"}
