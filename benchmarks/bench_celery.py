@@ -12,8 +12,6 @@ adapter uninstrumented (signal receivers disconnected, `send_task` restored).
 
 from __future__ import annotations
 
-import statistics
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -26,38 +24,18 @@ import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import celery as adapter
 from mlflow_trace_middleware.testing import InMemoryExporter
 
-N, RUNS = 2000, 5
-HEADERS = {
-    "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-    "tracestate": "mlflow=1.Nw",
-}
-
-
-def loop(call: Callable[[], Any]) -> float:
-    start = time.process_time()
-    for _ in range(N):
-        call()
-    return time.process_time() - start
+from .common import CONTEXT_HEADERS, adapter_cpu
 
 
 def per_task(call: Callable[[], Any], purge: Callable[[], Any]) -> str:
-    """Median extra CPU per task and the bare loop's CPU per task, in microseconds (traced and
-    bare loops alternate)."""
-    extra, bares = [], []
-    for _ in range(RUNS):
-        adapter.instrument()
-        traced = loop(call)
-        purge()
-        adapter.uninstrument()
-        bare = loop(call)
-        purge()
-        extra.append((traced - bare) / N)
-        bares.append(bare / N)
-    median, base = statistics.median(extra) * 1e6, statistics.median(bares) * 1e6
-    return f"{median:5.1f} us extra (Celery itself: {base:5.1f} us)"
+    return adapter_cpu(adapter, call, purge, "Celery")
+
+
+exporter = InMemoryExporter()
 
 
 def main() -> None:
+    mtm.configure(service_name="bench-celery", exporter=exporter)
     app = Celery("bench", broker="memory://")
     app.conf.update(task_ignore_result=True)
 
@@ -79,7 +57,7 @@ def main() -> None:
 
     def consume() -> None:
         task_id = str(uuid.uuid4())
-        run(task_id, (), {}, {"id": task_id, "task": "noop", **HEADERS})
+        run(task_id, (), {}, {"id": task_id, "task": "noop", **CONTEXT_HEADERS})
 
     print(f"consume, per task run (worker):        {per_task(consume, purge)}")
 
@@ -87,10 +65,8 @@ def main() -> None:
     with mlflow.start_span("caller"):
         eager = per_task(noop.delay, purge)
     print(f"eager, per task (delay, always_eager): {eager}")
+    mtm.flush()
 
 
 if __name__ == "__main__":
-    exporter = InMemoryExporter()
-    mtm.configure(service_name="bench-celery", exporter=exporter)
     main()
-    mtm.flush()

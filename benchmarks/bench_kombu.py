@@ -12,8 +12,6 @@ loop with the adapter uninstrumented.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,38 +22,20 @@ import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import kombu as adapter
 from mlflow_trace_middleware.testing import InMemoryExporter
 
-N, RUNS = 2000, 5
-HEADERS = {
-    "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-    "tracestate": "mlflow=1.Nw",
-}
+from .common import CONTEXT_HEADERS, adapter_cpu
 
-
-def loop(call: Callable[[], Any]) -> float:
-    start = time.process_time()
-    for _ in range(N):
-        call()
-    return time.process_time() - start
+N = 2000
 
 
 def per_message(call: Callable[[], Any], reset: Callable[[], Any]) -> str:
-    """Median extra CPU per message and the bare loop's CPU per message, in microseconds
-    (traced and bare loops alternate)."""
-    extra, bares = [], []
-    for _ in range(RUNS):
-        adapter.instrument()
-        traced = loop(call)
-        reset()
-        adapter.uninstrument()
-        bare = loop(call)
-        reset()
-        extra.append((traced - bare) / N)
-        bares.append(bare / N)
-    median, base = statistics.median(extra) * 1e6, statistics.median(bares) * 1e6
-    return f"{median:5.1f} us extra (kombu itself: {base:5.1f} us)"
+    return adapter_cpu(adapter, call, reset, "kombu", N)
+
+
+exporter = InMemoryExporter()
 
 
 def main() -> None:
+    mtm.configure(service_name="bench-kombu", exporter=exporter)
     exchange = Exchange("bench", type="direct")
     queue = Queue("bench", exchange, routing_key="bench")
     connection = Connection("memory://")
@@ -92,15 +72,13 @@ def main() -> None:
         return None
 
     callbacks = Consumer(channel, queues=[queue], callbacks=[nothing])
-    print(f"consume, per message (callbacks):  {consume(callbacks, HEADERS)}")
+    print(f"consume, per message (callbacks):  {consume(callbacks, CONTEXT_HEADERS)}")
     on_message = Consumer(channel, queues=[queue], on_message=nothing)
-    print(f"consume, per message (on_message): {consume(on_message, HEADERS)}")
+    print(f"consume, per message (on_message): {consume(on_message, CONTEXT_HEADERS)}")
     untraced = Consumer(channel, queues=[queue], callbacks=[nothing])
     print(f"consume, no context (untraced):    {consume(untraced, None)}")
+    mtm.flush()
 
 
 if __name__ == "__main__":
-    exporter = InMemoryExporter()
-    mtm.configure(service_name="bench-kombu", exporter=exporter)
     main()
-    mtm.flush()

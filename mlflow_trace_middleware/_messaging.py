@@ -9,9 +9,9 @@ follow OpenTelemetry's messaging conventions (messaging/messaging-spans.md, rabb
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -37,6 +37,18 @@ DESTINATION = "messaging.destination.name"
 MESSAGE_ID = "messaging.message.id"
 ROUTING_KEY = "messaging.rabbitmq.destination.routing_key"
 BATCH_COUNT = "messaging.batch.message_count"
+T = TypeVar("T")
+
+
+class Received(NamedTuple):
+    """What an adapter reads of one message it consumes."""
+
+    system: str
+    headers: Mapping[str, Any] | None
+    exchange: str
+    routing_key: str
+    message_id: object = None
+    ours: bool = True  # False: another adapter traces it (a Celery task's message)
 
 
 def options(trust: _trust.Trust | None) -> _server.ServerOptions:
@@ -94,12 +106,33 @@ def with_context(headers: Mapping[str, Any] | None, sent: Mapping[str, str]) -> 
     return kept
 
 
-def publish(name: str, attributes: dict[str, Any]) -> tuple[_client.ClientCall, Context] | None:
-    """A PRODUCER span under the current span, and the context that makes it current; None
-    with no current span, or inside a traced call (Celery's `apply_async`: its span is it)."""
+def _name(operation: str, exchange: str, routing_key: str) -> str:
+    return f"{operation} {destination(exchange, routing_key)}".rstrip()
+
+
+def publish(
+    system: str, exchange: str, routing_key: str, message_id: object = None
+) -> tuple[_client.ClientCall, Context] | None:
+    """A PRODUCER span `publish <destination>` under the current span, and the context that
+    makes it current; None with no current span, or inside a traced call (Celery's
+    `apply_async`: its span is it)."""
     if _client.outer_call_running():
         return None
-    return _client.start_message(name, attributes, SpanKind.PRODUCER)
+    found = attributes(system, "publish", "send", exchange, routing_key, message_id)
+    return _client.start_message(_name("publish", exchange, routing_key), found, SpanKind.PRODUCER)
+
+
+def send(call: _client.ClientCall, context: Context, publish: Callable[[], T]) -> T:
+    """`publish()` with the PRODUCER span of `call` current (`context`); the span ends when it
+    returns or raises."""
+    token = _mlflow.attach_quietly(context)
+    try:
+        with call:
+            result = publish()
+    finally:
+        _mlflow.detach_quietly(token)
+    call.end()
+    return result
 
 
 class Consuming:
@@ -139,6 +172,27 @@ class Consuming:
         self.end(error)
 
 
+def receive(
+    options: _server.ServerOptions, message: Any, read: Callable[[Any], Received], always: bool
+) -> Consuming | None:
+    """The CONSUMER span `process <destination>` of `message` (`read(message)`: what it holds);
+    unless `always`, None for a message without context or not `ours`. None if tracing failed."""
+    try:
+        received = read(message)
+        found = carrier(received.headers)
+        if not always and (not found or not received.ours):
+            return None
+        exchange, routing_key = received.exchange, received.routing_key
+        where = destination(exchange, routing_key)
+        found_attributes = attributes(
+            received.system, "process", "process", exchange, routing_key, received.message_id
+        )
+    except Exception:
+        _log.internal_error("message read")
+        return None
+    return consume(options, found, _name("process", exchange, routing_key), found_attributes, where)
+
+
 def consume(
     options: _server.ServerOptions,
     found: _propagation.Carrier,
@@ -158,26 +212,35 @@ def consume(
 
 
 def consume_batch(
-    carriers: Iterable[_propagation.Carrier], name: str, attributes: dict[str, Any]
-) -> Consuming | None:
-    """One CONSUMER span for a batch: under the current span (a new trace without one), with
-    a link to the context of each message that carries one (OpenTelemetry's batch rule: a
-    message's producer is no parent of a batch). None if tracing failed."""
+    messages: Iterable[Any], read: Callable[[Any], Received], system: str
+) -> Consuming:
+    """One CONSUMER span `process <destination>` for messages handled together (`read` as for
+    `receive`; the batch's `system` unless they say): under the current span (a new trace
+    without one), with a link to the context of each message that carries one
+    (OpenTelemetry's batch rule: a message's producer is no parent of a batch). A block that
+    records nothing if tracing failed."""
     try:
         _runtime.activate()
-        links, count = [], 0
-        for found in carriers:
+        links, places, count = [], set(), 0
+        for message in messages:
             count += 1
+            received = read(message)
+            system = received.system
+            places.add((received.exchange, received.routing_key))
+            found = carrier(received.headers)
             context = _propagation.extract(found) if found else None
             remote = trace.get_current_span(context).get_span_context() if context else None
             if remote is not None and remote.is_valid:
                 links.append(trace.Link(remote))
-        attributes[BATCH_COUNT] = count
+        exchange, routing_key = places.pop() if len(places) == 1 else ("", "")
+        found_attributes = attributes(system, "process", "process", exchange, routing_key)
+        found_attributes[BATCH_COUNT] = count
+        name = _name("process", exchange, routing_key)
         parent = _mlflow.current_context()
         if not trace.get_current_span(parent).get_span_context().is_valid:
-            attributes[_keys.TRACE_NAME] = name
-        span = _mlflow.start_span(name, parent, SpanKind.CONSUMER, attributes, links)
+            found_attributes[_keys.TRACE_NAME] = name
+        span = _mlflow.start_span(name, parent, SpanKind.CONSUMER, found_attributes, links)
         return Consuming(span, trace.set_span_in_context(span, parent))
     except Exception:
         _log.internal_error("batch span start")
-        return None
+        return Consuming()

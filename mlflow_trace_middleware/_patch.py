@@ -15,6 +15,9 @@ restore(HTTPAdapter, "send")
 When another library patched the same attribute after us, `restore` cannot take our layer out
 from under it (its wrapper holds ours): ours is left in place, inert (it calls the original
 straight through), and a later `patch` makes it active again instead of stacking a second one.
+
+An adapter's set of patches, made when its library is imported and undone together, is a
+`Patches` (`instrument()`/`uninstrument()` of the celery, kombu, aio-pika, gRPC and MCP adapters).
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from types import ModuleType
 from typing import Any
+
+from . import _imports
 
 _lock = threading.Lock()
 # (owner, attribute) -> our layer there, while it is in place (active or inert).
@@ -126,3 +132,46 @@ def _live(owner: Any, name: str) -> _Layer | None:
             break
     del _layers[(owner, name)]
     return None
+
+
+# Where to patch and with what: (owner, attribute, `make` of `replace`).
+Target = tuple[Any, str, Callable[[Any], Callable[..., Any]]]
+
+
+class Patches:
+    """One adapter's patches: `targets(module)` (which may do other setup) runs when `module`
+    is first imported, or at once if it is, and each target is `replace`d; `uninstall` restores
+    them all. `active` from install to uninstall: wrappers and the interceptors an adapter
+    handed out check it, so they stop tracing with `uninstall`."""
+
+    def __init__(self, module: str, targets: Callable[[ModuleType], Iterable[Target]]) -> None:
+        self.module = module
+        self.active = False
+        self._targets = targets
+        self._made: list[tuple[Any, str]] = []  # where our layers are, once made
+
+    def idle(self) -> bool:
+        """Neither installed nor waiting for the import: the next `install` takes its options."""
+        return not self.active and not _imports.waiting(self.module)
+
+    def install(self) -> None:
+        """Patch when the module is imported (at once if it is, also when it came in through a
+        finder ahead of ours while this waited). Idempotent."""
+        if not self.active:
+            _imports.when_imported(self.module, self._install)
+
+    def _install(self, module: ModuleType) -> None:
+        if self.active:
+            return
+        self.active = True
+        for owner, name, make in self._targets(module):
+            replace(owner, name, make)
+            if (owner, name) not in self._made:
+                self._made.append((owner, name))
+
+    def uninstall(self) -> None:
+        """Undo `install` (also a layer left inert under another's wrapper, gone since)."""
+        _imports.cancel(self.module)
+        self.active = False
+        for owner, name in self._made:
+            restore(owner, name)

@@ -21,12 +21,12 @@ message without context is handled untraced. For messages handled another way,
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
+from types import ModuleType
 from typing import Any
 
-from . import _imports, _log, _messaging, _mlflow, _patch, _server, _trust
+from . import _log, _messaging, _mlflow, _patch, _server, _trust
 
 __all__ = ["consume", "consume_batch", "instrument", "uninstrument"]
 
@@ -36,28 +36,19 @@ _options = _server.ServerOptions()
 _handling: ContextVar[object | None] = ContextVar("mtm_aio_pika_handling", default=None)
 
 
-def _place(message: Any) -> tuple[str, str]:
-    return str(getattr(message, "exchange", "") or ""), str(
-        getattr(message, "routing_key", "") or ""
+def _received(message: Any) -> _messaging.Received:
+    return _messaging.Received(
+        SYSTEM,
+        message.headers if isinstance(message.headers, Mapping) else None,
+        str(getattr(message, "exchange", "") or ""),
+        str(getattr(message, "routing_key", "") or ""),
+        getattr(message, "message_id", None),
     )
 
 
 def _start(message: Any, always: bool) -> _messaging.Consuming | None:
     """The CONSUMER span of an `IncomingMessage`; unless `always`, None without context."""
-    try:
-        headers = message.headers if isinstance(message.headers, Mapping) else None
-        found = _messaging.carrier(headers)
-        if not always and not found:
-            return None
-        exchange, routing_key = _place(message)
-        attributes = _messaging.attributes(
-            SYSTEM, "process", "process", exchange, routing_key, message.message_id
-        )
-        where = _messaging.destination(exchange, routing_key)
-    except Exception:
-        _log.internal_error("aio-pika consume")
-        return None
-    return _messaging.consume(_options, found, f"process {where}".rstrip(), attributes, where)
+    return _messaging.receive(_options, message, _received, always)
 
 
 def consume(message: Any) -> _messaging.Consuming:
@@ -83,19 +74,7 @@ def consume_batch(messages: Iterable[Any]) -> _messaging.Consuming:
         await handle([message.body for message in batch])
     ```
     """
-    try:
-        carriers, places = [], set()
-        for message in messages:
-            headers = message.headers if isinstance(message.headers, Mapping) else None
-            carriers.append(_messaging.carrier(headers))
-            places.add(_place(message))
-        exchange, routing_key = places.pop() if len(places) == 1 else ("", "")
-        attributes = _messaging.attributes(SYSTEM, "process", "process", exchange, routing_key)
-        name = f"process {_messaging.destination(exchange, routing_key)}".rstrip()
-    except Exception:
-        _log.internal_error("aio-pika batch")
-        return _messaging.Consuming()
-    return _messaging.consume_batch(carriers, name, attributes) or _messaging.Consuming()
+    return _messaging.consume_batch(messages, _received, SYSTEM)
 
 
 # -- publish -------------------------------------------------------------------------------------
@@ -103,21 +82,16 @@ def consume_batch(messages: Iterable[Any]) -> _messaging.Consuming:
 
 def _publish(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def publish(exchange: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _patched:
+        if not _patches.active:
             return await original(exchange, *args, **kwargs)
         try:
             message = args[0] if args else kwargs["message"]
             routing_key = str((args[1] if len(args) > 1 else kwargs.get("routing_key")) or "")
-            name = str(exchange.name or "")
-            attributes = _messaging.attributes(
-                SYSTEM, "publish", "send", name, routing_key, message.message_id
-            )
-            span_name = f"publish {_messaging.destination(name, routing_key)}".rstrip()
-            headers = message.headers
+            name, headers = str(exchange.name or ""), message.headers
         except Exception:
             _log.internal_error("aio-pika publish")
             return await original(exchange, *args, **kwargs)
-        started = _messaging.publish(span_name, attributes)
+        started = _messaging.publish(SYSTEM, name, routing_key, message.message_id)
         if started is None:
             return await original(exchange, *args, **kwargs)
         call, context = started
@@ -142,7 +116,7 @@ def _traced(callback: Callable[[Any], Any]) -> Callable[[Any], Awaitable[Any]]:
     """A consume callback that runs under its message's span."""
 
     async def on_message(message: Any) -> Any:
-        consuming = _start(message, always=False) if _patched else None
+        consuming = _start(message, always=False) if _patches.active else None
         if consuming is None:
             result = callback(message)
             return await result if inspect.isawaitable(result) else result
@@ -184,7 +158,7 @@ def _enter(original: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitab
 
     async def enter(context: Any) -> Any:
         message = getattr(context, "message", None)
-        if _patched and message is not None and _handling.get() is not message:
+        if _patches.active and message is not None and _handling.get() is not message:
             consuming = _start(message, always=False)
             if consuming is not None:
                 setattr(context, _STATE, (consuming, _handling.set(message)))
@@ -217,26 +191,18 @@ def _exit(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
 # -- patching ------------------------------------------------------------------------------------
 
 
-_patched = False
-
-
-def _targets(module: Any) -> tuple[tuple[Any, str, Callable[[Any], Any]], ...]:
-    process = module.message.ProcessContext
-    return (
-        (module.exchange.Exchange, "publish", _publish),
-        (module.queue.Queue, "consume", lambda own: _consume(own, module.queue.QueueIterator)),
+def _to_patch(module: ModuleType) -> list[_patch.Target]:
+    aio_pika: Any = module
+    process = aio_pika.message.ProcessContext
+    return [
+        (aio_pika.exchange.Exchange, "publish", _publish),
+        (aio_pika.queue.Queue, "consume", lambda own: _consume(own, aio_pika.queue.QueueIterator)),
         (process, "__aenter__", _enter),
         (process, "__aexit__", _exit),
-    )
+    ]
 
 
-def _instrument(module: Any) -> None:
-    global _patched
-    if _patched:
-        return
-    _patched = True
-    for owner, name, wrap in _targets(module):
-        _patch.replace(owner, name, wrap)
+_patches = _patch.Patches("aio_pika", _to_patch)
 
 
 def instrument(*, trust: _trust.Trust | None = None) -> None:
@@ -244,19 +210,11 @@ def instrument(*, trust: _trust.Trust | None = None) -> None:
     (from aio-pika's import, if it is not imported yet). `trust` as for `kombu.instrument`.
     Idempotent; the first call's options stay."""
     global _options
-    if _patched:
-        return
-    if not _imports.waiting("aio_pika"):
+    if _patches.idle():
         _options = _messaging.options(trust)
-    # At once if it is imported (also through a finder ahead of ours while this waited).
-    _imports.when_imported("aio_pika", _instrument)
+    _patches.install()
 
 
 def uninstrument() -> None:
     """Undo `instrument()`; consumers it traced stop tracing."""
-    global _patched
-    _imports.cancel("aio_pika")
-    _patched = False
-    if "aio_pika" in sys.modules:  # also ours left inert under another's wrapper
-        for owner, name, _wrap in _targets(sys.modules["aio_pika"]):
-            _patch.restore(owner, name)
+    _patches.uninstall()

@@ -26,13 +26,11 @@ where `atexit` never runs.
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
-import sys
 import threading
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 from opentelemetry import trace
@@ -40,7 +38,6 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import (
     _client,
-    _imports,
     _keys,
     _log,
     _messaging,
@@ -53,16 +50,11 @@ from . import (
     _trust,
 )
 from ._instrument import instrument as _instrument_clients
+from ._messaging import DESTINATION, MESSAGE_ID, OPERATION_NAME, OPERATION_TYPE, SYSTEM
 
 __all__ = ["instrument", "uninstrument"]
 
-# OpenTelemetry semantic conventions for messaging (messaging/messaging-spans.md), and the
-# attributes OpenTelemetry's Celery instrumentation records.
-SYSTEM = "messaging.system"
-OPERATION_TYPE = "messaging.operation.type"
-OPERATION_NAME = "messaging.operation.name"
-DESTINATION = "messaging.destination.name"
-MESSAGE_ID = "messaging.message.id"
+# The attributes OpenTelemetry's Celery instrumentation records, beside the messaging ones.
 TASK_NAME = "celery.task_name"
 RETRIES = "celery.retries"
 RETRY_REASON = "celery.retry.reason"
@@ -118,15 +110,10 @@ def _send_task(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(app, name, *args, **kwargs)
         call, context = started
         sending = _sending.set(call)
-        attached = _mlflow.attach_quietly(context)
         try:
-            with call:
-                result = original(app, name, *args, **kwargs)
+            return _messaging.send(call, context, lambda: original(app, name, *args, **kwargs))
         finally:
-            _mlflow.detach_quietly(attached)
             _sending.reset(sending)
-        call.end()
-        return result
 
     return send_task
 
@@ -287,18 +274,17 @@ _SIGNALS = (
     ("worker_process_init", _process_init),
     ("worker_process_shutdown", _process_shutdown),
 )
-_patched = False
 
 
-def _instrument() -> None:
-    global _patched
-    if _patched:
-        return
-    _patched = True
+def _to_patch(module: ModuleType) -> list[_patch.Target]:
+    """`Celery.send_task`, once our signal receivers are connected."""
     signals = importlib.import_module("celery.signals")
-    _patch.replace(importlib.import_module("celery.app.base").Celery, "send_task", _send_task)
     for name, receiver in _SIGNALS:
         getattr(signals, name).connect(receiver, weak=False)
+    return [(importlib.import_module("celery.app.base").Celery, "send_task", _send_task)]
+
+
+_patches = _patch.Patches("celery", _to_patch)
 
 
 def instrument(*, trust: _trust.Trust | None = None, instrument_clients: bool = False) -> None:
@@ -309,23 +295,15 @@ def instrument(*, trust: _trust.Trust | None = None, instrument_clients: bool = 
     `instrument_clients`: a worker also installs the HTTP client hooks when it starts (what
     `instrument()` does at once). Idempotent; the first call's options stay."""
     global _options, _clients
-    if _patched:
-        return
-    if not _imports.waiting("celery"):
+    if _patches.idle():
         _options = _messaging.options(trust)
         _clients = instrument_clients
-    # At once if Celery is imported (also through a finder ahead of ours while this waited).
-    _imports.when_imported("celery", lambda module: _instrument())
+    _patches.install()
 
 
 def uninstrument() -> None:
-    global _patched
-    _imports.cancel("celery")
-    if "celery.app.base" in sys.modules:  # also ours left inert under another's wrapper
-        _patch.restore(sys.modules["celery.app.base"].Celery, "send_task")
-    if not _patched:
-        return
-    _patched = False
-    signals = importlib.import_module("celery.signals")
-    for name, receiver in _SIGNALS:
-        getattr(signals, name).disconnect(receiver)
+    if _patches.active:
+        signals = importlib.import_module("celery.signals")
+        for name, receiver in _SIGNALS:
+            getattr(signals, name).disconnect(receiver)
+    _patches.uninstall()

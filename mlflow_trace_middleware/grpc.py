@@ -44,7 +44,8 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import Any, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -307,7 +308,7 @@ class _AioClient:
 
     async def _intercept(self, continuation: Any, details: Any, request: Any) -> Any:
         started = None
-        if _patched or not self._implicit:  # an implicit one stops with uninstrument()
+        if _patches.active or not self._implicit:  # an implicit one stops with uninstrument()
             started = _start(self._target, details.method, details.metadata, self._targets)
         if started is None:
             return await continuation(details, request)
@@ -329,27 +330,24 @@ class _AioClient:
         return rpc
 
 
-class _AioUnaryUnary(_AioClient, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await self._intercept(continuation, details, request)
+# The four kinds of call (by request and response streaming), as grpc names their
+# interceptor methods and handler attributes.
+_CALLS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
-class _AioUnaryStream(_AioClient, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await self._intercept(continuation, details, request)
+def _camel(call: str) -> str:
+    return call.title().replace("_", "")  # "unary_stream" -> "UnaryStream"
 
 
-class _AioStreamUnary(_AioClient, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
-    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await self._intercept(continuation, details, requests)
+def _aio_kind(call: str) -> type[_AioClient]:
+    """`_AioClient` as the `grpc.aio` interceptor of one kind of call: a channel files each
+    interceptor under the first kind it is an instance of, so one class per kind."""
+    base = getattr(grpc.aio, f"{_camel(call)}ClientInterceptor")
+    method = {f"intercept_{call}": _AioClient._intercept}
+    return cast(type[_AioClient], type(f"_Aio{_camel(call)}", (_AioClient, base), method))
 
 
-class _AioStreamStream(_AioClient, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
-    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await self._intercept(continuation, details, requests)
-
-
-_AIO_KINDS = (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)
+_AIO_KINDS = tuple(_aio_kind(call) for call in _CALLS)
 
 
 def aio_client_interceptors(
@@ -432,24 +430,56 @@ def _end_server(span: trace.Span, context: Any, error: BaseException | None) -> 
         span.end()
 
 
+class _Current:
+    """The SERVER span's context current for the block: the handler's run, or the making of
+    one response of its stream."""
+
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+
+    def __enter__(self) -> None:
+        self._token = _mlflow.attach_quietly(self._context)
+
+    def __exit__(self, *_: object) -> None:
+        _mlflow.detach_quietly(self._token)
+
+
+class _Ending:
+    """The SERVER span ends with the block: with the handler, or with its response stream."""
+
+    __slots__ = ("_context", "_span")
+
+    def __init__(self, span: trace.Span, context: Any) -> None:
+        self._span, self._context = span, context
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        _end_server(self._span, self._context, error)
+
+
+_END = object()  # a response stream's end
+
+
 def _serve_sync(behaviour: Any, details: Any, options: _server.ServerOptions, stream: bool) -> Any:
     def serve(request: Any, context: Any) -> Any:
         started = _start_server(options, details, context)
         if started is None:
             return behaviour(request, context)
-        span, span_context = started
-        token = _mlflow.attach_quietly(span_context)
+        span, current = started
+        if not stream:
+            with _Ending(span, context), _Current(current):
+                return behaviour(request, context)
         try:
-            result = behaviour(request, context)
+            with _Current(current):
+                responses = behaviour(request, context)
         except BaseException as error:
             _end_server(span, context, error)
             raise
-        finally:
-            _mlflow.detach_quietly(token)
-        if not stream:
-            _end_server(span, context, None)
-            return result
-        return _responses(result, span, span_context, context)
+        return _responses(responses, span, current, context)
 
     return serve
 
@@ -457,23 +487,14 @@ def _serve_sync(behaviour: Any, details: Any, options: _server.ServerOptions, st
 def _responses(responses: Any, span: trace.Span, current: Context, context: Any) -> Iterator[Any]:
     """A handler's response stream, with its span current while each response is made; the
     span ends with the stream."""
-    error: BaseException | None = None
-    try:
+    with _Ending(span, context):
         iterator = iter(responses)
         while True:
-            token = _mlflow.attach_quietly(current)
-            try:
-                item = next(iterator)
-            except StopIteration:
+            with _Current(current):
+                item = next(iterator, _END)
+            if item is _END:
                 return
-            finally:
-                _mlflow.detach_quietly(token)
             yield item
-    except BaseException as raised:
-        error = raised
-        raise
-    finally:
-        _end_server(span, context, error)
 
 
 def _serve_aio(behaviour: Any, details: Any, options: _server.ServerOptions, stream: bool) -> Any:
@@ -486,23 +507,14 @@ def _serve_aio(behaviour: Any, details: Any, options: _server.ServerOptions, str
                     yield item
                 return
             span, current = started
-            error: BaseException | None = None
-            try:
-                iterator = behaviour(request, context).__aiter__()
+            with _Ending(span, context):
+                responses = behaviour(request, context)
                 while True:
-                    token = _mlflow.attach_quietly(current)
-                    try:
-                        item = await iterator.__anext__()
-                    except StopAsyncIteration:
+                    with _Current(current):
+                        item = await anext(responses, _END)
+                    if item is _END:
                         return
-                    finally:
-                        _mlflow.detach_quietly(token)
                     yield item
-            except BaseException as raised:
-                error = raised
-                raise
-            finally:
-                _end_server(span, context, error)
 
         return serve_stream
     if not inspect.iscoroutinefunction(behaviour):  # run in the server's thread pool
@@ -513,32 +525,16 @@ def _serve_aio(behaviour: Any, details: Any, options: _server.ServerOptions, str
         if started is None:
             return await behaviour(request, context)
         span, current = started
-        token = _mlflow.attach_quietly(current)
-        error: BaseException | None = None
-        try:
+        with _Ending(span, context), _Current(current):
             return await behaviour(request, context)
-        except BaseException as raised:
-            error = raised
-            raise
-        finally:
-            _mlflow.detach_quietly(token)
-            _end_server(span, context, error)
 
     return serve
-
-
-_KINDS = {
-    (False, False): "unary_unary",
-    (False, True): "unary_stream",
-    (True, False): "stream_unary",
-    (True, True): "stream_stream",
-}
 
 
 def _wrap(handler: Any, details: Any, options: _server.ServerOptions, aio: bool) -> Any:
     """`handler` (an `RpcMethodHandler`) with its behaviour run under a SERVER span."""
     try:
-        kind = _KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
+        kind = _CALLS[2 * bool(handler.request_streaming) + bool(handler.response_streaming)]
         behaviour = getattr(handler, kind)
         if behaviour is None or not hasattr(handler, "_replace"):
             return handler
@@ -565,7 +561,7 @@ class _Server:
         self._implicit = False
 
     def _traced(self, handler: Any, details: Any, aio: bool) -> Any:
-        if handler is None or (self._implicit and not _patched):
+        if handler is None or (self._implicit and not _patches.active):
             return handler
         if getattr(details, "method", None) in self._options.exclude_paths:
             return handler
@@ -717,14 +713,10 @@ def _aio_lookup(original: Any) -> Any:
     return find
 
 
-_patched = False
-_layers: list[tuple[Any, str]] = []  # (owner, attribute) where our layers are, once made
-
-
-def _patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
+def _to_patch(module: ModuleType) -> list[_patch.Target]:
     channel: Any = importlib.import_module("grpc._channel")
     aio_channel: Any = importlib.import_module("grpc.aio._channel")
-    patches: list[tuple[Any, str, Callable[[Any], Any]]] = []
+    patches: list[_patch.Target] = []
     for cls in (channel._UnaryUnaryMultiCallable, channel._StreamUnaryMultiCallable):
         for name, blocking in (("__call__", True), ("with_call", True), ("future", False)):
             patches.append((cls, name, functools.partial(_sync_method, blocking=blocking)))
@@ -735,9 +727,8 @@ def _patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     ):
         cls = getattr(channel, name)
         patches.append((cls, "__call__", functools.partial(_sync_method, blocking=False)))
-    aio_names = ("UnaryUnary", "UnaryStream", "StreamUnary", "StreamStream")
-    for name, kind in zip(aio_names, _AIO_KINDS, strict=True):
-        cls = getattr(aio_channel, f"{name}MultiCallable")
+    for call, kind in zip(_CALLS, _AIO_KINDS, strict=True):
+        cls = getattr(aio_channel, f"{_camel(call)}MultiCallable")
         patches.append((cls, "__call__", functools.partial(_aio_method, kind=kind)))
     patches.append((grpc, "server", functools.partial(_server_factory, make=ServerInterceptor)))
     patches.append(
@@ -752,22 +743,15 @@ def _patches() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     return patches
 
 
+_patches = _patch.Patches("grpc", _to_patch)
+
+
 def instrument() -> None:
     """Trace every gRPC call this process makes (channels whenever made) and serves (servers
     made from now on). Idempotent."""
-    global _patched
-    if _patched:
-        return
-    _patched = True
-    for owner, name, wrap in _patches():
-        _patch.replace(owner, name, wrap)
-        if (owner, name) not in _layers:
-            _layers.append((owner, name))
+    _patches.install()
 
 
 def uninstrument() -> None:
     """Undo `instrument()`; interceptors it added to channels and servers stop tracing."""
-    global _patched
-    _patched = False
-    for owner, name in _layers:
-        _patch.restore(owner, name)  # also one left inert under another's wrapper, gone since
+    _patches.uninstall()

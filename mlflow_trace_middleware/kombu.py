@@ -26,11 +26,11 @@ per message. `consume(message)` does the same for one message handled outside a 
 from __future__ import annotations
 
 import importlib
-import sys
 from collections.abc import Callable, Iterable, Mapping
+from types import ModuleType
 from typing import Any
 
-from . import _imports, _log, _messaging, _mlflow, _patch, _propagation, _server, _trust
+from . import _log, _messaging, _patch, _propagation, _server, _trust
 
 __all__ = ["consume", "consume_batch", "instrument", "uninstrument"]
 
@@ -76,7 +76,7 @@ def _celery_task(headers: Mapping[str, Any]) -> bool:
 
 def _publish(original: Callable[..., Any]) -> Callable[..., Any]:
     def publish(producer: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _patched:
+        if not _patches.active:
             return original(producer, body, *args, **kwargs)
         positional = len(args) > _HEADERS_AT
         given = args[_HEADERS_AT] if positional else kwargs.get("headers")
@@ -90,20 +90,13 @@ def _publish(original: Callable[..., Any]) -> Callable[..., Any]:
             exchange = args[_EXCHANGE_AT] if len(args) > _EXCHANGE_AT else kwargs.get("exchange")
             exchange = exchange or producer.exchange
             exchange = str(getattr(exchange, "name", exchange) or "")
-            routing_key = str(routing_key or "")
-            attributes = _messaging.attributes(
-                _producer_system(producer),
-                "publish",
-                "send",
-                exchange,
-                routing_key,
-                kwargs.get("message_id"),
-            )
-            name = f"publish {_messaging.destination(exchange, routing_key)}".rstrip()
+            system = _producer_system(producer)
         except Exception:
             _log.internal_error("kombu publish")
             return original(producer, body, *args, **kwargs)
-        started = _messaging.publish(name, attributes)
+        started = _messaging.publish(
+            system, exchange, str(routing_key or ""), kwargs.get("message_id")
+        )
         if started is None:
             return original(producer, body, *args, **kwargs)
         call, context = started
@@ -112,14 +105,7 @@ def _publish(original: Callable[..., Any]) -> Callable[..., Any]:
             args = (*args[:_HEADERS_AT], sent, *args[_HEADERS_AT + 1 :])
         else:
             kwargs["headers"] = sent
-        token = _mlflow.attach_quietly(context)
-        try:
-            with call:
-                result = original(producer, body, *args, **kwargs)
-        finally:
-            _mlflow.detach_quietly(token)
-        call.end()
-        return result
+        return _messaging.send(call, context, lambda: original(producer, body, *args, **kwargs))
 
     return publish
 
@@ -127,35 +113,25 @@ def _publish(original: Callable[..., Any]) -> Callable[..., Any]:
 # -- consume -------------------------------------------------------------------------------------
 
 
-def _place(message: Any) -> tuple[str, str]:
-    """A message's exchange and routing key, from its delivery info."""
+def _received(message: Any) -> _messaging.Received:
+    """A message's headers and place (its delivery info); a Celery task's is not ours."""
+    headers = message.headers if isinstance(message.headers, Mapping) else {}
     delivery = message.delivery_info if isinstance(message.delivery_info, Mapping) else {}
-    return str(delivery.get("exchange") or ""), str(delivery.get("routing_key") or "")
+    properties = getattr(message, "properties", None)
+    return _messaging.Received(
+        _system(message.channel),
+        headers,
+        str(delivery.get("exchange") or ""),
+        str(delivery.get("routing_key") or ""),
+        properties.get("message_id") if isinstance(properties, Mapping) else None,
+        ours=not _celery_task(headers),
+    )
 
 
 def _start(message: Any, always: bool) -> _messaging.Consuming | None:
     """The CONSUMER span of `message`; unless `always`, None for a message without context or
     a Celery task's."""
-    try:
-        headers = message.headers if isinstance(message.headers, Mapping) else {}
-        found = _messaging.carrier(headers)
-        if not always and (not found or _celery_task(headers)):
-            return None
-        exchange, routing_key = _place(message)
-        properties = message.properties if isinstance(message.properties, Mapping) else {}
-        attributes = _messaging.attributes(
-            _system(message.channel),
-            "process",
-            "process",
-            exchange,
-            routing_key,
-            properties.get("message_id"),
-        )
-        where = _messaging.destination(exchange, routing_key)
-    except Exception:
-        _log.internal_error("kombu consume")
-        return None
-    return _messaging.consume(_options, found, f"process {where}".rstrip(), attributes, where)
+    return _messaging.receive(_options, message, _received, always)
 
 
 def consume(message: Any) -> _messaging.Consuming:
@@ -183,28 +159,14 @@ def consume_batch(messages: Iterable[Any]) -> _messaging.Consuming:
         handle([message.payload for message in batch])
     ```
     """
-    try:
-        messages = list(messages)
-        carriers, places, system = [], set(), "kombu"
-        for message in messages:
-            headers = message.headers if isinstance(message.headers, Mapping) else None
-            carriers.append(_messaging.carrier(headers))
-            places.add(_place(message))
-            system = _system(message.channel)
-        exchange, routing_key = places.pop() if len(places) == 1 else ("", "")
-        attributes = _messaging.attributes(system, "process", "process", exchange, routing_key)
-        name = f"process {_messaging.destination(exchange, routing_key)}".rstrip()
-    except Exception:
-        _log.internal_error("kombu batch")
-        return _messaging.Consuming()
-    return _messaging.consume_batch(carriers, name, attributes) or _messaging.Consuming()
+    return _messaging.consume_batch(messages, _received, "kombu")
 
 
 def _receive(original: Callable[..., Any]) -> Callable[..., Any]:
     """`Consumer.receive(body, message)`: the callbacks run under the message's span."""
 
     def receive(consumer: Any, body: Any, message: Any) -> Any:
-        if not _patched or _buffering(consumer.callbacks):
+        if not _patches.active or _buffering(consumer.callbacks):
             return original(consumer, body, message)
         consuming = _start(message, always=False)
         if consuming is None:
@@ -227,7 +189,7 @@ _buffers: tuple[type, ...] = ()  # kombu.simple.SimpleBase, once kombu is patche
 
 def _traced_handler(handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def on_message(message: Any) -> Any:
-        consuming = _start(message, always=False) if _patched else None
+        consuming = _start(message, always=False) if _patches.active else None
         if consuming is None:
             return handler(message)
         with consuming:
@@ -263,22 +225,20 @@ class _OnMessage:
 # -- patching ------------------------------------------------------------------------------------
 
 
-_patched = False
 _on_message: Any = None  # `Consumer.on_message`'s own value, while `_OnMessage` replaces it
 
 
-def _instrument(module: Any) -> None:
-    global _buffers, _on_message, _patched
-    if _patched:
-        return
-    _patched = True
+def _to_patch(module: ModuleType) -> list[_patch.Target]:
+    global _buffers, _on_message
     _buffers = (importlib.import_module("kombu.simple").SimpleBase,)
-    producer, consumer = module.Producer, module.Consumer
-    _patch.replace(producer, "publish", _publish)
-    _patch.replace(consumer, "receive", _receive)
+    consumer: Any = module.Consumer
     # A data descriptor, not a function to wrap: `_patch` cannot install it.
     _on_message = consumer.__dict__["on_message"]
     consumer.on_message = _OnMessage()
+    return [(module.Producer, "publish", _publish), (consumer, "receive", _receive)]
+
+
+_patches = _patch.Patches("kombu.messaging", _to_patch)
 
 
 def instrument(*, trust: _trust.Trust | None = None) -> None:
@@ -288,22 +248,12 @@ def instrument(*, trust: _trust.Trust | None = None) -> None:
     callable sees the destination (exchange, or routing key) as `path` and the message's
     propagation fields as `headers`. Idempotent; the first call's options stay."""
     global _options
-    if _patched:
-        return
-    if not _imports.waiting("kombu.messaging"):
+    if _patches.idle():
         _options = _messaging.options(trust)
-    # At once if it is imported (also through a finder ahead of ours while this waited).
-    _imports.when_imported("kombu.messaging", _instrument)
+    _patches.install()
 
 
 def uninstrument() -> None:
-    global _patched
-    _imports.cancel("kombu.messaging")
-    module: Any = sys.modules.get("kombu.messaging")
-    if module is None:
-        return
-    _patch.restore(module.Consumer, "receive")  # also ours left inert under another's wrapper
-    _patch.restore(module.Producer, "publish")
-    if _patched:
-        _patched = False
-        module.Consumer.on_message = _on_message
+    if _patches.active:
+        importlib.import_module("kombu.messaging").Consumer.on_message = _on_message
+    _patches.uninstall()

@@ -35,12 +35,12 @@ A transport opened outside any trace sends its plumbing sampled out: no trace pe
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.util
 import urllib.parse
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
+from types import ModuleType
 from typing import Any
 
 from opentelemetry import trace
@@ -52,7 +52,6 @@ from . import (
     _capture,
     _client,
     _config,
-    _imports,
     _keys,
     _log,
     _mlflow,
@@ -551,40 +550,31 @@ _PATCHES = {
         ("mcp.server.runner", "ServerRunner._on_request", _on_request_v2),
     ),
 }
-_patched = False
-_layers: list[tuple[Any, str]] = []  # (owner, attribute) where our layers are, once made
 
 
 def _major() -> int:
     return 2 if importlib.util.find_spec(_DISPATCHER) is not None else 1
 
 
-def _instrument() -> None:
-    global _nest, _patched
-    if _patched:
-        return
-    _patched = True
+def _to_patch(mcp: ModuleType) -> Iterator[_patch.Target]:
+    global _nest
     _nest = _config.get_settings().mcp_plumbing != "spans"
     for module, path, wrap in _PATCHES[_major()]:
         owner: Any = importlib.import_module(module)
         *parents, name = path.split(".")
         for parent in parents:
             owner = getattr(owner, parent)
-        _patch.replace(owner, name, wrap)
-        if (owner, name) not in _layers:
-            _layers.append((owner, name))
+        yield owner, name, wrap
+
+
+_patches = _patch.Patches("mcp", _to_patch)
 
 
 def instrument() -> None:
     """Trace and propagate through every MCP client session and server of this process (from
     its import, if `mcp` is not imported yet)."""
-    if not _patched:
-        _imports.when_imported("mcp", lambda module: _instrument())
+    _patches.install()
 
 
 def uninstrument() -> None:
-    global _patched
-    _imports.cancel("mcp")
-    _patched = False
-    for owner, name in _layers:
-        _patch.restore(owner, name)  # also one left inert under another's wrapper, gone since
+    _patches.uninstall()

@@ -60,6 +60,15 @@ class Process:
         return self.log.read_text(errors="replace")
 
 
+@dataclass
+class Stack:
+    """The services a test module started, by name, and the experiment they record in."""
+
+    client: Any  # an MlflowClient of the tracking server
+    experiment: str
+    services: dict[str, Process]
+
+
 def spawn(name: str, argv: list[str], url: str, logs: Path, env: Mapping[str, str]) -> Process:
     """Start `argv` in the checkout, in a session of its own, output in `logs/NAME.log`; `env`
     adds to this process's environment."""

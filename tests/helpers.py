@@ -3,16 +3,22 @@ traces read back from a real `mlflow server` (processes: `tests/harness.py`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import secrets
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import requests
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.trace import SpanContext, TraceFlags
+from opentelemetry.trace import SpanContext, StatusCode, TraceFlags
 
-from mlflow_trace_middleware import _compat, _mlflow, _trust
+import mlflow_trace_middleware as mtm
+from mlflow_trace_middleware import _compat, _config, _keys, _mlflow, _trust
 from mlflow_trace_middleware._encoding import EncodedSpan, encode_span, recorded
 from mlflow_trace_middleware._export import SinkStats
 from mlflow_trace_middleware.testing import InMemoryExporter
@@ -77,6 +83,12 @@ def by_unique_name(exporter: InMemoryExporter) -> dict[str, EncodedSpan]:
     return named
 
 
+def assert_failed(span: Any, error_type: str) -> None:
+    """`span` marked an error, of `error_type`."""
+    assert span.status.status_code == StatusCode.ERROR
+    assert span.attributes["error.type"] == error_type
+
+
 def hex_ids(span: Any) -> tuple[str, str]:
     return f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"
 
@@ -96,6 +108,78 @@ def member(keys: Sequence[bytes] = ()) -> str:
     """Our tracestate entry for `CALLER`'s context: experiment "7", signed with `keys`."""
     name, value = _trust.entry(CALLER, "7", list(keys))  # type: ignore[misc]
     return f"{name}={value}"
+
+
+# Adapters, trust and signing.
+
+
+def patched_on_import(adapter: str, library: str, imports: str, owner: str, name: str) -> bool:
+    """In a fresh interpreter, `instrument()` of the `adapter` module before `library` is
+    imported, then `imports` (code that imports it): whether `owner.name` is patched then
+    (`owner`: an expression over what `imports` bound)."""
+    script = (
+        "import sys\n"
+        f"from mlflow_trace_middleware import {adapter} as adapter\n"
+        "adapter.instrument()\n"
+        f"assert {library!r} not in sys.modules\n"
+        f"{imports}\n"
+        "from mlflow_trace_middleware import _patch\n"
+        f"print(_patch.patched({owner}, {name!r}))\n"
+    )
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    return found.stdout.strip() == "True"
+
+
+@contextlib.contextmanager
+def instrumented(adapter: Any, **options: Any) -> Iterator[None]:
+    """`adapter` (an integration module) instrumented afresh with `options` for the block."""
+    adapter.uninstrument()
+    adapter.instrument(**options)
+    try:
+        yield
+    finally:
+        adapter.uninstrument()
+
+
+@contextlib.contextmanager
+def signing_key(key: str) -> Iterator[None]:
+    """`configure(signing_key=key)` for the block; the settings from before it back after."""
+    before = _config.get_settings()
+    mtm.configure(signing_key=key)
+    try:
+        yield
+    finally:
+        _config.install(before)
+
+
+class Refusing:
+    """A trust callable that refuses every caller and keeps the requests it was shown."""
+
+    def __init__(self) -> None:
+        self.seen: list[_trust.InboundRequest] = []
+
+    def __call__(self, request: _trust.InboundRequest) -> bool:
+        self.seen.append(request)
+        return False
+
+
+def assert_restarted(span: Any) -> None:
+    """A span that did not continue its caller (`TRACEPARENT`, `user.id` in its baggage): a
+    trace of its own that records and links the caller, without the caller's baggage."""
+    assert span.parent is None
+    assert hex_ids(span)[0] != TRACE_ID
+    assert span.attributes[_keys.RESTARTED_FROM] == TRACEPARENT
+    assert "user.id" not in span.attributes
+    assert [f"{link.context.span_id:016x}" for link in span.links] == [PARENT_ID]
+
+
+def assert_only_signed_continued(unsigned: Any, signed: Any) -> None:
+    """The span of an unsigned caller restarted; of a signed one (`member([key])`) continued,
+    with the caller's experiment."""
+    assert unsigned.attributes[_keys.RESTARTED_FROM] == TRACEPARENT
+    assert hex_ids(signed)[0] == TRACE_ID
+    assert signed.attributes[_keys.EXPERIMENT] == "7"
 
 
 # Traces read back from a real `mlflow server`.
@@ -127,6 +211,39 @@ def complete_trace(client: Any, trace_id: str, spans: int) -> Any:
     trace = wait_for(check, f"trace {trace_id} with {spans} spans")
     print(format_trace(trace))  # the tree, for `pytest -s`
     return trace
+
+
+def post_traced(
+    url: str,
+    body: Any,
+    client: Any,
+    experiment: str,
+    marker: str,
+    timeout: float = 30.0,
+    **search: Any,
+) -> tuple[Any, Any]:
+    """POST `body` as JSON to `url` (answered with a 200): the JSON answer, and the request's
+    one trace in `experiment` (found by `marker` in its request preview; `search`: more
+    arguments of `search_traces`) once there."""
+    response = requests.post(url, json=body, timeout=timeout)
+    assert response.status_code == 200, response.text
+
+    def found() -> list[Any]:
+        traces = client.search_traces(locations=[experiment], **search)
+        return [t for t in traces if marker in (t.info.request_preview or "")]
+
+    (trace,) = wait_for(found, f"the trace of {marker}")
+    return response.json(), trace
+
+
+def forecast_trace(client: Any, experiment: str, url: str, spans: int, timeout: float) -> Any:
+    """Ask the agent (tests/apps: langgraph_agent, agent_frameworks) at `url`, or a caller of
+    one, for a new city's forecast; the request's one trace once `spans` have arrived."""
+    city = f"city{secrets.token_hex(4)}"
+    body = {"city": city}
+    answer, trace = post_traced(url, body, client, experiment, city, timeout, max_results=200)
+    assert answer == {"answer": f"Forecast: sunny in {city}"}
+    return complete_trace(client, trace.info.trace_id, spans)
 
 
 def traces_holding(client: Any, experiment: str, key: str) -> int:
@@ -173,6 +290,14 @@ def service_tag(name: str) -> str | None:
     """The trace's `service.name` tag as the server keeps it (the server is the installed MLflow):
     from the OTLP resource, from MLflow 3.14; before, only each span's attribute names it."""
     return name if _compat.SPAN_TAKES_RESOURCE else None
+
+
+def assert_filed_under(trace: Any, session: str | None, user: str | None) -> None:
+    """MLflow filed `trace` under `session` and `user` (its trace metadata, as MLflow stores
+    them: `as_mlflow_stores`)."""
+    metadata = trace.info.trace_metadata
+    found = (metadata.get("mlflow.trace.session"), metadata.get("mlflow.trace.user"))
+    assert found == as_mlflow_stores(session, user)
 
 
 def as_mlflow_stores(session: str | None, user: str | None) -> tuple[str | None, str | None]:

@@ -5,8 +5,6 @@ and worker)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -21,17 +19,24 @@ from kombu.exceptions import OperationalError
 from opentelemetry.trace import SpanKind, StatusCode
 
 import mlflow_trace_middleware as mtm
-from mlflow_trace_middleware import _config, _keys, _trust
+from mlflow_trace_middleware import _keys
 from mlflow_trace_middleware import celery as adapter
 from mlflow_trace_middleware.testing import InMemoryExporter
 from tests.helpers import (
     PARENT_ID,
     TRACE_ID,
     TRACEPARENT,
+    Refusing,
+    assert_failed,
+    assert_only_signed_continued,
+    assert_restarted,
     by_unique_name,
     current_ids,
     hex_ids,
+    instrumented,
     member,
+    patched_on_import,
+    signing_key,
 )
 
 KEY = "celery-unit-key"
@@ -90,12 +95,10 @@ class App:
 
 @pytest.fixture
 def celery_app(exporter: InMemoryExporter, trust: Any) -> Iterator[App]:
-    adapter.uninstrument()
-    adapter.instrument(trust=trust)
-    app = App()
-    yield app
-    app.close()
-    adapter.uninstrument()
+    with instrumented(adapter, trust=trust):
+        app = App()
+        yield app
+        app.close()
 
 
 # -- publish -------------------------------------------------------------------------------------
@@ -194,12 +197,7 @@ def test_a_task_without_context_starts_a_trace(celery_app: App, exporter: InMemo
 @pytest.mark.parametrize("trust", ["restart"])
 def test_an_untrusted_context_is_restarted(celery_app: App, exporter: InMemoryExporter) -> None:
     celery_app.run(celery_app.work, {"traceparent": TRACEPARENT, "baggage": "user.id=u1"}, 1)
-    run = by_unique_name(exporter)["run/work"]
-    assert run.parent is None
-    assert hex_ids(run)[0] != TRACE_ID
-    assert run.attributes[_keys.RESTARTED_FROM] == TRACEPARENT
-    assert "user.id" not in run.attributes
-    assert [f"{link.context.span_id:016x}" for link in run.links] == [PARENT_ID]
+    assert_restarted(by_unique_name(exporter)["run/work"])
 
 
 @pytest.mark.parametrize("trust", ["continue"])
@@ -211,23 +209,16 @@ def test_trusted_baggage_gives_the_task_its_callers_identity(
 
 
 def test_a_trust_callable_sees_the_task_name_and_the_fields() -> None:
-    seen: list[_trust.InboundRequest] = []
-
-    def policy(request: _trust.InboundRequest) -> bool:
-        seen.append(request)
-        return False
-
+    policy = Refusing()
     memory = InMemoryExporter()
     mtm.configure(service_name="test-svc", exporter=memory)
-    adapter.uninstrument()
-    adapter.instrument(trust=policy)
-    app = App()
-    try:
-        app.run(app.work, {"traceparent": TRACEPARENT}, 1)
-    finally:
-        app.close()
-        adapter.uninstrument()
-    ((request),) = seen
+    with instrumented(adapter, trust=policy):
+        app = App()
+        try:
+            app.run(app.work, {"traceparent": TRACEPARENT}, 1)
+        finally:
+            app.close()
+    ((request),) = policy.seen
     assert request.path == "work"
     assert request.client is None
     assert request.headers == {"traceparent": TRACEPARENT}
@@ -238,18 +229,11 @@ def test_a_trust_callable_sees_the_task_name_and_the_fields() -> None:
 def test_with_a_signing_key_only_signed_context_is_continued(
     celery_app: App, exporter: InMemoryExporter
 ) -> None:
-    before = _config.get_settings()
-    mtm.configure(signing_key=KEY)
-    try:
+    with signing_key(KEY):
         for keys in ([], [KEY.encode()]):
             headers = {"traceparent": TRACEPARENT, "tracestate": member(keys)}
             celery_app.run(celery_app.work, headers, 1)
-    finally:
-        _config.install(before)
-    first, second = [s for s in exporter.finished_spans() if s.name == "run/work"]
-    assert first.attributes[_keys.RESTARTED_FROM] == TRACEPARENT
-    assert hex_ids(second)[0] == TRACE_ID
-    assert second.attributes[_keys.EXPERIMENT] == "7"
+    assert_only_signed_continued(*[s for s in exporter.finished_spans() if s.name == "run/work"])
 
 
 def test_a_failing_task_marks_its_span_as_an_error(
@@ -257,8 +241,7 @@ def test_a_failing_task_marks_its_span_as_an_error(
 ) -> None:
     celery_app.run(celery_app.fail, {"traceparent": TRACEPARENT})
     run = by_unique_name(exporter)["run/fail"]
-    assert run.status.status_code == StatusCode.ERROR
-    assert run.attributes["error.type"] == "ValueError"
+    assert_failed(run, "ValueError")
     assert run.attributes["celery.state"] == "FAILURE"
     (event,) = run.events
     assert event.name == "exception"
@@ -402,17 +385,8 @@ sys.meta_path.insert(0, Other())
 def test_instrument_before_celery_is_imported_patches_it_when_it_is(
     before: str, after: str
 ) -> None:
-    script = (
-        "import importlib.abc, importlib.machinery, importlib.util, sys\n"
-        "from mlflow_trace_middleware import celery as adapter\n"
-        "adapter.instrument()\n"
-        "assert 'celery' not in sys.modules\n"
-        f"{before}{after}"
-        "import celery.app.base\n"
-        "from mlflow_trace_middleware import _patch\n"
-        "print(_patch.patched(celery.app.base.Celery, 'send_task'))\n"
+    imports = (
+        f"import importlib.abc, importlib.machinery, importlib.util\n{before}{after}"
+        "import celery.app.base"
     )
-    output = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True
-    ).stdout
-    assert output.strip() == "True"
+    assert patched_on_import("celery", "celery", imports, "celery.app.base.Celery", "send_task")

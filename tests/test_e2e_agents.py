@@ -19,21 +19,28 @@ LangGraph under autolog in more call modes.
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import agents.tracing.span_data
 import pytest
-import requests
 from mlflow import MlflowClient
 
 from mlflow_trace_middleware import _compat
-from tests.harness import BIN, RUN, Process, free_port, gather, spawn, start_uvicorn, wait_ready
-from tests.helpers import children, complete_trace, wait_for
+from tests.harness import (
+    BIN,
+    RUN,
+    Process,
+    Stack,
+    free_port,
+    gather,
+    spawn,
+    start_uvicorn,
+    wait_ready,
+)
+from tests.helpers import children, forecast_trace
 from tests.test_e2e_sdks import AUTOLOG_SENDS_CONTEXT
 
 pytestmark = pytest.mark.e2e
@@ -57,13 +64,6 @@ AUTOLOG_TYPES = {
 AGENTS_SDK_TURNS = hasattr(agents.tracing.span_data, "TurnSpanData")
 LLM_CALL, LLM = "agent:POST llm /v1/chat/completions", "llm:POST /v1/chat/completions"
 WEATHER_CALL, WEATHER = "agent:GET weather /forecast/{city}", "weather:GET /forecast/{city}"
-
-
-@dataclass
-class Stack:
-    client: MlflowClient
-    experiment: str
-    services: dict[str, Process]
 
 
 @pytest.fixture(scope="module")
@@ -132,18 +132,8 @@ def _launched(logs: Path, env: dict[str, str]) -> Process:
 
 def _ask(stack: Stack, framework: str, agent: str, spans: int) -> Any:
     """One request through the caller to `agent`; its one trace, once `spans` have arrived."""
-    city = f"city{secrets.token_hex(4)}"
     url = f"{stack.services['caller'].url}/run/{agent}/{framework}"
-    response = requests.post(url, json={"city": city}, timeout=120)
-    assert response.status_code == 200, response.text
-    assert response.json() == {"answer": f"Forecast: sunny in {city}"}
-
-    def found() -> list[Any]:
-        traces = stack.client.search_traces(locations=[stack.experiment], max_results=200)
-        return [t for t in traces if city in (t.info.request_preview or "")]
-
-    (trace,) = wait_for(found, f"a trace for {city}")
-    return complete_trace(stack.client, trace.info.trace_id, spans)
+    return forecast_trace(stack.client, stack.experiment, url, spans, timeout=120)
 
 
 def _expected(framework: str, autolog: bool) -> dict[str, list[str]]:

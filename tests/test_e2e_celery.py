@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 from mlflow import MlflowClient
 
 from tests.harness import RUN, Process, spawn, start_uvicorn
-from tests.helpers import complete_trace, span_named, traces_holding, tree, wait_for
+from tests.helpers import complete_trace, post_traced, span_named, traces_holding, tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -119,36 +118,38 @@ def stack(
             process.stop()
 
 
-def enqueue(stack: Stack, task: str, key: str, **options: Any) -> str:
-    """POST /enqueue (`countdown=`, `eager=`); the trace id of the caller's request."""
+def enqueue(stack: Stack, task: str, label: str, **options: Any) -> tuple[str, str]:
+    """POST /enqueue (`countdown=`, `eager=`) with a new key (`label` and a random part): the
+    key, and the trace id of the caller's request."""
+    key = f"{label}-{secrets.token_hex(4)}"
     body = {"task": task, "key": key, "url": stack.callee.url, **options}
-    response = requests.post(f"{stack.caller.url}/enqueue", json=body, timeout=30)
-    assert response.status_code == 200, response.text
-    found = wait_for(
-        lambda: [
-            t
-            for t in stack.client.search_traces(locations=[stack.caller_experiment])
-            if key in (t.info.request_preview or "")
-        ],
-        f"the caller's trace for {key}",
-    )
-    (trace,) = found
-    return str(trace.info.trace_id)
+    url = f"{stack.caller.url}/enqueue"
+    _, trace = post_traced(url, body, stack.client, stack.caller_experiment, key)
+    return key, str(trace.info.trace_id)
+
+
+def enqueued(task: str) -> dict[str, str | None]:
+    """The tree of a task the caller enqueues and a worker runs, down to the run's span."""
+    return {
+        "caller:POST /enqueue": None,
+        f"caller:apply_async/{task}": "caller:POST /enqueue",
+        f"worker:run/{task}": f"caller:apply_async/{task}",
+    }
+
+
+# The `work` task's whole tree: its span under the run's, and the call it makes to the callee.
+WORK = {
+    **enqueued("work"),
+    "worker:work": "worker:run/work",
+    "worker:GET callee /lookup": "worker:work",  # named by the callee's answer
+    "callee:GET /lookup": "worker:GET callee /lookup",
+}
 
 
 def test_a_task_runs_in_the_callers_trace(stack: Stack) -> None:
-    key = f"celery-{secrets.token_hex(4)}"
-    trace_id = enqueue(stack, "work", key)
-    expected = {
-        "caller:POST /enqueue": None,
-        "caller:apply_async/work": "caller:POST /enqueue",
-        "worker:run/work": "caller:apply_async/work",
-        "worker:work": "worker:run/work",
-        "worker:GET callee /lookup": "worker:work",  # named by the callee's answer
-        "callee:GET /lookup": "worker:GET callee /lookup",
-    }
-    trace = complete_trace(stack.client, trace_id, spans=len(expected))
-    assert tree(trace) == expected
+    key, trace_id = enqueue(stack, "work", "celery")
+    trace = complete_trace(stack.client, trace_id, spans=len(WORK))
+    assert tree(trace) == WORK
     assert trace.info.state.value == "OK"
     assert trace.info.experiment_id == stack.caller_experiment
     producer = span_named(trace, "caller:apply_async/work")
@@ -177,13 +178,8 @@ def test_a_task_runs_in_the_callers_trace(stack: Stack) -> None:
 
 
 def test_a_failing_task_is_marked_as_an_error(stack: Stack) -> None:
-    key = f"celery-fail-{secrets.token_hex(4)}"
-    trace_id = enqueue(stack, "fail", key)
-    expected = {
-        "caller:POST /enqueue": None,
-        "caller:apply_async/fail": "caller:POST /enqueue",
-        "worker:run/fail": "caller:apply_async/fail",
-    }
+    key, trace_id = enqueue(stack, "fail", "celery-fail")
+    expected = enqueued("fail")
     trace = complete_trace(stack.client, trace_id, spans=len(expected))
     assert tree(trace) == expected
     run = span_named(trace, "worker:run/fail")
@@ -198,8 +194,7 @@ def test_a_failing_task_is_marked_as_an_error(stack: Stack) -> None:
 
 
 def test_a_retried_task_records_each_attempt(stack: Stack) -> None:
-    key = f"celery-retry-{secrets.token_hex(4)}"
-    trace_id = enqueue(stack, "flaky", key)
+    _, trace_id = enqueue(stack, "flaky", "celery-retry")
     # caller request, its apply_async, then per attempt a run span, and the two retries'
     # apply_async spans, each published from the attempt that retried.
     trace = complete_trace(stack.client, trace_id, spans=2 + 3 + 2)
@@ -241,18 +236,9 @@ def test_a_retried_task_records_each_attempt(stack: Stack) -> None:
 def test_a_countdown_task_runs_after_the_callers_root_ended_in_its_trace(stack: Stack) -> None:
     """ETA/countdown: the worker holds the message; the task's spans arrive after the caller's
     root was exported, and MLflow widens the trace to them."""
-    key = f"celery-eta-{secrets.token_hex(4)}"
-    trace_id = enqueue(stack, "work", key, countdown=2)
-    expected = {
-        "caller:POST /enqueue": None,
-        "caller:apply_async/work": "caller:POST /enqueue",
-        "worker:run/work": "caller:apply_async/work",
-        "worker:work": "worker:run/work",
-        "worker:GET callee /lookup": "worker:work",
-        "callee:GET /lookup": "worker:GET callee /lookup",
-    }
-    trace = complete_trace(stack.client, trace_id, spans=len(expected))
-    assert tree(trace) == expected
+    key, trace_id = enqueue(stack, "work", "celery-eta", countdown=2)
+    trace = complete_trace(stack.client, trace_id, spans=len(WORK))
+    assert tree(trace) == WORK
     assert trace.info.state.value == "OK"
     assert trace.info.experiment_id == stack.caller_experiment
     root, run = span_named(trace, "caller:POST /enqueue"), span_named(trace, "worker:run/work")
@@ -274,8 +260,7 @@ def test_chains_and_groups_a_task_starts_are_published_under_its_span(stack: Sta
     """`fanout` starts the chain step 1 | step 2 and the group (step 3, step 4): each publish is a
     PRODUCER span under the running task's CONSUMER span (the chain's second link is published
     by the first when it is done)."""
-    key = f"celery-fanout-{secrets.token_hex(4)}"
-    trace_id = enqueue(stack, "fanout", key)
+    key, trace_id = enqueue(stack, "fanout", "celery-fanout")
     # caller: request, publish; fanout's run; per step: publish, run, @mlflow.trace step.
     trace = complete_trace(stack.client, trace_id, spans=2 + 1 + 4 * 3)
     spans = {span.span_id: span for span in trace.data.spans}
@@ -307,8 +292,7 @@ def test_chains_and_groups_a_task_starts_are_published_under_its_span(stack: Sta
 def test_an_eager_task_runs_in_the_request(stack: Stack) -> None:
     """`Task.apply` (what `task_always_eager` makes of `delay`): no message, the task's span
     under the request's."""
-    key = f"celery-eager-{secrets.token_hex(4)}"
-    trace_id = enqueue(stack, "work", key, eager=True)
+    _, trace_id = enqueue(stack, "work", "celery-eager", eager=True)
     expected = {
         "caller:POST /enqueue": None,
         "caller:run/work": "caller:POST /enqueue",

@@ -23,11 +23,10 @@ from typing import Any
 
 import grpc
 import pytest
-import requests
 from mlflow import MlflowClient
 
 from tests.harness import RUN, Process, free_port, spawn, start_uvicorn
-from tests.helpers import complete_trace, span_named, traces_holding, tree, wait_for
+from tests.helpers import complete_trace, post_traced, span_named, traces_holding, tree
 
 pytestmark = pytest.mark.e2e
 
@@ -84,25 +83,31 @@ def stack(
 
 
 def call(stack: Stack, mode: str, method: str) -> tuple[str, dict[str, str], Any]:
-    """POST /{mode}; the caller's trace, once complete (found by the key in its preview)."""
+    """POST /{mode}; the caller's trace, once complete (found by the key in its preview) and
+    checked to be the one tree every call gives."""
     marker = f"{mode}-{method}-{secrets.token_hex(4)}"
-    response = requests.post(
-        f"{stack.caller.url}/{mode}", json={"key": marker, "method": method}, timeout=30
+    answer, trace = post_traced(
+        f"{stack.caller.url}/{mode}",
+        {"key": marker, "method": method},
+        stack.client,
+        stack.caller_experiment,
+        marker,
+        max_results=500,
+        include_spans=False,
     )
-    assert response.status_code == 200, response.text
-
-    def found() -> list[Any]:
-        traces = stack.client.search_traces(
-            locations=[stack.caller_experiment], max_results=500, include_spans=False
-        )
-        return [t for t in traces if marker in (t.info.request_preview or "")]
-
-    (trace,) = wait_for(found, f"the trace of {marker}")
     trace = complete_trace(stack.client, trace.info.trace_id, spans=4)
+    # Every call: the caller's request, its call, the server's span, the handler's `lookup`.
+    rpc = f"demo.Lookup/{method}"
+    assert tree(trace) == {
+        f"caller:POST /{mode}": None,
+        f"caller:{rpc}": f"caller:POST /{mode}",
+        f"grpc-server:{rpc}": f"caller:{rpc}",
+        "grpc-server:lookup": f"grpc-server:{rpc}",
+    }
     # One trace per call, none of it in the gRPC server's own experiment.
     for experiment, count in ((stack.caller_experiment, 1), (stack.server_experiment, 0)):
         assert traces_holding(stack.client, experiment, marker) == count
-    return marker, response.json(), trace
+    return marker, answer, trace
 
 
 @pytest.mark.parametrize("mode", ["sync", "aio"])
@@ -110,12 +115,6 @@ def test_a_grpc_call_lands_in_the_callers_trace(stack: Stack, mode: str) -> None
     marker, answer, trace = call(stack, mode, "Get")
     assert answer == {"value": f"value of {marker}"}
     rpc = "demo.Lookup/Get"
-    assert tree(trace) == {
-        f"caller:POST /{mode}": None,
-        f"caller:{rpc}": f"caller:POST /{mode}",
-        f"grpc-server:{rpc}": f"caller:{rpc}",
-        "grpc-server:lookup": f"grpc-server:{rpc}",
-    }
     assert trace.info.experiment_id == stack.caller_experiment
     assert trace.info.state.value == "OK"
     for key in (f"caller:{rpc}", f"grpc-server:{rpc}"):
@@ -136,12 +135,6 @@ def test_an_aborting_handler_is_an_error_on_both_sides(stack: Stack, mode: str) 
     _, answer, trace = call(stack, mode, "Fail")
     assert answer == {"code": "INTERNAL"}
     rpc = "demo.Lookup/Fail"
-    assert tree(trace) == {
-        f"caller:POST /{mode}": None,
-        f"caller:{rpc}": f"caller:POST /{mode}",
-        f"grpc-server:{rpc}": f"caller:{rpc}",
-        "grpc-server:lookup": f"grpc-server:{rpc}",
-    }
     for key in (f"caller:{rpc}", f"grpc-server:{rpc}"):
         span = span_named(trace, key)
         assert span.status.status_code.value == "ERROR"
@@ -159,12 +152,6 @@ def test_a_streaming_calls_spans_end_with_the_stream(stack: Stack, mode: str, me
     marker, answer, trace = call(stack, mode, method)
     assert answer == {"value": f"value of {marker} done"}
     rpc = f"demo.Lookup/{method}"
-    assert tree(trace) == {
-        f"caller:POST /{mode}": None,
-        f"caller:{rpc}": f"caller:POST /{mode}",
-        f"grpc-server:{rpc}": f"caller:{rpc}",
-        "grpc-server:lookup": f"grpc-server:{rpc}",
-    }
     client, server = span_named(trace, f"caller:{rpc}"), span_named(trace, f"grpc-server:{rpc}")
     # The server's span ends after its last response, the client's once the stream has ended.
     assert server.end_time_ns <= client.end_time_ns

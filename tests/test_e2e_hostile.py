@@ -31,6 +31,7 @@ from mlflow_trace_middleware import (
     _config,
     _trust,
 )
+from tests.apps.service import traced_service
 from tests.harness import Process, start_gunicorn, start_uvicorn
 from tests.helpers import wait_for
 
@@ -42,13 +43,7 @@ HOST = ".".join(["h" * 63] * 200)[:LONG]  # labels of 63 characters at most: Wer
 
 # -- the services ---------------------------------------------------------------------------------
 
-api = FastAPI()
-api.add_middleware(MlflowTracingMiddleware, exclude_paths={"/health"})
-
-
-@api.get("/health")
-async def health() -> dict[str, bool]:
-    return {"ok": True}
+api = traced_service(exclude_paths={"/health"})
 
 
 @api.get("/ua")

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import requests
 from mlflow import MlflowClient
 
 from tests.harness import RUN, Process, spawn, start_uvicorn
-from tests.helpers import complete_trace, span_named, traces_holding, tree, wait_for
+from tests.helpers import complete_trace, post_traced, span_named, traces_holding, tree, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -119,18 +118,18 @@ def publish(stack: Stack, key: str, fail: bool = False) -> str:
         "url": services.callee.url,
         "fail": fail,
     }
-    response = requests.post(f"{services.caller.url}/publish", json=body, timeout=30)
-    assert response.status_code == 200, response.text
-    found = wait_for(
-        lambda: [
-            t
-            for t in services.client.search_traces(locations=[services.caller_experiment])
-            if key in (t.info.request_preview or "")
-        ],
-        f"the caller's trace for {key}",
-    )
-    (trace,) = found
+    url = f"{services.caller.url}/publish"
+    _, trace = post_traced(url, body, services.client, services.caller_experiment, key)
     return str(trace.info.trace_id)
+
+
+# A message the caller publishes and the consumer handles: the tree down to the work's span.
+HANDLED = {
+    "caller:POST /publish": None,
+    "caller:publish jobs": "caller:POST /publish",
+    "consumer:process jobs": "caller:publish jobs",
+    "consumer:work": "consumer:process jobs",
+}
 
 
 def messaging(span: Any) -> dict[str, Any]:
@@ -141,10 +140,7 @@ def test_a_message_is_handled_in_the_callers_trace(stack: Stack) -> None:
     key = f"{stack.mode}-{secrets.token_hex(4)}"
     trace_id = publish(stack, key)
     expected = {
-        "caller:POST /publish": None,
-        "caller:publish jobs": "caller:POST /publish",
-        "consumer:process jobs": "caller:publish jobs",
-        "consumer:work": "consumer:process jobs",
+        **HANDLED,
         "consumer:GET callee /lookup": "consumer:work",  # named by the callee's answer
         "callee:GET /lookup": "consumer:GET callee /lookup",
     }
@@ -187,14 +183,8 @@ def test_a_message_is_handled_in_the_callers_trace(stack: Stack) -> None:
 def test_a_failing_consumer_is_marked_as_an_error(stack: Stack) -> None:
     key = f"{stack.mode}-fail-{secrets.token_hex(4)}"
     trace_id = publish(stack, key, fail=True)
-    expected = {
-        "caller:POST /publish": None,
-        "caller:publish jobs": "caller:POST /publish",
-        "consumer:process jobs": "caller:publish jobs",
-        "consumer:work": "consumer:process jobs",
-    }
-    trace = complete_trace(stack.services.client, trace_id, spans=len(expected))
-    assert tree(trace) == expected
+    trace = complete_trace(stack.services.client, trace_id, spans=len(HANDLED))
+    assert tree(trace) == HANDLED
     process = span_named(trace, "consumer:process jobs")
     assert process.status.status_code.value == "ERROR"
     assert process.attributes["error.type"] == "ValueError"

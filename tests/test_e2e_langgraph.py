@@ -13,28 +13,18 @@ which MLflow 3.17 cannot find there: every LangChain span came back flat under `
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import requests
 from mlflow import MlflowClient
 
-from tests.harness import Process, start_uvicorn
-from tests.helpers import children, complete_trace, wait_for
+from tests.harness import Process, Stack, start_uvicorn
+from tests.helpers import children, forecast_trace
 
 pytestmark = pytest.mark.e2e
 
 APP = "tests.apps.langgraph_agent"
-
-
-@dataclass
-class Stack:
-    client: MlflowClient
-    experiment: str
-    services: dict[str, Process]
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +47,8 @@ def stack(mlflow_server: Process, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 def _run(stack: Stack, service: str, path: str, *, spans: int) -> Any:
-    city = f"city{secrets.token_hex(4)}"
     url = stack.services[service].url + path
-    response = requests.post(url, json={"city": city}, timeout=60)
-    assert response.status_code == 200, response.text
-    assert response.json() == {"answer": f"Forecast: sunny in {city}"}
-
-    def found() -> list[Any]:
-        traces = stack.client.search_traces(locations=[stack.experiment], max_results=200)
-        return [t for t in traces if city in (t.info.request_preview or "")]
-
-    (trace,) = wait_for(found, f"a trace for {city}")
-    return complete_trace(stack.client, trace.info.trace_id, spans)
+    return forecast_trace(stack.client, stack.experiment, url, spans, timeout=60)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async", "wrapped"])

@@ -27,7 +27,7 @@ import requests
 from mlflow import MlflowClient
 
 from tests.harness import ROOT, Process, free_port, spawn, start_uvicorn, wait_ready
-from tests.helpers import as_mlflow_stores, service_tag, wait_for
+from tests.helpers import assert_filed_under, service_tag, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -112,9 +112,7 @@ def test_a_root_process_files_its_trace_under_its_session(
         return [t for t in traces if len(t.data.spans) == 3 and t.info.state.value == "OK"]
 
     (trace,) = wait_for(complete, timeout=30)
-    metadata = trace.info.trace_metadata
-    found = (metadata.get("mlflow.trace.session"), metadata.get("mlflow.trace.user"))
-    assert found == as_mlflow_stores("chat-42", "ana")
+    assert_filed_under(trace, "chat-42", "ana")
     (root,) = [span for span in trace.data.spans if span.parent_id is None]
     assert (root.attributes.get("session.id"), root.attributes.get("user.id")) == ("chat-42", "ana")
 
@@ -189,9 +187,7 @@ def test_a_chain_through_node_stays_the_roots_trace(
     assert info.state.value == "OK"
     # The trace's name is its root span's (MLflow 3.9 keeps no name tag from OTLP spans).
     assert info.tags.get("mlflow.traceName", "plan-trip") == "plan-trip"
-    metadata = info.trace_metadata
-    found = (metadata.get("mlflow.trace.session"), metadata.get("mlflow.trace.user"))
-    assert found == as_mlflow_stores("chat-42", "ana")
+    assert_filed_under(trace, "chat-42", "ana")
     (root,) = [span for span in trace.data.spans if span.parent_id is None]
     assert (root.name, root.attributes.get("service.name")) == ("plan-trip", "planner-script")
     # What cannot be controlled: MLflow turns each batch's resource attributes into trace tags,

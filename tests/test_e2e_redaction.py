@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 import requests
-from fastapi import FastAPI, Request
+from fastapi import Request
 from mlflow import MlflowClient
 
-from mlflow_trace_middleware import MlflowTracingMiddleware
+from tests.apps.service import traced_service
 from tests.harness import Process, start_uvicorn
 
 pytestmark = pytest.mark.e2e
@@ -68,13 +68,7 @@ COMPLETION_RESPONSE = {
 }
 
 # The service: `uvicorn tests.test_e2e_redaction:app`, default options.
-app = FastAPI()
-app.add_middleware(MlflowTracingMiddleware, exclude_paths={"/health"})
-
-
-@app.get("/health")
-async def health() -> dict[str, bool]:
-    return {"ok": True}
+app = traced_service(exclude_paths={"/health"})
 
 
 @app.post("/v1/chat/completions")

@@ -19,7 +19,7 @@ import requests
 from mlflow import MlflowClient
 
 from tests.harness import Process, start_uvicorn
-from tests.helpers import as_mlflow_stores, service_tag, wait_for
+from tests.helpers import assert_filed_under, service_tag, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -191,9 +191,7 @@ def test_sessions_and_users_reach_mlflows_trace_metadata(
         return complete(client, experiment_id, count=1, spans=2)
 
     (trace,) = wait_for(one)
-    metadata = trace.info.trace_metadata
-    found = (metadata.get("mlflow.trace.session"), metadata.get("mlflow.trace.user"))
-    assert found == as_mlflow_stores(*expected)
+    assert_filed_under(trace, *expected)
 
 
 IDENTITY_KEYS = ("session.id", "user.id")
@@ -249,9 +247,7 @@ def test_a_restarting_edge_files_no_trace_under_a_callers_baggage(
 
     # Per trace: 2 request spans, 2 handler spans and the edge's client span.
     (trace,) = wait_for(lambda: complete(client, experiment_id, count=1, spans=5))
-    metadata = trace.info.trace_metadata
-    found = (metadata.get("mlflow.trace.session"), metadata.get("mlflow.trace.user"))
-    assert found == as_mlflow_stores(*expected)
+    assert_filed_under(trace, *expected)
     # What the edge sent on is what the leaf, which trusts it, recorded from its baggage.
     (leaf,) = [s for s in trace.data.spans if s.name == "POST /work" and s.parent_id is not None]
     recorded = tuple(leaf.attributes.get(key) for key in IDENTITY_KEYS)
@@ -275,9 +271,7 @@ def test_an_identity_mlflow_would_refuse_loses_no_span(
     # Every span stored (MLflow 3.17 refused whole batches: 2 of 5 arrived), filed under
     # the user and no session.
     (trace,) = wait_for(lambda: complete(client, experiment_id, count=1, spans=5))
-    metadata = trace.info.trace_metadata
-    found = (metadata.get("mlflow.trace.session"), metadata.get("mlflow.trace.user"))
-    assert found == as_mlflow_stores(None, "ana")
+    assert_filed_under(trace, None, "ana")
     for span in trace.data.spans:
         assert "session.id" not in span.attributes
     assert "dropped a session.id of" in edge.output()

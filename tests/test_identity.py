@@ -122,20 +122,8 @@ def test_the_flask_middleware_records_identity_too(exporter: InMemoryExporter) -
 
 
 async def test_identity_from_headers_travels_on_in_baggage(exporter: InMemoryExporter) -> None:
-    app = FastAPI()
-    app.add_middleware(MlflowTracingMiddleware, identity_headers={"X-Session-Id": "session.id"})
-    downstream = httpx.AsyncClient(transport=AsyncTracingTransport(DOWNSTREAM))
-
-    @app.get("/chat")
-    async def chat() -> dict[str, str]:
-        await downstream.get("http://next.test/")
-        return {}
-
-    SENT.clear()
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
-        await client.get("/chat", headers={"X-Session-Id": "s3"})
-    (request,) = SENT
+    mapping = {"X-Session-Id": "session.id"}
+    _, request = await handled(exporter, {"X-Session-Id": "s3"}, identity_headers=mapping)
     assert request.headers["baggage"] == "session.id=s3"
 
 
@@ -174,10 +162,11 @@ def test_identity_headers_from_the_environment(
 # -- the trust policy decides over the caller's baggage, with or without a traceparent ---------
 
 
-async def recorded_and_sent(
+async def handled(
     exporter: InMemoryExporter, headers: dict[str, str], **options: Any
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """The identity on the request span and the baggage the handler's own call sends on."""
+) -> tuple[Any, httpx.Request]:
+    """`GET /chat` with `headers` to an app under the middleware with `options`: its request
+    span, and the request its handler sends on."""
     app = FastAPI()
     app.add_middleware(MlflowTracingMiddleware, **options)
     downstream = httpx.AsyncClient(transport=AsyncTracingTransport(DOWNSTREAM))
@@ -193,6 +182,14 @@ async def recorded_and_sent(
         assert (await client.get("/chat", headers=headers)).status_code == 200
     (span,) = [s for s in exporter.finished_spans() if s.name == "GET /chat"]
     (request,) = SENT
+    return span, request
+
+
+async def recorded_and_sent(
+    exporter: InMemoryExporter, headers: dict[str, str], **options: Any
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The identity on the request span and the baggage the handler's own call sends on."""
+    span, request = await handled(exporter, headers, **options)
     members = [m.split("=", 1) for m in request.headers.get("baggage", "").split(",") if m]
     sent = {unquote_plus(key): unquote_plus(value) for key, value in members}
     recorded = {key: span.attributes[key] for key in IDENTITY if key in span.attributes}

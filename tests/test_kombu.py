@@ -4,8 +4,6 @@ publishes, `SimpleQueue`, and the batch helper (`tests/test_e2e_kombu.py` runs r
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,7 +17,7 @@ from kombu.simple import SimpleQueue
 from opentelemetry.trace import SpanKind, StatusCode
 
 import mlflow_trace_middleware as mtm
-from mlflow_trace_middleware import _client, _config, _keys, _messaging, _patch, _trust
+from mlflow_trace_middleware import _client, _keys, _messaging, _patch
 from mlflow_trace_middleware import celery as celery_adapter
 from mlflow_trace_middleware import kombu as adapter
 from mlflow_trace_middleware.testing import InMemoryExporter
@@ -27,10 +25,17 @@ from tests.helpers import (
     PARENT_ID,
     TRACE_ID,
     TRACEPARENT,
+    Refusing,
+    assert_failed,
+    assert_only_signed_continued,
+    assert_restarted,
     by_unique_name,
     current_ids,
     hex_ids,
+    instrumented,
     member,
+    patched_on_import,
+    signing_key,
 )
 
 KEY = "kombu-unit-key"
@@ -72,12 +77,10 @@ class Broker:
 
 @pytest.fixture
 def broker(exporter: InMemoryExporter, trust: Any) -> Iterator[Broker]:
-    adapter.uninstrument()
-    adapter.instrument(trust=trust)
-    found = Broker()
-    yield found
-    found.close()
-    adapter.uninstrument()
+    with instrumented(adapter, trust=trust):
+        found = Broker()
+        yield found
+        found.close()
 
 
 # -- carriers ------------------------------------------------------------------------------------
@@ -178,8 +181,7 @@ def test_a_failed_publish_marks_its_span_and_raises(
     with mlflow.start_span("caller"), pytest.raises(OperationalError) as raised:
         Producer(connection).publish("b", routing_key="nowhere")
     producer = by_unique_name(exporter)["publish nowhere"]
-    assert producer.status.status_code == StatusCode.ERROR
-    assert producer.attributes["error.type"] == type(raised.value).__qualname__
+    assert_failed(producer, type(raised.value).__qualname__)
 
 
 def test_a_celery_delay_gives_exactly_one_producer_span(exporter: InMemoryExporter) -> None:
@@ -320,8 +322,7 @@ def test_a_failing_handler_marks_the_span_and_raises(
     with pytest.raises(ValueError, match="no value"):
         broker.drain()
     process = by_unique_name(exporter)[f"process {broker.exchange.name}"]
-    assert process.status.status_code == StatusCode.ERROR
-    assert process.attributes["error.type"] == "ValueError"
+    assert_failed(process, "ValueError")
     (event,) = process.events
     assert event.name == "exception"
     assert current_ids() is None
@@ -333,12 +334,8 @@ def test_an_untrusted_context_is_restarted(broker: Broker, exporter: InMemoryExp
     broker.publish(headers={"traceparent": TRACEPARENT, "baggage": "user.id=u1"})
     broker.drain()
     process = by_unique_name(exporter)[f"process {broker.exchange.name}"]
-    assert process.parent is None
-    assert hex_ids(process)[0] != TRACE_ID
-    assert process.attributes[_keys.RESTARTED_FROM] == TRACEPARENT
+    assert_restarted(process)
     assert process.attributes[_keys.TRACE_NAME] == f"process {broker.exchange.name}"
-    assert "user.id" not in process.attributes
-    assert [f"{link.context.span_id:016x}" for link in process.links] == [PARENT_ID]
 
 
 def test_trusted_baggage_gives_the_span_its_callers_identity(
@@ -351,23 +348,16 @@ def test_trusted_baggage_gives_the_span_its_callers_identity(
 
 
 def test_a_trust_callable_sees_the_destination_and_the_fields(exporter: InMemoryExporter) -> None:
-    seen: list[_trust.InboundRequest] = []
-
-    def policy(request: _trust.InboundRequest) -> bool:
-        seen.append(request)
-        return False
-
-    adapter.uninstrument()
-    adapter.instrument(trust=policy)
-    broker = Broker()
-    try:
-        broker.consumer(callbacks=[broker.record])
-        broker.publish(headers={"traceparent": TRACEPARENT})
-        broker.drain()
-    finally:
-        broker.close()
-        adapter.uninstrument()
-    (request,) = seen
+    policy = Refusing()
+    with instrumented(adapter, trust=policy):
+        broker = Broker()
+        try:
+            broker.consumer(callbacks=[broker.record])
+            broker.publish(headers={"traceparent": TRACEPARENT})
+            broker.drain()
+        finally:
+            broker.close()
+    (request,) = policy.seen
     assert request.path == broker.exchange.name
     assert request.client is None
     assert request.headers == {"traceparent": TRACEPARENT}
@@ -378,22 +368,28 @@ def test_a_trust_callable_sees_the_destination_and_the_fields(exporter: InMemory
 def test_with_a_signing_key_only_signed_context_is_continued(
     broker: Broker, exporter: InMemoryExporter
 ) -> None:
-    before = _config.get_settings()
-    mtm.configure(signing_key=KEY)
-    try:
+    with signing_key(KEY):
         broker.consumer(callbacks=[broker.record])
         for keys in ([], [KEY.encode()]):
             broker.publish(headers={"traceparent": TRACEPARENT, "tracestate": member(keys)})
             broker.drain()
-    finally:
-        _config.install(before)
-    first, second = [s for s in exporter.finished_spans() if s.name.startswith("process ")]
-    assert first.attributes[_keys.RESTARTED_FROM] == TRACEPARENT
-    assert hex_ids(second)[0] == TRACE_ID
-    assert second.attributes[_keys.EXPERIMENT] == "7"
+    spans = exporter.finished_spans()
+    assert_only_signed_continued(*[s for s in spans if s.name.startswith("process ")])
 
 
 # -- SimpleQueue and batches ---------------------------------------------------------------------
+
+
+def handled(consuming: Any, exporter: InMemoryExporter, name: str) -> Any:
+    """Work (a `handle` span) done in a `with consuming` block, its span current there: that
+    span (`name`), found to be the work's parent."""
+    with consuming as span:
+        assert current_ids() == hex_ids(span)
+        with mlflow.start_span("handle"):
+            pass
+    spans = by_unique_name(exporter)
+    assert spans["handle"].parent.span_id == spans[name].context.span_id
+    return spans[name]
 
 
 def test_a_simple_queue_get_is_handled_under_consume(
@@ -403,14 +399,8 @@ def test_a_simple_queue_get_is_handled_under_consume(
     broker.publish(headers=CONTEXT)
     message = simple.get(timeout=1)
     assert exporter.finished_spans() == []  # buffering it is not handling it
-    with adapter.consume(message) as span:
-        assert current_ids() == hex_ids(span)
-        with mlflow.start_span("handle"):
-            pass
-    spans = by_unique_name(exporter)
-    process = spans[f"process {broker.exchange.name}"]
+    process = handled(adapter.consume(message), exporter, f"process {broker.exchange.name}")
     assert f"{process.parent.span_id:016x}" == PARENT_ID
-    assert spans["handle"].parent.span_id == process.context.span_id
     simple.close()
 
 
@@ -450,15 +440,11 @@ def test_a_batch_gets_one_span_with_a_link_per_message_with_context(
     producers = [s for s in exporter.finished_spans() if s.kind == SpanKind.PRODUCER]
     exporter.clear()
     with mlflow.start_span("batch-job") as job:
-        with adapter.consume_batch(messages) as span:
-            assert current_ids() == hex_ids(span)
-            with mlflow.start_span("handle"):
-                pass
-    spans = by_unique_name(exporter)
-    batch = spans[f"process {broker.exchange.name}"]
+        batch = handled(
+            adapter.consume_batch(messages), exporter, f"process {broker.exchange.name}"
+        )
     assert batch.kind == SpanKind.CONSUMER
     assert f"{batch.parent.span_id:016x}" == job.span_id  # under the current span
-    assert spans["handle"].parent.span_id == batch.context.span_id
     assert [link.context.span_id for link in batch.links] == [p.context.span_id for p in producers]
     assert [link.context.trace_id for link in batch.links] == [
         p.context.trace_id for p in producers
@@ -528,19 +514,7 @@ def test_uninstrument_restores_producer_and_consumer() -> None:
 
 
 def test_instrument_before_kombu_is_imported_patches_it_when_it_is() -> None:
-    script = (
-        "import sys\n"
-        "from mlflow_trace_middleware import kombu as adapter\n"
-        "adapter.instrument()\n"
-        "assert 'kombu' not in sys.modules\n"
-        "from kombu import Producer\n"
-        "from mlflow_trace_middleware import _patch\n"
-        "print(_patch.patched(Producer, 'publish'))\n"
-    )
-    output = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True
-    ).stdout
-    assert output.strip() == "True"
+    assert patched_on_import("kombu", "kombu", "from kombu import Producer", "Producer", "publish")
 
 
 def test_instrument_switches_kombu_on() -> None:

@@ -257,9 +257,11 @@ def _mcp_targets() -> list[tuple[Any, str]]:
 
 
 def _grpc_targets() -> list[tuple[Any, str]]:
+    import grpc
+
     from mlflow_trace_middleware import grpc as adapter
 
-    return [(owner, name) for owner, name, _ in adapter._patches()]
+    return [(owner, name) for owner, name, _ in adapter._to_patch(grpc)]
 
 
 def _grpc_call() -> None:

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
 from pydantic import BaseModel
 
-from mlflow_trace_middleware import MlflowTracingMiddleware
 from tests.apps import celery_tasks
+from tests.apps.service import traced_service
 
-app = FastAPI()
-app.add_middleware(MlflowTracingMiddleware)
+app = traced_service()
 
 
 class Enqueue(BaseModel):
@@ -41,8 +39,3 @@ def enqueue(body: Enqueue) -> dict[str, str]:
 @app.get("/lookup")
 def lookup(key: str) -> dict[str, str]:
     return {"value": f"value of {key}"}
-
-
-@app.get("/health")
-def health() -> dict[str, str]:
-    return {"status": "ok"}

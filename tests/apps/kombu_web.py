@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 
 import aio_pika
-from fastapi import FastAPI
 from kombu import Connection, Exchange
 from pydantic import BaseModel
 
-from mlflow_trace_middleware import MlflowTracingMiddleware
+from tests.apps.service import traced_service
 
-app = FastAPI()
-app.add_middleware(MlflowTracingMiddleware)
+app = traced_service()
 EXCHANGE = "jobs"
 
 
@@ -51,8 +49,3 @@ async def publish(body: Publish) -> dict[str, str]:
 @app.get("/lookup")
 def lookup(key: str) -> dict[str, str]:
     return {"value": f"value of {key}"}
-
-
-@app.get("/health")
-def health() -> dict[str, str]:
-    return {"status": "ok"}

@@ -34,9 +34,14 @@ HEADERS = ("traceparent", "tracestate", "baggage")
 UNTRACED = {"/health", "/received"}
 
 
-def _recorder(app: FastAPI) -> dict[str, list[dict[str, list[str]]]]:
-    """Adds `/health` and `/received` to `app`; returns the calls received, by marker."""
-    received: dict[str, list[dict[str, list[str]]]] = {}
+Calls = dict[str, list[dict[str, list[str]]]]  # the headers of each call, by marker
+
+
+def _service() -> tuple[FastAPI, Calls]:
+    """An LLM service with the middleware, `/health` and `/received`; the calls it receives."""
+    app = FastAPI()
+    app.add_middleware(MlflowTracingMiddleware, exclude_paths=UNTRACED)
+    received: Calls = {}
 
     @app.get("/health")
     async def health() -> dict[str, bool]:
@@ -46,12 +51,20 @@ def _recorder(app: FastAPI) -> dict[str, list[dict[str, list[str]]]]:
     async def calls(marker: str) -> list[dict[str, list[str]]]:
         return received.get(marker, [])
 
-    return received
+    return app, received
 
 
-def _record(received: dict[str, list[dict[str, list[str]]]], request: Request, marker: str) -> None:
+async def _answer(received: Calls, request: Request) -> tuple[Any, str, str]:
+    """A call's body and marker (its headers recorded under it), and the answer, made in the
+    handler's `generate` span."""
+    body = await request.json()
+    marker = _last_user_text(body["messages"])
     headers = {name: request.headers.getlist(name) for name in HEADERS}
     received.setdefault(marker, []).append(headers)
+    with mlflow.start_span("generate") as span:
+        answer = f"echo: {marker}"
+        span.set_outputs(answer)
+    return body, marker, answer
 
 
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -80,19 +93,12 @@ def _sse(events: list[str]) -> StreamingResponse:
 
 # --- OpenAI: chat completions --------------------------------------------------------------
 
-openai_app = FastAPI()
-openai_app.add_middleware(MlflowTracingMiddleware, exclude_paths=UNTRACED)
-_openai_calls = _recorder(openai_app)
+openai_app, _openai_calls = _service()
 
 
 @openai_app.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Any:
-    body = await request.json()
-    marker = _last_user_text(body["messages"])
-    _record(_openai_calls, request, marker)
-    with mlflow.start_span("generate") as span:
-        answer = f"echo: {marker}"
-        span.set_outputs(answer)
+    body, marker, answer = await _answer(_openai_calls, request)
     base = {"id": f"chatcmpl-{marker}", "created": int(time.time()), "model": body["model"]}
     if not body.get("stream"):
         return {
@@ -122,19 +128,12 @@ async def chat_completions(request: Request) -> Any:
 
 # --- Anthropic: messages -------------------------------------------------------------------
 
-anthropic_app = FastAPI()
-anthropic_app.add_middleware(MlflowTracingMiddleware, exclude_paths=UNTRACED)
-_anthropic_calls = _recorder(anthropic_app)
+anthropic_app, _anthropic_calls = _service()
 
 
 @anthropic_app.post("/v1/messages")
 async def messages(request: Request) -> Any:
-    body = await request.json()
-    marker = _last_user_text(body["messages"])
-    _record(_anthropic_calls, request, marker)
-    with mlflow.start_span("generate") as span:
-        answer = f"echo: {marker}"
-        span.set_outputs(answer)
+    body, marker, answer = await _answer(_anthropic_calls, request)
     message = {
         "id": f"msg_{marker}",
         "type": "message",

@@ -10,17 +10,11 @@ import os
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import Request
 
-from mlflow_trace_middleware import MlflowTracingMiddleware
+from tests.apps.service import traced_service
 
-app = FastAPI()
-app.add_middleware(MlflowTracingMiddleware, exclude_paths={"/health"})
-
-
-@app.get("/health")
-async def health() -> dict[str, bool]:
-    return {"ok": True}
+app = traced_service(exclude_paths={"/health"})
 
 
 @app.post("/work")
