@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from types import TracebackType
 from typing import Any
 
 from opentelemetry import trace
@@ -93,7 +92,7 @@ def publish(name: str, attributes: dict[str, Any]) -> tuple[_client.ClientCall, 
     return _client.start_message(name, attributes, SpanKind.PRODUCER)
 
 
-class Consuming:
+class Consuming(_client.SpanBlock):
     """A CONSUMER span, current from construction until `end` (or the `with` block's end);
     an exception that leaves the block marks it an error and goes on. Without a span (tracing
     failed) a block that records nothing."""
@@ -121,12 +120,7 @@ class Consuming:
     def __enter__(self) -> trace.Span:
         return self.span or trace.INVALID_SPAN
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def leave(self, error: BaseException | None) -> None:
         self.end(error)
 
 
