@@ -217,6 +217,8 @@ class SpanSink:
             self._wake.set()
 
     def _claim(self, span: EncodedSpan, experiment_id: str | None) -> None:
+        """Hand a claim to the lane, if spans and claims held leave room for it, and wake the
+        worker: it posts the claims at once."""
         size = len(span.data)
         with self._lock:
             claims = self._claims
@@ -563,9 +565,11 @@ class SpanSink:
         with self._lock:
             if self._batch_epoch != self._epoch:
                 return
-            if claims is None:
-                self._in_flight -= len(keep)
-            (claims.items if claims else self._queue).extendleft(reversed(keep))  # same order
+            if claims is not None:
+                claims.items.extendleft(reversed(keep))  # ahead of newer claims
+                return
+            self._in_flight -= len(keep)
+            self._queue.extendleft(reversed(keep))  # keep submission order
 
     def _summarize(self, force: bool = False) -> None:
         """Log drops since the last summary, at most once per `summary_interval` (or at exit)."""
