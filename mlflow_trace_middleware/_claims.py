@@ -45,24 +45,21 @@ def call_started(ids: SpanContext, span: trace.Span | None, path: str, host: Hos
     """An HTTP call to `host` left under `ids`: claim the trace if it was rooted here, no call
     claimed it yet and this one may (`wanted`). `span`: the call's span if ours, None for a
     span the caller made itself (an autolog's, whose `traceparent` it set)."""
-    processor = _mlflow.processor()
-    if processor is None or not processor.unclaimed(ids.trace_id):  # most calls: one look-up
+    if not _mlflow.unclaimed(ids.trace_id):  # most calls
         return
     if (span is None or isinstance(span, LeanSpan)) and wanted(path, host):
-        _claim(processor, ids, span)
+        _claim(ids, span)
 
 
 def message_started(span: trace.Span) -> None:
     """A message of a protocol carrying its own context (MCP, Celery) left in `span`: its
     destination is no MLflow server, so only "always" claims."""
-    processor = _mlflow.processor()
     if (
         isinstance(span, LeanSpan)
-        and processor is not None
-        and processor.unclaimed(span.context.trace_id)
+        and _mlflow.unclaimed(span.context.trace_id)
         and _config.get_settings().claims == "always"
     ):
-        _claim(processor, span.context, span)
+        _claim(span.context, span)
 
 
 def answered(host: Host, ours: bool) -> None:
@@ -76,11 +73,14 @@ def answered(host: Host, ours: bool) -> None:
         _ours[host] = None
 
 
-def _claim(processor: _mlflow.SinkSpanProcessor, call: SpanContext, span: LeanSpan | None) -> None:
+def _claim(call: SpanContext, span: LeanSpan | None) -> None:
     """Post a placeholder of the call's span, once per trace: its ids and parent, zero length, no
     attributes but the service, to the root's experiment; the span replaces it when it ends
     (MLflow's stores upsert spans by trace and span id). `span` None: the caller's own MLflow
     span, looked up open in MLflow's trace manager."""
+    processor = _mlflow.processor()
+    if processor is None:
+        return
     taken, experiment = processor.take_unclaimed(call.trace_id)
     if not taken:  # another call of the trace was first
         return

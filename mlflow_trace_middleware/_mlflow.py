@@ -180,11 +180,6 @@ class SinkSpanProcessor(SpanProcessor):
         """The attributes every span gets (the service name)."""
         return self._extra(None)
 
-    def unclaimed(self, otel_trace_id: int) -> bool:
-        """Whether the trace was rooted here and no outgoing call has claimed it yet (`_claims`):
-        request spans and SDK spans with no parent at all, forgotten with their segment."""
-        return otel_trace_id in self._unclaimed
-
     def take_unclaimed(self, otel_trace_id: int) -> tuple[bool, str | None]:
         """Mark the trace claimed: whether it still was unclaimed, and its experiment."""
         with self._lock:
@@ -502,6 +497,14 @@ def open_span(span_context: SpanContext) -> SdkSpan | None:
 def processor() -> SinkSpanProcessor | None:
     """The installed processor, if any."""
     return _processor
+
+
+def unclaimed(otel_trace_id: int) -> bool:
+    """Whether the trace was rooted here and no outgoing call has claimed it yet (`_claims`):
+    request spans and SDK spans with no parent at all, forgotten with their segment. One set
+    look-up, no lock: it is asked on every call."""
+    processor = _processor
+    return processor is not None and otel_trace_id in processor._unclaimed
 
 
 def current_context() -> Context | None:

@@ -65,10 +65,10 @@ class ClaimLane:
 
     The sink's worker posts them before any span, in POSTs of their own, newest first: a
     placeholder must reach the server before the span it stands for, and never in one batch
-    with finished spans. They are not spans: the sink's counters never hold them (`posted`
-    does), they take room only from each other, and one that finds no room (the spans and
-    claims held fill a bound) or fails loses nothing: its span follows when it ends. A failure
-    is logged: the trace may then be filed under a callee's experiment.
+    with finished spans. They are not spans: the sink's counters and the spans' bounds never
+    hold them (`posted` counts them); one that finds no room (the spans and claims held fill a
+    bound) or fails loses nothing: its span follows when it ends. A failure is logged: the
+    trace may then be filed under a callee's experiment.
     """
 
     __slots__ = ("bytes", "held", "items", "posted")
