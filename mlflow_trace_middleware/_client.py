@@ -20,6 +20,7 @@ from opentelemetry.semconv.attributes import http_attributes, server_attributes,
 from opentelemetry.trace import SpanKind
 
 from . import (
+    _claims,
     _config,
     _identity,
     _keys,
@@ -49,7 +50,25 @@ def outer_call_running() -> bool:
     return _in_call.get()
 
 
-class ClientCall:
+class SpanBlock:
+    """The `with` block around one span's work: `leave(error)` gets the exception that left
+    it, if any (`ClientCall`, and the message core's `Consuming`)."""
+
+    __slots__ = ()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.leave(error)
+
+    def leave(self, error: BaseException | None) -> None:
+        raise NotImplementedError
+
+
+class ClientCall(SpanBlock):
     """One outgoing request: the headers sent and, when the parent records, a client span.
 
     `with call:` marks the call as running (an inner patched transport then stays out) and
@@ -74,12 +93,7 @@ class ClientCall:
         self._token = _in_call.set(True)
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def leave(self, error: BaseException | None) -> None:
         if self._token is not None:
             _in_call.reset(self._token)
         if error is not None:
@@ -95,7 +109,7 @@ class ClientCall:
             value = headers.get(_propagation.CALLEE) if _propagation.CALLEE in headers else None
             callee = _propagation.parse_callee(value) if value is not None else None
             if self._host is not None:
-                _learn(self._host, callee is not None)
+                _claims.answered(self._host, callee is not None)
             span = self.span
             if callee is None or span is None or not span.is_recording():
                 return
@@ -175,19 +189,19 @@ def start(
             return None
         _runtime.activate()
         host = (url[1].lower(), url[2] or DEFAULT_PORTS.get(url[0])) if allowed else None
-        claims = host is not None and _claims(url[3], host)
-        if allowed and (theirs := _instrumented_by_caller(headers, parent_ids)) is not None:
-            if claims:
-                _mlflow.claim(theirs)
-            return _complete(theirs, parent_context, headers, host, runtime)
+        if host is not None:  # allowed
+            theirs = _instrumented_by_caller(headers, parent_ids)
+            if theirs is not None:
+                _claims.call_started(theirs, None, url[3], host)
+                return _complete(theirs, parent_context, headers, host, runtime)
         span: trace.Span | None = None
         ids = parent_ids
         if parent.is_recording():
             name, attributes = _span_fields(method, url, allowed)
             span = _mlflow.start_child(name, parent_context, parent_ids, attributes)
             ids = span.get_span_context()
-            if claims and isinstance(span, _spans.LeanSpan):
-                _mlflow.claim(ids, span)
+            if host is not None:
+                _claims.call_started(ids, span, url[3], host)
         sent = _sent(ids, parent_context, runtime) if allowed else {}
         for name, value in sent.items():  # cheaper than update() for httpx.Headers
             headers[name] = value
@@ -217,36 +231,6 @@ def _active_parent() -> tuple[Context | None, trace.Span] | None:
     return _identity.with_global_baggage(parent_context), parent
 
 
-_GATEWAY_PATH = "/gateway/"  # MLflow's AI Gateway routes (`/gateway/<endpoint>/...`)
-# Hosts whose last answer said they continued our context with this package (insertion order:
-# the oldest is forgotten first). A claim is never needed for them.
-_ours: dict[tuple[str, int | None], None] = {}
-MAX_KNOWN_HOSTS = 1024
-
-
-def _claims(path: str, host: tuple[str, int | None]) -> bool:
-    """Whether a call may claim its trace (`MLFLOW_TRACE_CLAIMS`): "auto" claims calls that can
-    reach a callee writing into the trace on its own: any host not known to run this package
-    (the MLflow server's AI Gateway; a service in another language, exporting with its own
-    experiment), and AI Gateway paths behind any host. Hosts are known from their answers
-    (`ClientCall.answered`). A claim costs the tracking server one POST, once per trace."""
-    settings = _config.get_settings()
-    if settings.claims != "auto":
-        return settings.claims == "always"
-    # The tracking server (its AI Gateway) never answers as ours: it is always claimed.
-    return path.startswith(_GATEWAY_PATH) or host not in _ours
-
-
-def _learn(host: tuple[str, int | None], ours: bool) -> None:
-    """Remember `host` as running this package, or forget it (redeployed as something else)."""
-    if not ours:
-        _ours.pop(host, None)
-    elif host not in _ours:
-        if len(_ours) >= MAX_KNOWN_HOSTS:
-            _ours.pop(next(iter(_ours)), None)
-        _ours[host] = None
-
-
 def start_message(
     name: str, attributes: dict[str, Any], kind: SpanKind = SpanKind.CLIENT
 ) -> tuple[ClientCall, Context] | None:
@@ -262,9 +246,7 @@ def start_message(
         span: trace.Span | None = None
         if parent.is_recording():
             span = _mlflow.start_span(name, parent_context, kind, attributes)
-            # An MCP server is no MLflow server: only "always" claims (see `_claims`).
-            if _config.get_settings().claims == "always" and isinstance(span, _spans.LeanSpan):
-                _mlflow.claim(span.context, span)
+            _claims.message_started(span)
         context = trace.set_span_in_context(span or parent, parent_context)
         sent = _sent((span or parent).get_span_context(), parent_context)
         return ClientCall(span, sent), context
@@ -333,7 +315,7 @@ def _span_fields(method: str, url: Destination, allowed: bool) -> tuple[str, dic
         }
         if not allowed:
             attributes[_keys.PROPAGATION] = "blocked"
-        if len(_origins) >= MAX_KNOWN_HOSTS:
+        if len(_origins) >= _MAX_ORIGINS:
             _origins.clear()
         fields = _origins[key] = (f"{method} {authority}", f"{scheme}://{authority}", attributes)
     name, origin, attributes = fields
@@ -346,6 +328,7 @@ def _span_fields(method: str, url: Destination, allowed: bool) -> tuple[str, dic
 
 
 # (method, scheme, host, port, allowed) -> (span name, "scheme://authority", attributes).
+_MAX_ORIGINS = 1024
 _origins: dict[tuple[str, str, str, int | None, bool], tuple[str, str, dict[str, Any]]] = {}
 
 

@@ -10,7 +10,6 @@ follow OpenTelemetry's messaging conventions (messaging/messaging-spans.md, rabb
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 
 from opentelemetry import trace
@@ -135,7 +134,7 @@ def send(call: _client.ClientCall, context: Context, publish: Callable[[], T]) -
     return result
 
 
-class Consuming:
+class Consuming(_client.SpanBlock):
     """A CONSUMER span, current from construction until `end` (or the `with` block's end);
     an exception that leaves the block marks it an error and goes on. Without a span (tracing
     failed) a block that records nothing."""
@@ -163,12 +162,7 @@ class Consuming:
     def __enter__(self) -> trace.Span:
         return self.span or trace.INVALID_SPAN
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def leave(self, error: BaseException | None) -> None:
         self.end(error)
 
 

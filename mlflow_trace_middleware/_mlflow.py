@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import _Span as _SdkSpan
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode
 
 from . import _config, _identity, _log, _spans
 from ._encoding import Recorded, encode_span, recorded, snapshot
@@ -172,34 +172,21 @@ class SinkSpanProcessor(SpanProcessor):
             cached = self._service = {SERVICE_NAME: name}
         return cached
 
-    def claim(self, call: SpanContext, span: LeanSpan | None) -> None:
-        """The first call of a trace rooted here is leaving: post a placeholder of its span now.
+    @property
+    def sink(self) -> SpanSink:
+        return self._sink
 
-        Whoever writes a trace first fixes its experiment on the MLflow server, and a callee
-        that reports to MLflow itself (the AI Gateway writes its `gateway/<endpoint>` span
-        into the caller's trace while the call runs) would otherwise be first. The placeholder
-        (`EncodedSpan.claim`) goes to the front of the sink's queue and the worker posts it
-        at once; the span replaces it when it ends. `span` is ours, or None for a caller's
-        own MLflow span (an autolog's), looked up open in MLflow's trace manager.
-        """
-        trace_id = call.trace_id
-        if trace_id not in self._unclaimed:  # most calls: one set look-up, no lock
-            return
+    def service_attributes(self) -> dict[str, str]:
+        """The attributes every span gets (the service name)."""
+        return self._extra(None)
+
+    def take_unclaimed(self, otel_trace_id: int) -> tuple[bool, str | None]:
+        """Mark the trace claimed: whether it still was unclaimed, and its experiment."""
         with self._lock:
-            if trace_id not in self._unclaimed:
-                return
-            self._unclaimed.discard(trace_id)
-            experiment = self._experiments.get(trace_id)
-        try:
-            placeholder = span if span is not None else _open_span(call)
-            if placeholder is None:
-                return
-            encoded = encode_span(placeholder, _NOTHING, self._extra(None))
-        except Exception:
-            _log.internal_error("trace claim")
-            return
-        encoded.claim = True
-        self._sink.submit(encoded, experiment)
+            if otel_trace_id not in self._unclaimed:
+                return False, None
+            self._unclaimed.discard(otel_trace_id)
+            return True, self._experiments.get(otel_trace_id)
 
     def experiment_of(self, otel_trace_id: int) -> str | None:
         return self._experiments.get(otel_trace_id)
@@ -296,9 +283,6 @@ class SinkSpanProcessor(SpanProcessor):
         self.on_start(shadow)
         span.adopt(shadow)
         return shadow
-
-
-_NOTHING: Recorded = ({}, (), (), Status(StatusCode.UNSET))  # a placeholder's state
 
 
 class _SinkQueue:
@@ -497,10 +481,11 @@ def start_child(
 def is_open(span_context: SpanContext) -> bool:
     """Whether an MLflow span (an SDK span registered in MLflow's trace manager) with these ids
     is open in this process. Ended spans are dropped from the manager (`_forget_span`)."""
-    return _open_span(span_context) is not None
+    return open_span(span_context) is not None
 
 
-def _open_span(span_context: SpanContext) -> SdkSpan | None:
+def open_span(span_context: SpanContext) -> SdkSpan | None:
+    """The open MLflow span with these ids, if MLflow's trace manager holds it."""
     manager = InMemoryTraceManager.get_instance()
     with manager._lock:
         trace_id = manager._otel_id_to_mlflow_trace_id.get(span_context.trace_id)
@@ -509,11 +494,17 @@ def _open_span(span_context: SpanContext) -> SdkSpan | None:
     return live._span if live is not None else None
 
 
-def claim(call: SpanContext, span: LeanSpan | None = None) -> None:
-    """`SinkSpanProcessor.claim` on the installed processor."""
+def processor() -> SinkSpanProcessor | None:
+    """The installed processor, if any."""
+    return _processor
+
+
+def unclaimed(otel_trace_id: int) -> bool:
+    """Whether the trace was rooted here and no outgoing call has claimed it yet (`_claims`):
+    request spans and SDK spans with no parent at all, forgotten with their segment. One set
+    look-up, no lock: it is asked on every call."""
     processor = _processor
-    if processor is not None:
-        processor.claim(call, span)
+    return processor is not None and otel_trace_id in processor._unclaimed
 
 
 def current_context() -> Context | None:

@@ -50,7 +50,7 @@ _TRACESTATE_MEMBER = re.compile(f"({_KEY})=({_VALUE})")
 # The response header a traced service answers a caller whose context it continued with:
 # `<service name, percent-encoded>[ <route template>]` (as W3C Trace Context level 2's
 # `traceresponse` answers with ids). The caller names its client span after it (`POST
-# sql-agent /query`) and learns that calls to that host need no claim (`_client._claims`).
+# sql-agent /query`) and learns that calls to that host need no claim (`_claims.wanted`).
 CALLEE = "mlflow-callee"
 _CALLEE_VALUE = re.compile(r"([\x21-\x7e]{1,128})(?: (/[\x21-\x7e]{0,255}))?")
 

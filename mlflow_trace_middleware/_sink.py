@@ -12,6 +12,9 @@ Contract (docs/delivery.md, docs/architecture.md):
 - a retryable failure keeps the batch (up to `max_retry_time`); a batch the server rejects as
   malformed or too large is split to isolate the bad spans;
 - a forked child starts with an empty queue and starts its own worker lazily.
+
+Claims (placeholders, `EncodedSpan.claim`: docs/architecture.md, "Claims") are not spans: they
+wait in a lane of their own (`ClaimLane`), which the worker posts before any span.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
+from collections.abc import Sequence
 from typing import Any, Final
 
 from . import _log
@@ -30,17 +34,15 @@ from ._encoding import EncodedSpan, Scope, Snapshot, encode_snapshot, snapshot_s
 from ._export import Exporter, ExportResult, SinkStats
 
 # A queued span: (encoded bytes, scope, experiment id, size, monotonic time of the first failed
-# attempt or 0.0, whether it is its trace's root, whether it is a claim). A plain tuple of atoms
-# on purpose: the garbage collector untracks it at its first young collection, so a full queue
-# costs nothing.
-_Item = tuple[bytes, Scope, "str | None", int, float, bool, bool]
+# attempt or 0.0, whether it is its trace's root). A plain tuple of atoms on purpose: the garbage
+# collector untracks it at its first young collection, so a full queue costs nothing.
+_Item = tuple[bytes, Scope, "str | None", int, float, bool]
 _SPAN: Final = 0
 _SCOPE: Final = 1
 _EXPERIMENT: Final = 2
 _SIZE: Final = 3
 _SINCE: Final = 4
 _ROOT: Final = 5
-_CLAIM: Final = 6
 
 # A finished span not encoded yet: its experiment id, its size as `snapshot_size` estimates it,
 # then its snapshot's fields. One flat tuple of atoms, like `_Item` (a nested one would stay
@@ -56,6 +58,49 @@ _BACKOFF_BASE = 0.25
 _BACKOFF_CAP = 4.0
 _RETRY_AFTER_CAP = 30.0
 _MAX_SPLITS = 32  # per experiment group and attempt: isolates a few bad spans, not 512
+
+
+class ClaimLane:
+    """Claims waiting to be posted (docs/architecture.md, "Claims"); the sink's lock guards it.
+
+    The sink's worker posts them before any span, in POSTs of their own, newest first: a
+    placeholder must reach the server before the span it stands for, and never in one batch
+    with finished spans. They are not spans: the sink's counters and the spans' bounds never
+    hold them (`posted` counts them); one that finds no room (the spans and claims held fill a
+    bound) or fails loses nothing: its span follows when it ends. A failure is logged: the
+    trace may then be filed under a callee's experiment.
+    """
+
+    __slots__ = ("bytes", "held", "items", "posted")
+
+    def __init__(self) -> None:
+        self.items: deque[_Item] = deque()  # waiting, newest first
+        self.held = 0  # waiting or being posted
+        self.bytes = 0  # their sizes
+        self.posted = 0
+
+    def add(self, span: EncodedSpan, experiment_id: str | None) -> None:
+        size = len(span.data)
+        self.items.appendleft((span.data, span.scope, experiment_id, size, 0.0, span.root))
+        self.held += 1
+        self.bytes += size
+
+    def settle(self, items: Sequence[_Item], result: ExportResult) -> None:
+        self.held -= len(items)
+        self.bytes -= sum(item[_SIZE] for item in items)
+        if result.delivered:
+            self.posted += len(items)
+        else:
+            _log.warn_limited(
+                "claim_failed",
+                "mlflow-trace-middleware: a trace could not be claimed (%s); its spans follow, "
+                "but a callee that writes to MLflow itself may file it first",
+                result.reason,
+            )
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.held = self.bytes = 0
 
 
 class SpanSink:
@@ -89,8 +134,7 @@ class SpanSink:
         self._held_bytes = 0  # queued and in flight
         self._produced = 0
         self._exported = 0
-        self._claims = 0  # posted
-        self._claims_held = 0  # queued or in flight
+        self._claims = ClaimLane()
         self._requests = 0
         self._dropped: Counter[str] = Counter()
         self._reported: Counter[str] = Counter()
@@ -127,20 +171,17 @@ class SpanSink:
     # -- producer side (request path) -----------------------------------------------------
 
     def submit(self, span: EncodedSpan, experiment_id: str | None = None) -> None:
-        """Queue one finished span. Never blocks on I/O, never raises.
-
-        A claim (`EncodedSpan.claim`: the placeholder that makes the server file its trace
-        under `experiment_id` before anyone else writes to it) goes to the front of the queue,
-        wakes the worker, and is posted without finished spans: one POST must not hold both a
-        placeholder and the span it stands for."""
-        claim = span.claim
+        """Queue one finished span, or a claim (`EncodedSpan.claim`, `ClaimLane`: the worker is
+        woken to post it at once). Never blocks on I/O, never raises."""
+        if span.claim:
+            self._claim(span, experiment_id)
+            return
         with self._lock:
-            if not claim:
-                self._produced += 1
+            self._produced += 1
             drop = self._admit(span, experiment_id)
             worker = self._new_worker()
-            # Once per full batch (or claim): setting an Event takes its lock and wakes a thread.
-            wake = (claim or len(self._queue) >= self._max_batch) and not self._wake.is_set()
+            # Once per full batch: setting an Event takes its lock and wakes a thread.
+            wake = len(self._queue) >= self._max_batch and not self._wake.is_set()
         if worker is not None:
             self._start_worker(worker)
         if wake:
@@ -188,10 +229,29 @@ class SpanSink:
         if len(raw) >= self._max_batch and not self._wake.is_set():
             self._wake.set()
 
+    def _claim(self, span: EncodedSpan, experiment_id: str | None) -> None:
+        """Hand a claim to the lane, if spans and claims held leave room for it, and wake the
+        worker: it posts the claims at once."""
+        size = len(span.data)
+        with self._lock:
+            claims = self._claims
+            if (
+                self._closing
+                or size > self._max_batch_bytes
+                or len(self._queue) + self._in_flight + claims.held >= self._max_queue
+                or self._held_bytes + claims.bytes + size > self._max_queue_bytes
+            ):
+                return  # skipped, not counted: its span follows
+            claims.add(span, experiment_id)
+            worker = self._new_worker()
+        if worker is not None:
+            self._start_worker(worker)
+        if not self._wake.is_set():
+            self._wake.set()
+
     def _admit(self, span: EncodedSpan, experiment_id: str | None) -> str:
         """Queue `span` (the lock held); the reason it was dropped, counted, or ""."""
         data = span.data
-        claim = span.claim
         size = len(data)
         if self._closing:
             drop = "shutdown"
@@ -203,15 +263,8 @@ class SpanSink:
         ):
             drop = "queue_full"
         else:
-            item = (data, span.scope, experiment_id, size, 0.0, span.root, claim)
-            if claim:
-                self._queue.appendleft(item)
-                self._claims_held += 1
-            else:
-                self._queue.append(item)
+            self._queue.append((data, span.scope, experiment_id, size, 0.0, span.root))
             self._held_bytes += size
-            return ""
-        if claim:  # nothing is lost: the span follows (and is counted) when it ends
             return ""
         self._dropped[drop] += 1
         return drop
@@ -343,9 +396,10 @@ class SpanSink:
                 self._raw.popleft()
             self._raw_bytes = 0
             self._produced += raw
-            held = len(self._queue) + self._in_flight - self._claims_held + raw + self._encoding
+            held = len(self._queue) + self._in_flight + raw + self._encoding
             self._queue.clear()
-            self._in_flight = self._held_bytes = self._claims_held = self._encoding = 0
+            self._claims.clear()
+            self._in_flight = self._held_bytes = self._encoding = 0
             self._epoch += 1
             if held:
                 self._dropped["shutdown_timeout"] += held
@@ -364,12 +418,12 @@ class SpanSink:
                 requests=self._requests,
                 dropped=dict(self._dropped),
                 internal_errors=_log.internal_errors(),
-                claims=self._claims,
+                claims=self._claims.posted,
             )
 
     def _pending(self) -> int:
         """Spans queued, in flight or being encoded (the lock held), not those in `_raw`."""
-        return len(self._queue) + self._in_flight - self._claims_held + self._encoding
+        return len(self._queue) + self._in_flight + self._encoding
 
     def _settled_count(self) -> int:
         return self._exported + sum(self._dropped.values())
@@ -391,18 +445,24 @@ class SpanSink:
             )
             if not early:
                 due = time.monotonic() + self._delay
-            while batch := self._take(claims_only=early):
-                delay = self._deliver(batch, attempt)
-                if delay is None:
-                    attempt = 0
+            while True:
+                if claims := self._take_claims():  # before any span, always
+                    delay = self._deliver(claims, attempt, self._claims)
+                elif early or not (batch := self._take()):
+                    break
+                else:
+                    delay = self._deliver(batch, attempt)
                     # Few spans left: wait for a fuller batch (cheaper per span, for us and
                     # for the server) unless someone is waiting for them.
                     if (
-                        not batch[0][_CLAIM]
+                        delay is None
                         and len(self._queue) < self._max_batch
                         and not (self._flush_requested or self._closing)
                     ):
+                        attempt = 0
                         break
+                if delay is None:
+                    attempt = 0
                     continue
                 attempt += 1
                 # Backoff (and Retry-After) holds even against flush; only shutdown ends it.
@@ -417,29 +477,27 @@ class SpanSink:
                     return
             self._summarize()
 
-    def _take(self, claims_only: bool = False) -> list[_Item]:
+    def _take_claims(self) -> list[_Item]:
+        """The claims to post next, newest first (the worker only)."""
+        if not self._claims.items:  # most wake-ups
+            return []
+        with self._lock:
+            self._batch_epoch = self._epoch
+            return _take(self._claims.items, self._max_batch, self._max_batch_bytes)
+
+    def _take(self) -> list[_Item]:
         self._intake()
         with self._lock:
-            batch: list[_Item] = []
-            size = 0
-            if claims_only and not (self._queue and self._queue[0][_CLAIM]):
-                self._in_flight = 0
-                self._batch_epoch = self._epoch
-                return batch
-            while self._queue and len(batch) < self._max_batch:
-                item = self._queue[0]
-                if batch and (
-                    size + item[_SIZE] > self._max_batch_bytes or item[_CLAIM] != batch[0][_CLAIM]
-                ):
-                    break
-                batch.append(self._queue.popleft())
-                size += item[_SIZE]
+            batch = _take(self._queue, self._max_batch, self._max_batch_bytes)
             self._in_flight = len(batch)
             self._batch_epoch = self._epoch
             return batch
 
-    def _deliver(self, batch: list[_Item], attempt: int) -> float | None:
-        """Export `batch` grouped by experiment; return a backoff delay if some must be retried."""
+    def _deliver(
+        self, batch: list[_Item], attempt: int, claims: ClaimLane | None = None
+    ) -> float | None:
+        """Export `batch` (spans, or `claims`) grouped by experiment; return a backoff delay if
+        some must be retried."""
         groups: dict[str | None, list[_Item]] = {}
         for item in batch:
             groups.setdefault(item[_EXPERIMENT], []).append(item)
@@ -449,7 +507,7 @@ class SpanSink:
             parts, splits = [items], 0
             while parts:
                 part = parts.pop()
-                result = self._export(part, experiment_id)
+                result = self._export(part, experiment_id, claims is not None)
                 if result.retry:
                     retry.extend(part)
                     if result.retry_after is not None:
@@ -457,7 +515,7 @@ class SpanSink:
                 elif result.traces and (
                     refused := [i for i in part if _trace_id(i) in result.traces]
                 ):
-                    self._settle(refused, result)
+                    self._settle(refused, result, claims)
                     if rest := [i for i in part if _trace_id(i) not in result.traces]:
                         parts.append(rest)  # each round names one more trace: it ends
                 elif result.split and len(part) > 1 and splits < _MAX_SPLITS:
@@ -465,21 +523,19 @@ class SpanSink:
                     middle = len(part) // 2
                     parts += [part[middle:], part[:middle]]  # first half goes first
                 else:
-                    self._settle(part, result)
+                    self._settle(part, result, claims)
         if not retry:
             return None
-        self._requeue(retry)
+        self._requeue(retry, claims)
         if retry_after is not None:
             return min(retry_after, _RETRY_AFTER_CAP)
         return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
 
-    def _export(self, items: list[_Item], experiment_id: str | None) -> ExportResult:
+    def _export(self, items: list[_Item], experiment_id: str | None, claim: bool) -> ExportResult:
         with self._lock:
             exporter = self._exporting = self.exporter
         try:
-            spans = [
-                EncodedSpan(item[_SPAN], item[_SCOPE], item[_ROOT], item[_CLAIM]) for item in items
-            ]
+            spans = [EncodedSpan(item[_SPAN], item[_SCOPE], item[_ROOT], claim) for item in items]
             result = exporter.export(spans, experiment_id)
         except Exception:
             _log.internal_error("exporter.export")
@@ -492,24 +548,18 @@ class SpanSink:
             _shut_down(old)
         return result
 
-    def _settle(self, items: list[_Item], result: ExportResult) -> None:
+    def _settle(
+        self, items: list[_Item], result: ExportResult, claims: ClaimLane | None = None
+    ) -> None:
         with self._lock:
             if self._batch_epoch != self._epoch:  # given up meanwhile: already counted
                 return
+            if claims is not None:
+                claims.settle(items, result)
+                return
             self._in_flight -= len(items)
             self._held_bytes -= sum(item[_SIZE] for item in items)
-            if items[0][_CLAIM]:  # a batch is all claims or all spans (`_take`)
-                self._claims_held -= len(items)
-                if result.delivered:
-                    self._claims += len(items)
-                else:
-                    _log.warn_limited(
-                        "claim_failed",
-                        "mlflow-trace-middleware: a trace could not be claimed (%s); its spans "
-                        "follow, but a callee that writes to MLflow itself may file it first",
-                        result.reason,
-                    )
-            elif result.delivered:
+            if result.delivered:
                 rejected = min(max(result.rejected, 0), len(items))
                 self._exported += len(items) - rejected
                 if rejected:
@@ -518,8 +568,9 @@ class SpanSink:
                 self._dropped[result.reason or "rejected"] += len(items)
             self._settled.notify_all()
 
-    def _requeue(self, items: list[_Item]) -> None:
-        """Put retryable spans back at the front, unless shutting down or out of retry time."""
+    def _requeue(self, items: list[_Item], claims: ClaimLane | None = None) -> None:
+        """Put retryable spans (or `claims`) back at the front, unless shutting down or out of
+        retry time."""
         now = time.monotonic()
         keep: list[_Item] = []
         expired: list[_Item] = []
@@ -531,9 +582,12 @@ class SpanSink:
                 keep.append((*item[:_SINCE], since, *item[_ROOT:]))
         if expired:
             reason = "shutdown_timeout" if self._closing else "retries_exhausted"
-            self._settle(expired, ExportResult.dropped(reason))
+            self._settle(expired, ExportResult.dropped(reason), claims)
         with self._lock:
             if self._batch_epoch != self._epoch:
+                return
+            if claims is not None:
+                claims.items.extendleft(reversed(keep))  # ahead of newer claims
                 return
             self._in_flight -= len(keep)
             self._queue.extendleft(reversed(keep))  # keep submission order
@@ -572,6 +626,19 @@ def _shut_down(exporter: Exporter) -> None:
         exporter.shutdown()
     except Exception:
         _log.internal_error("exporter.shutdown")
+
+
+def _take(queue: deque[_Item], max_spans: int, max_bytes: int) -> list[_Item]:
+    """Up to `max_spans` items and `max_bytes` bytes from the front of `queue` (at least one)."""
+    batch: list[_Item] = []
+    size = 0
+    while queue and len(batch) < max_spans:
+        item = queue[0]
+        if batch and size + item[_SIZE] > max_bytes:
+            break
+        batch.append(queue.popleft())
+        size += item[_SIZE]
+    return batch
 
 
 def _trace_id(item: _Item) -> int:

@@ -17,7 +17,7 @@ from mlflow.tracing import get_tracing_context_headers_for_http_request
 from opentelemetry.trace import SpanKind
 
 import mlflow_trace_middleware as mtm
-from mlflow_trace_middleware import MlflowTracingMiddleware, _client, _config
+from mlflow_trace_middleware import MlflowTracingMiddleware, _claims, _config
 from mlflow_trace_middleware._config import SinkLimits
 from mlflow_trace_middleware._encoding import EncodedSpan
 from mlflow_trace_middleware._export import ExportResult
@@ -33,7 +33,7 @@ def _claim_every_call() -> Any:
     _config.update_settings(claims="always")
     yield
     _config.update_settings(claims="auto")
-    _client._ours.clear()
+    _claims._ours.clear()
 
 
 OURS = ("ours.internal", 8000)
@@ -58,8 +58,8 @@ def test_auto_claims_calls_that_can_reach_a_callee_writing_into_the_trace(
     claims: str, path: str, host: tuple[str, int], expected: bool
 ) -> None:
     _config.update_settings(claims=claims)
-    _client._learn(OURS, ours=True)
-    assert _client._claims(path, host) is expected
+    _claims.answered(OURS, ours=True)
+    assert _claims.wanted(path, host) is expected
 
 
 def test_the_claims_variable_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -227,6 +227,28 @@ def test_a_claim_without_room_in_the_queue_is_skipped_not_counted() -> None:
     stats = sink.stats()
     assert (stats.produced, stats.exported, stats.pending, stats.claims) == (1, 1, 0, 0)
     assert stats.dropped == {}
+
+
+def test_claims_being_posted_are_never_spans_in_the_counters() -> None:
+    recorder = Recorder()
+    sink = SpanSink(recorder, SinkLimits(schedule_delay=30.0))
+    try:
+        sink.submit(span("claim-1", claim=True))
+        assert recorder.first.wait(10)  # the claim is being posted (the export blocks)
+        sink.submit(span("a"))
+        sink.submit(span("b"))
+        stats = sink.stats()
+        assert (stats.produced, stats.exported, stats.pending, stats.claims) == (2, 0, 2, 0)
+        assert not sink.drain(0.1)  # the spans wait behind the claim: given up
+        stats = sink.stats()
+        assert (stats.produced, stats.exported, stats.pending, stats.claims) == (2, 0, 0, 0)
+        assert stats.dropped == {"shutdown_timeout": 2}
+        recorder.gate.set()  # the claim's late answer counts nothing
+    finally:
+        sink.shutdown(5)
+    stats = sink.stats()
+    assert stats.produced == stats.exported + stats.pending + sum(stats.dropped.values())
+    assert stats.claims == 0
 
 
 def test_a_claim_wakes_the_worker_without_waiting_for_the_schedule() -> None:
@@ -404,8 +426,8 @@ def test_every_client_learns_a_host_running_this_package_from_its_answer(
     exporter: InMemoryExporter, our_flask_url: str, library: str
 ) -> None:
     host = ("127.0.0.1", int(our_flask_url.rsplit(":", 1)[1]))
-    _client._ours.clear()
+    _claims._ours.clear()
     mtm.instrument()
     with mlflow.start_span("root"):
         _call_with(library, f"{our_flask_url}/agent")
-    assert host in _client._ours
+    assert host in _claims._ours
