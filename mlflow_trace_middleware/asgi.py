@@ -119,16 +119,16 @@ def _start(
     return _server.start(
         options,
         _server.Inbound(
-            scope.get("method", "GET"),
-            scope.get("path", ""),
-            scope.get("scheme", "http"),
-            carrier,
-            headers,
-            _server.server_address(host, tuple(server) if server else None),
-            client[0] if client else None,
-            user_agent,
-            content_type,
-            websocket,
+            method=scope.get("method", "GET"),
+            path=scope.get("path", ""),
+            scheme=scope.get("scheme", "http"),
+            carrier=carrier,
+            headers=headers,
+            server=_server.server_address(host, tuple(server) if server else None),
+            client=client[0] if client else None,
+            user_agent=user_agent,
+            content_type=content_type,
+            websocket=websocket,
         ),
     )
 
