@@ -434,7 +434,7 @@ def test_inbound_is_built_by_keyword() -> None:
     """The adapter contract's ten fields (several strings, several optional) are named, never
     told apart by position; what an adapter does not know defaults to None."""
     with pytest.raises(TypeError):
-        _server.Inbound("GET", "/a", "http", {}, list)  # type: ignore[misc]
+        _server.Inbound("GET", "/a", "http", {}, list)  # type: ignore[call-arg]
     inbound = _server.Inbound(method="GET", path="/a", scheme="http", carrier={}, headers=list)
     assert (inbound.server, inbound.client, inbound.user_agent, inbound.content_type) == (
         (None,) * 4
