@@ -77,14 +77,7 @@ class HttpxFamily:
         if call is None:
             return inner(request)
         with call:
-            response = inner(request)
-        call.answered(response.headers)
-        # A body the transport already read (e.g. MockTransport) will never be closed again.
-        if isinstance(response.stream, self.lib.SyncByteStream) and not response.is_closed:
-            response.stream = self._stream(response.stream, call, response.status_code)
-        else:
-            call.end(response.status_code)
-        return response
+            return self._answered(call, inner(request), self.lib.SyncByteStream, self._stream)
 
     async def send_async(
         self,
@@ -97,9 +90,15 @@ class HttpxFamily:
             return await inner(request)
         with call:
             response = await inner(request)
+            return self._answered(call, response, self.lib.AsyncByteStream, self._async_stream)
+
+    @staticmethod
+    def _answered(call: _client.ClientCall, response: Any, streaming: type, wrap: type) -> Any:
+        """`response`, its body wrapped (`wrap`) so that the span ends when it is closed."""
         call.answered(response.headers)
-        if isinstance(response.stream, self.lib.AsyncByteStream) and not response.is_closed:
-            response.stream = self._async_stream(response.stream, call, response.status_code)
+        # A body the transport already read (e.g. MockTransport) will never be closed again.
+        if isinstance(response.stream, streaming) and not response.is_closed:
+            response.stream = wrap(response.stream, call, response.status_code)
         else:
             call.end(response.status_code)
         return response

@@ -160,17 +160,8 @@ async def _traced(
     async def send_wrapper(message: Message) -> None:
         nonlocal response_done
         kind = message.get("type")
-        try:
-            if kind == "http.response.start":
-                _response_started(request, message)
-                if request.answers and (header := request.callee_header(matched())):
-                    name, value = header
-                    extra = (name.encode(), value.encode())
-                    message = {**message, "headers": [*message.get("headers", ()), extra]}
-            elif kind == "http.response.body" and request.response_body is not None:
-                request.response_body.feed(message.get("body", b""))
-        except Exception:
-            _log.internal_error("asgi send")
+        if kind == "http.response.start" or request.response_body is not None:
+            message = _recorded(request, kind, message, matched)
         await send(message)
         if kind == "http.response.body" and not message.get("more_body", False):
             response_done = True
@@ -185,6 +176,26 @@ async def _traced(
         if not response_done:  # the client went away, or no body was sent
             request.end(route=matched())
         request.detach()
+
+
+def _recorded(
+    request: _server.RequestSpan, kind: object, message: Message, route: Callable[[], str | None]
+) -> Message:
+    """Record a response message (status and content type, body); return the message to send,
+    with the callee header added for a caller whose trace is continued (it learns who
+    answered)."""
+    try:
+        if kind == "http.response.start":
+            _response_started(request, message)
+            if request.answers and (header := request.callee_header(route())):
+                name, value = header
+                extra = (name.encode(), value.encode())
+                return {**message, "headers": [*message.get("headers", ()), extra]}
+        elif kind == "http.response.body" and request.response_body is not None:
+            request.response_body.feed(message.get("body", b""))
+    except Exception:
+        _log.internal_error("asgi send")
+    return message
 
 
 async def _websocket(
