@@ -97,6 +97,9 @@ def _start(
     carrier: _propagation.Carrier = {}
     host = user_agent = content_type = None
     try:
+        path = scope.get("path", "")
+        if path in options.exclude_paths:  # before any header is read: a health check
+            return None
         for key, value in raw:
             key = key.lower()
             if key in _PROPAGATION:
@@ -120,7 +123,7 @@ def _start(
         options,
         _server.Inbound(
             method=scope.get("method", "GET"),
-            path=scope.get("path", ""),
+            path=path,
             scheme=scope.get("scheme", "http"),
             carrier=carrier,
             headers=headers,

@@ -98,6 +98,9 @@ def _flask_exception(sender: object, exception: BaseException | None = None, **e
 
 def _start(options: _server.ServerOptions, environ: WSGIEnvironment) -> _server.RequestSpan | None:
     try:
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        if path in options.exclude_paths:  # before any header is read
+            return None
         carrier = {
             name: [value] for name, key in _PROPAGATION if (value := environ.get(key)) is not None
         }
@@ -115,7 +118,7 @@ def _start(options: _server.ServerOptions, environ: WSGIEnvironment) -> _server.
             options,
             _server.Inbound(
                 method=environ.get("REQUEST_METHOD", "GET"),
-                path=environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
+                path=path,
                 scheme=environ.get("wsgi.url_scheme", "http"),
                 carrier=carrier,
                 headers=headers,
