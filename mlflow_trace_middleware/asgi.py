@@ -121,16 +121,17 @@ def _start(
     client = scope.get("client")
     return _server.start(
         options,
+        # What the headers gave, then what the scope says.
         _server.Inbound(
-            method=scope.get("method", "GET"),
-            path=path,
-            scheme=scope.get("scheme", "http"),
             carrier=carrier,
             headers=headers,
             server=_server.server_address(host, tuple(server) if server else None),
-            client=client[0] if client else None,
             user_agent=user_agent,
             content_type=content_type,
+            method=scope.get("method", "GET"),
+            path=path,
+            scheme=scope.get("scheme", "http"),
+            client=client[0] if client else None,
             websocket=websocket,
         ),
     )
