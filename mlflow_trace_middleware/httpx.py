@@ -21,6 +21,7 @@ __all__ = ["AsyncTracingTransport", "TracingTransport", "instrument", "uninstrum
 
 _family = HttpxFamily(httpx)
 instrument, uninstrument = _family.instrument, _family.uninstrument
+_destination = _family.destination  # how the transports see a URL (tests check the allowlist)
 
 
 class TracingTransport(Tracing, httpx.BaseTransport):
