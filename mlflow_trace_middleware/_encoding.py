@@ -157,19 +157,21 @@ def snapshot(
     if events or links or context is None or span.dropped_events or span.dropped_links:
         return None
     parent = span.parent
-    trace_state = context.trace_state
+    # A `SpanContext` is a typed tuple (trace id, span id, remote, flags, tracestate, valid):
+    # unpacked, not read through five properties.
+    trace_id, span_id, _, trace_flags, trace_state, _ = context
     start = span.start_time or 0
     taken = (
         span.name,
         _KINDS[span.kind],
         start,
         span.end_time or start,  # an open span (a claim's placeholder): zero length
-        context.trace_id,
-        context.span_id,
+        trace_id,
+        span_id,
         trace_state.to_header() if trace_state else "",
-        context.trace_flags & 0xFF,
-        None if parent is None else parent.span_id,
-        parent is not None and parent.is_remote,
+        trace_flags & 0xFF,
+        None if parent is None else parent[1],
+        parent is not None and parent[2],
         span.dropped_attributes,
         _CODES[status.status_code],
         status.description,

@@ -71,10 +71,9 @@ class SinkSpanProcessor(SpanProcessor):
 
     def open(self, span: LeanSpan, experiment: str | None) -> None:
         """A request span opens a trace segment here; MLflow hears of it only if asked."""
-        context = span.context
-        trace_id = context.trace_id
+        trace_id, span_id, _, _, _, _ = span.context
         with self._lock:
-            self._add_root(trace_id, context.span_id)
+            self._add_root(trace_id, span_id)
             if experiment is not None:
                 self._experiments[trace_id] = experiment
             if span.parent is None:
@@ -148,9 +147,9 @@ class SinkSpanProcessor(SpanProcessor):
         experiment = None
         tags = None
         try:
-            trace_id = context.trace_id
+            trace_id, span_id, _, _, _, _ = context
             experiment = self._experiments.get(trace_id) if self._experiments else None
-            tags = self._release(trace_id, context.span_id, registered)
+            tags = self._release(trace_id, span_id, registered)
         except Exception:
             _log.internal_error("span end")
         # Whatever failed above, the span itself still goes out: as a snapshot the sink's

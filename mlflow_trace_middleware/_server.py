@@ -433,6 +433,10 @@ def _parent(
         link = trace.Link(remote, {_keys.ADOPTED_FROM: caller})
         return _Parent(context, [link], None, trusted=True, trace_id=remote.trace_id)
 
+    if not keys and not remote.trace_state and options.trust == "continue":
+        # The common case, decided without the policy's and the signature's calls: continued,
+        # no experiment named (that takes our tracestate entry).
+        return _Parent(context, [], None, trusted=True, span_context=remote)
     if _trust.trusts(options.trust, inbound):
         trusted, experiment = _trust.accept(remote, keys)
         if trusted:

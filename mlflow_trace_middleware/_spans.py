@@ -271,8 +271,8 @@ def start(
     ):
         return tracer.start_span(name, _with(parent, context, given), kind, attributes, links)
     if parent is not None and parent.is_valid:
-        trace_id = parent.trace_id
-        random_trace_id = parent.trace_flags.random_trace_id
+        trace_id, _, _, parent_flags, parent_state, _ = parent  # a typed tuple: no properties
+        random_trace_id = parent_flags.random_trace_id
     elif trace_id is not None:
         parent = None
         random_trace_id = False  # the caller's id: nothing says how it was made
@@ -282,8 +282,8 @@ def start(
         random_trace_id = tracer.id_generator.is_trace_id_random()
     if parent is not None and _follows_parent(tracer.sampler):
         # What the sampler decides for a child, without its result objects: as the parent.
-        sampled = parent.trace_flags.sampled
-        trace_state: TraceState | None = parent.trace_state
+        sampled = parent_flags.sampled
+        trace_state: TraceState | None = parent_state
     else:
         context = _with(parent, context, given)
         result = tracer.sampler.should_sample(context, trace_id, name, kind, attributes, links)
