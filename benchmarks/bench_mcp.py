@@ -75,7 +75,7 @@ async def main() -> None:
             print(f"  mcp 1.x, with the request rebuilt: {v1:5.1f} us")
 
     options = _server.ServerOptions()
-    inbound = _server.Inbound("POST", "/mcp", "http", {}, list, None, None, None, None)
+    inbound = _server.Inbound(method="POST", path="/mcp", scheme="http", carrier={}, headers=list)
     request = _server.RequestSpan(options, inbound)
     http_request = SimpleNamespace(scope={_server.SCOPE_KEY: request})
 

@@ -157,19 +157,21 @@ def snapshot(
     if events or links or context is None or span.dropped_events or span.dropped_links:
         return None
     parent = span.parent
-    trace_state = context.trace_state
+    # A `SpanContext` is a typed tuple (trace id, span id, remote, flags, tracestate, valid):
+    # unpacked, not read through five properties.
+    trace_id, span_id, _, trace_flags, trace_state, _ = context
     start = span.start_time or 0
     taken = (
         span.name,
         _KINDS[span.kind],
         start,
         span.end_time or start,  # an open span (a claim's placeholder): zero length
-        context.trace_id,
-        context.span_id,
+        trace_id,
+        span_id,
         trace_state.to_header() if trace_state else "",
-        context.trace_flags & 0xFF,
-        None if parent is None else parent.span_id,
-        parent is not None and parent.is_remote,
+        trace_flags & 0xFF,
+        None if parent is None else parent[1],
+        parent is not None and parent[2],
         span.dropped_attributes,
         _CODES[status.status_code],
         status.description,
@@ -274,7 +276,6 @@ _MAX_CACHED_VALUE = 256
 _fragments: dict[tuple[str, type, Any], bytes] = {}
 _SCALARS = frozenset({bool, int, float})
 _ONE_BYTE = [bytes((value,)) for value in range(0x80)]
-_TEXT = frozenset({str, bytes})
 
 
 def _attribute_fields(attributes: Mapping[str, Any] | None) -> bytes:
@@ -286,23 +287,35 @@ def _attribute_fields(attributes: Mapping[str, Any] | None) -> bytes:
 
 
 def _pair_fields(pairs: Iterable[tuple[str, Any]]) -> bytes:
-    fields = []
+    fields: list[bytes] = []
+    append = fields.append
+    cached = _fragments.get
     for key, value in pairs:
         kind = value.__class__
-        # Scalars only: (1, True) == (1, 1), so sequences would share a cache entry.
-        cacheable = kind in _SCALARS or (kind in _TEXT and len(value) <= _MAX_CACHED_VALUE)
-        cache_key = (key, kind, value) if cacheable else None
-        fragment = _fragments.get(cache_key) if cache_key else None
-        if fragment is None:
-            pair = KeyValue(key=key)
-            _set_value(pair.value, value)
-            fragment = _field(_SPAN_ATTRIBUTES, pair.SerializeToString())
-            if cache_key is not None:
-                if len(_fragments) >= _MAX_FRAGMENTS:
-                    _fragments.clear()
-                _fragments[cache_key] = fragment
-        fields.append(fragment)
+        # Strings and scalars only: (1, True) == (1, 1), so sequences would share an entry.
+        if (kind is str and len(value) <= _MAX_CACHED_VALUE) or kind in _SCALARS:
+            cache_key = (key, kind, value)
+            fragment = cached(cache_key)
+            if fragment is None:
+                fragment = _new_fragment(key, value, cache_key)
+        elif kind is bytes and len(value) <= _MAX_CACHED_VALUE:
+            fragment = cached((key, kind, value)) or _new_fragment(key, value, (key, kind, value))
+        else:
+            fragment = _new_fragment(key, value, None)
+        append(fragment)
     return b"".join(fields)
+
+
+def _new_fragment(key: str, value: Any, cache_key: tuple[str, type, Any] | None) -> bytes:
+    """One encoded `Span.attributes` field, kept for the next span when `cache_key` is given."""
+    pair = KeyValue(key=key)
+    _set_value(pair.value, value)
+    fragment = _field(_SPAN_ATTRIBUTES, pair.SerializeToString())
+    if cache_key is not None:
+        if len(_fragments) >= _MAX_FRAGMENTS:
+            _fragments.clear()
+        _fragments[cache_key] = fragment
+    return fragment
 
 
 def _put(target: Any, attributes: Mapping[str, Any] | None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from . import _client, _patch, _targets
 
@@ -77,14 +77,7 @@ class HttpxFamily:
         if call is None:
             return inner(request)
         with call:
-            response = inner(request)
-        call.answered(response.headers)
-        # A body the transport already read (e.g. MockTransport) will never be closed again.
-        if isinstance(response.stream, self.lib.SyncByteStream) and not response.is_closed:
-            response.stream = self._stream(response.stream, call, response.status_code)
-        else:
-            call.end(response.status_code)
-        return response
+            return self._answered(call, inner(request), self.lib.SyncByteStream, self._stream)
 
     async def send_async(
         self,
@@ -97,9 +90,15 @@ class HttpxFamily:
             return await inner(request)
         with call:
             response = await inner(request)
+            return self._answered(call, response, self.lib.AsyncByteStream, self._async_stream)
+
+    @staticmethod
+    def _answered(call: _client.ClientCall, response: Any, streaming: type, wrap: type) -> Any:
+        """`response`, its body wrapped (`wrap`) so that the span ends when it is closed."""
         call.answered(response.headers)
-        if isinstance(response.stream, self.lib.AsyncByteStream) and not response.is_closed:
-            response.stream = self._async_stream(response.stream, call, response.status_code)
+        # A body the transport already read (e.g. MockTransport) will never be closed again.
+        if isinstance(response.stream, streaming) and not response.is_closed:
+            response.stream = wrap(response.stream, call, response.status_code)
         else:
             call.end(response.status_code)
         return response
@@ -121,3 +120,60 @@ class HttpxFamily:
     def uninstrument(self) -> None:
         _patch.restore(self.lib.HTTPTransport, "handle_request")
         _patch.restore(self.lib.AsyncHTTPTransport, "handle_async_request")
+
+
+class SyncTransport(Protocol):
+    """What a sync transport of either library offers."""
+
+    def handle_request(self, request: Any) -> Any: ...
+    def close(self) -> None: ...
+
+
+class AsyncTransport(Protocol):
+    """What an async transport of either library offers."""
+
+    async def handle_async_request(self, request: Any) -> Any: ...
+    async def aclose(self) -> None: ...
+
+
+T = TypeVar("T", SyncTransport, AsyncTransport)
+
+
+class _Wrapping(Generic[T]):
+    """A transport of ours around another one (by default a new one of the library's class
+    named `default`); `family` is the library's core."""
+
+    family: ClassVar[HttpxFamily]
+    default: ClassVar[str]
+
+    def __init__(
+        self, transport: T | None = None, *, propagate_to: _targets.Patterns | None = None
+    ) -> None:
+        self._targets = _targets.parse(propagate_to)
+        self._inner: T = transport or getattr(self.family.lib, self.default)()
+
+
+class Tracing(_Wrapping[SyncTransport]):
+    """The body of both libraries' sync `TracingTransport` (each module adds its library's
+    base class and `family`)."""
+
+    default = "HTTPTransport"
+
+    def handle_request(self, request: Any) -> Any:
+        return self.family.send(request, self._inner.handle_request, self._targets)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class AsyncTracing(_Wrapping[AsyncTransport]):
+    """The body of both libraries' `AsyncTracingTransport`."""
+
+    default = "AsyncHTTPTransport"
+
+    async def handle_async_request(self, request: Any) -> Any:
+        inner = self._inner.handle_async_request
+        return await self.family.send_async(request, inner, self._targets)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()

@@ -198,7 +198,9 @@ def consume(
     (a trust callable sees `path`: the destination); None if tracing failed."""
     try:
         pairs = [(key, value) for key, values in found.items() for value in values]
-        message = _server.Inbound("", path, "", found, lambda: pairs, None, None, None, None)
+        message = _server.Inbound(
+            method="", path=path, scheme="", carrier=found, headers=lambda: pairs
+        )
         return Consuming(*_server.start_call(options, name, attributes, message, SpanKind.CONSUMER))
     except Exception:
         _log.internal_error("message span start")

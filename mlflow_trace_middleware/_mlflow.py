@@ -71,13 +71,13 @@ class SinkSpanProcessor(SpanProcessor):
 
     def open(self, span: LeanSpan, experiment: str | None) -> None:
         """A request span opens a trace segment here; MLflow hears of it only if asked."""
-        context = span.context
+        trace_id, span_id, _, _, _, _ = span.context
         with self._lock:
-            self._add_root(context.trace_id, context.span_id)
+            self._add_root(trace_id, span_id)
             if experiment is not None:
-                self._experiments[context.trace_id] = experiment
+                self._experiments[trace_id] = experiment
             if span.parent is None:
-                self._unclaimed.add(context.trace_id)
+                self._unclaimed.add(trace_id)
 
     def _add_root(self, otel_trace_id: int, span_id: int) -> None:
         self._roots.setdefault(otel_trace_id, set()).add(span_id)
@@ -133,7 +133,11 @@ class SinkSpanProcessor(SpanProcessor):
 
     def finish(self, span: LeanSpan) -> None:
         """A span of ours ended; MLflow knows it only if it was materialized."""
-        self._finish(span.shadow or span, span.context, registered=span.shadow is not None)
+        shadow = span.shadow
+        if shadow is not None:
+            self._finish(shadow, span.context, registered=True)
+        else:
+            self._finish(span, span.context, registered=False)
 
     def _finish(
         self, span: ReadableSpan | LeanSpan, context: SpanContext | None, registered: bool
@@ -143,8 +147,9 @@ class SinkSpanProcessor(SpanProcessor):
         experiment = None
         tags = None
         try:
-            experiment = self._experiments.get(context.trace_id)
-            tags = self._release(context.trace_id, context.span_id, registered)
+            trace_id, span_id, _, _, _, _ = context
+            experiment = self._experiments.get(trace_id) if self._experiments else None
+            tags = self._release(trace_id, span_id, registered)
         except Exception:
             _log.internal_error("span end")
         # Whatever failed above, the span itself still goes out: as a snapshot the sink's
@@ -447,14 +452,19 @@ def start_span(
     *,
     experiment: str | None = None,
     trace_id: int | None = None,
+    parent: SpanContext | _spans.InContext | None = _spans.IN_CONTEXT,
 ) -> trace.Span:
     """One of our spans, from MLflow's tracer, reporting to the installed processor; a span
     with no parent in this process opens a trace segment (routed to `experiment` if given).
-    `trace_id`: see `_spans.start`."""
+    `trace_id` and `parent`: see `_spans.start`."""
     processor = _processor
     if processor is None:  # not installed (tests): MLflow's own machinery
+        if parent is not _spans.IN_CONTEXT and parent is not None:
+            context = trace.set_span_in_context(trace.NonRecordingSpan(parent), context)
         return tracer().start_span(name, context, kind, attributes, links)
-    span = _spans.start(tracer(), processor, name, context, kind, attributes, links, trace_id)
+    span = _spans.start(
+        tracer(), processor, name, context, kind, attributes, links, trace_id, parent
+    )
     if isinstance(span, LeanSpan) and (
         kind is SpanKind.SERVER
         # A consumed message opens a segment unless it runs under a span of this process (an

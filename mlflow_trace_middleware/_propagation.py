@@ -223,66 +223,74 @@ def extract(carrier: Carrier) -> Context:
     and the trace still continues. Baggage stands on its own. Oversized headers are ignored
     whole, before any parsing.
     """
-    context = Context()
-    traceparent = carrier.get(TRACEPARENT)
-    if traceparent is not None and len(traceparent) == 1:
-        context = _traceparent(traceparent[0], context)
-        tracestate = carrier.get(TRACESTATE)
-        if tracestate and not _too_long(carrier, TRACESTATE):
-            context = _with_tracestate(context, tracestate)
-    if BAGGAGE in carrier and not _too_long(carrier, BAGGAGE):
-        token = _parsing.set(BAGGAGE)
-        try:
-            context = _baggage.extract(carrier, context, getter=_getter)
-        finally:
-            _parsing.reset(token)
+    context = extract_baggage(carrier)
+    remote = extract_parent(carrier)
+    if remote is not None:
+        context = trace.set_span_in_context(trace.NonRecordingSpan(remote), context)
     return context
 
 
+def extract_parent(carrier: Carrier) -> trace.SpanContext | None:
+    """`extract`'s remote span context alone (no `Context` built: the request path's way)."""
+    traceparent = carrier.get(TRACEPARENT)
+    if traceparent is None or len(traceparent) != 1:
+        return None
+    remote = _traceparent(traceparent[0])
+    tracestate = carrier.get(TRACESTATE) if remote is not None else None
+    trace_state = None
+    if tracestate and not _too_long(carrier, TRACESTATE):
+        trace_state = parse_tracestate(tracestate)
+    if remote is not None and trace_state:
+        remote = trace.SpanContext(
+            remote.trace_id,
+            remote.span_id,
+            is_remote=True,
+            trace_flags=remote.trace_flags,
+            trace_state=trace_state,
+        )
+    return remote
+
+
+def extract_baggage(carrier: Carrier) -> Context:
+    """`extract`'s baggage alone, in a context of its own (the shared empty one without)."""
+    if BAGGAGE not in carrier or _too_long(carrier, BAGGAGE):
+        return EMPTY
+    token = _parsing.set(BAGGAGE)
+    try:
+        return _baggage.extract(carrier, Context(), getter=_getter)
+    finally:
+        _parsing.reset(token)
+
+
+EMPTY = Context()  # contexts are immutable: one empty one serves every request without one
 _TRACEPARENT_FORMAT = TraceContextTextMapPropagator._TRACEPARENT_HEADER_FORMAT_RE
 _NO_ID = ("0" * 32, "0" * 16)
+_FLAGS = [TraceFlags(value) for value in range(256)]  # built once, not per request
 
 
-def _traceparent(header: str, context: Context) -> Context:
-    """`context` with the remote parent in `header`, decided as OpenTelemetry's propagator
-    decides (its pattern, its rules), without its per-call carrier plumbing; an oversized
-    header goes through the propagator itself (it logs, and our filter rewrites the record)."""
+def _traceparent(header: str) -> trace.SpanContext | None:
+    """The remote parent in `header`, decided as OpenTelemetry's propagator decides (its
+    pattern, its rules), without its per-call carrier plumbing; an oversized header goes
+    through the propagator itself (it logs, and our filter rewrites the record)."""
     if len(header) > TraceContextTextMapPropagator._TRACEPARENT_MAXIMUM_LENGTH:
         token = _parsing.set(TRACEPARENT)
         try:
-            return _trace_context.extract({TRACEPARENT: [header]}, context, getter=_getter)
+            context = _trace_context.extract({TRACEPARENT: [header]}, Context(), getter=_getter)
         finally:
             _parsing.reset(token)
+        remote = trace.get_current_span(context).get_span_context()
+        return remote if remote.is_valid else None
     match = _TRACEPARENT_FORMAT.search(header)
     if match is None:
-        return context
+        return None
     version, trace_id, span_id, flags, rest = match.groups()
     if trace_id == _NO_ID[0] or span_id == _NO_ID[1] or version == "ff":
-        return context
+        return None
     if version == "00" and rest:
-        return context
-    remote = trace.SpanContext(
-        int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(int(flags, 16))
+        return None
+    return trace.SpanContext(
+        int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=_FLAGS[int(flags, 16)]
     )
-    return trace.set_span_in_context(trace.NonRecordingSpan(remote), context)
-
-
-def _with_tracestate(context: Context, values: list[str]) -> Context:
-    """`context`'s remote span context, now with the `tracestate` in `values` (if valid)."""
-    remote = trace.get_current_span(context).get_span_context()
-    if not remote.is_valid:
-        return context
-    trace_state = parse_tracestate(values)
-    if not trace_state:
-        return context
-    remote = trace.SpanContext(
-        remote.trace_id,
-        remote.span_id,
-        is_remote=True,
-        trace_flags=remote.trace_flags,
-        trace_state=trace_state,
-    )
-    return trace.set_span_in_context(trace.NonRecordingSpan(remote), Context())
 
 
 def _too_long(carrier: Carrier, key: str) -> bool:

@@ -182,7 +182,11 @@ class Redaction:
     def mentions(self, text: str) -> bool:
         """Whether a credential word is in `text` as written (escapes aside)."""
         lowered = text.lower()
-        return any(trigger in lowered for trigger in self.triggers)
+        # A loop, not `any()` over a generator: half the cost (0.36 against 0.70 µs per body).
+        for trigger in self.triggers:  # noqa: SIM110
+            if trigger in lowered:
+                return True
+        return False
 
     def hides(self, key: str) -> bool:
         """Whether the value under `key` is replaced by `[REDACTED]`."""

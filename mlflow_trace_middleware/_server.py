@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -92,15 +93,18 @@ def parse_identity_headers(mapping: Mapping[str, str] | None) -> tuple[tuple[str
     return _config.identity_pairs(mapping)
 
 
-class Inbound(NamedTuple):
-    """What a server adapter hands the inbound core about one request (the adapter contract).
+@dataclass(slots=True, kw_only=True)
+class Inbound:
+    """What a server adapter hands the inbound core about one request (the adapter contract),
+    by keyword: ten fields, several of the same type, are not to be told apart by position.
 
     `carrier` holds the propagation headers (`_propagation.FIELDS`, lower-case names, values in
     arrival order); `headers` decodes all of them, called only if a trust policy or header
     capture asks. `server` is (host, port) from the Host header or the socket, `client` the
     peer address. The route template is handed over when it is known, at `RequestSpan.end`.
     A websocket connection (`websocket=True`, method "GET": its handshake) gets one span for
-    its whole life, named `WEBSOCKET <route>`.
+    its whole life, named `WEBSOCKET <route>`. Not frozen: a frozen dataclass is built three
+    times slower, once per request (nothing changes one after it is handed over).
     """
 
     method: str
@@ -108,10 +112,10 @@ class Inbound(NamedTuple):
     scheme: str
     carrier: _propagation.Carrier
     headers: Callable[[], list[tuple[str, str]]]
-    server: tuple[str, int | None] | None
-    client: str | None
-    user_agent: str | None
-    content_type: str | None
+    server: tuple[str, int | None] | None = None
+    client: str | None = None
+    user_agent: str | None = None
+    content_type: str | None = None
     websocket: bool = False
 
 
@@ -181,6 +185,7 @@ class RequestSpan:
             parent.links,
             experiment=parent.experiment,
             trace_id=parent.trace_id,
+            parent=parent.span_context,
         )
         self.context = trace.set_span_in_context(self.span, context)
         self._token = _mlflow.attach(self.context)
@@ -305,16 +310,25 @@ def start_message(
     under the same trust rules as the headers (the request span then stays in its own trace).
     """
     context, links, experiment, trace_id = request.context, [], None, None
+    remote: trace.SpanContext | _spans.InContext | None = _spans.IN_CONTEXT
     if carrier and not request.remote:
-        message = request.inbound._replace(carrier=carrier)
+        message = dataclasses.replace(request.inbound, carrier=carrier)
         parent = _parent(request.options, message, attributes, name)
         links = parent.links
         if parent.trusted and parent.remote:
             context, experiment, trace_id = parent.context, parent.experiment, parent.trace_id
+            remote = parent.span_context
         if trace_id is None:  # not a trace's root (only an adopted trace id makes one)
             attributes.pop(_keys.TRACE_NAME, None)
     span = _mlflow.start_span(
-        name, context, SpanKind.SERVER, attributes, links, experiment=experiment, trace_id=trace_id
+        name,
+        context,
+        SpanKind.SERVER,
+        attributes,
+        links,
+        experiment=experiment,
+        trace_id=trace_id,
+        parent=remote,
     )
     return span, trace.set_span_in_context(span, context)
 
@@ -344,6 +358,7 @@ def start_call(
         parent.links,
         experiment=parent.experiment,
         trace_id=parent.trace_id,
+        parent=parent.span_context,
     )
     return span, trace.set_span_in_context(span, context)
 
@@ -371,12 +386,13 @@ def _attributes(method: str, request: Inbound, options: ServerOptions) -> dict[s
 
 
 class _Parent(NamedTuple):
-    context: Context  # to continue, or a fresh one
+    context: Context  # the caller's baggage (if taken), to add our span to
     links: list[trace.Link]
     experiment: str | None  # chosen by a trusted caller
     trusted: bool  # the caller's context (and baggage) is taken
     trace_id: int | None = None  # adopted from the caller, for a root span
     remote: bool = True  # the carrier held a valid context (trusted or not)
+    span_context: trace.SpanContext | None = None  # the caller's span, continued
 
 
 def _parent(
@@ -384,20 +400,21 @@ def _parent(
 ) -> _Parent:
     """What a span for `request` continues; marks it as a trace's root (`TRACE_NAME`, `name`)
     when it has no parent."""
-    context = _propagation.extract(request.carrier) if request.carrier else Context()
-    remote = trace.get_current_span(context).get_span_context()
+    carrier = request.carrier
+    context = _propagation.extract_baggage(carrier) if carrier else _propagation.EMPTY
+    remote = _propagation.extract_parent(carrier) if carrier else None
 
     def inbound() -> _trust.InboundRequest:
         return _trust.InboundRequest(request.client, request.path, _joined(request.headers()))
 
     keys = _config.get_settings().signing_keys
-    if not remote.is_valid:
+    if remote is None:
         attributes[_keys.TRACE_NAME] = name
         # Baggage alone is the caller's context too: the policy decides over it as over a parent.
         if baggage.get_all(context) and not _trust.trusts_baggage_alone(
             options.trust, inbound, keys
         ):
-            return _Parent(Context(), [], None, trusted=False, remote=False)
+            return _Parent(_propagation.EMPTY, [], None, trusted=False, remote=False)
         return _Parent(context, [], None, trusted=True, remote=False)
     if options.trust == "adopt":
         caller = _traceparent(remote)
@@ -406,30 +423,27 @@ def _parent(
         # baggage is kept, its sampling decision is not (MLflow's sampler decides).
         attributes[_keys.ADOPTED_FROM] = caller
         attributes[_keys.TRACE_NAME] = name
-        adopted = baggage_only(context)
         link = trace.Link(remote, {_keys.ADOPTED_FROM: caller})
-        return _Parent(adopted, [link], None, trusted=True, trace_id=remote.trace_id)
+        return _Parent(context, [link], None, trusted=True, trace_id=remote.trace_id)
 
+    if not keys and not remote.trace_state and options.trust == "continue":
+        # The common case, decided without the policy's and the signature's calls: continued,
+        # no experiment named (that takes our tracestate entry).
+        return _Parent(context, [], None, trusted=True, span_context=remote)
     if _trust.trusts(options.trust, inbound):
         trusted, experiment = _trust.accept(remote, keys)
         if trusted:
             if experiment is not None:
                 attributes[_keys.EXPERIMENT] = experiment
-            return _Parent(context, [], experiment, trusted=True)
+            return _Parent(context, [], experiment, trusted=True, span_context=remote)
     # Restart: a new trace; the caller's ids are kept as a link, nothing else of theirs
     # (tracestate, baggage, sampling decision) is taken.
     caller = _traceparent(remote)
     attributes[_keys.RESTARTED_FROM] = caller
     attributes[_keys.TRACE_NAME] = name
-    return _Parent(Context(), [trace.Link(remote, {_keys.RESTARTED_FROM: caller})], None, False)
-
-
-def baggage_only(context: Context) -> Context:
-    """`context` without its span: the baggage alone."""
-    kept = Context()
-    for key, value in baggage.get_all(context).items():
-        kept = baggage.set_baggage(key, value, kept)
-    return kept
+    return _Parent(
+        _propagation.EMPTY, [trace.Link(remote, {_keys.RESTARTED_FROM: caller})], None, False
+    )
 
 
 def _identity(

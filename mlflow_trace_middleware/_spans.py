@@ -19,6 +19,7 @@ The sampling decision, ids and trace flags come from MLflow's tracer, exactly as
 
 from __future__ import annotations
 
+import enum
 import json
 import time
 import traceback
@@ -233,6 +234,15 @@ class LeanSpan(trace.Span):
         return f"LeanSpan({self._name!r}, trace_id={self.context.trace_id:032x})"
 
 
+class InContext(enum.Enum):
+    """`start`'s default parent: the span of its `context`."""
+
+    TOKEN = 0
+
+
+IN_CONTEXT = InContext.TOKEN
+
+
 def start(
     tracer: trace.Tracer,
     owner: Owner,
@@ -242,19 +252,27 @@ def start(
     attributes: dict[str, Any],
     links: Sequence[Link] = (),
     trace_id: int | None = None,
+    parent: SpanContext | InContext | None = IN_CONTEXT,
 ) -> trace.Span:
     """A span under `context`, sampled, identified and flagged as `tracer` (MLflow's) would.
 
     Returns a `LeanSpan` when sampled, otherwise a non-recording span that carries the decision
     on (or, with MLflow tracing disabled, whatever MLflow's tracer returns). `trace_id` gives a
-    span without a parent the trace id of a caller it adopts (`trust="adopt"`).
+    span without a parent the trace id of a caller it adopts (`trust="adopt"`). `parent`, when
+    given, is the parent's span context (`context` then holds only baggage): the inbound path
+    knows it without building a context around it.
     """
-    if not isinstance(tracer, SdkTracer) or not tracer._is_enabled():
-        return tracer.start_span(name, context, kind, attributes, links)
-    parent: SpanContext | None = trace.get_current_span(context).get_span_context()
+    given = parent is not IN_CONTEXT
+    if parent is IN_CONTEXT:
+        parent = trace.get_current_span(context).get_span_context()
+    # The class first: an ABC's isinstance is the slow kind.
+    if not (tracer.__class__ is SdkTracer or isinstance(tracer, SdkTracer)) or not (
+        tracer._is_enabled()
+    ):
+        return tracer.start_span(name, _with(parent, context, given), kind, attributes, links)
     if parent is not None and parent.is_valid:
-        trace_id = parent.trace_id
-        random_trace_id = parent.trace_flags.random_trace_id
+        trace_id, _, _, parent_flags, parent_state, _ = parent  # a typed tuple: no properties
+        random_trace_id = parent_flags.random_trace_id
     elif trace_id is not None:
         parent = None
         random_trace_id = False  # the caller's id: nothing says how it was made
@@ -264,9 +282,10 @@ def start(
         random_trace_id = tracer.id_generator.is_trace_id_random()
     if parent is not None and _follows_parent(tracer.sampler):
         # What the sampler decides for a child, without its result objects: as the parent.
-        sampled = parent.trace_flags.sampled
-        trace_state: TraceState | None = parent.trace_state
+        sampled = parent_flags.sampled
+        trace_state: TraceState | None = parent_state
     else:
+        context = _with(parent, context, given)
         result = tracer.sampler.should_sample(context, trace_id, name, kind, attributes, links)
         # RECORD_ONLY records for in-process processors; there are none for our spans.
         sampled = result.decision is sampling.Decision.RECORD_AND_SAMPLE
@@ -284,6 +303,14 @@ def start(
         return trace.NonRecordingSpan(span_context)
     bound(attributes, _config.get_settings().max_span_attribute_length)
     return LeanSpan(name, span_context, parent, kind, attributes, links, owner)
+
+
+def _with(parent: SpanContext | None, context: Context | None, given: bool) -> Context | None:
+    """`context` with `parent` as its span, when `parent` was given apart from it (for those
+    who read the parent from a context: a sampler, MLflow's tracer)."""
+    if not given or parent is None:
+        return context
+    return trace.set_span_in_context(trace.NonRecordingSpan(parent), context)
 
 
 def start_child(

@@ -101,6 +101,9 @@ def _start(
     carrier: _propagation.Carrier = {}
     host = user_agent = content_type = None
     try:
+        path = scope.get("path", "")
+        if path in options.exclude_paths:  # before any header is read: a health check
+            return None
         for key, value in raw:
             key = key.lower()
             if key in _PROPAGATION:
@@ -122,17 +125,18 @@ def _start(
     client = scope.get("client")
     return _server.start(
         options,
+        # What the headers gave, then what the scope says.
         _server.Inbound(
-            scope.get("method", "GET"),
-            scope.get("path", ""),
-            scope.get("scheme", "http"),
-            carrier,
-            headers,
-            _server.server_address(host, tuple(server) if server else None),
-            client[0] if client else None,
-            user_agent,
-            content_type,
-            websocket,
+            carrier=carrier,
+            headers=headers,
+            server=_server.server_address(host, tuple(server) if server else None),
+            user_agent=user_agent,
+            content_type=content_type,
+            method=scope.get("method", "GET"),
+            path=path,
+            scheme=scope.get("scheme", "http"),
+            client=client[0] if client else None,
+            websocket=websocket,
         ),
     )
 
@@ -164,17 +168,8 @@ async def _traced(
     async def send_wrapper(message: Message) -> None:
         nonlocal response_done
         kind = message.get("type")
-        try:
-            if kind == "http.response.start":
-                _response_started(request, message)
-                if request.answers and (header := request.callee_header(matched())):
-                    name, value = header
-                    extra = (name.encode(), value.encode())
-                    message = {**message, "headers": [*message.get("headers", ()), extra]}
-            elif kind == "http.response.body" and request.response_body is not None:
-                request.response_body.feed(message.get("body", b""))
-        except Exception:
-            _log.internal_error("asgi send")
+        if kind == "http.response.start" or request.response_body is not None:
+            message = _recorded(request, kind, message, matched)
         await send(message)
         if kind == "http.response.body" and not message.get("more_body", False):
             response_done = True
@@ -189,6 +184,26 @@ async def _traced(
         if not response_done:  # the client went away, or no body was sent
             request.end(route=matched())
         request.detach()
+
+
+def _recorded(
+    request: _server.RequestSpan, kind: object, message: Message, route: Callable[[], str | None]
+) -> Message:
+    """Record a response message (status and content type, body); return the message to send,
+    with the callee header added for a caller whose trace is continued (it learns who
+    answered)."""
+    try:
+        if kind == "http.response.start":
+            _response_started(request, message)
+            if request.answers and (header := request.callee_header(route())):
+                name, value = header
+                extra = (name.encode(), value.encode())
+                return {**message, "headers": [*message.get("headers", ()), extra]}
+        elif kind == "http.response.body" and request.response_body is not None:
+            request.response_body.feed(message.get("body", b""))
+    except Exception:
+        _log.internal_error("asgi send")
+    return message
 
 
 async def _websocket(

@@ -87,15 +87,15 @@ def _start(options: _server.ServerOptions, request: HttpRequest) -> _server.Requ
         span = _server.start(
             options,
             _server.Inbound(
-                request.method or "GET",
-                request.path,
-                request.scheme or "http",
-                carrier,
-                lambda: list(request.headers.items()),
-                _server.server_address(meta.get("HTTP_HOST"), fallback),
-                meta.get("REMOTE_ADDR"),
-                meta.get("HTTP_USER_AGENT"),
-                meta.get("CONTENT_TYPE"),
+                method=request.method or "GET",
+                path=request.path,
+                scheme=request.scheme or "http",
+                carrier=carrier,
+                headers=lambda: list(request.headers.items()),
+                server=_server.server_address(meta.get("HTTP_HOST"), fallback),
+                client=meta.get("REMOTE_ADDR"),
+                user_agent=meta.get("HTTP_USER_AGENT"),
+                content_type=meta.get("CONTENT_TYPE"),
             ),
         )
         if span is not None and span.request_body is not None:

@@ -404,7 +404,13 @@ def _start_server(
             attributes[client_attributes.CLIENT_ADDRESS] = peer
         agent = next((v for k, v in pairs if k == "user-agent"), None)
         inbound = _server.Inbound(
-            "POST", "/" + name, "http", carrier, lambda: pairs, None, peer, agent, None
+            method="POST",
+            path="/" + name,
+            scheme="http",
+            carrier=carrier,
+            headers=lambda: pairs,
+            client=peer,
+            user_agent=agent,
         )
         return _server.start_call(options, name, attributes, inbound)
     except Exception:

@@ -15,53 +15,22 @@ from __future__ import annotations
 
 import httpx
 
-from . import _targets
-from ._httpx_family import HttpxFamily
+from ._httpx_family import AsyncTracing, HttpxFamily, Tracing
 
 __all__ = ["AsyncTracingTransport", "TracingTransport", "instrument", "uninstrument"]
 
 _family = HttpxFamily(httpx)
-_destination = _family.destination
-instrument = _family.instrument
-uninstrument = _family.uninstrument
+instrument, uninstrument = _family.instrument, _family.uninstrument
+_destination = _family.destination  # how the transports see a URL (tests check the allowlist)
 
 
-class TracingTransport(httpx.BaseTransport):
+class TracingTransport(Tracing, httpx.BaseTransport):
     """Wraps a sync transport (default `httpx.HTTPTransport()`)."""
 
-    def __init__(
-        self,
-        transport: httpx.BaseTransport | None = None,
-        *,
-        propagate_to: _targets.Patterns | None = None,
-    ) -> None:
-        self._targets = _targets.parse(propagate_to)
-        self._inner = transport or httpx.HTTPTransport()
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        response: httpx.Response = _family.send(request, self._inner.handle_request, self._targets)
-        return response
-
-    def close(self) -> None:
-        self._inner.close()
+    family = _family
 
 
-class AsyncTracingTransport(httpx.AsyncBaseTransport):
+class AsyncTracingTransport(AsyncTracing, httpx.AsyncBaseTransport):
     """Wraps an async transport (default `httpx.AsyncHTTPTransport()`)."""
 
-    def __init__(
-        self,
-        transport: httpx.AsyncBaseTransport | None = None,
-        *,
-        propagate_to: _targets.Patterns | None = None,
-    ) -> None:
-        self._targets = _targets.parse(propagate_to)
-        self._inner = transport or httpx.AsyncHTTPTransport()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        inner = self._inner.handle_async_request
-        response: httpx.Response = await _family.send_async(request, inner, self._targets)
-        return response
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
+    family = _family

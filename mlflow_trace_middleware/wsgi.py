@@ -98,6 +98,9 @@ def _flask_exception(sender: object, exception: BaseException | None = None, **e
 
 def _start(options: _server.ServerOptions, environ: WSGIEnvironment) -> _server.RequestSpan | None:
     try:
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        if path in options.exclude_paths:  # before any header is read
+            return None
         carrier = {
             name: [value] for name, key in _PROPAGATION if (value := environ.get(key)) is not None
         }
@@ -114,15 +117,15 @@ def _start(options: _server.ServerOptions, environ: WSGIEnvironment) -> _server.
         return _server.start(
             options,
             _server.Inbound(
-                environ.get("REQUEST_METHOD", "GET"),
-                environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
-                environ.get("wsgi.url_scheme", "http"),
-                carrier,
-                headers,
-                _server.server_address(environ.get("HTTP_HOST"), fallback),
-                environ.get("REMOTE_ADDR"),
-                environ.get("HTTP_USER_AGENT"),
-                environ.get("CONTENT_TYPE"),
+                method=environ.get("REQUEST_METHOD", "GET"),
+                path=path,
+                scheme=environ.get("wsgi.url_scheme", "http"),
+                carrier=carrier,
+                headers=headers,
+                server=_server.server_address(environ.get("HTTP_HOST"), fallback),
+                client=environ.get("REMOTE_ADDR"),
+                user_agent=environ.get("HTTP_USER_AGENT"),
+                content_type=environ.get("CONTENT_TYPE"),
             ),
         )
     except Exception:

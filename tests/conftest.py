@@ -72,6 +72,7 @@ def _settings_as_they_were() -> Iterator[None]:
 def exporter() -> Iterator[InMemoryExporter]:
     """Route this process's spans into memory for one test."""
     memory = InMemoryExporter()
+    mtm.flush()  # what earlier tests left in the sink goes to their exporter, not this one
     mtm.configure(service_name="test-svc", exporter=memory)
     yield memory
     mtm.flush()

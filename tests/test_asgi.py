@@ -428,3 +428,15 @@ def test_host_header_fast_path_agrees_with_the_url_parser(host: str) -> None:
     fallback = ("10.0.0.1", 80)
     expected = _server.parsed_host(host, fallback) if host else fallback
     assert _server.server_address(host, fallback) == expected
+
+
+def test_inbound_is_built_by_keyword() -> None:
+    """The adapter contract's ten fields (several strings, several optional) are named, never
+    told apart by position; what an adapter does not know defaults to None."""
+    with pytest.raises(TypeError):
+        _server.Inbound("GET", "/a", "http", {}, list)  # type: ignore[call-arg]
+    inbound = _server.Inbound(method="GET", path="/a", scheme="http", carrier={}, headers=list)
+    assert (inbound.server, inbound.client, inbound.user_agent, inbound.content_type) == (
+        (None,) * 4
+    )
+    assert not inbound.websocket
