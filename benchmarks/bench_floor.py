@@ -44,17 +44,7 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "30"))
 LOOP = asyncio.new_event_loop()
 
 
-class Passthrough:
-    """A do-nothing ASGI middleware: the floor of any middleware."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self.app(scope, receive, send)
-
-
-class Wrapping(Passthrough):
+class Wrapping(apps.Passthrough):
     """A do-nothing middleware that wraps `receive` and `send`, as one that reads the
     request and response bodies must."""
 
@@ -77,7 +67,7 @@ def variants() -> dict[str, Any]:
 
     return {
         "bare": fastapi(),
-        "do-nothing ASGI middleware": Passthrough(fastapi()),
+        "do-nothing ASGI middleware": apps.Passthrough(fastapi()),
         "do-nothing middleware wrapping receive and send": Wrapping(fastapi()),
         "ours, the path excluded": ours(exclude_paths=["/hello"]),
         "ours, bodies not captured": ours(capture_bodies=False),
