@@ -206,6 +206,17 @@ def _trust_policy(raw: str) -> str:
     return str(_trust.check_policy(raw.strip()))
 
 
+def _trust_lenient(raw: str) -> str:
+    """A service's reading of `MLFLOW_TRACE_TRUST`: a value it cannot use (a typo of
+    `restart`) restarts every inbound context, never continues it (as the allowlist allows
+    nothing on an invalid entry)."""
+    try:
+        return _trust_policy(raw)
+    except ValueError:
+        _ignored("MLFLOW_TRACE_TRUST", "not continue, restart or adopt; restarting every context")
+        return "restart"
+
+
 def _key_names(variable: str) -> Callable[[str], tuple[str, ...]]:
     return lambda raw: _redaction.key_names(raw, variable)
 
@@ -265,7 +276,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("MLFLOW_TRACE_CAPTURE_BODIES", "capture_bodies", "true", "record JSON bodies as the request span's inputs/outputs (and what an MCP client records of a tool call)", _flag, _BOOLEAN, MIDDLEWARE),
     Option("MLFLOW_TRACE_MAX_BODY_BYTES", "max_body_bytes", "32768", "larger bodies are recorded as a truncation marker", _bytes, "an integer >= 0", MIDDLEWARE),
     Option("MLFLOW_TRACE_EXCLUDE_PATHS", "exclude_paths", "", "exact paths that get no span, comma-separated", _names, takes=MIDDLEWARE),
-    Option("MLFLOW_TRACE_TRUST", "trust", "continue", "`continue`, `restart` or `adopt` inbound context (see [Security](security.md)); also Celery's, kombu's, aio-pika's and gRPC's consumers", _trust_policy, "continue, restart or adopt", MIDDLEWARE),
+    Option("MLFLOW_TRACE_TRUST", "trust", "continue", "`continue`, `restart` or `adopt` inbound context (see [Security](security.md)); an invalid value restarts (the launcher refuses it); also Celery's, kombu's, aio-pika's and gRPC's consumers", _trust_policy, "continue, restart or adopt", MIDDLEWARE, lenient=_trust_lenient),
     Option("MLFLOW_TRACE_CAPTURE_HEADERS", "capture_headers", "", "request headers to record, comma-separated; credential headers refused", _names, takes=MIDDLEWARE),
     Option("MLFLOW_TRACE_REDACT_KEYS", "redact_keys", "", "more JSON keys to hide, comma-separated (see [What the previews hide](behaviour.md#what-the-previews-hide)); the argument adds to them", _key_names("MLFLOW_TRACE_REDACT_KEYS"), takes=MIDDLEWARE),
     Option("MLFLOW_TRACE_KEEP_KEYS", "keep_keys", "", "JSON keys to show although a built-in name hides them; the argument adds to them", _key_names("MLFLOW_TRACE_KEEP_KEYS"), takes=MIDDLEWARE),

@@ -84,6 +84,19 @@ def test_the_variables_configure_the_one_line_setup(
     ]
 
 
+def test_an_invalid_trust_variable_restarts_every_context(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo of `restart` must not open the service to every caller: it fails closed."""
+    monkeypatch.setenv("MLFLOW_TRACE_TRUST", "restrat")
+    _config.reload()
+    assert Middleware(None).options.trust == "restart"
+    assert caplog.messages == [
+        "mlflow-trace-middleware: ignoring MLFLOW_TRACE_TRUST: not continue, restart or adopt; "
+        "restarting every context"
+    ]
+
+
 # -- one runtime -------------------------------------------------------------------------------
 
 
