@@ -144,7 +144,7 @@ def _message(span: Finished, state: Recorded) -> bytes:
 # young collection (a nested tuple only once its members are, a dict never), so spans waiting
 # for the sink's worker cost the collector nothing.
 Snapshot = tuple[Any, ...]
-_FIXED_FIELDS = 15  # the attributes' keys and values follow
+FIXED_FIELDS = 15  # the attributes' keys and values follow
 
 
 def snapshot(
@@ -181,19 +181,6 @@ def snapshot(
     return taken + _flat(extra) if extra else taken
 
 
-def snapshot_size(snap: Snapshot) -> int:
-    """About the bytes `encode_snapshot` makes of `snap` (for the sink's byte bound before it
-    is encoded): the text of its name and attribute values, plus the fields around them."""
-    size = 64 + len(snap[0]) + 8 * len(snap)  # ids, times, status; keys are short
-    for value in snap[_FIXED_FIELDS + 1 :: 2]:
-        kind = value.__class__
-        if kind is str or kind is bytes:
-            size += len(value)
-        elif kind is tuple:
-            size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in value)
-    return size
-
-
 def _flat(attributes: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(chain.from_iterable(attributes.items()))
 
@@ -202,7 +189,7 @@ def encode_snapshot(snap: Snapshot) -> EncodedSpan:
     """A `snapshot` as OTLP `Span` bytes: the fields byte for byte as the protobuf library
     writes them (field order, defaults left out), without building a message."""
     name, kind, start, end, trace_id, span_id, trace_state, trace_flags = snap[:8]
-    parent, remote, dropped, code, description, scope_name, scope_version = snap[8:_FIXED_FIELDS]
+    parent, remote, dropped, code, description, scope_name, scope_version = snap[8:FIXED_FIELDS]
     parts = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
     if trace_state:
         parts.append(_text(3, trace_state))
@@ -223,7 +210,7 @@ def encode_snapshot(snap: Snapshot) -> EncodedSpan:
         inner += b"\x18" + _varint(code)
     parts += (b"\x7a", _varint(len(inner)), inner)
     flags = _HAS_IS_REMOTE | (_IS_REMOTE if remote else 0) | trace_flags
-    pairs = iter(snap[_FIXED_FIELDS:])
+    pairs = iter(snap[FIXED_FIELDS:])
     parts += (b"\x85\x01", _FIXED32.pack(flags), _pair_fields(zip(pairs, pairs, strict=True)))
     return EncodedSpan(b"".join(parts), _scope_key(scope_name, scope_version), parent is None)
 

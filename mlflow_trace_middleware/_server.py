@@ -237,6 +237,15 @@ class RequestSpan:
             span.end()
 
     def _finish(self, span: trace.Span, route: str | None, error: BaseException | None) -> None:
+        status = self.status
+        ok = False
+        if error is None and status is not None and status < 500:  # `set_outcome`'s OK
+            ok = True
+            if _spans.end_server(
+                span, self.name, route, self.request_body, self.response_body, status
+            ):
+                return
+        # Another span (MLflow's, or ours handed to it) or an error: through the span's API.
         found: dict[str, Any] = {}
         if route:
             name = f"{self.name} {route}"
@@ -248,8 +257,7 @@ class RequestSpan:
             found[_keys.INPUTS] = inputs
         if self.response_body is not None and (outputs := self.response_body.attribute()):
             found[_keys.OUTPUTS] = outputs
-        status = self.status
-        if error is None and status is not None and status < 500:  # `set_outcome`'s OK
+        if ok:
             found[http_attributes.HTTP_RESPONSE_STATUS_CODE] = status
             _spans.record(span, found)
             span.set_status(_spans.OK)

@@ -29,8 +29,9 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from . import _log
+from ._capture import BodyCapture
 from ._config import SinkLimits
-from ._encoding import EncodedSpan, Scope, Snapshot, encode_snapshot, snapshot_size
+from ._encoding import FIXED_FIELDS, EncodedSpan, Scope, Snapshot, encode_snapshot
 from ._export import Exporter, ExportResult, SinkStats
 
 # A queued span: (encoded bytes, scope, experiment id, size, monotonic time of the first failed
@@ -44,10 +45,12 @@ _SIZE: Final = 3
 _SINCE: Final = 4
 _ROOT: Final = 5
 
-# A finished span not encoded yet: its experiment id, its size as `snapshot_size` estimates it,
+# A finished span not encoded yet: its experiment id, its size as `_estimate` makes it,
 # then its snapshot's fields. One flat tuple of atoms, like `_Item` (a nested one would stay
 # tracked by the collector longer). Or, for a span encoded already (one with events or links),
-# its experiment id, size and `EncodedSpan`.
+# its experiment id, size and `EncodedSpan`; or, for a snapshot holding bodies not checked yet
+# (`BodyCapture` values: the request path defers their checks to the worker), its experiment
+# id, size and that snapshot.
 _Raw = tuple[Any, ...]
 # Spans the worker encodes between two yields of the GIL: the request path waits for it at
 # most that long (about 0.3 ms); a yield costs a thread switch, so not after every span.
@@ -196,14 +199,14 @@ class SpanSink:
         fails to encode is dropped as `encoding_error`), or encoded already (it keeps its place
         among the others: spans are posted in the order they ended). Never blocks, never
         raises; the request path's way in: a deque append under the lock, the bounds checked
-        (spans, and the bytes they will take: `snapshot_size`), the encoding off its thread."""
+        (spans, and the bytes they will take: `_estimate`), the encoding off its thread."""
         raw = self._raw
         if isinstance(snapshot, EncodedSpan):
             size = len(snapshot.data)
             item: _Raw = (experiment_id, size, snapshot)
         else:
-            size = snapshot_size(snapshot)
-            item = (experiment_id, size, *snapshot)
+            size, bodies = _estimate(snapshot)
+            item = (experiment_id, size, snapshot) if bodies else (experiment_id, size, *snapshot)
         with self._lock:
             if self._closing:
                 drop = "shutdown"
@@ -301,7 +304,12 @@ class SpanSink:
         for n, item in enumerate(taken, 1):
             experiment_id = item[0]
             try:
-                span = item[2] if len(item) == 3 else encode_snapshot(item[2:])
+                if len(item) != 3:
+                    span = encode_snapshot(item[2:])
+                elif isinstance(held := item[2], EncodedSpan):
+                    span = held
+                else:  # bodies to check, redact and record here, off the request path
+                    span = encode_snapshot(_with_bodies(held))
                 encoded.append((span, experiment_id))
             except Exception:
                 _log.internal_error("span encode")
@@ -313,11 +321,11 @@ class SpanSink:
             self._encoding = 0
             if self._raw_epoch != self._epoch:  # given up meanwhile: already counted
                 return
-            for span, experiment_id in encoded:
-                if span is None:
+            for done, experiment_id in encoded:
+                if done is None:
                     self._dropped["encoding_error"] += 1
                     drops.add("encoding_error")
-                elif drop := self._admit(span, experiment_id):
+                elif drop := self._admit(done, experiment_id):
                     drops.add(drop)
             if drops:
                 self._settled.notify_all()
@@ -626,6 +634,40 @@ def _shut_down(exporter: Exporter) -> None:
         exporter.shutdown()
     except Exception:
         _log.internal_error("exporter.shutdown")
+
+
+def _estimate(snap: Snapshot) -> tuple[int, bool]:
+    """About the bytes `encode_snapshot` makes of `snap` (for the byte bound before it is
+    encoded): the text of its name and attribute values, plus the fields around them; and
+    whether it holds bodies not recorded yet, each counted as the bytes it kept (at most its
+    capture limit) plus a truncation marker's."""
+    size = 64 + len(snap[0]) + 8 * len(snap)  # ids, times, status; keys are short
+    bodies = False
+    for value in snap[FIXED_FIELDS + 1 :: 2]:
+        kind = value.__class__
+        if kind is str or kind is bytes:
+            size += len(value)
+        elif kind is tuple:
+            size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in value)
+        elif kind is BodyCapture:
+            size += min(value.size, value.limit) + 80
+            bodies = True
+    return size, bodies
+
+
+def _with_bodies(snap: Snapshot) -> Snapshot:
+    """`snap` with each `BodyCapture` value recorded as its attribute (checked as JSON, credential
+    keys redacted: `BodyCapture.attribute`); a body that records nothing loses its key."""
+    fixed = snap[:FIXED_FIELDS]
+    pairs: list[Any] = []
+    for n in range(FIXED_FIELDS, len(snap) - 1, 2):
+        key, value = snap[n], snap[n + 1]
+        if value.__class__ is BodyCapture:
+            value = value.attribute()
+            if value is None:
+                continue
+        pairs += (key, value)
+    return (*fixed, *pairs)
 
 
 def _take(queue: deque[_Item], max_spans: int, max_bytes: int) -> list[_Item]:

@@ -37,6 +37,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.trace.span import TraceState
 
 from . import _config, _keys
+from ._capture import BodyCapture
 from ._encoding import Recorded
 
 if TYPE_CHECKING:
@@ -392,6 +393,51 @@ def record(span: trace.Span, attributes: dict[str, str | int]) -> None:
             span.dropped_attributes += 1
         else:
             mine[key] = value
+
+
+def end_server(
+    span: trace.Span,
+    name: str,
+    route: str | None,
+    request_body: BodyCapture | None,
+    response_body: BodyCapture | None,
+    status: int,
+) -> bool:
+    """Record a request that succeeded (`status` below 500, no error) on its span, if the span
+    is one of ours, open, not handed to MLflow and without events or links: its name from
+    `route`, the route, the bodies and the status written in place, OK as its status. Returns
+    whether it did (else the caller records through the span's API).
+
+    The bodies are recorded as their captures: the sink's worker checks, redacts and records
+    them when it encodes the span (`_sink._with_bodies`), off the request path. Only such a span
+    can wait for that: its snapshot goes to the worker; one with events or links is encoded at
+    once, and MLflow's shadow span takes text only."""
+    if span.__class__ is not LeanSpan:
+        return False
+    ours = span  # the class checked, not an ABC's isinstance
+    if ours._shadow is not None or ours.end_time is not None or ours._events or ours._links:
+        return False
+    mine = ours._attributes
+    found: list[tuple[str, Any]] = []
+    if route:
+        full = f"{name} {route}"
+        ours._name = full
+        limit = _config.get_settings().max_span_attribute_length
+        found.append((http_attributes.HTTP_ROUTE, route if limit is None else route[:limit]))
+        if ours.parent is None:
+            found.append((_keys.TRACE_NAME, full))
+    if request_body is not None and request_body.size:
+        found.append((_keys.INPUTS, request_body))
+    if response_body is not None and response_body.size:
+        found.append((_keys.OUTPUTS, response_body))
+    found.append((http_attributes.HTTP_RESPONSE_STATUS_CODE, status))
+    for key, value in found:
+        if key not in mine and len(mine) >= MAX_ATTRIBUTES:
+            ours.dropped_attributes += 1
+        else:
+            mine[key] = value
+    ours._status = OK
+    return True
 
 
 def bounded(value: Any, limit: int | None) -> Any:

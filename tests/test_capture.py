@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from typing import Any
 
 import pytest
@@ -625,3 +626,39 @@ def test_a_captured_body_can_be_edited_before_it_is_recorded(body: bytes, edited
     capture.feed(body)
     capture.edit(drop, b'"_meta"')
     assert capture.attribute() == edited
+
+
+def test_bodies_are_checked_off_the_request_path_and_exported_redacted(
+    exporter: InMemoryExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The credential scan runs on the sink's worker, not the request's thread; what is exported
+    # is redacted all the same, a credential key in JSON text inside a string too.
+    threads: list[str] = []
+    mentions = Redaction.mentions
+
+    def scanning(self: Redaction, text: str) -> bool:
+        threads.append(threading.current_thread().name)
+        return mentions(self, text)
+
+    monkeypatch.setattr(Redaction, "mentions", scanning)
+    app = MlflowTracingMiddleware(_echo_json, instrument_clients=False)
+    body = json.dumps({"user": "a", "api_key": "sk-1", "note": json.dumps({"password": "p4ss"})})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body.encode(), "more_body": False}
+
+    async def send(message: Any) -> None:
+        pass
+
+    headers = [(b"content-type", b"application/json")]
+    scope = {"type": "http", "method": "POST", "path": "/p", "headers": headers}
+    asyncio.run(app(scope, receive, send))
+    assert threads == []
+    (span,) = exporter.finished_spans()
+    assert threads == ["mlflow-trace-sink"] * 2  # the request's body and the response's
+    for key in ("mlflow.spanInputs", "mlflow.spanOutputs"):
+        recorded = json.loads(str((span.attributes or {})[key]))
+        assert recorded["api_key"] == "[REDACTED]"
+        assert json.loads(recorded["note"]) == {"password": "[REDACTED]"}
+    assert "sk-1" not in str(span.attributes)
+    assert "p4ss" not in str(span.attributes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import threading
 import traceback
@@ -14,6 +15,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from mlflow_trace_middleware import _sink
+from mlflow_trace_middleware._capture import BodyCapture
 from mlflow_trace_middleware._config import SinkLimits
 from mlflow_trace_middleware._encoding import (
     EncodedSpan,
@@ -663,3 +665,68 @@ def test_spans_waiting_to_be_encoded_count_against_the_byte_bound(
     exporter.gate.set()
     sink.flush(5)
     check_invariant(sink.stats())
+
+
+def with_body(name: str, body: bytes, limit: int = 32 * 1024) -> Snapshot:
+    """A span's snapshot whose `mlflow.spanOutputs` is a body not checked yet, as the request
+    path hands it over (`_spans.end_server`)."""
+    capture = BodyCapture(limit)
+    capture.feed(body)
+    return (*snap(name), "mlflow.spanOutputs", capture)
+
+
+def test_bodies_handed_over_unchecked_count_against_the_byte_bound(
+    make_sink: Callable[..., SpanSink],
+) -> None:
+    # A body whose checks wait for the worker counts as the bytes it kept: memory stays bounded.
+    exporter = FakeExporter(block_first=True)
+    sink = make_sink(
+        exporter, max_batch_spans=1, max_queue_bytes=64 * 1024, max_batch_bytes=64 * 1024
+    )
+    sink.submit(make_spans(1)[0])  # a full batch: the worker takes it and blocks in export
+    assert exporter.entered.wait(5)
+    for i in range(20):
+        sink.submit_later(with_body(f"s{i}", b'"' + b"x" * 10_000 + b'"'))
+    stats = sink.stats()
+    assert stats.pending_bytes <= 64 * 1024
+    assert stats.dropped.get("queue_full", 0) >= 13, stats
+    check_invariant(stats)
+    exporter.gate.set()
+    assert not sink.flush(5)  # some were dropped
+    check_invariant(sink.stats())
+
+
+def test_bodies_are_checked_and_redacted_by_the_worker(
+    make_sink: Callable[..., SpanSink], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The request path hands the body over as it came; the worker records it redacted (a
+    # credential key in JSON text inside a string too), and a body that fails is counted.
+    exporter = FakeExporter()
+    sink = make_sink(exporter)
+    threads: list[str] = []
+    attribute = BodyCapture.attribute
+
+    def checked(capture: BodyCapture) -> str | None:
+        threads.append(threading.current_thread().name)
+        if capture.limit == 7:
+            raise RuntimeError("broken")
+        return attribute(capture)
+
+    monkeypatch.setattr(BodyCapture, "attribute", checked)
+    secret = {"user": "a", "api_key": "sk-1", "note": json.dumps({"password": "p4ss"})}
+    sink.submit_later(with_body("secret", json.dumps(secret).encode()))
+    sink.submit_later(with_body("broken", b"{}", limit=7))
+    sink.submit_later(with_body("empty", b""))
+    assert threads == []
+    assert not sink.flush(5)  # one was dropped
+    assert threads == ["mlflow-trace-sink"] * 3
+    stats = sink.stats()
+    assert (stats.exported, stats.dropped) == (2, {"encoding_error": 1})
+    check_invariant(stats)
+    decoded = {s.name: s.attributes for s in exporter.delivered}
+    outputs = json.loads(decoded["secret"]["mlflow.spanOutputs"])
+    assert outputs["api_key"] == "[REDACTED]"
+    assert json.loads(outputs["note"]) == {"password": "[REDACTED]"}
+    assert "sk-1" not in str(decoded)
+    assert "p4ss" not in str(decoded)
+    assert "mlflow.spanOutputs" not in decoded["empty"]
