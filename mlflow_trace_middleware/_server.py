@@ -157,28 +157,53 @@ class RequestSpan:
     )
 
     def __init__(self, options: ServerOptions, request: Inbound) -> None:
-        self.method = request.method if request.method in _KNOWN_METHODS else "_OTHER"
-        self.name = "WEBSOCKET" if request.websocket else self.method
+        method = request.method
+        self.method = method = method if method in _KNOWN_METHODS else "_OTHER"
+        self.name = name = "WEBSOCKET" if request.websocket else method
         self.status: int | None = None
         self.route: str | None = None
         self._ended = False
         self._token: object | None = None
-        self._limit = options.max_body_bytes if options.capture_bodies else 0
+        self._limit = limit = options.max_body_bytes if options.capture_bodies else 0
         self._redaction = options.redaction
         self.options, self.inbound = options, request
-        self.request_body = self._capture(request.content_type)
+        content_type = request.content_type
+        self.request_body = (
+            BodyCapture(limit, options.redaction) if limit and is_json(content_type) else None
+        )
         self.response_body: BodyCapture | None = None
-        attributes = _attributes(self.method, request, options)
-        parent = _parent(options, request, attributes, self.name)
+        # The attributes every request has, then those it may have.
+        path = request.path
+        attributes: dict[str, Any] = {
+            _keys.SPAN_TYPE: _config.span_type("server", path),
+            _METHOD: method,
+            _PATH: path,
+            _SCHEME: request.scheme,
+        }
+        if request.websocket:
+            attributes[_PROTOCOL] = "websocket"
+        server = request.server
+        if server is not None:
+            attributes[_SERVER_ADDRESS] = server[0]
+            if server[1] is not None:
+                attributes[_SERVER_PORT] = server[1]
+        if request.client:
+            attributes[_CLIENT_ADDRESS] = request.client
+        if request.user_agent:
+            attributes[_USER_AGENT] = request.user_agent
+        if options.capture_headers:
+            attributes.update(_header_attributes(request.headers(), options.capture_headers))
+        parent = _parent(options, request, attributes, name)
         # Whether the request brought a caller's context (a message it carries then has no say).
-        self.remote = parent.remote
+        self.remote = remote = parent.remote
+        trusted = parent.trusted
         # Whether the caller's trace is continued: it is told who answered (`callee_header`).
-        self.answers = parent.trusted and parent.remote and parent.trace_id is None
+        self.answers = trusted and remote and parent.trace_id is None
         context = parent.context
-        if options.identity_headers or (parent.trusted and _propagation.BAGGAGE in request.carrier):
+        if options.identity_headers or (trusted and _propagation.BAGGAGE in request.carrier):
             context = _identity(options, request, parent, attributes)
-        self.span = _mlflow.start_span(
-            self.name,
+        self.span = span = _mlflow.start_span(
+            name,
             context,
             SpanKind.SERVER,
             attributes,
@@ -187,17 +212,13 @@ class RequestSpan:
             trace_id=parent.trace_id,
             parent=parent.span_context,
         )
-        self.context = trace.set_span_in_context(self.span, context)
+        self.context = trace.set_span_in_context(span, context)
         self._token = _mlflow.attach(self.context)
-
-    def _capture(self, content_type: str | None) -> BodyCapture | None:
-        if self._limit and is_json(content_type):
-            return BodyCapture(self._limit, self._redaction)
-        return None
 
     def response_started(self, status: int, content_type: str | None) -> None:
         self.status = status
-        self.response_body = self._capture(content_type)
+        if self._limit and is_json(content_type):
+            self.response_body = BodyCapture(self._limit, self._redaction)
 
     def callee_header(self, route: str | None) -> tuple[str, str] | None:
         """The response header that names this service (and route, if one matched) to a caller
@@ -225,27 +246,34 @@ class RequestSpan:
         self._ended = True
         if route is not None:
             self.route = route
+        route = self.route
         span = self.span
         try:
+            status = self.status
+            # The common end (`set_outcome`'s OK), in place on a span of ours (else below).
+            if (
+                attributes is None
+                and error is None
+                and status is not None
+                and status < 500
+                and _spans.end_server(
+                    span, self.name, route, self.request_body, self.response_body, status
+                )
+            ):
+                return
             if span.is_recording():
                 if attributes:
                     span.set_attributes(attributes)
-                self._finish(span, self.route, error)
+                self._finish(span, route, status, error)
         except Exception:
             _log.internal_error("request span end")
         finally:
             span.end()
 
-    def _finish(self, span: trace.Span, route: str | None, error: BaseException | None) -> None:
-        status = self.status
-        ok = False
-        if error is None and status is not None and status < 500:  # `set_outcome`'s OK
-            ok = True
-            if _spans.end_server(
-                span, self.name, route, self.request_body, self.response_body, status
-            ):
-                return
-        # Another span (MLflow's, or ours handed to it) or an error: through the span's API.
+    def _finish(
+        self, span: trace.Span, route: str | None, status: int | None, error: BaseException | None
+    ) -> None:
+        """`end` through the span's API: MLflow's span, ours handed to MLflow, or an error."""
         found: dict[str, Any] = {}
         if route:
             name = f"{self.name} {route}"
@@ -257,7 +285,7 @@ class RequestSpan:
             found[_keys.INPUTS] = inputs
         if self.response_body is not None and (outputs := self.response_body.attribute()):
             found[_keys.OUTPUTS] = outputs
-        if ok:
+        if error is None and status is not None and status < 500:  # `set_outcome`'s OK
             found[http_attributes.HTTP_RESPONSE_STATUS_CODE] = status
             _spans.record(span, found)
             span.set_status(_spans.OK)
@@ -371,26 +399,15 @@ def start_call(
     return span, trace.set_span_in_context(span, context)
 
 
-def _attributes(method: str, request: Inbound, options: ServerOptions) -> dict[str, Any]:
-    attributes: dict[str, Any] = {
-        _keys.SPAN_TYPE: _config.span_type("server", request.path),
-        http_attributes.HTTP_REQUEST_METHOD: method,
-        url_attributes.URL_PATH: request.path,
-        url_attributes.URL_SCHEME: request.scheme,
-    }
-    if request.websocket:
-        attributes[network_attributes.NETWORK_PROTOCOL_NAME] = "websocket"
-    if request.server is not None:
-        attributes[server_attributes.SERVER_ADDRESS] = request.server[0]
-        if request.server[1] is not None:
-            attributes[server_attributes.SERVER_PORT] = request.server[1]
-    if request.client:
-        attributes[client_attributes.CLIENT_ADDRESS] = request.client
-    if request.user_agent:
-        attributes[user_agent_attributes.USER_AGENT_ORIGINAL] = request.user_agent
-    if options.capture_headers:
-        attributes.update(_header_attributes(request.headers(), options.capture_headers))
-    return attributes
+# The request span's attribute keys (OpenTelemetry's HTTP server semantic conventions).
+_METHOD = http_attributes.HTTP_REQUEST_METHOD
+_PATH = url_attributes.URL_PATH
+_SCHEME = url_attributes.URL_SCHEME
+_PROTOCOL = network_attributes.NETWORK_PROTOCOL_NAME
+_SERVER_ADDRESS = server_attributes.SERVER_ADDRESS
+_SERVER_PORT = server_attributes.SERVER_PORT
+_CLIENT_ADDRESS = client_attributes.CLIENT_ADDRESS
+_USER_AGENT = user_agent_attributes.USER_AGENT_ORIGINAL
 
 
 class _Parent(NamedTuple):

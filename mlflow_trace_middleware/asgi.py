@@ -168,12 +168,21 @@ async def _traced(
     async def send_wrapper(message: Message) -> None:
         nonlocal response_done
         kind = message.get("type")
-        if kind == "http.response.start" or request.response_body is not None:
-            message = _recorded(request, kind, message, matched)
+        if kind == "http.response.body":
+            capture = request.response_body
+            if capture is not None:
+                try:
+                    capture.feed(message.get("body", b""))
+                except Exception:
+                    _log.internal_error("asgi send")
+            await send(message)
+            if not message.get("more_body", False):
+                response_done = True
+                request.end(route=matched())
+            return
+        if kind == "http.response.start":
+            message = _started(request, message, matched)
         await send(message)
-        if kind == "http.response.body" and not message.get("more_body", False):
-            response_done = True
-            request.end(route=matched())
 
     try:
         await app(scope, receive_wrapper, send_wrapper)
@@ -186,21 +195,18 @@ async def _traced(
         request.detach()
 
 
-def _recorded(
-    request: _server.RequestSpan, kind: object, message: Message, route: Callable[[], str | None]
+def _started(
+    request: _server.RequestSpan, message: Message, route: Callable[[], str | None]
 ) -> Message:
-    """Record a response message (status and content type, body); return the message to send,
+    """Record the response's start (status and content type); return the message to send,
     with the callee header added for a caller whose trace is continued (it learns who
     answered)."""
     try:
-        if kind == "http.response.start":
-            _response_started(request, message)
-            if request.answers and (header := request.callee_header(route())):
-                name, value = header
-                extra = (name.encode(), value.encode())
-                return {**message, "headers": [*message.get("headers", ()), extra]}
-        elif kind == "http.response.body" and request.response_body is not None:
-            request.response_body.feed(message.get("body", b""))
+        _response_started(request, message)
+        if request.answers and (header := request.callee_header(route())):
+            name, value = header
+            extra = (name.encode(), value.encode())
+            return {**message, "headers": [*message.get("headers", ()), extra]}
     except Exception:
         _log.internal_error("asgi send")
     return message
