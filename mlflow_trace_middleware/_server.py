@@ -426,7 +426,11 @@ def _parent(
     """What a span for `request` continues; marks it as a trace's root (`TRACE_NAME`, `name`)
     when it has no parent."""
     carrier = request.carrier
-    context = _propagation.extract_baggage(carrier) if carrier else _propagation.EMPTY
+    context = (
+        _propagation.extract_baggage(carrier)
+        if _propagation.BAGGAGE in carrier
+        else _propagation.EMPTY
+    )
     remote = _propagation.extract_parent(carrier) if carrier else None
 
     def inbound() -> _trust.InboundRequest:
@@ -451,7 +455,7 @@ def _parent(
         link = trace.Link(remote, {_keys.ADOPTED_FROM: caller})
         return _Parent(context, [link], None, trusted=True, trace_id=remote.trace_id)
 
-    if not keys and not remote.trace_state and options.trust == "continue":
+    if not keys and not remote[4] and options.trust == "continue":  # [4]: its tracestate
         # The common case, decided without the policy's and the signature's calls: continued,
         # no experiment named (that takes our tracestate entry).
         return _Parent(context, [], None, trusted=True, span_context=remote)

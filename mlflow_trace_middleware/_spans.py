@@ -271,9 +271,10 @@ def start(
         tracer._is_enabled()
     ):
         return tracer.start_span(name, _with(parent, context, given), kind, attributes, links)
-    if parent is not None and parent.is_valid:
-        trace_id, _, _, parent_flags, parent_state, _ = parent  # a typed tuple: no properties
-        random_trace_id = parent_flags.random_trace_id
+    # A `SpanContext` is a typed tuple, its flags an int: read without their properties.
+    if parent is not None and parent[5]:  # valid
+        trace_id, _, _, parent_flags, parent_state, _ = parent
+        random_trace_id = parent_flags & _RANDOM
     elif trace_id is not None:
         parent = None
         random_trace_id = False  # the caller's id: nothing says how it was made
@@ -283,7 +284,7 @@ def start(
         random_trace_id = tracer.id_generator.is_trace_id_random()
     if parent is not None and _follows_parent(tracer.sampler):
         # What the sampler decides for a child, without its result objects: as the parent.
-        sampled = parent_flags.sampled
+        sampled = parent_flags & _SAMPLED
         trace_state: TraceState | None = parent_state
     else:
         context = _with(parent, context, given)
@@ -350,6 +351,8 @@ _CHILD_FLAGS = frozenset({TraceFlags.SAMPLED, TraceFlags.SAMPLED | TraceFlags.RA
 
 
 _MLFLOW = "mlflow."
+_SAMPLED = int(TraceFlags.SAMPLED)
+_RANDOM = int(TraceFlags.RANDOM_TRACE_ID)
 # (sampled, random trace id) -> the trace flags: four values, built once.
 _FLAGS = {
     (sampled, random): TraceFlags(
