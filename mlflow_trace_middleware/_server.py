@@ -217,8 +217,11 @@ class RequestSpan:
 
     def response_started(self, status: int, content_type: str | None) -> None:
         self.status = status
-        if self._limit and is_json(content_type):
-            self.response_body = BodyCapture(self._limit, self._redaction)
+        self.response_body = (
+            BodyCapture(self._limit, self._redaction)
+            if self._limit and is_json(content_type)
+            else None  # a response started again (WSGI's `exc_info`): its body starts again
+        )
 
     def callee_header(self, route: str | None) -> tuple[str, str] | None:
         """The response header that names this service (and route, if one matched) to a caller
