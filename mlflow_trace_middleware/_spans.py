@@ -344,6 +344,61 @@ def start_child(
     return LeanSpan(name, span_context, parent, kind, attributes, (), owner)
 
 
+def start_client(
+    tracer: trace.Tracer, owner: Owner, name: str, parent: SpanContext, attributes: dict[str, Any]
+) -> LeanSpan | None:
+    """`start_child` for an outgoing call's CLIENT span whose `attributes` are within the
+    length limit already (`_client` bounds them once per origin): no per-call bounding, the
+    tracer's class checked before an ABC's `isinstance`, the span context built as the typed
+    tuple it is (a valid parent's trace id, a generated span id: valid). None when the cheap
+    path does not apply: then `_mlflow.start_child`."""
+    trace_id, _, _, flags, trace_state, _ = parent
+    if (
+        flags not in _CHILD_FLAGS
+        or not (tracer.__class__ is SdkTracer or isinstance(tracer, SdkTracer))
+        or not tracer._is_enabled()
+        or not _follows_parent(tracer.sampler)
+    ):
+        return None
+    span_id = tracer.id_generator.generate_span_id()
+    if not 0 < span_id < _SPAN_ID_LIMIT:  # a custom generator's odd id: the checked way
+        return None
+    # (trace id, span id, remote, flags, tracestate, valid): `SpanContext.__new__`'s tuple.
+    context = tuple.__new__(SpanContext, (trace_id, span_id, False, flags, trace_state, True))
+    return LeanSpan(name, context, parent, SpanKind.CLIENT, attributes, (), owner)
+
+
+def end_client(span: trace.Span, status: int) -> bool:
+    """End an outgoing call's span that got an answer (`status`, no exception), writing the
+    status code, the error type of a status of 400 or more, and the span status in place, as
+    `set_outcome` would through the span's API. Only for one of ours, open and not handed to
+    MLflow; returns whether it did (else the caller goes through `set_outcome`)."""
+    if span.__class__ is not LeanSpan:
+        return False
+    ours = span  # the class checked, not an ABC's isinstance
+    if ours._shadow is not None or ours.end_time is not None:
+        return False
+    mine = ours._attributes
+    found = (
+        ((_STATUS_CODE, status),)
+        if status < 400
+        else ((_STATUS_CODE, status), (error_attributes.ERROR_TYPE, str(status)))
+    )
+    for key, value in found:
+        if key not in mine and len(mine) >= MAX_ATTRIBUTES:
+            ours.dropped_attributes += 1
+        else:
+            mine[key] = value
+    if ours._status.status_code is not StatusCode.OK:  # as `set_status`: OK is final
+        ours._status = OK if status < 400 else ERROR
+    ours.end()
+    return True
+
+
+_STATUS_CODE = http_attributes.HTTP_RESPONSE_STATUS_CODE
+_SPAN_ID_LIMIT = 1 << 64
+
+
 # A sampled parent's flags that a child has as they are (`start`: sampled, and the random bit).
 _CHILD_FLAGS = frozenset({TraceFlags.SAMPLED, TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID})
 
