@@ -14,9 +14,11 @@ from opentelemetry.trace import SpanKind, StatusCode
 import mlflow_trace_middleware as mtm
 import mlflow_trace_middleware.httpx
 import mlflow_trace_middleware.httpx2
+from mlflow_trace_middleware import _config
+from mlflow_trace_middleware._keys import PROPAGATION
 from mlflow_trace_middleware.requests import TracingAdapter
 from mlflow_trace_middleware.testing import InMemoryExporter
-from tests.helpers import assert_failed, traceparent_for
+from tests.helpers import assert_failed, member, traceparent_for
 
 
 class Family(NamedTuple):
@@ -102,6 +104,40 @@ def test_connection_error_is_recorded_and_reraised(
             c.get("http://down.test/")
     call = next(s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT)
     assert_failed(call, "ConnectError")
+
+
+def test_what_calls_keep_per_origin_and_per_parent_follows_the_settings_at_the_next_call(
+    exporter: InMemoryExporter, family: Family
+) -> None:
+    """The span fields kept per origin, the allowlist's decision and the `tracestate` kept
+    for the last parent are the current settings' at every call: `configure()` (a new
+    allowlist, a new experiment) and new limits apply to the very next call under the same
+    parent, to the same origin."""
+    seen: list[Any] = []
+    url = "http://api.example.test/v1/items"
+    with traced_client(family, seen) as c, mlflow.start_span("root"):
+        c.get(url)
+        mtm.configure(propagate_to=["other.test"])
+        c.get(url)
+        mtm.configure(propagate_to="*", experiment_id="7", exporter=exporter)
+        c.get(url)
+        _config.update_settings(max_span_attribute_length=12)
+        c.get(url)
+    first, blocked, moved, cut = sorted(
+        (s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT),
+        key=lambda s: s.start_time,
+    )
+    assert seen[0].headers["traceparent"] == traceparent_for(first)
+    assert PROPAGATION not in first.attributes
+    assert not {"traceparent", "tracestate"} & set(seen[1].headers)
+    assert blocked.attributes[PROPAGATION] == "blocked"
+    assert seen[2].headers["traceparent"] == traceparent_for(moved)
+    assert seen[0].headers["tracestate"] != seen[2].headers["tracestate"] == member()
+    assert PROPAGATION not in moved.attributes
+    assert moved.attributes["url.full"] == url
+    assert seen[3].headers["traceparent"] == traceparent_for(cut)
+    assert cut.attributes["url.full"] == url[:12]
+    assert cut.attributes["server.address"] == "api.example."
 
 
 @pytest.mark.anyio
