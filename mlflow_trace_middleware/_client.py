@@ -231,10 +231,12 @@ def _sent(
     """The headers of a call from span `ids`: its ids, our tracestate entry, the baggage of
     the parent's context and of OpenTelemetry's global context.
 
-    Calls under one parent send the same `tracestate` and `baggage`: they are kept for the
-    last parent (one slot), found again when the parent's context, OpenTelemetry's current
-    context (both immutable), the runtime, the tracestate and the experiment are the same
-    objects. Only a signed entry (its signature covers the span's ids) is made per call."""
+    Calls under one parent send the same `tracestate` and `baggage`, and `traceparent`s that
+    differ only in the span id: they are kept for the last parent (one slot, strong
+    references), found again when the parent's context, OpenTelemetry's current context (both
+    immutable), the runtime, the tracestate and flags are the same objects and the trace and
+    experiment the same. Only a signed entry (its signature covers the span's ids) is made per
+    call."""
     global _last_sent
     runtime = runtime or _config.current()
     if parent_context is None or runtime.settings.signing_keys:
@@ -244,28 +246,32 @@ def _sent(
     experiment = _mlflow.routed_experiment(trace_id)
     current = otel_context.get_current()
     cached = _last_sent
+    key = cached[0]
     if (
-        cached[0] is not parent_context
-        or cached[1] is not current
-        or cached[2] is not runtime
-        or cached[3] is not trace_state
-        or cached[4] != experiment
+        key[0] is not parent_context
+        or key[1] is not current
+        or key[2] is not runtime
+        or key[3] is not trace_state
+        or key[4] != trace_id
+        or key[5] is not flags
+        or cached[1] != experiment
     ):
+        key = (parent_context, current, runtime, trace_state, trace_id, flags)
         found = _propagation.outgoing(
             ids, _our_entry(ids, runtime), _identity.with_global_baggage(parent_context)
         )
         found.pop(_propagation.TRACEPARENT, None)
-        cached = _last_sent = (parent_context, current, runtime, trace_state, experiment, found)
-    # As `TraceContextTextMapPropagator.inject` formats it.
-    return {
-        _propagation.TRACEPARENT: f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}",
-        **cached[5],
-    }
+        # As `TraceContextTextMapPropagator.inject` formats it: only the span id is new.
+        ends = (f"00-{trace_id:032x}-", f"-{flags:02x}")
+        cached = _last_sent = (key, experiment, found, ends)
+    head, tail = cached[3]
+    return {_propagation.TRACEPARENT: f"{head}{span_id:016x}{tail}", **cached[2]}
 
 
-# The last parent's (context, OpenTelemetry's context, runtime, tracestate, routed experiment,
-# its `tracestate` and `baggage` headers).
-_last_sent: tuple[Any, ...] = (None, None, None, None, None, {})
+# The last call's (parent's context, OpenTelemetry's context, runtime, tracestate, trace id,
+# flags), routed experiment, `tracestate` and `baggage` headers, and `traceparent` around the
+# span id.
+_last_sent: tuple[Any, ...] = ((None,) * 6, None, {}, ("", ""))
 
 
 def _active_parent() -> tuple[Context | None, trace.Span] | None:
