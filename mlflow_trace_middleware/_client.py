@@ -235,7 +235,8 @@ def _sent(
     differ only in the span id: they are kept for the last parent (one slot, strong
     references), found again when the parent's context, OpenTelemetry's current context (both
     immutable), the runtime, the tracestate and flags are the same objects and the trace and
-    experiment the same. Only a signed entry (its signature covers the span's ids) is made per
+    the experiment id (routed, else the runtime's, which a name being resolved changes) the
+    same. Only a signed entry (its signature covers the span's ids) is made per
     call."""
     global _last_sent
     runtime = runtime or _config.current()
@@ -244,6 +245,8 @@ def _sent(
         return _propagation.outgoing(ids, entry, _identity.with_global_baggage(parent_context))
     trace_id, span_id, _, flags, trace_state, _ = ids
     experiment = _mlflow.routed_experiment(trace_id)
+    if experiment is None and runtime.experiment is not None:
+        experiment = runtime.experiment.id()  # None while a name resolves: not kept then
     current = otel_context.get_current()
     cached = _last_sent
     key = cached[0]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import httpx
@@ -15,6 +16,7 @@ import mlflow_trace_middleware as mtm
 import mlflow_trace_middleware.httpx
 import mlflow_trace_middleware.httpx2
 from mlflow_trace_middleware import _config
+from mlflow_trace_middleware._experiments import Experiment
 from mlflow_trace_middleware._keys import PROPAGATION
 from mlflow_trace_middleware.requests import TracingAdapter
 from mlflow_trace_middleware.testing import InMemoryExporter
@@ -138,6 +140,26 @@ def test_what_calls_keep_per_origin_and_per_parent_follows_the_settings_at_the_n
     assert seen[3].headers["traceparent"] == traceparent_for(cut)
     assert cut.attributes["url.full"] == url[:12]
     assert cut.attributes["server.address"] == "api.example."
+
+
+def test_an_experiment_name_resolved_meanwhile_is_sent_at_the_next_call_under_the_parent(
+    exporter: InMemoryExporter, family: Family
+) -> None:
+    """The `tracestate` kept for a parent is the experiment's as it is now: a configured name
+    resolves in the background, and the calls after it carry the id."""
+    seen: list[Any] = []
+    mtm.configure(experiment_name="named-later", exporter=exporter)
+    runtime = _config.current()
+    # Never looked up here (no tracking server): its resolution is simulated below.
+    experiment = Experiment(runtime.settings, resolvable=False)
+    with _config.LOCK:
+        _config.publish(replace(runtime, experiment=experiment))
+    with traced_client(family, seen) as c, mlflow.start_span("root"):
+        c.get("http://api.example.test/")
+        experiment._id = "7"  # what `Experiment.resolve` sets once the name is found
+        c.get("http://api.example.test/")
+    assert "tracestate" not in seen[0].headers
+    assert seen[1].headers["tracestate"] == member()
 
 
 @pytest.mark.anyio
