@@ -325,33 +325,28 @@ def start_child(
     parent (MLflow's default): the same span without the sampler's call and new flag objects
     (an outgoing call's span: a third of its cost was here). None when that does not apply:
     then `start`."""
-    flags = parent.trace_flags
-    if (
-        flags not in _CHILD_FLAGS
-        or not isinstance(tracer, SdkTracer)
-        or not tracer._is_enabled()
-        or not _follows_parent(tracer.sampler)
-    ):
+    context = _child_context(tracer, parent)
+    if context is None:
         return None
-    span_context = SpanContext(
-        parent.trace_id,
-        tracer.id_generator.generate_span_id(),
-        is_remote=False,
-        trace_flags=flags,
-        trace_state=parent.trace_state,
-    )
     bound(attributes, _config.get_settings().max_span_attribute_length)
-    return LeanSpan(name, span_context, parent, kind, attributes, (), owner)
+    return LeanSpan(name, context, parent, kind, attributes, (), owner)
 
 
 def start_client(
     tracer: trace.Tracer, owner: Owner, name: str, parent: SpanContext, attributes: dict[str, Any]
 ) -> LeanSpan | None:
     """`start_child` for an outgoing call's CLIENT span whose `attributes` are within the
-    length limit already (`_client` bounds them once per origin): no per-call bounding, the
-    tracer's class checked before an ABC's `isinstance`, the span context built as the typed
-    tuple it is (a valid parent's trace id, a generated span id: valid). None when the cheap
-    path does not apply: then `_mlflow.start_child`."""
+    length limit already (`_client` bounds them once per origin): no per-call bounding."""
+    context = _child_context(tracer, parent)
+    if context is None:
+        return None
+    return LeanSpan(name, context, parent, SpanKind.CLIENT, attributes, (), owner)
+
+
+def _child_context(tracer: trace.Tracer, parent: SpanContext) -> SpanContext | None:
+    """The span context of a child of `parent` when the cheap path applies (see
+    `start_child`): the tracer's class checked before an ABC's `isinstance`, the context built
+    as the typed tuple it is (a valid parent's trace id, a generated span id: valid)."""
     trace_id, _, _, flags, trace_state, _ = parent
     if (
         flags not in _CHILD_FLAGS
@@ -364,8 +359,7 @@ def start_client(
     if not 0 < span_id < _SPAN_ID_LIMIT:  # a custom generator's odd id: the checked way
         return None
     # (trace id, span id, remote, flags, tracestate, valid): `SpanContext.__new__`'s tuple.
-    context = tuple.__new__(SpanContext, (trace_id, span_id, False, flags, trace_state, True))
-    return LeanSpan(name, context, parent, SpanKind.CLIENT, attributes, (), owner)
+    return tuple.__new__(SpanContext, (trace_id, span_id, False, flags, trace_state, True))
 
 
 def end_client(span: trace.Span, status: int) -> bool:
