@@ -14,6 +14,7 @@ from collections.abc import Callable, MutableMapping
 from types import TracebackType
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.semconv.attributes import http_attributes, server_attributes, url_attributes
@@ -150,11 +151,18 @@ class ClientCall(SpanBlock):
         self._ended = True
         span = self.span
         try:
+            # One of ours that got an answer: written in place and ended.
+            if (
+                error is None
+                and failure is None
+                and status is not None
+                and _spans.end_client(span, status)
+            ):
+                return
             _spans.set_outcome(span, status, error, failed_from=400, failure=failure)
         except Exception:
             _log.internal_error("client span end")
-        finally:
-            span.end()
+        span.end()  # once: a span ended above is not ended again
 
 
 def start(
@@ -176,8 +184,9 @@ def start(
     if _in_call.get():
         return None
     runtime = _config.current()  # once: the allowlist, the keys and the experiment agree
-    chosen = targets if targets is not None else runtime.settings.propagate_to
-    allowed = _targets.permits(chosen, destination or (lambda: url))
+    settings = runtime.settings
+    chosen = targets if targets is not None else settings.propagate_to
+    allowed = chosen is None or _targets.permits(chosen, destination or (lambda: url))
     if not allowed:
         for name in _propagation.FIELDS:
             headers.pop(name, None)
@@ -188,8 +197,9 @@ def start(
         if not parent_ids.is_valid:
             return None
         _runtime.activate()
-        host = (url[1].lower(), url[2] or DEFAULT_PORTS.get(url[0])) if allowed else None
-        if host is not None:  # allowed
+        fields = _origin(method, url, allowed, settings)
+        name, host = fields[0], fields[3]
+        if allowed:
             theirs = _instrumented_by_caller(headers, parent_ids)
             if theirs is not None:
                 _claims.call_started(theirs, None, url[3], host)
@@ -197,15 +207,19 @@ def start(
         span: trace.Span | None = None
         ids = parent_ids
         if parent.is_recording():
-            name, attributes = _span_fields(method, url, allowed)
-            span = _mlflow.start_child(name, parent_context, parent_ids, attributes)
+            attributes = _attributes(fields, url[3], settings)
+            owner = _mlflow.processor()
+            if owner is not None:
+                span = _spans.start_client(_mlflow.tracer(), owner, name, parent_ids, attributes)
+            if span is None:
+                span = _mlflow.start_child(name, parent_context, parent_ids, attributes)
             ids = span.get_span_context()
-            if host is not None:
+            if allowed:
                 _claims.call_started(ids, span, url[3], host)
         sent = _sent(ids, parent_context, runtime) if allowed else {}
-        for name, value in sent.items():  # cheaper than update() for httpx.Headers
-            headers[name] = value
-        return ClientCall(span, sent, host)
+        for field, value in sent.items():  # cheaper than update() for httpx.Headers
+            headers[field] = value
+        return ClientCall(span, sent, host if allowed else None)
     except Exception:
         _log.internal_error("client span start")
         return None
@@ -215,9 +229,52 @@ def _sent(
     ids: trace.SpanContext, parent_context: Context | None, runtime: _config.Runtime | None = None
 ) -> dict[str, str]:
     """The headers of a call from span `ids`: its ids, our tracestate entry, the baggage of
-    the parent's context and of OpenTelemetry's global context."""
-    entry = _our_entry(ids, runtime or _config.current())
-    return _propagation.outgoing(ids, entry, _identity.with_global_baggage(parent_context))
+    the parent's context and of OpenTelemetry's global context.
+
+    Calls under one parent send the same `tracestate` and `baggage`, and `traceparent`s that
+    differ only in the span id: they are kept for the last parent (one slot, strong
+    references), found again when the parent's context, OpenTelemetry's current context (both
+    immutable), the runtime, the tracestate and flags are the same objects and the trace and
+    the experiment id (routed, else the runtime's, which a name being resolved changes) the
+    same. Only a signed entry (its signature covers the span's ids) is made per
+    call."""
+    global _last_sent
+    runtime = runtime or _config.current()
+    if parent_context is None or runtime.settings.signing_keys:
+        entry = _our_entry(ids, runtime)
+        return _propagation.outgoing(ids, entry, _identity.with_global_baggage(parent_context))
+    trace_id, span_id, _, flags, trace_state, _ = ids
+    experiment = _mlflow.routed_experiment(trace_id)
+    if experiment is None and runtime.experiment is not None:
+        experiment = runtime.experiment.id()  # None while a name resolves: not kept then
+    current = otel_context.get_current()
+    cached = _last_sent
+    key = cached[0]
+    if (
+        key[0] is not parent_context
+        or key[1] is not current
+        or key[2] is not runtime
+        or key[3] is not trace_state
+        or key[4] != trace_id
+        or key[5] is not flags
+        or cached[1] != experiment
+    ):
+        key = (parent_context, current, runtime, trace_state, trace_id, flags)
+        found = _propagation.outgoing(
+            ids, _our_entry(ids, runtime), _identity.with_global_baggage(parent_context)
+        )
+        found.pop(_propagation.TRACEPARENT, None)
+        # As `TraceContextTextMapPropagator.inject` formats it: only the span id is new.
+        ends = (f"00-{trace_id:032x}-", f"-{flags:02x}")
+        cached = _last_sent = (key, experiment, found, ends)
+    head, tail = cached[3]
+    return {_propagation.TRACEPARENT: f"{head}{span_id:016x}{tail}", **cached[2]}
+
+
+# The last call's (parent's context, OpenTelemetry's context, runtime, tracestate, trace id,
+# flags), routed experiment, `tracestate` and `baggage` headers, and `traceparent` around the
+# span id.
+_last_sent: tuple[Any, ...] = ((None,) * 6, None, {}, ("", ""))
 
 
 def _active_parent() -> tuple[Context | None, trace.Span] | None:
@@ -299,12 +356,18 @@ def _complete(
     return ClientCall(None, sent, host)
 
 
-def _span_fields(method: str, url: Destination, allowed: bool) -> tuple[str, dict[str, Any]]:
-    """The span's name and attributes; what depends only on the origin is built once per
-    origin (`_origins`)."""
-    scheme, host, port, path = url
+def _origin(method: str, url: Destination, allowed: bool, settings: _config.Settings) -> Origin:
+    """What a call's span and claim take from its origin, built once per origin and settings
+    (`_origins`): the span's name, "scheme://authority", its attributes within the attribute
+    length limit already (`_spans.start_client` does not bound them again), and the (host,
+    port) a claim names."""
+    global _origins
+    scheme, host, port, _ = url
     key = (method, scheme, host, port, allowed)
-    fields = _origins.get(key)
+    cache = _origins
+    if cache[0] is not settings:  # configure() made new settings: a new cache
+        cache = _origins = (settings, {})
+    fields = cache[1].get(key)
     if fields is None:
         default = DEFAULT_PORTS.get(scheme)
         authority = f"{host}:{port}" if port and port != default else host
@@ -315,21 +378,38 @@ def _span_fields(method: str, url: Destination, allowed: bool) -> tuple[str, dic
         }
         if not allowed:
             attributes[_keys.PROPAGATION] = "blocked"
-        if len(_origins) >= _MAX_ORIGINS:
-            _origins.clear()
-        fields = _origins[key] = (f"{method} {authority}", f"{scheme}://{authority}", attributes)
-    name, origin, attributes = fields
-    return name, {
-        _keys.SPAN_TYPE: _config.span_type("client", path),
-        **attributes,
-        # No query string and no user info: either may carry credentials.
-        url_attributes.URL_FULL: origin + path,
-    }
+        _spans.bound(attributes, settings.max_span_attribute_length)
+        if len(cache[1]) >= _MAX_ORIGINS:
+            cache[1].clear()
+        called = (host.lower(), port or default)
+        fields = cache[1][key] = (
+            f"{method} {authority}",
+            f"{scheme}://{authority}",
+            attributes,
+            called,
+        )
+    return fields
 
 
-# (method, scheme, host, port, allowed) -> (span name, "scheme://authority", attributes).
+def _attributes(fields: Origin, path: str, settings: _config.Settings) -> dict[str, Any]:
+    """A call's span attributes: its origin's, the span type and the URL (bounded)."""
+    # No query string and no user info: either may carry credentials.
+    full = fields[1] + path
+    limit = settings.max_span_attribute_length
+    if limit is not None and len(full) > limit:
+        full = full[:limit]
+    span_type = _config.span_type("client", path)
+    return {_keys.SPAN_TYPE: span_type, **fields[2], url_attributes.URL_FULL: full}
+
+
+Host = tuple[str, int | None]
+Origin = tuple[str, str, dict[str, Any], Host]
+# The settings they were made for, and (method, scheme, host, port, allowed) -> `Origin`.
 _MAX_ORIGINS = 1024
-_origins: dict[tuple[str, str, str, int | None, bool], tuple[str, str, dict[str, Any]]] = {}
+_origins: tuple[_config.Settings | None, dict[tuple[str, str, str, int | None, bool], Origin]] = (
+    None,
+    {},
+)
 
 
 def _our_entry(span_context: trace.SpanContext, runtime: _config.Runtime) -> tuple[str, str] | None:

@@ -327,23 +327,72 @@ def start_child(
     parent (MLflow's default): the same span without the sampler's call and new flag objects
     (an outgoing call's span: a third of its cost was here). None when that does not apply:
     then `start`."""
-    flags = parent.trace_flags
+    context = _child_context(tracer, parent)
+    if context is None:
+        return None
+    bound(attributes, _config.get_settings().max_span_attribute_length)
+    return LeanSpan(name, context, parent, kind, attributes, (), owner)
+
+
+def start_client(
+    tracer: trace.Tracer, owner: Owner, name: str, parent: SpanContext, attributes: dict[str, Any]
+) -> LeanSpan | None:
+    """`start_child` for an outgoing call's CLIENT span whose `attributes` are within the
+    length limit already (`_client` bounds them once per origin): no per-call bounding."""
+    context = _child_context(tracer, parent)
+    if context is None:
+        return None
+    return LeanSpan(name, context, parent, SpanKind.CLIENT, attributes, (), owner)
+
+
+def _child_context(tracer: trace.Tracer, parent: SpanContext) -> SpanContext | None:
+    """The span context of a child of `parent` when the cheap path applies (see
+    `start_child`): the tracer's class checked before an ABC's `isinstance`, the context built
+    as the typed tuple it is (a valid parent's trace id, a generated span id: valid)."""
+    trace_id, _, _, flags, trace_state, _ = parent
     if (
         flags not in _CHILD_FLAGS
-        or not isinstance(tracer, SdkTracer)
+        or not (tracer.__class__ is SdkTracer or isinstance(tracer, SdkTracer))
         or not tracer._is_enabled()
         or not _follows_parent(tracer.sampler)
     ):
         return None
-    span_context = SpanContext(
-        parent.trace_id,
-        tracer.id_generator.generate_span_id(),
-        is_remote=False,
-        trace_flags=flags,
-        trace_state=parent.trace_state,
+    span_id = tracer.id_generator.generate_span_id()
+    if not 0 < span_id < _SPAN_ID_LIMIT:  # a custom generator's odd id: the checked way
+        return None
+    # (trace id, span id, remote, flags, tracestate, valid): `SpanContext.__new__`'s tuple.
+    return tuple.__new__(SpanContext, (trace_id, span_id, False, flags, trace_state, True))
+
+
+def end_client(span: trace.Span, status: int) -> bool:
+    """End an outgoing call's span that got an answer (`status`, no exception), writing the
+    status code, the error type of a status of 400 or more, and the span status in place, as
+    `set_outcome` would through the span's API. Only for one of ours, open and not handed to
+    MLflow; returns whether it did (else the caller goes through `set_outcome`)."""
+    if span.__class__ is not LeanSpan:
+        return False
+    ours = span  # the class checked, not an ABC's isinstance
+    if ours._shadow is not None or ours.end_time is not None:
+        return False
+    mine = ours._attributes
+    found = (
+        ((_STATUS_CODE, status),)
+        if status < 400
+        else ((_STATUS_CODE, status), (error_attributes.ERROR_TYPE, str(status)))
     )
-    bound(attributes, _config.get_settings().max_span_attribute_length)
-    return LeanSpan(name, span_context, parent, kind, attributes, (), owner)
+    for key, value in found:
+        if key not in mine and len(mine) >= MAX_ATTRIBUTES:
+            ours.dropped_attributes += 1
+        else:
+            mine[key] = value
+    if ours._status.status_code is not StatusCode.OK:  # as `set_status`: OK is final
+        ours._status = OK if status < 400 else ERROR
+    ours.end()
+    return True
+
+
+_STATUS_CODE = http_attributes.HTTP_RESPONSE_STATUS_CODE
+_SPAN_ID_LIMIT = 1 << 64
 
 
 # A sampled parent's flags that a child has as they are (`start`: sampled, and the random bit).

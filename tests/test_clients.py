@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import httpx
@@ -14,9 +15,12 @@ from opentelemetry.trace import SpanKind, StatusCode
 import mlflow_trace_middleware as mtm
 import mlflow_trace_middleware.httpx
 import mlflow_trace_middleware.httpx2
+from mlflow_trace_middleware import _config
+from mlflow_trace_middleware._experiments import Experiment
+from mlflow_trace_middleware._keys import PROPAGATION
 from mlflow_trace_middleware.requests import TracingAdapter
 from mlflow_trace_middleware.testing import InMemoryExporter
-from tests.helpers import assert_failed, traceparent_for
+from tests.helpers import assert_failed, member, traceparent_for
 
 
 class Family(NamedTuple):
@@ -102,6 +106,60 @@ def test_connection_error_is_recorded_and_reraised(
             c.get("http://down.test/")
     call = next(s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT)
     assert_failed(call, "ConnectError")
+
+
+def test_what_calls_keep_per_origin_and_per_parent_follows_the_settings_at_the_next_call(
+    exporter: InMemoryExporter, family: Family
+) -> None:
+    """The span fields kept per origin, the allowlist's decision and the `tracestate` kept
+    for the last parent are the current settings' at every call: `configure()` (a new
+    allowlist, a new experiment) and new limits apply to the very next call under the same
+    parent, to the same origin."""
+    seen: list[Any] = []
+    url = "http://api.example.test/v1/items"
+    with traced_client(family, seen) as c, mlflow.start_span("root"):
+        c.get(url)
+        mtm.configure(propagate_to=["other.test"])
+        c.get(url)
+        mtm.configure(propagate_to="*", experiment_id="7", exporter=exporter)
+        c.get(url)
+        _config.update_settings(max_span_attribute_length=12)
+        c.get(url)
+    first, blocked, moved, cut = sorted(
+        (s for s in exporter.finished_spans() if s.kind == SpanKind.CLIENT),
+        key=lambda s: s.start_time,
+    )
+    assert seen[0].headers["traceparent"] == traceparent_for(first)
+    assert PROPAGATION not in first.attributes
+    assert not {"traceparent", "tracestate"} & set(seen[1].headers)
+    assert blocked.attributes[PROPAGATION] == "blocked"
+    assert seen[2].headers["traceparent"] == traceparent_for(moved)
+    assert seen[0].headers["tracestate"] != seen[2].headers["tracestate"] == member()
+    assert PROPAGATION not in moved.attributes
+    assert moved.attributes["url.full"] == url
+    assert seen[3].headers["traceparent"] == traceparent_for(cut)
+    assert cut.attributes["url.full"] == url[:12]
+    assert cut.attributes["server.address"] == "api.example."
+
+
+def test_an_experiment_name_resolved_meanwhile_is_sent_at_the_next_call_under_the_parent(
+    exporter: InMemoryExporter, family: Family
+) -> None:
+    """The `tracestate` kept for a parent is the experiment's as it is now: a configured name
+    resolves in the background, and the calls after it carry the id."""
+    seen: list[Any] = []
+    mtm.configure(experiment_name="named-later", exporter=exporter)
+    runtime = _config.current()
+    # Never looked up here (no tracking server): its resolution is simulated below.
+    experiment = Experiment(runtime.settings, resolvable=False)
+    with _config.LOCK:
+        _config.publish(replace(runtime, experiment=experiment))
+    with traced_client(family, seen) as c, mlflow.start_span("root"):
+        c.get("http://api.example.test/")
+        experiment._id = "7"  # what `Experiment.resolve` sets once the name is found
+        c.get("http://api.example.test/")
+    assert "tracestate" not in seen[0].headers
+    assert seen[1].headers["tracestate"] == member()
 
 
 @pytest.mark.anyio
