@@ -471,9 +471,9 @@ def start_span(
             context = trace.set_span_in_context(trace.NonRecordingSpan(parent), context)
         return tracer().start_span(name, context, kind, attributes, links)
     span = _spans.start(
-        tracer(), processor, name, context, kind, attributes, links, trace_id, parent
+        _bound().tracer, processor, name, context, kind, attributes, links, trace_id, parent
     )
-    if isinstance(span, LeanSpan) and (
+    if type(span) is LeanSpan and (
         kind is SpanKind.SERVER
         # A consumed message opens a segment unless it runs under a span of this process (an
         # eager Celery task).

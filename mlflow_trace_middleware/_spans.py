@@ -336,24 +336,33 @@ def start(
         parent = None
         trace_id = tracer.id_generator.generate_trace_id()
         random_trace_id = tracer.id_generator.is_trace_id_random()
-    if parent is not None and _follows_parent(tracer.sampler):
+    sampler = tracer.sampler
+    checked = _checked  # `_follows_parent`'s answer for the last sampler, without its call
+    if parent is not None and (checked[1] if checked[0] is sampler else _follows_parent(sampler)):
         # What the sampler decides for a child, without its result objects: as the parent.
         sampled = parent_flags & _SAMPLED
         trace_state: TraceState | None = parent_state
     else:
         context = _with(parent, context, given)
-        result = tracer.sampler.should_sample(context, trace_id, name, kind, attributes, links)
+        result = sampler.should_sample(context, trace_id, name, kind, attributes, links)
         # RECORD_ONLY records for in-process processors; there are none for our spans.
         sampled = result.decision is sampling.Decision.RECORD_AND_SAMPLE
         trace_state = result.trace_state
         if sampled and result.attributes:
             attributes.update(result.attributes)
-    span_context = SpanContext(
-        trace_id,
-        tracer.id_generator.generate_span_id(),
-        False,  # not remote
-        _FLAGS[bool(sampled), bool(random_trace_id)],
-        trace_state,
+    span_id = tracer.id_generator.generate_span_id()
+    # What `SpanContext(trace_id, span_id, False, flags, trace_state)` builds, without the
+    # call of its `__new__` (a function call per span): the typed tuple, its checks as its.
+    span_context: SpanContext = tuple.__new__(
+        SpanContext,
+        (
+            trace_id,
+            span_id,
+            False,  # not remote
+            _FLAGS[bool(sampled), bool(random_trace_id)],
+            DEFAULT_TRACE_STATE if trace_state is None else trace_state,
+            0 < trace_id <= _TRACE_ID_MAX and 0 < span_id <= _SPAN_ID_MAX,
+        ),
     )
     if not sampled:
         return trace.NonRecordingSpan(span_context)
@@ -405,6 +414,8 @@ _CHILD_FLAGS = frozenset({TraceFlags.SAMPLED, TraceFlags.SAMPLED | TraceFlags.RA
 
 
 _MLFLOW = "mlflow."
+_TRACE_ID_MAX = 2**128 - 1  # `SpanContext`'s bounds of a valid id
+_SPAN_ID_MAX = 2**64 - 1
 _SAMPLED = int(TraceFlags.SAMPLED)
 _RANDOM = int(TraceFlags.RANDOM_TRACE_ID)
 # (sampled, random trace id) -> the trace flags: four values, built once.
