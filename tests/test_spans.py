@@ -259,6 +259,19 @@ def test_ids_flags_and_state_are_those_the_sdk_tracer_would_give(
         want.is_remote,
     )
     assert got.span_id != parent.span_id
+    # Built as the tuple it is (`_spans.start`): what SpanContext's constructor makes.
+    assert got == SpanContext(got.trace_id, got.span_id, False, got.trace_flags, got.trace_state)
+
+
+@pytest.mark.parametrize("trace_id", [None, 5, 2**128 - 1])
+def test_a_root_spans_context_is_what_its_constructor_makes(trace_id: int | None) -> None:
+    # A new trace, or one adopting a caller's id (`trust="adopt"`).
+    ours = _spans.start(_mlflow.tracer(), owner(), "x", None, SpanKind.SERVER, {}, (), trace_id)
+    got = ours.get_span_context()
+    assert trace_id is None or got.trace_id == trace_id
+    assert got.is_valid
+    assert got == SpanContext(got.trace_id, got.span_id, False, got.trace_flags, None)
+    ours.end()
 
 
 def test_exceptions_are_recorded_as_the_sdk_records_them() -> None:
