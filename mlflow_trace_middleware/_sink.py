@@ -218,7 +218,8 @@ class SpanSink:
         and the bytes they will take). `whole`: `taken` is kept as one object (an `EncodedSpan`,
         or a snapshot holding bodies not checked yet), else its fields are queued flat."""
         raw = self._raw
-        item: _Raw = (experiment_id, size, taken) if whole else (experiment_id, size, *taken)  # type: ignore[misc]  # not whole: a Snapshot
+        # Not whole: a snapshot, a tuple.
+        item: _Raw = (experiment_id, size, taken) if whole else (experiment_id, size, *taken)  # type: ignore[misc]
         with self._lock:
             if self._closing:
                 drop = "shutdown"

@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
+import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import MlflowTracingMiddleware, _mlflow, _spans
 from mlflow_trace_middleware.testing import InMemoryExporter
 from tests.helpers import PARENT_ID, TRACE_ID, TRACEPARENT
@@ -380,3 +381,17 @@ def test_unified_mode_gives_the_same_tree_and_the_global_context_sees_our_span()
         {"name": "GET /x", "kind": "SERVER", "parent": "remote", "otel_attribute": "yes"},
         {"name": "inner", "kind": "INTERNAL", "parent": "GET /x", "otel_attribute": None},
     ]
+
+
+def test_spans_carry_the_service_name_configured_last(exporter: InMemoryExporter) -> None:
+    # The bridge keeps the name with the settings it read it from: a reconfigure renames.
+    names = []
+    for service in ("test-svc", "renamed", "test-svc"):
+        mtm.configure(service_name=service, exporter=exporter)
+        _spans.start(_mlflow.tracer(), owner(), "ours", None, SpanKind.SERVER, {}).end()
+        with mlflow.start_span("sdk"):
+            pass
+        assert mtm.flush()
+        names.append([span.attributes["service.name"] for span in exporter.finished_spans()])
+        exporter.clear()
+    assert names == [["test-svc"] * 2, ["renamed"] * 2, ["test-svc"] * 2]
