@@ -136,8 +136,9 @@ def parts_table() -> None:
     )
     span.end_time = time.time_ns()
     extra = {"service.name": "bench-floor"}
-    snapshot = _encoding.snapshot(span, span.recorded(), extra)
-    assert snapshot is not None
+    taken = span.snapshot(extra)  # the snapshot, its size estimate, whether it holds bodies
+    assert taken is not None
+    snapshot = taken[0]
     redaction = _redaction.DEFAULT_REDACTION
 
     def capture() -> object:
@@ -147,7 +148,7 @@ def parts_table() -> None:
 
     def hand_over() -> None:  # 100 of them, then taken back: the hand-over alone
         for _ in range(100):
-            sink.submit_later(snapshot)
+            sink.hand_over(*taken)
         with sink._lock:
             sink._raw.clear()
             sink._raw_bytes = 0
@@ -164,8 +165,8 @@ def parts_table() -> None:
         ("MLflow's context attach and detach", lambda: _mlflow.detach(_mlflow.attach(context))),
         ("a bare `ContextVar.set` and `reset`", lambda: variable.reset(variable.set(context))),
         ("the response body captured (kept, scanned for credential keys, JSON checked)", capture),
-        ("the ended span's snapshot", lambda: _encoding.snapshot(span, span.recorded(), extra)),
-        ("the hand-over to the sink (size estimate, lock, append)", hand_over),
+        ("the ended span's snapshot and size estimate (one pass)", lambda: span.snapshot(extra)),
+        ("the hand-over to the sink (lock, bounds, append)", hand_over),
         ("the snapshot encoded (sink worker)", lambda: _encoding.encode_snapshot(snapshot)),
     ]  # fmt: skip
     mtm.flush(10)

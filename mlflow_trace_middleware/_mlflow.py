@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace import _Span as _SdkSpan
 from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode
 
 from . import _config, _identity, _log, _spans
-from ._encoding import Recorded, encode_span, recorded, snapshot
+from ._encoding import EncodedSpan, Recorded, Snapshot, encode_span, recorded, snapshot
 from ._keys import REQUEST_ID, SERVICE_NAME, SPAN_TYPE, TRACE_NAME, TRACE_TAG_PREFIX
 from ._spans import LeanSpan
 
@@ -50,15 +50,16 @@ class SinkSpanProcessor(SpanProcessor):
     it (`materialize`) and encodes and submits it when it ends (`finish`).
     """
 
-    def __init__(self, sink: SpanSink, service_name: Callable[[], str]) -> None:
+    def __init__(self, sink: SpanSink) -> None:
         self._sink = sink
-        self._service_name = service_name
         self._lock = threading.Lock()
         # OTel trace id -> span ids of the open local roots of that trace in this process.
         self._roots: dict[int, set[int]] = {}
         # OTel trace id -> experiment chosen by a trusted caller, while the segment is open.
         self._experiments: dict[int, str] = {}
-        self._service: dict[str, str] = {}  # the extra attributes of a span without tags
+        # The settings the service name was read from, and the extra attributes of a span
+        # without tags.
+        self._service: tuple[object, dict[str, str]] = (None, {})
         # OTel trace ids rooted here (no parent anywhere) whose first call has not left yet.
         self._unclaimed: set[int] = set()
         self._materialize_lock = threading.Lock()
@@ -133,11 +134,11 @@ class SinkSpanProcessor(SpanProcessor):
 
     def finish(self, span: LeanSpan) -> None:
         """A span of ours ended; MLflow knows it only if it was materialized."""
-        shadow = span.shadow
-        if shadow is not None:
-            self._finish(shadow, span.context, registered=True)
-        else:
+        shadow = span._shadow
+        if shadow is None:
             self._finish(span, span.context, registered=False)
+        else:
+            self._finish(shadow, span.context, registered=True)
 
     def _finish(
         self, span: ReadableSpan | LeanSpan, context: SpanContext | None, registered: bool
@@ -155,27 +156,34 @@ class SinkSpanProcessor(SpanProcessor):
         # Whatever failed above, the span itself still goes out: as a snapshot the sink's
         # worker encodes, off the request path (one with events or links is encoded now).
         try:
+            extra = self._extra(tags)
+            taken: Snapshot | EncodedSpan | None = None
+            lean = None
             if isinstance(span, ReadableSpan):
                 state = _without_request_id(recorded(span))
-            else:
-                state = span.recorded()
-            extra = self._extra(tags)
-            taken = snapshot(span, state, extra) or encode_span(span, state, extra)
+                taken = snapshot(span, state, extra) or encode_span(span, state, extra)
+            else:  # ours: its snapshot and size estimate in one pass
+                lean = span.snapshot(extra)
+                if lean is None:
+                    taken = encode_span(span, span.recorded(), extra)
         except Exception:
             _log.internal_error("span encode")
             self._sink.count_dropped("encoding_error")
             return
-        self._sink.submit_later(taken, experiment)
+        if lean is not None:
+            self._sink.hand_over(*lean, experiment)
+        elif taken is not None:
+            self._sink.submit_later(taken, experiment)
 
     def _extra(self, tags: dict[str, str] | None) -> dict[str, str]:
         """Attributes every span gets: the service name and, on a segment's root, trace tags."""
-        name = self._service_name()
-        if tags:
-            return {SERVICE_NAME: name, **(_tag_attributes(tags) or {})}
+        settings = _config.get_settings()  # one value per configure(): the name kept with it
         cached = self._service
-        if cached.get(SERVICE_NAME) != name:
-            cached = self._service = {SERVICE_NAME: name}
-        return cached
+        if cached[0] is not settings:
+            cached = self._service = (settings, {SERVICE_NAME: settings.service_name})
+        if tags:
+            return {**cached[1], **(_tag_attributes(tags) or {})}
+        return cached[1]
 
     @property
     def sink(self) -> SpanSink:
@@ -210,8 +218,8 @@ class SinkSpanProcessor(SpanProcessor):
             del self._roots[otel_trace_id]
             self._experiments.pop(otel_trace_id, None)
             self._unclaimed.discard(otel_trace_id)
-            manager = InMemoryTraceManager.get_instance()
-            if otel_trace_id not in manager._otel_id_to_mlflow_trace_id:
+            manager = InMemoryTraceManager._instance  # None: none made yet
+            if manager is None or otel_trace_id not in manager._otel_id_to_mlflow_trace_id:
                 return None  # MLflow never heard of this trace (a request with no MLflow spans)
             # Not `pop_trace`: it converts every span to an immutable copy we do not need.
             with manager._lock:
@@ -463,9 +471,9 @@ def start_span(
             context = trace.set_span_in_context(trace.NonRecordingSpan(parent), context)
         return tracer().start_span(name, context, kind, attributes, links)
     span = _spans.start(
-        tracer(), processor, name, context, kind, attributes, links, trace_id, parent
+        _bound().tracer, processor, name, context, kind, attributes, links, trace_id, parent
     )
-    if isinstance(span, LeanSpan) and (
+    if type(span) is LeanSpan and (
         kind is SpanKind.SERVER
         # A consumed message opens a segment unless it runs under a span of this process (an
         # eager Celery task).

@@ -45,7 +45,7 @@ def _start() -> SpanSink:
         experiment, exporter = destination(settings)
         _config.publish(replace(runtime, experiment=experiment))
         sink = SpanSink(exporter, settings.limits)
-        _mlflow.install(_mlflow.SinkSpanProcessor(sink, _service_name))
+        _mlflow.install(_mlflow.SinkSpanProcessor(sink))
         _propagation.quiet_propagator_logs()
         atexit.register(_shutdown_at_exit)
         if settings.freeze_gc:
@@ -83,10 +83,6 @@ def own_experiment() -> str | None:
     """The experiment this process exports to, when known without I/O (a name may be pending)."""
     experiment = _config.current().experiment
     return experiment.id() if experiment is not None else None
-
-
-def _service_name() -> str:
-    return _config.get_settings().service_name
 
 
 def make_exporter(settings: _config.Settings) -> Exporter:

@@ -198,15 +198,28 @@ class SpanSink:
         """Queue one finished span, as its `_encoding.snapshot`, for the worker to encode (one that
         fails to encode is dropped as `encoding_error`), or encoded already (it keeps its place
         among the others: spans are posted in the order they ended). Never blocks, never
-        raises; the request path's way in: a deque append under the lock, the bounds checked
-        (spans, and the bytes they will take: `_estimate`), the encoding off its thread."""
-        raw = self._raw
+        raises; the encoding off the request path (`hand_over`)."""
         if isinstance(snapshot, EncodedSpan):
-            size = len(snapshot.data)
-            item: _Raw = (experiment_id, size, snapshot)
+            self.hand_over(snapshot, len(snapshot.data), True, experiment_id)
         else:
             size, bodies = _estimate(snapshot)
-            item = (experiment_id, size, snapshot) if bodies else (experiment_id, size, *snapshot)
+            self.hand_over(snapshot, size, bodies, experiment_id)
+
+    def hand_over(
+        self,
+        taken: Snapshot | EncodedSpan,
+        size: int,
+        whole: bool,
+        experiment_id: str | None = None,
+    ) -> None:
+        """`submit_later` with the size estimate (`_estimate`) taken already: the request
+        path's way in (a span of ours takes its snapshot and estimate in one pass,
+        `_spans.LeanSpan.snapshot`). A deque append under the lock, the bounds checked (spans,
+        and the bytes they will take). `whole`: `taken` is kept as one object (an `EncodedSpan`,
+        or a snapshot holding bodies not checked yet), else its fields are queued flat."""
+        raw = self._raw
+        # Not whole: a snapshot, a tuple.
+        item: _Raw = (experiment_id, size, taken) if whole else (experiment_id, size, *taken)  # type: ignore[misc]
         with self._lock:
             if self._closing:
                 drop = "shutdown"
@@ -222,7 +235,7 @@ class SpanSink:
             if drop:
                 self._produced += 1
                 self._dropped[drop] += 1
-            worker = self._new_worker()
+            worker = None if self._worker is not None else self._new_worker()
         if worker is not None:
             self._start_worker(worker)
         if drop:
@@ -640,7 +653,8 @@ def _estimate(snap: Snapshot) -> tuple[int, bool]:
     """About the bytes `encode_snapshot` makes of `snap` (for the byte bound before it is
     encoded): the text of its name and attribute values, plus the fields around them; and
     whether it holds bodies not recorded yet, each counted as the bytes it kept (at most its
-    capture limit) plus a truncation marker's."""
+    capture limit) plus a truncation marker's. `_spans.LeanSpan.snapshot` takes the same
+    estimate as it builds its snapshot."""
     size = 64 + len(snap[0]) + 8 * len(snap)  # ids, times, status; keys are short
     bodies = False
     for value in snap[FIXED_FIELDS + 1 :: 2]:
@@ -648,11 +662,22 @@ def _estimate(snap: Snapshot) -> tuple[int, bool]:
         if kind is str or kind is bytes:
             size += len(value)
         elif kind is tuple:
-            size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in value)
+            size += sequence_size(value)
         elif kind is BodyCapture:
-            size += min(value.size, value.limit) + 80
+            size += body_size(value)
             bodies = True
     return size, bodies
+
+
+def sequence_size(value: tuple[Any, ...]) -> int:
+    """`_estimate`'s share of an attribute holding a sequence."""
+    return sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in value)
+
+
+def body_size(body: BodyCapture) -> int:
+    """`_estimate`'s share of a body not checked yet: the bytes kept, and a truncation
+    marker's."""
+    return min(body.size, body.limit) + 80
 
 
 def _with_bodies(snap: Snapshot) -> Snapshot:

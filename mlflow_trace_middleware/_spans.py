@@ -34,11 +34,12 @@ from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope as SdkScope
 from opentelemetry.semconv.attributes import error_attributes, http_attributes
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.trace.span import TraceState
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE, TraceState
 
 from . import _config, _keys
 from ._capture import BodyCapture
-from ._encoding import Recorded
+from ._encoding import Recorded, Snapshot
+from ._sink import body_size, sequence_size
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import Span as SdkSpan
@@ -50,6 +51,8 @@ _UNSET = Status(StatusCode.UNSET)
 OK = Status(StatusCode.OK)
 ERROR = Status(StatusCode.ERROR)
 SCOPE = SdkScope("mlflow_trace_middleware")
+_SCOPE_FIELDS = (SCOPE.name, SCOPE.version or "")  # as `_encoding.snapshot` writes a scope
+_CODES = {code: code.value for code in StatusCode}
 
 
 class Owner(Protocol):
@@ -129,6 +132,57 @@ class LeanSpan(trace.Span):
     def recorded(self) -> Recorded:
         """The span's own state, without handing it to MLflow (for encoding and tests)."""
         return self._attributes, self._events, self._links, self._status
+
+    def snapshot(self, extra: Mapping[str, Any]) -> tuple[Snapshot, int, bool] | None:
+        """The ended span as `_encoding.snapshot(self, self.recorded(), extra)` takes it, with
+        the hand-over's size estimate and whether it holds bodies not checked yet (as
+        `_sink._estimate` makes them), in one pass: its scope, kind and status are known, no
+        property is read. None when it has events or links (`_encoding.encode_span` then)."""
+        if self._events or self._links:
+            return None
+        trace_id, span_id, _, trace_flags, trace_state, _ = self.context
+        parent = self.parent
+        status = self._status
+        if status is OK:
+            code, description = 1, None
+        elif status is _UNSET:
+            code, description = 0, None
+        else:
+            code, description = _CODES[status.status_code], status.description
+        name = self._name
+        start = self.start_time
+        # The default tracestate is empty: known without asking its length.
+        state = "" if trace_state is DEFAULT_TRACE_STATE or not trace_state else None
+        taken: list[Any] = [
+            name,
+            self.kind._value_ + 1,  # OTLP's value (`_encoding._KINDS`), no enum hash
+            start,
+            self.end_time or start,
+            trace_id,
+            span_id,
+            trace_state.to_header() if state is None else state,
+            trace_flags & 0xFF,
+            None if parent is None else parent[1],
+            parent is not None and parent[2],
+            self.dropped_attributes,
+            code,
+            description,
+            *_SCOPE_FIELDS,
+        ]
+        size = 64 + len(name)
+        bodies = False
+        for pairs in (self._attributes, extra):
+            for key, value in pairs.items():
+                taken += (key, value)
+                kind = value.__class__
+                if kind is str or kind is bytes:
+                    size += len(value)
+                elif kind is tuple:
+                    size += sequence_size(value)
+                elif kind is BodyCapture:
+                    size += body_size(value)
+                    bodies = True
+        return tuple(taken), size + 8 * len(taken), bodies
 
     @property
     def shadow(self) -> SdkSpan | None:
@@ -282,24 +336,33 @@ def start(
         parent = None
         trace_id = tracer.id_generator.generate_trace_id()
         random_trace_id = tracer.id_generator.is_trace_id_random()
-    if parent is not None and _follows_parent(tracer.sampler):
+    sampler = tracer.sampler
+    checked = _checked  # `_follows_parent`'s answer for the last sampler, without its call
+    if parent is not None and (checked[1] if checked[0] is sampler else _follows_parent(sampler)):
         # What the sampler decides for a child, without its result objects: as the parent.
         sampled = parent_flags & _SAMPLED
         trace_state: TraceState | None = parent_state
     else:
         context = _with(parent, context, given)
-        result = tracer.sampler.should_sample(context, trace_id, name, kind, attributes, links)
+        result = sampler.should_sample(context, trace_id, name, kind, attributes, links)
         # RECORD_ONLY records for in-process processors; there are none for our spans.
         sampled = result.decision is sampling.Decision.RECORD_AND_SAMPLE
         trace_state = result.trace_state
         if sampled and result.attributes:
             attributes.update(result.attributes)
-    span_context = SpanContext(
-        trace_id,
-        tracer.id_generator.generate_span_id(),
-        False,  # not remote
-        _FLAGS[bool(sampled), bool(random_trace_id)],
-        trace_state,
+    span_id = tracer.id_generator.generate_span_id()
+    # What `SpanContext(trace_id, span_id, False, flags, trace_state)` builds, without the
+    # call of its `__new__` (a function call per span): the typed tuple, its checks as its.
+    span_context: SpanContext = tuple.__new__(
+        SpanContext,
+        (
+            trace_id,
+            span_id,
+            False,  # not remote
+            _FLAGS[bool(sampled), bool(random_trace_id)],
+            DEFAULT_TRACE_STATE if trace_state is None else trace_state,
+            0 < trace_id <= _TRACE_ID_MAX and 0 < span_id <= _SPAN_ID_MAX,
+        ),
     )
     if not sampled:
         return trace.NonRecordingSpan(span_context)
@@ -400,6 +463,8 @@ _CHILD_FLAGS = frozenset({TraceFlags.SAMPLED, TraceFlags.SAMPLED | TraceFlags.RA
 
 
 _MLFLOW = "mlflow."
+_TRACE_ID_MAX = 2**128 - 1  # `SpanContext`'s bounds of a valid id
+_SPAN_ID_MAX = 2**64 - 1
 _SAMPLED = int(TraceFlags.SAMPLED)
 _RANDOM = int(TraceFlags.RANDOM_TRACE_ID)
 # (sampled, random trace id) -> the trace flags: four values, built once.

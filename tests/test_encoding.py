@@ -4,6 +4,7 @@ SDK span, and queued spans leave the garbage collector alone."""
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 import pytest
 from google.protobuf.internal.encoder import _VarintBytes
@@ -13,12 +14,14 @@ from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
+from mlflow_trace_middleware._capture import BodyCapture
 from mlflow_trace_middleware._config import SinkLimits
 from mlflow_trace_middleware._encoding import (
+    _attribute_fields,
     _message,
     _varint,
     encode,
@@ -26,7 +29,8 @@ from mlflow_trace_middleware._encoding import (
     recorded,
     snapshot,
 )
-from mlflow_trace_middleware._sink import SpanSink
+from mlflow_trace_middleware._sink import SpanSink, _estimate, _with_bodies
+from mlflow_trace_middleware._spans import OK, LeanSpan, end_server
 from mlflow_trace_middleware.testing import InMemoryExporter
 from tests.helpers import encoded
 
@@ -211,3 +215,94 @@ def test_values_that_compare_equal_keep_their_own_types() -> None:
 @given(st.integers(min_value=0, max_value=2**40))
 def test_lengths_are_framed_as_protobuf_frames_them(value: int) -> None:
     assert _varint(value) == _VarintBytes(value)
+
+
+class _Owner:
+    """A `_spans.Owner` that never materializes and keeps what ended."""
+
+    def __init__(self) -> None:
+        self.ended: list[LeanSpan] = []
+
+    def materialize(self, span: LeanSpan) -> None:
+        return None
+
+    def finish(self, span: LeanSpan) -> None:
+        self.ended.append(span)
+
+
+def _lean_spans() -> list[tuple[LeanSpan, dict[str, str]]]:
+    """Ended spans of ours with the extra attributes the bridge adds: a root, a child, one
+    under a remote parent with a tracestate, a failed one, one with bodies not checked yet."""
+    owner = _Owner()
+    local = SpanContext(REMOTE.trace_id, 0x1111, is_remote=False, trace_flags=TraceFlags(1))
+    state = TraceState([("vendor", "x")])
+
+    def made(
+        name: str,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        trace_state: TraceState | None = None,
+    ) -> LeanSpan:
+        context = SpanContext(REMOTE.trace_id, len(name) + 0x20, False, TraceFlags(1), trace_state)
+        return LeanSpan(name, context, parent, kind, attributes, (), owner)
+
+    plain = {"s": "text", "b": True, "i": 42, "f": 1.5, "strs": ("a", "b"), "ints": (1, 2)}
+    root = made("GET /root", None, SpanKind.SERVER, {**plain, "mlflow.spanType": "CHAIN"})
+    child = made("child", local, SpanKind.CLIENT, {"http.request.method": "GET"})
+    remote = made("remote", REMOTE, SpanKind.CONSUMER, {"empty": ()}, state)
+    failed = made("failed", REMOTE, SpanKind.SERVER, {"error.type": "500"})
+    failed.set_status(Status(StatusCode.ERROR, "boom"))
+    unset = made("unset", None, SpanKind.INTERNAL, {})
+    bodies = made("POST /bodies", REMOTE, SpanKind.SERVER, {"http.route": "/bodies"})
+    request, response = BodyCapture(1024), BodyCapture(8)
+    request.feed(b'{"token": "secret", "q": 1}')
+    response.feed(b'"longer than eight bytes"')
+    assert end_server(bodies, "POST", "/bodies", request, response, 200)
+    for span in (root, child, remote, unset):
+        span.set_status(OK)
+        if span is unset:
+            span._status = Status(StatusCode.UNSET)  # a status object of the caller's own
+    for span in (root, child, remote, failed, unset, bodies):
+        span.end(span.start_time + 1_500)
+    service = {"service.name": "svc"}
+    tagged = {**service, "mlflow.traceTag.team": "agents"}
+    return [
+        (root, tagged),
+        (child, service),
+        (remote, service),
+        (failed, service),
+        (unset, {}),
+        (bodies, tagged),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_a_span_of_ours_snapshots_itself_as_the_encoder_would(index: int) -> None:
+    # `LeanSpan.snapshot` (one pass, no property reads) takes what `_encoding.snapshot` takes
+    # of it and the size estimate the sink would make: the bytes sent stay identical.
+    span, extra = _lean_spans()[index]
+    taken = span.snapshot(extra)
+    assert taken is not None
+    ours, size, bodies = taken
+    expected = snapshot(span, span.recorded(), extra)
+    assert expected is not None
+    assert [(type(v), v) for v in ours] == [(type(v), v) for v in expected]
+    assert (size, bodies) == _estimate(expected)
+    checked = _with_bodies(ours) if bodies else ours
+    encoded_span = encode_snapshot(checked)
+    if not bodies:  # the protobuf library's bytes for the same span
+        reference = (
+            _message(span, span.recorded())
+            + _attribute_fields(span.recorded()[0])
+            + _attribute_fields(extra)
+        )
+        assert encoded_span.data == reference
+    assert encoded_span.scope == ("mlflow_trace_middleware", "")
+    assert encoded_span.root is (span.parent is None)
+
+
+def test_a_span_of_ours_with_events_is_encoded_at_once() -> None:
+    span, extra = _lean_spans()[1]
+    span._events.append(Event("retry", {"attempt": 2}, 5))
+    assert span.snapshot(extra) is None

@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
+import mlflow_trace_middleware as mtm
 from mlflow_trace_middleware import MlflowTracingMiddleware, _mlflow, _spans
 from mlflow_trace_middleware.testing import InMemoryExporter
 from tests.helpers import PARENT_ID, TRACE_ID, TRACEPARENT
@@ -259,6 +260,19 @@ def test_ids_flags_and_state_are_those_the_sdk_tracer_would_give(
         want.is_remote,
     )
     assert got.span_id != parent.span_id
+    # Built as the tuple it is (`_spans.start`): what SpanContext's constructor makes.
+    assert got == SpanContext(got.trace_id, got.span_id, False, got.trace_flags, got.trace_state)
+
+
+@pytest.mark.parametrize("trace_id", [None, 5, 2**128 - 1])
+def test_a_root_spans_context_is_what_its_constructor_makes(trace_id: int | None) -> None:
+    # A new trace, or one adopting a caller's id (`trust="adopt"`).
+    ours = _spans.start(_mlflow.tracer(), owner(), "x", None, SpanKind.SERVER, {}, (), trace_id)
+    got = ours.get_span_context()
+    assert trace_id is None or got.trace_id == trace_id
+    assert got.is_valid
+    assert got == SpanContext(got.trace_id, got.span_id, False, got.trace_flags, None)
+    ours.end()
 
 
 def test_exceptions_are_recorded_as_the_sdk_records_them() -> None:
@@ -367,3 +381,17 @@ def test_unified_mode_gives_the_same_tree_and_the_global_context_sees_our_span()
         {"name": "GET /x", "kind": "SERVER", "parent": "remote", "otel_attribute": "yes"},
         {"name": "inner", "kind": "INTERNAL", "parent": "GET /x", "otel_attribute": None},
     ]
+
+
+def test_spans_carry_the_service_name_configured_last(exporter: InMemoryExporter) -> None:
+    # The bridge keeps the name with the settings it read it from: a reconfigure renames.
+    names = []
+    for service in ("test-svc", "renamed", "test-svc"):
+        mtm.configure(service_name=service, exporter=exporter)
+        _spans.start(_mlflow.tracer(), owner(), "ours", None, SpanKind.SERVER, {}).end()
+        with mlflow.start_span("sdk"):
+            pass
+        assert mtm.flush()
+        names.append([span.attributes["service.name"] for span in exporter.finished_spans()])
+        exporter.clear()
+    assert names == [["test-svc"] * 2, ["renamed"] * 2, ["test-svc"] * 2]
