@@ -45,7 +45,7 @@ _SIZE: Final = 3
 _SINCE: Final = 4
 _ROOT: Final = 5
 
-# A finished span not encoded yet: its experiment id, its size as `_estimate` makes it,
+# A finished span not encoded yet: its experiment id, its size as `estimate` makes it,
 # then its snapshot's fields. One flat tuple of atoms, like `_Item` (a nested one would stay
 # tracked by the collector longer). Or, for a span encoded already (one with events or links),
 # its experiment id, size and `EncodedSpan`; or, for a snapshot holding bodies not checked yet
@@ -202,7 +202,7 @@ class SpanSink:
         if isinstance(snapshot, EncodedSpan):
             self.hand_over(snapshot, len(snapshot.data), True, experiment_id)
         else:
-            size, bodies = _estimate(snapshot)
+            size, bodies = estimate(snapshot)
             self.hand_over(snapshot, size, bodies, experiment_id)
 
     def hand_over(
@@ -212,7 +212,7 @@ class SpanSink:
         whole: bool,
         experiment_id: str | None = None,
     ) -> None:
-        """`submit_later` with the size estimate (`_estimate`) taken already: the request
+        """`submit_later` with the size estimate (`estimate`) taken already: the request
         path's way in (a span of ours takes its snapshot and estimate in one pass,
         `_spans.LeanSpan.snapshot`). A deque append under the lock, the bounds checked (spans,
         and the bytes they will take). `whole`: `taken` is kept as one object (an `EncodedSpan`,
@@ -649,12 +649,11 @@ def _shut_down(exporter: Exporter) -> None:
         _log.internal_error("exporter.shutdown")
 
 
-def _estimate(snap: Snapshot) -> tuple[int, bool]:
+def estimate(snap: Snapshot) -> tuple[int, bool]:
     """About the bytes `encode_snapshot` makes of `snap` (for the byte bound before it is
     encoded): the text of its name and attribute values, plus the fields around them; and
     whether it holds bodies not recorded yet, each counted as the bytes it kept (at most its
-    capture limit) plus a truncation marker's. `_spans.LeanSpan.snapshot` takes the same
-    estimate as it builds its snapshot."""
+    capture limit) plus a truncation marker's."""
     size = 64 + len(snap[0]) + 8 * len(snap)  # ids, times, status; keys are short
     bodies = False
     for value in snap[FIXED_FIELDS + 1 :: 2]:
@@ -662,22 +661,11 @@ def _estimate(snap: Snapshot) -> tuple[int, bool]:
         if kind is str or kind is bytes:
             size += len(value)
         elif kind is tuple:
-            size += sequence_size(value)
+            size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in value)
         elif kind is BodyCapture:
-            size += body_size(value)
+            size += min(value.size, value.limit) + 80
             bodies = True
     return size, bodies
-
-
-def sequence_size(value: tuple[Any, ...]) -> int:
-    """`_estimate`'s share of an attribute holding a sequence."""
-    return sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in value)
-
-
-def body_size(body: BodyCapture) -> int:
-    """`_estimate`'s share of a body not checked yet: the bytes kept, and a truncation
-    marker's."""
-    return min(body.size, body.limit) + 80
 
 
 def _with_bodies(snap: Snapshot) -> Snapshot:

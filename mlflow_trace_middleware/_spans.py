@@ -39,7 +39,7 @@ from opentelemetry.trace.span import DEFAULT_TRACE_STATE, TraceState
 from . import _config, _keys
 from ._capture import BodyCapture
 from ._encoding import Recorded, Snapshot
-from ._sink import body_size, sequence_size
+from ._sink import estimate
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import Span as SdkSpan
@@ -135,9 +135,9 @@ class LeanSpan(trace.Span):
 
     def snapshot(self, extra: Mapping[str, Any]) -> tuple[Snapshot, int, bool] | None:
         """The ended span as `_encoding.snapshot(self, self.recorded(), extra)` takes it, with
-        the hand-over's size estimate and whether it holds bodies not checked yet (as
-        `_sink._estimate` makes them), in one pass: its scope, kind and status are known, no
-        property is read. None when it has events or links (`_encoding.encode_span` then)."""
+        the hand-over's size estimate and whether it holds bodies not checked yet
+        (`_sink.estimate`): its scope, kind and status are known, no property is read. None
+        when it has events or links (`_encoding.encode_span` then)."""
         if self._events or self._links:
             return None
         trace_id, span_id, _, trace_flags, trace_state, _ = self.context
@@ -169,20 +169,11 @@ class LeanSpan(trace.Span):
             description,
             *_SCOPE_FIELDS,
         ]
-        size = 64 + len(name)
-        bodies = False
         for pairs in (self._attributes, extra):
-            for key, value in pairs.items():
-                taken += (key, value)
-                kind = value.__class__
-                if kind is str or kind is bytes:
-                    size += len(value)
-                elif kind is tuple:
-                    size += sequence_size(value)
-                elif kind is BodyCapture:
-                    size += body_size(value)
-                    bodies = True
-        return tuple(taken), size + 8 * len(taken), bodies
+            for item in pairs.items():
+                taken += item
+        snap = tuple(taken)
+        return (snap, *estimate(snap))
 
     @property
     def shadow(self) -> SdkSpan | None:

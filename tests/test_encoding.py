@@ -29,7 +29,7 @@ from mlflow_trace_middleware._encoding import (
     recorded,
     snapshot,
 )
-from mlflow_trace_middleware._sink import SpanSink, _estimate, _with_bodies
+from mlflow_trace_middleware._sink import SpanSink, _with_bodies, estimate
 from mlflow_trace_middleware._spans import OK, LeanSpan, end_server
 from mlflow_trace_middleware.testing import InMemoryExporter
 from tests.helpers import encoded
@@ -288,7 +288,7 @@ def test_a_span_of_ours_snapshots_itself_as_the_encoder_would(index: int) -> Non
     expected = snapshot(span, span.recorded(), extra)
     assert expected is not None
     assert [(type(v), v) for v in ours] == [(type(v), v) for v in expected]
-    assert (size, bodies) == _estimate(expected)
+    assert (size, bodies) == estimate(expected)
     checked = _with_bodies(ours) if bodies else ours
     encoded_span = encode_snapshot(checked)
     if not bodies:  # the protobuf library's bytes for the same span
