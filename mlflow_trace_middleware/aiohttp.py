@@ -5,10 +5,12 @@ session = aiohttp.ClientSession(trace_configs=[tracing_config()])
 ```
 or `instrument()` to make every session propagate, sessions created before it included.
 
-Built on aiohttp's own extension point, `TraceConfig`: the context is written into the request
-headers when aiohttp starts the request, checked again against the allowlist on each redirect
-(and removed from a hop that is not allowed), and the span ends when the response body reaches
-its end, is released or closed. One span covers a call and its redirects.
+`tracing_config()` is built on aiohttp's `TraceConfig`; `instrument()` on its client middlewares
+(aiohttp 3.12 and later, else the same `TraceConfig`), which cost a fifth as much: aiohttp builds
+a `Trace` and awaits a signal for each of about six events per request for any `TraceConfig`.
+Either way the context is written into the request headers, checked against the allowlist on
+each hop (and removed from a hop that is not allowed), and the span ends when the response
+body reaches its end, is released or closed. One span covers a call and its redirects.
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ async def _on_redirect(
 
 async def _on_end(session: aiohttp.ClientSession, context: SimpleNamespace, params: Any) -> None:
     call = getattr(context, "mtm_call", None)
-    if call is None:
-        return
-    response = params.response
+    if call is not None:
+        _answered(call, params.response)
+
+
+def _answered(call: _client.ClientCall, response: aiohttp.ClientResponse) -> None:
     status = response.status
     call.answered(response.headers)
     content = response.content
@@ -101,7 +105,56 @@ def _own_targets(session: aiohttp.ClientSession) -> _targets.Targets | None:
 _shared = tracing_config()
 
 
+class _Hops:
+    """One call's client middleware (the innermost), run for each hop: the first starts the
+    call; a later one (a redirect, a retry) gets the call's headers again, as aiohttp builds
+    each hop's headers afresh, or none if the allowlist refuses its URL."""
+
+    __slots__ = ("call", "started", "targets")
+
+    def __init__(self, targets: _targets.Targets | None) -> None:
+        self.targets = targets
+        self.started = False
+        self.call: _client.ClientCall | None = None
+
+    async def __call__(self, request: Any, handler: Any) -> Any:
+        headers = request.headers
+        if not self.started:
+            self.started = True
+            self.call = _client.start(
+                request.method, _destination(request.url), headers, self.targets
+            )
+        elif not _client.allowed(_destination(request.url), self.targets):
+            for name in _propagation.FIELDS:
+                headers.popall(name, None)
+        elif self.call is not None:
+            for name, value in self.call.headers.items():
+                headers[name] = value
+        return await handler(request)
+
+
 async def _request(original: Any, session: aiohttp.ClientSession, *args: Any, **kwargs: Any) -> Any:
+    if any(hasattr(config, "_mtm_targets") for config in session._trace_configs):
+        return await original(session, *args, **kwargs)  # traced by its own `tracing_config()`
+    targets = kwargs.get("trace_request_ctx")
+    hops = _Hops(targets if isinstance(targets, _targets.Targets) else None)
+    given = kwargs.get("middlewares")
+    kwargs["middlewares"] = (*(session._middlewares if given is None else given), hops)
+    try:
+        response = await original(session, *args, **kwargs)
+    except BaseException as error:
+        if hops.call is not None:
+            hops.call.end(error=error)
+        raise
+    if hops.call is not None:
+        _answered(hops.call, response)
+    return response
+
+
+async def _request_traced(
+    original: Any, session: aiohttp.ClientSession, *args: Any, **kwargs: Any
+) -> Any:
+    """aiohttp before 3.12 (no client middlewares): our `TraceConfig` joins the session's."""
     configs = session._trace_configs
     if not any(hasattr(config, "_mtm_targets") for config in configs):
         configs.append(_shared)
@@ -109,8 +162,12 @@ async def _request(original: Any, session: aiohttp.ClientSession, *args: Any, **
 
 
 def instrument() -> None:
-    """Trace every `aiohttp.ClientSession`, whenever it was created (our `TraceConfig` joins a
-    session's list on its first request)."""
+    """Trace every `aiohttp.ClientSession`, whenever it was created (through a client middleware
+    added to each request's, or, before aiohttp 3.12, our `TraceConfig` joining the session's
+    list on its first request)."""
+    if not hasattr(aiohttp, "ClientMiddlewareType"):
+        _patch.patch(aiohttp.ClientSession, "_request", _request_traced)
+        return
     _patch.patch(aiohttp.ClientSession, "_request", _request)
 
 
