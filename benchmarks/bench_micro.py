@@ -59,19 +59,19 @@ def _sink() -> Iterator[None]:
 def _close_clients() -> Iterator[None]:
     yield
     traced_urllib3.uninstrument()
+    traced_aiohttp.uninstrument()
     while CLOSE:
         CLOSE.pop()()
 
 
 def socket_caller(library: str, traced: bool) -> Callable[[], None]:
-    """urllib3 (patched by `instrument()`) or aiohttp (a session with our `TraceConfig`),
-    keep-alive to the null server."""
+    """urllib3 or aiohttp (each patched by its `instrument()`), keep-alive to the null server."""
     url = f"{NULL[0]}/items/1"
     if library == "aiohttp":
-        configs = [traced_aiohttp.tracing_config()] if traced else []
+        (traced_aiohttp.instrument if traced else traced_aiohttp.uninstrument)()
 
         async def session() -> aiohttp.ClientSession:
-            return aiohttp.ClientSession(trace_configs=configs)
+            return aiohttp.ClientSession()
 
         client = LOOP.run_until_complete(session())
         CLOSE.append(lambda: LOOP.run_until_complete(client.close()))
