@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from types import MethodType
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3 import HTTPHeaderDict
 from urllib3.util import parse_url
 
 from . import _client, _patch, _targets
@@ -43,33 +45,40 @@ class TracingAdapter(HTTPAdapter):
     def send(
         self, request: requests.PreparedRequest, *args: Any, **kwargs: Any
     ) -> requests.Response:
-        return _send(
-            request,
-            lambda: super(TracingAdapter, self).send(request, *args, **kwargs),
-            self._propagate_to,
-        )
+        return _send(super().send, request, args, kwargs, self._propagate_to)
 
 
 def _send(
+    inner: Callable[..., requests.Response],
     request: requests.PreparedRequest,
-    inner: Callable[[], requests.Response],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
     targets: _targets.Targets | None = None,
 ) -> requests.Response:
+    """Run `inner(request, *args, **kwargs)` (the adapter's `send`) as a traced call."""
     url, agreed = _where(request.url or "")
     call = _client.start(
         request.method or "GET",
         url,
         request.headers,
         targets,
-        destination=lambda: url if agreed else None,
+        destination=None if agreed else _disagreed,  # None: `url` itself
     )
     if call is None:
-        return inner()
+        return inner(request, *args, **kwargs)
     with call:
-        response = inner()
-    call.answered(response.headers)
-    response.raw = _Raw(response.raw, call, response.status_code)
+        response = inner(request, *args, **kwargs)
+    raw = response.raw
+    # urllib3's headers, which requests' copies: a miss there is a look-up, where requests'
+    # `CaseInsensitiveDict` raises and catches a `KeyError`.
+    headers = getattr(raw, "headers", None)
+    call.answered(headers if type(headers) is HTTPHeaderDict else response.headers)
+    response.raw = _Raw(raw, call, response.status_code)
     return response
+
+
+def _disagreed() -> None:
+    """The destination of a URL requests' two parsers read differently: none."""
 
 
 def _destination(url: str) -> _targets.Destination | None:
@@ -83,7 +92,8 @@ def _where(url: str) -> tuple[_targets.Destination, bool]:
     pool with it), and whether urllib3's `parse_url` (older requests) agrees.
 
     Both parse the host and port from the URL up to the end of its authority alone: they are
-    kept per such head (bounded), so a call parses only its path.
+    kept per such head (bounded), so a call parses only its path (`urlsplit` keeps its recent
+    results: the split `PreparedRequest.path_url` makes next is a look-up).
     """
     split = urlsplit(url)
     head = _HEAD.match(url)
@@ -153,7 +163,7 @@ def _patched_send(
     *args: Any,
     **kwargs: Any,
 ) -> requests.Response:
-    return _send(request, lambda: original(adapter, request, *args, **kwargs))
+    return _send(MethodType(original, adapter), request, args, kwargs)
 
 
 def instrument() -> None:
