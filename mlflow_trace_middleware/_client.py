@@ -206,7 +206,7 @@ def start(
         parent_context = _mlflow.current_context()
         parent = trace.get_current_span(parent_context)
         parent_ids = parent.get_span_context()
-        if not parent_ids.is_valid:
+        if not parent_ids[5]:  # `is_valid`, read from the tuple a `SpanContext` is
             return None
         _runtime.activate()
         scheme, hostname, port, path = url

@@ -435,9 +435,12 @@ def end_client(span: trace.Span, status: int) -> bool:
             ours.dropped_attributes += 1
         else:
             mine[key] = value
-    if ours._status.status_code is not StatusCode.OK:  # as `set_status`: OK is final
+    # As `set_status`: OK is final (a span's status is most often still `_UNSET`).
+    if ours._status is _UNSET or ours._status.status_code is not StatusCode.OK:
         ours._status = OK if status < 400 else ERROR
-    ours.end()
+    # `LeanSpan.end`'s work, its checks made above.
+    ours.end_time = time.time_ns()
+    ours._owner.finish(ours)
     return True
 
 
