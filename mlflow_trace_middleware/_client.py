@@ -94,6 +94,18 @@ class ClientCall(SpanBlock):
         self._token = _in_call.set(True)
         return self
 
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        # `leave`'s work, inline for a call that returned (`SpanBlock.__exit__` calls it).
+        if error is None and self._token is not None:
+            _in_call.reset(self._token)
+        else:
+            self.leave(error)
+
     def leave(self, error: BaseException | None) -> None:
         if self._token is not None:
             _in_call.reset(self._token)
@@ -194,20 +206,37 @@ def start(
         parent_context = _mlflow.current_context()
         parent = trace.get_current_span(parent_context)
         parent_ids = parent.get_span_context()
-        if not parent_ids.is_valid:
+        if not parent_ids[5]:  # `is_valid`, read from the tuple a `SpanContext` is
             return None
         _runtime.activate()
-        fields = _origin(method, url, allowed, settings)
+        scheme, hostname, port, path = url
+        cache = _origins  # `_origin`'s look-up, inline: most calls find their origin
+        fields = (
+            cache[1].get((method, scheme, hostname, port, allowed))
+            if cache[0] is settings
+            else None
+        ) or _origin(method, url, allowed, settings)
         name, host = fields[0], fields[3]
-        if allowed:
+        # `in` first (most calls have no `traceparent`): cheaper than a missing `get`.
+        if allowed and _propagation.TRACEPARENT in headers:
             theirs = _instrumented_by_caller(headers, parent_ids)
             if theirs is not None:
-                _claims.call_started(theirs, None, url[3], host)
+                _claims.call_started(theirs, None, path, host)
                 return _complete(theirs, parent_context, headers, host, runtime)
         span: trace.Span | None = None
         ids = parent_ids
         if parent.is_recording():
-            attributes = _attributes(fields, url[3], settings)
+            # The span's attributes: its origin's, the span type and the URL (bounded); no
+            # query string and no user info: either may carry credentials.
+            full = fields[1] + path
+            limit = settings.max_span_attribute_length
+            if limit is not None and len(full) > limit:
+                full = full[:limit]
+            attributes = {
+                _keys.SPAN_TYPE: _config.span_type("client", path),
+                **fields[2],
+                url_attributes.URL_FULL: full,
+            }
             owner = _mlflow.processor()
             if owner is not None:
                 span = _spans.start_client(_mlflow.tracer(), owner, name, parent_ids, attributes)
@@ -215,7 +244,7 @@ def start(
                 span = _mlflow.start_child(name, parent_context, parent_ids, attributes)
             ids = span.get_span_context()
             if allowed:
-                _claims.call_started(ids, span, url[3], host)
+                _claims.call_started(ids, span, path, host)
         sent = _sent(ids, parent_context, runtime) if allowed else {}
         for field, value in sent.items():  # cheaper than update() for httpx.Headers
             headers[field] = value
@@ -389,17 +418,6 @@ def _origin(method: str, url: Destination, allowed: bool, settings: _config.Sett
             called,
         )
     return fields
-
-
-def _attributes(fields: Origin, path: str, settings: _config.Settings) -> dict[str, Any]:
-    """A call's span attributes: its origin's, the span type and the URL (bounded)."""
-    # No query string and no user info: either may carry credentials.
-    full = fields[1] + path
-    limit = settings.max_span_attribute_length
-    if limit is not None and len(full) > limit:
-        full = full[:limit]
-    span_type = _config.span_type("client", path)
-    return {_keys.SPAN_TYPE: span_type, **fields[2], url_attributes.URL_FULL: full}
 
 
 Host = tuple[str, int | None]

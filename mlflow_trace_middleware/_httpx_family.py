@@ -66,14 +66,11 @@ class HttpxFamily:
         path = url.raw_path.partition(b"?")[0].decode("ascii")
         return url.scheme, url.raw_host.decode("ascii"), url.port, path
 
-    def _start(self, request: Any, targets: _targets.Targets | None) -> _client.ClientCall | None:
-        url = self.destination(request.url)
-        return _client.start(request.method, url, request.headers, targets)
-
     def send(
         self, request: Any, inner: Callable[[Any], Any], targets: _targets.Targets | None = None
     ) -> Any:
-        call = self._start(request, targets)
+        url = self.destination(request.url)
+        call = _client.start(request.method, url, request.headers, targets)
         if call is None:
             return inner(request)
         with call:
@@ -85,7 +82,8 @@ class HttpxFamily:
         inner: Callable[[Any], Awaitable[Any]],
         targets: _targets.Targets | None = None,
     ) -> Any:
-        call = self._start(request, targets)
+        url = self.destination(request.url)
+        call = _client.start(request.method, url, request.headers, targets)
         if call is None:
             return await inner(request)
         with call:

@@ -380,29 +380,24 @@ def start_child(
     """`start` for a child of the sampled span `parent` under a sampler that follows the
     parent (MLflow's default): the same span without the sampler's call and new flag objects
     (an outgoing call's span: a third of its cost was here). None when that does not apply:
-    then `start`."""
-    context = _child_context(tracer, parent)
-    if context is None:
-        return None
+    then `start` (which bounds `attributes` again: a no-op)."""
     bound(attributes, _config.get_settings().max_span_attribute_length)
-    return LeanSpan(name, context, parent, kind, attributes, (), owner)
+    return start_client(tracer, owner, name, parent, attributes, kind)
 
 
 def start_client(
-    tracer: trace.Tracer, owner: Owner, name: str, parent: SpanContext, attributes: dict[str, Any]
+    tracer: trace.Tracer,
+    owner: Owner,
+    name: str,
+    parent: SpanContext,
+    attributes: dict[str, Any],
+    kind: SpanKind = SpanKind.CLIENT,
 ) -> LeanSpan | None:
     """`start_child` for an outgoing call's CLIENT span whose `attributes` are within the
-    length limit already (`_client` bounds them once per origin): no per-call bounding."""
-    context = _child_context(tracer, parent)
-    if context is None:
-        return None
-    return LeanSpan(name, context, parent, SpanKind.CLIENT, attributes, (), owner)
+    length limit already (`_client` bounds them once per origin): no per-call bounding.
 
-
-def _child_context(tracer: trace.Tracer, parent: SpanContext) -> SpanContext | None:
-    """The span context of a child of `parent` when the cheap path applies (see
-    `start_child`): the tracer's class checked before an ABC's `isinstance`, the context built
-    as the typed tuple it is (a valid parent's trace id, a generated span id: valid)."""
+    The cheap path's checks: the tracer's class before an ABC's `isinstance`; the span context
+    built as the typed tuple it is (a valid parent's trace id, a generated span id: valid)."""
     trace_id, _, _, flags, trace_state, _ = parent
     if (
         flags not in _CHILD_FLAGS
@@ -415,7 +410,8 @@ def _child_context(tracer: trace.Tracer, parent: SpanContext) -> SpanContext | N
     if not 0 < span_id < _SPAN_ID_LIMIT:  # a custom generator's odd id: the checked way
         return None
     # (trace id, span id, remote, flags, tracestate, valid): `SpanContext.__new__`'s tuple.
-    return tuple.__new__(SpanContext, (trace_id, span_id, False, flags, trace_state, True))
+    context = tuple.__new__(SpanContext, (trace_id, span_id, False, flags, trace_state, True))
+    return LeanSpan(name, context, parent, kind, attributes, (), owner)
 
 
 def end_client(span: trace.Span, status: int) -> bool:
@@ -439,9 +435,12 @@ def end_client(span: trace.Span, status: int) -> bool:
             ours.dropped_attributes += 1
         else:
             mine[key] = value
-    if ours._status.status_code is not StatusCode.OK:  # as `set_status`: OK is final
+    # As `set_status`: OK is final (a span's status is most often still `_UNSET`).
+    if ours._status is _UNSET or ours._status.status_code is not StatusCode.OK:
         ours._status = OK if status < 400 else ERROR
-    ours.end()
+    # `LeanSpan.end`'s work, its checks made above.
+    ours.end_time = time.time_ns()
+    ours._owner.finish(ours)
     return True
 
 
