@@ -94,12 +94,7 @@ class ClientCall(SpanBlock):
         self._token = _in_call.set(True)
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
         # `leave`'s work, inline for a call that returned (`SpanBlock.__exit__` calls it).
         if error is None and self._token is not None:
             _in_call.reset(self._token)
