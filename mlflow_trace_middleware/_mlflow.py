@@ -73,8 +73,11 @@ class SinkSpanProcessor(SpanProcessor):
     def open(self, span: LeanSpan, experiment: str | None) -> None:
         """A request span opens a trace segment here; MLflow hears of it only if asked."""
         trace_id, span_id, _, _, _, _ = span.context
+        roots = self._roots
         with self._lock:
-            self._add_root(trace_id, span_id)
+            roots.setdefault(trace_id, set()).add(span_id)  # `_add_root`, without its call
+            if len(roots) > MAX_OPEN_TRACES:
+                self._forget_oldest()
             if experiment is not None:
                 self._experiments[trace_id] = experiment
             if span.parent is None:
@@ -83,12 +86,15 @@ class SinkSpanProcessor(SpanProcessor):
     def _add_root(self, otel_trace_id: int, span_id: int) -> None:
         self._roots.setdefault(otel_trace_id, set()).add(span_id)
         if len(self._roots) > MAX_OPEN_TRACES:
-            # A span that never ends (a response never closed) must not pin memory: forget
-            # the oldest segment; MLflow's own buffer expires it by TTL.
-            oldest = next(iter(self._roots))
-            del self._roots[oldest]
-            self._experiments.pop(oldest, None)
-            self._unclaimed.discard(oldest)
+            self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        # A span that never ends (a response never closed) must not pin memory: forget the
+        # oldest segment; MLflow's own buffer expires it by TTL.
+        oldest = next(iter(self._roots))
+        del self._roots[oldest]
+        self._experiments.pop(oldest, None)
+        self._unclaimed.discard(oldest)
 
     def _register(self, span: SdkSpan, parent_context: Context | None = None) -> None:
         manager = InMemoryTraceManager.get_instance()
@@ -461,17 +467,20 @@ def start_span(
     experiment: str | None = None,
     trace_id: int | None = None,
     parent: SpanContext | _spans.InContext | None = _spans.IN_CONTEXT,
+    settings: _config.Settings | None = None,
+    binding: _Binding | None = None,
 ) -> trace.Span:
     """One of our spans, from MLflow's tracer, reporting to the installed processor; a span
     with no parent in this process opens a trace segment (routed to `experiment` if given).
-    `trace_id` and `parent`: see `_spans.start`."""
+    `trace_id`, `parent` and `settings`: see `_spans.start`; `binding`: one looked up already."""
+    tracer = (binding or _bound()).tracer
     processor = _processor
     if processor is None:  # not installed (tests): MLflow's own machinery
         if parent is not _spans.IN_CONTEXT and parent is not None:
             context = trace.set_span_in_context(trace.NonRecordingSpan(parent), context)
-        return tracer().start_span(name, context, kind, attributes, links)
+        return tracer.start_span(name, context, kind, attributes, links)
     span = _spans.start(
-        _bound().tracer, processor, name, context, kind, attributes, links, trace_id, parent
+        tracer, processor, name, context, kind, attributes, links, trace_id, parent, settings
     )
     if type(span) is LeanSpan and (
         kind is SpanKind.SERVER
@@ -481,6 +490,38 @@ def start_span(
     ):
         processor.open(span, experiment)
     return span
+
+
+def start_server(
+    name: str,
+    context: Context | None,
+    attributes: dict[str, Any],
+    links: Sequence[Link],
+    *,
+    experiment: str | None,
+    trace_id: int | None,
+    parent: SpanContext | None,
+    settings: _config.Settings,
+) -> tuple[trace.Span, Context, Token]:
+    """`start_span` for a request's SERVER span, made current: the span, its context and the
+    token `detach` takes, MLflow's binding looked up once for both. `settings`: those the
+    request read (the attribute length limit)."""
+    binding = _bound()
+    span = start_span(
+        name,
+        context,
+        SpanKind.SERVER,
+        attributes,
+        links,
+        experiment=experiment,
+        trace_id=trace_id,
+        parent=parent,
+        settings=settings,
+        binding=binding,
+    )
+    current = trace.set_span_in_context(span, context)
+    api = binding.context_api
+    return span, current, (api, api.attach(current))
 
 
 def start_child(
@@ -537,15 +578,22 @@ def routed_experiment(otel_trace_id: int) -> str | None:
     return processor.experiment_of(otel_trace_id) if processor is not None else None
 
 
-def attach(context: Context) -> object:
-    return _bound().context_api.attach(context)
+# What `attach` returns and `detach` takes: the context API that attached, and its token
+# (`detach` need not look MLflow's binding up again).
+Token = tuple[Any, object]
 
 
-def detach(token: object) -> None:
-    _bound().context_api.detach(token)
+def attach(context: Context) -> Token:
+    api = _bound().context_api
+    return api, api.attach(context)
 
 
-def attach_quietly(context: Context) -> object | None:
+def detach(token: Token) -> None:
+    api, attached = token
+    api.detach(attached)
+
+
+def attach_quietly(context: Context) -> Token | None:
     """`attach` for adapters that run the work either way: None (logged) if it failed."""
     try:
         return attach(context)
@@ -554,7 +602,7 @@ def attach_quietly(context: Context) -> object | None:
         return None
 
 
-def detach_quietly(token: object | None) -> None:
+def detach_quietly(token: Token | None) -> None:
     """`detach` what `attach_quietly` returned (None: nothing was attached)."""
     if token is not None:
         try:

@@ -141,6 +141,7 @@ class RequestSpan:
         "_ended",
         "_limit",
         "_redaction",
+        "_settings",
         "_token",
         "answers",
         "context",
@@ -163,7 +164,9 @@ class RequestSpan:
         self.status: int | None = None
         self.route: str | None = None
         self._ended = False
-        self._token: object | None = None
+        self._token: _mlflow.Token | None = None
+        # Read once: the trust keys, the attribute length limit at the start and at the end.
+        self._settings = settings = _config.get_settings()
         self._limit = limit = options.max_body_bytes if options.capture_bodies else 0
         self._redaction = options.redaction
         self.options, self.inbound = options, request
@@ -193,7 +196,7 @@ class RequestSpan:
             attributes[_USER_AGENT] = request.user_agent
         if options.capture_headers:
             attributes.update(_header_attributes(request.headers(), options.capture_headers))
-        parent = _parent(options, request, attributes, name)
+        parent = _parent(options, request, attributes, name, settings)
         # Whether the request brought a caller's context (a message it carries then has no say).
         self.remote = remote = parent.remote
         trusted = parent.trusted
@@ -202,18 +205,16 @@ class RequestSpan:
         context = parent.context
         if options.identity_headers or (trusted and _propagation.BAGGAGE in request.carrier):
             context = _identity(options, request, parent, attributes)
-        self.span = span = _mlflow.start_span(
+        self.span, self.context, self._token = _mlflow.start_server(
             name,
             context,
-            SpanKind.SERVER,
             attributes,
             parent.links,
             experiment=parent.experiment,
             trace_id=parent.trace_id,
             parent=parent.span_context,
+            settings=settings,
         )
-        self.context = trace.set_span_in_context(span, context)
-        self._token = _mlflow.attach(self.context)
 
     def response_started(self, status: int, content_type: str | None) -> None:
         self.status = status
@@ -260,7 +261,13 @@ class RequestSpan:
                 and status is not None
                 and status < 500
                 and _spans.end_server(
-                    span, self.name, route, self.request_body, self.response_body, status
+                    span,
+                    self.name,
+                    route,
+                    self.request_body,
+                    self.response_body,
+                    status,
+                    self._settings,
                 )
             ):
                 return
@@ -424,7 +431,11 @@ class _Parent(NamedTuple):
 
 
 def _parent(
-    options: ServerOptions, request: Inbound, attributes: dict[str, Any], name: str
+    options: ServerOptions,
+    request: Inbound,
+    attributes: dict[str, Any],
+    name: str,
+    settings: _config.Settings | None = None,
 ) -> _Parent:
     """What a span for `request` continues; marks it as a trace's root (`TRACE_NAME`, `name`)
     when it has no parent."""
@@ -439,7 +450,7 @@ def _parent(
     def inbound() -> _trust.InboundRequest:
         return _trust.InboundRequest(request.client, request.path, _joined(request.headers()))
 
-    keys = _config.get_settings().signing_keys
+    keys = (settings or _config.get_settings()).signing_keys
     if remote is None:
         attributes[_keys.TRACE_NAME] = name
         # Baggage alone is the caller's context too: the policy decides over it as over a parent.

@@ -299,6 +299,7 @@ def start(
     links: Sequence[Link] = (),
     trace_id: int | None = None,
     parent: SpanContext | InContext | None = IN_CONTEXT,
+    settings: _config.Settings | None = None,
 ) -> trace.Span:
     """A span under `context`, sampled, identified and flagged as `tracer` (MLflow's) would.
 
@@ -306,7 +307,8 @@ def start(
     on (or, with MLflow tracing disabled, whatever MLflow's tracer returns). `trace_id` gives a
     span without a parent the trace id of a caller it adopts (`trust="adopt"`). `parent`, when
     given, is the parent's span context (`context` then holds only baggage): the inbound path
-    knows it without building a context around it.
+    knows it without building a context around it. `settings`: the ones the caller read for
+    this span (else read here).
     """
     given = parent is not IN_CONTEXT
     if parent is IN_CONTEXT:
@@ -357,7 +359,7 @@ def start(
     )
     if not sampled:
         return trace.NonRecordingSpan(span_context)
-    bound(attributes, _config.get_settings().max_span_attribute_length)
+    bound(attributes, (settings or _config.get_settings()).max_span_attribute_length)
     return LeanSpan(name, span_context, parent, kind, attributes, links, owner)
 
 
@@ -509,6 +511,7 @@ def end_server(
     request_body: BodyCapture | None,
     response_body: BodyCapture | None,
     status: int,
+    settings: _config.Settings | None = None,
 ) -> bool:
     """Record a request that succeeded (`status` below 500, no error) on its span, if the span
     is one of ours, open, not handed to MLflow and without events or links: its name from
@@ -518,7 +521,8 @@ def end_server(
     The bodies are recorded as their captures: the sink's worker checks, redacts and records
     them when it encodes the span (`_sink._with_bodies`), off the request path. Only such a span
     can wait for that: its snapshot goes to the worker; one with events or links is encoded at
-    once, and MLflow's shadow span takes text only."""
+    once, and MLflow's shadow span takes text only. `settings`: those the request started
+    with (else read here)."""
     if span.__class__ is not LeanSpan:
         return False
     ours = span  # the class checked, not an ABC's isinstance
@@ -529,7 +533,7 @@ def end_server(
     if route:
         full = f"{name} {route}"
         ours._name = full
-        limit = _config.get_settings().max_span_attribute_length
+        limit = (settings or _config.get_settings()).max_span_attribute_length
         found.append((http_attributes.HTTP_ROUTE, route if limit is None else route[:limit]))
         if ours.parent is None:
             found.append((_keys.TRACE_NAME, full))
@@ -538,11 +542,15 @@ def end_server(
     if response_body is not None and response_body.size:
         found.append((_keys.OUTPUTS, response_body))
     found.append((http_attributes.HTTP_RESPONSE_STATUS_CODE, status))
+    room = MAX_ATTRIBUTES - len(mine)  # the count bound, its `len` taken once
     for key, value in found:
-        if key not in mine and len(mine) >= MAX_ATTRIBUTES:
-            ours.dropped_attributes += 1
-        else:
+        if key in mine:
             mine[key] = value
+        elif room > 0:
+            mine[key] = value
+            room -= 1
+        else:
+            ours.dropped_attributes += 1
     ours._status = OK
     return True
 

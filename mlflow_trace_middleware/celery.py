@@ -66,7 +66,7 @@ class _Running:
     """One task attempt being run: its span and the context token to restore."""
 
     span: trace.Span
-    token: object | None
+    token: _mlflow.Token | None
     outcome_set: bool = False
 
 

@@ -301,6 +301,31 @@ def test_attributes_past_the_limit_are_counted_not_kept() -> None:
     assert span.dropped_attributes == 10
 
 
+def test_a_successful_request_end_keeps_the_attribute_count_bound() -> None:
+    # `end_server` writes in place: one slot left takes the route, the status is counted
+    # dropped; a key the span has already is replaced, whatever the count.
+    parent = SpanContext(1, 3, True)
+    span = _spans.LeanSpan(
+        "GET", SpanContext(1, 2, False), parent, SpanKind.SERVER, {}, (), owner()
+    )
+    attributes = span.recorded()[0]
+    attributes.update({f"k{i}": i for i in range(_spans.MAX_ATTRIBUTES - 1)})
+    assert _spans.end_server(span, "GET", "/items", None, None, 200)
+    assert len(attributes) == _spans.MAX_ATTRIBUTES
+    assert attributes["http.route"] == "/items"
+    assert "http.response.status_code" not in attributes
+    assert span.dropped_attributes == 1
+    again = _spans.LeanSpan(
+        "GET", SpanContext(1, 4, False), parent, SpanKind.SERVER, {}, (), owner()
+    )
+    full = again.recorded()[0]
+    full.update({f"k{i}": i for i in range(_spans.MAX_ATTRIBUTES - 1)})
+    full["http.response.status_code"] = 0
+    assert _spans.end_server(again, "GET", None, None, None, 201)
+    assert full["http.response.status_code"] == 201
+    assert again.dropped_attributes == 0
+
+
 def test_an_ended_span_ignores_writes_and_is_never_registered(exporter: InMemoryExporter) -> None:
     span = _spans.LeanSpan(
         "x", SpanContext(7, 8, False), None, SpanKind.SERVER, {"a": 1}, (), owner()
