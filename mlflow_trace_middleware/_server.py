@@ -196,15 +196,11 @@ class RequestSpan:
             attributes[_USER_AGENT] = request.user_agent
         if options.capture_headers:
             attributes.update(_header_attributes(request.headers(), options.capture_headers))
-        parent = _parent(options, request, attributes, name, settings)
+        parent, context = _continued(options, request, attributes, name, settings)
         # Whether the request brought a caller's context (a message it carries then has no say).
         self.remote = remote = parent.remote
-        trusted = parent.trusted
         # Whether the caller's trace is continued: it is told who answered (`callee_header`).
-        self.answers = trusted and remote and parent.trace_id is None
-        context = parent.context
-        if options.identity_headers or (trusted and _propagation.BAGGAGE in request.carrier):
-            context = _identity(options, request, parent, attributes)
+        self.answers = parent.trusted and remote and parent.trace_id is None
         self.span, self.context, self._token = _mlflow.start_server(
             name,
             context,
@@ -392,10 +388,7 @@ def start_call(
     trust callable sees `request.path`); and the context that makes it current. Raises on
     failure (the adapter runs the call untraced)."""
     _runtime.activate()
-    parent = _parent(options, request, attributes, name)
-    context = parent.context
-    if options.identity_headers or (parent.trusted and _propagation.BAGGAGE in request.carrier):
-        context = _identity(options, request, parent, attributes)
+    parent, context = _continued(options, request, attributes, name)
     span = _mlflow.start_span(
         name,
         context,
@@ -428,6 +421,21 @@ class _Parent(NamedTuple):
     trace_id: int | None = None  # adopted from the caller, for a root span
     remote: bool = True  # the carrier held a valid context (trusted or not)
     span_context: trace.SpanContext | None = None  # the caller's span, continued
+
+
+def _continued(
+    options: ServerOptions,
+    request: Inbound,
+    attributes: dict[str, Any],
+    name: str,
+    settings: _config.Settings | None = None,
+) -> tuple[_Parent, Context]:
+    """`_parent`, and the context a span for `request` is added to: the parent's, with the
+    caller's identity (headers, baggage) when there is one to take."""
+    parent = _parent(options, request, attributes, name, settings)
+    if options.identity_headers or (parent.trusted and _propagation.BAGGAGE in request.carrier):
+        return parent, _identity(options, request, parent, attributes)
+    return parent, parent.context
 
 
 def _parent(
