@@ -492,25 +492,27 @@ def start_span(
     return span
 
 
-def start_server(
+def start_current(
     name: str,
     context: Context | None,
+    kind: SpanKind,
     attributes: dict[str, Any],
     links: Sequence[Link],
     *,
     experiment: str | None,
     trace_id: int | None,
-    parent: SpanContext | None,
-    settings: _config.Settings,
-) -> tuple[trace.Span, Context, Token]:
-    """`start_span` for a request's SERVER span, made current: the span, its context and the
-    token `detach` takes, MLflow's binding looked up once for both. `settings`: those the
-    request read (the attribute length limit)."""
+    parent: SpanContext | _spans.InContext | None,
+    settings: _config.Settings | None = None,
+    attach: bool = False,
+) -> tuple[trace.Span, Context, Token | None]:
+    """`start_span`, and the context that makes the span current, attached when `attach` (a
+    request's SERVER span: the token `detach` takes, else None), MLflow's binding looked up
+    once for both. `settings`: those the request read (the attribute length limit)."""
     binding = _bound()
     span = start_span(
         name,
         context,
-        SpanKind.SERVER,
+        kind,
         attributes,
         links,
         experiment=experiment,
@@ -520,6 +522,8 @@ def start_server(
         binding=binding,
     )
     current = trace.set_span_in_context(span, context)
+    if not attach:
+        return span, current, None
     api = binding.context_api
     return span, current, (api, api.attach(current))
 

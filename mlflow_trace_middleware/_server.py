@@ -196,20 +196,14 @@ class RequestSpan:
             attributes[_USER_AGENT] = request.user_agent
         if options.capture_headers:
             attributes.update(_header_attributes(request.headers(), options.capture_headers))
-        parent, context = _continued(options, request, attributes, name, settings)
+        parent = _parent(options, request, attributes, name, settings)
+        context = _context(options, request, parent, attributes)
         # Whether the request brought a caller's context (a message it carries then has no say).
         self.remote = remote = parent.remote
         # Whether the caller's trace is continued: it is told who answered (`callee_header`).
         self.answers = parent.trusted and remote and parent.trace_id is None
-        self.span, self.context, self._token = _mlflow.start_server(
-            name,
-            context,
-            attributes,
-            parent.links,
-            experiment=parent.experiment,
-            trace_id=parent.trace_id,
-            parent=parent.span_context,
-            settings=settings,
+        self.span, self.context, self._token = _under(
+            name, context, SpanKind.SERVER, attributes, parent, settings, attach=True
         )
 
     def response_started(self, status: int, content_type: str | None) -> None:
@@ -351,28 +345,15 @@ def start_message(
     message does (`carrier`: MCP's `params._meta`, SEP-414), the message's is continued,
     under the same trust rules as the headers (the request span then stays in its own trace).
     """
-    context, links, experiment, trace_id = request.context, [], None, None
-    remote: trace.SpanContext | _spans.InContext | None = _spans.IN_CONTEXT
+    under = _Parent(request.context, [], None, trusted=False, span_context=_spans.IN_CONTEXT)
     if carrier and not request.remote:
         message = dataclasses.replace(request.inbound, carrier=carrier)
         parent = _parent(request.options, message, attributes, name)
-        links = parent.links
-        if parent.trusted and parent.remote:
-            context, experiment, trace_id = parent.context, parent.experiment, parent.trace_id
-            remote = parent.span_context
-        if trace_id is None:  # not a trace's root (only an adopted trace id makes one)
+        under = parent if parent.trusted and parent.remote else under._replace(links=parent.links)
+        if under.trace_id is None:  # not a trace's root (only an adopted trace id makes one)
             attributes.pop(_keys.TRACE_NAME, None)
-    span = _mlflow.start_span(
-        name,
-        context,
-        SpanKind.SERVER,
-        attributes,
-        links,
-        experiment=experiment,
-        trace_id=trace_id,
-        parent=remote,
-    )
-    return span, trace.set_span_in_context(span, context)
+    span, current, _ = _under(name, under.context, SpanKind.SERVER, attributes, under)
+    return span, current
 
 
 def start_call(
@@ -388,8 +369,25 @@ def start_call(
     trust callable sees `request.path`); and the context that makes it current. Raises on
     failure (the adapter runs the call untraced)."""
     _runtime.activate()
-    parent, context = _continued(options, request, attributes, name)
-    span = _mlflow.start_span(
+    parent = _parent(options, request, attributes, name)
+    context = _context(options, request, parent, attributes)
+    span, current, _ = _under(name, context, kind, attributes, parent)
+    return span, current
+
+
+def _under(
+    name: str,
+    context: Context,
+    kind: SpanKind,
+    attributes: dict[str, Any],
+    parent: _Parent,
+    settings: _config.Settings | None = None,
+    *,
+    attach: bool = False,
+) -> tuple[trace.Span, Context, _mlflow.Token | None]:
+    """Our span added to `context` under `parent` (its links, the experiment and trace id it
+    chose, the caller's span), and the context that makes it current (attached: `attach`)."""
+    return _mlflow.start_current(
         name,
         context,
         kind,
@@ -398,8 +396,9 @@ def start_call(
         experiment=parent.experiment,
         trace_id=parent.trace_id,
         parent=parent.span_context,
+        settings=settings,
+        attach=attach,
     )
-    return span, trace.set_span_in_context(span, context)
 
 
 # The request span's attribute keys (OpenTelemetry's HTTP server semantic conventions).
@@ -420,22 +419,18 @@ class _Parent(NamedTuple):
     trusted: bool  # the caller's context (and baggage) is taken
     trace_id: int | None = None  # adopted from the caller, for a root span
     remote: bool = True  # the carrier held a valid context (trusted or not)
-    span_context: trace.SpanContext | None = None  # the caller's span, continued
+    # The caller's span, continued (IN_CONTEXT: whatever span is current, for a message).
+    span_context: trace.SpanContext | _spans.InContext | None = None
 
 
-def _continued(
-    options: ServerOptions,
-    request: Inbound,
-    attributes: dict[str, Any],
-    name: str,
-    settings: _config.Settings | None = None,
-) -> tuple[_Parent, Context]:
-    """`_parent`, and the context a span for `request` is added to: the parent's, with the
-    caller's identity (headers, baggage) when there is one to take."""
-    parent = _parent(options, request, attributes, name, settings)
+def _context(
+    options: ServerOptions, request: Inbound, parent: _Parent, attributes: dict[str, Any]
+) -> Context:
+    """The context a span for `request` is added to: the parent's, with the caller's identity
+    (headers, baggage) when there is one to take."""
     if options.identity_headers or (parent.trusted and _propagation.BAGGAGE in request.carrier):
-        return parent, _identity(options, request, parent, attributes)
-    return parent, parent.context
+        return _identity(options, request, parent, attributes)
+    return parent.context
 
 
 def _parent(
