@@ -640,17 +640,24 @@ def test_spans_waiting_to_be_encoded_leave_the_garbage_collector_alone(
     assert not any(gc.is_tracked(item) for item in waiting)
 
 
-def test_spans_waiting_to_be_encoded_count_against_the_byte_bound(
-    make_sink: Callable[..., SpanSink],
-) -> None:
-    # While the worker is stuck in an export, snapshots wait unencoded: their bodies still count
-    # against max_queue_bytes, so memory stays bounded whatever the span count allows.
+def stuck_sink(make_sink: Callable[..., SpanSink]) -> tuple[FakeExporter, SpanSink]:
+    """A sink bounded at 64 KiB whose worker is stuck in its first export (`exporter.gate`
+    lets it go): what is submitted next waits in the queue."""
     exporter = FakeExporter(block_first=True)
     sink = make_sink(
         exporter, max_batch_spans=1, max_queue_bytes=64 * 1024, max_batch_bytes=64 * 1024
     )
     sink.submit(make_spans(1)[0])  # a full batch: the worker takes it and blocks in export
     assert exporter.entered.wait(5)
+    return exporter, sink
+
+
+def test_spans_waiting_to_be_encoded_count_against_the_byte_bound(
+    make_sink: Callable[..., SpanSink],
+) -> None:
+    # While the worker is stuck in an export, snapshots wait unencoded: their bodies still count
+    # against max_queue_bytes, so memory stays bounded whatever the span count allows.
+    exporter, sink = stuck_sink(make_sink)
     body = "x" * 10_000
     for i in range(20):
         span = _TRACER.start_span(f"s{i}", attributes={"mlflow.spanOutputs": body})
@@ -679,12 +686,7 @@ def test_bodies_handed_over_unchecked_count_against_the_byte_bound(
     make_sink: Callable[..., SpanSink],
 ) -> None:
     # A body whose checks wait for the worker counts as the bytes it kept: memory stays bounded.
-    exporter = FakeExporter(block_first=True)
-    sink = make_sink(
-        exporter, max_batch_spans=1, max_queue_bytes=64 * 1024, max_batch_bytes=64 * 1024
-    )
-    sink.submit(make_spans(1)[0])  # a full batch: the worker takes it and blocks in export
-    assert exporter.entered.wait(5)
+    exporter, sink = stuck_sink(make_sink)
     for i in range(20):
         sink.submit_later(with_body(f"s{i}", b'"' + b"x" * 10_000 + b'"'))
     stats = sink.stats()
