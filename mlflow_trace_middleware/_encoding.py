@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope as SdkScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from ._capture import BodyCapture
 from ._propagation import parse_tracestate
 
 if TYPE_CHECKING:
@@ -262,6 +263,7 @@ _MAX_CACHED_VALUE = 256
 # to span (method, route, status, host, service name): the proto library encodes each once.
 _fragments: dict[tuple[str, type, Any], bytes] = {}
 _SCALARS = frozenset({bool, int, float})
+_ATOMS = _SCALARS | {str, bytes}
 _ONE_BYTE = [bytes((value,)) for value in range(0x80)]
 
 
@@ -279,14 +281,22 @@ def _pair_fields(pairs: Iterable[tuple[str, Any]]) -> bytes:
     cached = _fragments.get
     for key, value in pairs:
         kind = value.__class__
-        # Strings and scalars only: (1, True) == (1, 1), so sequences would share an entry.
-        if (kind is str and len(value) <= _MAX_CACHED_VALUE) or kind in _SCALARS:
+        if kind not in _ATOMS:
+            if kind is not BodyCapture:
+                append(_new_fragment(key, value, None))
+                continue
+            # A body the request path left to check here, on the sink's worker: recorded as
+            # its attribute (JSON checked, credential keys redacted); recording nothing drops
+            # its key.
+            value = value.attribute()
+            if value is None:
+                continue
+            kind = str
+        # Strings, bytes and scalars only: (1, True) == (1, 1), so sequences would share an
+        # entry.
+        if kind in _SCALARS or len(value) <= _MAX_CACHED_VALUE:
             cache_key = (key, kind, value)
-            fragment = cached(cache_key)
-            if fragment is None:
-                fragment = _new_fragment(key, value, cache_key)
-        elif kind is bytes and len(value) <= _MAX_CACHED_VALUE:
-            fragment = cached((key, kind, value)) or _new_fragment(key, value, (key, kind, value))
+            fragment = cached(cache_key) or _new_fragment(key, value, cache_key)
         else:
             fragment = _new_fragment(key, value, None)
         append(fragment)

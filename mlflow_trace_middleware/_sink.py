@@ -321,8 +321,8 @@ class SpanSink:
                     span = encode_snapshot(item[2:])
                 elif isinstance(held := item[2], EncodedSpan):
                     span = held
-                else:  # bodies to check, redact and record here, off the request path
-                    span = encode_snapshot(_with_bodies(held))
+                else:  # bodies the encoder checks, redacts and records, off the request path
+                    span = encode_snapshot(held)
                 encoded.append((span, experiment_id))
             except Exception:
                 _log.internal_error("span encode")
@@ -666,21 +666,6 @@ def estimate(snap: Snapshot) -> tuple[int, bool]:
             size += min(value.size, value.limit) + 80
             bodies = True
     return size, bodies
-
-
-def _with_bodies(snap: Snapshot) -> Snapshot:
-    """`snap` with each `BodyCapture` value recorded as its attribute (checked as JSON, credential
-    keys redacted: `BodyCapture.attribute`); a body that records nothing loses its key."""
-    fixed = snap[:FIXED_FIELDS]
-    pairs: list[Any] = []
-    for n in range(FIXED_FIELDS, len(snap) - 1, 2):
-        key, value = snap[n], snap[n + 1]
-        if value.__class__ is BodyCapture:
-            value = value.attribute()
-            if value is None:
-                continue
-        pairs += (key, value)
-    return (*fixed, *pairs)
 
 
 def _take(queue: deque[_Item], max_spans: int, max_bytes: int) -> list[_Item]:

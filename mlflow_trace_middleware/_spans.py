@@ -519,9 +519,9 @@ def end_server(
     whether it did (else the caller records through the span's API).
 
     The bodies are recorded as their captures: the sink's worker checks, redacts and records
-    them when it encodes the span (`_sink._with_bodies`), off the request path. Only such a span
-    can wait for that: its snapshot goes to the worker; one with events or links is encoded at
-    once, and MLflow's shadow span takes text only. `settings`: those the request started
+    them as it encodes the span (`_encoding.encode_snapshot`), off the request path. Only such a
+    span can wait for that: its snapshot goes to the worker; one with events or links is encoded
+    at once, and MLflow's shadow span takes text only. `settings`: those the request started
     with (else read here)."""
     if span.__class__ is not LeanSpan:
         return False
