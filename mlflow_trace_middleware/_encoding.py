@@ -188,32 +188,66 @@ def _flat(attributes: Mapping[str, Any]) -> tuple[Any, ...]:
 
 def encode_snapshot(snap: Snapshot) -> EncodedSpan:
     """A `snapshot` as OTLP `Span` bytes: the fields byte for byte as the protobuf library
-    writes them (field order, defaults left out), without building a message."""
+    writes them (field order, defaults left out), without building a message. What repeats
+    from span to span (a name, a status, the flags) is encoded once."""
     name, kind, start, end, trace_id, span_id, trace_state, trace_flags = snap[:8]
     parent, remote, dropped, code, description, scope_name, scope_version = snap[8:FIXED_FIELDS]
-    parts = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
+    # Span.trace_id = 1, Span.span_id = 2: both 16- and 8-byte fields in one pack.
+    parts = [_IDS.pack(0x0A, 16, trace_id >> 64, trace_id & _LOW64, 0x12, 8, span_id)]
     if trace_state:
         parts.append(_text(3, trace_state))
     if parent is not None:
-        parts += (b"\x22\x08", parent.to_bytes(8, "big"))
+        parts.append(_PARENT.pack(0x22, 8, parent))
     if name:
-        parts.append(_text(5, name))
+        parts.append(_names.get(name) or _name_field(name))
     parts.append(_KIND_FIELDS[kind])
-    if start:
-        parts += (b"\x39", _FIXED64.pack(start))
-    if end:
-        parts += (b"\x41", _FIXED64.pack(end))
+    if start and end:
+        parts.append(_TIMES.pack(0x39, start, 0x41, end))
+    else:
+        if start:
+            parts += (b"\x39", _FIXED64.pack(start))
+        if end:
+            parts += (b"\x41", _FIXED64.pack(end))
     if dropped:
         parts += (b"\x50", _varint(dropped))
     # Status (field 15): code = 3, message = 2; always present, as `_message` sets it.
-    inner = _text(2, description) if description else b""
-    if code:
-        inner += b"\x18" + _varint(code)
-    parts += (b"\x7a", _varint(len(inner)), inner)
-    flags = _HAS_IS_REMOTE | (_IS_REMOTE if remote else 0) | trace_flags
+    if description:
+        inner = _text(2, description) + (b"\x18" + _varint(code) if code else b"")
+        parts += (b"\x7a", _varint(len(inner)), inner)
+    else:
+        parts.append(_STATUS_FIELDS[code])
     pairs = iter(snap[FIXED_FIELDS:])
-    parts += (b"\x85\x01", _FIXED32.pack(flags), _pair_fields(zip(pairs, pairs, strict=True)))
+    parts += (
+        _FLAG_FIELDS[1 if remote else 0][trace_flags],
+        _pair_fields(zip(pairs, pairs, strict=True)),
+    )
     return EncodedSpan(b"".join(parts), _scope_key(scope_name, scope_version), parent is None)
+
+
+def _name_field(name: str) -> bytes:
+    """The `Span.name` field of `name`, kept for the next span of that name (names repeat: one
+    per route and method); a long name is encoded each time."""
+    field = _text(5, name)
+    if len(name) <= _MAX_CACHED_VALUE:
+        if len(_names) >= _MAX_FRAGMENTS:  # a churn of names: start again
+            _names.clear()
+        _names[name] = field
+    return field
+
+
+_LOW64 = (1 << 64) - 1
+_IDS = struct.Struct(">BBQQBBQ")  # tag, length, trace id (two halves), tag, length, span id
+_PARENT = struct.Struct(">BBQ")  # Span.parent_span_id = 4
+_TIMES = struct.Struct("<BQBQ")  # Span.start_time_unix_nano = 7, end_time_unix_nano = 8 (fixed64)
+# Span.status without a message, by its code: the field (15), its length, `Status.code` (3).
+_STATUS_FIELDS = [b"\x7a\x00", *(b"\x7a\x02\x18" + bytes((code,)) for code in (1, 2))]
+# Span.flags (16, fixed32): whether the parent is remote, then the W3C trace flags.
+_FLAG_FIELDS = [
+    [b"\x85\x01" + struct.pack("<I", _HAS_IS_REMOTE | remote | flags) for flags in range(256)]
+    for remote in (0, _IS_REMOTE)
+]
+# Span name -> its encoded `Span.name` field.
+_names: dict[str, bytes] = {}
 
 
 def _text(number: int, text: str) -> bytes:

@@ -14,13 +14,17 @@ from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
+from mlflow_trace_middleware import _encoding
 from mlflow_trace_middleware._capture import BodyCapture
 from mlflow_trace_middleware._config import SinkLimits
 from mlflow_trace_middleware._encoding import (
+    _HAS_IS_REMOTE,
+    _IS_REMOTE,
     _attribute_fields,
     _message,
     _varint,
@@ -215,6 +219,78 @@ def test_values_that_compare_equal_keep_their_own_types() -> None:
 @given(st.integers(min_value=0, max_value=2**40))
 def test_lengths_are_framed_as_protobuf_frames_them(value: int) -> None:
     assert _varint(value) == _VarintBytes(value)
+
+
+@given(
+    name=st.text(max_size=300),
+    kind=st.integers(min_value=1, max_value=5),
+    times=st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)),
+    ids=st.tuples(st.integers(0, 2**128 - 1), st.integers(0, 2**64 - 1)),
+    trace_state=st.sampled_from(["", "vendor=x"]),
+    flags=st.integers(0, 255),
+    parent=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+    remote=st.booleans(),
+    dropped=st.integers(0, 300),
+    status=st.tuples(st.integers(0, 2), st.sampled_from([None, "", "boom", "é" * 200])),
+)
+def test_snapshots_are_written_as_the_protobuf_library_writes_them(
+    name: str,
+    kind: int,
+    times: tuple[int, int],
+    ids: tuple[int, int],
+    trace_state: str,
+    flags: int,
+    parent: int | None,
+    remote: bool,
+    dropped: int,
+    status: tuple[int, str | None],
+) -> None:
+    # Every fixed field, the ones `encode_snapshot` keeps encoded from span to span (the name,
+    # a status without a message, the flags) among them: twice, the second time from what it
+    # kept, against the message the protobuf library writes.
+    (start, end), (trace_id, span_id), (code, description) = times, ids, status
+    remote = remote and parent is not None
+    fixed = (trace_id, span_id, trace_state, flags, parent, remote, dropped, code, description)
+    snap = (name, kind, start, end, *fixed, "scope", "")
+    reference = PbSpan(
+        trace_id=trace_id.to_bytes(16, "big"),
+        span_id=span_id.to_bytes(8, "big"),
+        trace_state=trace_state,
+        parent_span_id=b"" if parent is None else parent.to_bytes(8, "big"),
+        name=name,
+        kind=kind,  # type: ignore[arg-type]
+        start_time_unix_nano=start,
+        end_time_unix_nano=end,
+        dropped_attributes_count=dropped,
+        flags=_HAS_IS_REMOTE | (_IS_REMOTE if remote else 0) | flags,
+    )
+    reference.status.SetInParent()
+    reference.status.code = code  # type: ignore[assignment]
+    reference.status.message = description or ""
+    for _ in range(2):
+        assert encode_snapshot(snap).data == reference.SerializeToString()
+
+
+def test_span_names_kept_for_the_next_span_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Names are kept encoded (they repeat); a churn of names empties the store, never grows it
+    # past its bound, and a name too long to keep is encoded each time.
+    monkeypatch.setattr(_encoding, "_MAX_FRAGMENTS", 8)
+    monkeypatch.setattr(_encoding, "_names", {})
+    span = sample_spans()[1]
+    snap = snapshot(span, recorded(span))
+    assert snap is not None
+    for n in range(20):
+        for name in (f"GET /{n}", "x" * 1000):
+            taken = (name, *snap[1:])
+            assert encode_snapshot(taken).data == _message_named(span, name)
+        assert len(_encoding._names) <= 8
+    assert "x" * 1000 not in _encoding._names
+
+
+def _message_named(span: ReadableSpan, name: str) -> bytes:
+    message = PbSpan.FromString(_message(span, recorded(span)))
+    message.name = name
+    return message.SerializeToString()
 
 
 class _Owner:
