@@ -165,13 +165,14 @@ class SinkSpanProcessor(SpanProcessor):
             extra = self._extra(tags)
             taken: Snapshot | EncodedSpan | None = None
             lean = None
-            if isinstance(span, ReadableSpan):
-                state = _without_request_id(recorded(span))
-                taken = snapshot(span, state, extra) or encode_span(span, state, extra)
-            else:  # ours: its snapshot and size estimate in one pass
-                lean = span.snapshot(extra)
+            # The class first: the common case without an `isinstance` call.
+            if span.__class__ is LeanSpan or not isinstance(span, ReadableSpan):
+                lean = span.snapshot(extra)  # ours: its snapshot and size estimate in one pass
                 if lean is None:
                     taken = encode_span(span, span.recorded(), extra)
+            else:
+                state = _without_request_id(recorded(span))
+                taken = snapshot(span, state, extra) or encode_span(span, state, extra)
         except Exception:
             _log.internal_error("span encode")
             self._sink.count_dropped("encoding_error")

@@ -26,6 +26,7 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE as DEFAULT
 from opentelemetry.trace.span import TraceFlags, TraceState
 
 from . import _log
@@ -288,8 +289,11 @@ def _traceparent(header: str) -> trace.SpanContext | None:
         return None
     if version == "00" and rest:
         return None
-    return trace.SpanContext(
-        int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=_FLAGS[int(flags, 16)]
+    # What `SpanContext(trace_id, span_id, True, flags)` builds, without the call of its
+    # `__new__`: the typed tuple, valid (the pattern bounds the ids; zero ones are refused).
+    return tuple.__new__(
+        trace.SpanContext,
+        (int(trace_id, 16), int(span_id, 16), True, _FLAGS[int(flags, 16)], DEFAULT, True),
     )
 
 

@@ -663,7 +663,7 @@ def estimate(snap: Snapshot) -> tuple[int, bool]:
         elif kind is tuple:
             size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in value)
         elif kind is BodyCapture:
-            size += min(value.size, value.limit) + 80
+            size += (value.size if value.size < value.limit else value.limit) + 80
             bodies = True
     return size, bodies
 

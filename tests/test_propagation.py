@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from opentelemetry import baggage, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import TraceState
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mlflow_trace_middleware import _propagation, _trust
 
@@ -211,3 +212,34 @@ def test_members_put_first_are_sent_whatever_the_baggage_holds(
     # Nothing the propagator drops: what `baggage_first` kept is what goes out, ours first.
     assert [unquote_plus(key) for key, _ in sent] == list(baggage.get_all(context))
     assert {unquote_plus(k): unquote_plus(v) for k, v in sent[: len(first)]} == first
+
+
+_HEX = "0123456789abcdef"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        VALUES,
+        st.builds(
+            "{}-{}-{}-{}".format,
+            st.sampled_from(["00", "01", "ff"]),
+            st.sampled_from(["0" * 32, "f" * 32]) | st.text(_HEX, min_size=32, max_size=32),
+            st.sampled_from(["0" * 16, "f" * 16]) | st.text(_HEX, min_size=16, max_size=16),
+            st.text(_HEX, min_size=2, max_size=2),
+        ),
+    )
+)
+def test_a_traceparent_is_read_as_opentelemetrys_propagator_reads_it(header: str) -> None:
+    # Our span context (built as the typed tuple it is, without its constructor's call) is the
+    # propagator's exactly: ids, remote, flags, tracestate and validity; or none for both.
+    ours = _propagation.extract_parent({"traceparent": [header]})
+    theirs = trace.get_current_span(
+        TraceContextTextMapPropagator().extract({"traceparent": header})
+    ).get_span_context()
+    if ours is None:
+        assert not theirs.is_valid
+    else:
+        assert type(ours) is type(theirs)
+        assert tuple(ours) == tuple(theirs)
+        assert ours.trace_flags.__class__ is theirs.trace_flags.__class__
