@@ -171,7 +171,8 @@ class SinkSpanProcessor(SpanProcessor):
             else:  # ours: its snapshot and size estimate in one pass
                 lean = span.snapshot(extra)
                 if lean is None:
-                    taken = encode_span(span, span.recorded(), extra)
+                    readable = span.readable()
+                    taken = encode_span(readable, recorded(readable), extra)
         except Exception:
             _log.internal_error("span encode")
             self._sink.count_dropped("encoding_error")
@@ -294,7 +295,7 @@ class SinkSpanProcessor(SpanProcessor):
             links=links,
             kind=span.kind,
             limits=sdk_tracer._span_limits,
-            instrumentation_scope=span.instrumentation_scope,
+            instrumentation_scope=_spans.SCOPE,
         )
         shadow.start(start_time=span.start_time)
         if status.status_code is not StatusCode.UNSET:
