@@ -85,7 +85,7 @@ def _claim(call: SpanContext, span: LeanSpan | None) -> None:
     if not taken:  # another call of the trace was first
         return
     try:
-        placeholder = span if span is not None else _mlflow.open_span(call)
+        placeholder = span.readable() if span is not None else _mlflow.open_span(call)
         if placeholder is None:
             return
         encoded = encode_span(placeholder, _NOTHING, processor.service_attributes())

@@ -326,7 +326,7 @@ def start_message(
         parent_context, parent = active
         span: trace.Span | None = None
         if parent.is_recording():
-            span = _mlflow.start_span(name, parent_context, kind, attributes)
+            span = _mlflow.start_current(name, parent_context, kind, attributes, _mlflow.CURRENT)[0]
             _claims.message_started(span)
         context = trace.set_span_in_context(span or parent, parent_context)
         sent = _sent((span or parent).get_span_context(), parent_context)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping, Sequence
 from itertools import chain
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -43,32 +43,6 @@ _HAS_IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
 _IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 
 
-class Finished(Protocol):
-    """What the encoder reads of a finished span besides its recorded state: an SDK
-    `ReadableSpan` or one of ours (`_spans.LeanSpan`)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def context(self) -> SpanContext | None: ...
-    @property
-    def parent(self) -> SpanContext | None: ...
-    @property
-    def kind(self) -> SpanKind: ...
-    @property
-    def start_time(self) -> int | None: ...
-    @property
-    def end_time(self) -> int | None: ...
-    @property
-    def dropped_attributes(self) -> int: ...
-    @property
-    def dropped_events(self) -> int: ...
-    @property
-    def dropped_links(self) -> int: ...
-    @property
-    def instrumentation_scope(self) -> SdkScope | None: ...
-
-
 Recorded = tuple[Mapping[str, Any], Sequence[Event], Sequence[Link], Status]
 
 
@@ -78,7 +52,7 @@ def recorded(span: ReadableSpan) -> Recorded:
 
 
 def encode_span(
-    span: Finished, state: Recorded, extra: Mapping[str, Any] | None = None
+    span: ReadableSpan, state: Recorded, extra: Mapping[str, Any] | None = None
 ) -> EncodedSpan:
     """A finished span as OTLP `Span` bytes. `state` is passed apart from the span because one
     of ours must not be read through its `attributes` (that would hand it to MLflow); `extra`
@@ -92,7 +66,7 @@ def encode_span(
     return EncodedSpan(data, _scope_of(span.instrumentation_scope), span.parent is None)
 
 
-def _message(span: Finished, state: Recorded) -> bytes:
+def _message(span: ReadableSpan, state: Recorded) -> bytes:
     """The `Span` fields but attributes, through the protobuf message (events, links)."""
     _, events, links, status = state
     context = span.context
@@ -149,7 +123,7 @@ FIXED_FIELDS = 15  # the attributes' keys and values follow
 
 
 def snapshot(
-    span: Finished, state: Recorded, extra: Mapping[str, Any] | None = None
+    span: ReadableSpan, state: Recorded, extra: Mapping[str, Any] | None = None
 ) -> Snapshot | None:
     """What `encode_snapshot` needs of a finished span, taken now; None for a span with events
     or links (rare: `encode_span` encodes it at once)."""

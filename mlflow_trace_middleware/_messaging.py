@@ -235,8 +235,11 @@ def consume_batch(
         parent = _mlflow.current_context()
         if not trace.get_current_span(parent).get_span_context().is_valid:
             found_attributes[_keys.TRACE_NAME] = name
-        span = _mlflow.start_span(name, parent, SpanKind.CONSUMER, found_attributes, links)
-        return Consuming(span, trace.set_span_in_context(span, parent))
+        under = _mlflow.CURRENT._replace(links=links)
+        span, context, _ = _mlflow.start_current(
+            name, parent, SpanKind.CONSUMER, found_attributes, under
+        )
+        return Consuming(span, context)
     except Exception:
         _log.internal_error("batch span start")
         return Consuming()

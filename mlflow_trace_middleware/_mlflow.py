@@ -14,7 +14,7 @@ provider with `SinkSpanProcessor` instead of its own processors. That processor:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mlflow.entities.span import LiveSpan, create_mlflow_span
@@ -169,7 +169,8 @@ class SinkSpanProcessor(SpanProcessor):
             if span.__class__ is LeanSpan or not isinstance(span, ReadableSpan):
                 lean = span.snapshot(extra)  # ours: its snapshot and size estimate in one pass
                 if lean is None:
-                    taken = encode_span(span, span.recorded(), extra)
+                    readable = span.readable()
+                    taken = encode_span(readable, recorded(readable), extra)
             else:
                 state = _without_request_id(recorded(span))
                 taken = snapshot(span, state, extra) or encode_span(span, state, extra)
@@ -295,7 +296,7 @@ class SinkSpanProcessor(SpanProcessor):
             links=links,
             kind=span.kind,
             limits=sdk_tracer._span_limits,
-            instrumentation_scope=span.instrumentation_scope,
+            instrumentation_scope=_spans.SCOPE,
         )
         shadow.start(start_time=span.start_time)
         if status.status_code is not StatusCode.UNSET:
@@ -458,39 +459,21 @@ def tracer() -> trace.Tracer:
     return _bound().tracer
 
 
-def start_span(
-    name: str,
-    context: Context | None,
-    kind: SpanKind,
-    attributes: dict[str, Any],
-    links: Sequence[Link] = (),
-    *,
-    experiment: str | None = None,
-    trace_id: int | None = None,
-    parent: SpanContext | _spans.InContext | None = _spans.IN_CONTEXT,
-    settings: _config.Settings | None = None,
-    binding: _Binding | None = None,
-) -> trace.Span:
-    """One of our spans, from MLflow's tracer, reporting to the installed processor; a span
-    with no parent in this process opens a trace segment (routed to `experiment` if given).
-    `trace_id`, `parent` and `settings`: see `_spans.start`; `binding`: one looked up already."""
-    tracer = (binding or _bound()).tracer
-    processor = _processor
-    if processor is None:  # not installed (tests): MLflow's own machinery
-        if parent is not _spans.IN_CONTEXT and parent is not None:
-            context = trace.set_span_in_context(trace.NonRecordingSpan(parent), context)
-        return tracer.start_span(name, context, kind, attributes, links)
-    span = _spans.start(
-        tracer, processor, name, context, kind, attributes, links, trace_id, parent, settings
-    )
-    if type(span) is LeanSpan and (
-        kind is SpanKind.SERVER
-        # A consumed message opens a segment unless it runs under a span of this process (an
-        # eager Celery task).
-        or (kind is SpanKind.CONSUMER and (span.parent is None or span.parent.is_remote))
-    ):
-        processor.open(span, experiment)
-    return span
+class Parent(NamedTuple):
+    """Where a span of ours starts, as the service decided from its caller's context."""
+
+    context: Context  # the caller's baggage (if taken), to add our span to
+    links: list[Link]
+    experiment: str | None  # chosen by a trusted caller
+    trusted: bool  # the caller's context (and baggage) is taken
+    trace_id: int | None = None  # adopted from the caller, for a root span
+    remote: bool = True  # the carrier held a valid context (trusted or not)
+    # The caller's span, continued (IN_CONTEXT: whatever span is current, for a message).
+    span_context: SpanContext | _spans.InContext | None = None
+
+
+# Under whatever span is current in the context given.
+CURRENT = Parent(Context(), [], None, trusted=True, remote=False, span_context=_spans.IN_CONTEXT)
 
 
 def start_current(
@@ -498,30 +481,38 @@ def start_current(
     context: Context | None,
     kind: SpanKind,
     attributes: dict[str, Any],
-    links: Sequence[Link],
-    *,
-    experiment: str | None,
-    trace_id: int | None,
-    parent: SpanContext | _spans.InContext | None,
+    parent: Parent,
     settings: _config.Settings | None = None,
+    *,
     attach: bool = False,
 ) -> tuple[trace.Span, Context, Token | None]:
-    """`start_span`, and the context that makes the span current, attached when `attach` (a
-    request's SERVER span: the token `detach` takes, else None), MLflow's binding looked up
-    once for both. `settings`: those the request read (the attribute length limit)."""
+    """One of our spans, from MLflow's tracer, reporting to the installed processor, under
+    `parent` (its links, the experiment and trace id it chose, the caller's span), and the
+    context that makes it current, attached when `attach` (a request's SERVER span: the token
+    `detach` takes, else None). A span with no parent in this process opens a trace segment
+    (routed to the parent's experiment). MLflow's binding is looked up once for all of it;
+    `settings`: those the request read (the attribute length limit, `_spans.start`)."""
     binding = _bound()
-    span = start_span(
-        name,
-        context,
-        kind,
-        attributes,
-        links,
-        experiment=experiment,
-        trace_id=trace_id,
-        parent=parent,
-        settings=settings,
-        binding=binding,
-    )
+    tracer, processor = binding.tracer, _processor
+    caller = parent.span_context
+    span: trace.Span
+    if processor is None:  # not installed (tests): MLflow's own machinery
+        under = context
+        if caller is not _spans.IN_CONTEXT and caller is not None:
+            under = trace.set_span_in_context(trace.NonRecordingSpan(caller), context)
+        span = tracer.start_span(name, under, kind, attributes, parent.links)
+    else:
+        links, trace_id = parent.links, parent.trace_id
+        span = _spans.start(
+            tracer, processor, name, context, kind, attributes, links, trace_id, caller, settings
+        )
+        if type(span) is LeanSpan and (
+            kind is SpanKind.SERVER
+            # A consumed message opens a segment unless it runs under a span of this process
+            # (an eager Celery task).
+            or (kind is SpanKind.CONSUMER and (span.parent is None or span.parent.is_remote))
+        ):
+            processor.open(span, parent.experiment)
     current = trace.set_span_in_context(span, context)
     if not attach:
         return span, current, None
@@ -532,14 +523,14 @@ def start_current(
 def start_child(
     name: str, context: Context | None, parent: SpanContext, attributes: dict[str, Any]
 ) -> trace.Span:
-    """`start_span` for a CLIENT span under `parent` (valid, the span of `context`): the
-    cheap path of `_spans.start_child` when MLflow's sampler follows the parent."""
+    """`start_current`'s span for a CLIENT span under `parent` (valid, the span of `context`):
+    the cheap path of `_spans.start_child` when MLflow's sampler follows the parent."""
     processor = _processor
     if processor is not None:
         span = _spans.start_child(tracer(), processor, name, parent, SpanKind.CLIENT, attributes)
         if span is not None:
             return span
-    return start_span(name, context, SpanKind.CLIENT, attributes)
+    return start_current(name, context, SpanKind.CLIENT, attributes, CURRENT)[0]
 
 
 def is_open(span_context: SpanContext) -> bool:

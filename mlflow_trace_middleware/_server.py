@@ -6,7 +6,7 @@ import dataclasses
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from opentelemetry import baggage, trace
 from opentelemetry.context import Context
@@ -202,7 +202,7 @@ class RequestSpan:
         self.remote = remote = parent.remote
         # Whether the caller's trace is continued: it is told who answered (`callee_header`).
         self.answers = parent.trusted and remote and parent.trace_id is None
-        self.span, self.context, self._token = _under(
+        self.span, self.context, self._token = _mlflow.start_current(
             name, context, SpanKind.SERVER, attributes, parent, settings, attach=True
         )
 
@@ -352,7 +352,9 @@ def start_message(
         under = parent if parent.trusted and parent.remote else under._replace(links=parent.links)
         if under.trace_id is None:  # not a trace's root (only an adopted trace id makes one)
             attributes.pop(_keys.TRACE_NAME, None)
-    span, current, _ = _under(name, under.context, SpanKind.SERVER, attributes, under)
+    span, current, _ = _mlflow.start_current(
+        name, under.context, SpanKind.SERVER, attributes, under
+    )
     return span, current
 
 
@@ -371,34 +373,8 @@ def start_call(
     _runtime.activate()
     parent = _parent(options, request, attributes, name)
     context = _context(options, request, parent, attributes)
-    span, current, _ = _under(name, context, kind, attributes, parent)
+    span, current, _ = _mlflow.start_current(name, context, kind, attributes, parent)
     return span, current
-
-
-def _under(
-    name: str,
-    context: Context,
-    kind: SpanKind,
-    attributes: dict[str, Any],
-    parent: _Parent,
-    settings: _config.Settings | None = None,
-    *,
-    attach: bool = False,
-) -> tuple[trace.Span, Context, _mlflow.Token | None]:
-    """Our span added to `context` under `parent` (its links, the experiment and trace id it
-    chose, the caller's span), and the context that makes it current (attached: `attach`)."""
-    return _mlflow.start_current(
-        name,
-        context,
-        kind,
-        attributes,
-        parent.links,
-        experiment=parent.experiment,
-        trace_id=parent.trace_id,
-        parent=parent.span_context,
-        settings=settings,
-        attach=attach,
-    )
 
 
 # The request span's attribute keys (OpenTelemetry's HTTP server semantic conventions).
@@ -412,15 +388,7 @@ _CLIENT_ADDRESS = client_attributes.CLIENT_ADDRESS
 _USER_AGENT = user_agent_attributes.USER_AGENT_ORIGINAL
 
 
-class _Parent(NamedTuple):
-    context: Context  # the caller's baggage (if taken), to add our span to
-    links: list[trace.Link]
-    experiment: str | None  # chosen by a trusted caller
-    trusted: bool  # the caller's context (and baggage) is taken
-    trace_id: int | None = None  # adopted from the caller, for a root span
-    remote: bool = True  # the carrier held a valid context (trusted or not)
-    # The caller's span, continued (IN_CONTEXT: whatever span is current, for a message).
-    span_context: trace.SpanContext | _spans.InContext | None = None
+_Parent = _mlflow.Parent
 
 
 def _context(

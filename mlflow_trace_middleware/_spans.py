@@ -27,9 +27,10 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import trace
-from opentelemetry.attributes import _clean_attribute_value
+from opentelemetry.attributes import BoundedAttributes, _clean_attribute_value
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import Event, sampling
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan, sampling
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope as SdkScope
 from opentelemetry.semconv.attributes import error_attributes, http_attributes
@@ -51,6 +52,7 @@ _UNSET = Status(StatusCode.UNSET)
 OK = Status(StatusCode.OK)
 ERROR = Status(StatusCode.ERROR)
 SCOPE = SdkScope("mlflow_trace_middleware")
+_NO_RESOURCE = Resource.get_empty()  # the encoder reads no resource of a span
 _SCOPE_FIELDS = (SCOPE.name, SCOPE.version or "")  # as `_encoding.snapshot` writes a scope
 _CODES = {code: code.value for code in StatusCode}
 
@@ -66,11 +68,6 @@ class Owner(Protocol):
 
 class LeanSpan(trace.Span):
     """A recording span of ours; ended once, then encoded and handed to the sink."""
-
-    # The `ReadableSpan` fields the encoder reads that never vary here.
-    dropped_events = 0
-    dropped_links = 0
-    instrumentation_scope = SCOPE
 
     __slots__ = (
         "_attributes",
@@ -133,8 +130,31 @@ class LeanSpan(trace.Span):
         """The span's own state, without handing it to MLflow (for encoding and tests)."""
         return self._attributes, self._events, self._links, self._status
 
+    def readable(self) -> ReadableSpan:
+        """This span as the SDK's `ReadableSpan`, for the encoder's rarer paths (a span with
+        events or links, a claim's placeholder); reading it hands nothing to MLflow."""
+        attributes: Mapping[str, Any] = self._attributes
+        if self.dropped_attributes:  # a `ReadableSpan` counts them in its bounded mapping
+            bounded = BoundedAttributes(attributes=attributes, immutable=False)
+            bounded.dropped = self.dropped_attributes
+            attributes = bounded
+        return ReadableSpan(
+            self._name,
+            self.context,
+            self.parent,
+            resource=_NO_RESOURCE,
+            attributes=attributes,
+            events=self._events,
+            links=self._links,
+            kind=self.kind,
+            status=self._status,
+            start_time=self.start_time,
+            end_time=self.end_time,
+            instrumentation_scope=SCOPE,
+        )
+
     def snapshot(self, extra: Mapping[str, Any]) -> tuple[Snapshot, int, bool] | None:
-        """The ended span as `_encoding.snapshot(self, self.recorded(), extra)` takes it, with
+        """The ended span as `_encoding.snapshot(self.readable(), ..., extra)` takes it, with
         the hand-over's size estimate and whether it holds bodies not checked yet
         (`_sink.estimate`): its scope, kind and status are known, no property is read. None
         when it has events or links (`_encoding.encode_span` then)."""

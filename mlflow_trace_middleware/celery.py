@@ -169,8 +169,9 @@ def _prerun(task_id: Any = None, task: Any = None, **_: Any) -> None:
             context = _mlflow.current_context()
             if not trace.get_current_span(context).get_span_context().is_valid:
                 attributes[_keys.TRACE_NAME] = span_name
-            span = _mlflow.start_span(span_name, context, SpanKind.CONSUMER, attributes)
-            context = trace.set_span_in_context(span, context)
+            span, context, _token = _mlflow.start_current(
+                span_name, context, SpanKind.CONSUMER, attributes, _mlflow.CURRENT
+            )
         else:
             fields = carrier(request)
             pairs = [(key, value) for key, values in fields.items() for value in values]

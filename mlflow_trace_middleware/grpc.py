@@ -53,19 +53,9 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.semconv.attributes import client_attributes, server_attributes
 
-from . import (
-    _client,
-    _config,
-    _keys,
-    _log,
-    _mlflow,
-    _patch,
-    _propagation,
-    _server,
-    _spans,
-    _targets,
-    _trust,
-)
+from . import _client, _keys, _log, _mlflow, _patch, _propagation, _server, _spans, _targets
+from ._config import get_settings
+from ._trust import Trust
 
 __all__ = [
     "AioServerInterceptor",
@@ -368,7 +358,7 @@ def aio_client_interceptors(
 
 
 def _options(
-    trust: _trust.Trust,
+    trust: Trust,
     identity_headers: Mapping[str, str] | None,
     exclude_methods: Collection[str] = (),
 ) -> _server.ServerOptions:
@@ -559,7 +549,7 @@ class _Server:
     def __init__(
         self,
         *,
-        trust: _trust.Trust = "continue",
+        trust: Trust = "continue",
         identity_headers: Mapping[str, str] | None = None,
         exclude_methods: Collection[str] = HEALTH_METHODS,
     ) -> None:
@@ -651,7 +641,7 @@ def _implicit(make: Callable[..., _Server]) -> _Server | None:
     """A server interceptor of `instrument()`'s: its trust policy the settings'
     (`MLFLOW_TRACE_TRUST`); it stops with `uninstrument()`."""
     try:
-        interceptor = make(trust=_config.get_settings().trust)
+        interceptor = make(trust=get_settings().trust)
         interceptor._implicit = True
         return interceptor
     except Exception:

@@ -30,11 +30,12 @@ from mlflow_trace_middleware._encoding import (
     _varint,
     encode,
     encode_snapshot,
+    encode_span,
     recorded,
     snapshot,
 )
 from mlflow_trace_middleware._sink import SpanSink, estimate
-from mlflow_trace_middleware._spans import OK, LeanSpan, end_server
+from mlflow_trace_middleware._spans import MAX_ATTRIBUTES, OK, LeanSpan, end_server
 from mlflow_trace_middleware.testing import InMemoryExporter
 from tests.helpers import encoded
 
@@ -356,12 +357,14 @@ def _lean_spans() -> list[tuple[LeanSpan, dict[str, str]]]:
 @pytest.mark.parametrize("index", range(6))
 def test_a_span_of_ours_snapshots_itself_as_the_encoder_would(index: int) -> None:
     # `LeanSpan.snapshot` (one pass, no property reads) takes what `_encoding.snapshot` takes
-    # of it and the size estimate the sink would make: the bytes sent stay identical.
+    # of it (as the SDK's `ReadableSpan`, `readable()`) and the size estimate the sink would
+    # make: the bytes sent stay identical.
     span, extra = _lean_spans()[index]
     taken = span.snapshot(extra)
     assert taken is not None
     ours, size, bodies = taken
-    expected = snapshot(span, span.recorded(), extra)
+    readable = span.readable()
+    expected = snapshot(readable, recorded(readable), extra)
     assert expected is not None
     assert [(type(v), v) for v in ours] == [(type(v), v) for v in expected]
     assert (size, bodies) == estimate(expected)
@@ -373,7 +376,9 @@ def test_a_span_of_ours_snapshots_itself_as_the_encoder_would(index: int) -> Non
         for key, value in span.recorded()[0].items()
     }
     reference = (
-        _message(span, span.recorded()) + _attribute_fields(attributes) + _attribute_fields(extra)
+        _message(readable, recorded(readable))
+        + _attribute_fields(attributes)
+        + _attribute_fields(extra)
     )
     assert encoded_span.data == reference
     assert bodies == (index == 5)  # only the span with bodies defers their checks
@@ -385,3 +390,35 @@ def test_a_span_of_ours_with_events_is_encoded_at_once() -> None:
     span, extra = _lean_spans()[1]
     span._events.append(Event("retry", {"attempt": 2}, 5))
     assert span.snapshot(extra) is None
+
+
+def test_a_span_of_ours_that_is_no_snapshot_is_encoded_whole_from_its_readable_copy() -> None:
+    # Events, links and attributes past the limit: the encoder takes the span as the SDK's
+    # `ReadableSpan` (`LeanSpan.readable`), every field in it, and MLflow is never asked.
+    owner = _Owner()
+    link = Link(SpanContext(7, 8, True), {"why": "restart"})
+    parent = SpanContext(1, 3, True)
+    span = LeanSpan("x", SpanContext(1, 2, False), parent, SpanKind.SERVER, {}, [link], owner)
+    for i in range(MAX_ATTRIBUTES + 3):
+        span.set_attribute(f"k{i}", i)
+    span.add_event("retry", {"attempt": 2}, 5)
+    span.set_status(Status(StatusCode.ERROR, "boom"))
+    span.end(span.start_time + 1_500)
+    assert span.snapshot({}) is None
+    readable = span.readable()
+    encoded_span = encode_span(readable, recorded(readable), {"service.name": "svc"})
+    message = PbSpan.FromString(encoded_span.data)
+    assert message.name == "x"
+    assert message.kind == PbSpan.SPAN_KIND_SERVER
+    assert message.span_id == (2).to_bytes(8, "big")
+    assert message.parent_span_id == (3).to_bytes(8, "big")
+    assert message.end_time_unix_nano - message.start_time_unix_nano == 1_500
+    assert len(message.attributes) == MAX_ATTRIBUTES + 1  # the service name too
+    assert message.dropped_attributes_count == 3
+    assert [(e.name, e.time_unix_nano) for e in message.events] == [("retry", 5)]
+    assert [(k.span_id, k.attributes[0].key) for k in message.links] == [
+        ((8).to_bytes(8, "big"), "why")
+    ]
+    assert (message.status.code, message.status.message) == (2, "boom")
+    assert encoded_span.scope == ("mlflow_trace_middleware", "")
+    assert span.shadow is None  # nothing of it went to MLflow
