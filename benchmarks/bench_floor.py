@@ -136,7 +136,7 @@ def parts_table() -> None:
     )
     span.end_time = time.time_ns()
     extra = {"service.name": "bench-floor"}
-    taken = span.snapshot(extra)  # the snapshot, its size estimate, whether it holds bodies
+    taken = span.snapshot(extra)  # the snapshot and its size estimate
     assert taken is not None
     snapshot = taken[0]
     redaction = _redaction.DEFAULT_REDACTION

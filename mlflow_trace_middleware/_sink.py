@@ -47,10 +47,9 @@ _ROOT: Final = 5
 
 # A finished span not encoded yet: its experiment id, its size as `estimate` makes it,
 # then its snapshot's fields. One flat tuple of atoms, like `_Item` (a nested one would stay
-# tracked by the collector longer). Or, for a span encoded already (one with events or links),
-# its experiment id, size and `EncodedSpan`; or, for a snapshot holding bodies not checked yet
-# (`BodyCapture` values: the request path defers their checks to the worker), its experiment
-# id, size and that snapshot.
+# tracked by the collector longer), or of atoms and the bodies the worker checks
+# (`BodyCapture` values: the request path defers their checks to the encoder). Or, for a span
+# encoded already (one with events or links), its experiment id, size and `EncodedSpan`.
 _Raw = tuple[Any, ...]
 # Spans the worker encodes between two yields of the GIL: the request path waits for it at
 # most that long (about 0.3 ms); a yield costs a thread switch, so not after every span.
@@ -200,26 +199,28 @@ class SpanSink:
         among the others: spans are posted in the order they ended). Never blocks, never
         raises; the encoding off the request path (`hand_over`)."""
         if isinstance(snapshot, EncodedSpan):
-            self.hand_over(snapshot, len(snapshot.data), True, experiment_id)
+            self.hand_over(snapshot, len(snapshot.data), experiment_id)
         else:
-            size, bodies = estimate(snapshot)
-            self.hand_over(snapshot, size, bodies, experiment_id)
+            self.hand_over(snapshot, estimate(snapshot), experiment_id)
 
     def hand_over(
         self,
         taken: Snapshot | EncodedSpan,
         size: int,
-        whole: bool,
         experiment_id: str | None = None,
     ) -> None:
         """`submit_later` with the size estimate (`estimate`) taken already: the request
         path's way in (a span of ours takes its snapshot and estimate in one pass,
         `_spans.LeanSpan.snapshot`). A deque append under the lock, the bounds checked (spans,
-        and the bytes they will take). `whole`: `taken` is kept as one object (an `EncodedSpan`,
-        or a snapshot holding bodies not checked yet), else its fields are queued flat."""
+        and the bytes they will take). A snapshot's fields are queued flat, with its bodies
+        (one tuple: nothing else outlives the request for the collector to track), an
+        `EncodedSpan` as it is."""
         raw = self._raw
-        # Not whole: a snapshot, a tuple.
-        item: _Raw = (experiment_id, size, taken) if whole else (experiment_id, size, *taken)  # type: ignore[misc]
+        item: _Raw = (
+            (experiment_id, size, *taken)
+            if taken.__class__ is tuple
+            else (experiment_id, size, taken)
+        )
         with self._lock:
             if self._closing:
                 drop = "shutdown"
@@ -317,12 +318,9 @@ class SpanSink:
         for n, item in enumerate(taken, 1):
             experiment_id = item[0]
             try:
-                if len(item) != 3:
-                    span = encode_snapshot(item[2:])
-                elif isinstance(held := item[2], EncodedSpan):
-                    span = held
-                else:  # bodies the encoder checks, redacts and records, off the request path
-                    span = encode_snapshot(held)
+                # A snapshot (its bodies checked, redacted and recorded by the encoder, off
+                # the request path), or a span encoded already.
+                span = encode_snapshot(item[2:]) if len(item) != 3 else item[2]
                 encoded.append((span, experiment_id))
             except Exception:
                 _log.internal_error("span encode")
@@ -649,13 +647,12 @@ def _shut_down(exporter: Exporter) -> None:
         _log.internal_error("exporter.shutdown")
 
 
-def estimate(snap: Snapshot) -> tuple[int, bool]:
+def estimate(snap: Snapshot) -> int:
     """About the bytes `encode_snapshot` makes of `snap` (for the byte bound before it is
-    encoded): the text of its name and attribute values, plus the fields around them; and
-    whether it holds bodies not recorded yet, each counted as the bytes it kept (at most its
-    capture limit) plus a truncation marker's."""
+    encoded): the text of its name and attribute values, plus the fields around them; a body
+    not recorded yet counted as the bytes it kept (at most its capture limit) plus a
+    truncation marker's."""
     size = 64 + len(snap[0]) + 8 * len(snap)  # ids, times, status; keys are short
-    bodies = False
     for value in snap[FIXED_FIELDS + 1 :: 2]:
         kind = value.__class__
         if kind is str or kind is bytes:
@@ -664,8 +661,7 @@ def estimate(snap: Snapshot) -> tuple[int, bool]:
             size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in value)
         elif kind is BodyCapture:
             size += (value.size if value.size < value.limit else value.limit) + 80
-            bodies = True
-    return size, bodies
+    return size
 
 
 def _take(queue: deque[_Item], max_spans: int, max_bytes: int) -> list[_Item]:

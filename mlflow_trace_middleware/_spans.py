@@ -153,11 +153,10 @@ class LeanSpan(trace.Span):
             instrumentation_scope=SCOPE,
         )
 
-    def snapshot(self, extra: Mapping[str, Any]) -> tuple[Snapshot, int, bool] | None:
+    def snapshot(self, extra: Mapping[str, Any]) -> tuple[Snapshot, int] | None:
         """The ended span as `_encoding.snapshot(self.readable(), ..., extra)` takes it, with
-        the hand-over's size estimate and whether it holds bodies not checked yet
-        (`_sink.estimate`): its scope, kind and status are known, no property is read. None
-        when it has events or links (`_encoding.encode_span` then)."""
+        the hand-over's size estimate (`_sink.estimate`): its scope, kind and status are known,
+        no property is read. None when it has events or links (`_encoding.encode_span` then)."""
         if self._events or self._links:
             return None
         trace_id, span_id, _, trace_flags, trace_state, _ = self.context
@@ -193,7 +192,7 @@ class LeanSpan(trace.Span):
             for item in pairs.items():
                 taken += item
         snap = tuple(taken)
-        return (snap, *estimate(snap))
+        return snap, estimate(snap)
 
     @property
     def shadow(self) -> SdkSpan | None:
