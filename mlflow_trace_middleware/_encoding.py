@@ -203,7 +203,7 @@ def _name_field(name: str) -> bytes:
     per route and method); a long name is encoded each time."""
     field = _text(5, name)
     if len(name) <= _MAX_CACHED_VALUE:
-        if len(_names) >= _MAX_FRAGMENTS:  # a churn of names: start again
+        if len(_names) >= _MAX_NAMES:  # a churn of names: start again
             _names.clear()
         _names[name] = field
     return field
@@ -220,8 +220,10 @@ _FLAG_FIELDS = [
     [b"\x85\x01" + struct.pack("<I", _HAS_IS_REMOTE | remote | flags) for flags in range(256)]
     for remote in (0, _IS_REMOTE)
 ]
-# Span name -> its encoded `Span.name` field.
+# Span name -> its encoded `Span.name` field: a service has few (its routes and methods), and a
+# churn of them must not hold much memory (`test_faults.py`: memory flat during an outage).
 _names: dict[str, bytes] = {}
+_MAX_NAMES = 256
 
 
 def _text(number: int, text: str) -> bytes:

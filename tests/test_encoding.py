@@ -275,7 +275,7 @@ def test_snapshots_are_written_as_the_protobuf_library_writes_them(
 def test_span_names_kept_for_the_next_span_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     # Names are kept encoded (they repeat); a churn of names empties the store, never grows it
     # past its bound, and a name too long to keep is encoded each time.
-    monkeypatch.setattr(_encoding, "_MAX_FRAGMENTS", 8)
+    monkeypatch.setattr(_encoding, "_MAX_NAMES", 8)
     monkeypatch.setattr(_encoding, "_names", {})
     span = sample_spans()[1]
     snap = snapshot(span, recorded(span))
