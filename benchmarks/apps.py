@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 VARIANTS = ("bare", "passthrough", "ours-mlflow", "ours-null", "ours-null-nofreeze", "otel")
-VARIANTS += ("mlflow-manual",)
+VARIANTS += ("mlflow-manual", "otel-span")
 SKIP = ("/health", "/__stats")
 CHUNKS = [b"x" * 1024] * 16
 LOOPS = int(os.environ.get("BENCH_CPU_LOOPS", "10000"))  # 0.5 ms of CPU, calibrated by the harness
@@ -93,6 +93,53 @@ class Manual(Passthrough):
             await self.app(scope, receive, send)
 
 
+class OtelSpan:
+    """The least tracing a Python service can do, for comparison (`otel-span`): one span of
+    OpenTelemetry's SDK per request, under the caller's `traceparent`, with the request's
+    attributes, current while the app runs, ended; no span processor, so nothing is recorded
+    anywhere or exported."""
+
+    def __init__(self) -> None:
+        from opentelemetry import context, propagate, trace
+        from opentelemetry.sdk.trace import TracerProvider
+
+        self.tracer = TracerProvider().get_tracer("bench")
+        self.extract, self.context, self.trace = propagate.extract, context, trace
+
+    @contextlib.contextmanager
+    def span(self, method: str, path: str, carrier: dict[str, str]) -> Any:
+        from opentelemetry.trace import SpanKind
+
+        parent = self.extract(carrier)
+        attributes = {"http.request.method": method, "url.path": path}
+        span = self.tracer.start_span(method, parent, SpanKind.SERVER, attributes)
+        token = self.context.attach(self.trace.set_span_in_context(span, parent))
+        try:
+            yield span
+        finally:
+            span.end()
+            self.context.detach(token)
+
+
+class AsgiOtelSpan(Passthrough):
+    def __init__(self, app: Any) -> None:
+        super().__init__(app)
+        self.tracing = OtelSpan()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in SKIP:
+            return await self.app(scope, receive, send)
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        with self.tracing.span(scope["method"], scope["path"], carrier) as span:
+
+            async def send_wrapper(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    span.set_attribute("http.response.status_code", message["status"])
+                await send(message)
+
+            await self.app(scope, receive, send_wrapper)
+
+
 def make_fastapi(variant: str = VARIANT) -> Any:
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
@@ -128,6 +175,8 @@ def make_fastapi(variant: str = VARIANT) -> Any:
         FastAPIInstrumentor.instrument_app(app, **spans)
     elif variant in ("passthrough", "mlflow-manual"):
         app.add_middleware(Passthrough if variant == "passthrough" else Manual)
+    elif variant == "otel-span":
+        app.add_middleware(AsgiOtelSpan)
     return app
 
 
@@ -166,4 +215,15 @@ def make_flask(variant: str = VARIANT) -> Any:
         app.wsgi_app = lambda environ, start_response: inner(environ, start_response)
     elif variant == "mlflow-manual":
         app.wsgi_app = manual
+    elif variant == "otel-span":
+        tracing = OtelSpan()
+
+        def one_span(environ: dict[str, Any], start_response: Any) -> Any:
+            if environ["PATH_INFO"] in SKIP:
+                return inner(environ, start_response)
+            carrier = dict(EnvironHeaders(environ))
+            with tracing.span(environ["REQUEST_METHOD"], environ["PATH_INFO"], carrier):
+                return inner(environ, start_response)
+
+        app.wsgi_app = one_span
     return app

@@ -148,7 +148,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    parser.add_argument("--variants", help="only these (comma-separated; bare is always run)")
     args = parser.parse_args()
+    if args.variants:
+        wanted = {"bare", *args.variants.split(",")}
+        for name, (path, conns, seconds, variants) in SCENARIOS.items():
+            SCENARIOS[name] = (path, conns, seconds, tuple(v for v in variants if v in wanted))
     loops = calibrate()
     common.log(f"realistic handler: {loops} loops = 0.5 ms CPU; starting mlflow server")
     servers = [common.mlflow_server("mlflow-http"), common.null_server()]
