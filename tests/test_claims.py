@@ -364,10 +364,25 @@ def test_auto_claims_every_trace_calling_a_host_not_running_this_package_and_lea
     import asyncio
 
     asyncio.run(run())
-    exporter.finished_spans()  # flushed: the sink's worker has posted every claim
-    claimed = [claim.name for _, claim in exporter.claims]
+    # Flushed: the sink's worker has posted every claim. Claims waiting together are posted
+    # newest first (`ClaimLane`), so each is matched to its call by ids, not by position.
+    calls = [span for span in exporter.finished_spans() if span.kind is SpanKind.CLIENT]
+    # A call to ours is renamed for the callee its answer named (docs/behaviour.md).
+    assert [span.name for span in calls] == ["GET test-svc /agent"] * 2 + ["GET relay.internal"] * 2
+    claimed = {(claim.context.trace_id, claim.context.span_id) for _, claim in exporter.claims}
+    assert len(claimed) == len(exporter.claims) == 3
+    assert sorted(claim.name for _, claim in exporter.claims) == [
+        "GET agents.internal",
+        "GET relay.internal",
+        "GET relay.internal",
+    ]
     # Ours: claimed until its first answer said so; the other host: every trace.
-    assert claimed == ["GET agents.internal", "GET relay.internal", "GET relay.internal"]
+    assert [(c.context.trace_id, c.context.span_id) in claimed for c in calls] == [
+        True,
+        False,
+        True,
+        True,
+    ]
 
 
 @pytest.fixture(scope="module")
